@@ -1,0 +1,403 @@
+"""The channel graph: coupled channel groups, their members, and the cost model.
+
+Built from the analysis (`analysis.py`): atoms that ended up tied form *classes* (a channel a
+plan keeps or drops); classes that some op created together (the output channels of one conv)
+form a *group*, which networkx finds as the connected components of the channel spaces that
+share classes. A group's index `i` is its i-th class in order of creation, so for a plain conv
+group index `i` is output channel `i`.
+
+The cost model is bilinear in the group widths: every MAC or parameter term is a coefficient
+times the kept positions of at most two *layouts* (a weight's input line, a conv's output
+line...), and a layout's kept positions are linear in the kept fraction of each group. So one
+evaluation is one small matrix-vector product.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+
+from .analysis import Context, NodeInfo
+from .atoms import NO_ATOM
+from .trace import Traced
+
+Widths = Mapping[int, "int | Sequence[int]"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int
+    params: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def as_dict(self) -> dict:
+        return {"macs": self.macs, "flops": self.flops, "params": self.params}
+
+
+@dataclass
+class ChannelGroup:
+    id: int
+    size: int
+    prunable: bool
+    reason: str  # why not prunable, in words ("" when prunable)
+    members: list[str]  # e.g. "layer1.0.conv1.weight[out]", "fc.weight[in] x49"
+    removable: bool = False  # may reach width 0: it only feeds a removable branch
+    spaces: list[str] = field(default_factory=list)  # nodes whose channels are this group's
+    classes: np.ndarray = field(default=None, repr=False)  # class representatives, in order
+
+    @property
+    def min_width(self) -> int:
+        return 0 if self.removable else 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("classes")
+        d["min_width"] = self.min_width
+        return d
+
+
+class PlanError(ValueError):
+    """A plan (widths or kept indices) that the graph cannot realise."""
+
+
+class ChannelGraph:
+    def __init__(self, traced: Traced, ctx: Context, infos: list[NodeInfo]) -> None:
+        self.module = traced.module
+        self.values = traced.values
+        self.untraceable = traced.untraceable
+        self.shape_mode = traced.shape_mode
+        self.nodes = infos
+        self._atoms = ctx.atoms
+        self._bindings = ctx.bindings
+        self._build_groups(ctx)
+        self._build_cost_tables(ctx)
+        self._build_dead_tables(ctx)
+        for g in self.groups:
+            g.removable = g.prunable and self._simulate(frozenset([g.id]))[0]
+        self.nx = self._build_nx()
+        self.baseline = self.cost()
+
+    # ------------------------------------------------------------------ groups
+    def _build_groups(self, ctx: Context) -> None:
+        find = self._atoms.find
+        space_roots = [np.unique(find(s.atoms)) for s in ctx.spaces]
+        space_roots = [r[r >= 0] for r in space_roots]
+        roots = np.concatenate(space_roots) if space_roots else np.zeros(0, np.int64)
+        owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(space_roots)]) \
+            if space_roots else np.zeros(0, np.int64)
+        order = np.lexsort((owner, roots))
+        roots, owner = roots[order], owner[order]
+        same = roots[1:] == roots[:-1]
+        pairs = np.unique(np.stack([owner[:-1][same], owner[1:][same]], axis=1), axis=0) \
+            if same.any() else np.zeros((0, 2), np.int64)
+        spaces = nx.Graph()
+        spaces.add_nodes_from(range(len(ctx.spaces)))
+        spaces.add_edges_from(map(tuple, pairs.tolist()))
+        components = [sorted(c) for c in nx.connected_components(spaces)]
+        classes_of = [np.unique(np.concatenate([space_roots[i] for i in comp]))
+                      for comp in components]
+        keep = [i for i, c in enumerate(classes_of) if c.size]
+        keep.sort(key=lambda i: classes_of[i][0])
+        fixed = self._atoms.fixed_reasons()
+
+        self.all_classes = np.unique(roots)
+        self._class_group = np.zeros(len(self.all_classes), dtype=np.int64)
+        self._class_index = np.zeros(len(self.all_classes), dtype=np.int64)
+        self.groups: list[ChannelGroup] = []
+        for gid, i in enumerate(keep):
+            classes = classes_of[i]
+            pos = np.searchsorted(self.all_classes, classes)
+            self._class_group[pos] = gid
+            self._class_index[pos] = np.arange(len(classes))
+            reasons = []
+            for c in classes.tolist():
+                for r in fixed.get(c, ()):
+                    if r not in reasons:
+                        reasons.append(r)
+            names = []
+            for s in components[i]:
+                if ctx.spaces[s].node not in names:
+                    names.append(ctx.spaces[s].node)
+            self.groups.append(ChannelGroup(
+                id=gid, size=len(classes), prunable=not reasons,
+                reason=_summarise(reasons), members=[], spaces=names, classes=classes))
+        self._members(ctx)
+
+    def _locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group id, index in group) of each atom; group -1 where there is no atom."""
+        roots = self._atoms.find(atoms)
+        valid = roots >= 0
+        pos = np.searchsorted(self.all_classes, np.where(valid, roots, 0))
+        pos = np.minimum(pos, len(self.all_classes) - 1)
+        return (np.where(valid, self._class_group[pos], -1),
+                np.where(valid, self._class_index[pos], -1))
+
+    def _members(self, ctx: Context) -> None:
+        for name, b in ctx.bindings.items():
+            rank = len(self.module.get_parameter(name).shape) if not b.is_buffer else 1
+            parts = [(d, line) for d, line in sorted(b.dims.items())]
+            if b.ids is not None:
+                parts.append((None, b.ids.reshape(-1).numpy()))
+            for d, line in parts:
+                groups, _ = self._locate(line)
+                for gid in np.unique(groups[groups >= 0]).tolist():
+                    per_class = np.sum(groups == gid) / self.groups[gid].size
+                    label = name
+                    if d is not None and rank > 1:
+                        label += f"[{b.roles.get(d, ('out', 'in')[d] if d < 2 else f'dim{d}')}]"
+                    if per_class > 1 and per_class == int(per_class):
+                        label += f" x{int(per_class)}"
+                    if label not in self.groups[gid].members:
+                        self.groups[gid].members.append(label)
+        for s in ctx.spaces:
+            if s.kind in ("input", "opaque", "pad"):
+                groups, _ = self._locate(s.atoms)
+                for gid in np.unique(groups[groups >= 0]).tolist():
+                    label = f"<{s.kind} {s.node}>"
+                    if label not in self.groups[gid].members:
+                        self.groups[gid].members.append(label)
+
+    # ------------------------------------------------------------------ cost tables
+    def _build_cost_tables(self, ctx: Context) -> None:
+        layouts: list[tuple[np.ndarray, float]] = []
+        terms: list[tuple[str, float, list[int], list[str]]] = []
+
+        def add_layout(atoms: np.ndarray, mult: float) -> int:
+            layouts.append((atoms, mult))
+            return len(layouts) - 1
+
+        for t in ctx.macs_terms:
+            idx = [add_layout(a, m) for a, m in t.layouts]
+            terms.append(("macs", t.coeff, idx, [t.node]))
+        for name, p in self.module.named_parameters():
+            b = ctx.bindings.get(name)
+            if b is None:
+                terms.append(("params", float(p.numel()), [], []))
+            elif b.ids is not None:
+                idx = add_layout(b.ids.reshape(-1).numpy(), p.numel() / b.ids.numel())
+                terms.append(("params", 1.0, [idx], b.nodes))
+            else:
+                lines = [b.dims[d] for d in sorted(b.dims)]
+                coeff = p.numel() / np.prod([len(x) for x in lines])
+                terms.append(("params", float(coeff), [add_layout(x, 1.0) for x in lines],
+                              b.nodes))
+        if any(len(t[2]) > 2 for t in terms):
+            raise AssertionError("a cost term with more than two layouts")
+
+        n_layouts, n_groups = len(layouts), len(self.groups)
+        self._M = np.zeros((n_layouts, n_groups))
+        self._c0 = np.zeros(n_layouts)
+        gi_parts, li_parts, w_parts = [], [], []
+        self._group_offset = np.concatenate([[0], np.cumsum([g.size for g in self.groups])])
+        for li, (atoms, mult) in enumerate(layouts):
+            groups, index = self._locate(atoms)
+            valid = groups >= 0
+            self._c0[li] = mult * np.count_nonzero(~valid)
+            self._M[li] = mult * np.bincount(groups[valid], minlength=n_groups)
+            gi_parts.append(self._group_offset[groups[valid]] + index[valid])
+            li_parts.append(np.full(int(valid.sum()), li))
+            w_parts.append(np.full(int(valid.sum()), mult))
+        self._exact = (np.concatenate(gi_parts).astype(np.int64) if gi_parts else np.zeros(0, int),
+                       np.concatenate(li_parts).astype(np.int64) if li_parts else np.zeros(0, int),
+                       np.concatenate(w_parts) if w_parts else np.zeros(0))
+        one = n_layouts  # index of the constant 1 appended to the counts
+        self._term_kind = np.array([t[0] == "macs" for t in terms])
+        self._term_coeff = np.array([t[1] for t in terms], dtype=float)
+        self._term_a = np.array([t[2][0] if len(t[2]) > 0 else one for t in terms], dtype=int)
+        self._term_b = np.array([t[2][1] if len(t[2]) > 1 else one for t in terms], dtype=int)
+        self._term_nodes = [t[3] for t in terms]
+        self._macs_coeff = np.where(self._term_kind, self._term_coeff, 0.0)
+        self._params_coeff = np.where(self._term_kind, 0.0, self._term_coeff)
+
+    # ------------------------------------------------------------------ dead branches
+    def _build_dead_tables(self, ctx: Context) -> None:
+        self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
+        # Channels an op keeps inside (attention heads): with none left, the op is gone.
+        self._internal: dict[str, frozenset] = {}
+        for s in ctx.spaces:
+            if s.kind == "heads":
+                g, _ = self._locate(s.atoms)
+                self._internal[s.node] = self._internal.get(s.node, frozenset()) | \
+                    frozenset(np.unique(g[g >= 0]).tolist())
+        self._node_groups: dict[str, frozenset] = {}
+        self._node_other: dict[str, bool] = {}
+        for info in self.nodes:
+            flat = info.ids if isinstance(info.ids, tuple) else (info.ids,)
+            groups: set[int] = set()
+            other = False
+            for ids in flat:
+                if not isinstance(ids, torch.Tensor):
+                    other = True
+                    continue
+                g, _ = self._locate(ids.reshape(-1).numpy())
+                groups.update(np.unique(g[g >= 0]).tolist())
+                other = other or bool((g < 0).any())
+            self._node_groups[info.name] = frozenset(groups)
+            self._node_other[info.name] = other or not groups
+
+    def _simulate(self, zero: frozenset) -> tuple[bool, frozenset, str]:
+        """Which nodes die when the groups in `zero` keep no channel; is that allowed?"""
+        if zero not in self._sim_cache:
+            self._sim_cache[zero] = self._propagate_death(zero)
+        return self._sim_cache[zero]
+
+    def _propagate_death(self, zero: frozenset) -> tuple[bool, frozenset, str]:
+        dead: set[str] = set()
+        for info in self.nodes:
+            ins = [i in dead for i in info.inputs]
+            empty = not self._node_other[info.name] and self._node_groups[info.name] <= zero
+            internal = self._internal.get(info.name)
+            empty = empty or bool(internal and internal <= zero)
+            kind = info.dead
+            if kind == "pass":
+                is_dead = any(ins) or empty
+            elif kind in ("add", "sub", "cat"):
+                if kind == "sub" and ins and ins[0] and not all(ins):
+                    return False, frozenset(), f"'{info.name}' would lose its first operand"
+                is_dead = (all(ins) and bool(ins)) or empty
+            else:  # block
+                if any(ins):
+                    what = "the model output" if info.rule == "output" else f"'{info.name}'"
+                    return False, frozenset(), f"{what} would lose an input"
+                is_dead = empty
+            if is_dead:
+                dead.add(info.name)
+        return True, frozenset(dead), ""
+
+    def dead_nodes(self, widths: Widths) -> frozenset:
+        """Nodes removed by the plan (branches whose groups keep nothing)."""
+        zero = frozenset(g for g, w in widths.items() if _width(w) == 0)
+        if not zero:
+            return frozenset()
+        ok, dead, why = self._simulate(zero)
+        if not ok:
+            raise PlanError(f"groups {sorted(zero)} cannot all go to width 0: {why}")
+        return dead
+
+    # ------------------------------------------------------------------ cost
+    def fractions(self, widths: Widths | None) -> np.ndarray:
+        f = np.ones(len(self.groups))
+        for gid, w in (widths or {}).items():
+            f[gid] = _width(w) / max(self.groups[gid].size, 1)
+        return f
+
+    def check(self, widths: Widths) -> None:
+        """Raise PlanError if a width or index set is out of range or touches a fixed group."""
+        for gid, w in widths.items():
+            if not 0 <= gid < len(self.groups):
+                raise PlanError(f"there is no group {gid} (groups are 0..{len(self.groups) - 1})")
+            g = self.groups[gid]
+            n = _width(w)
+            if not isinstance(w, (int, np.integer)):
+                idx = np.asarray(list(w), dtype=np.int64)
+                if idx.size and (idx.min() < 0 or idx.max() >= g.size or
+                                 len(np.unique(idx)) != idx.size):
+                    raise PlanError(f"group {gid}: kept indices must be distinct, in 0..{g.size - 1}")
+            if n == g.size:
+                continue
+            if not g.prunable:
+                raise PlanError(f"group {gid} is not prunable: {g.reason}")
+            if not g.min_width <= n <= g.size:
+                raise PlanError(f"group {gid}: width {n} is outside {g.min_width}..{g.size}")
+        self.dead_nodes(widths)
+
+    def cost(self, widths: Widths | None = None) -> Cost:
+        """MACs and params of the model slimmed to `widths` (group id -> kept count or indices).
+
+        With kept counts, a layout that holds only part of a group (a split after a concat)
+        is costed as if the kept channels were spread evenly; with kept indices it is exact.
+        """
+        widths = widths or {}
+        exact = any(not isinstance(w, (int, np.integer)) for w in widths.values())
+        if exact:
+            counts = self._exact_counts(widths)
+        else:
+            counts = self._c0 + self._M @ self.fractions(widths)
+        ext = np.append(counts, 1.0)
+        per_term = ext[self._term_a] * ext[self._term_b]
+        dead = self.dead_nodes(widths)
+        if dead:
+            alive = np.array([not nodes or any(n not in dead for n in nodes)
+                              for nodes in self._term_nodes])
+            per_term = per_term * alive
+        return Cost(macs=int(round(per_term @ self._macs_coeff)),
+                    params=int(round(per_term @ self._params_coeff)))
+
+    def _exact_counts(self, widths: Widths) -> np.ndarray:
+        kept = np.ones(int(self._group_offset[-1]))
+        for gid, w in widths.items():
+            off, size = self._group_offset[gid], self.groups[gid].size
+            if isinstance(w, (int, np.integer)):
+                mask = np.zeros(size)
+                mask[: int(w)] = 1.0  # a count means "the first w channels"
+            else:
+                mask = np.zeros(size)
+                mask[np.asarray(list(w), dtype=np.int64)] = 1.0
+            kept[off:off + size] = mask
+        gi, li, mult = self._exact
+        return self._c0 + np.bincount(li, weights=mult * kept[gi], minlength=len(self._c0))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def group_of(self, node: str) -> list[int]:
+        """Groups whose channels appear in the output of fx node `node`."""
+        return sorted(self._node_groups.get(node, ()))
+
+    def locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group id, index within group) of each atom of an ids array; -1 for no channel."""
+        return self._locate(np.asarray(atoms, dtype=np.int64).reshape(-1))
+
+    def _build_nx(self) -> nx.MultiDiGraph:
+        g = nx.MultiDiGraph()
+        kinds = {i.name: i for i in self.nodes}
+        for info in self.nodes:
+            v = self.values.get(info.name)
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+            g.add_node(info.name, rule=info.rule, shape=shape,
+                       groups=sorted(self._node_groups[info.name]))
+        for info in self.nodes:
+            for src in info.inputs:
+                if src in kinds:
+                    g.add_edge(src, info.name, kind=info.edge)
+        return g
+
+    def summary(self) -> dict:
+        c = self.baseline
+        return {
+            "groups": len(self.groups),
+            "prunable": len(self.prunable_groups),
+            "removable": sum(g.removable for g in self.groups),
+            "prunable_channels": int(sum(g.size for g in self.prunable_groups)),
+            **c.as_dict(),
+            "shape_mode": self.shape_mode,
+            "untraceable": dict(self.untraceable),
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "groups": [g.to_dict() for g in self.groups]}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+def _width(w) -> int:
+    return int(w) if isinstance(w, (int, np.integer)) else len(list(w))
+
+
+def _summarise(reasons: Iterable[str], limit: int = 3) -> str:
+    reasons = list(reasons)
+    text = "; ".join(reasons[:limit])
+    if len(reasons) > limit:
+        text += f"; and {len(reasons) - limit} more"
+    return text
