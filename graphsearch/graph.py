@@ -87,58 +87,59 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------ groups
     def _build_groups(self, ctx: Context) -> None:
-        find = self._atoms.find
-        space_roots = [np.unique(find(s.atoms)) for s in ctx.spaces]
-        space_roots = [r[r >= 0] for r in space_roots]
-        roots = np.concatenate(space_roots) if space_roots else np.zeros(0, np.int64)
-        owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(space_roots)]) \
-            if space_roots else np.zeros(0, np.int64)
-        order = np.lexsort((owner, roots))
-        roots, owner = roots[order], owner[order]
-        same = roots[1:] == roots[:-1]
-        pairs = np.unique(np.stack([owner[:-1][same], owner[1:][same]], axis=1), axis=0) \
-            if same.any() else np.zeros((0, 2), np.int64)
+        n = self._atoms.count
+        root = self._atoms.find(np.arange(n))
+        atom_space = np.zeros(n, dtype=np.int64)
+        for i, sp in enumerate(ctx.spaces):
+            atom_space[sp.atoms] = i
+        # Two spaces are in one group when some class has atoms in both.
+        a, b = atom_space, atom_space[root]
+        pairs = np.unique(np.stack([a[a != b], b[a != b]], axis=1), axis=0)
         spaces = nx.Graph()
         spaces.add_nodes_from(range(len(ctx.spaces)))
         spaces.add_edges_from(map(tuple, pairs.tolist()))
-        components = [sorted(c) for c in nx.connected_components(spaces)]
-        classes_of = [np.unique(np.concatenate([space_roots[i] for i in comp]))
-                      for comp in components]
-        keep = [i for i, c in enumerate(classes_of) if c.size]
-        keep.sort(key=lambda i: classes_of[i][0])
+        comp_of_space = np.zeros(len(ctx.spaces), dtype=np.int64)
+        components = list(nx.connected_components(spaces))
+        for c, members in enumerate(components):
+            comp_of_space[list(members)] = c
+        classes = np.unique(root)  # sorted: a class is named by its oldest atom
+        class_comp = comp_of_space[atom_space[classes]]
+        # Groups in order of their oldest channel; classes in order within a group.
+        order = np.lexsort((classes, class_comp))
+        classes, class_comp = classes[order], class_comp[order]
+        starts = np.flatnonzero(np.r_[True, class_comp[1:] != class_comp[:-1]])
+        bounds = list(zip(starts, np.r_[starts[1:], len(classes)]))
+        bounds.sort(key=lambda se: classes[se[0]])
         fixed = self._atoms.fixed_reasons()
 
-        self.all_classes = np.unique(roots)
-        self._class_group = np.zeros(len(self.all_classes), dtype=np.int64)
-        self._class_index = np.zeros(len(self.all_classes), dtype=np.int64)
+        self._atom_group = np.full(n, -1, dtype=np.int64)
+        self._atom_index = np.full(n, -1, dtype=np.int64)
+        class_group = np.zeros(n, dtype=np.int64)
+        class_index = np.zeros(n, dtype=np.int64)
         self.groups: list[ChannelGroup] = []
-        for gid, i in enumerate(keep):
-            classes = classes_of[i]
-            pos = np.searchsorted(self.all_classes, classes)
-            self._class_group[pos] = gid
-            self._class_index[pos] = np.arange(len(classes))
-            reasons = []
-            for c in classes.tolist():
-                for r in fixed.get(c, ()):
-                    if r not in reasons:
-                        reasons.append(r)
-            names = []
-            for s in components[i]:
-                if ctx.spaces[s].node not in names:
-                    names.append(ctx.spaces[s].node)
+        for gid, (s0, s1) in enumerate(bounds):
+            cls = classes[s0:s1]
+            class_group[cls] = gid
+            class_index[cls] = np.arange(len(cls))
+            reasons: list[str] = []
+            for c in set(cls.tolist()) & fixed.keys():
+                reasons += [r for r in fixed[c] if r not in reasons]
+            comp = class_comp[s0]
+            names = list(dict.fromkeys(ctx.spaces[i].node for i in sorted(components[comp])))
             self.groups.append(ChannelGroup(
-                id=gid, size=len(classes), prunable=not reasons,
-                reason=_summarise(reasons), members=[], spaces=names, classes=classes))
+                id=gid, size=len(cls), prunable=not reasons,
+                reason=_summarise(sorted(reasons)), members=[], spaces=names, classes=cls))
+        self._atom_group = class_group[root]
+        self._atom_index = class_index[root]
         self._members(ctx)
 
     def _locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index in group) of each atom; group -1 where there is no atom."""
-        roots = self._atoms.find(atoms)
-        valid = roots >= 0
-        pos = np.searchsorted(self.all_classes, np.where(valid, roots, 0))
-        pos = np.minimum(pos, len(self.all_classes) - 1)
-        return (np.where(valid, self._class_group[pos], -1),
-                np.where(valid, self._class_index[pos], -1))
+        atoms = np.asarray(atoms, dtype=np.int64)
+        valid = atoms >= 0
+        safe = np.where(valid, atoms, 0)
+        return (np.where(valid, self._atom_group[safe], -1),
+                np.where(valid, self._atom_index[safe], -1))
 
     def _members(self, ctx: Context) -> None:
         for name, b in ctx.bindings.items():
@@ -251,18 +252,21 @@ class ChannelGraph:
 
     def _propagate_death(self, zero: frozenset) -> tuple[bool, frozenset, str]:
         dead: set[str] = set()
+        touched = self._node_groups
         for info in self.nodes:
             ins = [i in dead for i in info.inputs]
-            empty = not self._node_other[info.name] and self._node_groups[info.name] <= zero
-            internal = self._internal.get(info.name)
-            empty = empty or bool(internal and internal <= zero)
+            internal = self._internal.get(info.name, frozenset())
+            if not any(ins) and touched[info.name].isdisjoint(zero) and internal.isdisjoint(zero):
+                continue  # the common case: nothing of this node is affected
+            empty = (not self._node_other[info.name] and touched[info.name] <= zero) or \
+                bool(internal and internal <= zero)
             kind = info.dead
             if kind == "pass":
                 is_dead = any(ins) or empty
             elif kind in ("add", "sub", "cat"):
-                if kind == "sub" and ins and ins[0] and not all(ins):
+                if kind == "sub" and ins[0] and not all(ins):
                     return False, frozenset(), f"'{info.name}' would lose its first operand"
-                is_dead = (all(ins) and bool(ins)) or empty
+                is_dead = all(ins) or empty
             else:  # block
                 if any(ins):
                     what = "the model output" if info.rule == "output" else f"'{info.name}'"
