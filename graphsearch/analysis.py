@@ -370,8 +370,23 @@ def analyze(model: torch.nn.Module, example_inputs) -> "ChannelGraph":
     return ChannelGraph(traced, ctx, infos)
 
 
+def _producers(ctx: Context, node: fx.Node) -> list[str]:
+    """Producers of tensor arguments, including tuples of tensors (chunk, split, attention):
+    a getitem on a dead chunk dies with it."""
+    flat, _ = tree_flatten((node.args, node.kwargs))
+    out = []
+    for a in flat:
+        if not isinstance(a, fx.Node) or a.op == "get_attr":
+            continue
+        v = ctx.value(a)
+        if isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and
+                                           any(isinstance(t, torch.Tensor) for t in v)):
+            out.append(a.name)
+    return out
+
+
 def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
-    inputs = [a.name for a in ctx.tensor_args(node) if a.op != "get_attr"]
+    inputs = _producers(ctx, node)
     if node.op == "placeholder":
         v = ctx.value(node)
         ids = None

@@ -64,6 +64,17 @@ class ChannelGroup:
         return d
 
 
+@dataclass
+class Removal:
+    dead: frozenset  # fx nodes that go
+    zero_groups: frozenset  # groups that keep no channel
+    dropped: np.ndarray | None  # per channel position: orphaned by the removed nodes
+    alive_terms: np.ndarray | None = field(default=None, repr=False)  # cost terms kept
+
+
+_NO_REMOVAL = Removal(frozenset(), frozenset(), None)
+
+
 class PlanError(ValueError):
     """A plan (widths or kept indices) that the graph cannot realise."""
 
@@ -77,6 +88,9 @@ class ChannelGraph:
         self.nodes = infos
         self._atoms = ctx.atoms
         self._bindings = ctx.bindings
+        self._spaces_by_node: dict[str, list] = {}
+        for space in ctx.spaces:
+            self._spaces_by_node.setdefault(space.node, []).append(space)
         self._build_groups(ctx)
         self._build_cost_tables(ctx)
         self._build_dead_tables(ctx)
@@ -131,6 +145,18 @@ class ChannelGraph:
                 reason=_summarise(sorted(reasons)), members=[], spaces=names, classes=cls))
         self._atom_group = class_group[root]
         self._atom_index = class_index[root]
+        # Channel positions (group offset + index) and the nodes that produce each of them.
+        self._sizes = np.array([g.size for g in self.groups], dtype=np.int64)
+        self._group_offset = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
+        self._position_group = np.repeat(np.arange(len(self.groups)), self._sizes)
+        self._space_nodes = list(dict.fromkeys(sp.node for sp in ctx.spaces))
+        node_id = {name: i for i, name in enumerate(self._space_nodes)}
+        space_node = np.array([node_id[sp.node] for sp in ctx.spaces], dtype=np.int64)
+        position = self._group_offset[self._atom_group] + self._atom_index
+        # A grouped conv's output channel is its input channel carried on, not a new one.
+        made = np.array([sp.kind != "grouped_conv" for sp in ctx.spaces])[atom_space]
+        pairs = np.unique(np.stack([position[made], space_node[atom_space][made]]), axis=1)
+        self._pair_pos, self._pair_node = pairs[0], pairs[1]
         self._members(ctx)
 
     def _locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +247,8 @@ class ChannelGraph:
     # ------------------------------------------------------------------ dead branches
     def _build_dead_tables(self, ctx: Context) -> None:
         self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
+        self._removal_cache: dict[tuple, tuple[frozenset, frozenset]] = {}
+        self._positions: dict[str, tuple[frozenset, np.ndarray]] | None = None
         # Channels an op keeps inside (attention heads): with none left, the op is gone.
         self._internal: dict[str, frozenset] = {}
         for s in ctx.spaces:
@@ -228,6 +256,10 @@ class ChannelGraph:
                 g, _ = self._locate(s.atoms)
                 self._internal[s.node] = self._internal.get(s.node, frozenset()) | \
                     frozenset(np.unique(g[g >= 0]).tolist())
+        self._users: dict[str, list[str]] = {}
+        for info in self.nodes:
+            for src in info.inputs:
+                self._users.setdefault(src, []).append(info.name)
         self._node_groups: dict[str, frozenset] = {}
         self._node_other: dict[str, bool] = {}
         for info in self.nodes:
@@ -244,21 +276,27 @@ class ChannelGraph:
             self._node_groups[info.name] = frozenset(groups)
             self._node_other[info.name] = other or not groups
 
-    def _simulate(self, zero: frozenset) -> tuple[bool, frozenset, str]:
-        """Which nodes die when the groups in `zero` keep no channel; is that allowed?"""
-        if zero not in self._sim_cache:
-            self._sim_cache[zero] = self._propagate_death(zero)
-        return self._sim_cache[zero]
+    def _simulate(self, zero: frozenset, empty: frozenset = frozenset()
+                  ) -> tuple[bool, frozenset, str]:
+        """Which nodes die when the groups in `zero` keep no channel and the nodes in `empty`
+        keep none of theirs; is that allowed?"""
+        key = (zero, empty)
+        if key not in self._sim_cache:
+            self._sim_cache[key] = self._propagate_death(zero, empty)
+        return self._sim_cache[key]
 
-    def _propagate_death(self, zero: frozenset) -> tuple[bool, frozenset, str]:
+    def _propagate_death(self, zero: frozenset, empty_nodes: frozenset
+                         ) -> tuple[bool, frozenset, str]:
         dead: set[str] = set()
         touched = self._node_groups
         for info in self.nodes:
             ins = [i in dead for i in info.inputs]
             internal = self._internal.get(info.name, frozenset())
-            if not any(ins) and touched[info.name].isdisjoint(zero) and internal.isdisjoint(zero):
+            if not any(ins) and touched[info.name].isdisjoint(zero) and \
+                    internal.isdisjoint(zero) and info.name not in empty_nodes:
                 continue  # the common case: nothing of this node is affected
-            empty = (not self._node_other[info.name] and touched[info.name] <= zero) or \
+            empty = info.name in empty_nodes or \
+                (not self._node_other[info.name] and touched[info.name] <= zero) or \
                 bool(internal and internal <= zero)
             kind = info.dead
             if kind == "pass":
@@ -274,17 +312,87 @@ class ChannelGraph:
                 is_dead = empty
             if is_dead:
                 dead.add(info.name)
+        # What is left feeding only removed nodes is unused, and goes with them.
+        for info in reversed(self.nodes):
+            users = self._users.get(info.name)
+            if users and info.name not in dead and all(u in dead for u in users):
+                dead.add(info.name)
         return True, frozenset(dead), ""
 
     def dead_nodes(self, widths: Widths) -> frozenset:
-        """Nodes removed by the plan (branches whose groups keep nothing)."""
+        """Nodes removed by the plan (branches whose channels are all dropped)."""
+        return self.removal(widths).dead
+
+    def zero_groups(self, widths: Widths) -> frozenset:
+        """Groups that keep nothing under the plan: those set to 0 and those whose every
+        producer sits in a removed branch (the last conv of an Inception branch whose first
+        conv went to width 0)."""
+        return self.removal(widths).zero_groups
+
+    def removal(self, widths: Widths) -> "Removal":
+        """What a plan removes: dead nodes, groups left empty, and orphaned channels (kept by
+        the plan, but produced only inside removed branches, so they vanish with them)."""
         zero = frozenset(g for g, w in widths.items() if _width(w) == 0)
-        if not zero:
+        kept = self._kept_positions(widths)
+        empty = self._empty_nodes(~kept, ~kept) if kept is not None else frozenset()
+        if not zero and not empty:
+            return _NO_REMOVAL
+        asked = (zero, empty)
+        if asked not in self._removal_cache:
+            while True:
+                ok, dead, why = self._simulate(zero, empty)
+                if not ok:
+                    what = f"groups {sorted(asked[0])}" if asked[0] else "the plan"
+                    if asked[1]:
+                        what += f" (it empties {', '.join(sorted(asked[1])[:3])})"
+                    raise PlanError(f"{what} cannot go to width 0: {why}")
+                dropped = self._orphans(dead)
+                gone = dropped if kept is None else dropped | ~kept
+                per_group = np.bincount(self._position_group[gone], minlength=len(self.groups))
+                implied = zero | frozenset(np.flatnonzero(per_group == self._sizes).tolist())
+                more = empty | self._empty_nodes(gone, gone)
+                if implied == zero and more == empty:
+                    break
+                zero, empty = implied, more
+            self._removal_cache[asked] = Removal(dead, zero, dropped)
+        return self._removal_cache[asked]
+
+    def _kept_positions(self, widths: Widths) -> np.ndarray | None:
+        """Kept flag of every channel position, from kept-index lists (None: counts only)."""
+        lists = {g: w for g, w in widths.items() if not isinstance(w, (int, np.integer))}
+        if not lists:
+            return None
+        kept = np.ones(int(self._group_offset[-1]), dtype=bool)
+        for gid, w in lists.items():
+            off, size = self._group_offset[gid], self.groups[gid].size
+            kept[off:off + size] = False
+            kept[off + np.asarray(list(w), dtype=np.int64)] = True
+        return kept
+
+    def _node_positions(self) -> dict[str, np.ndarray]:
+        if self._positions is None:
+            self._positions = {}
+            for info in self.nodes:
+                if isinstance(info.ids, torch.Tensor) and info.ids.numel():
+                    g, i = self._locate(info.ids.reshape(-1).numpy())
+                    if (g >= 0).all():
+                        self._positions[info.name] = self._group_offset[g] + i
+        return self._positions
+
+    def _empty_nodes(self, dropped: np.ndarray, changed: np.ndarray) -> frozenset:
+        """Nodes whose every channel position is dropped (a conv whose channels all lie in
+        the dropped part of a group it shares with others through a shuffle)."""
+        if not changed.any():
             return frozenset()
-        ok, dead, why = self._simulate(zero)
-        if not ok:
-            raise PlanError(f"groups {sorted(zero)} cannot all go to width 0: {why}")
-        return dead
+        return frozenset(name for name, pos in self._node_positions().items()
+                         if dropped[pos].all())
+
+    def _orphans(self, dead: frozenset) -> np.ndarray:
+        """Positions all of whose producing nodes are dead."""
+        dead_ids = np.array([n in dead for n in self._space_nodes], dtype=bool)
+        alive = np.bincount(self._pair_pos, weights=~dead_ids[self._pair_node],
+                            minlength=int(self._group_offset[-1]))
+        return alive == 0
 
     # ------------------------------------------------------------------ cost
     def fractions(self, widths: Widths | None) -> np.ndarray:
@@ -319,23 +427,31 @@ class ChannelGraph:
         With kept counts, a layout that holds only part of a group (a split after a concat)
         is costed as if the kept channels were spread evenly; with kept indices it is exact.
         """
-        widths = widths or {}
-        exact = any(not isinstance(w, (int, np.integer)) for w in widths.values())
-        if exact:
-            counts = self._exact_counts(widths)
+        widths = dict(widths or {})
+        removal = self.removal(widths)
+        for gid in removal.zero_groups:
+            widths[gid] = 0
+        if any(not isinstance(w, (int, np.integer)) for w in widths.values()):
+            counts = self._exact_counts(widths, removal.dropped)
         else:
-            counts = self._c0 + self._M @ self.fractions(widths)
+            f = self.fractions(widths)
+            if removal.dropped is not None and removal.dropped.any():
+                lost = np.bincount(self._position_group[removal.dropped],
+                                   minlength=len(self.groups))
+                f = f * (1 - lost / np.maximum(self._sizes, 1))
+            counts = self._c0 + self._M @ f
         ext = np.append(counts, 1.0)
         per_term = ext[self._term_a] * ext[self._term_b]
-        dead = self.dead_nodes(widths)
-        if dead:
-            alive = np.array([not nodes or any(n not in dead for n in nodes)
-                              for nodes in self._term_nodes])
-            per_term = per_term * alive
+        if removal.dead:
+            if removal.alive_terms is None:
+                removal.alive_terms = np.array(
+                    [not nodes or any(n not in removal.dead for n in nodes)
+                     for nodes in self._term_nodes])
+            per_term = per_term * removal.alive_terms
         return Cost(macs=int(round(per_term @ self._macs_coeff)),
                     params=int(round(per_term @ self._params_coeff)))
 
-    def _exact_counts(self, widths: Widths) -> np.ndarray:
+    def _exact_counts(self, widths: Widths, dropped: np.ndarray | None = None) -> np.ndarray:
         kept = np.ones(int(self._group_offset[-1]))
         for gid, w in widths.items():
             off, size = self._group_offset[gid], self.groups[gid].size
@@ -346,6 +462,8 @@ class ChannelGraph:
                 mask = np.zeros(size)
                 mask[np.asarray(list(w), dtype=np.int64)] = 1.0
             kept[off:off + size] = mask
+        if dropped is not None:
+            kept[dropped] = 0.0
         gi, li, mult = self._exact
         return self._c0 + np.bincount(li, weights=mult * kept[gi], minlength=len(self._c0))
 

@@ -213,7 +213,8 @@ def conv(ctx, node):
     m = ctx.module
     x = node.args[0]
     line_in = ctx.line(ctx.ids(x), 1, x)
-    out = ctx.fresh(m.out_channels, "conv")
+    # A grouped conv's outputs are tied to their inputs: "derived", not new channels.
+    out = ctx.fresh(m.out_channels, "conv" if m.groups == 1 else "grouped_conv")
     if m.groups > 1:
         # Channel block k of the input feeds only output block k: tie each block into a unit
         # (for a depthwise conv, input channel c is output channel c).
@@ -234,14 +235,14 @@ def conv_transpose(ctx, node):
     m = ctx.module
     x = node.args[0]
     line_in = ctx.line(ctx.ids(x), 1, x)
-    out = ctx.fresh(m.out_channels, "conv_transpose")
+    out = ctx.fresh(m.out_channels, "conv_transpose" if m.groups == 1 else "grouped_conv")
     if m.groups > 1:
         ctx.tie_group_blocks(line_in, out, m.groups)
         out = ctx.find(out)
         line_in = ctx.find(line_in)
-    ctx.bind(f"{node.target}.weight", 0, line_in)  # weight is (in, out / groups, k...)
+    ctx.bind(f"{node.target}.weight", 0, line_in, role="in")  # weight is (in, out / groups, k...)
     if m.groups == 1:
-        ctx.bind(f"{node.target}.weight", 1, out)
+        ctx.bind(f"{node.target}.weight", 1, out, role="out")
     if m.bias is not None:
         ctx.bind(f"{node.target}.bias", 0, out)
     _conv_module_macs(ctx, node, line_in, out, transposed=True)
@@ -268,8 +269,8 @@ def functional_linear(ctx, node):
 def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
     line_in = ctx.line(ctx.ids(x), -1, x)
     out = ctx.fresh(out_features, "linear")
-    ctx.bind(wname, weight_dims[0], out)
-    ctx.bind(wname, weight_dims[1], line_in)
+    ctx.bind(wname, weight_dims[0], out, role="out")  # roles: x @ W has W as (in, out)
+    ctx.bind(wname, weight_dims[1], line_in, role="in")
     if bname:
         ctx.bind(bname, 0, out)
     rows = math.prod(ctx.shape(node)[1:-1])  # tokens per sample
@@ -476,6 +477,12 @@ def softmax(ctx, node):
 
 @register(*methods("size", "dim", "numel"), getattr, edge="none")
 def shape_query(ctx, node):
+    if isinstance(ctx.value(node), torch.Tensor):
+        # A tensor attribute (x.mT, x.T, x.data) carries channels: keep following them.
+        attr = node.args[1]
+        if attr not in ("T", "mT", "data", "real"):
+            return unsupported(ctx, node, why=f"tensor attribute .{attr}")
+        return ctx.run_on_ids(node)
     return None
 
 

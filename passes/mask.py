@@ -1,0 +1,185 @@
+"""The mask reference: the original architecture with the dropped channels forced to zero.
+
+It is what a slim model must equal: every value of the traced graph is computed as in the
+original and then multiplied by the plan's keep mask of its channels; a node in a removed
+branch yields zeros (so a residual add returns its identity path). Two ops need more than a
+multiply, because zeros would change their statistics: LayerNorm over a pruned dim normalises
+over the kept channels only, and attention over pruned heads drops those heads.
+
+`verify(slim, reference, inputs)` runs both and says which output differs and by how much.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from graphsearch.graph import ChannelGraph
+
+from .attention import multihead_attention
+from .plan import Keep, ResolvedPlan, resolve
+
+
+class MaskedModel(nn.Module):
+    """Runs the traced original with a keep plan applied as masks. Shares its parameters."""
+
+    def __init__(self, graph: ChannelGraph, plan: ResolvedPlan) -> None:
+        super().__init__()
+        self.gm = graph.module
+        self.plan = plan
+        self._masks: dict[str, Any] = {}
+        self._norm_masks: dict[str, torch.Tensor] = {}
+        self._head_masks: dict[str, torch.Tensor] = {}
+        infos = {i.name: i for i in graph.nodes}
+        for node in self.gm.graph.nodes:
+            info = infos.get(node.name)
+            if info is None or node.name in plan.dead:
+                continue
+            self._masks[node.name] = _masks_of(plan, info.ids)
+            self._special(graph, plan, node, infos)
+
+    def _special(self, graph, plan, node, infos) -> None:
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        is_ln = isinstance(module, nn.LayerNorm) or node.target is F.layer_norm
+        if is_ln:
+            ids = infos[node.name].ids  # output channels are the normalised dim
+            if plan.changes(ids):
+                line = ids.reshape(-1) if ids.dim() else ids
+                self._norm_masks[node.name] = plan.kept(line).float()
+        if isinstance(module, nn.MultiheadAttention):
+            heads = _heads_of(graph, node.name, module.num_heads)
+            if heads is not None and plan.changes(heads):
+                self._head_masks[node.name] = plan.kept(heads).float()
+
+    def forward(self, *args):
+        return _MaskInterpreter(self).run(*args)
+
+
+class _MaskInterpreter(fx.Interpreter):
+    def __init__(self, owner: MaskedModel) -> None:
+        super().__init__(owner.gm)
+        self.owner = owner
+
+    def run_node(self, n: fx.Node) -> Any:
+        o = self.owner
+        if n.name in o._norm_masks:
+            out = self._layer_norm(n, o._norm_masks[n.name])
+        elif n.name in o._head_masks:
+            out = self._attention(n, o._head_masks[n.name])
+        else:
+            out = super().run_node(n)
+        if n.name in o.plan.dead:
+            return tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t,
+                            out)
+        return _apply_masks(out, o._masks.get(n.name))
+
+    def _layer_norm(self, n: fx.Node, keep: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        if n.op == "call_module":
+            m = self.fetch_attr(n.target)
+            weight, bias, eps = m.weight, m.bias, m.eps
+        else:
+            weight = args[2] if len(args) > 2 else kwargs.get("weight")
+            bias = args[3] if len(args) > 3 else kwargs.get("bias")
+            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        count = keep.sum()
+        mean = (x * keep).sum(-1, keepdim=True) / count
+        var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / count
+        y = (x - mean) / torch.sqrt(var + eps)
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def _attention(self, n: fx.Node, head_keep: torch.Tensor):
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return multihead_attention(self.fetch_attr(n.target), *args, head_mask=head_keep,
+                                   **kwargs)
+
+
+def _heads_of(graph: ChannelGraph, node: str, num_heads: int) -> torch.Tensor | None:
+    """Atoms of the heads of attention node `node` (created by its rule)."""
+    for space in graph._spaces_by_node.get(node, ()):
+        if space.kind == "heads" and len(space.atoms) == num_heads:
+            return torch.from_numpy(space.atoms)
+    return None
+
+
+def _masks_of(plan: ResolvedPlan, ids) -> Any:
+    if isinstance(ids, torch.Tensor):
+        return plan.kept(ids).float() if plan.changes(ids) else None
+    if isinstance(ids, (tuple, list)):
+        return tuple(_masks_of(plan, i) for i in ids)
+    return None
+
+
+def _apply_masks(out: Any, masks: Any) -> Any:
+    if masks is None:
+        return out
+    if isinstance(out, torch.Tensor):
+        return out * masks if isinstance(masks, torch.Tensor) else out
+    if isinstance(out, (tuple, list)) and isinstance(masks, tuple):
+        return type(out)(_apply_masks(o, m) for o, m in zip(out, masks))
+    return out
+
+
+def mask(graph: ChannelGraph, keep: Keep | None) -> MaskedModel:
+    """The reference for `slim(graph, keep)`: same architecture, dropped channels zeroed."""
+    return MaskedModel(graph, resolve(graph, keep))
+
+
+@dataclass
+class Verification:
+    ok: bool
+    worst_output: int  # index of the output (flattened) with the largest relative error
+    max_abs: float
+    max_rel: float  # max |a - b| / max |b| over that output
+    rtol: float
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def verify(module: nn.Module, reference: nn.Module, inputs: Sequence[torch.Tensor],
+           rtol: float = 1e-5) -> Verification:
+    """Run both on `inputs` and compare every output, relative to the reference's scale."""
+    with torch.no_grad():
+        got, _ = tree_flatten(module(*inputs))
+        want, _ = tree_flatten(reference(*inputs))
+    got = [g for g in got if isinstance(g, torch.Tensor)]
+    want = [w for w in want if isinstance(w, torch.Tensor)]
+    if len(got) != len(want):
+        return Verification(False, -1, math.inf, math.inf, rtol,
+                            f"{len(got)} outputs, the reference has {len(want)}")
+    worst, worst_abs, worst_rel = -1, 0.0, 0.0
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return Verification(False, i, math.inf, math.inf, rtol,
+                                f"output {i} has shape {tuple(a.shape)}, the reference "
+                                f"{tuple(b.shape)}")
+        diff = (a.double() - b.double()).abs()
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        scale = float(b.double().abs().max()) if b.numel() else 0.0
+        rel = max_abs / scale if scale > 0 else max_abs
+        if not math.isfinite(max_abs):
+            rel = math.inf
+        if rel >= worst_rel:
+            worst, worst_abs, worst_rel = i, max_abs, rel
+    ok = worst_rel <= rtol
+    msg = (f"outputs agree (largest relative difference {worst_rel:.2e} at output {worst})"
+           if ok else f"output {worst} differs: max |diff| {worst_abs:.3e}, "
+                      f"{worst_rel:.2e} of its scale (tolerance {rtol:.0e})")
+    return Verification(ok, worst, worst_abs, worst_rel, rtol, msg)
+
+
+__all__ = ["MaskedModel", "mask", "verify", "Verification"]
