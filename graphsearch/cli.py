@@ -10,10 +10,12 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from .load import UserError, load_model
 
 DEFAULT_MODEL = "zoo:resnet32"
+DEFAULT_OPTIMIZE_MODEL = "examples/cifar_resnet20.py"
 
 
 def human(n: float) -> str:
@@ -75,6 +77,104 @@ def format_groups(graph, all_members: bool = False, width: int = 100) -> str:
     return "\n".join(rows)
 
 
+def _parse_settings(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: write KEY=VALUE, e.g. --set lambda=3e-3")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _optimize(args) -> int:
+    from .methods import METHODS
+    from .optimize import OptimizeConfig, optimize
+
+    settings = _parse_settings(args.set)
+    method = METHODS.get(args.method)
+    if method is not None:
+        unknown = sorted(set(settings) - set(method.defaults))
+        if unknown:
+            raise UserError(f"--set {', '.join(unknown)}: not a setting of {args.method} "
+                            f"(its settings: {', '.join(method.defaults) or 'none'})")
+    config = OptimizeConfig(
+        model=args.model, method=args.method, weights=args.weights, data=args.data,
+        flops=args.flops, params=args.params, latency=args.latency, round_to=args.round_to,
+        out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
+        search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        finetune_lr=args.finetune_lr, batch_size=args.batch_size, threads=args.threads,
+        settings=settings, progress=not args.quiet)
+    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = optimize(config, resume=args.resume, log=log)
+    b, r = report["baseline"], report["result"]
+    print(f"baseline  top-1 {b['accuracy'] * 100:6.2f}%  {b['flops'] / 1e6:9.2f} MFLOPs  "
+          f"{b['params']:>11,} params  {b['latency_ms']:.3f} ms")
+    print(f"{args.method:<9} top-1 {r['accuracy'] * 100:6.2f}%  {r['flops'] / 1e6:9.2f} MFLOPs  "
+          f"{r['params']:>11,} params  {r['latency_ms']:.3f} ms")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _export(args) -> int:
+    from .analysis import analyze
+    from .graph import PlanError
+    from .target import Plan
+
+    from passes.export import export_onnx
+    from passes.latency import latency
+    from passes.save import save_portable
+    from passes.slim import slim
+
+    loaded = load_model(args.model, args.weights)
+    try:
+        plan_json = json.loads(Path(args.keep).read_text())
+    except FileNotFoundError:
+        raise UserError(f"plan file '{args.keep}' does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"plan file '{args.keep}' is not JSON: {exc}") from None
+    keep_raw = plan_json.get("keep", plan_json) if isinstance(plan_json, dict) else None
+    if not isinstance(keep_raw, dict):
+        raise UserError(f"'{args.keep}' must map group ids to kept channel indices "
+                        '(e.g. {"3": [0, 1, 5]}) or hold such a map under "keep"')
+    try:
+        keep = {int(g): [int(i) for i in v] for g, v in keep_raw.items()}
+    except (TypeError, ValueError):
+        raise UserError(f"'{args.keep}': group ids and channel indices must be integers") \
+            from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = analyze(loaded.model, loaded.example_inputs)
+        try:
+            module = slim(graph, keep)
+        except PlanError as exc:
+            raise UserError(f"plan '{args.keep}': {exc}") from None
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        x = loaded.example_inputs
+        export_onnx(module, x, out / "model.onnx")
+        save_portable(module, x, out / "model.pt2")
+        export_onnx(loaded.model.eval(), x, out / "baseline.onnx")
+        before = latency(out / "baseline.onnx", threads=args.threads)
+        after = latency(out / "model.onnx", threads=args.threads)
+    b, c = graph.baseline, graph.cost(keep)
+    lines = ["| | MACs | params | latency (ms) |", "|---|---|---|---|",
+             f"| before | {b.macs:,} | {b.params:,} | {before.median_ms:.3f} |",
+             f"| after | {c.macs:,} | {c.params:,} | {after.median_ms:.3f} |",
+             f"| ratio | {c.macs / b.macs:.3f} | {c.params / b.params:.3f} | "
+             f"{after.median_ms / before.median_ms:.3f} |", "",
+             f"latency: {after}"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / 'model.onnx'}, {out / 'model.pt2'}, {out / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="graphsearch",
@@ -91,6 +191,56 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--all-members", action="store_true", help="do not abbreviate members")
     ins.set_defaults(run=_inspect)
+
+    from .methods import METHODS
+
+    method_help = "; ".join(f"{n}: {m.summary} [{m.cost}]" for n, m in METHODS.items())
+    opt = sub.add_parser(
+        "optimize", help="search a slimmer architecture under a budget, fine-tune, export",
+        description="Find the slimmest architecture within the targets, fine-tune it, and "
+                    "write model.onnx, model.pt2, report.json, report.md and tradeoff.png.",
+        epilog="methods: " + method_help)
+    opt.add_argument("model", nargs="?", default=DEFAULT_OPTIMIZE_MODEL,
+                     help=f"model.py or zoo:NAME (default: {DEFAULT_OPTIMIZE_MODEL})")
+    opt.add_argument("--method", default="uniform",
+                     help=f"search method: {', '.join(METHODS)} (default: uniform)")
+    opt.add_argument("--weights", help="trained weights (a state dict); without them the "
+                                       "baseline is trained first")
+    opt.add_argument("--data", help="ImageFolder folder or .zip, CIFAR pickle batches, or "
+                                    "'synthetic' (default: the built-in synthetic set)")
+    opt.add_argument("--flops", help="FLOPs target: a fraction of the baseline (0.33) or a "
+                                     "count (46M); default 1/3 when no target is given")
+    opt.add_argument("--params", help="params target: fraction (0.5) or count (200k)")
+    opt.add_argument("--latency", help="onnxruntime latency target: '4ms' or a fraction")
+    opt.add_argument("--round-to", type=int, default=1, help="channel multiple (e.g. 8)")
+    opt.add_argument("--out", default="graphsearch-out", help="output folder")
+    opt.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--baseline-epochs", type=int, default=6,
+                     help="epochs to train the baseline when no weights are given")
+    opt.add_argument("--search-epochs", type=float, default=2.0,
+                     help="training budget of the search, in epochs")
+    opt.add_argument("--finetune-epochs", type=int, default=4)
+    opt.add_argument("--lr", type=float, default=0.05, help="baseline learning rate")
+    opt.add_argument("--finetune-lr", type=float, default=0.02,
+                     help="learning rate of the search and fine-tuning")
+    opt.add_argument("--batch-size", type=int, default=128)
+    opt.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency")
+    opt.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
+    opt.add_argument("--quiet", action="store_true", help="no progress output")
+    opt.set_defaults(run=_optimize)
+
+    exp = sub.add_parser(
+        "export", help="slim a model by a keep plan and write ONNX, .pt2 and a report",
+        description="Apply a keep plan (JSON: group id -> kept channel indices, or a "
+                    "report.json) and write model.onnx, model.pt2 and report.md.")
+    exp.add_argument("model", help="model.py or zoo:NAME")
+    exp.add_argument("--keep", required=True, help="plan JSON")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--weights", help="trained weights (a state dict)")
+    exp.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency")
+    exp.set_defaults(run=_export)
     return p
 
 

@@ -72,6 +72,20 @@ class Removal:
     alive_terms: np.ndarray | None = field(default=None, repr=False)  # cost terms kept
 
 
+@dataclass(frozen=True)
+class TiedSlice:
+    """Positions `positions` along `dim` of parameter `name` are the group's channels
+    `channels` (one channel may own several positions: a flatten into a linear layer)."""
+
+    name: str
+    dim: int
+    positions: np.ndarray
+    channels: np.ndarray
+    role: str = ""  # "out" (producer rows), "in" (consumer columns), "gamma", "beta", "statistic"
+    is_buffer: bool = False
+
+
+_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
 
 
@@ -248,7 +262,8 @@ class ChannelGraph:
     def _build_dead_tables(self, ctx: Context) -> None:
         self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
         self._removal_cache: dict[tuple, tuple[frozenset, frozenset]] = {}
-        self._positions: dict[str, tuple[frozenset, np.ndarray]] | None = None
+        self._positions: dict[str, np.ndarray] | None = None
+        self._tied: dict[int, list[TiedSlice]] | None = None
         # Channels an op keeps inside (attention heads): with none left, the op is gone.
         self._internal: dict[str, frozenset] = {}
         for s in ctx.spaces:
@@ -466,6 +481,28 @@ class ChannelGraph:
             kept[dropped] = 0.0
         gi, li, mult = self._exact
         return self._c0 + np.bincount(li, weights=mult * kept[gi], minlength=len(self._c0))
+
+    # ------------------------------------------------------------------ parameters by channel
+    def tied_parameters(self) -> dict[int, list["TiedSlice"]]:
+        """For every group, the parameter slices tied to its channels: producers' output rows,
+        norm parameters and statistics, consumers' input columns (a method's `theta_c`)."""
+        if self._tied is None:
+            self._tied = {g.id: [] for g in self.groups}
+            for name, b in self._bindings.items():
+                owner = self.module.get_submodule(name.rpartition(".")[0])
+                norm = isinstance(owner, _NORMS)
+                for dim, line in sorted(b.dims.items()):
+                    if norm:
+                        role = {"weight": "gamma", "bias": "beta"}.get(name.rpartition(".")[2],
+                                                                       "statistic")
+                    else:
+                        role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
+                    groups, index = self._locate(line)
+                    for gid in np.unique(groups[groups >= 0]).tolist():
+                        at = np.flatnonzero(groups == gid)
+                        self._tied[gid].append(TiedSlice(name, dim, at, index[at], role,
+                                                         b.is_buffer))
+        return self._tied
 
     # ------------------------------------------------------------------ views
     @property

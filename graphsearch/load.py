@@ -34,6 +34,7 @@ class LoadedModel:
     source: str
     namespace: ModuleType | None = None
     notes: list[str] = field(default_factory=list)
+    weights: str | None = None  # the trained weights that were loaded, if any
 
 
 def load_model(spec: str, weights: str | None = None) -> LoadedModel:
@@ -43,6 +44,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         loaded = _load_file(Path(spec))
     if weights:
         _load_weights(loaded.model, Path(weights))
+        loaded.weights = str(weights)
     return loaded
 
 
@@ -99,6 +101,7 @@ def _load_file(path: Path) -> LoadedModel:
     loaded = LoadedModel(model, tuple(inputs), str(path), module, notes)
     if weights:
         _load_weights(model, (path.parent / weights))
+        loaded.weights = str(path.parent / weights)
     return loaded
 
 

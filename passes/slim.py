@@ -74,10 +74,16 @@ class GatherChannels(nn.Module):
 # --------------------------------------------------------------------------- entry point
 
 
-def slim(graph: ChannelGraph, keep: Keep | None) -> fx.GraphModule:
-    """A smaller GraphModule computing the original restricted to the kept channels."""
+def slim(graph: ChannelGraph, keep: Keep | None, state_dict: dict | None = None
+         ) -> fx.GraphModule:
+    """A smaller GraphModule computing the original restricted to the kept channels.
+
+    `state_dict` (of the original architecture, e.g. after a method trained it) replaces the
+    traced model's weights before slicing."""
     plan = resolve(graph, keep)
     gm = copy.deepcopy(graph.module)
+    if state_dict is not None:
+        gm.load_state_dict(state_dict)
     _slice_tensors(gm, graph, plan)
     _remove_dead(gm, graph, plan)
     _Rewriter(gm, graph, plan).run()

@@ -1,0 +1,127 @@
+"""The interface every search method implements, and what the pipeline hands it.
+
+A method sees coupled channel groups, parameters by channel, data and a training loop; it
+never touches fx graphs (ARCHITECTURE.md). It returns a `Proposal`: a keep plan that went
+through the shared target step (`ctx.land`), and the weights the slim model inherits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph import ChannelGraph, TiedSlice
+from ..target import Constraint, Plan, land_on_target, scores_from_widths
+
+
+@dataclass
+class SearchContext:
+    graph: ChannelGraph
+    model: nn.Module  # a copy of the trained baseline; the method may train it
+    data: Any  # graphsearch.data.DataBundle
+    constraints: list[Constraint]
+    round_to: int
+    settings: dict  # the method's hyper-parameters (its defaults, overridden by --set)
+    epochs: float  # the search budget, in epochs of the training split
+    lr: float
+    batch_size: int
+    seed: int
+    state_dir: Path  # the method checkpoints here (resume)
+    progress: bool = True
+    log: Callable[[str], None] = print
+    latency_model: Callable | None = None
+    example_inputs: tuple = ()
+    candidates: list[dict] = field(default_factory=list)  # for the trade-off plot
+    _model_graph: Any = None
+
+    # ---- gates on the channels of `self.model` (variational dropout, probes)
+    def gated(self, gates: dict[int, Callable[[], torch.Tensor]],
+              owner: nn.Module | None = None) -> nn.Module:
+        """`self.model` with every group's channels multiplied by `gates[g]()` where they are
+        produced (after the norm that follows a conv/linear). Trains `self.model` in place,
+        plus `owner`'s parameters (the gates')."""
+        from passes.gates import gated
+
+        if self._model_graph is None:
+            from ..analysis import analyze
+
+            self._model_graph = analyze(self.model, self.example_inputs)
+        return gated(self._model_graph, gates, owner)
+
+    # ---- the shared target step
+    def land(self, scores: dict[int, np.ndarray]) -> Plan:
+        return land_on_target(self.graph, scores, self.constraints, self.round_to,
+                              self.latency_model)
+
+    def land_widths(self, widths: dict[int, int],
+                    importance: dict[int, np.ndarray] | None = None) -> Plan:
+        return self.land(scores_from_widths(self.graph, widths, importance))
+
+    # ---- parameters by channel
+    def tied(self) -> dict[int, list[TiedSlice]]:
+        return self.graph.tied_parameters()
+
+    def channel_norms(self, model: nn.Module | None = None, squared: bool = False,
+                      roles: tuple[str, ...] = ("out", "in", "gamma", "beta")
+                      ) -> dict[int, torch.Tensor]:
+        """Per prunable group, the L2 norm over channel c of everything tied to it (as a
+        differentiable tensor of the model's parameters)."""
+        model = model or self.model
+        params = dict(model.named_parameters())
+        out = {}
+        for g in self.graph.prunable_groups:
+            total = None
+            for s in self.tied()[g.id]:
+                if s.is_buffer or s.role not in roles or s.name not in params:
+                    continue
+                p = params[s.name]
+                part = p.index_select(s.dim, torch.as_tensor(s.positions, device=p.device))
+                sq = part.movedim(s.dim, 0).reshape(len(s.positions), -1).pow(2).sum(1)
+                acc = torch.zeros(g.size, dtype=sq.dtype, device=sq.device).index_add(
+                    0, torch.as_tensor(s.channels, device=sq.device), sq)
+                total = acc if total is None else total + acc
+            if total is not None:
+                out[g.id] = total if squared else total.clamp_min(0).sqrt()
+        return out
+
+    # ---- training
+    def train(self, model: nn.Module, epochs: float, name: str, **kwargs):
+        """Train with the run's data and settings, checkpointed under `name` (resumable)."""
+        from ..train import train
+
+        steps_per_epoch = max(1, -(-len(self.data.train) // self.batch_size))
+        whole = max(1, int(np.ceil(epochs)))
+        kwargs.setdefault("lr", self.lr)
+        return train(model, self.data, epochs=whole, batch_size=self.batch_size,
+                     seed=self.seed, progress=self.progress,
+                     checkpoint=self.state_dir / f"{name}.ckpt", desc=name,
+                     max_steps=max(1, int(round(epochs * steps_per_epoch))), **kwargs)
+
+    def evaluate(self, model: nn.Module) -> float:
+        from ..train import evaluate
+
+        return evaluate(model, self.data.val)
+
+
+@dataclass
+class Proposal:
+    plan: Plan
+    state_dict: dict  # weights the slim model inherits
+    info: dict = field(default_factory=dict)  # the method's own figures for the report
+
+
+class Method:
+    """A search method: `search(ctx) -> Proposal`."""
+
+    name = ""
+    summary = ""  # what it does, one line
+    cost = ""  # what it costs, one line
+    defaults: dict = {}
+
+    def search(self, ctx: SearchContext) -> Proposal:
+        raise NotImplementedError

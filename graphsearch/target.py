@@ -1,0 +1,245 @@
+"""Constraints and the shared target step: from per-channel scores (or widths) to a keep plan.
+
+Every method ends here, so that all are compared on the same footing (METHODS.md, "The shared
+target step"). Given scores, `land_on_target` keeps the best channels of every group under
+one global threshold, found by bisection, then grows groups one allowed width at a time, best
+remaining channels first, while every constraint still holds. Widths are rounded to the
+channel multiple; the result lands just below the binding target (within 1% on the zoo), and
+the achieved figures are reported, never the requested ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .graph import ChannelGraph, PlanError
+from .load import UserError
+
+METRICS = ("flops", "params", "latency")
+UNITS = {"ms": "ms", "flops": "FLOPs", "params": "params"}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """`metric` of the slim model must not exceed `limit` (absolute: FLOPs, params, ms)."""
+
+    metric: str
+    limit: float
+    requested: str  # as the user wrote it ("0.33", "46M", "4ms")
+
+    def describe(self) -> str:
+        return f"{self.metric} <= {_human(self.limit, self.metric)} (asked: {self.requested})"
+
+
+@dataclass
+class Plan:
+    """A keep plan and what it achieves."""
+
+    keep: dict[int, list[int]]  # group id -> kept channel indices (changed groups only)
+    widths: dict[int, int]  # every prunable group's width
+    achieved: dict[str, float]  # metric -> value (flops, params, macs; latency if modelled)
+
+    def to_dict(self) -> dict:
+        return {"keep": {str(g): v for g, v in self.keep.items()},
+                "widths": {str(g): w for g, w in self.widths.items()},
+                "achieved": self.achieved}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Plan":
+        return cls({int(g): list(v) for g, v in d["keep"].items()},
+                   {int(g): int(w) for g, w in d["widths"].items()}, dict(d["achieved"]))
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SUFFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_constraint(metric: str, text: str, baseline: float) -> Constraint:
+    """`--flops 0.33` (fraction of the baseline) or `--flops 46M` / `46e6` (absolute);
+    `--latency 4ms` (milliseconds, or a fraction of the baseline's measured latency)."""
+    raw = str(text).strip()
+    if metric == "latency":
+        m = re.fullmatch(r"([0-9.eE+-]+)\s*(ms|s|us)?", raw)
+        if not m:
+            raise UserError(f"--latency {raw!r}: give milliseconds like '4ms' or a fraction "
+                            "of the baseline like '0.5'")
+        value = float(m.group(1))
+        unit = m.group(2)
+        if unit is None and value <= 1:
+            limit = value * baseline
+        else:
+            limit = value * {"ms": 1.0, "s": 1e3, "us": 1e-3, None: 1.0}[unit]
+    else:
+        m = re.fullmatch(r"([0-9.eE+-]+)\s*([kKMG]?)", raw)
+        if not m:
+            raise UserError(f"--{metric} {raw!r}: give a fraction of the baseline like 0.33 or "
+                            "an absolute count like 46M")
+        value = float(m.group(1))
+        limit = value * baseline if (m.group(2) == "" and value <= 1) else \
+            value * _SUFFIX[m.group(2)]
+    if not math.isfinite(limit) or limit <= 0:
+        raise UserError(f"--{metric} {raw!r}: the target must be positive")
+    if limit > baseline * (1 + 1e-9):
+        raise UserError(f"--{metric} {raw!r} asks for {_human(limit, metric)}, more than the "
+                        f"baseline's {_human(baseline, metric)}: nothing to prune; give a "
+                        "fraction below 1")
+    return Constraint(metric, float(limit), raw)
+
+
+def _human(v: float, metric: str) -> str:
+    if metric == "latency":
+        return f"{v:.3f} ms"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3f}{unit}"
+    return f"{v:.0f}"
+
+
+# --------------------------------------------------------------------------- the target step
+
+
+@dataclass
+class Evaluator:
+    """Measures a plan against the constraints with the graph's cost model; latency comes
+    from `latency_model(cost) -> ms` (a cheap fitted model) when a latency target is set."""
+
+    graph: ChannelGraph
+    constraints: list[Constraint]
+    latency_model: Callable | None = None
+    calls: int = field(default=0)
+
+    def measure(self, keep: Mapping[int, list[int]]) -> dict[str, float]:
+        self.calls += 1
+        c = self.graph.cost(keep)
+        out = {"flops": float(c.flops), "macs": float(c.macs), "params": float(c.params)}
+        if self.latency_model is not None:
+            out["latency"] = float(self.latency_model(c))
+        return out
+
+    def feasible(self, values: Mapping[str, float]) -> bool:
+        return all(values[c.metric] <= c.limit for c in self.constraints)
+
+
+def allowed_widths(size: int, min_width: int, round_to: int) -> np.ndarray:
+    """Widths a group may take: multiples of `round_to`, its full size, 0 if removable."""
+    ws = set(range(round_to, size + 1, round_to)) | {size}
+    if min_width == 0:
+        ws.add(0)
+    return np.array(sorted(w for w in ws if w >= min_width), dtype=np.int64)
+
+
+def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
+                   constraints: list[Constraint], round_to: int = 1,
+                   latency_model: Callable | None = None) -> Plan:
+    """Keep the best-scoring channels until every constraint holds, widths rounded."""
+    ev = Evaluator(graph, constraints, latency_model)
+    groups = [g for g in graph.prunable_groups if g.id in scores]
+    order = {g.id: np.argsort(-np.asarray(scores[g.id], dtype=float), kind="stable")
+             for g in groups}
+    sorted_scores = {g.id: np.asarray(scores[g.id], dtype=float)[order[g.id]] for g in groups}
+    allowed = {g.id: allowed_widths(g.size, g.min_width, round_to) for g in groups}
+
+    def widths_at(t: float) -> dict[int, int]:
+        out = {}
+        for g in groups:
+            n = int(np.count_nonzero(sorted_scores[g.id] >= t))
+            a = allowed[g.id]
+            out[g.id] = int(a[np.searchsorted(a, n)]) if n <= a[-1] else int(a[-1])
+        return out
+
+    def keep_of(widths: Mapping[int, int]) -> dict[int, list[int]]:
+        return {gid: sorted(order[gid][:w].tolist()) for gid, w in widths.items()
+                if w < graph.groups[gid].size}
+
+    floor_values = floor_cost(graph, ev, allowed)
+    if not ev.feasible(floor_values):
+        bad = [c for c in constraints if floor_values[c.metric] > c.limit]
+        raise UserError("unreachable target: " + "; ".join(
+            f"{c.metric} {_human(c.limit, c.metric)} is below what the unprunable part of the "
+            f"model costs ({_human(floor_values[c.metric], c.metric)} with every group at its "
+            "minimum width)" for c in bad))
+
+    def ok(widths) -> tuple[bool, dict | None]:
+        try:
+            values = ev.measure(keep_of(widths))
+        except PlanError:
+            return False, None
+        return ev.feasible(values), values
+
+    # 1. One global threshold, bisected over the distinct scores.
+    thresholds = np.unique(np.concatenate([sorted_scores[g.id] for g in groups])) \
+        if groups else np.zeros(0)
+    best = None
+    lo, hi = 0, len(thresholds) - 1  # low threshold = big model
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        w = widths_at(thresholds[mid])
+        if ok(w)[0]:
+            best, hi = w, mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        raise UserError("no plan meets the targets: even the smallest widths the scores allow "
+                        "break the model or exceed a target; relax the target or --round-to")
+    # 2. Grow groups by one allowed step, best next channels first, while it fits.
+    best = dict(best)
+    heap: list[tuple[float, int]] = []
+
+    def push(gid: int) -> None:
+        a = allowed[gid]
+        nxt = a[np.searchsorted(a, best[gid], side="right")] if best[gid] < a[-1] else None
+        if nxt is not None:
+            gain = float(np.mean(sorted_scores[gid][best[gid]:nxt]))
+            heapq.heappush(heap, (-gain, gid))
+
+    for g in groups:
+        push(g.id)
+    while heap:
+        _, gid = heapq.heappop(heap)
+        a = allowed[gid]
+        trial = dict(best)
+        trial[gid] = int(a[np.searchsorted(a, best[gid], side="right")])
+        if ok(trial)[0]:
+            best = trial
+            push(gid)
+    values = ev.measure(keep_of(best))
+    values["cost_evaluations"] = ev.calls
+    return Plan(keep_of(best), best, values)
+
+
+def floor_cost(graph: ChannelGraph, ev: Evaluator, allowed: Mapping[int, np.ndarray]
+               ) -> dict[str, float]:
+    """What the model costs with every prunable group at its smallest allowed width (counts,
+    not indices: a floor, so branch removals that the model forbids are retried at 1)."""
+    floor = {gid: int(a[0]) for gid, a in allowed.items()}
+    try:
+        return ev.measure(floor)
+    except PlanError:
+        return ev.measure({gid: int(a[a > 0][0]) for gid, a in allowed.items()})
+
+
+def scores_from_widths(graph: ChannelGraph, widths: Mapping[int, int],
+                       importance: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """Scores that make the target step scale `widths` by one multiplier: channel of rank r
+    in group g is kept once the multiplier reaches (r + 1) / w_g. `importance` orders the
+    channels within a group (default: by index)."""
+    out = {}
+    for g in graph.prunable_groups:
+        w = int(widths.get(g.id, g.size))
+        rank = np.arange(g.size)
+        if importance is not None and g.id in importance:
+            rank = np.empty(g.size, dtype=np.int64)
+            rank[np.argsort(-np.asarray(importance[g.id]), kind="stable")] = np.arange(g.size)
+        out[g.id] = -(rank + 1) / w if w > 0 else np.full(g.size, -np.inf)
+    return out
+
+
+__all__ = ["Constraint", "Plan", "parse_constraint", "land_on_target", "scores_from_widths",
+           "allowed_widths", "Evaluator", "METRICS"]
