@@ -1,0 +1,77 @@
+"""Crash-safe checkpoint files.
+
+`save_atomic` never leaves a half-written file at `path`: it writes a temporary file in the
+same folder (so that the final rename stays on one file system), flushes and fsyncs it, and
+then `os.replace`s it over the target, which POSIX and Windows both do atomically. A process
+killed at any moment therefore leaves either the previous checkpoint or the new one, never a
+truncated mix, and a resumed run can trust whatever it finds.
+
+`load` reads such a file back onto the CPU with `weights_only=True`: checkpoints written by
+`graphsearch.train` hold only tensors, numbers, strings and containers of them, and refusing
+anything else means a checkpoint file cannot run code when it is read.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_atomic", "load"]
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` with `torch.save` to `path` atomically; return the path.
+
+    The parent folder is created if needed. On any error the temporary file is removed and
+    the previous content of `path` (if any) is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); give it the mode an ordinary new file (or
+        # the file it replaces) would have.
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: a KeyboardInterrupt mid-write must not leave the temporary behind.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
+    """Read an object written by `save_atomic` (or `torch.save`) onto the CPU."""
+    return torch.load(Path(path), map_location="cpu", weights_only=weights_only)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is only durable once the directory entry is on disk; without this a
+    # power cut right after os.replace could bring back the old file. Not possible on every
+    # platform (e.g. Windows cannot open a directory), where it is simply skipped.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

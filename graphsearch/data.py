@@ -1,0 +1,839 @@
+"""Image-classification data for `graphsearch optimize`.
+
+`load_dataset(spec)` turns what the user names into a :class:`DataBundle`: a training split,
+a validation split held out from the training data by a fixed seed (stratified per class),
+the class names, the input shape, and a record of the preprocessing applied. Sources:
+
+- ``None``, ``"synthetic"``, ``"synthetic:N"`` or ``"synthetic:N:K"``: a built-in synthetic
+  set (default 5,000 images of 10 classes, 32x32 RGB) generated deterministically from the
+  seed. Each class combines an oriented grating, a colour and a blob position, with noise,
+  random phase, contrast and shifts on top, so a small CNN learns it within an epoch or two
+  but cannot read the label off one pixel. No files are needed, which makes it the data of
+  tests and smoke runs.
+- an ImageFolder layout (``root/<class>/<image>``), given as a folder, a ``.zip`` or a
+  ``.tar[.gz]``. Class folders may sit under one top-level folder (``train/airplane/1.png``,
+  as in the project's CIFAR-10 zip); when the top level holds split folders (``train/``,
+  ``test/``, ...) the ``train`` one is used.
+- CIFAR-10/100 python pickles (``data_batch_1..5`` + ``batches.meta``, or ``train`` +
+  ``meta``), as a folder or as the original ``cifar-10-python.tar.gz``.
+
+Every image is decoded once into one uint8 tensor of shape (N, C, H, W). For files and
+folders that tensor is cached under ``~/.cache/graphsearch/datasets`` (or ``$GRAPHSEARCH_CACHE``,
+or ``cache_dir``) keyed by the source's path, size and modification time, so later runs skip
+the decoding (for the 50,000-image CIFAR-10 zip: seconds instead of a fraction of a second).
+
+Batches come out normalised with the training split's per-channel mean and std. The training
+split is augmented the standard way for small images (random crop after zero padding of
+size/8 pixels, i.e. 4 for 32x32, and a horizontal flip); the validation split never is.
+Augmentation works on whole uint8 batches with one gather (see
+:meth:`ImageTensorDataset.get_batch`, the fast path `graphsearch.train` uses), or per item
+through ``dataset[i]`` for any ordinary DataLoader.
+
+Problems with the input raise :class:`graphsearch.load.UserError` with a message that says what
+is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import tarfile
+import time
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from . import checkpoint
+from .load import UserError
+
+__all__ = [
+    "DataBundle",
+    "ImageTensorDataset",
+    "RawImages",
+    "load_dataset",
+    "load_images",
+    "split_indices",
+    "synthetic_images",
+    "default_cache_dir",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm")
+SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation"}
+SYNTHETIC_DEFAULT_IMAGES = 5000
+SYNTHETIC_DEFAULT_CLASSES = 10
+# Bump when the cached content changes meaning (decoding, resizing, layout detection).
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Public containers
+
+
+@dataclass
+class RawImages:
+    """Decoded images of one source, before splitting and normalisation."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    class_names: list[str]
+    source: str  # what was read, for messages and the preprocessing record
+    format: str  # "synthetic", "imagefolder", "cifar"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataBundle:
+    """Train and validation splits plus what a report needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    preprocessing: dict  # JSON-serialisable: source, image size, mean, std, augmentation...
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    notes: list[str] = field(default_factory=list)
+
+
+class ImageTensorDataset(Dataset):
+    """Images held as one uint8 tensor, normalised (and optionally augmented) on the way out.
+
+    ``dataset[i]`` returns ``(float tensor (C, H, W), int label)`` and draws its augmentation
+    from torch's global RNG, so it works with any DataLoader. :meth:`get_batch` is the fast
+    path: it builds a whole batch with one gather, and with ``aug_seed`` its random crops and
+    flips are a function of (seed, index) only, so a batch is augmented the same however the
+    epoch is split into batches or shared out between processes.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
+                 std: Sequence[float], *, augment: bool = False, pad: int | None = None,
+                 flip: bool = True):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
+        if labels.shape != (images.shape[0],):
+            raise ValueError("labels must have shape (N,)")
+        self.images = images
+        self.labels = labels.long()
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.augment = augment
+        self.pad = default_pad(images.shape[-2:]) if pad is None else int(pad)
+        self.flip = flip
+        # x_normalised = uint8 * scale - shift, with scale = 1/(255 std), shift = mean/std
+        std_t = torch.tensor(self.std, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
+        self._shift = (torch.tensor(self.mean, dtype=torch.float32) / std_t).view(-1, 1, 1)
+        self._device_cache: tuple | None = None  # (device, images, scale, shift)
+        self._aug_cache: tuple | None = None  # (seed, dy, dx, flip)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        idx = torch.tensor([int(index)])
+        x, y = self.get_batch(idx)
+        return x[0], int(y[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    def augmentation_params(self, seed: int):
+        """Per-image (dy, dx, flip) for the whole dataset, drawn from `seed` alone."""
+        if self._aug_cache is not None and self._aug_cache[0] == seed:
+            return self._aug_cache[1:]
+        g = torch.Generator().manual_seed(int(seed))
+        n = len(self)
+        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+        fl = torch.randint(0, 2, (n,), generator=g).bool() & self.flip
+        self._aug_cache = (seed, dy, dx, fl)
+        return dy, dx, fl
+
+    def get_batch(self, indices, *, augment: bool | None = None, aug_seed: int | None = None,
+                  device: torch.device | str | None = None):
+        """Return ``(x, y)`` for `indices`: x float32 (B, C, H, W) normalised, y int64 (B,).
+
+        `augment` defaults to the dataset's own setting. With `aug_seed` the crop/flip of each
+        image depends only on (aug_seed, index); without it, they come from torch's global
+        RNG. `device` moves the batch there, keeping a copy of the uint8 images on it so
+        that later batches gather on the device (150 MB for CIFAR-10).
+        """
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        augment = self.augment if augment is None else augment
+        images, scale, shift = self._on(device)
+        dev_idx = indices.to(images.device)
+        x = images[dev_idx]
+        if augment and (self.pad > 0 or self.flip):
+            if aug_seed is None:
+                n = len(indices)
+                dy = torch.randint(0, 2 * self.pad + 1, (n,))
+                dx = torch.randint(0, 2 * self.pad + 1, (n,))
+                fl = torch.randint(0, 2, (n,)).bool() & self.flip
+            else:
+                dy, dx, fl = (t[indices] for t in self.augmentation_params(aug_seed))
+            x = _crop_flip(x, dy.to(x.device), dx.to(x.device), fl.to(x.device), self.pad)
+        x = x.float().mul_(scale).sub_(shift)
+        y = self.labels[indices].to(x.device)
+        return x, y
+
+    def _on(self, device):
+        if device is None or torch.device(device) == self.images.device:
+            return self.images, self._scale, self._shift
+        device = torch.device(device)
+        if self._device_cache is None or self._device_cache[0] != device:
+            self._device_cache = (device, self.images.to(device), self._scale.to(device),
+                                  self._shift.to(device))
+        return self._device_cache[1:]
+
+
+def default_pad(hw: Sequence[int]) -> int:
+    """Padding of the random crop: 4 pixels for 32x32 images, scaled as size/8 otherwise."""
+    return max(1, round(min(int(hw[0]), int(hw[1])) / 8))
+
+
+def _crop_flip(x: torch.Tensor, dy, dx, flip, pad: int) -> torch.Tensor:
+    """Random crop after zero padding plus horizontal flip, for a whole uint8 batch at once.
+
+    Padding with 0 (black) before normalisation matches torchvision's
+    ``RandomCrop(size, padding)``; the crop and the flip become one advanced-indexing gather.
+    """
+    b, c, h, w = x.shape
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = dy.view(b, 1) + ar_h.view(1, h)
+    cols = torch.where(flip.view(b, 1), (w - 1 - ar_w).view(1, w), ar_w.view(1, w)) + dx.view(b, 1)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return x[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1, seed: int = 0,
+                 image_size: int | Sequence[int] | None = None,
+                 cache_dir: str | os.PathLike | bool | None = None,
+                 augment: bool = True) -> DataBundle:
+    """Load `spec` (see the module docstring) and split it into train and validation sets.
+
+    `val_fraction` of every class (at least one image of each class with two or more) is held
+    out by `seed`; 0 gives an empty validation set. `image_size` (int or (H, W)) resizes all
+    images; without it, all images must share one size. `cache_dir=False` disables the
+    decode cache. `augment=False` turns off the training augmentation.
+    """
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    raw = load_images(spec, seed=seed, image_size=image_size, cache_dir=cache_dir)
+    train_idx, val_idx = split_indices(raw.labels, val_fraction, seed, len(raw.class_names))
+    train_images = raw.images[train_idx]
+    mean, std = channel_mean_std(train_images)
+    pad = default_pad(raw.images.shape[-2:])
+    train = ImageTensorDataset(train_images, raw.labels[train_idx], mean, std,
+                               augment=augment, pad=pad)
+    val = ImageTensorDataset(raw.images[val_idx], raw.labels[val_idx], mean, std, augment=False,
+                             pad=pad)
+    c, h, w = raw.images.shape[1:]
+    augmentation = (f"random crop {h}x{w} after {pad}-pixel zero padding + horizontal flip "
+                    "(training split only)" if augment else "none")
+    preprocessing = {
+        "source": raw.source,
+        "format": raw.format,
+        "image_size": [int(h), int(w)],
+        "channels": int(c),
+        "mean": [round(m, 6) for m in mean],
+        "std": [round(s, 6) for s in std],
+        "normalisation": "per-channel (x/255 - mean) / std, mean and std of the training split",
+        "augmentation": augmentation,
+        "val_fraction": float(val_fraction),
+        "split_seed": int(seed),
+        "num_train": int(len(train_idx)),
+        "num_val": int(len(val_idx)),
+    }
+    return DataBundle(train=train, val=val, num_classes=len(raw.class_names),
+                      class_names=list(raw.class_names), preprocessing=preprocessing,
+                      input_shape=(int(c), int(h), int(w)), notes=list(raw.notes))
+
+
+def load_images(spec: str | os.PathLike | None, *, seed: int = 0,
+                image_size: int | Sequence[int] | None = None,
+                cache_dir: str | os.PathLike | bool | None = None) -> RawImages:
+    """Decode `spec` into a :class:`RawImages` (cached for files and folders)."""
+    size = _parse_size(image_size)
+    if spec is None or (isinstance(spec, str) and spec.split(":", 1)[0] == "synthetic"):
+        n, k = _parse_synthetic(spec)
+        images, labels = synthetic_images(n, k, size or (32, 32), seed=seed)
+        return RawImages(images, labels, [f"class_{i}" for i in range(k)],
+                         f"synthetic:{n}:{k}", "synthetic")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"data '{spec}' does not exist; pass an ImageFolder (folder, .zip or "
+                        ".tar.gz with one subfolder per class), CIFAR python batches, or "
+                        "'synthetic' for built-in synthetic data")
+    folder = _resolve_cache_dir(cache_dir)
+    cache_file = _cache_file(folder, path, size) if folder is not None else None
+    if cache_file is not None and cache_file.exists():
+        raw = _read_cache(cache_file)
+        if raw is not None:
+            raw.notes.append(f"decoded images read from cache {cache_file}")
+            return raw
+    with _open_container(path) as container:
+        raw = _decode_container(container, size)
+    if cache_file is not None:
+        _write_cache(cache_file, raw)
+    return raw
+
+
+def split_indices(labels: torch.Tensor, val_fraction: float, seed: int,
+                  num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split: hold out `val_fraction` of each class, chosen by `seed`.
+
+    Returns sorted (train, val) index tensors; they are disjoint and cover all indices.
+    """
+    labels = torch.as_tensor(labels)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    g = torch.Generator().manual_seed(int(seed))
+    train_parts, val_parts = [], []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(len(idx) * val_fraction)
+        if val_fraction > 0 and len(idx) >= 2:
+            # Every class shows up on both sides, even for tiny data sets.
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    empty = torch.zeros(0, dtype=torch.long)
+    train = torch.cat(train_parts).sort().values if train_parts else empty
+    val = torch.cat(val_parts).sort().values if val_parts else empty
+    return train, val
+
+
+def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images on the [0, 1] scale.
+
+    Computed from a 256-bin histogram per channel: exact, and ~10x faster than summing a
+    float copy (0.25 s instead of 2 s for CIFAR-10's training split).
+    """
+    n, c = images.shape[:2]
+    if n == 0:
+        return [0.5] * c, [0.25] * c
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for ch in range(c):
+        hist = torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64)
+        total = hist.sum()
+        mean = (hist * values).sum() / total
+        var = (hist * (values - mean) ** 2).sum() / total
+        means.append(float(mean))
+        stds.append(max(float(var.sqrt()), 1e-3))  # a constant channel must not divide by 0
+    return means, stds
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def synthetic_images(n: int = SYNTHETIC_DEFAULT_IMAGES,
+                     num_classes: int = SYNTHETIC_DEFAULT_CLASSES,
+                     size: Sequence[int] = (32, 32), *,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` RGB uint8 images (n, 3, H, W) of `num_classes` classes, determined by `seed`.
+
+    A class is a fixed combination of three cues: the orientation and frequency of a grating,
+    a colour, and the position of a blob. Each image draws a random phase, contrast, blob
+    shift (up to size/8 pixels), brightness and pixel noise. The class definitions are the
+    same for every seed (the task does not change); the seed picks the samples. Labels are
+    balanced and in random order.
+    """
+    h, w = int(size[0]), int(size[1])
+    k = int(num_classes)
+    proto = torch.Generator().manual_seed(1_000_003 + k)  # fixed class definitions
+    # Orientations spread over 180 degrees but visited in a scrambled order, so neighbouring
+    # labels do not look alike; colours and blob positions are shuffled independently.
+    theta = math.pi * torch.randperm(k, generator=proto).float() / k
+    freq = 1.5 + 2.0 * torch.rand(k, generator=proto)  # cycles per image
+    hue = 2 * math.pi * torch.randperm(k, generator=proto).float() / k
+    colour = torch.stack([torch.cos(hue + o) for o in (0.0, 2.1, 4.2)], 1)  # (k, 3) in [-1, 1]
+    blob_pos = 0.2 + 0.6 * torch.rand(k, 2, generator=proto)  # (y, x) in [0.2, 0.8]
+    blob_col = torch.stack([torch.cos(hue * 2 + 1 + o) for o in (0.0, 2.1, 4.2)], 1)
+
+    g = torch.Generator().manual_seed(int(seed))
+    labels = torch.arange(n) % k
+    labels = labels[torch.randperm(n, generator=g)]
+    yy = torch.linspace(0, 1, h).view(1, h, 1)
+    xx = torch.linspace(0, 1, w).view(1, 1, w)
+    th, fr = theta[labels].view(n, 1, 1), freq[labels].view(n, 1, 1)
+    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+    grating = torch.cos(2 * math.pi * fr * (xx * torch.cos(th) + yy * torch.sin(th)) + phase)
+    contrast = 0.15 + 0.15 * torch.rand(n, 1, 1, 1, generator=g)
+    img = 0.5 + contrast * grating.unsqueeze(1) * (0.5 + 0.5 * colour[labels].view(n, 3, 1, 1))
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.25
+    centre = blob_pos[labels] + shift
+    r2 = (yy - centre[:, 0].view(n, 1, 1)) ** 2 + (xx - centre[:, 1].view(n, 1, 1)) ** 2
+    blob = torch.exp(-r2 / (2 * 0.08 ** 2)).unsqueeze(1)
+    img = img + 0.3 * blob * blob_col[labels].view(n, 3, 1, 1)
+    img = img + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)  # brightness
+    img = img + 0.12 * torch.randn(n, 3, h, w, generator=g)  # pixel noise
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return images, labels
+
+
+def _parse_synthetic(spec: str | None) -> tuple[int, int]:
+    if spec is None or spec == "synthetic":
+        return SYNTHETIC_DEFAULT_IMAGES, SYNTHETIC_DEFAULT_CLASSES
+    parts = spec.split(":")[1:]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 2 or len(values) != len(parts):
+        raise UserError(f"cannot read '{spec}': write 'synthetic', 'synthetic:N' (N images) or "
+                        "'synthetic:N:K' (N images of K classes)")
+    n = values[0]
+    k = values[1] if len(values) == 2 else SYNTHETIC_DEFAULT_CLASSES
+    if k < 2 or n < 2 * k:
+        raise UserError(f"'{spec}' needs at least 2 classes and 2 images per class "
+                        f"(got {n} images of {k} classes)")
+    return n, k
+
+
+def _parse_size(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"image_size must be a positive int or (height, width), got {image_size}")
+    return size
+
+
+# --------------------------------------------------------------------------------------------
+# Containers: a folder, a zip or a tar, seen as a list of relative file names
+
+
+class _Container:
+    """Files of a folder or an archive, named by POSIX paths relative to its root."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.names: list[str] = []
+
+    def read(self, names: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def where(self, name: str) -> str:
+        """How to point the user at one file of the container."""
+        return f"'{name}' in '{self.path}'"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Folder(_Container):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = Path(root).relative_to(path)
+            for f in sorted(files):
+                if not f.startswith("."):
+                    self.names.append((rel / f).as_posix())
+
+    def read(self, names):
+        for name in names:
+            try:
+                yield name, (self.path / name).read_bytes()
+            except OSError as exc:
+                raise UserError(f"cannot read '{self.path / name}': {exc}") from exc
+
+    def where(self, name):
+        return f"'{self.path / name}'"
+
+
+class _Zip(_Container):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            self.zip = zipfile.ZipFile(path)
+            infos = self.zip.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise UserError(f"'{path}' is not a readable zip file ({exc}); the file may be "
+                            "truncated or corrupt: download or create it again") from exc
+        self.names = [i.filename for i in infos if not i.is_dir()]
+
+    def read(self, names):
+        for name in names:
+            try:
+                yield name, self.zip.read(name)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise UserError(f"cannot read {self.where(name)} ({exc}); the zip file is "
+                                "corrupt: download or create it again") from exc
+
+    def close(self):
+        self.zip.close()
+
+
+class _Tar(_Container):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            self.tar = tarfile.open(path, "r:*")
+            self.members = {}
+            for m in self.tar.getmembers():
+                if m.isfile():
+                    name = m.name[2:] if m.name.startswith("./") else m.name
+                    self.members[name] = m
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"'{path}' is not a readable tar archive ({exc}); the file may be "
+                            "truncated or corrupt: download or create it again") from exc
+        self.names = list(self.members)
+
+    def read(self, names):
+        # In archive order: a .tar.gz can only be read forwards without re-decompressing.
+        order = sorted(names, key=lambda n: self.members[n].offset)
+        for name in order:
+            try:
+                yield name, self.tar.extractfile(self.members[name]).read()
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                raise UserError(f"cannot read {self.where(name)} ({exc}); the archive is "
+                                "corrupt: download or create it again") from exc
+
+    def close(self):
+        self.tar.close()
+
+
+def _open_container(path: Path) -> _Container:
+    if path.is_dir():
+        return _Folder(path)
+    if zipfile.is_zipfile(path):
+        return _Zip(path)
+    if path.suffix.lower() == ".zip":
+        raise UserError(f"'{path}' is not a readable zip file; it may be truncated or corrupt: "
+                        "download or create it again")
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error):
+        is_tar = False
+    if is_tar:
+        return _Tar(path)
+    if any(path.name.lower().endswith(s) for s in (".tar", ".tar.gz", ".tgz")):
+        raise UserError(f"'{path}' is not a readable tar archive; it may be truncated or "
+                        "corrupt: download or create it again")
+    raise UserError(f"cannot tell the format of '{path}': expected a folder, a .zip or a "
+                    ".tar.gz holding an ImageFolder (one subfolder per class) or CIFAR python "
+                    "batches (data_batch_1..5 and batches.meta)")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+_CIFAR10_BATCH = re.compile(r"(^|/)data_batch_(\d+)$")
+
+
+def _decode_container(container: _Container, size) -> RawImages:
+    names = container.names
+    batches = [n for n in names if _CIFAR10_BATCH.search(n)]
+    if batches:
+        return _decode_cifar(container, sorted(batches, key=_batch_number), "batches.meta",
+                             size)
+    by_base = {n.rsplit("/", 1)[-1]: n for n in names}
+    if "train" in by_base and "meta" in by_base and not _image_names(names):
+        return _decode_cifar(container, [by_base["train"]], "meta", size)
+    return _decode_imagefolder(container, size)
+
+
+def _batch_number(name: str) -> int:
+    return int(_CIFAR10_BATCH.search(name).group(2))
+
+
+def _image_names(names: Iterable[str]) -> list[str]:
+    out = []
+    for n in names:
+        parts = n.split("/")
+        if parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+            continue  # macOS resource forks and hidden files are not images of the set
+        if n.lower().endswith(IMAGE_EXTENSIONS):
+            out.append(n)
+    return out
+
+
+def _decode_imagefolder(container: _Container, size) -> RawImages:
+    files = _image_names(container.names)
+    where = f"'{container.path}'"
+    if not files:
+        raise UserError(f"no images found in {where} (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); an ImageFolder holds one subfolder per "
+                        "class with the images inside (root/cat/1.png, root/dog/2.png, ...)")
+    parts = [f.split("/") for f in files]
+    prefix: list[str] = []
+    notes = []
+    while True:
+        # One folder above the class folders (train/<class>/x.png): step into it.
+        if all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1:
+            prefix.append(parts[0][0])
+            parts = [p[1:] for p in parts]
+            continue
+        # Split folders at the top (train/, test/): use the training one.
+        tops = {p[0] for p in parts}
+        if (len(tops) > 1 and all(len(p) >= 3 for p in parts)
+                and {t.lower() for t in tops} <= SPLIT_FOLDER_NAMES
+                and any(t.lower() in ("train", "training") for t in tops)):
+            train_top = next(t for t in sorted(tops) if t.lower() in ("train", "training"))
+            notes.append(f"using the '{train_top}' folder of {where}; ignoring "
+                         f"{', '.join(sorted(tops - {train_top}))}")
+            prefix.append(train_top)
+            keep = [i for i, p in enumerate(parts) if p[0] == train_top]
+            files = [files[i] for i in keep]
+            parts = [parts[i][1:] for i in keep]
+            continue
+        break
+    loose = [f for f, p in zip(files, parts) if len(p) == 1]
+    pairs = [(p[0], f) for f, p in zip(files, parts) if len(p) >= 2]
+    root = "/".join(prefix) or "."
+    if not pairs:
+        raise UserError(f"the images in {where} (under '{root}') are not in class folders; an "
+                        "ImageFolder holds one subfolder per class (root/cat/1.png, "
+                        "root/dog/2.png, ...)")
+    if loose:
+        notes.append(f"ignored {len(loose)} image(s) outside class folders in {where}, "
+                     f"e.g. '{loose[0]}'")
+    class_names = sorted({c for c, _ in pairs})
+    if len(class_names) < 2:
+        raise UserError(f"only one class folder ('{class_names[0]}') found in {where} under "
+                        f"'{root}'; classification needs at least two classes, one subfolder "
+                        "per class")
+    pairs.sort(key=lambda cf: (cf[0], cf[1]))
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = torch.tensor([index[c] for c, _ in pairs], dtype=torch.long)
+    images = _decode_images(container, [f for _, f in pairs], size)
+    return RawImages(images, labels, class_names, str(container.path), "imagefolder", notes)
+
+
+def _decode_images(container: _Container, names: list[str], size) -> torch.Tensor:
+    """Decode `names` (in this order) into one uint8 (N, 3, H, W) tensor.
+
+    Serial on purpose: for CIFAR-sized images Pillow's per-image overhead dominates and
+    threads only add GIL contention (measured), and processes would copy every image twice.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    position = {n: i for i, n in enumerate(names)}
+    out: np.ndarray | None = None
+    first = None
+    for name, blob in container.read(names):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                if im.mode != "RGB":  # convert() copies even when nothing changes
+                    im = im.convert("RGB")
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(im)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as exc:
+            raise UserError(f"cannot decode image {container.where(name)} ({exc}); remove or "
+                            "replace that file") from exc
+        if out is None:
+            out = np.empty((len(names),) + arr.shape, dtype=np.uint8)
+            first = name
+        elif arr.shape != out.shape[1:]:
+            raise UserError(
+                f"images differ in size: {container.where(first)} is "
+                f"{out.shape[2]}x{out.shape[1]} but {container.where(name)} is "
+                f"{arr.shape[1]}x{arr.shape[0]}; pass image_size to resize them all")
+        out[position[name]] = arr
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batches: numpy arrays and builtins only, never arbitrary code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+        # Python 3 writes bytes as _codecs.encode(str, "latin1") under protocol <= 2.
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            with warnings.catch_warnings():  # numpy 2 warns about the numpy.core alias
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def _unpickle(container: _Container, name: str, blob: bytes) -> dict:
+    try:
+        obj = _SafeUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise UserError(f"cannot read CIFAR batch {container.where(name)} ({exc}); expected a "
+                        "python pickle as in cifar-10-python.tar.gz") from exc
+    if not isinstance(obj, dict):
+        raise UserError(f"CIFAR batch {container.where(name)} is not a dict")
+    # Keys are bytes in the original (python 2) files and str in re-pickled ones.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _decode_cifar(container: _Container, batch_names: list[str], meta_base: str,
+                  size) -> RawImages:
+    folder = batch_names[0].rsplit("/", 1)[0] if "/" in batch_names[0] else ""
+    meta_name = f"{folder}/{meta_base}" if folder else meta_base
+    wanted = batch_names + ([meta_name] if meta_name in container.names else [])
+    blobs = dict(container.read(wanted))
+    images, labels = [], []
+    for name in batch_names:
+        d = _unpickle(container, name, blobs[name])
+        data = d.get("data")
+        lab = d.get("labels", d.get("fine_labels"))
+        if data is None or lab is None:
+            raise UserError(f"CIFAR batch {container.where(name)} lacks 'data' or 'labels'")
+        data = np.asarray(data)
+        side = math.isqrt(data.shape[1] // 3) if data.ndim == 2 else 0
+        if data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1]:
+            raise UserError(f"CIFAR batch {container.where(name)}: 'data' must be uint8 of shape "
+                            f"(N, 3*S*S), got {data.dtype} {data.shape}")
+        if len(lab) != data.shape[0]:
+            raise UserError(f"CIFAR batch {container.where(name)}: {data.shape[0]} images but "
+                            f"{len(lab)} labels")
+        images.append(torch.from_numpy(data.reshape(-1, 3, side, side).copy()))
+        labels.append(torch.as_tensor(np.asarray(lab, dtype=np.int64)))
+    images_t = torch.cat(images)
+    labels_t = torch.cat(labels)
+    num_classes = int(labels_t.max()) + 1
+    notes = []
+    if meta_name in blobs:
+        meta = _unpickle(container, meta_name, blobs[meta_name])
+        names = meta.get("label_names", meta.get("fine_label_names"))
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in (names or [])]
+    else:
+        class_names = []
+        notes.append(f"no {meta_base} next to the CIFAR batches: classes are named by number")
+    if len(class_names) < num_classes:
+        class_names = [str(i) for i in range(num_classes)]
+    if labels_t.min() < 0 or len(set(labels_t.tolist())) < 2:
+        raise UserError(f"CIFAR batches in '{container.path}' need at least two classes with "
+                        "non-negative labels")
+    if size is not None and tuple(images_t.shape[-2:]) != tuple(size):
+        images_t = _resize(images_t, size)
+    return RawImages(images_t, labels_t, class_names, str(container.path), "cifar", notes)
+
+
+def _resize(images: torch.Tensor, size, chunk: int = 2048) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 images, chunked to bound memory."""
+    out = []
+    for i in range(0, images.shape[0], chunk):
+        x = F.interpolate(images[i:i + chunk].float(), size=tuple(size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode cache
+
+
+def default_cache_dir() -> Path:
+    """``$GRAPHSEARCH_CACHE`` or ``$XDG_CACHE_HOME/graphsearch`` (``~/.cache/graphsearch``),
+    plus ``/datasets``."""
+    env = os.environ.get("GRAPHSEARCH_CACHE")
+    if env:
+        return Path(env).expanduser() / "datasets"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "graphsearch" / "datasets"
+
+
+def _resolve_cache_dir(cache_dir) -> Path | None:
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        return default_cache_dir()
+    return Path(cache_dir).expanduser()
+
+
+def _fingerprint(path: Path) -> list:
+    """What must be unchanged for a cache entry to stay valid."""
+    st = path.stat()
+    if not path.is_dir():
+        return [st.st_size, st.st_mtime_ns]
+    # A folder's own mtime misses edits inside subfolders: hash every file's size and mtime
+    # (one stat per file, ~0.2 s for 50,000 files; far less than decoding them).
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            p = Path(root) / f
+            try:
+                s = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(path).as_posix()}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+    return [h.hexdigest()]
+
+
+def _cache_file(folder: Path, path: Path, size) -> Path:
+    resolved = str(path.resolve())
+    path_hash = hashlib.sha256(resolved.encode()).hexdigest()[:10]
+    key = json.dumps([CACHE_VERSION, resolved, _fingerprint(path), list(size) if size else None])
+    key_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)[:40] or "data"
+    return folder / f"{stem}-{path_hash}-{key_hash}.pt"
+
+
+def _read_cache(file: Path) -> RawImages | None:
+    try:
+        d = checkpoint.load(file)
+        raw = RawImages(d["images"], d["labels"], list(d["class_names"]), d["source"],
+                        d["format"], list(d["notes"]))
+        if raw.images.dtype != torch.uint8 or raw.images.shape[0] != raw.labels.shape[0]:
+            raise ValueError("inconsistent cache entry")
+        return raw
+    except Exception as exc:  # noqa: BLE001 - a bad cache entry is rebuilt, never fatal
+        warnings.warn(f"ignoring unreadable data cache {file}: {exc}", stacklevel=3)
+        return None
+
+
+def _write_cache(file: Path, raw: RawImages) -> None:
+    try:
+        checkpoint.save_atomic({"images": raw.images, "labels": raw.labels,
+                                "class_names": raw.class_names, "source": raw.source,
+                                "format": raw.format, "notes": raw.notes,
+                                "created": time.time()}, file)
+    except OSError as exc:
+        warnings.warn(f"could not write the data cache {file} ({exc}); decoding again next "
+                      "time. Set GRAPHSEARCH_CACHE to a writable folder.", stacklevel=3)
+        return
+    # Older entries of the same source (it changed since) are stale: drop them.
+    prefix = file.name.rsplit("-", 1)[0] + "-"
+    for old in file.parent.glob(prefix + "*.pt"):
+        if old != file:
+            try:
+                old.unlink()
+            except OSError:
+                pass

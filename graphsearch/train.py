@@ -1,0 +1,537 @@
+"""Training and evaluation loops for `graphsearch optimize`.
+
+`train(model, data, epochs=..., lr=...)` runs SGD with momentum and weight decay under a
+per-step cosine schedule (or an optimizer/scheduler the caller builds), and returns a
+:class:`TrainResult` with per-epoch history. Compression methods hook in through
+`extra_loss(model)` (a regulariser added to the task loss) and `on_step(model, step)` (called
+after every optimizer step, e.g. for a proximal step or a mask update).
+
+Reproducible: the epoch order comes from a generator seeded with (seed, epoch), the crops and
+flips of :class:`graphsearch.data.ImageTensorDataset` from (seed, epoch, image index), and the
+global torch RNG (dropout and the like) is seeded with `seed`. Two runs with the same seed
+reach identical weights on the CPU.
+
+Resumable: with `checkpoint=path`, model, optimizer, scheduler, RNG state and position are
+saved atomically at the end of every epoch (and every `checkpoint_every` steps), and a run
+that finds the file continues from it. Because every random choice above is a function of
+(seed, epoch, index) or restored state, a resumed run reaches bit-identical weights.
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) the process group is initialised (gloo on the
+CPU, nccl on GPUs) unless the caller already did it. The model is wrapped in
+DistributedDataParallel, each epoch's permutation is sharded with a DistributedSampler, and
+`batch_size` stays the *global* batch size (each rank takes batch_size / world_size). Metrics
+are summed over ranks; only rank 0 shows progress and writes checkpoints. BatchNorm keeps
+per-rank batch statistics (plain DDP behaviour): convert the model with
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` before calling `train` to share them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from . import checkpoint as ckpt
+from .load import UserError
+
+__all__ = ["TrainResult", "EvalResult", "train", "evaluate", "evaluate_metrics",
+           "distributed_context"]
+
+CHECKPOINT_FORMAT = "graphsearch-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class EvalResult:
+    """Top-1 accuracy in [0, 1] (nan for an empty set), mean loss, and the number of samples."""
+
+    accuracy: float
+    loss: float
+    count: int
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did. Metrics of the last epoch; `history` has one dict per epoch."""
+
+    epochs: int  # epochs finished (counting those done before a resume)
+    steps: int  # optimizer steps taken in total
+    train_loss: float  # mean task loss over the last epoch
+    train_accuracy: float  # on augmented training batches, in train mode
+    val_accuracy: float | None  # None when there is no validation set or it was not evaluated
+    val_loss: float | None
+    seconds: float  # wall time of this call
+    history: list[dict] = field(default_factory=list)
+    resumed_from: dict | None = None  # {"epoch": e, "step": s} if a checkpoint was resumed
+    stopped_at_max_steps: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+@dataclass
+class _Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def distributed_context() -> _Dist:
+    """World size, rank and local rank; initialises the process group under torchrun.
+
+    If torch.distributed is already initialised, its group is used. Otherwise, WORLD_SIZE > 1
+    in the environment (as set by torchrun) initialises it with the env:// method: nccl when
+    CUDA is available, gloo on the CPU.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_available():
+        return _Dist()
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return _Dist()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return _Dist(dist.get_world_size(), dist.get_rank(), local_rank)
+
+
+def _default_device(model: nn.Module, d: _Dist) -> torch.device:
+    """Where to train when the caller does not say: one GPU per rank under torchrun, else
+    the GPU the model already sits on, else the current GPU, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if d.active:
+        return torch.device("cuda", d.local_rank)
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.device.type == "cuda":
+        return p.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_sum(values: list[float], d: _Dist, device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (float64, so that sums of counts stay exact)."""
+    if not d.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def _batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int, d: _Dist,
+                       shuffle: bool = True) -> list[torch.Tensor]:
+    """This rank's batches (index tensors) of one epoch.
+
+    A DistributedSampler (with one replica when not distributed) permutes with a generator
+    seeded by seed + epoch and gives rank r the positions r, r + world, ... of the
+    permutation. Cutting that into chunks of batch_size / world makes the union of the
+    ranks' k-th batches exactly the k-th batch of a one-process run with the same seed.
+    """
+    sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=shuffle,
+                                 seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    per_rank = batch_size // d.world
+    batches = list(order.split(per_rank))
+    # A last batch of one sample breaks BatchNorm in train mode; the sampler pads every rank
+    # to the same length, so all ranks drop it together.
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def _aug_seed(seed: int, epoch: int) -> int:
+    # A stream separate from the permutation's (seed + epoch); plain integer arithmetic
+    # because Python's hash() of strings changes between processes.
+    return (seed * 1_000_003 + epoch * 7_919 + 97) % (2 ** 62)
+
+
+class _Loader:
+    """Yields (x, y) on `device` for a list of index batches, via the fast path if possible."""
+
+    def __init__(self, dataset: Dataset, device: torch.device, num_workers: int = 0):
+        self.dataset = dataset
+        self.device = device
+        self.fast = callable(getattr(dataset, "get_batch", None))
+        self.num_workers = num_workers
+
+    def __call__(self, batches: list[torch.Tensor], *, aug_seed: int | None = None,
+                 augment: bool | None = None):
+        if self.fast:
+            for idx in batches:
+                yield self.dataset.get_batch(idx, augment=augment, aug_seed=aug_seed,
+                                             device=self.device)
+            return
+        # Any other map-style dataset: a DataLoader over exactly these batches.
+        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
+                            num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for item in loader:
+            x, y = item[0], item[1]
+            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+
+def _logits(out):
+    # Models with auxiliary heads return tuples; the first element is the main output.
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def _default_loss(out, y):
+    return nn.functional.cross_entropy(_logits(out), y)
+
+
+def _correct(out, y) -> int:
+    logits = _logits(out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or y.dim() != 1:
+        return 0
+    return int((logits.argmax(1) == y).sum())
+
+
+def _show_progress(progress: bool, d: _Dist) -> bool:
+    if not progress or d.rank != 0:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int = 256, *,
+                     loss_fn: Callable | None = None, device: torch.device | str | None = None,
+                     distributed: bool | None = None, num_workers: int = 0) -> EvalResult:
+    """Accuracy and mean loss of `model` on `dataset`, in eval mode, without augmentation.
+
+    Under torch.distributed (unless `distributed=False`) each rank evaluates every
+    world_size-th sample and the sums are all-reduced, so *all ranks must call this*; the
+    result is the same on every rank and counts each sample exactly once.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if dataset is None or len(dataset) == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    d = _Dist()
+    if distributed is not False and dist.is_available() and dist.is_initialized():
+        d = _Dist(dist.get_world_size(), dist.get_rank())
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    loss_fn = loss_fn or _default_loss
+    order = torch.arange(d.rank, len(dataset), d.world)  # no padding: no sample twice
+    batches = list(order.split(batch_size))
+    was_training = model.training
+    model.eval()
+    correct = loss_sum = count = 0.0
+    try:
+        for x, y in _Loader(dataset, device, num_workers)(batches, augment=False):
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            correct += _correct(out, y)
+            count += len(y)
+    finally:
+        model.train(was_training)
+    correct, loss_sum, count = _all_sum([correct, loss_sum, count], d, device)
+    if count == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    return EvalResult(correct / count, loss_sum / count, int(count))
+
+
+def evaluate(model: nn.Module, dataset: Dataset | None, batch_size: int = 256,
+             **kwargs) -> float:
+    """Top-1 accuracy in [0, 1] of `model` on `dataset` (see :func:`evaluate_metrics`)."""
+    return evaluate_metrics(model, dataset, batch_size, **kwargs).accuracy
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 128,
+          weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
+          progress: bool = True, checkpoint: str | os.PathLike | None = None,
+          desc: str = "train", loss_fn: Callable | None = None,
+          extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+          on_step: Callable[[nn.Module, int], None] | None = None,
+          max_steps: int | None = None,
+          optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+          scheduler: Callable[[torch.optim.Optimizer, int], object] | None = None,
+          checkpoint_every: int | None = None, device: torch.device | str | None = None,
+          evaluate_every_epoch: bool = True, num_workers: int = 0) -> TrainResult:
+    """Train `model` in place on `data.train`, evaluating on `data.val` after every epoch.
+
+    data: a :class:`graphsearch.data.DataBundle`, or anything with `.train` (a map-style
+        dataset of (x, y)) and `.val` (a dataset or None).
+    epochs, lr, batch_size, weight_decay, momentum: SGD settings; `batch_size` is global
+        (split over ranks under torchrun). The learning rate follows a cosine from `lr` to 0
+        over all steps (epochs x steps per epoch, or `max_steps` if fewer).
+    optimizer: optional factory `optimizer(model) -> Optimizer` replacing SGD (lr,
+        momentum and weight_decay are then ignored); scheduler: optional factory
+        `scheduler(optimizer, total_steps)` replacing the cosine, stepped once per step.
+    loss_fn: `loss_fn(output, target) -> scalar`, default cross-entropy.
+    extra_loss: `extra_loss(model) -> scalar tensor`, added to the task loss each step.
+    on_step: `on_step(model, step)`, called after each optimizer step (step counts from 1).
+    max_steps: stop after this many optimizer steps in total.
+    checkpoint: path of a checkpoint file, written at the end of every epoch (and every
+        `checkpoint_every` steps) and resumed from if it exists.
+    progress: tqdm bar on rank 0 when stderr is a terminal.
+
+    Raises UserError if the loss becomes NaN or infinite.
+    """
+    if epochs < 0 or int(epochs) != epochs:
+        raise UserError(f"epochs must be a non-negative integer, got {epochs}")
+    if optimizer is None and not lr > 0:
+        raise UserError(f"the learning rate must be positive, got {lr}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if max_steps is not None and max_steps < 0:
+        raise UserError(f"max_steps must be non-negative, got {max_steps}")
+    train_set, val_set = data.train, getattr(data, "val", None)
+    if train_set is None or len(train_set) == 0:
+        raise UserError("the training set is empty")
+
+    started = time.time()
+    d = distributed_context()
+    if batch_size % d.world:
+        raise UserError(f"batch_size {batch_size} is not divisible by the {d.world} processes; "
+                        "the batch size is global, choose a multiple of the process count")
+    device = torch.device(device) if device is not None else _default_device(model, d)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # DDP needs an index
+    model.to(device)
+    loss_fn = loss_fn or _default_loss
+
+    # Seed the global RNG for dropout and other in-model randomness (restored on resume).
+    torch.manual_seed(seed)
+
+    steps_per_epoch = len(_batches_for_epoch(len(train_set), batch_size, seed, 0, d))
+    total_steps = epochs * steps_per_epoch
+    if max_steps is not None:
+        total_steps = min(total_steps, int(max_steps))
+
+    if optimizer is not None:
+        opt = optimizer(model)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if scheduler is not None:
+        sched = scheduler(opt, max(total_steps, 1))
+    else:
+        horizon = max(total_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, horizon) / horizon)))
+
+    config = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
+              "weight_decay": float(weight_decay), "momentum": float(momentum),
+              "seed": int(seed), "max_steps": max_steps, "train_size": len(train_set),
+              "steps_per_epoch": steps_per_epoch}
+
+    # ---- resume
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    sums = [0.0, 0.0, 0.0, 0.0]  # task loss, extra loss, correct, count of the current epoch
+    history: list[dict] = []
+    resumed_from = None
+    done = False
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        state = _read_checkpoint(path, config)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"checkpoint '{path}' does not fit this model or optimizer "
+                            f"({first}); delete it to start afresh") from exc
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        global_step, history = state["global_step"], state["history"]
+        # The saved sums are already totals over ranks: one rank carries them on.
+        sums = list(state["sums"]) if d.rank == 0 else [0.0, 0.0, 0.0, 0.0]
+        done = state["done"]
+        resumed_from = {"epoch": epoch, "step": global_step}
+
+    def save(is_done: bool) -> None:
+        if path is None:
+            return
+        total_sums = _all_sum(sums, d, device)  # collective: every rank must get here
+        if d.rank == 0:
+            rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            ckpt.save_atomic({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": rng, "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "global_step": global_step, "sums": total_sums,
+                "history": history, "done": is_done}, path)
+        if d.active:
+            dist.barrier()  # nobody runs ahead of (or resumes from) a file still being written
+
+    net: nn.Module = model
+    if d.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader = _Loader(train_set, device, num_workers)
+    show = _show_progress(progress, d)
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=min(global_step, total_steps), desc=desc,
+                   unit="step", dynamic_ncols=True, leave=True)
+
+    was_training = model.training
+    stopped = False
+    last_eval = (None, None)
+    try:
+        while not done and epoch < epochs and global_step < total_steps:
+            epoch_start = time.time()
+            batches = _batches_for_epoch(len(train_set), batch_size, seed, epoch, d)
+            if bar is not None:
+                bar.set_description(f"{desc} {epoch + 1}/{epochs}")
+            model.train()
+            batch_iter = loader(batches[step_in_epoch:], aug_seed=_aug_seed(seed, epoch))
+            for x, y in batch_iter:
+                out = net(x)
+                loss = loss_fn(out, y)
+                extra = extra_loss(model) if extra_loss is not None else None
+                total = loss + extra if extra is not None else loss
+                _check_finite(total, d, device, desc, epoch, step_in_epoch, steps_per_epoch,
+                              lr, loss, extra)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                sched.step()
+                global_step += 1
+                step_in_epoch += 1
+                if on_step is not None:
+                    on_step(model, global_step)
+                sums[0] += float(loss.detach()) * len(y)
+                sums[1] += float(extra.detach()) * len(y) if extra is not None else 0.0
+                sums[2] += _correct(out, y)
+                sums[3] += len(y)
+                if bar is not None:
+                    bar.update(1)
+                    if global_step % 10 == 0 or step_in_epoch == len(batches):
+                        bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}",
+                                        acc=f"{sums[2] / max(sums[3], 1):.3f}",
+                                        lr=f"{opt.param_groups[0]['lr']:.3g}")
+                if global_step >= total_steps:
+                    stopped = step_in_epoch < len(batches)
+                    break
+                if checkpoint_every and global_step % checkpoint_every == 0 \
+                        and step_in_epoch < len(batches):
+                    save(False)
+            # ---- end of epoch (or of max_steps)
+            loss_sum, extra_sum, correct, count = _all_sum(sums, d, device)
+            entry = {"epoch": epoch + 1, "steps": global_step,
+                     "train_loss": loss_sum / max(count, 1),
+                     "train_accuracy": correct / max(count, 1),
+                     "lr": opt.param_groups[0]["lr"],
+                     "seconds": round(time.time() - epoch_start, 3)}
+            if extra_loss is not None:
+                entry["extra_loss"] = extra_sum / max(count, 1)
+            if stopped:
+                entry["partial_epoch"] = True
+            last_is = stopped or epoch + 1 == epochs or global_step >= total_steps
+            if val_set is not None and len(val_set) and (evaluate_every_epoch or last_is):
+                ev = evaluate_metrics(model, val_set, max(256, batch_size), loss_fn=loss_fn,
+                                      device=device, num_workers=num_workers)
+                entry["val_accuracy"], entry["val_loss"] = ev.accuracy, ev.loss
+                last_eval = (ev.accuracy, ev.loss)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{entry['train_loss']:.3f}",
+                                    acc=f"{entry['train_accuracy']:.3f}",
+                                    val=f"{ev.accuracy:.3f}")
+            history.append(entry)
+            epoch += 1
+            step_in_epoch = 0
+            sums = [0.0, 0.0, 0.0, 0.0]
+            done = epoch >= epochs or global_step >= total_steps
+            save(done)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+
+    last = history[-1] if history else {}
+    val_acc, val_loss = last.get("val_accuracy", last_eval[0]), last.get("val_loss", last_eval[1])
+    return TrainResult(
+        epochs=epoch, steps=global_step, train_loss=last.get("train_loss", float("nan")),
+        train_accuracy=last.get("train_accuracy", float("nan")), val_accuracy=val_acc,
+        val_loss=val_loss, seconds=time.time() - started, history=history,
+        resumed_from=resumed_from,
+        stopped_at_max_steps=bool(max_steps is not None and global_step >= max_steps
+                                  and global_step < epochs * steps_per_epoch))
+
+
+def _check_finite(total, d: _Dist, device, desc, epoch, step, steps_per_epoch, lr, loss,
+                  extra) -> None:
+    """Raise UserError if the loss is NaN/inf on any rank (all ranks raise together)."""
+    ok = bool(torch.isfinite(total.detach()).all())
+    if d.active:
+        # Agree before backward(): a rank that raised alone would leave the others waiting
+        # in DDP's gradient all-reduce forever.
+        ok = _all_sum([0.0 if ok else 1.0], d, device)[0] == 0.0
+    if ok:
+        return
+    what = "the loss"
+    if extra is not None and bool(torch.isfinite(loss.detach()).all()):
+        what = "the extra (regulariser) loss"
+    raise UserError(f"{desc}: {what} became {float(total.detach()):.4g} at epoch {epoch + 1}, "
+                    f"step {step + 1}/{steps_per_epoch}; training diverged. Lower the learning "
+                    f"rate (lr={lr:g}), e.g. by 10x, or check the data and the loss")
+
+
+def _read_checkpoint(path: Path, config: dict) -> dict:
+    try:
+        state = ckpt.load(path)
+    except Exception:  # noqa: BLE001
+        try:
+            # A custom optimizer/scheduler may keep state that weights_only refuses; the file
+            # is this run's own checkpoint, named by the caller.
+            state = ckpt.load(path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot read checkpoint '{path}' ({exc}); delete it to start "
+                            "afresh") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is not a graphsearch training checkpoint; delete it or "
+                        "choose another checkpoint path")
+    saved = state.get("config", {})
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in config.items() if saved.get(k) != v]
+    if diff:
+        raise UserError(f"checkpoint '{path}' was written with other settings "
+                        f"({', '.join(diff)}); delete it or choose another checkpoint path to "
+                        "start afresh")
+    return state
