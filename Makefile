@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv and install graphsearch into it (torch pinned to the 2.13.0 CPU wheel).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT := demo-out
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# A bundled CIFAR ResNet-20 on the built-in synthetic data, pruned to 1/3 of its FLOPs.
+demo: install
+	rm -rf $(DEMO_OUT)
+	$(BIN)/graphsearch optimize examples/cifar_resnet20.py --method magnitude --flops 0.33 \
+		--baseline-epochs 3 --finetune-epochs 2 --out $(DEMO_OUT)
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)
