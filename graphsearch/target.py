@@ -137,7 +137,7 @@ def allowed_widths(size: int, min_width: int, round_to: int) -> np.ndarray:
 
 def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                    constraints: list[Constraint], round_to: int = 1,
-                   latency_model: Callable | None = None) -> Plan:
+                   latency_model: Callable | None = None, max_evaluations: int = 20000) -> Plan:
     """Keep the best-scoring channels until every constraint holds, widths rounded."""
     ev = Evaluator(graph, constraints, latency_model)
     groups = [g for g in graph.prunable_groups if g.id in scores]
@@ -209,6 +209,40 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
         if ok(trial)[0]:
             best = trial
             push(gid)
+    # 3. Coarse steps (--round-to) can stop the growth short of the target: trade one step
+    #    of a group for a step of another while that brings the binding figure closer.
+    def closeness(values) -> float:
+        return max(values[c.metric] / c.limit for c in constraints)
+
+    current = closeness(ev.measure(keep_of(best)))
+    for _ in range(50):
+        if current >= 0.99:
+            break
+        move, move_value = None, current
+        for up in groups:
+            a_up = allowed[up.id]
+            if best[up.id] >= a_up[-1]:
+                continue
+            for down in groups:
+                a_down = allowed[down.id]
+                if down.id == up.id or best[down.id] <= a_down[0]:
+                    continue
+                for j in range(np.searchsorted(a_up, best[up.id], side="right"), len(a_up)):
+                    if ev.calls > max_evaluations:
+                        break
+                    trial = dict(best)
+                    trial[up.id] = int(a_up[j])
+                    # the fewest steps down that make room for the steps up
+                    for k in range(np.searchsorted(a_down, best[down.id]) - 1, -1, -1):
+                        trial[down.id] = int(a_down[k])
+                        fits, values = ok(trial)
+                        if fits:
+                            if closeness(values) > move_value:
+                                move, move_value = dict(trial), closeness(values)
+                            break
+        if move is None:
+            break
+        best, current = move, move_value
     values = ev.measure(keep_of(best))
     values["cost_evaluations"] = ev.calls
     return Plan(keep_of(best), best, values)
