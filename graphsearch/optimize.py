@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,16 +138,26 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     if not constraints and not config.latency:
         constraints.append(parse_constraint("flops", "0.3333", base.flops))
         log("no target given: using --flops 0.3333 (a third of the baseline's FLOPs)")
+    # An unreachable target is refused now, before any training or any file is written.
+    land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to)
+    fresh = not state.exists()
     state.mkdir(parents=True, exist_ok=True)
-    _write_json(state / "config.json", config.identity())
     run = Run(config, out, state, loaded.model, x, data, graph, constraints, None, None, log,
               notes=list(loaded.notes) + list(data.notes), weights=loaded.weights)
-    if config.latency:
-        fit_latency(run)
-        constraints.append(parse_constraint("latency", config.latency, run.baseline_latency))
-    # An unreachable target is refused now, before any training.
-    land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to,
-                   run.latency_model)
+    try:
+        if config.latency:
+            fit_latency(run)
+            constraints.append(parse_constraint("latency", config.latency,
+                                                run.baseline_latency))
+            land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to,
+                           run.latency_model)
+    except UserError:
+        if fresh:
+            shutil.rmtree(state, ignore_errors=True)
+            if out.exists() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    _write_json(state / "config.json", config.identity())
     log(f"model {loaded.source}: {base.flops / 1e6:.2f} MFLOPs, {base.params:,} params, "
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))

@@ -82,6 +82,9 @@ def parse_constraint(metric: str, text: str, baseline: float) -> Constraint:
             raise UserError(f"--{metric} {raw!r}: give a fraction of the baseline like 0.33 or "
                             "an absolute count like 46M")
         value = float(m.group(1))
+        if m.group(2) == "" and 1 < value < 1000:
+            raise UserError(f"--{metric} {raw}: as a fraction that is more than the baseline; "
+                            "give a fraction up to 1 (0.33) or a count with a unit (46M)")
         limit = value * baseline if (m.group(2) == "" and value <= 1) else \
             value * _SUFFIX[m.group(2)]
     if not math.isfinite(limit) or limit <= 0:
