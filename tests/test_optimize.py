@@ -158,7 +158,7 @@ def test_broken_model_py(kind, tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--flops", "1.5"], "more than the baseline"),
     (["--flops", "abc"], "fraction"),
-    (["--flops", "100"], "unreachable target"),
+    (["--flops", "1k"], "unreachable target"),
     (["--method", "nonsense"], "unknown method"),
     (["--data", "/nonexistent/data.zip"], "does not exist"),
     (["--round-to", "0"], "round-to"),
