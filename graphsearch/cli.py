@@ -107,6 +107,7 @@ def _optimize(args) -> int:
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size, threads=args.threads,
+        max_train=args.max_train,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--finetune-lr", type=float, default=0.02,
                      help="learning rate of the search and fine-tuning")
     opt.add_argument("--batch-size", type=int, default=128)
+    opt.add_argument("--max-train", type=int, help="use only the first N training images")
     opt.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")

@@ -43,6 +43,7 @@ class OptimizeConfig:
     finetune_lr: float = 0.02
     batch_size: int = 128
     val_fraction: float = 0.1
+    max_train: int | None = None  # use the first N training images (quick runs)
     threads: int = 1  # onnxruntime threads for latency
     settings: dict = field(default_factory=dict)  # method hyper-parameters (--set k=v)
     progress: bool = True
@@ -114,6 +115,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.weights)
     data = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    if config.max_train:
+        data = _limit_training(data, config.max_train, config.seed)
     x = loaded.example_inputs
     if tuple(x[0].shape[1:]) != tuple(data.input_shape):
         raise UserError(f"the model's example input is {tuple(x[0].shape[1:])} but the data's "
@@ -162,6 +165,23 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))
     return run
+
+
+def _limit_training(data, n: int, seed: int = 0):
+    """Keep `n` training images drawn by `seed` (the files may be sorted by class)."""
+    from .data import ImageTensorDataset
+
+    if n < 1:
+        raise UserError(f"--max-train {n}: give a positive number of images")
+    t = data.train
+    if n < len(t):
+        pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(seed))[:n]
+        pick = pick.sort().values
+        data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
+                                        augment=t.augment, pad=t.pad, flip=t.flip)
+        data.preprocessing = {**data.preprocessing, "num_train": n,
+                              "max_train": n}
+    return data
 
 
 def _write_json(path: Path, obj) -> None:

@@ -39,7 +39,8 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
                                "members": g.members[:3]} for g in graph.groups},
         "keep": {str(k): v for k, v in plan.keep.items()},
         "search_seconds": proposal.info.get("seconds"),
-        "epochs": {"baseline": baseline.get("epochs", 0), "search": cfg.search_epochs,
+        "epochs": {"baseline": baseline.get("epochs", 0),
+                   "search": proposal.info.get("epochs", 0),
                    "finetune": final["epochs"]},
         "latency": {"before": lat_b, "after": lat_a},
         "preprocessing": run.data.preprocessing,
@@ -74,7 +75,7 @@ def _atomic_text(path: Path, text: str) -> None:
 def markdown(r: dict) -> str:
     b, s = r["baseline"], r["result"]
     lines = [
-        f"# graphsearch: {r['method']} on {r['model']}",
+        f"# graphsearch: {r['method']} on {Path(r['model']).name}",
         "",
         "Targets: " + "; ".join(f"{t['metric']} <= {_fmt(t['limit'], t['metric'])} "
                                 f"(asked {t['requested']})" for t in r["targets"])
@@ -150,7 +151,7 @@ def _plot(path: Path, r: dict) -> None:
             ax.axvline(t["limit"] / 1e6, ls="--", c="#555555", lw=1, label="FLOPs target")
     ax.set_xlabel("MFLOPs")
     ax.set_ylabel("top-1 on the validation split (%)")
-    ax.set_title(f"{r['method']} on {r['model']}")
+    ax.set_title(f"{r['method']} on {Path(r['model']).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
