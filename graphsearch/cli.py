@@ -195,12 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .methods import METHODS
 
-    method_help = "; ".join(f"{n}: {m.summary} [{m.cost}]" for n, m in METHODS.items())
+    import textwrap
+
+    method_help = "\n".join(
+        textwrap.fill(f"{n}: {m.summary}. Costs: {m.cost}. Settings: "
+                      + (", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "none") + ".",
+                      width=78, initial_indent="  ", subsequent_indent="      ")
+        for n, m in METHODS.items())
     opt = sub.add_parser(
         "optimize", help="search a slimmer architecture under a budget, fine-tune, export",
         description="Find the slimmest architecture within the targets, fine-tune it, and "
                     "write model.onnx, model.pt2, report.json, report.md and tradeoff.png.",
-        epilog="methods: " + method_help)
+        epilog="methods (set with --method; their settings with --set KEY=VALUE):\n"
+               + method_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     opt.add_argument("model", nargs="?", default=DEFAULT_OPTIMIZE_MODEL,
                      help=f"model.py or zoo:NAME (default: {DEFAULT_OPTIMIZE_MODEL})")
     opt.add_argument("--method", default="uniform",

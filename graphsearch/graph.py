@@ -85,6 +85,27 @@ class TiedSlice:
     is_buffer: bool = False
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A channel layout of a cost term: its kept count is
+    `const + sum(mult * kept[groups[i], index[i]])` (const: channels no group owns)."""
+
+    const: float
+    groups: np.ndarray
+    index: np.ndarray
+    mult: np.ndarray
+
+
+@dataclass(frozen=True)
+class MacTerm:
+    """One conv/linear/matmul op: MACs = coeff * product of its layouts' kept counts (two
+    layouts, in and out; one for a depthwise conv, whose in and out channels coincide)."""
+
+    coeff: float
+    layouts: tuple[Layout, ...]
+    nodes: tuple[str, ...]
+
+
 _NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
 
@@ -481,6 +502,27 @@ class ChannelGraph:
             kept[dropped] = 0.0
         gi, li, mult = self._exact
         return self._c0 + np.bincount(li, weights=mult * kept[gi], minlength=len(self._c0))
+
+    def mac_terms(self) -> list[MacTerm]:
+        """The MAC terms of the cost model, channel by channel (MorphNet's regulariser)."""
+        gi, li, mult = self._exact
+        one = len(self._c0)
+        offsets = np.asarray(self._group_offset, dtype=np.int64)
+        position_group = np.asarray(self._position_group, dtype=np.int64)
+        out = []
+        for k in np.flatnonzero(self._term_kind):
+            layouts = []
+            for lay in (int(self._term_a[k]), int(self._term_b[k])):
+                if lay == one:
+                    continue
+                sel = li == lay
+                pos = gi[sel]
+                grp = position_group[pos]
+                layouts.append(Layout(float(self._c0[lay]), grp, pos - offsets[grp],
+                                      np.asarray(mult[sel], dtype=float)))
+            out.append(MacTerm(float(self._term_coeff[k]), tuple(layouts),
+                               tuple(self._term_nodes[k])))
+        return out
 
     # ------------------------------------------------------------------ parameters by channel
     def tied_parameters(self) -> dict[int, list["TiedSlice"]]:

@@ -138,6 +138,39 @@ def allowed_widths(size: int, min_width: int, round_to: int) -> np.ndarray:
     return np.array(sorted(w for w in ws if w >= min_width), dtype=np.int64)
 
 
+def legal_zeros(graph: ChannelGraph, widths: Mapping[int, int],
+                allowed: Mapping[int, np.ndarray] | None = None,
+                priority: Mapping[int, float] | None = None,
+                keep_of: Callable[[Mapping[int, int]], Mapping] | None = None) -> dict[int, int]:
+    """`widths` with its zero-width groups kept at zero only where the graph can remove them
+    together (two removable branches of one concat cannot both go; a split must keep a
+    channel in each part it uses). Zero groups are taken back greedily, lowest `priority`
+    first; the others get their smallest nonzero width. `keep_of` turns widths into the kept
+    indices the plan will use (default: the first channels)."""
+    out = dict(widths)
+    zeros = [gid for gid, w in out.items() if w == 0]
+    if not zeros:
+        return out
+
+    def legal(w) -> bool:
+        try:
+            graph.removal(keep_of(w) if keep_of is not None else w)
+            return True
+        except PlanError:
+            return False
+
+    if legal(out):
+        return out
+    for gid in zeros:
+        a = allowed[gid] if allowed is not None else np.arange(1, graph.groups[gid].size + 1)
+        out[gid] = int(a[a > 0][0])
+    for gid in sorted(zeros, key=lambda gid: (priority or {}).get(gid, 0.0)):
+        trial = {**out, gid: 0}
+        if legal(trial):
+            out = trial
+    return out
+
+
 def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                    constraints: list[Constraint], round_to: int = 1,
                    latency_model: Callable | None = None, max_evaluations: int = 20000) -> Plan:
@@ -149,13 +182,15 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     sorted_scores = {g.id: np.asarray(scores[g.id], dtype=float)[order[g.id]] for g in groups}
     allowed = {g.id: allowed_widths(g.size, g.min_width, round_to) for g in groups}
 
+    best_score = {g.id: float(sorted_scores[g.id][0]) if g.size else 0.0 for g in groups}
+
     def widths_at(t: float) -> dict[int, int]:
         out = {}
         for g in groups:
             n = int(np.count_nonzero(sorted_scores[g.id] >= t))
             a = allowed[g.id]
             out[g.id] = int(a[np.searchsorted(a, n)]) if n <= a[-1] else int(a[-1])
-        return out
+        return legal_zeros(graph, out, allowed, best_score, keep_of)
 
     def keep_of(widths: Mapping[int, int]) -> dict[int, list[int]]:
         return {gid: sorted(order[gid][:w].tolist()) for gid, w in widths.items()

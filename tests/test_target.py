@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import graphsearch as gs
 from graphsearch import zoo
@@ -84,3 +85,36 @@ def test_scores_order_channels_within_groups():
     plan = land_on_target(g, scores, [c], 1)
     kept = plan.keep.get(grp.id, list(range(grp.size)))
     assert kept == list(range(grp.size - len(kept), grp.size))
+
+
+class TwoBranchConcat(torch.nn.Module):
+    """A concat of two conv branches: each may go, not both (the consumer needs an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Conv2d(16, 8, 1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+def test_scores_that_zero_every_removable_branch_still_land():
+    # Regression: group lasso zeroed both concat branches of a ShuffleNet unit; every
+    # threshold above 0 then asked to remove both (illegal), so the bisection found nothing
+    # and the run stopped with "no plan meets the targets". One branch now stays.
+    g = gs.analyze(TwoBranchConcat(), (torch.zeros(1, 3, 8, 8),))
+    branches = [grp for grp in g.prunable_groups if grp.min_width == 0]
+    assert len(branches) == 2
+    scores = {grp.id: np.zeros(grp.size) if grp.min_width == 0 else np.linspace(1, 2, grp.size)
+              for grp in g.prunable_groups}
+    scores[branches[0].id][0] = 1e-3  # branch a is the one to keep
+    c = parse_constraint("flops", "0.5", g.baseline.flops)
+    plan = land_on_target(g, scores, [c])
+    assert 0.99 * c.limit <= plan.achieved["flops"] <= c.limit
+    assert plan.widths[branches[0].id] > 0

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from .base import Method, Proposal, SearchContext
+from .gensynth import GenerativeSynthesis
+from .group_lasso import GroupLasso
 from .magnitude import Magnitude
+from .morphnet import MorphNet
 from .uniform import Uniform
+from .vardrop import VariationalDropout
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Uniform, Magnitude)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Uniform, Magnitude, GroupLasso, VariationalDropout, MorphNet,
+                        GenerativeSynthesis)
+}
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,512 @@
+"""`gensynth`: generative synthesis, the generator-inquisitor loop (METHODS.md section 4).
+
+No public code exists; this is the project's design, faithful to the papers' loop:
+
+- Generator: a survival probability `p[g][c]` per channel of every prunable group and an
+  environmental factor `F`. It synthesises a child by sampling `m_c ~ Bernoulli(min(1, F p_c))`
+  for every channel the parent still has (children descend from their parent, as offspring
+  from their ancestor's genome in evolutionary synthesis: a channel the parent lost stays
+  lost). The kept count is rounded to an allowed width (multiple of `round_to`, the full
+  size, at least the group's minimum, 0 only for a removable group) by *stochastic* rounding,
+  so the expected width is unchanged; rounding up adds the most probable unsampled channels,
+  rounding down drops the least probable sampled ones. `init`: "magnitude" (default) starts
+  from `p = exp(s - 1)`, `s` = the channel's L2 norm over its group's maximum (Darwin's
+  survival law applied to the trained weights), "ones" from `p = 1`.
+- Children are masked full models: the full-architecture weights of the parent are loaded
+  into `ctx.model`, the child's dropped channels are held at zero by fixed 0/1 gates
+  (`ctx.gated`, after the norm that follows each producer: a zero gate there is exactly the
+  channel's removal), and the child is fine-tuned briefly in that form. Its weights stay
+  full-architecture, so the next generation inherits from it without re-slicing, and
+  `passes.slim.slim(graph, keep, state)` slices any child at any time.
+- Inquisitor: a fixed probe set is held out of the training split (`probe_per_class` images
+  of every class, never trained on); the stimuli are the whole probe set and its
+  class-conditional subsets (up to `probe_classes` classes). With gates of the child's mask
+  requiring grad, the gate gradient is sum(a * dL/da) over the group's producers, so the
+  response of a live channel is r_c = mean over stimuli of |dL/dgate_c|. Responses are
+  normalised per group and child, `s = r / max r`, and averaged over the children in which
+  the channel lives. Generator update: `p <- (1 - eta) p + eta exp(s - 1)`, eta = 0.5, for
+  channels alive in at least one child; all other channels decay, `p <- (1 - eta) p` (no
+  response is no evidence of use).
+- Cycle: the cost ratio r = max over constraints of value / limit steps down by at least
+  `step` (20%) per cycle, faster if needed to reach the target by the last cycle (the goal
+  is never below the target). `F` is bisected so that the mean cost of `cost_draws` Monte Carlo
+  syntheses meets the goal, or `final_aim` (0.97) of the target in the cycle that reaches it
+  (not the cost at the expected widths: a conv from a group to itself costs E[w^2] > E[w]^2). K = `children` children are
+  sampled and fine-tuned for `ctx.epochs / (cycles * children)` epochs each. Hard
+  requirements: cost ratio <= goal * (1 + `cost_slack`) (<= 1, every constraint, in the
+  final step) and top-1 >= the baseline's minus `accuracy_tolerance`. The eligible children
+  are ranked by NetScore, `20 log10(a^2 / (sqrt(p) sqrt(m)))` with a = top-1 in %, p =
+  params in millions, m = MACs in millions; the best becomes the next parent. Fallbacks (both
+  logged): no child within the accuracy tolerance -> rank the cost-eligible ones; no child
+  within the cost step -> the cheapest child. The loop stops when the parent meets every
+  target or after `cycles` cycles.
+- Landing: `ctx.land(scores)` with scores = p, except that channels the final parent lost
+  score p - 1 (< every live channel), so that the shared step only revives a lost channel
+  when the target leaves room. The returned state dict is the parent's, with its mask folded
+  in (lost channels' norm gamma/beta, or producer rows, at zero), so the slim model computes
+  exactly the parent restricted to the plan before the pipeline fine-tunes it.
+- Resume: every cycle is checkpointed atomically to `ctx.state_dir / "gensynth.pt"` (p, the
+  parent's mask and weights, the log, the candidates) before it is logged; children's RNG is
+  seeded by (seed, cycle) and their training by `ctx.seed`, so a rerun with the same state
+  directory continues at the next cycle and reaches the same plan. Children's training
+  checkpoints resume an interrupted cycle and are removed once the cycle is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .. import checkpoint as ckpt
+from ..graph import PlanError
+from ..load import UserError
+from ..target import Evaluator, allowed_widths
+from .base import Method, Proposal, SearchContext
+from .vardrop import fold_gates
+
+CHECKPOINT_FORMAT = "graphsearch-gensynth"
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- the mathematics
+
+
+def netscore(accuracy_pct: float, params: float, macs: float) -> float:
+    """NetScore = 20 log10(a^2 / (sqrt(p) sqrt(m))): a = top-1 in %, p = params in millions,
+    m = MACs in millions (`params` and `macs` are raw counts)."""
+    p, m = params / 1e6, macs / 1e6
+    if accuracy_pct <= 0:
+        return float("-inf")
+    return 20.0 * math.log10(accuracy_pct ** 2 / (math.sqrt(p) * math.sqrt(m)))
+
+
+def generator_update(p: np.ndarray, s: np.ndarray, alive: np.ndarray, eta: float = 0.5
+                     ) -> np.ndarray:
+    """p <- (1 - eta) p + eta exp(s - 1) where `alive`, (1 - eta) p elsewhere."""
+    p = np.asarray(p, dtype=float)
+    grown = (1 - eta) * p + eta * np.exp(np.asarray(s, dtype=float) - 1.0)
+    return np.where(np.asarray(alive, dtype=bool), grown, (1 - eta) * p)
+
+
+def normalise(r: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """s = r / max r over the live channels (0 where dead, or when every response is 0)."""
+    r = np.where(alive, np.abs(np.asarray(r, dtype=float)), 0.0)
+    top = r.max() if r.size else 0.0
+    return r / top if top > 0 else np.zeros_like(r)
+
+
+def synthesize_group(rng: np.random.Generator, p: np.ndarray, alive: np.ndarray, F_: float,
+                     size: int, min_width: int, round_to: int) -> np.ndarray:
+    """Kept channel indices of one group: Bernoulli(min(1, F p)) over the parent's live
+    channels `alive` (indices), the count stochastically rounded to an allowed width no
+    wider than the parent's."""
+    alive = np.asarray(alive, dtype=np.int64)
+    n_par = len(alive)
+    q = np.clip(F_ * np.asarray(p, dtype=float)[alive], 0.0, 1.0)
+    m = rng.random(n_par) < q
+    u = rng.random()  # always drawn: the stream stays aligned across F (common numbers)
+    n = int(m.sum())
+    a = allowed_widths(size, min_width, round_to)
+    a = a[a <= n_par]
+    if a.size == 0 or a[-1] != n_par:
+        a = np.append(a, n_par)  # the parent's own width is always allowed
+    lower = a[a <= n]
+    upper = a[a >= n]
+    if lower.size == 0:
+        w = int(upper[0])
+    elif upper.size == 0:
+        w = int(lower[-1])
+    else:
+        lo, hi = int(lower[-1]), int(upper[0])
+        w = lo if lo == hi else (hi if u < (n - lo) / (hi - lo) else lo)
+    # sampled channels first, most probable first; then the unsampled ones, same order
+    pp = np.asarray(p, dtype=float)[alive]
+    order = np.lexsort((np.arange(n_par), -pp, ~m))
+    return np.sort(alive[order[:w]])
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class GenerativeSynthesis(Method):
+    name = "gensynth"
+    summary = ("generator-inquisitor loop: Bernoulli channel survival, gradient-response "
+               "probing, NetScore selection, ~20% cost step per cycle")
+    cost = "cycles x children short fine-tunes (the search budget split among them) + probes"
+    defaults = {
+        "cycles": 4,
+        "children": 4,
+        "eta": 0.5,
+        "init": "magnitude",  # or "ones"
+        "step": 0.2,  # least cost reduction per cycle
+        "final_aim": 0.97,  # F aims the expected cost here in the cycle that meets the target
+        "cost_slack": 0.05,  # intermediate cycles: children may exceed the goal by this much
+        "accuracy_tolerance": 0.05,  # top-1 (fraction) below the baseline still acceptable
+        "probe_per_class": 8,
+        "probe_classes": 16,
+        "cost_draws": 16,  # Monte Carlo syntheses per F when bisecting F
+    }
+
+    def search(self, ctx: SearchContext) -> Proposal:
+        s = {**self.defaults, **ctx.settings}
+        cycles, K = int(s["cycles"]), int(s["children"])
+        if cycles < 1 or K < 1:
+            raise UserError("gensynth: cycles and children must be at least 1")
+        eta = float(s["eta"])
+        groups = ctx.graph.prunable_groups
+        ev = Evaluator(ctx.graph, ctx.constraints, ctx.latency_model)
+        path = Path(ctx.state_dir) / "gensynth.pt"
+        fingerprint = {
+            "settings": {k: s[k] for k in sorted(self.defaults)},
+            "epochs": float(ctx.epochs), "seed": int(ctx.seed), "lr": float(ctx.lr),
+            "batch_size": int(ctx.batch_size), "round_to": int(ctx.round_to),
+            "constraints": [[c.metric, float(c.limit)] for c in ctx.constraints],
+            "groups": [[g.id, g.size] for g in groups]}
+
+        probe_x, probe_y, held = _probe_split(ctx.data.train, int(s["probe_per_class"]),
+                                              ctx.seed)
+        stimuli = _stimuli(probe_x, probe_y, int(s["probe_classes"]), ctx.seed)
+        train_ctx = dataclasses.replace(ctx, data=SimpleNamespace(train=held,
+                                                                  val=ctx.data.val))
+        child_epochs = float(ctx.epochs) / (cycles * K)
+
+        def ratio(values: dict) -> float:
+            return max(values[c.metric] / c.limit for c in ctx.constraints)
+
+        def measure(keep: dict) -> dict:
+            return ev.measure({g: list(map(int, v)) for g, v in keep.items()})
+
+        # ---- the state: fresh or resumed
+        state = _load(path, fingerprint)
+        resumed_from = None
+        if state is None:
+            base_acc = ctx.evaluate(ctx.model)
+            p = _initial_p(ctx, s["init"])
+            alive = {g.id: np.arange(g.size) for g in groups}
+            parent_state = _clone(ctx.model.state_dict())
+            parent_acc, log, done, start = base_acc, [], False, 1
+        else:
+            base_acc = state["base_accuracy"]
+            p = {int(g): v.double().numpy() for g, v in state["p"].items()}
+            alive = {int(g): np.asarray(v, dtype=np.int64) for g, v in state["alive"].items()}
+            parent_state = state["parent_state"]
+            parent_acc, log, done = state["parent_accuracy"], state["log"], state["done"]
+            start = state["cycle"] + 1
+            resumed_from = state["cycle"]
+            ctx.candidates.extend(state["candidates"])
+            ctx.log(f"gensynth: resumed after cycle {state['cycle']} from {path}")
+        sizes = {g.id: g.size for g in groups}
+        new_cycles = 0
+
+        def keep_of(al: dict) -> dict:
+            return {gid: v for gid, v in al.items() if len(v) < sizes[gid]}
+
+        for cycle in range(start, cycles + 1):
+            parent_values = measure(keep_of(alive))
+            r_par = ratio(parent_values)
+            if done or r_par <= 1.0:
+                done = True
+                break
+            new_cycles += 1
+            remaining = cycles - cycle + 1
+            factor = min(1.0 - float(s["step"]), (1.0 / r_par) ** (1.0 / remaining))
+            goal = max(1.0, r_par * factor)
+            final = goal <= 1.0 + 1e-12
+            aim = float(s["final_aim"]) if final else goal
+            limit = 1.0 if final else goal * (1.0 + float(s["cost_slack"]))
+            F_ = float(self._bisect_F(p, alive, aim, ratio, ev, groups, ctx.round_to,
+                                            ctx.seed, cycle, int(s["cost_draws"])))
+            rng = np.random.default_rng([int(ctx.seed), cycle])
+            children = []
+            for j in range(K):
+                kept = {g.id: synthesize_group(rng, p[g.id], alive[g.id], F_, g.size,
+                                               g.min_width, ctx.round_to) for g in groups}
+                kept, values = self._valid(kept, alive, p, groups, ctx.round_to, measure)
+                if values is None:
+                    ctx.log(f"gensynth: cycle {cycle} child {j}: no valid plan, skipped")
+                    continue
+                masks = {gid: _mask(sizes[gid], v) for gid, v in kept.items()
+                         if len(v) < sizes[gid]}
+                ctx.model.load_state_dict(parent_state)
+                net = ctx.gated({gid: (lambda m=m: m) for gid, m in masks.items()})
+                train_ctx.train(net, child_epochs, f"gensynth_c{cycle}_{j}")
+                acc = ctx.evaluate(net)
+                responses = _probe(ctx, masks, stimuli)
+                score = netscore(100.0 * acc, values["params"], values["macs"])
+                label = f"gensynth c{cycle}.{j}"
+                children.append({
+                    "label": label, "kept": kept, "values": values, "ratio": ratio(values),
+                    "accuracy": acc, "netscore": score, "responses": responses,
+                    "state": _clone(ctx.model.state_dict())})
+                ctx.candidates.append({"flops": values["flops"], "params": values["params"],
+                                       "accuracy": acc, "label": label})
+            if not children:
+                raise UserError(f"gensynth: cycle {cycle} synthesised no valid child; the "
+                                "model's removable groups may need round_to 1")
+            # ---- the hard requirements, then NetScore
+            cost_ok = [c for c in children if c["ratio"] <= limit + 1e-12]
+            both = [c for c in cost_ok if c["accuracy"] >= base_acc - s["accuracy_tolerance"]]
+            if both:
+                pool, how = both, "requirements met"
+            elif cost_ok:
+                pool, how = cost_ok, "no child within the accuracy tolerance: best NetScore"
+            else:
+                pool = [min(children, key=lambda c: (c["ratio"], children.index(c)))]
+                how = "no child within the cost step: the cheapest child"
+            best = max(pool, key=lambda c: (c["netscore"], -children.index(c)))
+            # ---- the generator update from every child's responses
+            for g in groups:
+                total = np.zeros(g.size)
+                count = np.zeros(g.size)
+                for c in children:
+                    live = np.zeros(g.size, dtype=bool)
+                    live[c["kept"][g.id]] = True
+                    r = c["responses"].get(g.id, np.ones(g.size))
+                    total += np.where(live, normalise(r, live), 0.0)
+                    count += live
+                seen = count > 0
+                s_mean = np.where(seen, total / np.maximum(count, 1), 0.0)
+                p[g.id] = generator_update(p[g.id], s_mean, seen, eta)
+            alive = {gid: np.asarray(v, dtype=np.int64) for gid, v in best["kept"].items()}
+            parent_state, parent_acc = best["state"], best["accuracy"]
+            entry = {
+                "cycle": cycle, "F": F_, "parent_ratio": r_par, "goal_ratio": goal,
+                "requirement_ratio": limit, "selection": how, "chosen": best["label"],
+                "children": [{"label": c["label"], "flops": c["values"]["flops"],
+                              "params": c["values"]["params"], "macs": c["values"]["macs"],
+                              "ratio": c["ratio"], "accuracy": c["accuracy"],
+                              "netscore": c["netscore"],
+                              "widths": {str(g): len(v) for g, v in c["kept"].items()}}
+                             for c in children]}
+            log.append(entry)
+            done = ratio(best["values"]) <= 1.0
+            ckpt.save_atomic({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "fingerprint": fingerprint, "cycle": cycle, "done": done,
+                "base_accuracy": base_acc, "parent_accuracy": parent_acc,
+                "p": {str(g): torch.from_numpy(np.asarray(v, dtype=np.float64))
+                      for g, v in p.items()},
+                "alive": {str(g): [int(i) for i in v] for g, v in alive.items()},
+                "parent_state": parent_state, "log": log,
+                "candidates": [dict(c) for c in ctx.candidates]}, path)
+            for j in range(K):
+                (Path(ctx.state_dir) / f"gensynth_c{cycle}_{j}.ckpt").unlink(missing_ok=True)
+            ctx.log(f"gensynth: cycle {cycle}/{cycles}: F {F_:.3f}, cost ratio {r_par:.3f} -> "
+                    f"goal {goal:.3f}; children " + ", ".join(
+                        f"{c['label']} r={c['ratio']:.3f} top-1={100 * c['accuracy']:.1f}% "
+                        f"NS={c['netscore']:.2f}" for c in children)
+                    + f"; chose {best['label']} ({how})")
+            if done:
+                break
+
+        # ---- land with the shared target step
+        ctx.model.load_state_dict(parent_state)
+        masks = {gid: _mask(sizes[gid], v) for gid, v in alive.items() if len(v) < sizes[gid]}
+        fold_gates(ctx, masks)
+        scores = {}
+        for g in groups:
+            sc = p[g.id].astype(float).copy()
+            dead = np.ones(g.size, dtype=bool)
+            dead[alive[g.id]] = False
+            sc[dead] -= 1.0
+            scores[g.id] = sc
+        plan = ctx.land(scores)
+        parent_values = measure(keep_of(alive))
+        info = {"cycles": log, "base_accuracy": base_acc, "parent_accuracy": parent_acc,
+                "parent_cost": parent_values, "targets_met_by_parent": ratio(parent_values) <= 1,
+                "resumed_from_cycle": resumed_from, "new_cycles": new_cycles,
+                "probe_images": int(len(probe_y)), "child_epochs": child_epochs}
+        ctx.log(f"gensynth: {len(log)} cycles; parent top-1 {100 * parent_acc:.2f}% at cost "
+                f"ratio {ratio(parent_values):.3f}; landed at "
+                f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
+        return Proposal(plan, _clone(ctx.model.state_dict()), info)
+
+    # ---- helpers
+    @staticmethod
+    def _bisect_F(p, alive, aim, ratio, ev, groups, round_to, seed, cycle, draws) -> float:
+        """The largest F whose children cost at most `aim` (a cost ratio) on average over
+        `draws` Monte Carlo syntheses. The same random numbers serve every F (common random
+        numbers), so the estimate is smooth and monotone enough to bisect. A Monte Carlo
+        mean, not the cost at the expected widths: a conv from a group to itself (inside a
+        residual stage) costs E[w^2] > E[w]^2, which would bias every child above the goal."""
+        def cost_at(F_: float) -> float:
+            rng = np.random.default_rng([int(seed), int(cycle), 1])
+            total = 0.0
+            for _ in range(draws):
+                widths = {g.id: len(synthesize_group(rng, p[g.id], alive[g.id], F_, g.size,
+                                                     g.min_width, round_to)) for g in groups}
+                widths = {gid: max(w, 1) if len(alive[gid]) else 0
+                          for gid, w in widths.items()}
+                try:
+                    total += ratio(ev.measure(widths))
+                except PlanError:
+                    return float("inf")
+            return total / draws
+
+        lows = [p[g][alive[g]].min() for g in p if len(alive[g])]
+        hi = 1.0 / max(min(lows), 1e-12) if lows else 1.0
+        lo = 0.0
+        if cost_at(hi) <= aim:
+            return hi
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            if cost_at(mid) <= aim:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    @staticmethod
+    def _valid(kept, alive, p, groups, round_to, measure):
+        """The child's measured cost; a removable group emptied in a way the model forbids
+        gets its smallest non-zero width back."""
+        try:
+            return kept, measure({g: v for g, v in kept.items()
+                                  if len(v) < next(x.size for x in groups if x.id == g)})
+        except PlanError:
+            pass
+        fixed = dict(kept)
+        for g in groups:
+            if len(kept[g.id]) == 0 and len(alive[g.id]):
+                a = allowed_widths(g.size, g.min_width, round_to)
+                w = int(min(a[a > 0][0], len(alive[g.id])))
+                order = np.lexsort((alive[g.id], -p[g.id][alive[g.id]]))
+                fixed[g.id] = np.sort(alive[g.id][order[:w]])
+        try:
+            return fixed, measure({g: v for g, v in fixed.items()
+                                   if len(v) < next(x.size for x in groups if x.id == g)})
+        except PlanError:
+            return kept, None
+
+
+# --------------------------------------------------------------------------- probing
+
+
+def _mask(size: int, kept) -> torch.Tensor:
+    m = torch.zeros(size)
+    m[torch.as_tensor(np.asarray(kept, dtype=np.int64))] = 1.0
+    return m
+
+
+def _clone(state: dict) -> dict:
+    return {k: v.detach().clone().cpu() for k, v in state.items()}
+
+
+def _initial_p(ctx: SearchContext, init: str) -> dict[int, np.ndarray]:
+    p = {g.id: np.ones(g.size) for g in ctx.graph.prunable_groups}
+    if init == "ones":
+        return p
+    if init != "magnitude":
+        raise UserError(f"gensynth: init {init!r}: choose 'magnitude' or 'ones'")
+    with torch.no_grad():
+        norms = ctx.channel_norms()
+    for gid, n in norms.items():
+        n = n.double().cpu().numpy()
+        if n.max() > 0:
+            p[gid] = np.exp(n / n.max() - 1.0)
+    return p
+
+
+def _probe_split(dataset, per_class: int, seed: int):
+    """(probe images, probe labels, the training split without them): `per_class` images of
+    every class with at least two, chosen by `seed`, never augmented."""
+    from ..data import ImageTensorDataset
+
+    if hasattr(dataset, "labels"):
+        labels = torch.as_tensor(dataset.labels).long()
+    else:
+        labels = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    probe = []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        probe.append(idx[:max(0, min(per_class, len(idx) - 1))])
+    probe_idx = torch.cat(probe).sort().values if probe else torch.zeros(0, dtype=torch.long)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[probe_idx] = False
+    rest_idx = rest.nonzero().flatten()
+    if isinstance(dataset, ImageTensorDataset):
+        x, y = dataset.get_batch(probe_idx, augment=False)
+        held = ImageTensorDataset(dataset.images[rest_idx], dataset.labels[rest_idx],
+                                  dataset.mean, dataset.std, augment=dataset.augment,
+                                  pad=dataset.pad, flip=dataset.flip)
+    else:
+        items = [dataset[int(i)] for i in probe_idx]
+        x = torch.stack([torch.as_tensor(a) for a, _ in items]) if items else torch.zeros(0)
+        y = torch.tensor([int(b) for _, b in items], dtype=torch.long)
+        held = torch.utils.data.Subset(dataset, rest_idx.tolist())
+    return x, y, held
+
+
+def _stimuli(x: torch.Tensor, y: torch.Tensor, max_classes: int, seed: int):
+    """The whole probe set and its class-conditional subsets (up to `max_classes`)."""
+    out = [(x, y)] if len(y) else []
+    classes = torch.unique(y)
+    if len(classes) > max_classes:
+        g = torch.Generator().manual_seed(int(seed) + 104729)
+        classes = classes[torch.randperm(len(classes), generator=g)[:max_classes]].sort().values
+    for c in classes.tolist():
+        sel = y == c
+        out.append((x[sel], y[sel]))
+    return out
+
+
+def _probe(ctx: SearchContext, masks: dict[int, torch.Tensor], stimuli) -> dict[int, np.ndarray]:
+    """Per group, mean over stimuli of |dL/dgate| with the child's gates (the mask, ones for
+    untouched groups) requiring grad: the gradient at a live channel is sum(a * dL/da)."""
+    if not stimuli:
+        return {}
+    device = next(ctx.model.parameters()).device
+    gates = {g.id: (masks[g.id] if g.id in masks else torch.ones(g.size)).to(device)
+             .clone().requires_grad_(True) for g in ctx.graph.prunable_groups}
+    net = ctx.gated({gid: (lambda t=t: t) for gid, t in gates.items()})
+    was = ctx.model.training
+    net.eval()
+    acc = {gid: torch.zeros_like(t) for gid, t in gates.items()}
+    try:
+        for x, y in stimuli:
+            grads = {gid: torch.zeros_like(t) for gid, t in gates.items()}
+            for xb, yb in zip(x.split(256), y.split(256)):
+                out = net(xb.to(device))
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                loss = F.cross_entropy(out, yb.to(device), reduction="sum") / len(y)
+                got = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+                for gid, gr in zip(gates, got):
+                    if gr is not None:
+                        grads[gid] += gr.detach()
+            for gid in gates:
+                acc[gid] += grads[gid].abs()
+    finally:
+        ctx.model.train(was)
+        for prm in ctx.model.parameters():
+            prm.grad = None
+    return {gid: (a / len(stimuli)).cpu().double().numpy() for gid, a in acc.items()}
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _load(path: Path, fingerprint: dict):
+    if not path.exists():
+        return None
+    try:
+        state = ckpt.load(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read '{path}' ({exc}); delete it to restart the search") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is not a gensynth checkpoint; delete it to restart")
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(f"'{path}' was written with other settings; delete it to restart the "
+                        "search")
+    return state
+
+
+__all__ = ["GenerativeSynthesis", "netscore", "generator_update", "normalise",
+           "synthesize_group"]

@@ -1,0 +1,259 @@
+"""`morphnet`: FLOP-regularised shrinking on norm-layer gammas, then one width multiplier
+(Gordon et al. 2018; METHODS.md section 3).
+
+Regulariser, over every MAC term of the cost model (a conv, linear or matmul op), with
+`coeff = 2 * MACs per unit of width` (FLOPs):
+    two layouts (in, out):  coeff * (A_in * sum r_out + A_out * sum r_in)
+    one layout (depthwise / grouped conv, whose input channel c *is* output channel c):
+                            coeff * (sum r_in + sum r_out) = 2 * coeff * sum r
+where `r_c` is `|gamma_c|` of the norm layer after the producing op and `A` the alive count
+(`|gamma| > threshold`, boolean, no gradient through it). On the channel-group IR a channel's
+`r` is the max over every gamma tied to it, so a residual group combines its members with max
+(alive = OR) and a depthwise conv's input and output read the same `r`. Layouts are made of
+channel positions, so a consumer of a concat reads its slice of every branch group (the
+"concat" rule) and a flatten into a linear layer counts each channel once per position, as the
+cost model does. Channels with no gamma (non-prunable groups, the input image, classifier
+outputs, groups without a norm layer) have `r = 0` and are always alive: they cost FLOPs but
+cannot be shrunk.
+
+Algorithm: shrink (train with `task + lambda * regulariser`, constant learning rate, SGD with
+momentum, no L2 decay on the gammas), read the alive widths `O'_g = max(#alive, min_width)`,
+expand with the shared target step (`ctx.land_widths(O', importance=r)`: one bisected
+multiplier, groups at 0 stay 0, channels kept by r). With `repeats > 1` the budget is split;
+after each round the channels outside the plan are zeroed and kept at zero (the expanded
+network) and the next round shrinks again from there.
+
+lambda: METHODS.md puts it on a log scale around 1 / initial FLOPs. At lambda = 1/FLOPs the
+regulariser's pull on an average gamma is about 2 / (number of channels) per unit lr, which
+moves nothing in the pipeline's 2-epoch budget. So the default is calibrated to the budget:
+lambda is chosen so that the regulariser alone, with the momentum's steady-state gain
+1 / (1 - momentum), would move the average prunable channel's r by `strength` x its initial
+mean over the budget: `lambda = strength * mean r * (1 - momentum) / (lr * steps * mean dR/dr)`.
+That also keeps the per-step move of a dead gamma (strength * mean r / steps) small against
+the 0.01 alive threshold on realistic budgets. The report gives `lambda * FLOPs0`, i.e. where
+the choice sits on the paper's scale; `--set lambda=...` sets it directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph import ChannelGraph
+from ..target import legal_zeros
+from .base import Method, Proposal, SearchContext
+from .group_lasso import (budget_steps, constant_schedule, dropped_channels, evaluate_plan,
+                          zero_channels)
+
+
+class FlopRegulariser:
+    """MorphNet's FLOP regulariser on a model's gammas, built from the channel graph."""
+
+    def __init__(self, graph: ChannelGraph, model: nn.Module, threshold: float = 0.01):
+        self.graph = graph
+        self.threshold = float(threshold)
+        self.offsets = np.concatenate([[0], np.cumsum([g.size for g in graph.groups])]
+                                      ).astype(np.int64)
+        self.n_pos = int(self.offsets[-1])
+        params = dict(model.named_parameters())
+        # gamma slices of prunable groups: (param name, positions in it, global channel position)
+        self.gammas: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        has_gamma = np.zeros(self.n_pos, dtype=bool)
+        tied = graph.tied_parameters()
+        for g in graph.prunable_groups:
+            for s in tied[g.id]:
+                if s.role != "gamma" or s.is_buffer or s.name not in params:
+                    continue
+                glob = self.offsets[g.id] + np.asarray(s.channels, dtype=np.int64)
+                self.gammas.append((s.name, torch.as_tensor(s.positions, dtype=torch.long),
+                                    torch.as_tensor(glob, dtype=torch.long)))
+                has_gamma[glob] = True
+        self.has_gamma = torch.as_tensor(has_gamma)
+        # Layout table (positions, weights) and terms.
+        pos, lay, w, const = [], [], [], []
+        a_idx, b_idx, coeff = [], [], []
+        self.term_nodes = []
+        for term in graph.mac_terms():
+            ids = []
+            for layout in term.layouts:
+                li = len(const)
+                const.append(layout.const)
+                pos.append(self.offsets[layout.groups] + layout.index)
+                lay.append(np.full(len(layout.groups), li, dtype=np.int64))
+                w.append(layout.mult)
+                ids.append(li)
+            if not ids:
+                continue
+            a_idx.append(ids[0])
+            b_idx.append(ids[1] if len(ids) > 1 else -1)
+            coeff.append(2.0 * term.coeff)  # FLOPs = 2 x MACs
+            self.term_nodes.append(term.nodes)
+        self.pos = torch.as_tensor(np.concatenate(pos) if pos else np.zeros(0), dtype=torch.long)
+        self.lay = torch.as_tensor(np.concatenate(lay) if lay else np.zeros(0), dtype=torch.long)
+        self.w = torch.as_tensor(np.concatenate(w) if w else np.zeros(0), dtype=torch.float64)
+        self.const = torch.as_tensor(const, dtype=torch.float64)
+        self.a = torch.as_tensor(a_idx, dtype=torch.long)
+        b = torch.as_tensor(b_idx, dtype=torch.long)
+        self.single = b < 0
+        self.b = torch.where(self.single, self.a, b)
+        self.coeff = torch.as_tensor(coeff, dtype=torch.float64)
+
+    # -- per channel
+    def r(self, model: nn.Module) -> torch.Tensor:
+        """r over all channel positions: max |gamma| over the gammas tied to the channel (0
+        where there is none), differentiable."""
+        params = dict(model.named_parameters())
+        vals, where = [], []
+        for name, positions, glob in self.gammas:
+            p = params[name]
+            vals.append(p.index_select(0, positions.to(p.device)).abs().to(torch.float64))
+            where.append(glob)
+        base = torch.zeros(self.n_pos, dtype=torch.float64)
+        if not vals:
+            return base
+        device = vals[0].device
+        return base.to(device).scatter_reduce(0, torch.cat(where).to(device), torch.cat(vals),
+                                              reduce="amax", include_self=True)
+
+    def alive(self, r: torch.Tensor) -> torch.Tensor:
+        """Alive flags (float, no gradient): |gamma| > threshold, and always where no gamma."""
+        r = r.detach()
+        return torch.where(self.has_gamma.to(r.device), (r > self.threshold).to(r.dtype),
+                           torch.ones_like(r))
+
+    # -- per layout and term
+    def layout_sums(self, values: torch.Tensor, const: bool) -> torch.Tensor:
+        dev = values.device
+        out = torch.zeros(len(self.const), dtype=values.dtype, device=dev).index_add(
+            0, self.lay.to(dev), self.w.to(dev) * values[self.pos.to(dev)])
+        return out + self.const.to(dev) if const else out
+
+    def value(self, r: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+        """The regulariser (lambda = 1) for channel values `r` and alive flags `alive`."""
+        if alive is None:
+            alive = self.alive(r)
+        dev = r.device
+        A = self.layout_sums(alive, const=True)
+        R = self.layout_sums(r, const=False)
+        a, b, coeff, single = (t.to(dev) for t in (self.a, self.b, self.coeff, self.single))
+        two = A[a] * R[b] + A[b] * R[a]
+        one = R[a] + R[a]  # depthwise: sum r_in + sum r_out, in = out
+        return (coeff * torch.where(single, one, two)).sum()
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        return self.value(self.r(model))
+
+    def flops(self, alive: torch.Tensor) -> float:
+        """FLOPs of the alive counts (cost = coeff * A_in * A_out; depthwise coeff * A)."""
+        A = self.layout_sums(alive.to(torch.float64), const=True)
+        per = torch.where(self.single, A[self.a], A[self.a] * A[self.b])
+        return float((self.coeff * per).sum())
+
+    def per_group(self, values: torch.Tensor) -> dict[int, np.ndarray]:
+        v = values.detach().cpu().numpy()
+        return {g.id: v[self.offsets[g.id]:self.offsets[g.id + 1]]
+                for g in self.graph.prunable_groups}
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class MorphNet(Method):
+    name = "morphnet"
+    summary = ("FLOP regulariser on norm gammas (cross structure, max over residual groups), "
+               "shrink to the alive widths, expand by one multiplier to the target")
+    cost = "one shrinking phase of --search-epochs (split over repeats), then the fine-tuning"
+    defaults = {
+        "lambda": None,  # None: calibrated to the budget with `strength` (module docstring)
+        "strength": 1.0,
+        "threshold": 0.01,  # alive: |gamma| > threshold
+        "lr": None,  # None: the run's search lr (ctx.lr), constant
+        "momentum": 0.9,
+        "weight_decay": 5e-4,  # on everything but the gammas
+        "repeats": 1,
+        "evaluate": True,  # record the plan's accuracy (dropped channels zeroed) as a candidate
+    }
+
+    def search(self, ctx: SearchContext) -> Proposal:
+        s = {**self.defaults, **ctx.settings}
+        graph, model = ctx.graph, ctx.model
+        reg = FlopRegulariser(graph, model, float(s["threshold"]))
+        lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
+        momentum, wd = float(s["momentum"]), float(s["weight_decay"])
+        repeats = max(1, int(s["repeats"]))
+        epochs = float(ctx.epochs) / repeats
+        steps = budget_steps(ctx, epochs) if epochs > 0 else 0
+        flops0 = float(graph.baseline.flops)
+        gamma_names = {name for name, _, _ in reg.gammas}
+
+        # lambda
+        r0 = reg.r(model).detach().requires_grad_(True)
+        grad = torch.autograd.grad(reg.value(r0), r0)[0] if r0.numel() else r0
+        mask = reg.has_gamma
+        mean_r = float(r0.detach()[mask].mean()) if mask.any() else 0.0
+        mean_g = float(grad[mask].mean()) if mask.any() else 0.0
+        if s["lambda"] is not None:
+            lam = float(s["lambda"])
+        elif mean_g > 0 and steps > 0:
+            lam = float(s["strength"]) * mean_r * (1 - momentum) / (lr * steps * mean_g)
+        else:
+            lam = 1.0 / flops0
+        ctx.log(f"morphnet: lambda {lam:.4g} = {lam * flops0:.4g} / FLOPs0; {steps} steps at "
+                f"constant lr {lr:g} per round, {repeats} round(s)")
+
+        dropped: dict[int, np.ndarray] = {}
+        holder: dict = {}
+
+        def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+            named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n not in gamma_names],
+                       "weight_decay": wd},
+                      {"params": [p for n, p in named if n in gamma_names], "weight_decay": 0.0}]
+            opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum)
+            holder["opt"] = opt
+            return opt
+
+        def on_step(m: nn.Module, step: int) -> None:
+            if dropped:  # channels outside the previous round's plan stay removed
+                zero_channels(graph, m, dropped, holder.get("opt"))
+
+        rounds = []
+        plan = None
+        for k in range(repeats):
+            if steps > 0:
+                ctx.train(model, epochs, f"morphnet-{k}" if repeats > 1 else "morphnet",
+                          lr=lr, momentum=momentum, weight_decay=wd, optimizer=make_optimizer,
+                          scheduler=constant_schedule,
+                          extra_loss=lambda m: lam * reg(m), on_step=on_step)
+            with torch.no_grad():
+                r = reg.r(model)
+                alive = reg.alive(r)
+            r_g, alive_g = reg.per_group(r), reg.per_group(alive)
+            widths = {}
+            for g in graph.prunable_groups:
+                widths[g.id] = max(int(alive_g[g.id].sum()), g.min_width)
+            widths = legal_zeros(graph, widths,
+                                 priority={g: float(v.max(initial=0.0)) for g, v in r_g.items()})
+            plan = ctx.land_widths(widths, importance=r_g)
+            rounds.append({"alive_widths": widths, "widths": dict(plan.widths),
+                           "alive_flops": reg.flops(alive),
+                           "regulariser": float(reg.value(r, alive)),
+                           "flops": plan.achieved["flops"]})
+            ctx.log(f"morphnet round {k + 1}: alive widths reach {rounds[-1]['alive_flops']:.4g} "
+                    f"FLOPs; expanded to {plan.achieved['flops']:.4g}")
+            if k + 1 < repeats:
+                dropped = dropped_channels(graph, plan.keep)
+                zero_channels(graph, model, dropped, holder.get("opt"))
+        info = {
+            "lambda": lam, "lambda_times_flops0": lam * flops0,
+            "strength": None if s["lambda"] is not None else float(s["strength"]),
+            "threshold": float(s["threshold"]), "lr": lr, "momentum": momentum,
+            "epochs": float(ctx.epochs), "steps_per_round": steps, "repeats": repeats,
+            "alive_widths": rounds[-1]["alive_widths"], "widths": rounds[-1]["widths"],
+            "rounds": rounds,
+        }
+        if s["evaluate"]:
+            info["plan_accuracy_before_finetune"] = evaluate_plan(
+                ctx, model, plan, "morphnet plan (before fine-tuning)")
+        return Proposal(plan, model.state_dict(), info)

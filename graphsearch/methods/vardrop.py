@@ -1,0 +1,293 @@
+"""`vardrop`: structured variational dropout, one Gaussian gate per coupled channel.
+
+METHODS.md section 2 (Molchanov et al. 2017, structured per channel). Every prunable group
+gets one multiplicative gate per channel, shared by every producer of the group (`ctx.gated`
+places it after the norm that follows each conv/linear, or after the producer):
+
+    z_c ~ N(theta_c, sigma_c^2),  theta init 1, log sigma^2 init -10,
+    log alpha_c = clip(log sigma^2_c - log theta_c^2, -8, 8),
+    -KL_c = k1 sigmoid(k2 + k3 log alpha_c) - 0.5 log1p(exp(-log alpha_c)) - k1.
+
+Choices, and why:
+
+- Additive reparameterisation: `theta` and `log sigma^2` are independent parameters and
+  `z = theta + sigma * eps`, so the gradient of `theta` does not carry the noise scale.
+  Gates are drawn once per forward pass (`passes/gates.py` takes a `(size,)` vector), so one
+  noise draw is shared by the whole batch instead of per sample (the local
+  reparameterisation proper). The estimator stays unbiased, only noisier; a per-sample draw
+  needs `(B, size)` gates in `passes/gates.py`.
+- Loss: mean CE + beta_t * sum KL / N, N = size of the training split. It is the paper's
+  `(N/M) sum_batch CE + beta_t sum KL` divided by N (same minimiser, and it keeps the task
+  loss on the scale the training loop reports); plain mean CE + KL would be N times too strong.
+- Clip with a straight-through gradient (`straight_through=True`): with theta = 1 and
+  log sigma^2 = -10 every gate starts at log alpha = -10, under the -8 clip, where a hard
+  clamp has zero gradient and the KL term could never act. The forward value is clipped as
+  written; the backward pass treats the clip as the identity.
+- Optimiser: Adam, as in the paper, with two parameter groups: the network weights (`lr`,
+  1e-3, no L2) and the gates (`gate_lr`, 1e-2, no L2: weight decay would pull log sigma^2
+  from -10 towards 0). Adam moves log sigma^2 by about `gate_lr` per step whatever the 1/N
+  scale of the KL gradient, so channels the task does not defend drift towards log alpha 3.
+- KL warm-up: the paper's beta = 0 for 5 epochs, linear to 1 by epoch 20, is scaled to the
+  search budget as fractions of its steps: beta = 0 for the first `warmup_start` = 15%,
+  linear to 1 at `warmup_end` = 60% (start = end / 4, as 5/20), then 40% at full strength.
+- Widths: a channel is dropped when log alpha >= 3 (reported per group); the shared target
+  step ranks channels by log alpha. The scores are -log alpha *before* the clip: channels
+  that never left the -8 clip would otherwise tie and be ranked by index.
+- Test time uses the means: the final theta is folded into the weights (the norm's gamma and
+  beta, or the producer's output rows and bias, at every gate point), so the plain
+  architecture with the returned state dict computes what the gated model computes with
+  z = theta.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Method, Proposal, SearchContext
+
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
+DROP_THRESHOLD = 3.0
+
+
+# --------------------------------------------------------------------------- the mathematics
+
+
+def clip_log_alpha(log_alpha: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+    """clip(log alpha, -8, 8); with `straight_through` the gradient passes the clip."""
+    clipped = log_alpha.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+    if straight_through:
+        return log_alpha + (clipped - log_alpha).detach()
+    return clipped
+
+
+def log_alpha_of(theta: torch.Tensor, log_sigma2: torch.Tensor, clip: bool = True,
+                 straight_through: bool = False) -> torch.Tensor:
+    """log alpha = log sigma^2 - log theta^2 (clipped unless `clip=False`)."""
+    la = log_sigma2 - torch.log(theta * theta + 1e-16)
+    return clip_log_alpha(la, straight_through) if clip else la
+
+
+def neg_kl(log_alpha: torch.Tensor) -> torch.Tensor:
+    """-KL = k1 sigmoid(k2 + k3 log alpha) - 0.5 log1p(exp(-log alpha)) - k1 (per channel)."""
+    return K1 * torch.sigmoid(K2 + K3 * log_alpha) - 0.5 * F.softplus(-log_alpha) - K1
+
+
+def kl(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The KL approximation per channel (>= 0, -> 0 as log alpha -> inf)."""
+    return -neg_kl(log_alpha)
+
+
+def kl_beta(step: int, total: int, start: float = 0.15, end: float = 0.6) -> float:
+    """KL warm-up weight after `step` of `total` optimizer steps: 0 until `start * total`,
+    linear to 1 at `end * total`, then 1."""
+    if total <= 0:
+        return 1.0
+    t = step / total
+    if t <= start:
+        return 0.0
+    if t >= end or end <= start:
+        return 1.0
+    return (t - start) / (end - start)
+
+
+def dropped_mask(log_alpha: torch.Tensor | np.ndarray, threshold: float = DROP_THRESHOLD
+                 ) -> np.ndarray:
+    """True where a channel is dropped: clipped log alpha >= threshold."""
+    la = torch.as_tensor(log_alpha).detach().clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+    return (la >= threshold).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- folding gates
+
+
+def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
+               model: nn.Module | None = None) -> list[str]:
+    """Multiply, in place, the parameters of `model` (default `ctx.model`) that sit at each
+    gate point by the gate values, so that the plain model computes what `ctx.gated` computes
+    with these constant gates: a norm's gamma and beta where the gate follows a norm, else
+    the producer's output rows and bias. Returns the gate points that hold no parameter to
+    fold into (e.g. a norm without affine); empty when the folding is exact."""
+    from passes.gates import gate_points
+
+    model = model if model is not None else ctx.model
+    if ctx._model_graph is None:
+        from ..analysis import analyze
+
+        ctx._model_graph = analyze(ctx.model, ctx.example_inputs)
+    mg = ctx._model_graph
+    tied = mg.tied_parameters()
+    params = dict(model.named_parameters())
+    bindings = mg._bindings
+    factors: dict[tuple[str, int], torch.Tensor] = {}
+    unfolded = []
+    for node, (groups, _) in gate_points(mg).items():
+        hit = [int(g) for g in np.unique(groups) if int(g) in values]
+        if not hit:
+            continue
+        at = {name for name, b in bindings.items() if node in b.nodes and not b.is_buffer
+              and name in params}
+        found = False
+        for gid in hit:
+            vec = values[gid].detach()
+            for s in tied[gid]:
+                if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
+                    continue
+                p = params[s.name]
+                key = (s.name, s.dim)
+                if key not in factors:
+                    factors[key] = torch.ones(p.shape[s.dim], dtype=p.dtype, device=p.device)
+                factors[key][torch.as_tensor(s.positions, device=p.device)] = \
+                    vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
+                found = True
+        if not found:
+            unfolded.append(node)
+    with torch.no_grad():
+        for (name, dim), f in factors.items():
+            p = params[name]
+            shape = [1] * p.dim()
+            shape[dim] = -1
+            p.mul_(f.view(shape))
+    return unfolded
+
+
+# --------------------------------------------------------------------------- the gates
+
+
+class VDGates(nn.Module):
+    """theta and log sigma^2 per channel of every gated group; `step` counts optimizer steps
+    (a buffer, so that the KL warm-up resumes with the training checkpoint)."""
+
+    def __init__(self, sizes: dict[int, int], theta_init: float = 1.0,
+                 log_sigma2_init: float = -10.0, straight_through: bool = True) -> None:
+        super().__init__()
+        self.sizes = dict(sizes)
+        self.straight_through = straight_through
+        self.theta = nn.ParameterDict(
+            {str(g): nn.Parameter(torch.full((n,), float(theta_init))) for g, n in sizes.items()})
+        self.log_sigma2 = nn.ParameterDict(
+            {str(g): nn.Parameter(torch.full((n,), float(log_sigma2_init)))
+             for g, n in sizes.items()})
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def sample(self, gid: int) -> torch.Tensor:
+        theta = self.theta[str(gid)]
+        if not self.training:
+            return theta  # test time: the means
+        sigma = torch.exp(0.5 * self.log_sigma2[str(gid)])
+        return theta + sigma * torch.randn_like(theta)
+
+    def gates(self) -> dict:
+        return {g: (lambda g=g: self.sample(g)) for g in self.sizes}
+
+    def log_alpha(self, gid: int, clip: bool = True) -> torch.Tensor:
+        return log_alpha_of(self.theta[str(gid)], self.log_sigma2[str(gid)], clip,
+                            self.straight_through)
+
+    def kl_sum(self) -> torch.Tensor:
+        return sum(kl(self.log_alpha(g)).sum() for g in self.sizes)
+
+
+class VariationalDropout(Method):
+    name = "vardrop"
+    summary = ("structured variational dropout: a Gaussian gate per coupled channel, KL-"
+               "regularised; channels ranked by log alpha (dropped at log alpha >= 3)")
+    cost = "one training run of the search budget with gates (about 1.3x a plain epoch)"
+    defaults = {
+        "lr": 1e-3,  # Adam, network weights (the paper's optimiser)
+        "gate_lr": 1e-2,  # Adam, theta and log sigma^2
+        "theta_init": 1.0,
+        "log_sigma2_init": -10.0,
+        "warmup_start": 0.15,  # beta = 0 until this fraction of the search steps
+        "warmup_end": 0.6,  # beta = 1 from this fraction on
+        "drop_threshold": DROP_THRESHOLD,
+        "straight_through": True,
+    }
+
+    def search(self, ctx: SearchContext) -> Proposal:
+        s = {**self.defaults, **ctx.settings}
+        groups = ctx.graph.prunable_groups
+        gates = VDGates({g.id: g.size for g in groups}, s["theta_init"], s["log_sigma2_init"],
+                        bool(s["straight_through"]))
+        device = next(ctx.model.parameters()).device
+        gates.to(device)
+        net = ctx.gated(gates.gates(), gates)
+        n_train = len(ctx.data.train)
+        steps_per_epoch = max(1, -(-n_train // ctx.batch_size))
+        total = max(1, int(round(ctx.epochs * steps_per_epoch)))
+
+        def extra_loss(_model):
+            beta = kl_beta(int(gates.step), total, s["warmup_start"], s["warmup_end"])
+            return beta * gates.kl_sum() / n_train
+
+        def on_step(_model, _step):
+            gates.step += 1
+
+        gate_ids = {id(p) for p in gates.parameters()}
+        weights = [p for p in net.parameters() if p.requires_grad and id(p) not in gate_ids]
+
+        def optimizer(_model):
+            return torch.optim.Adam([
+                {"params": weights, "lr": float(s["lr"]), "weight_decay": 0.0},
+                {"params": list(gates.parameters()), "lr": float(s["gate_lr"]),
+                 "weight_decay": 0.0}])
+
+        ctx.log(f"vardrop: {total} steps, KL weight 0 until step {int(s['warmup_start'] * total)}"
+                f", 1 from step {int(s['warmup_end'] * total)}; loss = CE + beta KL / {n_train}")
+        result = ctx.train(net, ctx.epochs, "vardrop", extra_loss=extra_loss, on_step=on_step,
+                           optimizer=optimizer)
+
+        with torch.no_grad():
+            la = {g.id: gates.log_alpha(g.id).detach().cpu() for g in groups}
+            raw = {g.id: gates.log_alpha(g.id, clip=False).detach().cpu().double()
+                   for g in groups}
+            theta = {g.id: gates.theta[str(g.id)].detach().clone() for g in groups}
+            final_kl = float(gates.kl_sum())
+        unfolded = fold_gates(ctx, theta)
+        if unfolded:
+            ctx.log(f"vardrop: no parameter to fold the gate means into at {unfolded}; the "
+                    "slim model starts from the weights without them")
+        scores = {gid: (-v).numpy() for gid, v in raw.items()}
+        plan = ctx.land(scores)
+
+        drops = {gid: int(dropped_mask(v, s["drop_threshold"]).sum()) for gid, v in la.items()}
+        rule_keep = {gid: np.flatnonzero(~dropped_mask(v, s["drop_threshold"])).tolist()
+                     for gid, v in la.items() if drops[gid]}
+        everything = torch.cat(list(la.values())).numpy() if la else np.zeros(0)
+        edges = np.arange(LOG_ALPHA_MIN, LOG_ALPHA_MAX + 1e-9, 2.0)
+        counts, _ = np.histogram(everything, bins=edges)
+        info = {
+            "dropped_per_group": {str(g): n for g, n in drops.items()},
+            "dropped_total": int(sum(drops.values())),
+            "channels_total": int(sum(g.size for g in groups)),
+            "log_alpha_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+            "log_alpha_summary": _summary(everything),
+            "final_kl": final_kl,
+            "steps": total,
+            "train_history": result.history,
+            "unfolded_gate_points": unfolded,
+        }
+        try:
+            info["drop_rule_cost"] = ctx.graph.cost(rule_keep).as_dict()
+        except Exception as exc:  # noqa: BLE001 - a rule plan may remove a needed branch
+            info["drop_rule_cost"] = f"not a valid plan ({exc})"
+        ctx.log(f"vardrop: {info['dropped_total']} of {info['channels_total']} channels at "
+                f"log alpha >= {s['drop_threshold']:g}; log alpha "
+                + ", ".join(f"{k} {v:.2f}" for k, v in info["log_alpha_summary"].items()))
+        state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        return Proposal(plan, state, info)
+
+
+def _summary(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {}
+    q = np.quantile(values, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"min": float(q[0]), "q25": float(q[1]), "median": float(q[2]),
+            "q75": float(q[3]), "max": float(q[4]), "mean": float(values.mean())}
+
+
+__all__ = ["VariationalDropout", "VDGates", "kl", "neg_kl", "kl_beta", "clip_log_alpha",
+           "log_alpha_of", "dropped_mask", "fold_gates", "K1", "K2", "K3"]
