@@ -1,0 +1,147 @@
+"""How fast is `graphsearch.analyze`, and how fast is its cost model, on every zoo model.
+
+For each model of ``graphsearch.zoo.MODELS``: the median wall time of ``analyze(model, inputs)``
+over 3 runs, against the median of 3 plain forward passes under ``torch.no_grad()`` at the same
+input (after 1 warm-up); their ratio; and cost-model throughput, ``g.cost(widths)`` per second
+over ~2000 calls, with random int widths for every prunable group (each in 1..size) and with
+random kept-index lists of the same widths. Plans are drawn before the clock starts. Threads:
+torch's default (``torch.get_num_threads()``). Prints a markdown table and writes it, with the
+command, date and versions, to ``benchmarks/results/analyze_speed.md``.
+
+    python benchmarks/analyze_speed.py [--models resnet20 vit_tiny] [--calls 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without an (up-to-date) install
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from graphsearch import PlanError, analyze, zoo  # noqa: E402
+
+
+def median_ms(fn, runs: int, warmup: int = 0) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cost_rate(g, plans: list[dict]) -> float:
+    """Calls of g.cost per second over the pre-drawn plans."""
+    t0 = time.perf_counter()
+    for plan in plans:
+        g.cost(plan)
+    return len(plans) / (time.perf_counter() - t0)
+
+
+def measure(name: str, calls: int, rng: np.random.Generator) -> dict:
+    model, inputs = zoo.build(name), zoo.example_inputs(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a zoo model must trace without an opaque leaf
+        analyze_ms = median_ms(lambda: analyze(model, inputs), runs=3)
+        g = analyze(model, inputs)
+    with torch.no_grad():
+        forward_ms = median_ms(lambda: model(*inputs), runs=3, warmup=1)
+    prunable = g.prunable_groups
+    counts = [{grp.id: int(rng.integers(1, grp.size + 1)) for grp in prunable} for _ in range(calls)]
+    # Random index lists can empty a node that a shuffle shares between groups (a plan the
+    # graph refuses): draw again until valid, checked on a separate graph so that the timed
+    # one starts with cold caches.
+    checker, lists, redrawn = analyze(model, inputs), [], 0
+    for plan in counts:
+        while True:
+            kept = {gid: np.sort(rng.choice(g.groups[gid].size, w, replace=False)).tolist()
+                    for gid, w in plan.items()}
+            try:
+                checker.check(kept)
+                break
+            except PlanError:
+                redrawn += 1
+        lists.append(kept)
+    s = g.summary()
+    return {
+        "model": name, "params": s["params"], "macs": s["macs"], "groups": s["groups"],
+        "prunable": s["prunable"], "analyze_ms": analyze_ms, "forward_ms": forward_ms,
+        "count_rate": cost_rate(g, counts), "list_rate": cost_rate(g, lists), "redrawn": redrawn,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(zoo.MODELS), help="zoo model names (default: all)")
+    parser.add_argument("--calls", type=int, default=2000, help="g.cost calls per model and plan kind")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analyze_speed.md")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in zoo.MODELS]
+    if unknown:
+        parser.error(f"unknown zoo model(s): {', '.join(unknown)}")
+
+    command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    header = [
+        "# Analysis and cost-model speed on the zoo",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Versions: python {platform.python_version()}, torch {torch.__version__}, numpy "
+        f"{np.__version__}; {platform.machine()} ({platform.system()}), {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()} (default); load average at start {load} "
+        "(1 / 5 / 15 min; other jobs may share this machine)",
+        "",
+        "analyze: median of 3 calls of `graphsearch.analyze(model, example_inputs)` (trace, meta "
+        "shapes, rules, groups, cost tables). forward: median of 3 eager `model(*inputs)` under "
+        "`torch.no_grad()` after 1 warm-up, batch 1, the zoo input shape. Cost evals/s: "
+        f"`g.cost(widths)` over {args.calls} pre-drawn plans, a random width in 1..size for every "
+        "prunable group (counts), and the same widths as random kept-index lists (exact mode; a "
+        "drawn list that the graph refuses, emptying a node shared through a shuffle, is drawn "
+        "again: `redrawn` counts those).",
+        "",
+        "| model | params (M) | MACs (G) | groups (prunable) | analyze ms | forward ms "
+        "| analyze / forward | cost evals/s (counts) | cost evals/s (index lists) | redrawn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(header), flush=True)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for name in args.models:
+        r = measure(name, args.calls, rng)
+        row = (f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} "
+               f"| {r['groups']} ({r['prunable']}) | {r['analyze_ms']:.0f} | {r['forward_ms']:.1f} "
+               f"| {r['analyze_ms'] / r['forward_ms']:.1f}x | {r['count_rate']:,.0f} "
+               f"| {r['list_rate']:,.0f} | {r['redrawn']} |")
+        rows.append(row)
+        print(row, flush=True)
+    end_load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    footer = ["", f"Load average at end: {end_load}. Forward passes use torch's default thread "
+              "pool: on a shared machine they are the noisiest column."]
+    print("\n".join(footer))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(header + rows + footer) + "\n")
+    print(f"\nwritten to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,874 @@
+"""One test per op rule, each on a tiny model (a few channels, 8x8 inputs).
+
+Every test pins which groups exist (size, prunable, removable, reason, members) and checks
+`g.cost(widths)` against a hand-built smaller model: params counted with `sum(p.numel())`
+of that model, MACs from the textbook formula (out positions x kernel x in x out).
+"""
+
+import operator
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphsearch import Cost, PlanError, analyze
+
+HW = 64  # positions of an 8x8 map
+
+
+def run(model, *shape, inputs=None):
+    return analyze(model.eval(), inputs if inputs is not None else (torch.randn(*shape),))
+
+
+def nparams(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def group(g, member):
+    """The single group that lists `member`."""
+    hits = [grp for grp in g.groups if member in grp.members]
+    assert len(hits) == 1, (member, [grp.members for grp in hits])
+    return hits[0]
+
+
+def table(g):
+    return [(grp.size, grp.prunable, grp.removable) for grp in g.groups]
+
+
+def assert_cost(g, widths, macs, small):
+    g.check(widths)
+    assert g.cost(widths) == Cost(macs=macs, params=nparams(small))
+
+
+def conv(cin, cout, k=1, **kw):
+    return nn.Conv2d(cin, cout, k, padding=k // 2, **kw)
+
+
+class Chain(nn.Module):
+    """conv1 (2 -> mid) -> op -> conv2 (mid -> 3), all 1x1; a module class `op` gets `mid`."""
+
+    def __init__(self, op, mid=4):
+        super().__init__()
+        self.conv1 = conv(2, mid)
+        self.op = op(mid) if isinstance(op, type) else op
+        self.conv2 = conv(mid, 3)
+
+    def forward(self, x):
+        return self.conv2(self.op(self.conv1(x)))
+
+
+# --------------------------------------------------------------------------- conv / linear
+
+CONVS = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+
+
+class ConvNet(nn.Module):
+    def __init__(self, d, mid=4):
+        super().__init__()
+        conv_cls, bn_cls = CONVS[d]
+        self.conv1 = conv_cls(2, mid, 3, padding=1)
+        self.bn = bn_cls(mid)
+        self.act = nn.ReLU()
+        self.conv2 = conv_cls(mid, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.bn(self.conv1(x))))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_conv_nd(d):
+    g = run(ConvNet(d), 1, 2, *[8] * d)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+    assert sorted(g.groups[1].members) == sorted([
+        "conv1.weight[out]", "conv1.bias", "bn.weight", "bn.bias", "bn.running_mean",
+        "bn.running_var", "conv2.weight[in]"])
+    assert g.groups[0].members == ["conv1.weight[in]", "<input x>"]
+    assert g.groups[2].members == ["conv2.weight[out]"]
+    positions, k = 8 ** d, 3 ** d
+
+    def macs(mid):
+        return positions * k * (2 * mid + mid * 3)
+
+    assert g.cost() == Cost(macs(4), nparams(ConvNet(d)))
+    assert_cost(g, {1: 2}, macs(2), ConvNet(d, mid=2))
+    assert_cost(g, {1: [0, 3]}, macs(2), ConvNet(d, mid=2))
+
+
+class Deconv(nn.Module):
+    def __init__(self, a=4, b=6):
+        super().__init__()
+        self.conv1 = conv(2, a, 3)
+        self.up = nn.ConvTranspose2d(a, b, 2, stride=2)  # 8x8 -> 16x16
+        self.conv2 = conv(b, 3)
+
+    def forward(self, x):
+        return self.conv2(self.up(self.conv1(x)))
+
+
+def test_conv_transpose():
+    g = run(Deconv(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (6, True, False), (3, False, False)]
+    # The transposed weight is (in, out, k, k): dim 0 follows the input channels.
+    assert g.groups[1].members == ["conv1.weight[out]", "conv1.bias", "up.weight[in]"]
+    assert g.groups[2].members == ["up.weight[out]", "up.bias", "conv2.weight[in]"]
+
+    def macs(a, b):  # a transposed conv costs in-positions x k x in x out
+        return HW * 9 * 2 * a + HW * 4 * a * b + 256 * b * 3
+
+    assert g.cost() == Cost(macs(4, 6), nparams(Deconv()))
+    assert_cost(g, {1: 3, 2: 2}, macs(3, 2), Deconv(3, 2))
+
+
+class Grouped(nn.Module):
+    def __init__(self, blocks=4, per_in=2, per_out=2):
+        super().__init__()
+        self.conv1 = conv(2, blocks * per_in)
+        self.gconv = conv(blocks * per_in, blocks * per_out, 3, groups=blocks)
+        self.conv2 = conv(blocks * per_out, 3)
+
+    def forward(self, x):
+        return self.conv2(self.gconv(self.conv1(x)))
+
+
+@pytest.mark.parametrize("per_in,per_out", [(2, 2), (1, 1), (1, 2)],
+                         ids=["grouped", "depthwise", "depthwise_x2"])
+def test_grouped_and_depthwise_conv(per_in, per_out):
+    """Block k of the input feeds only output block k: a block is one unit, in and out."""
+    g = run(Grouped(4, per_in, per_out), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+
+    def x(n):
+        return f" x{n}" if n > 1 else ""
+
+    assert sorted(g.groups[1].members) == sorted([
+        f"conv1.weight[out]{x(per_in)}", f"conv1.bias{x(per_in)}",
+        f"gconv.weight[out]{x(per_out)}", f"gconv.bias{x(per_out)}",
+        f"conv2.weight[in]{x(per_out)}"])
+
+    def macs(blocks):
+        return HW * (2 * blocks * per_in + 9 * per_in * blocks * per_out + blocks * per_out * 3)
+
+    assert g.cost() == Cost(macs(4), nparams(Grouped(4, per_in, per_out)))
+    assert_cost(g, {1: 1}, macs(1), Grouped(1, per_in, per_out))
+    assert_cost(g, {1: [1, 3]}, macs(2), Grouped(2, per_in, per_out))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden=5):
+        super().__init__()
+        self.fc1 = nn.Linear(6, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (1, 4, 6)], ids=["vector", "tokens"])
+def test_linear(shape):
+    g = run(MLP(), *shape)
+    assert [grp.size for grp in g.groups][1:] == [5, 3]
+    hidden = group(g, "fc1.weight[out]")
+    assert (hidden.prunable, hidden.removable) == (True, False)
+    assert hidden.members == ["fc1.weight[out]", "fc1.bias", "fc2.weight[in]"]
+    assert g.groups[-1].reason == "model output"
+    tokens = shape[1] if len(shape) == 3 else 1
+    assert g.cost() == Cost(tokens * (6 * 5 + 5 * 3), nparams(MLP()))
+    assert_cost(g, {hidden.id: 2}, tokens * (6 * 2 + 2 * 3), MLP(2))
+
+
+class ParamLinear(nn.Module):
+    """F.linear with parameters, then x @ W with a parameter W of shape (in, out)."""
+
+    def __init__(self, hidden=5):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(hidden, 6))
+        self.b1 = nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.randn(hidden, 3))
+
+    def forward(self, x):
+        return F.relu(F.linear(x, self.w1, self.b1)) @ self.w2
+
+
+def test_functional_linear_and_parameter_matmul():
+    g = run(ParamLinear(), 1, 4, 6)
+    hidden = group(g, "w1[out]")
+    assert hidden.size == 5 and hidden.prunable
+    assert hidden.members == ["w1[out]", "b1", "w2[in]"]  # w2 is (in, out)
+    assert g.groups[-1].members == ["w2[out]"] and g.groups[-1].reason == "model output"
+    assert_cost(g, {hidden.id: 2}, 4 * (6 * 2 + 2 * 3), ParamLinear(2))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class QKV(nn.Module):
+    """softmax(q k^T) v with a choice of matmul and of transpose."""
+
+    def __init__(self, op=torch.matmul, kt="transpose", qk=5, v=4):
+        super().__init__()
+        self.op, self.kt = op, kt
+        self.q, self.k, self.v = nn.Linear(6, qk), nn.Linear(6, qk), nn.Linear(6, v)
+        self.proj = nn.Linear(v, 3)
+
+    def forward(self, x):
+        k = self.k(x)
+        k = k.transpose(1, 2) if self.kt == "transpose" else k.mT if self.kt == "mT" \
+            else k.permute(0, 2, 1)
+        scores = self.op(self.q(x), k).softmax(-1)
+        return self.proj(self.op(scores, self.v(x)))
+
+
+@pytest.mark.parametrize("op,kt", [(torch.matmul, "transpose"), (operator.matmul, "transpose"),
+                                   (torch.bmm, "permute"), (operator.matmul, "mT")],
+                         ids=["torch.matmul", "operator.matmul", "torch.bmm", "mT"])
+def test_matmul(op, kt):
+    g = run(QKV(op, kt), 1, 4, 6)
+    qk, v = group(g, "q.weight[out]"), group(g, "v.weight[out]")
+    # q and k meet in q @ k^T: channel i of q is channel i of k.
+    assert sorted(qk.members) == ["k.bias", "k.weight[out]", "q.bias", "q.weight[out]"]
+    assert v.members == ["v.weight[out]", "v.bias", "proj.weight[in]"]
+    assert (qk.size, qk.prunable, qk.removable) == (5, True, False)
+    assert (v.size, v.prunable) == (4, True)
+    assert len(g.groups) == 4
+
+    def macs(a, b, t=4):
+        return t * 6 * (2 * a + b) + t * t * (a + b) + t * b * 3
+
+    assert g.cost() == Cost(macs(5, 4), nparams(QKV()))
+    assert_cost(g, {qk.id: 2, v.id: 3}, macs(2, 3), QKV(qk=2, v=3))
+
+
+class MHA(nn.Module):
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h)
+
+
+def _attention_macs(t, dim, heads, head_dim):
+    inner = heads * head_dim
+    return (t * 6 * dim            # embed
+            + t * dim * 3 * inner  # q, k, v projections
+            + 2 * t * t * inner    # q k^T and attn @ v
+            + t * inner * dim      # output projection
+            + t * dim * 3)         # head
+
+
+def test_multihead_attention():
+    g = run(MHA(), 1, 4, 6)
+    embed, heads = group(g, "embed.weight[out]"), group(g, "attn.in_proj_weight[out] x12")
+    assert table(g)[1:] == [(8, True, False), (2, True, True), (3, False, False)]
+    assert embed.members == ["embed.weight[out]", "embed.bias", "attn.in_proj_weight[in]",
+                             "attn.out_proj.weight[out]", "attn.out_proj.bias", "head.weight[in]"]
+    # A head is 4 rows of each of q, k, v and 4 input columns of the output projection.
+    assert heads.members == ["attn.in_proj_weight[out] x12", "attn.in_proj_bias x12",
+                             "attn.out_proj.weight[in] x4"]
+    assert g.cost() == Cost(_attention_macs(4, 8, 2, 4), nparams(MHA()))
+    # One head of 4 dims in a 4-dim embedding is exactly nn.MultiheadAttention(4, 1).
+    assert_cost(g, {embed.id: 4, heads.id: 1}, _attention_macs(4, 4, 1, 4), MHA(4, 1))
+    # No heads at all: the residual keeps the block, the attention (with its biases) is gone.
+    assert g.dead_nodes({heads.id: 0}) == {"attn", "getitem"}
+    assert g.cost({heads.id: 0}) == Cost(4 * 6 * 8 + 4 * 8 * 3, nparams(MHA()) - nparams(MHA().attn))
+
+
+class SDPA(nn.Module):
+    def __init__(self, dim=8, heads=2, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.embed = nn.Linear(6, dim)
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.head(h + self.proj(a.transpose(1, 2).flatten(2)))
+
+
+def test_scaled_dot_product_attention_heads():
+    g = run(SDPA(), 1, 4, 6)
+    assert table(g)[1:] == [(8, True, False), (2, True, True), (3, False, False)]
+    heads = group(g, "qkv.weight[out] x12")
+    assert heads.members == ["qkv.weight[out] x12", "qkv.bias x12", "proj.weight[in] x4"]
+    assert g.cost() == Cost(_attention_macs(4, 8, 2, 4), nparams(SDPA()))
+    assert_cost(g, {heads.id: 1}, _attention_macs(4, 8, 1, 4), SDPA(heads=1))
+    assert_cost(g, {1: 5, heads.id: 1}, _attention_macs(4, 5, 1, 4), SDPA(dim=5, heads=1))
+
+
+# --------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("norm,unit,members", [
+    (nn.BatchNorm2d, 1, ["norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"]),
+    (lambda c: nn.InstanceNorm2d(c, affine=True), 1, ["norm.weight", "norm.bias"]),
+    (lambda c: nn.GroupNorm(c // 2, c), 2, ["norm.weight x2", "norm.bias x2"]),
+], ids=["batch", "instance", "group"])
+def test_channel_norms(norm, unit, members):
+    class Net(nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.conv1, self.norm, self.conv2 = conv(2, c, 3), norm(c), conv(c, 3)
+
+        def forward(self, x):
+            return self.conv2(F.relu(self.norm(self.conv1(x))))
+
+    g = run(Net(), 1, 2, 8, 8)
+    # GroupNorm statistics span a norm group: its 2 channels are pruned as one unit.
+    assert table(g) == [(2, False, False), (8 // unit, True, False), (3, False, False)]
+    x = f" x{unit}" if unit > 1 else ""
+    assert sorted(g.groups[1].members) == sorted(
+        [f"conv1.weight[out]{x}", f"conv1.bias{x}", f"conv2.weight[in]{x}"] + members)
+    assert_cost(g, {1: 3}, HW * (9 * 2 + 3) * 3 * unit, Net(3 * unit))
+
+
+class TokenNorm(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, c), nn.LayerNorm(c), nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+def test_layer_norm():
+    g = run(TokenNorm(), 1, 4, 6)
+    c = group(g, "norm.weight")
+    assert c.size == 8 and c.prunable
+    assert c.members == ["fc1.weight[out]", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight[in]"]
+    assert_cost(g, {c.id: 5}, 4 * (6 * 5 + 5 * 3), TokenNorm(5))
+
+
+def test_layer_norm_over_several_dims_is_not_prunable():
+    g = run(Chain(nn.LayerNorm([4, 8, 8])), 1, 2, 8, 8)
+    c = group(g, "conv1.weight[out]")
+    assert not c.prunable and c.reason == "LayerNorm over several dims at 'op'"
+    assert "conv2.weight[in]" in c.members
+    with pytest.raises(PlanError, match="not prunable: LayerNorm over several dims"):
+        g.check({c.id: 2})
+
+
+# --------------------------------------------------------------------------- channelwise ops
+
+
+CHANNELWISE = {  # id: (op or factory of the channel count, output side of an 8x8 input)
+    "ReLU": (nn.ReLU(), 8), "ReLU6": (nn.ReLU6(), 8), "GELU": (nn.GELU(), 8),
+    "SiLU": (nn.SiLU(), 8), "Hardswish": (nn.Hardswish(), 8), "LeakyReLU": (nn.LeakyReLU(0.1), 8),
+    "ELU": (nn.ELU(), 8), "Sigmoid": (nn.Sigmoid(), 8), "Tanh": (nn.Tanh(), 8),
+    "Mish": (nn.Mish(), 8), "F.relu": (F.relu, 8), "torch.sigmoid": (torch.sigmoid, 8),
+    "torch.tanh": (torch.tanh, 8), "clamp": (lambda x: x.clamp(0, 6), 8), "PReLU": (nn.PReLU, 8),
+    "Dropout": (nn.Dropout(0.5), 8), "Dropout2d": (nn.Dropout2d(0.5), 8),
+    "F.dropout": (lambda x: F.dropout(x, 0.5), 8),
+    "MaxPool2d": (nn.MaxPool2d(2), 4), "AvgPool2d": (nn.AvgPool2d(2), 4),
+    "F.max_pool2d": (lambda x: F.max_pool2d(x, 2), 4),
+    "F.avg_pool2d": (lambda x: F.avg_pool2d(x, 3, 1, 1), 8),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d(1), 1),
+    "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d((2, 2)), 2),
+    "F.adaptive_avg_pool2d": (lambda x: F.adaptive_avg_pool2d(x, 1), 1),
+    "Upsample": (nn.Upsample(scale_factor=2), 16),
+    "interpolate_bilinear": (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), 16),
+    "interpolate_size": (lambda x: F.interpolate(x, size=(4, 4)), 4),
+    "F.pad": (lambda x: F.pad(x, (1, 1, 1, 1)), 10), "ZeroPad2d": (nn.ZeroPad2d(2), 12),
+}
+
+
+@pytest.mark.parametrize("op,side", list(CHANNELWISE.values()), ids=list(CHANNELWISE))
+def test_channelwise_ops(op, side):
+    """Activations, dropout, pooling (adaptive too), interpolation, spatial padding."""
+    g = run(Chain(op), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+    extra = ["op.weight"] if op is nn.PReLU else []
+    assert sorted(g.groups[1].members) == sorted(
+        ["conv1.weight[out]", "conv1.bias", "conv2.weight[in]"] + extra)
+
+    def macs(c):
+        return HW * 2 * c + side * side * c * 3
+
+    assert g.cost() == Cost(macs(4), nparams(Chain(op)))
+    assert_cost(g, {1: 2}, macs(2), Chain(op, mid=2))
+
+
+class PadChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = conv(2, 4), conv(7, 3)
+
+    def forward(self, x):
+        return self.conv2(F.pad(self.conv1(x), (0, 0, 0, 0, 1, 2)))
+
+
+def test_channel_padding_adds_constant_channels():
+    g = run(PadChannels(), 1, 2, 8, 8)
+    # conv2 reads 1 + 4 + 2 channels; the padded ones are groups of their own.
+    assert table(g) == [(2, False, False), (4, True, False), (1, True, True), (2, True, True),
+                        (3, False, False)]
+    assert g.groups[2].members == ["conv2.weight[in]", "<pad pad>"]
+    assert g.cost() == Cost(HW * (2 * 4 + 7 * 3), nparams(conv(2, 4)) + nparams(conv(7, 3)))
+    assert g.cost({2: 0, 3: 0}) == Cost(HW * (2 * 4 + 4 * 3), nparams(Chain(None)))
+
+
+# --------------------------------------------------------------------------- merges
+
+
+class SE(nn.Module):
+    def __init__(self, c=4, r=2):
+        super().__init__()
+        self.conv = conv(2, c, 3)
+        self.fc1, self.fc2 = nn.Linear(c, r), nn.Linear(r, c)
+        self.head = conv(c, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return self.head(x * gate[:, :, None, None])
+
+
+def test_squeeze_excitation_gate():
+    g = run(SE(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (2, True, False), (3, False, False)]
+    # The gate's channels are the feature map's: fc2's outputs prune with the conv.
+    assert g.groups[1].members == ["conv.weight[out]", "conv.bias", "fc1.weight[in]",
+                                   "fc2.weight[out]", "fc2.bias", "head.weight[in]"]
+    assert g.groups[2].members == ["fc1.weight[out]", "fc1.bias", "fc2.weight[in]"]
+
+    def macs(c, r):
+        return HW * 9 * 2 * c + c * r + r * c + HW * c * 3
+
+    assert g.cost() == Cost(macs(4, 2), nparams(SE()))
+    assert_cost(g, {1: 3, 2: 1}, macs(3, 1), SE(3, 1))
+    with pytest.raises(PlanError, match="'mul' would lose an input"):
+        g.dead_nodes({2: 0})  # a gate cannot be removed: x * sigmoid(bias) is not x
+    with pytest.raises(PlanError, match="width 0 is outside 1..2"):
+        g.check({2: 0})
+
+
+class Merge(nn.Module):
+    """add, sub, div and mul by a constant, and a broadcast (1, C, 1, 1) parameter."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (conv(2, c) for _ in range(4))
+        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.head = conv(c, 3)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x) - self.c(x)
+        y = y / (torch.sigmoid(self.d(x)) + 1.0)
+        return self.head(2 * y + self.bias)
+
+
+def test_elementwise_merges_tie_channels():
+    g = run(Merge(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+    assert sorted(g.groups[1].members) == sorted(
+        [f"{n}.{p}" for n in "abcd" for p in ("weight[out]", "bias")] + ["bias", "head.weight[in]"])
+    assert_cost(g, {1: 2}, HW * (4 * 2 * 2 + 2 * 3), Merge(2))
+
+
+class SpatialGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.sa, self.head = conv(2, 4), conv(4, 1), conv(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(y * torch.sigmoid(self.sa(y)))
+
+
+def test_broadcast_across_channels_is_not_prunable():
+    g = run(SpatialGate(), 1, 2, 8, 8)
+    y, attn = group(g, "conv.weight[out]"), group(g, "sa.weight[out]")
+    assert y.prunable and y.size == 4 and "head.weight[in]" in y.members
+    # A (1, 1, 8, 8) map multiplied into every channel has no channel to follow.
+    assert (attn.size, attn.prunable) == (1, False)
+    assert attn.reason == "broadcast across channels at 'mul'"
+
+
+class Residual(nn.Module):
+    def __init__(self, merge="add", c=4, mid=3, branch=True):
+        super().__init__()
+        self.merge, self.branch = merge, branch
+        self.stem = conv(2, c, 3)
+        if branch:
+            self.conv1, self.bn1 = conv(c, mid, 3, bias=False), nn.BatchNorm2d(mid)
+            self.conv2, self.bn2 = conv(mid, c, 3, bias=False), nn.BatchNorm2d(c)
+        self.head = conv(c, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.branch:
+            b = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(h)))))
+            h = h + b if self.merge == "add" else h - b if self.merge == "sub" else b - h
+        return self.head(h)
+
+
+@pytest.mark.parametrize("merge", ["add", "sub"])
+def test_residual_branch_removable(merge):
+    g = run(Residual(merge), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, True, True), (3, False, False)]
+    trunk, mid = g.groups[1], g.groups[2]
+    assert {"stem.weight[out]", "conv2.weight[out]", "bn2.weight", "head.weight[in]"} <= \
+        set(trunk.members)
+    assert mid.min_width == 0 and trunk.min_width == 1
+    assert g.dead_nodes({mid.id: 0}) == {"conv1", "bn1", "relu", "conv2", "bn2"}
+    # Without the branch the model is the stem and the head.
+    assert_cost(g, {mid.id: 0}, HW * (9 * 2 * 4 + 4 * 3), Residual(branch=False))
+
+    def macs(c, m):
+        return HW * (9 * 2 * c + 9 * c * m * 2 + c * 3)
+
+    assert_cost(g, {trunk.id: 2, mid.id: 1}, macs(2, 1), Residual(merge, 2, 1))
+
+
+def test_branch_minus_trunk_branch_not_removable():
+    g = run(Residual("rsub"), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, True, False), (3, False, False)]
+    with pytest.raises(PlanError, match="'sub' would lose its first operand"):
+        g.dead_nodes({2: 0})
+
+
+# --------------------------------------------------------------------------- concat, split
+
+
+class Cat(nn.Module):
+    def __init__(self, sizes=(3, 5, 2), nested=False):
+        super().__init__()
+        self.nested = nested
+        self.convs = nn.ModuleList(conv(2, s) for s in sizes if s)
+        self.head = conv(sum(sizes), 3)
+
+    def forward(self, x):
+        outs = [c(x) for c in self.convs]
+        if self.nested:
+            return self.head(torch.cat([torch.cat(outs[:2], 1), outs[2]], dim=1))
+        return self.head(torch.cat(outs, 1))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["cat", "cat_of_cat"])
+def test_concat(nested):
+    g = run(Cat(nested=nested), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (3, True, True), (5, True, True), (2, True, True),
+                        (3, False, False)]
+    for i in range(3):
+        assert g.groups[1 + i].members == [f"convs.{i}.weight[out]", f"convs.{i}.bias",
+                                           "head.weight[in]"]
+
+    def macs(*sizes):
+        return HW * 5 * sum(sizes)
+
+    assert g.cost() == Cost(macs(3, 5, 2), nparams(Cat()))
+    assert_cost(g, {1: 2, 2: 0, 3: 1}, macs(2, 1), Cat((2, 0, 1)))
+    assert_cost(g, {1: [0, 2], 2: [], 3: [1]}, macs(2, 1), Cat((2, 0, 1)))
+    assert g.dead_nodes({2: 0}) == {"convs_1"}
+    with pytest.raises(PlanError, match="model output would lose an input"):
+        g.check({1: 0, 2: 0, 3: 0})
+
+
+class CatSplit(nn.Module):
+    def __init__(self, a=3, b=5, p=4, q=4):
+        super().__init__()
+        self.a, self.b = conv(2, a), conv(2, b)
+        self.p, self.q = conv(p, 3), conv(q, 3)
+
+    def forward(self, x):
+        parts = torch.cat([self.a(x), self.b(x)], 1).split(4, dim=1)
+        return self.p(parts[0]) + self.q(parts[1])
+
+
+def test_split_after_concat():
+    g = run(CatSplit(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (3, True, True), (5, True, True), (3, False, False)]
+    assert g.groups[1].members == ["a.weight[out]", "a.bias", "p.weight[in]"]
+    # b's first channel lands in the first part: b feeds both p and q.
+    assert g.groups[2].members == ["b.weight[out]", "b.bias", "p.weight[in]", "q.weight[in]"]
+    # Kept indices are exact: a keeps 0, 2 and b keeps 0 (-> p) and 3, 4 (-> q).
+    assert_cost(g, {1: [0, 2], 2: [0, 3, 4]}, HW * (2 * 5 + 3 * 3 + 2 * 3), CatSplit(2, 3, 3, 2))
+    assert_cost(g, {2: [1, 2, 3, 4]}, HW * (2 * 7 + 3 * 3 + 4 * 3), CatSplit(3, 4, 3, 4))
+
+
+class Chunk(nn.Module):
+    def __init__(self, c=8, p=4, q=4):
+        super().__init__()
+        self.conv = conv(2, c)
+        self.p, self.q = conv(p, 3), conv(q, 3)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        return self.p(a) + self.q(b)
+
+
+def test_chunk():
+    g = run(Chunk(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (8, True, False), (3, False, False)]
+    assert g.groups[1].members == ["conv.weight[out]", "conv.bias", "p.weight[in]", "q.weight[in]"]
+    assert_cost(g, {1: [0, 1, 5]}, HW * (2 * 3 + 2 * 3 + 1 * 3), Chunk(3, 2, 1))
+    # A count is spread evenly over both halves.
+    assert_cost(g, {1: 4}, HW * (2 * 4 + 2 * 3 + 2 * 3), Chunk(4, 2, 2))
+
+
+class StemChunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid, self.p, self.q = conv(2, 4), conv(4, 4), conv(2, 3), conv(2, 3)
+
+    def forward(self, x):
+        a, b = self.mid(F.relu(self.stem(x))).chunk(2, dim=1)
+        return self.p(a) + self.q(b)
+
+
+def test_chunk_of_a_removed_stem_dies_with_it():
+    """Regression: the pieces of a dead chunk stayed alive (their producer, a tuple, was not
+    recorded as an input), so a stem feeding a chunk looked removable (ShuffleNetV2's stem)."""
+    g = run(StemChunk(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (4, True, False), (3, False, False)]
+    with pytest.raises(PlanError, match="model output would lose an input"):
+        g.dead_nodes({1: 0})
+    assert g.nx.has_edge("chunk", "getitem") and g.nx.has_edge("chunk", "getitem_1")
+
+
+class Slice(nn.Module):
+    def __init__(self, c=8, k=4):
+        super().__init__()
+        self.conv, self.head = conv(2, c), conv(k, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x)[:, 2:6, 1:7, 1:7])
+
+
+def test_getitem_slices():
+    g = run(Slice(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (8, True, False), (3, False, False)]
+    # Channels 2..5 reach the head; kept 0, 2, 3, 7 leave it two.
+    assert_cost(g, {1: [0, 2, 3, 7]}, HW * 2 * 4 + 36 * 2 * 3, Slice(4, 2))
+    assert g.cost() == Cost(HW * 2 * 8 + 36 * 4 * 3, nparams(Slice()))
+
+
+# --------------------------------------------------------------------------- layout ops
+
+
+class FlattenFC(nn.Module):
+    def __init__(self, fn, c=4):
+        super().__init__()
+        self.fn = fn
+        self.conv = conv(2, c, 3)
+        self.fc = nn.Linear(c * HW, 3)
+
+    def forward(self, x):
+        return self.fc(self.fn(F.relu(self.conv(x))))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda y: y.flatten(1), lambda y: torch.flatten(y, 1), lambda y: y.view(y.size(0), -1),
+    lambda y: y.reshape(1, -1), nn.Flatten()], ids=["flatten", "torch.flatten", "view", "reshape",
+                                                    "nn.Flatten"])
+def test_flatten_into_linear(fn):
+    g = run(FlattenFC(fn), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+    # Each channel owns 64 consecutive inputs of the linear layer.
+    assert g.groups[1].members == ["conv.weight[out]", "conv.bias", "fc.weight[in] x64"]
+    assert_cost(g, {1: 2}, HW * 9 * 2 * 2 + 2 * HW * 3, FlattenFC(fn, 2))
+    assert_cost(g, {1: [1, 3]}, HW * 9 * 2 * 2 + 2 * HW * 3, FlattenFC(fn, 2))
+
+
+class ChannelLast(nn.Module):
+    def __init__(self, how="permute", c=4, d=5):
+        super().__init__()
+        self.how = how
+        self.conv1, self.fc, self.conv2 = conv(2, c), nn.Linear(c, d), conv(d, 3)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if self.how == "permute":
+            return self.conv2(self.fc(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.conv2(self.fc(y.transpose(1, 3)).transpose(1, 3))
+
+
+@pytest.mark.parametrize("how", ["permute", "transpose"])
+def test_permute_transpose(how):
+    g = run(ChannelLast(how), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (5, True, False), (3, False, False)]
+    assert g.groups[1].members == ["conv1.weight[out]", "conv1.bias", "fc.weight[in]"]
+    assert g.groups[2].members == ["fc.weight[out]", "fc.bias", "conv2.weight[in]"]
+    assert_cost(g, {1: 3, 2: 2}, HW * (2 * 3 + 3 * 2 + 2 * 3), ChannelLast(how, 3, 2))
+
+
+def shuffle(x, groups=2):
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+
+@pytest.mark.parametrize("op", [shuffle, nn.ChannelShuffle(2)], ids=["view_transpose_view",
+                                                                     "nn.ChannelShuffle"])
+def test_channel_shuffle(op):
+    g = run(Chain(op, mid=8), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (8, True, False), (3, False, False)]
+    into_conv2 = next(i for i in g.nodes if i.name == "conv2").inputs[0]
+    ids = next(i for i in g.nodes if i.name == into_conv2).ids
+    groups, index = g.locate(ids)
+    assert groups.tolist() == [1] * 8 and index.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert_cost(g, {1: [0, 1, 5]}, HW * 3 * 5, Chain(op, mid=3))
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self, c=2):
+        super().__init__()
+        self.conv1, self.ps, self.conv2 = conv(2, 4 * c), nn.PixelShuffle(2), conv(c, 3)
+
+    def forward(self, x):
+        return self.conv2(self.ps(self.conv1(x)))
+
+
+def test_pixel_shuffle():
+    g = run(PixelShuffleNet(), 1, 2, 8, 8)
+    # 4 input channels make one output channel: they are pruned together.
+    assert table(g) == [(2, False, False), (2, True, False), (3, False, False)]
+    assert g.groups[1].members == ["conv1.weight[out] x4", "conv1.bias x4", "conv2.weight[in]"]
+    assert g.cost() == Cost(HW * 2 * 8 + 256 * 2 * 3, nparams(PixelShuffleNet()))
+    assert_cost(g, {1: 1}, HW * 2 * 4 + 256 * 1 * 3, PixelShuffleNet(1))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda y: y.mean((2, 3)), lambda y: y.sum(dim=(-1, -2)), lambda y: torch.mean(y, dim=[2, 3]),
+    lambda y: y.mean((2, 3), keepdim=True).flatten(1), lambda y: y.amax((2, 3))],
+    ids=["mean", "sum", "torch.mean", "keepdim", "amax"])
+def test_reduce_over_spatial_dims(fn):
+    class Net(nn.Module):
+        def __init__(self, c=4):
+            super().__init__()
+            self.conv, self.fc = conv(2, c, 3), nn.Linear(c, 3)
+
+        def forward(self, x):
+            return self.fc(fn(self.conv(x)))
+
+    g = run(Net(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+    assert g.groups[1].members == ["conv.weight[out]", "conv.bias", "fc.weight[in]"]
+    assert_cost(g, {1: 1}, HW * 9 * 2 + 3, Net(1))
+
+
+def test_reduce_over_channels_is_not_prunable():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = conv(2, 4), conv(1, 3)
+
+        def forward(self, x):
+            return self.conv2(self.conv1(x).sum(1, keepdim=True))
+
+    g = run(Net(), 1, 2, 8, 8)
+    c = group(g, "conv1.weight[out]")
+    assert not c.prunable and c.reason == "method .sum() over channels at 'sum_1'"
+
+
+# --------------------------------------------------------------------------- model boundary
+
+
+class TwoInOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fx_, self.fy, self.out = nn.Linear(6, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, y):
+        h = F.relu(self.fx_(x) + self.fy(y))
+        return self.out(h), h
+
+
+def test_model_inputs_and_outputs_are_never_prunable():
+    g = run(TwoInOut(), inputs=(torch.randn(1, 6), torch.randn(1, 4)))
+    assert [(grp.size, grp.prunable, grp.reason) for grp in g.groups] == [
+        (6, False, "model input 'x'"), (4, False, "model input 'y'"), (5, False, "model output"),
+        (3, False, "model output")]
+    with pytest.raises(PlanError, match="group 2 is not prunable: model output"):
+        g.check({2: 4})
+    g.check({2: 5})  # keeping everything is always fine
+
+
+class AddInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = conv(2, 2, 3), conv(2, 3)
+
+    def forward(self, x):
+        return self.conv2(x + self.conv1(x))
+
+
+def test_input_tied_through_a_residual_is_not_prunable():
+    g = run(AddInput(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (3, False, False)]
+    assert g.groups[0].reason == "model input 'x'"
+    assert sorted(g.groups[0].members) == ["<input x>", "conv1.bias", "conv1.weight[in]",
+                                           "conv1.weight[out]", "conv2.weight[in]"]
+
+
+# --------------------------------------------------------------------------- what is not seen
+
+
+def channel_rank(x):
+    return x.argsort(dim=1).float()
+
+
+torch.fx.wrap("channel_rank")  # fx records a call to it instead of tracing through
+
+
+@pytest.mark.parametrize("op,name", [
+    (lambda y: torch.sort(y, dim=1)[0], "torch.sort"),
+    (lambda y: channel_rank(y), "test_rules.channel_rank"),
+    (lambda y: torch.fft.fft(y, dim=1).abs(), "fft_fft"),
+], ids=["torch.sort", "fx.wrap", "torch.fft"])
+def test_unsupported_op_stops_pruning_and_says_why(op, name):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.conv3 = conv(2, 4), conv(4, 5), conv(5, 3)
+
+        def forward(self, x):
+            return self.conv3(F.relu(self.conv2(op(self.conv1(x)))))
+
+    g = run(Net(), 1, 2, 8, 8)  # does not raise
+    before, after = group(g, "conv1.weight[out]"), group(g, "conv2.weight[in]")
+    for grp in (before, after):
+        assert not grp.prunable
+        assert grp.reason.startswith("no rule for ") and name in grp.reason and "(at '" in grp.reason
+    # Past the op everything is visible again.
+    assert group(g, "conv2.weight[out]").prunable
+    assert g.cost() == Cost(HW * (2 * 4 + 4 * 5 + 5 * 3), nparams(Net()))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return F.relu(x)
+        return -x
+
+
+class WithLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.gate, self.conv2, self.conv3 = conv(2, 4), DataDependent(), conv(4, 5), \
+            conv(5, 3)
+
+    def forward(self, x):
+        return self.conv3(self.conv2(self.gate(self.conv1(x))))
+
+
+def test_untraceable_submodule_becomes_an_opaque_leaf():
+    with pytest.warns(UserWarning, match="submodule 'gate' could not be traced by torch.fx"):
+        g = run(WithLeaf(), 1, 2, 8, 8)
+    assert list(g.untraceable) == ["gate"]
+    assert g.summary()["untraceable"] == g.untraceable
+    assert [i.rule for i in g.nodes if i.name == "gate"] == ["unsupported"]
+    for member in ("conv1.weight[out]", "conv2.weight[in]"):
+        grp = group(g, member)
+        assert not grp.prunable and grp.reason.startswith("submodule 'gate' is opaque (fx: ")
+    assert group(g, "conv2.weight[out]").prunable
+    assert g.cost() == Cost(HW * (2 * 4 + 4 * 5 + 5 * 3), nparams(WithLeaf()))
