@@ -188,11 +188,49 @@ class ChannelGraph:
         node_id = {name: i for i, name in enumerate(self._space_nodes)}
         space_node = np.array([node_id[sp.node] for sp in ctx.spaces], dtype=np.int64)
         position = self._group_offset[self._atom_group] + self._atom_index
-        # A grouped conv's output channel is its input channel carried on, not a new one.
-        made = np.array([sp.kind != "grouped_conv" for sp in ctx.spaces])[atom_space]
+        # A grouped conv's output channel is its input channel carried on, not a new one; a
+        # gate (an SE block's last layer) only scales channels that something else produces.
+        gates = self._gate_producers()
+        made = np.array([sp.kind != "grouped_conv" and sp.node not in gates
+                         for sp in ctx.spaces])[atom_space]
         pairs = np.unique(np.stack([position[made], space_node[atom_space][made]]), axis=1)
         self._pair_pos, self._pair_node = pairs[0], pairs[1]
         self._members(ctx)
+
+    def _gate_producers(self) -> set[str]:
+        """Nodes whose output reaches the rest of the model only as a factor of a product of
+        two tensors (through activations, scalar arithmetic and reshapes): the fc2 of a
+        squeeze-excitation gate. A product's channel exists only where its other factor's
+        does, so a gate never keeps a channel alive whose real producers were removed."""
+        users: dict[str, list[NodeInfo]] = {}
+        for info in self.nodes:
+            for name in dict.fromkeys(info.inputs):
+                users.setdefault(name, []).append(info)
+        passthrough = {"elementwise_unary", "add", "sub", "multiply", "layout"}
+        memo: dict[str, bool] = {}
+
+        def numel(name: str) -> int:
+            v = self.values.get(name)
+            return int(v.numel()) if isinstance(v, torch.Tensor) else -1
+
+        def scales(u: NodeInfo, name: str) -> bool:
+            # a product where this operand is broadcast over the other (B,C,1,1 x B,C,H,W),
+            # not a gated linear unit, whose two factors are both real producers
+            others = [i for i in dict.fromkeys(u.inputs) if i != name]
+            return u.rule == "multiply" and bool(others) and \
+                0 <= numel(name) < min(numel(i) for i in others)
+
+        def only_gates(name: str) -> bool:
+            if name not in memo:
+                memo[name] = False  # a cycle (none in fx) or no users: not a gate
+                outs = users.get(name, [])
+                memo[name] = bool(outs) and all(
+                    scales(u, name)
+                    or (u.rule in passthrough and len(set(u.inputs)) == 1 and only_gates(u.name))
+                    for u in outs)
+            return memo[name]
+
+        return {name for name in self._spaces_by_node if only_gates(name)}
 
     def _locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index in group) of each atom; group -1 where there is no atom."""
@@ -465,9 +503,12 @@ class ChannelGraph:
         """
         widths = dict(widths or {})
         removal = self.removal(widths)
+        # Index lists anywhere (even only empty ones) select the exact path: the orphaned
+        # channels are then the very positions the removal found, not an even share.
+        exact = any(not isinstance(w, (int, np.integer)) for w in widths.values())
         for gid in removal.zero_groups:
-            widths[gid] = 0
-        if any(not isinstance(w, (int, np.integer)) for w in widths.values()):
+            widths[gid] = [] if exact else 0
+        if exact:
             counts = self._exact_counts(widths, removal.dropped)
         else:
             f = self.fractions(widths)

@@ -157,16 +157,26 @@ def batch_norm(ctx, node):
     return ctx.channel_ids(line, node)
 
 
-@register(nn.GroupNorm, edge="identity")
+@register(nn.GroupNorm, F.group_norm, edge="identity")
 def group_norm(ctx, node):
     """Statistics are per group of channels: a whole norm group is pruned as one unit."""
     m = ctx.module
     line = ctx.line(ctx.ids(node.args[0]), 1, node.args[0])
-    ctx.tie_blocks(line, m.num_groups)
+    groups = m.num_groups if m is not None else \
+        (node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups"))
+    if not isinstance(groups, int):
+        ctx.fix(line, f"group_norm with a computed number of groups at '{node.name}'")
+        return ctx.channel_ids(line, node)
+    ctx.tie_blocks(line, groups)
     line = ctx.find(line)
-    if m.affine:
-        ctx.bind(f"{node.target}.weight", 0, line)
-        ctx.bind(f"{node.target}.bias", 0, line)
+    if m is not None:
+        if m.affine:
+            ctx.bind(f"{node.target}.weight", 0, line)
+            ctx.bind(f"{node.target}.bias", 0, line)
+    else:
+        for arg in list(node.args[2:4]) + [node.kwargs.get("weight"), node.kwargs.get("bias")]:
+            if ctx.param_name(arg):
+                ctx.bind(ctx.param_name(arg), 0, line)
     return ctx.channel_ids(line, node)
 
 
@@ -203,9 +213,12 @@ def _conv_module_macs(ctx, node, line_in, line_out, transposed: bool):
     if m.groups == 1:
         ctx.macs(spatial * k, line_in, line_out)
     else:
-        # Grouped: each output channel reads (in / groups) inputs; groups are pruned whole.
-        per_group_in = m.in_channels // m.groups
-        ctx.macs(spatial * k * per_group_in, line_out if not transposed else line_in)
+        # Grouped: each output channel reads (in / groups) inputs (a transposed conv: each
+        # input channel writes (out / groups) outputs); groups are pruned whole.
+        if transposed:
+            ctx.macs(spatial * k * (m.out_channels // m.groups), line_in)
+        else:
+            ctx.macs(spatial * k * (m.in_channels // m.groups), line_out)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, edge="mix")
@@ -336,9 +349,11 @@ def sdpa(ctx, node):
 @register(nn.MultiheadAttention, edge="heads")
 def multihead_attention(ctx, node):
     """nn.MultiheadAttention: embed dims of q/k/v inputs, heads inside, fresh output dims."""
-    m = ctx.module
-    if not m._qkv_same_embed_dim:
+    m = ctx.module  # nn.MultiheadAttention, or the PrunedMultiheadAttention slim makes of it
+    if not getattr(m, "_qkv_same_embed_dim", True):
         return unsupported(ctx, node, why="MultiheadAttention with kdim/vdim")
+    inner = m.num_heads * m.head_dim  # rows of each of q, k, v
+    out_dim = m.out_proj.out_features
     q, k, v = node.args[0], node.args[1], node.args[2]
     last = -1
     lines = [ctx.line(ctx.ids(t), last, t) for t in (q, k, v)]
@@ -352,19 +367,19 @@ def multihead_attention(ctx, node):
     ctx.bind(f"{node.target}.in_proj_weight", 1, embed_in)
     if m.in_proj_bias is not None:
         ctx.bind(f"{node.target}.in_proj_bias", 0, qkv_rows)
-    out = ctx.fresh(m.embed_dim, "attention_out")
+    out = ctx.fresh(out_dim, "attention_out")
     ctx.bind(f"{node.target}.out_proj.weight", 0, out)
     ctx.bind(f"{node.target}.out_proj.weight", 1, per_head)
     if m.out_proj.bias is not None:
         ctx.bind(f"{node.target}.out_proj.bias", 0, out)
-    if m.bias_k is not None or m.bias_v is not None:
+    if getattr(m, "bias_k", None) is not None or getattr(m, "bias_v", None) is not None:
         ctx.fix(embed_in, f"MultiheadAttention '{node.target}' with add_bias_kv")
     sq = ctx.shape(q)
     tokens = sq[1] if m.batch_first else sq[0]
     sk = ctx.shape(k)
     src = sk[1] if m.batch_first else sk[0]
-    ctx.macs(tokens, embed_in, qkv_rows[: m.embed_dim])          # q projection
-    ctx.macs(src, embed_in, qkv_rows[m.embed_dim:])              # k and v projections
+    ctx.macs(tokens, embed_in, qkv_rows[:inner])                 # q projection
+    ctx.macs(src, embed_in, qkv_rows[inner:])                    # k and v projections
     ctx.macs(tokens * src * 2, per_head)                         # q k^T and attn @ v
     ctx.macs(tokens, per_head, out)                              # output projection
     attn_out = ctx.channel_ids(out, None, dim=-1, rank=len(sq))

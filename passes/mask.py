@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from graphsearch.graph import ChannelGraph
 
-from .attention import multihead_attention
+from .attention import PrunedMultiheadAttention, multihead_attention
 from .plan import Keep, ResolvedPlan, resolve
 
 
@@ -53,7 +53,7 @@ class MaskedModel(nn.Module):
             if plan.changes(ids):
                 line = ids.reshape(-1) if ids.dim() else ids
                 self._norm_masks[node.name] = plan.kept(line).float()
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
             heads = _heads_of(graph, node.name, module.num_heads)
             if heads is not None and plan.changes(heads):
                 self._head_masks[node.name] = plan.kept(heads).float()

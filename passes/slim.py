@@ -84,9 +84,9 @@ def slim(graph: ChannelGraph, keep: Keep | None, state_dict: dict | None = None
     gm = copy.deepcopy(graph.module)
     if state_dict is not None:
         gm.load_state_dict(state_dict)
-    _slice_tensors(gm, graph, plan)
+    sliced = _slice_tensors(gm, graph, plan)
     _remove_dead(gm, graph, plan)
-    _Rewriter(gm, graph, plan).run()
+    _Rewriter(gm, graph, plan, sliced).run()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -98,7 +98,9 @@ def slim(graph: ChannelGraph, keep: Keep | None, state_dict: dict | None = None
 # --------------------------------------------------------------------------- 1. tensors
 
 
-def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) -> None:
+def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) -> set[str]:
+    """Slice every bound parameter and buffer; returns the modules that own a sliced one."""
+    sliced: set[str] = set()
     for name, b in graph._bindings.items():
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name)
@@ -118,10 +120,12 @@ def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) 
         for d, idx in dims.items():
             new = new.index_select(d, torch.as_tensor(idx, dtype=torch.long))
         new = new.clone()
+        sliced.add(owner_name)
         if isinstance(t, nn.Parameter):
             owner._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
         else:
             owner._buffers[attr] = new
+    return sliced
 
 
 # --------------------------------------------------------------------------- 2. dead branches
@@ -182,8 +186,10 @@ _FULL_MODULES = (nn.ChannelShuffle, nn.Unflatten)
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) -> None:
+    def __init__(self, gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan,
+                 sliced: set[str] = frozenset()) -> None:
         self.gm, self.graph, self.plan = gm, graph, plan
+        self.sliced = sliced  # modules whose parameters were sliced (attention heads)
         self.infos: dict[str, NodeInfo] = {i.name: i for i in graph.nodes}
         self.state: dict[str, str] = {}
         self.fixed_modules: set[str] = set()
@@ -228,7 +234,9 @@ class _Rewriter:
                 continue
             inputs = [a for a in node.all_input_nodes]
             full_in = any(self.state.get(a.name) == FULL for a in inputs)
-            touched = full_in or self.changes(node) or any(self.changes(a) for a in inputs)
+            touched = full_in or self.changes(node) or any(self.changes(a) for a in inputs) \
+                or (node.op == "call_module" and any(
+                    o == node.target or o.startswith(node.target + ".") for o in self.sliced))
             kind = self.layout_kind(node)
             if kind is None:
                 if full_in:
@@ -236,6 +244,8 @@ class _Rewriter:
                                     "regular layout (keep equal counts across the shuffle)")
                 if touched and node.op == "call_module":
                     self.fix_module(node)
+                elif touched and node.op == "call_function" and node.target in _FUNCTION_FIXES:
+                    _FUNCTION_FIXES[node.target](self, node)
                 self.state[node.name] = SLIM
                 continue
             if not touched:
@@ -422,6 +432,11 @@ def _fix_attention(rw, node, m: nn.MultiheadAttention) -> None:
     setattr(rw.gm.get_submodule(owner_name), attr, PrunedMultiheadAttention.from_module(m))
 
 
+def _fix_pruned_attention(rw, node, m: PrunedMultiheadAttention) -> None:
+    m.num_heads = m.in_proj_weight.shape[0] // (3 * m.head_dim)
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+
+
 _MODULE_FIXES: list[tuple[type, Callable]] = [
     (nn.modules.conv._ConvNd, _fix_conv),
     (nn.Linear, _fix_linear),
@@ -430,6 +445,7 @@ _MODULE_FIXES: list[tuple[type, Callable]] = [
     (nn.LayerNorm, _fix_layer_norm),
     (nn.PReLU, _fix_prelu),
     (nn.MultiheadAttention, _fix_attention),
+    (PrunedMultiheadAttention, _fix_pruned_attention),
 ]
 
 
@@ -617,6 +633,45 @@ def _rewrite_pad(rw, node, state):
         node.args = (x, tuple(pads), *node.args[2:])
     else:
         node.kwargs = {**node.kwargs, "pad": tuple(pads)}
+
+
+def _fix_functional_layer_norm(rw, node) -> None:
+    """F.layer_norm's literal normalized_shape follows its input's slim sizes."""
+    x = node.args[0]
+    given = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    if given is None:
+        return
+    rank = len(rw.shape(x))
+    k = 1 if isinstance(given, int) else len(given)
+    new = tuple(_slim_width(rw, x, d) for d in range(rank - k, rank))
+    if len(node.args) > 1:
+        node.args = (x, new, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": new}
+
+
+def _fix_functional_group_norm(rw, node) -> None:
+    """F.group_norm's literal num_groups follows its input's slim channel count (the rule
+    ties whole norm groups, so the group size is unchanged)."""
+    x = node.args[0]
+    given = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+    if not isinstance(given, int):
+        return
+    old = rw.shape(x)[1]
+    new = given * _slim_width(rw, x, 1) // old
+    if len(node.args) > 1:
+        node.args = (x, new, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "num_groups": new}
+
+
+# Functions (not layout ops) with literal arguments that name channel counts.
+_FUNCTION_FIXES: dict[Any, Callable] = {
+    F.layer_norm: _fix_functional_layer_norm,
+    torch.layer_norm: _fix_functional_layer_norm,
+    F.group_norm: _fix_functional_group_norm,
+    torch.group_norm: _fix_functional_group_norm,
+}
 
 
 _REWRITES: dict[Any, Callable] = {

@@ -364,53 +364,6 @@ def same_state(a: dict, b: dict) -> bool:
         a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
-# --------------------------------------------------------------------------- known bugs
-#
-# Two open bugs (each pinned by a strict xfail in test_slim.py) would stop every long run at
-# its first hit. The property works around them *only* where their exact signature holds, and
-# counts every hit as a hypothesis event ("known bug: ..."), so that a long run reports how
-# often they occur and keeps searching for new ones. Delete both helpers once they are fixed.
-
-
-def exact_cost(g, keep):
-    """`g.cost(keep)` forced through its exact index path. Known bug (graph.py, cost; see
-    test_orphaned_channels_with_only_empty_lists): a plan made only of empty lists is costed
-    through the counts path, which spreads orphaned channels evenly over their group. Pinning
-    an untouched group to its full index list selects the exact path without changing the plan."""
-    cost = g.cost(keep)
-    if keep and all(len(v) == 0 for v in keep.values()):
-        pin = next(grp for grp in g.groups if grp.id not in keep)
-        exact = g.cost({**keep, pin.id: list(range(pin.size))})
-        if exact != cost:
-            event("known bug: empty-lists-only plan costed approximately")
-            return exact
-    return cost
-
-
-def gated_orphans(g, keep) -> bool:
-    """Known bug (graph.py, removal; see test_removed_branch_under_se_gate): a channel produced
-    by a removed node and multiplied by a live SE gate is not marked dropped, since the gate's
-    fc2 counts as its producer. True if the plan has such a channel."""
-    removal = g.removal(keep)
-    if not removal.dead:
-        return False
-    dropped = removal.dropped if removal.dropped is not None else \
-        np.zeros(int(g._group_offset[-1]), dtype=bool)
-    names = [g._space_nodes[i] for i in g._pair_node]
-    producers: dict[int, list[str]] = {}
-    for pos, name in zip(g._pair_pos.tolist(), names):
-        producers.setdefault(pos, []).append(name)
-    for pos, nodes in producers.items():
-        dead = [n for n in nodes if n in removal.dead]
-        alive = [n for n in nodes if n not in removal.dead]
-        if dead and alive and not dropped[pos] and all(n.endswith("_fc2") for n in alive):
-            return True
-    return False
-
-
-# --------------------------------------------------------------------------- the property
-
-
 @SETTINGS
 @given(arch=architectures(), data=st.data())
 def test_slim_equals_mask(arch, data):
@@ -426,18 +379,12 @@ def test_slim_equals_mask(arch, data):
         assume(False)
     before, before_gm, code = state(model), state(g.module), g.module.code
     note(f"groups: {[(grp.id, grp.size, grp.removable, grp.members) for grp in g.groups]}")
-    try:
-        s = slim(g, keep)
-        v = verify(s, mask(g, keep), (x2,))
-        assert v.ok, v.message
-        cost = exact_cost(g, keep)
-        assert sum(p.numel() for p in s.parameters()) == cost.params
-        assert graphsearch.analyze(s, (x1,)).cost().macs == cost.macs
-    except (PlanError, AssertionError):
-        if not gated_orphans(g, keep):
-            raise
-        event("known bug: removed channels under an SE gate")
-        s = None
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (x2,))
+    assert v.ok, v.message
+    cost = g.cost(keep)
+    assert sum(p.numel() for p in s.parameters()) == cost.params
+    assert graphsearch.analyze(s, (x1,)).cost().macs == cost.macs
     assert same_state(before, state(model)), "slim modified the original model"
     assert same_state(before_gm, state(g.module)), "slim modified the analysed graph module"
     assert g.module.code == code
@@ -445,8 +392,8 @@ def test_slim_equals_mask(arch, data):
     event("prunable groups", str(min(len(g.prunable_groups), 5)))
     event("plan", "changes nothing" if not any(len(k) < g.groups[i].size for i, k in keep.items())
           else "removes nodes" if g.removal(keep).dead else "narrows only")
-    if s is not None and any(isinstance(m, (GatherChannels, ScatterChannels))
-                             for m in s.modules()):
+    if any(isinstance(m, (GatherChannels, ScatterChannels))
+           for m in s.modules()):
         event("full layout (scatter/gather)")
 
 
