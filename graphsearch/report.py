@@ -113,6 +113,18 @@ def markdown(r: dict) -> str:
     for gid, w in r["widths"].items():
         if w["width"] != w["size"]:
             lines.append(f"| {gid} | {w['width']} | {w['size']} | {', '.join(w['members'])} |")
+    details = {k: v for k, v in r["method_info"].items()
+               if k not in ("seconds", "candidates") and isinstance(v, (int, float, str, bool))}
+    if details or r["settings"]:
+        lines += ["", f"## {r['method']}: settings and figures", ""]
+        if r["settings"]:
+            lines.append("Settings: " + ", ".join(f"`{k}={v}`" for k, v in r["settings"].items())
+                         + " (change with `--set KEY=VALUE`).")
+            lines.append("")
+        lines += [f"- {k.replace('_', ' ')}: {v:.4g}" if isinstance(v, float) else
+                  f"- {k.replace('_', ' ')}: {v}" for k, v in details.items()]
+        lines.append("- the full record (per group, per cycle) is under `method_info` in "
+                     "`report.json`")
     p = r["preprocessing"]
     lines += ["", "## Data", "",
               f"{p.get('source')} ({p.get('format')}): {p.get('num_train')} training and "
