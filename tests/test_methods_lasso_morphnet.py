@@ -264,8 +264,10 @@ def trained():
 def test_end_to_end_on_a_tiny_model(method, trained, tmp_path):
     model, graph, data = trained
     # 3 epochs of 8 steps: MorphNet's lambda assumes momentum's steady state (about 10 steps)
-    ctx = ctx_for(copy.deepcopy(model), graph, tmp_path, data, flops="0.4",
-                  settings=dict(method.defaults), epochs=3.0)
+    # group lasso: a strong shrink, so that the proximal steps reach exact zeros in 24 steps
+    settings = {**method.defaults, **({"shrink": 1.0} if method.name == "group-lasso" else {})}
+    ctx = ctx_for(copy.deepcopy(model), graph, tmp_path, data, flops="0.4", settings=settings,
+                  epochs=3.0)
     ctx.example_inputs = (torch.zeros(1, 3, 16, 16),)
     reg = FlopRegulariser(graph, ctx.model)
     with torch.no_grad():
@@ -290,3 +292,14 @@ def test_end_to_end_on_a_tiny_model(method, trained, tmp_path):
     with torch.no_grad():
         out = small(torch.randn(2, 3, 16, 16))
     assert out.shape == (2, 4) and bool(torch.isfinite(out).all())
+
+
+def test_group_lasso_refuses_an_unknown_normalisation(trained, tmp_path):
+    from graphsearch.load import UserError
+
+    model, graph, data = trained
+    m = GroupLasso()
+    ctx = ctx_for(copy.deepcopy(model), graph, tmp_path, data,
+                  settings={**m.defaults, "normalise": "bogus"}, epochs=0.0)
+    with pytest.raises(UserError, match="normalise"):
+        m.search(ctx)
