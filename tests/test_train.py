@@ -283,6 +283,10 @@ DDP_SCRIPT = textwrap.dedent("""
                            "world": dist.get_world_size() if dist.is_initialized() else 1,
                            "history": r.history}, f)
         if dist.is_initialized():
+            # Both ranks leave together: a rank that tore down gloo while rank 0 was still
+            # writing its files aborted ("terminate called without an active exception")
+            # on a loaded machine.
+            dist.barrier()
             dist.destroy_process_group()
 """)
 
