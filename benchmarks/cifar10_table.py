@@ -28,7 +28,7 @@ def load(run: Path) -> dict:
     path = run / "report.json"
     if not path.exists():
         sys.exit(f"error: {path} not found: is {run} the --out folder of a finished run?")
-    return json.loads(path.read_text())
+    return {**json.loads(path.read_text()), "_run": str(run)}
 
 
 def pct(x) -> str:
@@ -51,7 +51,11 @@ def table(reports: list[dict]) -> str:
     ]
     for r in sorted(reports, key=lambda r: -r["result"]["accuracy"]):
         res, ep = r["result"], r.get("epochs", {})
-        search_epochs = ep.get("search") if r["method"] not in ("uniform", "magnitude") else 0
+        search_epochs = ep.get("search") or 0
+        config = Path(r["_run"]) / ".state" / "config.json"
+        if not search_epochs and r["method"] not in ("uniform", "magnitude") and config.exists():
+            # runs made before report.json recorded the search budget of every method
+            search_epochs = json.loads(config.read_text()).get("search_epochs", 0)
         lines.append(
             f"| {r['method']} | {res['flops'] / 1e6:.2f} | {res['flops'] / base['flops']:.3f} | "
             f"{res['params']:,} | {pct(res.get('accuracy_before_finetune'))} | "

@@ -86,7 +86,7 @@ class TiedSlice:
 
 
 @dataclass(frozen=True)
-class Layout:
+class TermLayout:
     """A channel layout of a cost term: its kept count is
     `const + sum(mult * kept[groups[i], index[i]])` (const: channels no group owns)."""
 
@@ -97,12 +97,12 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class MacTerm:
+class ChannelMacTerm:
     """One conv/linear/matmul op: MACs = coeff * product of its layouts' kept counts (two
     layouts, in and out; one for a depthwise conv, whose in and out channels coincide)."""
 
     coeff: float
-    layouts: tuple[Layout, ...]
+    layouts: tuple[TermLayout, ...]
     nodes: tuple[str, ...]
 
 
@@ -544,7 +544,7 @@ class ChannelGraph:
         gi, li, mult = self._exact
         return self._c0 + np.bincount(li, weights=mult * kept[gi], minlength=len(self._c0))
 
-    def mac_terms(self) -> list[MacTerm]:
+    def mac_terms(self) -> list[ChannelMacTerm]:
         """The MAC terms of the cost model, channel by channel (MorphNet's regulariser)."""
         gi, li, mult = self._exact
         one = len(self._c0)
@@ -559,9 +559,9 @@ class ChannelGraph:
                 sel = li == lay
                 pos = gi[sel]
                 grp = position_group[pos]
-                layouts.append(Layout(float(self._c0[lay]), grp, pos - offsets[grp],
+                layouts.append(TermLayout(float(self._c0[lay]), grp, pos - offsets[grp],
                                       np.asarray(mult[sel], dtype=float)))
-            out.append(MacTerm(float(self._term_coeff[k]), tuple(layouts),
+            out.append(ChannelMacTerm(float(self._term_coeff[k]), tuple(layouts),
                                tuple(self._term_nodes[k])))
         return out
 

@@ -277,6 +277,7 @@ def stage_search(run: Run):
     run.log(f"search: {method.name} ({method.summary})")
     proposal = method.search(ctx)
     proposal.info = {**proposal.info, "settings": settings, "seconds": time.time() - t0,
+                     "epochs": float(cfg.search_epochs) if method.trains else 0.0,
                      "candidates": ctx.candidates}
     ckpt.save_atomic({"plan": proposal.plan.to_dict(), "state_dict": proposal.state_dict,
                       "info": proposal.info}, path)

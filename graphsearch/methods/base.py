@@ -121,6 +121,7 @@ class Method:
     name = ""
     summary = ""  # what it does, one line
     cost = ""  # what it costs, one line
+    trains = True  # spends the search budget (--search-epochs) training
     defaults: dict = {}
 
     def search(self, ctx: SearchContext) -> Proposal:

@@ -17,6 +17,7 @@ class Magnitude(Method):
     summary = ("global ranking of channels by the L2 norm of everything tied to them "
                "(normalised per group)")
     cost = "no search: one pass over the weights, then the fine-tuning"
+    trains = False
     defaults = {"normalise": True}
 
     def search(self, ctx: SearchContext) -> Proposal:

@@ -9,6 +9,7 @@ class Uniform(Method):
     name = "uniform"
     summary = "one width multiplier for every group, bisected to the target; first channels kept"
     cost = "no search: only the fine-tuning"
+    trains = False
     defaults: dict = {}
 
     def search(self, ctx: SearchContext) -> Proposal:
