@@ -143,7 +143,9 @@ class ChannelGraph:
             atom_space[sp.atoms] = i
         # Two spaces are in one group when some class has atoms in both.
         a, b = atom_space, atom_space[root]
-        pairs = np.unique(np.stack([a[a != b], b[a != b]], axis=1), axis=0)
+        m = max(len(ctx.spaces), 1)  # pairs encoded as one integer: a 1-d unique is fast
+        code = np.unique(a[a != b] * m + b[a != b])
+        pairs = np.stack([code // m, code % m], axis=1)
         spaces = nx.Graph()
         spaces.add_nodes_from(range(len(ctx.spaces)))
         spaces.add_edges_from(map(tuple, pairs.tolist()))
@@ -193,8 +195,9 @@ class ChannelGraph:
         gates = self._gate_producers()
         made = np.array([sp.kind != "grouped_conv" and sp.node not in gates
                          for sp in ctx.spaces])[atom_space]
-        pairs = np.unique(np.stack([position[made], space_node[atom_space][made]]), axis=1)
-        self._pair_pos, self._pair_node = pairs[0], pairs[1]
+        k = max(len(self._space_nodes), 1)
+        code = np.unique(position[made] * k + space_node[atom_space][made])
+        self._pair_pos, self._pair_node = code // k, code % k
         self._members(ctx)
 
     def _gate_producers(self) -> set[str]:
@@ -248,8 +251,9 @@ class ChannelGraph:
                 parts.append((None, b.ids.reshape(-1).numpy()))
             for d, line in parts:
                 groups, _ = self._locate(line)
-                for gid in np.unique(groups[groups >= 0]).tolist():
-                    per_class = np.sum(groups == gid) / self.groups[gid].size
+                counts = np.bincount(groups[groups >= 0])
+                for gid in np.flatnonzero(counts).tolist():
+                    per_class = counts[gid] / self.groups[gid].size
                     label = name
                     if d is not None and rank > 1:
                         label += f"[{b.roles.get(d, ('out', 'in')[d] if d < 2 else f'dim{d}')}]"
