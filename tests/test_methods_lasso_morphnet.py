@@ -192,7 +192,7 @@ def test_morphnet_regulariser_of_a_two_conv_net_by_hand():
     expected = (c1 * (3 * float(r1.sum()) + a1 * 0.0)
                 + c2 * (a1 * float(r2.sum()) + a2 * float(r1.sum()))
                 + c3 * (a2 * 0.0 + 2 * float(r2.sum())))
-    value = float(reg(model))
+    value = float(reg(model).detach())
     assert value == pytest.approx(expected, rel=1e-9)
     # the FLOPs of the alive widths equal the cost model's FLOPs at those widths (convs and
     # linear; the linear's bias and BN are not MACs)
@@ -287,7 +287,7 @@ def test_end_to_end_on_a_tiny_model(method, trained, tmp_path):
         # none reaches the 0.01 threshold in 24 steps: the widths come from the expansion)
         with torch.no_grad():
             assert float(reg(ctx.model)) < 0.8 * reg_before
-        assert info["rounds"][0]["regulariser"] == pytest.approx(float(reg(ctx.model)))
+        assert info["rounds"][0]["regulariser"] == pytest.approx(float(reg(ctx.model).detach()))
     small = slim(graph, proposal.plan.keep, proposal.state_dict).eval()
     with torch.no_grad():
         out = small(torch.randn(2, 3, 16, 16))
