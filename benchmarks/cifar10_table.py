@@ -31,6 +31,16 @@ def load(run: Path) -> dict:
     return {**json.loads(path.read_text()), "_run": str(run)}
 
 
+def label(r: dict) -> str:
+    """The method, with the settings where they differ from today's defaults."""
+    from graphsearch.methods import METHODS
+
+    defaults = METHODS[r["method"]].defaults if r["method"] in METHODS else {}
+    diff = [f"{k}={v}" for k, v in (r.get("settings") or {}).items()
+            if k in defaults and defaults[k] != v]
+    return r["method"] + (f" ({', '.join(diff)})" if diff else "")
+
+
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
@@ -57,7 +67,7 @@ def table(reports: list[dict]) -> str:
             # runs made before report.json recorded the search budget of every method
             search_epochs = json.loads(config.read_text()).get("search_epochs", 0)
         lines.append(
-            f"| {r['method']} | {res['flops'] / 1e6:.2f} | {res['flops'] / base['flops']:.3f} | "
+            f"| {label(r)} | {res['flops'] / 1e6:.2f} | {res['flops'] / base['flops']:.3f} | "
             f"{res['params']:,} | {pct(res.get('accuracy_before_finetune'))} | "
             f"{pct(res['accuracy'])} | {100 * (res['accuracy'] - base['accuracy']):+.2f} | "
             f"{r.get('search_seconds', 0):.0f} | {search_epochs:g} | "
