@@ -256,6 +256,12 @@ class GroupLasso(Method):
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = {**self.defaults, **ctx.settings}
+        mode = str(s["normalise"]).lower()
+        if mode not in ("initial", "final", "none", "true", "false"):
+            from ..load import UserError
+
+            raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
+                            "or none")
         model = ctx.model
         lr, momentum = float(s["lr"]), float(s["momentum"])
         epochs = float(ctx.epochs)
@@ -299,12 +305,6 @@ class GroupLasso(Method):
                                on_step=on_step)
         with torch.no_grad():
             norms = ctx.channel_norms(model, roles=ROLES)
-        mode = str(s["normalise"]).lower()
-        if mode not in ("initial", "final", "none", "true", "false"):
-            from ..load import UserError
-
-            raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
-                            "or none")
         scores = {}
         for gid, n in norms.items():
             n = n.double()
