@@ -17,14 +17,10 @@ from graphsearch.methods.morphnet import FlopRegulariser, MorphNet
 from graphsearch.target import legal_zeros, parse_constraint
 from graphsearch.train import train
 from passes.slim import slim
+from tiny_model import Tiny
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TwoConv(nn.Module):
@@ -231,27 +227,8 @@ def test_legal_zeros_keeps_one_channel_where_a_group_cannot_vanish():
 # --------------------------------------------------------------------------- end to end
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(16)
-        self.c3 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-        self.b3 = nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.b1(self.c1(x)))
-        x = x + torch.relu(self.b2(self.c2(x)))
-        x = torch.relu(self.b3(self.c3(x)))
-        return self.fc(x.mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(1)
+def trained(one_thread):
     data = load_dataset("synthetic:400:4", image_size=16, cache_dir=False)
     torch.manual_seed(0)
     model = Tiny()

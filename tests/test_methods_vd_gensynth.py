@@ -48,17 +48,11 @@ class Tiny(nn.Module):
 X = (torch.zeros(1, 3, 16, 16),)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(1)
+def trained(one_thread):
     data = load_dataset("synthetic:400:4", image_size=16, cache_dir=False)
     torch.manual_seed(0)
     model = Tiny()

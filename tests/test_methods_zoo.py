@@ -27,8 +27,7 @@ def data():
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def zoo_model(request):
-    torch.set_num_threads(1)
+def zoo_model(request, one_thread):
     torch.manual_seed(0)
     model = zoo.MODELS[request.param].builder(num_classes=4)
     x = (torch.zeros(1, 3, 32, 32),)
@@ -37,7 +36,6 @@ def zoo_model(request):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_meets_the_target_on_the_zoo(method, zoo_model, data, tmp_path):
-    torch.set_num_threads(1)
     name, model, graph, x = zoo_model
     round_to = 4 if name == "resnet20" else 1
     m = METHODS[method]()

@@ -12,34 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY = '''
-import torch
-from torch import nn
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(16)
-        self.c3 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-        self.b3 = nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.b1(self.c1(x)))
-        x = x + torch.relu(self.b2(self.c2(x)))
-        x = torch.relu(self.b3(self.c3(x)))
-        return self.fc(x.mean((2, 3)))
-
-def build_model():
-    torch.manual_seed(0)
-    return Tiny()
-
-def example_inputs():
-    return (torch.zeros(1, 3, 32, 32),)
-'''
+TINY = (Path(__file__).parent / "tiny_model.py").read_text()  # a user's model.py
 
 FAST = ["--data", "synthetic:240:4", "--baseline-epochs", "1", "--finetune-epochs", "1",
         "--search-epochs", "0.5", "--batch-size", "60", "--quiet"]

@@ -23,14 +23,7 @@ from graphsearch.train import evaluate, evaluate_metrics, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    # threads waiting on each other made these tests up to 15x slower (measured).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(num_classes: int = 4, *, bn: bool = True, dropout: float = 0.0) -> nn.Module:

@@ -199,7 +199,8 @@ class VariationalDropout(Method):
     name = "vardrop"
     summary = ("structured variational dropout: a Gaussian gate per coupled channel, KL-"
                "regularised; channels ranked by log alpha (dropped at log alpha >= 3)")
-    cost = "one training run of the search budget with gates (about 1.3x a plain epoch)"
+    cost = ("one training run of the search budget with gates (on CIFAR ResNet-20: 93 s for "
+            "2 epochs, about plain training)")
     defaults = {
         "lr": 1e-3,  # Adam, network weights (the paper's optimiser)
         "gate_lr": None,  # Adam, theta and log sigma^2; None: scaled to the budget (docstring)
