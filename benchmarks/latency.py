@@ -22,9 +22,9 @@ import torch  # noqa: E402
 import graphsearch as gs  # noqa: E402
 from graphsearch import zoo  # noqa: E402
 from graphsearch.target import land_on_target, parse_constraint, scores_from_widths  # noqa: E402
-from passes.export import export_onnx  # noqa: E402
-from passes.latency import latency  # noqa: E402
-from passes.slim import slim  # noqa: E402
+from graphsearch.passes.export import export_onnx  # noqa: E402
+from graphsearch.passes.latency import latency  # noqa: E402
+from graphsearch.passes.slim import slim  # noqa: E402
 
 
 def main() -> None:

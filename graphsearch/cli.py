@@ -127,10 +127,10 @@ def _export(args) -> int:
     from .graph import PlanError
     from .target import Plan
 
-    from passes.export import export_onnx
-    from passes.latency import latency
-    from passes.save import save_portable
-    from passes.slim import slim
+    from graphsearch.passes.export import export_onnx
+    from graphsearch.passes.latency import latency
+    from graphsearch.passes.save import save_portable
+    from graphsearch.passes.slim import slim
 
     loaded = load_model(args.model, args.weights)
     try:

@@ -196,9 +196,9 @@ def _write_json(path: Path, obj) -> None:
 def fit_latency(run: Run) -> None:
     """A cheap latency model, ms = a + b * MACs, from the baseline and two uniform plans
     measured in onnxruntime; the final model is measured, never only predicted."""
-    from passes.export import export_onnx
-    from passes.latency import latency
-    from passes.slim import slim
+    from graphsearch.passes.export import export_onnx
+    from graphsearch.passes.latency import latency
+    from graphsearch.passes.slim import slim
 
     path = run.state / "latency_fit.json"
     if path.exists():
@@ -285,8 +285,8 @@ def stage_search(run: Run):
 
 
 def stage_slim(run: Run, proposal):
-    from passes.mask import mask, verify
-    from passes.slim import slim
+    from graphsearch.passes.mask import mask, verify
+    from graphsearch.passes.slim import slim
 
     run.model.load_state_dict(proposal.state_dict)
     plan = proposal.plan
@@ -332,9 +332,9 @@ def stage_finetune(run: Run, module) -> dict:
 def stage_export(run: Run, module) -> dict:
     """model.onnx (checked in onnxruntime), model.pt2 (runs without the model's code), and
     latency before and after, with the same settings."""
-    from passes.export import export_onnx
-    from passes.latency import latency
-    from passes.save import save_portable
+    from graphsearch.passes.export import export_onnx
+    from graphsearch.passes.latency import latency
+    from graphsearch.passes.save import save_portable
 
     module = module.eval()
     out = run.out

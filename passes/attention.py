@@ -121,7 +121,7 @@ class PrunedMultiheadAttention(nn.Module):
 def _register_rule() -> None:
     """Re-analysing a slim model (a second search, `inspect` on it) needs the same rule as
     the module this one replaced."""
-    from graphsearch.rules import multihead_attention, register
+    from ..rules import multihead_attention, register
 
     register(PrunedMultiheadAttention, edge="heads")(multihead_attention)
 

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphsearch.graph import ChannelGraph
+from ..graph import ChannelGraph
 
 _PRODUCERS = {"conv", "conv_transpose", "linear", "functional_linear", "matmul"}
 _NORMS = {"batch_norm", "group_norm", "layer_norm"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from graphsearch.graph import ChannelGraph
+from ..graph import ChannelGraph
 
 from .attention import PrunedMultiheadAttention, multihead_attention
 from .plan import Keep, ResolvedPlan, resolve

@@ -29,9 +29,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphsearch.analysis import NodeInfo
-from graphsearch.graph import ChannelGraph, PlanError
-from graphsearch.trace import _propagate_meta
+from ..analysis import NodeInfo
+from ..graph import ChannelGraph, PlanError
+from ..trace import _propagate_meta
 
 from .attention import PrunedMultiheadAttention
 from .plan import Keep, ResolvedPlan, resolve

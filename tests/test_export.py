@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import passes
-from passes import (ExportError, ExportMismatch, Latency, export_onnx, latency, load_portable, parse_latency,
+import graphsearch
+from graphsearch import passes
+from graphsearch.passes import (ExportError, ExportMismatch, Latency, export_onnx, latency, load_portable, parse_latency,
                     save_portable)
-from passes import export as export_mod
+from graphsearch.passes import export as export_mod
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -397,7 +398,7 @@ def test_save_load_portable_without_model_code(tmp_path):
 
     script = textwrap.dedent("""
         import sys, torch
-        from passes import load_portable
+        from graphsearch.passes import load_portable
         m = load_portable(sys.argv[1])
         io = torch.load(sys.argv[2])
         torch.testing.assert_close(m(io["x1"]), io["y1"], rtol=1e-5, atol=1e-6)
@@ -405,8 +406,8 @@ def test_save_load_portable_without_model_code(tmp_path):
         assert not [k for k in sys.modules if "test_export" in k or k.startswith("tests")], "model code imported"
         print("LOADED-OK")
     """)
-    # only the directory holding the `passes` package goes on the path, never tests/
-    env = {**os.environ, "PYTHONPATH": str(Path(passes.__file__).resolve().parent.parent)}
+    # only the directory holding the `graphsearch` package goes on the path, never tests/
+    env = {**os.environ, "PYTHONPATH": str(Path(graphsearch.__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-c", script, str(info.path), str(tmp_path / "io.pt")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -425,6 +426,6 @@ def test_save_portable_static_fallback(tmp_path):
 
 
 def test_public_names():
-    for name in ["export_onnx", "ExportMismatch", "ExportError", "latency", "Latency", "parse_latency",
+    for name in ["slim", "mask", "verify", "export_onnx", "ExportMismatch", "ExportError", "latency", "Latency", "parse_latency",
                  "save_portable", "load_portable"]:
         assert hasattr(passes, name), name

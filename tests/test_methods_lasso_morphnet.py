@@ -16,7 +16,7 @@ from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, z
 from graphsearch.methods.morphnet import FlopRegulariser, MorphNet
 from graphsearch.target import legal_zeros, parse_constraint
 from graphsearch.train import train
-from passes.slim import slim
+from graphsearch.passes.slim import slim
 from tiny_model import Tiny
 
 

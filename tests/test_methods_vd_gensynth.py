@@ -20,7 +20,7 @@ from graphsearch.methods.vardrop import (K1, K2, K3, VariationalDropout, VDGates
                                          log_alpha_of)
 from graphsearch.target import allowed_widths, parse_constraint
 from graphsearch.train import train
-from passes.slim import slim
+from graphsearch.passes.slim import slim
 
 
 class Tiny(nn.Module):

@@ -13,7 +13,7 @@ from graphsearch.data import load_dataset
 from graphsearch.methods import METHODS
 from graphsearch.methods.base import SearchContext
 from graphsearch.target import allowed_widths, parse_constraint
-from passes.slim import slim
+from graphsearch.passes.slim import slim
 
 # Small settings so that each search is a few optimizer steps.
 QUICK = {"gensynth": {"cycles": 2, "children": 2, "cost_draws": 4, "probe_per_class": 2},

@@ -25,8 +25,8 @@ from torch import nn
 
 import graphsearch
 from graphsearch import PlanError, zoo
-from passes.mask import mask, verify
-from passes.slim import GatherChannels, ScatterChannels, slim
+from graphsearch.passes.mask import mask, verify
+from graphsearch.passes.slim import GatherChannels, ScatterChannels, slim
 
 # --------------------------------------------------------------------------- helpers
 

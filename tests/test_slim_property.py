@@ -31,8 +31,8 @@ from torch import nn
 
 import graphsearch
 from graphsearch import PlanError
-from passes.mask import mask, verify
-from passes.slim import GatherChannels, ScatterChannels, slim
+from graphsearch.passes.mask import mask, verify
+from graphsearch.passes.slim import GatherChannels, ScatterChannels, slim
 
 EXAMPLES = int(os.environ.get("GRAPHSEARCH_HYPOTHESIS_EXAMPLES", "150"))
 SETTINGS = settings(

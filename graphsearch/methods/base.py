@@ -45,7 +45,7 @@ class SearchContext:
         """`self.model` with every group's channels multiplied by `gates[g]()` where they are
         produced (after the norm that follows a conv/linear). Trains `self.model` in place,
         plus `owner`'s parameters (the gates')."""
-        from passes.gates import gated
+        from graphsearch.passes.gates import gated
 
         if self._model_graph is None:
             from ..analysis import analyze

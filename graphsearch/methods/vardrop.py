@@ -115,7 +115,7 @@ def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
     with these constant gates: a norm's gamma and beta where the gate follows a norm, else
     the producer's output rows and bias. Returns the gate points that hold no parameter to
     fold into (e.g. a norm without affine); empty when the folding is exact."""
-    from passes.gates import gate_points
+    from graphsearch.passes.gates import gate_points
 
     model = model if model is not None else ctx.model
     if ctx._model_graph is None:
