@@ -1,6 +1,11 @@
-"""`graphsearch optimize`: load -> analyze -> baseline -> search -> slim -> fine-tune -> export
--> report, one direction, each stage checkpointed in `OUT/.state` so that `--resume` after
-any interruption (even kill -9) continues where it stopped and reaches the same result.
+"""`graphsearch optimize`: load -> analyze -> baseline -> search -> slim -> fine-tune -> test
+-> export -> report, one direction, each stage checkpointed in `OUT/.state` so that `--resume`
+after any interruption (even kill -9) continues where it stopped and reaches the same result.
+
+Data roles: the training split fits weights; the validation split makes every decision
+(the search and its methods see only these two, through `DataBundle.for_search`); the test
+split is evaluated once, in `stage_test`, after every decision is taken, for the baseline and
+the result, and only reported.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class OptimizeConfig:
     method: str = "uniform"
     weights: str | None = None
     data: str | None = None
+    val_data: str | None = None  # the user's validation data (else held out of `data`)
+    test_data: str | None = None  # the user's test data (else held out of `data`)
     flops: str | None = None
     params: str | None = None
     latency: str | None = None
@@ -43,7 +50,8 @@ class OptimizeConfig:
     finetune_lr: float = 0.02
     batch_size: int = 128
     val_fraction: float = 0.1
-    max_train: int | None = None  # use the first N training images (quick runs)
+    test_fraction: float = 0.1
+    max_train: int | None = None  # train on N training images drawn by seed (quick runs)
     threads: int = 1  # onnxruntime threads for latency
     settings: dict = field(default_factory=dict)  # method hyper-parameters (--set k=v)
     progress: bool = True
@@ -81,6 +89,9 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     proposal = stage_search(run)
     slim_model, plan = stage_slim(run, proposal)
     final = stage_finetune(run, slim_model)
+    test = stage_test(run, slim_model)
+    baseline = {**baseline, "test_accuracy": test["baseline"]}
+    final = {**final, "test_accuracy": test["result"]}
     exported = stage_export(run, slim_model)
     from .report import write_reports
 
@@ -114,7 +125,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
 
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.weights)
-    data = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    data = load_dataset(config.data, val_fraction=config.val_fraction,
+                        test_fraction=config.test_fraction, seed=config.seed,
+                        val_data=config.val_data, test_data=config.test_data)
     if config.max_train:
         data = _limit_training(data, config.max_train, config.seed)
     x = loaded.example_inputs
@@ -243,17 +256,53 @@ def stage_baseline(run: Run) -> dict:
         run.log(f"baseline: no trained weights given, training {cfg.baseline_epochs} epochs")
         from .train import train
 
-        train(run.model, run.data, epochs=cfg.baseline_epochs, lr=cfg.lr,
+        train(run.model, run.data.for_search(), epochs=cfg.baseline_epochs, lr=cfg.lr,
               batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
               checkpoint=run.state / "baseline.ckpt", desc="baseline")
         epochs = cfg.baseline_epochs
     acc = evaluate(run.model.eval(), run.data.val)
+    train_acc, train_n = _train_side_accuracy(run)
     cost = run.graph.baseline
-    summary = {"accuracy": acc, **cost.as_dict(), "epochs": epochs,
+    summary = {"accuracy": acc, "val_accuracy": acc, "train_accuracy": train_acc,
+               "train_accuracy_images": train_n, **cost.as_dict(), "epochs": epochs,
+               "weights": "given" if run.weights is not None else "trained here",
                "seconds": time.time() - t0}
     ckpt.save_atomic({"state_dict": run.model.state_dict(), "summary": summary}, path)
     run.log(f"baseline: top-1 {acc * 100:.2f}% on the validation split")
     return summary
+
+
+def _train_side_accuracy(run: Run) -> tuple[float, int]:
+    """The baseline's top-1 on training images, measured like the validation split (eval
+    mode, no augmentation), on a sample by seed as large as the validation split (at least
+    500 images, at most the whole training split): the reference of the report's check that
+    the held-out splits really are unseen."""
+    from .train import evaluate
+
+    t = run.data.train
+    n = min(len(t), max(len(run.data.val), 500))
+    pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(run.config.seed))
+    pick = pick[:n].sort().values
+    sample = (_Sample(t, pick) if callable(getattr(t, "get_batch", None))
+              else torch.utils.data.Subset(t, pick.tolist()))
+    return evaluate(run.model.eval(), sample), int(n)
+
+
+class _Sample(torch.utils.data.Dataset):
+    """Some images of an ImageTensorDataset, keeping its fast, unaugmented batch path."""
+
+    def __init__(self, base, indices: torch.Tensor):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[int(self.indices[i])]
+
+    def get_batch(self, indices, *, augment=None, aug_seed=None, device=None):
+        idx = self.indices[torch.as_tensor(indices, dtype=torch.long)]
+        return self.base.get_batch(idx, augment=False, device=device)
 
 
 def stage_search(run: Run):
@@ -268,7 +317,7 @@ def stage_search(run: Run):
     method = get_method(cfg.method)
     settings = {**method.defaults, **cfg.settings}
     ctx = SearchContext(
-        graph=run.graph, model=copy.deepcopy(run.model), data=run.data,
+        graph=run.graph, model=copy.deepcopy(run.model), data=run.data.for_search(),
         constraints=run.constraints, round_to=cfg.round_to, settings=settings,
         epochs=cfg.search_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
         seed=cfg.seed, state_dir=run.state, progress=cfg.progress, log=run.log,
@@ -317,16 +366,39 @@ def stage_finetune(run: Run, module) -> dict:
     result = None
     if cfg.finetune_epochs > 0:
         run.log(f"fine-tune: {cfg.finetune_epochs} epochs of the slim model")
-        result = train(module, run.data, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+        result = train(module, run.data.for_search(), epochs=cfg.finetune_epochs,
+                       lr=cfg.finetune_lr,
                        batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
                        checkpoint=run.state / "finetune.ckpt", desc="fine-tune")
     acc = evaluate(module.eval(), run.data.val)
-    summary = {"accuracy": acc, "accuracy_before_finetune": before,
+    summary = {"accuracy": acc, "val_accuracy": acc, "accuracy_before_finetune": before,
                "epochs": cfg.finetune_epochs, "seconds": time.time() - t0,
                "history": result.history if result else []}
     ckpt.save_atomic({"state_dict": module.state_dict(), "summary": summary}, path)
     run.log(f"result: top-1 {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")
     return summary
+
+
+def stage_test(run: Run, module) -> dict:
+    """Top-1 of the baseline and of the fine-tuned result on the test split: measured once,
+    after every decision, and only reported (None for both when there is no test split)."""
+    from .train import evaluate
+
+    path = run.state / "test.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    test = run.data.test
+    if test is None or len(test) == 0:
+        result = {"baseline": None, "result": None, "images": 0}
+    else:
+        baseline = copy.deepcopy(run.model)
+        baseline.load_state_dict(ckpt.load(run.state / "baseline.pt")["state_dict"])
+        result = {"baseline": evaluate(baseline.eval(), test),
+                  "result": evaluate(module.eval(), test), "images": len(test)}
+        run.log(f"test split ({len(test)} images, used only for this report): baseline "
+                f"{result['baseline'] * 100:.2f}%, result {result['result'] * 100:.2f}%")
+    _write_json(path, result)
+    return result
 
 
 def stage_export(run: Run, module) -> dict:
