@@ -119,6 +119,10 @@ def _optimize(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = optimize(config, resume=args.resume, log=log)
+    from .checkpoint import is_main
+
+    if not is_main():
+        return 0  # under torchrun rank 0 speaks for all
     b, r = report["baseline"], report["result"]
 
     def pct(v):
@@ -298,13 +302,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
     except UserError as exc:
-        print(f"graphsearch: error: {exc}", file=sys.stderr)
-        return 2
+        from .checkpoint import is_main
+
+        if is_main():  # under torchrun every rank raises the same error: say it once
+            print(f"graphsearch: error: {exc}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("graphsearch: interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: every rank leaves together (a rank tearing gloo down while another
+    still works makes that one abort)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Data roles: the training split fits weights; the validation split makes every de
 (the search and its methods see only these two, through `DataBundle.for_search`); the test
 split is evaluated once, in `stage_test`, after every decision is taken, for the baseline and
 the result, and only reported.
+
+Under `torchrun` every rank runs the pipeline (training, evaluation and the search's training
+are distributed), but only rank 0 logs and writes (state, checkpoints, exports, reports); the
+other ranks wait for it at the end of each stage and continue from what it wrote.
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ class Run:
 
 
 def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print) -> dict:
+    """Run the pipeline; returns the report (on every rank under torchrun)."""
+    from .train import distributed_context
+
+    distributed_context()  # under torchrun: join the process group before any file is touched
+    if not ckpt.is_main():
+        log = _silent
     run = prepare(config, resume, log)
     baseline = stage_baseline(run)
     proposal = stage_search(run)
@@ -95,8 +105,42 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     exported = stage_export(run, slim_model)
     from .report import write_reports
 
-    report = write_reports(run, baseline, proposal, plan, final, exported)
-    return report
+    return on_main(lambda: write_reports(run, baseline, proposal, plan, final, exported))
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def on_main(fn: Callable):
+    """Run `fn` on rank 0 only and hand its result (or its error) to every rank.
+
+    Not distributed: just `fn()`. Under torchrun the other ranks wait, receive what rank 0
+    returned, and raise the same UserError if it raised one, so that no rank is left waiting
+    for a rank that failed.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as exc:
+            error, box[0] = exc, ("user", str(exc))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            error, box[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind == "user":
+        raise UserError(value)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- preparation
@@ -157,23 +201,26 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     # An unreachable target is refused now, before any training or any file is written.
     land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to)
     fresh = not state.exists()
-    state.mkdir(parents=True, exist_ok=True)
+    ckpt.barrier()  # every rank has looked at `out` before rank 0 creates anything in it
+    if ckpt.is_main():
+        state.mkdir(parents=True, exist_ok=True)
     run = Run(config, out, state, loaded.model, x, data, graph, constraints, None, None, log,
               notes=list(loaded.notes) + list(data.notes), weights=loaded.weights)
     try:
         if config.latency:
-            fit_latency(run)
+            fit_latency(run, on_main(lambda: latency_points(run)))
             constraints.append(parse_constraint("latency", config.latency,
                                                 run.baseline_latency))
             land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to,
                            run.latency_model)
     except UserError:
-        if fresh:
+        if fresh and ckpt.is_main():
             shutil.rmtree(state, ignore_errors=True)
             if out.exists() and not any(out.iterdir()):
                 out.rmdir()
         raise
     _write_json(state / "config.json", config.identity())
+    ckpt.barrier()
     log(f"model {loaded.source}: {base.flops / 1e6:.2f} MFLOPs, {base.params:,} params, "
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))
@@ -198,17 +245,15 @@ def _limit_training(data, n: int, seed: int = 0):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    ckpt.write_atomic(path, json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------- latency
 
 
-def fit_latency(run: Run) -> None:
-    """A cheap latency model, ms = a + b * MACs, from the baseline and two uniform plans
-    measured in onnxruntime; the final model is measured, never only predicted."""
+def latency_points(run: Run) -> list[dict]:
+    """MACs and measured onnxruntime latency of the baseline and two uniform plans (measured
+    once, kept in the state folder)."""
     from graphsearch.passes.export import export_onnx
     from graphsearch.passes.latency import latency
     from graphsearch.passes.slim import slim
@@ -228,6 +273,12 @@ def fit_latency(run: Run) -> None:
             points.append({"macs": run.graph.cost(keep).macs, "ms": ms})
             onnx_path.unlink()
         _write_json(path, points)
+    return points
+
+
+def fit_latency(run: Run, points: list[dict]) -> None:
+    """A cheap latency model, ms = a + b * MACs, fitted on `latency_points`; the final model
+    is measured, never only predicted."""
     macs = np.array([p["macs"] for p in points], dtype=float)
     ms = np.array([p["ms"] for p in points], dtype=float)
     b, a = np.polyfit(macs, ms, 1)
@@ -268,6 +319,7 @@ def stage_baseline(run: Run) -> dict:
                "weights": "given" if run.weights is not None else "trained here",
                "seconds": time.time() - t0}
     ckpt.save_atomic({"state_dict": run.model.state_dict(), "summary": summary}, path)
+    ckpt.barrier()
     run.log(f"baseline: top-1 {acc * 100:.2f}% on the validation split")
     return summary
 
@@ -310,9 +362,13 @@ def stage_search(run: Run):
     from .methods.base import Proposal, SearchContext
 
     path = run.state / "proposal.pt"
-    if path.exists():
+
+    def saved_proposal():
         saved = ckpt.load(path, weights_only=False)
         return Proposal(Plan.from_dict(saved["plan"]), saved["state_dict"], saved["info"])
+
+    if path.exists():
+        return saved_proposal()
     cfg = run.config
     method = get_method(cfg.method)
     settings = {**method.defaults, **cfg.settings}
@@ -330,7 +386,9 @@ def stage_search(run: Run):
                      "candidates": ctx.candidates}
     ckpt.save_atomic({"plan": proposal.plan.to_dict(), "state_dict": proposal.state_dict,
                       "info": proposal.info}, path)
-    return proposal
+    ckpt.barrier()
+    # Under torchrun every rank continues from rank 0's plan and weights, bit for bit.
+    return proposal if ckpt.is_main() else saved_proposal()
 
 
 def stage_slim(run: Run, proposal):
@@ -375,6 +433,7 @@ def stage_finetune(run: Run, module) -> dict:
                "epochs": cfg.finetune_epochs, "seconds": time.time() - t0,
                "history": result.history if result else []}
     ckpt.save_atomic({"state_dict": module.state_dict(), "summary": summary}, path)
+    ckpt.barrier()
     run.log(f"result: top-1 {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")
     return summary
 
@@ -391,19 +450,29 @@ def stage_test(run: Run, module) -> dict:
     if test is None or len(test) == 0:
         result = {"baseline": None, "result": None, "images": 0}
     else:
-        baseline = copy.deepcopy(run.model)
-        baseline.load_state_dict(ckpt.load(run.state / "baseline.pt")["state_dict"])
-        result = {"baseline": evaluate(baseline.eval(), test),
+        result = {"baseline": evaluate(_baseline_model(run), test),
                   "result": evaluate(module.eval(), test), "images": len(test)}
         run.log(f"test split ({len(test)} images, used only for this report): baseline "
                 f"{result['baseline'] * 100:.2f}%, result {result['result'] * 100:.2f}%")
     _write_json(path, result)
+    ckpt.barrier()
     return result
 
 
 def stage_export(run: Run, module) -> dict:
     """model.onnx (checked in onnxruntime), model.pt2 (runs without the model's code), and
-    latency before and after, with the same settings."""
+    latency before and after, with the same settings (rank 0 only under torchrun)."""
+    return on_main(lambda: _export(run, module))
+
+
+def _baseline_model(run: Run) -> torch.nn.Module:
+    """The baseline with its own weights (`run.model` holds the search's after stage_slim)."""
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(ckpt.load(run.state / "baseline.pt")["state_dict"])
+    return model.eval()
+
+
+def _export(run: Run, module) -> dict:
     from graphsearch.passes.export import export_onnx
     from graphsearch.passes.latency import latency
     from graphsearch.passes.save import save_portable
@@ -415,7 +484,7 @@ def stage_export(run: Run, module) -> dict:
     saved = save_portable(module, run.example_inputs, out / "model.pt2")
     base_onnx = run.state / "baseline.onnx"
     if not base_onnx.exists():
-        export_onnx(run.model.eval(), run.example_inputs, base_onnx)
+        export_onnx(_baseline_model(run), run.example_inputs, base_onnx)
     threads = run.config.threads
     before = latency(base_onnx, threads=threads, repeats=30)
     after = latency(onnx_path, threads=threads, repeats=30)

@@ -10,6 +10,7 @@ methods by. `split_check` says whether the held-out splits look unseen by the ba
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import platform
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .checkpoint import write_atomic
 
 
 def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: dict) -> dict:
@@ -68,9 +71,9 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "notes": run.notes,
     }
     out = run.out
-    _atomic_text(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
     _plot(out / "tradeoff.png", report)
-    _atomic_text(out / "report.md", markdown(report))
+    write_atomic(out / "report.md", markdown(report))
     return report
 
 
@@ -80,12 +83,6 @@ def _jsonable(o):
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     return str(o)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def markdown(r: dict) -> str:
@@ -303,7 +300,7 @@ def _plot(path: Path, r: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, buf.getvalue())
