@@ -78,6 +78,9 @@ __all__ = [
     "load_images",
     "split_indices",
     "split_roles",
+    "UserDataset",
+    "user_datasets",
+    "attach_hooks",
     "synthetic_images",
     "default_cache_dir",
 ]
@@ -156,6 +159,9 @@ class ImageTensorDataset(Dataset):
     flips are a function of (seed, index) only, so a batch is augmented the same however the
     epoch is split into batches or shared out between processes.
     """
+
+    loss_fn = None  # the model's own loss and metric, set by `attach_hooks`
+    metric = None
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
                  std: Sequence[float], *, augment: bool = False, pad: int | None = None,
@@ -237,6 +243,96 @@ class ImageTensorDataset(Dataset):
             self._device_cache = (device, self.images.to(device), self._scale.to(device),
                                   self._shift.to(device))
         return self._device_cache[1:]
+
+
+class UserDataset(Dataset):
+    """A dataset from model.py's `datasets()` hook, as the training loop sees it: items pass
+    through unchanged; `loss_fn` and `metric` are the model's own (None: the defaults)."""
+
+    def __init__(self, base, loss_fn=None, metric=None):
+        self.base, self.loss_fn, self.metric = base, loss_fn, metric
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return self.base[index]
+
+    def subset(self, indices: Sequence[int]) -> "UserDataset":
+        return UserDataset(torch.utils.data.Subset(self.base, [int(i) for i in indices]),
+                           self.loss_fn, self.metric)
+
+
+def attach_hooks(bundle, loss_fn=None, metric=None):
+    """Give every split of `bundle` the model's own loss and metric (model.py's `loss_fn`
+    and `evaluate`), which `graphsearch.train` uses in place of cross-entropy and top-1."""
+    for ds in (bundle.train, bundle.val, bundle.test):
+        if ds is not None:
+            ds.loss_fn, ds.metric = loss_fn, metric
+    bundle.preprocessing = {**bundle.preprocessing,
+                            "metric": "evaluate() of model.py" if metric else "top-1",
+                            "loss": "loss_fn() of model.py" if loss_fn else "cross-entropy"}
+    return bundle
+
+
+def user_datasets(fn, *, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0) -> DataBundle:
+    """The splits model.py's `datasets()` returns: {"train", "val", "test"} or a tuple in that
+    order; a missing test split is held out of train at random by `seed` (`test_fraction`),
+    then a missing validation split (`val_fraction`, of the original train's size)."""
+    try:
+        got = fn()
+    except Exception as exc:  # noqa: BLE001 - user code: one line
+        raise UserError(f"datasets() in model.py failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(got, (tuple, list)):
+        got = dict(zip(("train", "val", "test"), got))
+    if not isinstance(got, dict) or got.get("train") is None:
+        raise UserError("datasets() in model.py must return {'train': ..., 'val': ..., "
+                        "'test': ...} ('val' and 'test' optional) or a tuple in that order")
+    if "validation" in got and "val" not in got:
+        got["val"] = got.pop("validation")
+    unknown = sorted(set(got) - {"train", "val", "test"})
+    if unknown:
+        raise UserError(f"datasets() in model.py returned unknown splits {unknown}; use "
+                        "'train', 'val' and 'test'")
+    for role, ds in got.items():
+        if ds is not None and not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+            raise UserError(f"datasets()['{role}'] in model.py is a {type(ds).__name__}, not "
+                            "a map-style dataset (with __len__ and __getitem__)")
+    train = got["train"]
+    if len(train) == 0:
+        raise UserError("datasets()['train'] in model.py is empty")
+    n = len(train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    pos = 0
+    parts = {}
+    sources = {}
+    for role, frac in (("test", test_fraction), ("val", val_fraction)):
+        if got.get(role) is not None:
+            parts[role] = got[role]
+            sources[role] = f"datasets()['{role}'] of model.py"
+            continue
+        k = round(n * frac) if frac > 0 else 0
+        if frac > 0:
+            k = min(max(k, 1), n - pos - 1)
+        parts[role] = torch.utils.data.Subset(train, sorted(perm[pos:pos + k]))
+        sources[role] = (f"{frac:g} of datasets()['train'] of model.py, held out at random by "
+                         f"seed {seed}" if k else "none")
+        pos += k
+    rest = sorted(perm[pos:])
+    train_ds = UserDataset(train if pos == 0 else torch.utils.data.Subset(train, rest))
+    val = UserDataset(parts["val"])
+    test = UserDataset(parts["test"]) if len(parts["test"]) else None
+    preprocessing = {"source": "datasets() of model.py", "format": "user",
+                     "augmentation": "whatever datasets() does",
+                     "val_fraction": 0.0 if got.get("val") is not None else float(val_fraction),
+                     "test_fraction": 0.0 if got.get("test") is not None
+                     else float(test_fraction),
+                     "split_seed": int(seed), "num_train": len(train_ds), "num_val": len(val),
+                     "num_test": len(test) if test is not None else 0,
+                     "val_source": sources["val"], "test_source": sources["test"]}
+    return DataBundle(train=train_ds, val=val, num_classes=0, class_names=[],
+                      preprocessing=preprocessing, input_shape=None, notes=[], test=test)
 
 
 def default_pad(hw: Sequence[int]) -> int:

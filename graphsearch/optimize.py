@@ -148,7 +148,7 @@ def on_main(fn: Callable):
 
 def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     from .analysis import analyze
-    from .data import load_dataset
+    from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
     from .trace import TraceFailure
 
@@ -169,22 +169,41 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
 
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.weights)
-    data = load_dataset(config.data, val_fraction=config.val_fraction,
-                        test_fraction=config.test_fraction, seed=config.seed,
-                        val_data=config.val_data, test_data=config.test_data)
+    own_data = loaded.datasets is not None and config.data is None
+    if own_data:
+        if config.val_data or config.test_data:
+            raise UserError("--val-data and --test-data go with --data; model.py's datasets() "
+                            "provides the data here: return 'val' and 'test' from it instead")
+        data = user_datasets(loaded.datasets, val_fraction=config.val_fraction,
+                             test_fraction=config.test_fraction, seed=config.seed)
+    else:
+        data = load_dataset(config.data, val_fraction=config.val_fraction,
+                            test_fraction=config.test_fraction, seed=config.seed,
+                            val_data=config.val_data, test_data=config.test_data)
     if config.max_train:
         data = _limit_training(data, config.max_train, config.seed)
+    attach_hooks(data, loaded.loss_fn, loaded.evaluate)
+    if own_data:
+        data.notes.append("data, splits: datasets() of model.py")
     x = loaded.example_inputs
-    if tuple(x[0].shape[1:]) != tuple(data.input_shape):
+    if not own_data and tuple(x[0].shape[1:]) != tuple(data.input_shape):
         raise UserError(f"the model's example input is {tuple(x[0].shape[1:])} but the data's "
                         f"images are {tuple(data.input_shape)}; make example_inputs() match")
-    with torch.no_grad():
-        logits = loaded.model.eval()(*x)
-    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    if logits.dim() != 2 or logits.shape[1] != data.num_classes:
-        raise UserError(f"the model outputs {tuple(logits.shape)} but the data has "
-                        f"{data.num_classes} classes; build the model with "
-                        f"{data.num_classes} outputs")
+    if loaded.loss_fn is None:  # cross-entropy on class logits: check the output fits
+        with torch.no_grad():
+            logits = loaded.model.eval()(*x)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        if own_data:
+            classes = _count_classes(data.train)
+            if logits.dim() != 2 or not classes or logits.shape[1] < classes:
+                raise UserError(f"the model outputs {tuple(logits.shape)}; without loss_fn "
+                                "in model.py the loss is cross-entropy, which needs class "
+                                "logits (N, classes) and integer class targets: define "
+                                "loss_fn (and evaluate) in model.py")
+        elif logits.dim() != 2 or logits.shape[1] != data.num_classes:
+            raise UserError(f"the model outputs {tuple(logits.shape)} but the data has "
+                            f"{data.num_classes} classes; build the model with "
+                            f"{data.num_classes} outputs")
     try:
         graph = analyze(loaded.model, x)
     except TraceFailure as exc:
@@ -227,8 +246,22 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     return run
 
 
+def _count_classes(dataset, limit: int = 2048) -> int:
+    """Classes in the integer targets of the first items of a user's dataset (0 if the
+    targets are not class indices)."""
+    top = -1
+    for i in range(min(len(dataset), limit)):
+        y = dataset[i][1]
+        y = torch.as_tensor(y)
+        if y.dim() != 0 or y.is_floating_point():
+            return 0
+        top = max(top, int(y))
+    return top + 1
+
+
 def _limit_training(data, n: int, seed: int = 0):
-    """Keep `n` training images drawn by `seed` (the files may be sorted by class)."""
+    """Keep `n` training images drawn at random by `seed` (the files may be sorted by
+    class)."""
     from .data import ImageTensorDataset
 
     if n < 1:
@@ -237,8 +270,11 @@ def _limit_training(data, n: int, seed: int = 0):
     if n < len(t):
         pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(seed))[:n]
         pick = pick.sort().values
-        data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
-                                        augment=t.augment, pad=t.pad, flip=t.flip)
+        if isinstance(t, ImageTensorDataset):
+            data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
+                                            augment=t.augment, pad=t.pad, flip=t.flip)
+        else:
+            data.train = t.subset(pick.tolist())
         data.preprocessing = {**data.preprocessing, "num_train": n,
                               "max_train": n}
     return data
@@ -320,8 +356,12 @@ def stage_baseline(run: Run) -> dict:
                "seconds": time.time() - t0}
     ckpt.save_atomic({"state_dict": run.model.state_dict(), "summary": summary}, path)
     ckpt.barrier()
-    run.log(f"baseline: top-1 {acc * 100:.2f}% on the validation split")
+    run.log(f"baseline: {_metric(run)} {acc * 100:.2f}% on the validation split")
     return summary
+
+
+def _metric(run: Run) -> str:
+    return "metric" if run.data.preprocessing.get("metric", "top-1") != "top-1" else "top-1"
 
 
 def _train_side_accuracy(run: Run) -> tuple[float, int]:
@@ -336,6 +376,7 @@ def _train_side_accuracy(run: Run) -> tuple[float, int]:
     pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(run.config.seed))
     pick = pick[:n].sort().values
     sample = (_Sample(t, pick) if callable(getattr(t, "get_batch", None))
+              else t.subset(pick.tolist()) if hasattr(t, "subset")
               else torch.utils.data.Subset(t, pick.tolist()))
     return evaluate(run.model.eval(), sample), int(n)
 
@@ -345,6 +386,7 @@ class _Sample(torch.utils.data.Dataset):
 
     def __init__(self, base, indices: torch.Tensor):
         self.base, self.indices = base, indices
+        self.loss_fn, self.metric = base.loss_fn, base.metric
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -434,7 +476,7 @@ def stage_finetune(run: Run, module) -> dict:
                "history": result.history if result else []}
     ckpt.save_atomic({"state_dict": module.state_dict(), "summary": summary}, path)
     ckpt.barrier()
-    run.log(f"result: top-1 {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")
+    run.log(f"result: {_metric(run)} {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")
     return summary
 
 
@@ -452,7 +494,8 @@ def stage_test(run: Run, module) -> dict:
     else:
         result = {"baseline": evaluate(_baseline_model(run), test),
                   "result": evaluate(module.eval(), test), "images": len(test)}
-        run.log(f"test split ({len(test)} images, used only for this report): baseline "
+        run.log(f"test split ({len(test)} samples, used only for this report): {_metric(run)} "
+                f"of the baseline "
                 f"{result['baseline'] * 100:.2f}%, result {result['result'] * 100:.2f}%")
     _write_json(path, result)
     ckpt.barrier()

@@ -49,6 +49,7 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
                      "latency_ms": lat_b["median_ms"]},
         "result": result,
         "accuracy_split": "validation",
+        "metric": run.data.preprocessing.get("metric", "top-1"),
         "splits": splits_summary(run.data.preprocessing),
         "split_check": split_check(baseline, run.data.preprocessing, run.data.num_classes,
                                    weights_given=run.weights is not None),
@@ -99,7 +100,8 @@ def markdown(r: dict) -> str:
                                 f"(asked {t['requested']})" for t in r["targets"])
         + (f"; channels in multiples of {r['round_to']}" if r["round_to"] > 1 else ""),
         "",
-        "| | top-1 test | top-1 validation | MFLOPs | params | latency (ms, onnxruntime) |",
+        f"| | {_metric(r)} test | {_metric(r)} validation | MFLOPs | params | "
+        "latency (ms, onnxruntime) |",
         "|---|---|---|---|---|---|",
         f"| baseline | {_pct(b.get('test_accuracy'))} | {_pct(b['accuracy'])} | "
         f"{b['flops'] / 1e6:.2f} | {b['params']:,} | {b['latency_ms']:.3f} |",
@@ -110,8 +112,9 @@ def markdown(r: dict) -> str:
         f"{r['ratios']['flops']:.3f} | {r['ratios']['params']:.3f} | "
         f"{r['ratios']['latency']:.3f} |",
         "",
-        "Test: top-1 on the test split, measured once after every decision and used for "
-        "none (compare methods by it). Validation: top-1 on the split every decision was "
+        f"Test: {_metric(r)} on the test split, measured once after every decision and used "
+        f"for none (compare methods by it). Validation: {_metric(r)} on the split every "
+        "decision was "
         "made on (defaults, tuning, candidate ranking), so it flatters the result; it is "
         "what `accuracy` in `report.json` holds.",
         "",
@@ -150,10 +153,15 @@ def markdown(r: dict) -> str:
         lines.append("- the full record (per group, per cycle) is under `method_info` in "
                      "`report.json`")
     p = r["preprocessing"]
-    lines += ["", "## Data", "",
-              f"{p.get('source')} ({p.get('format')}), images of {p.get('image_size')}; mean "
-              f"{p.get('mean')}, std {p.get('std')} (of the training split); augmentation: "
-              f"{p.get('augmentation')}.", ""]
+    if p.get("format") == "user":
+        lines += ["", "## Data", "", f"{p.get('source')}; loss: {p.get('loss')}; metric: "
+                  f"{p.get('metric')}.", ""]
+    else:
+        lines += ["", "## Data", "",
+                  f"{p.get('source')} ({p.get('format')}), images of {p.get('image_size')}; "
+                  f"mean {p.get('mean')}, std {p.get('std')} (of the training split); "
+                  f"augmentation: {p.get('augmentation')}; loss: {p.get('loss', 'cross-entropy')}"
+                  f"; metric: {p.get('metric', 'top-1')}.", ""]
     for role, sp in r.get("splits", {}).items():
         lines.append(f"- {role}: {sp['images']} images, {sp['source']}; {sp['use']}")
     if check.get("method"):
@@ -161,6 +169,10 @@ def markdown(r: dict) -> str:
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _metric(r: dict) -> str:
+    return "top-1" if r.get("metric", "top-1") == "top-1" else "metric"
 
 
 def _pct(v) -> str:
@@ -221,6 +233,10 @@ def split_check(baseline: dict, pre: dict, num_classes: int, *,
 
     Returns {"method": text, "comparisons": [...], "warnings": [text, ...]}.
     """
+    if pre.get("metric", "top-1") != "top-1":
+        return {"method": "not checked: the metric is model.py's evaluate(), not a share of "
+                          "samples, so its chance spread is unknown",
+                "comparisons": [], "warnings": []}
     out = {"method": (f"validation vs test top-1 (a lead over {SEEN_SIGMAS:g} standard "
                       f"errors and {SEEN_MIN_GAP * 100:g} point means the validation split "
                       "was likely seen); for given weights, held-out splits of --data vs "
@@ -295,7 +311,7 @@ def _plot(path: Path, r: dict) -> None:
         if t["metric"] == "flops":
             ax.axvline(t["limit"] / 1e6, ls="--", c="#555555", lw=1, label="FLOPs target")
     ax.set_xlabel("MFLOPs")
-    ax.set_ylabel("top-1 on the validation split (%)")
+    ax.set_ylabel(f"{_metric(r)} on the validation split (%)")
     ax.set_title(f"{r['method']} on {Path(r['model']).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

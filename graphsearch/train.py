@@ -234,11 +234,29 @@ def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int 
     Under torch.distributed (unless `distributed=False`) each rank evaluates every
     world_size-th sample and the sums are all-reduced, so *all ranks must call this*; the
     result is the same on every rank and counts each sample exactly once.
+
+    A dataset with a `metric` (model.py's `evaluate(model, dataset)`, see
+    :func:`graphsearch.data.attach_hooks`) is scored by it instead: `accuracy` holds the
+    metric's value and `loss` is nan. Every rank computes it on the whole dataset.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     if dataset is None or len(dataset) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
+    metric = getattr(dataset, "metric", None)
+    if metric is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            value = metric(model, dataset)
+        finally:
+            model.train(was_training)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"evaluate() in model.py returned {type(value).__name__}; return "
+                            "one number, higher is better") from None
+        return EvalResult(value, float("nan"), len(dataset))
     d = _Dist()
     if distributed is not False and dist.is_available() and dist.is_initialized():
         d = _Dist(dist.get_world_size(), dist.get_rank())
@@ -246,7 +264,7 @@ def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int 
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or getattr(dataset, "loss_fn", None) or _default_loss
     order = torch.arange(d.rank, len(dataset), d.world)  # no padding: no sample twice
     batches = list(order.split(batch_size))
     was_training = model.training
@@ -297,7 +315,9 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     optimizer: optional factory `optimizer(model) -> Optimizer` replacing SGD (lr,
         momentum and weight_decay are then ignored); scheduler: optional factory
         `scheduler(optimizer, total_steps)` replacing the cosine, stepped once per step.
-    loss_fn: `loss_fn(output, target) -> scalar`, default cross-entropy.
+    loss_fn: `loss_fn(output, target) -> scalar`; default: the training set's own `loss_fn`
+        attribute (model.py's hook, see :func:`graphsearch.data.attach_hooks`), else
+        cross-entropy.
     extra_loss: `extra_loss(model) -> scalar tensor`, added to the task loss each step.
     on_step: `on_step(model, step)`, called after each optimizer step (step counts from 1).
     max_steps: stop after this many optimizer steps in total.
@@ -328,7 +348,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # DDP needs an index
     model.to(device)
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or getattr(train_set, "loss_fn", None) or _default_loss
 
     # Seed the global RNG for dropout and other in-model randomness (restored on resume).
     torch.manual_seed(seed)

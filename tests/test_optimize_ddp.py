@@ -67,7 +67,7 @@ def test_optimize_under_torchrun_matches_one_process(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
 
     # Logs once: each stage's line and the summary appear as often as in one process.
-    for line in ("search: magnitude", "fine-tune: 1 epochs", "test split (16 images",
+    for line in ("search: magnitude", "fine-tune: 1 epochs", "test split (16 samples",
                  "baseline: top-1"):
         assert two.stderr.count(line) == 1 == one.stderr.count(line), (line, two.stderr)
     assert two.stdout.count("report:") == 1
