@@ -13,16 +13,12 @@ import warnings
 from pathlib import Path
 
 from .load import UserError, load_model
+from .units import human
 
 DEFAULT_MODEL = "zoo:resnet32"
 DEFAULT_OPTIMIZE_MODEL = "examples/cifar_resnet20.py"
 
 
-def human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return f"{n:g}"
 
 
 def _inspect(args) -> int:

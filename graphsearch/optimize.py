@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -85,6 +87,7 @@ class Run:
     log: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
     weights: str | None = None
+    warnings: list[str] = field(default_factory=list)  # the analysis's, for the report
 
 
 def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print) -> dict:
@@ -204,10 +207,19 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
             raise UserError(f"the model outputs {tuple(logits.shape)} but the data has "
                             f"{data.num_classes} classes; build the model with "
                             f"{data.num_classes} outputs")
-    try:
-        graph = analyze(loaded.model, x)
-    except TraceFailure as exc:
-        raise UserError(str(exc)) from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            graph = analyze(loaded.model, x)
+        except TraceFailure as exc:
+            raise UserError(str(exc)) from exc
+    # What the analysis says about the model (e.g. each submodule fx cannot trace): shown
+    # now, whatever the caller's warning filters, and listed in the report.
+    analysis_warnings = [str(w.message) for w in caught
+                         if str(w.message).startswith("graphsearch")]
+    for w in analysis_warnings:
+        if ckpt.is_main():
+            print(f"warning: {w}", file=sys.stderr)
     base = graph.baseline
     constraints = []
     if config.flops:
@@ -224,7 +236,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     if ckpt.is_main():
         state.mkdir(parents=True, exist_ok=True)
     run = Run(config, out, state, loaded.model, x, data, graph, constraints, None, None, log,
-              notes=list(loaded.notes) + list(data.notes), weights=loaded.weights)
+              notes=list(loaded.notes) + list(data.notes), weights=loaded.weights,
+              warnings=analysis_warnings)
     try:
         if config.latency:
             fit_latency(run, on_main(lambda: latency_points(run)))

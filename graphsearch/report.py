@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import write_atomic
+from .units import human
 
 
 def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: dict) -> dict:
@@ -70,6 +71,7 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")},
         "notes": run.notes,
+        "analysis_warnings": list(getattr(run, "warnings", [])),
     }
     out = run.out
     write_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
@@ -166,6 +168,8 @@ def markdown(r: dict) -> str:
         lines.append(f"- {role}: {sp['images']} images, {sp['source']}; {sp['use']}")
     if check.get("method"):
         lines += ["", f"Check that the held-out splits are unseen: {check['method']}"]
+    if r.get("analysis_warnings"):
+        lines += ["", "## Analysis warnings", ""] + [f"- {w}" for w in r["analysis_warnings"]]
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
@@ -285,9 +289,7 @@ def split_check(baseline: dict, pre: dict, num_classes: int, *,
 
 
 def _fmt(v: float, metric: str) -> str:
-    if metric == "latency":
-        return f"{v:.3f} ms"
-    return f"{v / 1e6:.2f}M"
+    return human(v, "ms" if metric == "latency" else "")
 
 
 def _plot(path: Path, r: dict) -> None:

@@ -45,7 +45,7 @@ from . import checkpoint as ckpt
 from .load import UserError
 
 __all__ = ["TrainResult", "EvalResult", "train", "evaluate", "evaluate_metrics",
-           "distributed_context"]
+           "distributed_context", "steps_per_epoch"]
 
 CHECKPOINT_FORMAT = "graphsearch-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -161,6 +161,24 @@ def _batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int, d: _Dist,
     if len(batches) > 1 and len(batches[-1]) < 2:
         batches.pop()
     return batches
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int | None = 1) -> int:
+    """Optimizer steps in one epoch of `n` samples, exactly as `train` takes them: each of
+    `world` ranks gets ceil(n / world) samples (DistributedSampler pads) in batches of
+    batch_size / world, and a last batch of one sample is dropped (it breaks BatchNorm in
+    train mode) unless it is the only one. `world=None`: this process group's size (1 when
+    not distributed). The one formula for everything that budgets steps.
+    """
+    if world is None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if n <= 0:
+        return 0
+    per_rank = max(1, batch_size // world)
+    samples = -(-n // world)
+    steps = -(-samples // per_rank)
+    last = samples - (steps - 1) * per_rank
+    return steps - 1 if steps > 1 and last < 2 else steps
 
 
 def _aug_seed(seed: int, epoch: int) -> int:
@@ -353,8 +371,8 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     # Seed the global RNG for dropout and other in-model randomness (restored on resume).
     torch.manual_seed(seed)
 
-    steps_per_epoch = len(_batches_for_epoch(len(train_set), batch_size, seed, 0, d))
-    total_steps = epochs * steps_per_epoch
+    per_epoch = steps_per_epoch(len(train_set), batch_size, d.world)
+    total_steps = epochs * per_epoch
     if max_steps is not None:
         total_steps = min(total_steps, int(max_steps))
 
@@ -373,7 +391,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     config = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
               "weight_decay": float(weight_decay), "momentum": float(momentum),
               "seed": int(seed), "max_steps": max_steps, "train_size": len(train_set),
-              "steps_per_epoch": steps_per_epoch}
+              "steps_per_epoch": per_epoch}
 
     # ---- resume
     epoch, step_in_epoch, global_step = 0, 0, 0
@@ -447,7 +465,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
                 loss = loss_fn(out, y)
                 extra = extra_loss(model) if extra_loss is not None else None
                 total = loss + extra if extra is not None else loss
-                _check_finite(total, d, device, desc, epoch, step_in_epoch, steps_per_epoch,
+                _check_finite(total, d, device, desc, epoch, step_in_epoch, per_epoch,
                               lr, loss, extra)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
@@ -513,7 +531,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
         val_loss=val_loss, seconds=time.time() - started, history=history,
         resumed_from=resumed_from,
         stopped_at_max_steps=bool(max_steps is not None and global_step >= max_steps
-                                  and global_step < epochs * steps_per_epoch))
+                                  and global_step < epochs * per_epoch))
 
 
 def _check_finite(total, d: _Dist, device, desc, epoch, step, steps_per_epoch, lr, loss,

@@ -173,3 +173,27 @@ def test_corrupt_data_zip(model_py, tmp_path):
                 *[a for a in FAST if a != "--quiet"][2:])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "zip" in r.stderr.lower()
+
+
+GATED = TINY.replace("class Tiny(nn.Module):", '''class Gate(nn.Module):
+    def forward(self, x):  # Python control flow: fx cannot trace it
+        return x.relu() if x.shape[-1] % 2 == 0 else -x
+
+
+class Tiny(nn.Module):''').replace("        self.fc = nn.Linear(32, 4)\n", '''        self.fc = nn.Linear(32, 4)
+        self.gate = Gate()
+''').replace("return self.fc(x.mean((2, 3)))", "return self.fc(self.gate(x.mean((2, 3))))")
+
+
+def test_untraceable_submodule_is_shown_and_reported(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(GATED)
+    assert "self.gate(" in GATED
+    out = tmp_path / "o"
+    r = run_cli("optimize", path, "--flops", "0.6", "--out", out, *FAST)
+    assert r.returncode == 0, r.stderr
+    words = "graphsearch: submodule 'gate' could not be traced by torch.fx"
+    assert f"warning: {words}" in r.stderr  # shown, even with --quiet
+    report = json.loads((out / "report.json").read_text())
+    assert [w[:len(words)] for w in report["analysis_warnings"]] == [words]
+    assert "## Analysis warnings" in (out / "report.md").read_text()

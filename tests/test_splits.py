@@ -176,3 +176,25 @@ def test_no_gap_to_training_images_is_flagged_for_given_weights():
     chance = {"accuracy": 0.1, "test_accuracy": 0.1, "train_accuracy": 0.1,
               "train_accuracy_images": 5000}
     assert split_check(chance, pre, 10, weights_given=True)["warnings"] == []
+
+
+def test_baseline_onnx_has_the_baselines_weights(tmp_path, recorded):
+    """`.state/baseline.onnx` is the baseline, not the model the search trained (the probe
+    trains during the search, so the two differ)."""
+    import onnxruntime as ort
+
+    from graphsearch.load import load_model
+
+    recorded()
+    state = tmp_path / "out" / ".state"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sess = ort.InferenceSession(str(state / "baseline.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    model = load_model(str(TINY)).model.eval()
+    model.load_state_dict(torch.load(state / "baseline.pt")["state_dict"])
+    searched = load_model(str(TINY)).model.eval()
+    searched.load_state_dict(torch.load(state / "proposal.pt", weights_only=False)["state_dict"])
+    with torch.no_grad():
+        want, other = model(x).numpy(), searched(x).numpy()
+    assert abs(want - other).max() > 1e-3  # the search did change the weights
+    assert abs(got - want).max() < 1e-4
