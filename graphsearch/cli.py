@@ -13,16 +13,12 @@ import warnings
 from pathlib import Path
 
 from .load import UserError, load_model
+from .units import human
 
 DEFAULT_MODEL = "zoo:resnet32"
 DEFAULT_OPTIMIZE_MODEL = "examples/cifar_resnet20.py"
 
 
-def human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return f"{n:g}"
 
 
 def _inspect(args) -> int:
@@ -101,23 +97,39 @@ def _optimize(args) -> int:
         if unknown:
             raise UserError(f"--set {', '.join(unknown)}: not a setting of {args.method} "
                             f"(its settings: {', '.join(method.defaults) or 'none'})")
+    for flag, value in (("--val-fraction", args.val_fraction),
+                        ("--test-fraction", args.test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} {value}: give a fraction in [0, 1), e.g. 0.1")
     config = OptimizeConfig(
         model=args.model, method=args.method, weights=args.weights, data=args.data,
+        val_data=args.val_data, test_data=args.test_data,
         flops=args.flops, params=args.params, latency=args.latency, round_to=args.round_to,
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-        finetune_lr=args.finetune_lr, batch_size=args.batch_size, threads=args.threads,
-        max_train=args.max_train,
+        finetune_lr=args.finetune_lr, batch_size=args.batch_size,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        threads=args.threads, max_train=args.max_train,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = optimize(config, resume=args.resume, log=log)
+    from .checkpoint import is_main
+
+    if not is_main():
+        return 0  # under torchrun rank 0 speaks for all
     b, r = report["baseline"], report["result"]
-    print(f"baseline  top-1 {b['accuracy'] * 100:6.2f}%  {b['flops'] / 1e6:9.2f} MFLOPs  "
-          f"{b['params']:>11,} params  {b['latency_ms']:.3f} ms")
-    print(f"{args.method:<9} top-1 {r['accuracy'] * 100:6.2f}%  {r['flops'] / 1e6:9.2f} MFLOPs  "
-          f"{r['params']:>11,} params  {r['latency_ms']:.3f} ms")
+
+    def pct(v):
+        return "   n/a " if v is None else f"{v * 100:6.2f}%"
+
+    for name, x in (("baseline", b), (args.method, r)):
+        print(f"{name:<9} test {pct(x.get('test_accuracy'))}  val {pct(x['accuracy'])}  "
+              f"{x['flops'] / 1e6:9.2f} MFLOPs  {x['params']:>11,} params  "
+              f"{x['latency_ms']:.3f} ms")
+    for w in report.get("split_check", {}).get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -176,6 +188,13 @@ def _export(args) -> int:
     return 0
 
 
+def _default(name: str):
+    """The default of an `optimize` option: OptimizeConfig's, the one source."""
+    from .optimize import OptimizeConfig
+
+    return OptimizeConfig.__dataclass_fields__[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="graphsearch",
@@ -211,31 +230,52 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     opt.add_argument("model", nargs="?", default=DEFAULT_OPTIMIZE_MODEL,
                      help=f"model.py or zoo:NAME (default: {DEFAULT_OPTIMIZE_MODEL})")
-    opt.add_argument("--method", default="uniform",
-                     help=f"search method: {', '.join(METHODS)} (default: uniform)")
+    opt.add_argument("--method", default=_default("method"),
+                     help=f"search method: {', '.join(METHODS)} (default: %(default)s)")
     opt.add_argument("--weights", help="trained weights (a state dict); without them the "
                                        "baseline is trained first")
-    opt.add_argument("--data", help="ImageFolder folder or .zip, CIFAR pickle batches, or "
-                                    "'synthetic' (default: the built-in synthetic set)")
+    opt.add_argument("--data", help="training data: ImageFolder folder or .zip/.tar.gz, CIFAR "
+                                    "pickle batches, or 'synthetic[:N[:K]]' (default: the "
+                                    "built-in synthetic set)")
+    opt.add_argument("--val-data", metavar="PATH",
+                     help="validation data (same formats as --data), on which every decision "
+                          "is made; default: --val-fraction of --data held out by --seed")
+    opt.add_argument("--test-data", metavar="PATH",
+                     help="test data (same formats as --data), only reported, measured once "
+                          "at the end (e.g. the official test split); default: "
+                          "--test-fraction of --data held out by --seed")
+    opt.add_argument("--val-fraction", type=float, default=_default("val_fraction"),
+                     help="share of each class of --data held out for validation when no "
+                          "--val-data is given (default: %(default)s)")
+    opt.add_argument("--test-fraction", type=float, default=_default("test_fraction"),
+                     help="share of each class of --data held out for testing when no "
+                          "--test-data is given; 0 reports no test accuracy "
+                          "(default: %(default)s)")
     opt.add_argument("--flops", help="FLOPs target: a fraction of the baseline (0.33) or a "
                                      "count (46M); default 1/3 when no target is given")
     opt.add_argument("--params", help="params target: fraction (0.5) or count (200k)")
     opt.add_argument("--latency", help="onnxruntime latency target: '4ms' or a fraction")
-    opt.add_argument("--round-to", type=int, default=1, help="channel multiple (e.g. 8)")
-    opt.add_argument("--out", default="graphsearch-out", help="output folder")
+    opt.add_argument("--round-to", type=int, default=_default("round_to"),
+                     help="channel multiple (e.g. 8)")
+    opt.add_argument("--out", default=_default("out"), help="output folder")
     opt.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--baseline-epochs", type=int, default=6,
+    opt.add_argument("--seed", type=int, default=_default("seed"),
+                     help="seed of the splits, the training order and the methods")
+    opt.add_argument("--baseline-epochs", type=int, default=_default("baseline_epochs"),
                      help="epochs to train the baseline when no weights are given")
-    opt.add_argument("--search-epochs", type=float, default=2.0,
+    opt.add_argument("--search-epochs", type=float, default=_default("search_epochs"),
                      help="training budget of the search, in epochs")
-    opt.add_argument("--finetune-epochs", type=int, default=4)
-    opt.add_argument("--lr", type=float, default=0.05, help="baseline learning rate")
-    opt.add_argument("--finetune-lr", type=float, default=0.02,
+    opt.add_argument("--finetune-epochs", type=int, default=_default("finetune_epochs"))
+    opt.add_argument("--lr", type=float, default=_default("lr"), help="baseline learning rate")
+    opt.add_argument("--finetune-lr", type=float, default=_default("finetune_lr"),
                      help="learning rate of the search and fine-tuning")
-    opt.add_argument("--batch-size", type=int, default=128)
-    opt.add_argument("--max-train", type=int, help="use only the first N training images")
-    opt.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency")
+    opt.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    opt.add_argument("--max-train", type=int, default=_default("max_train"), metavar="N",
+                     help="train on N images of the training split drawn at random by "
+                          "--seed (after the validation and test splits are held out; for "
+                          "quick runs)")
+    opt.add_argument("--threads", type=int, default=_default("threads"),
+                     help="onnxruntime threads for latency")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
     opt.add_argument("--quiet", action="store_true", help="no progress output")
@@ -258,13 +298,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
     except UserError as exc:
-        print(f"graphsearch: error: {exc}", file=sys.stderr)
-        return 2
+        from .checkpoint import is_main
+
+        if is_main():  # under torchrun every rank raises the same error: say it once
+            print(f"graphsearch: error: {exc}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("graphsearch: interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: every rank leaves together (a rank tearing gloo down while another
+    still works makes that one abort)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

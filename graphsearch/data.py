@@ -1,8 +1,18 @@
 """Image-classification data for `graphsearch optimize`.
 
-`load_dataset(spec)` turns what the user names into a :class:`DataBundle`: a training split,
-a validation split held out from the training data by a fixed seed (stratified per class),
-the class names, the input shape, and a record of the preprocessing applied. Sources:
+`load_dataset(spec)` turns what the user names into a :class:`DataBundle` with three roles:
+
+- ``train``: what weights are fitted on;
+- ``val`` (validation): what every decision is made on (defaults, tuning, ranking of
+  candidates, early stopping); held out of `spec` by the seed (stratified per class), or all
+  of `val_data` when the user names validation data of their own;
+- ``test``: reported only, measured once at the end; held out of `spec` by the seed
+  (`test_fraction`, stratified, chosen before and independently of the validation split),
+  or all of `test_data`. Search methods never receive it: they get
+  :meth:`DataBundle.for_search`, a :class:`SearchData` that has no ``test`` at all.
+
+plus the class names, the input shape, and a record of the preprocessing applied. Sources
+(the same for `spec`, `val_data` and `test_data`):
 
 - ``None``, ``"synthetic"``, ``"synthetic:N"`` or ``"synthetic:N:K"``: a built-in synthetic
   set (default 5,000 images of 10 classes, 32x32 RGB) generated deterministically from the
@@ -61,11 +71,16 @@ from .load import UserError
 
 __all__ = [
     "DataBundle",
+    "SearchData",
     "ImageTensorDataset",
     "RawImages",
     "load_dataset",
     "load_images",
     "split_indices",
+    "split_roles",
+    "UserDataset",
+    "user_datasets",
+    "attach_hooks",
     "synthetic_images",
     "default_cache_dir",
 ]
@@ -96,8 +111,29 @@ class RawImages:
 
 
 @dataclass
+class SearchData:
+    """What a search method may see: the training and validation splits, never the test one.
+
+    There is deliberately no ``test`` attribute: a method that reaches for it fails at once
+    instead of quietly tuning on the data its result is reported on.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    preprocessing: dict
+    input_shape: tuple[int, int, int]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DataBundle:
-    """Train and validation splits plus what a report needs to know about them."""
+    """Train, validation and test splits plus what a report needs to know about them.
+
+    `test` is None when no test split was asked for (``test_fraction=0`` and no
+    ``test_data``). Hand methods :meth:`for_search`, not the bundle.
+    """
 
     train: Dataset
     val: Dataset
@@ -106,6 +142,12 @@ class DataBundle:
     preprocessing: dict  # JSON-serialisable: source, image size, mean, std, augmentation...
     input_shape: tuple[int, int, int]  # (C, H, W)
     notes: list[str] = field(default_factory=list)
+    test: Dataset | None = None
+
+    def for_search(self) -> SearchData:
+        """The training and validation splits only (what methods and training loops get)."""
+        return SearchData(self.train, self.val, self.num_classes, list(self.class_names),
+                          self.preprocessing, self.input_shape, list(self.notes))
 
 
 class ImageTensorDataset(Dataset):
@@ -117,6 +159,9 @@ class ImageTensorDataset(Dataset):
     flips are a function of (seed, index) only, so a batch is augmented the same however the
     epoch is split into batches or shared out between processes.
     """
+
+    loss_fn = None  # the model's own loss and metric, set by `attach_hooks`
+    metric = None
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
                  std: Sequence[float], *, augment: bool = False, pad: int | None = None,
@@ -200,6 +245,96 @@ class ImageTensorDataset(Dataset):
         return self._device_cache[1:]
 
 
+class UserDataset(Dataset):
+    """A dataset from model.py's `datasets()` hook, as the training loop sees it: items pass
+    through unchanged; `loss_fn` and `metric` are the model's own (None: the defaults)."""
+
+    def __init__(self, base, loss_fn=None, metric=None):
+        self.base, self.loss_fn, self.metric = base, loss_fn, metric
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return self.base[index]
+
+    def subset(self, indices: Sequence[int]) -> "UserDataset":
+        return UserDataset(torch.utils.data.Subset(self.base, [int(i) for i in indices]),
+                           self.loss_fn, self.metric)
+
+
+def attach_hooks(bundle, loss_fn=None, metric=None):
+    """Give every split of `bundle` the model's own loss and metric (model.py's `loss_fn`
+    and `evaluate`), which `graphsearch.train` uses in place of cross-entropy and top-1."""
+    for ds in (bundle.train, bundle.val, bundle.test):
+        if ds is not None:
+            ds.loss_fn, ds.metric = loss_fn, metric
+    bundle.preprocessing = {**bundle.preprocessing,
+                            "metric": "evaluate() of model.py" if metric else "top-1",
+                            "loss": "loss_fn() of model.py" if loss_fn else "cross-entropy"}
+    return bundle
+
+
+def user_datasets(fn, *, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0) -> DataBundle:
+    """The splits model.py's `datasets()` returns: {"train", "val", "test"} or a tuple in that
+    order; a missing test split is held out of train at random by `seed` (`test_fraction`),
+    then a missing validation split (`val_fraction`, of the original train's size)."""
+    try:
+        got = fn()
+    except Exception as exc:  # noqa: BLE001 - user code: one line
+        raise UserError(f"datasets() in model.py failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(got, (tuple, list)):
+        got = dict(zip(("train", "val", "test"), got))
+    if not isinstance(got, dict) or got.get("train") is None:
+        raise UserError("datasets() in model.py must return {'train': ..., 'val': ..., "
+                        "'test': ...} ('val' and 'test' optional) or a tuple in that order")
+    if "validation" in got and "val" not in got:
+        got["val"] = got.pop("validation")
+    unknown = sorted(set(got) - {"train", "val", "test"})
+    if unknown:
+        raise UserError(f"datasets() in model.py returned unknown splits {unknown}; use "
+                        "'train', 'val' and 'test'")
+    for role, ds in got.items():
+        if ds is not None and not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+            raise UserError(f"datasets()['{role}'] in model.py is a {type(ds).__name__}, not "
+                            "a map-style dataset (with __len__ and __getitem__)")
+    train = got["train"]
+    if len(train) == 0:
+        raise UserError("datasets()['train'] in model.py is empty")
+    n = len(train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    pos = 0
+    parts = {}
+    sources = {}
+    for role, frac in (("test", test_fraction), ("val", val_fraction)):
+        if got.get(role) is not None:
+            parts[role] = got[role]
+            sources[role] = f"datasets()['{role}'] of model.py"
+            continue
+        k = round(n * frac) if frac > 0 else 0
+        if frac > 0:
+            k = min(max(k, 1), n - pos - 1)
+        parts[role] = torch.utils.data.Subset(train, sorted(perm[pos:pos + k]))
+        sources[role] = (f"{frac:g} of datasets()['train'] of model.py, held out at random by "
+                         f"seed {seed}" if k else "none")
+        pos += k
+    rest = sorted(perm[pos:])
+    train_ds = UserDataset(train if pos == 0 else torch.utils.data.Subset(train, rest))
+    val = UserDataset(parts["val"])
+    test = UserDataset(parts["test"]) if len(parts["test"]) else None
+    preprocessing = {"source": "datasets() of model.py", "format": "user",
+                     "augmentation": "whatever datasets() does",
+                     "val_fraction": 0.0 if got.get("val") is not None else float(val_fraction),
+                     "test_fraction": 0.0 if got.get("test") is not None
+                     else float(test_fraction),
+                     "split_seed": int(seed), "num_train": len(train_ds), "num_val": len(val),
+                     "num_test": len(test) if test is not None else 0,
+                     "val_source": sources["val"], "test_source": sources["test"]}
+    return DataBundle(train=train_ds, val=val, num_classes=0, class_names=[],
+                      preprocessing=preprocessing, input_shape=None, notes=[], test=test)
+
+
 def default_pad(hw: Sequence[int]) -> int:
     """Padding of the random crop: 4 pixels for 32x32 images, scaled as size/8 otherwise."""
     return max(1, round(min(int(hw[0]), int(hw[1])) / 8))
@@ -227,29 +362,78 @@ def _crop_flip(x: torch.Tensor, dy, dx, flip, pad: int) -> torch.Tensor:
 # Entry point
 
 
-def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1, seed: int = 0,
+def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1,
+                 test_fraction: float = 0.0, seed: int = 0,
+                 val_data: str | os.PathLike | None = None,
+                 test_data: str | os.PathLike | None = None,
                  image_size: int | Sequence[int] | None = None,
                  cache_dir: str | os.PathLike | bool | None = None,
                  augment: bool = True) -> DataBundle:
-    """Load `spec` (see the module docstring) and split it into train and validation sets.
+    """Load `spec` (see the module docstring) into training, validation and test splits.
 
-    `val_fraction` of every class (at least one image of each class with two or more) is held
-    out by `seed`; 0 gives an empty validation set. `image_size` (int or (H, W)) resizes all
-    images; without it, all images must share one size. `cache_dir=False` disables the
-    decode cache. `augment=False` turns off the training augmentation.
+    Test: all of `test_data` if given, else `test_fraction` of every class of `spec` held out
+    by `seed` (0, the library default, gives no test split; `graphsearch optimize` holds out
+    10%). Validation: all of `val_data` if given, else `val_fraction` of every class of `spec`
+    (at least one image of each class with two or more; 0 gives an empty validation set).
+    The test split is drawn first and does not depend on `val_fraction`. Normalisation
+    statistics come from the training split alone. `val_data` and `test_data` take the same
+    formats as `spec`, are resized to the training images' size, and must use class names
+    of `spec`; synthetic ones are drawn with seeds of their own, so they never repeat a
+    training image. `image_size` (int or (H, W)) resizes all images; without it, all images
+    of `spec` must share one size. `cache_dir=False` disables the decode cache.
+    `augment=False` turns off the training augmentation.
     """
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= float(f) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {f}")
+    vf = 0.0 if val_data is not None else float(val_fraction)
+    tf = 0.0 if test_data is not None else float(test_fraction)
+    if vf + tf >= 1.0:
+        raise UserError(f"val_fraction {vf} + test_fraction {tf} leave no training data; "
+                        "choose fractions that sum to less than 1")
+    _refuse_same_source(spec, val_data, "--val-data")
+    _refuse_same_source(spec, test_data, "--test-data")
+    if val_data is not None and test_data is not None:
+        _refuse_same_source(val_data, test_data, "--test-data", other="--val-data")
     raw = load_images(spec, seed=seed, image_size=image_size, cache_dir=cache_dir)
-    train_idx, val_idx = split_indices(raw.labels, val_fraction, seed, len(raw.class_names))
+    train_idx, val_idx, test_idx = split_roles(raw.labels, vf, tf, seed, len(raw.class_names))
     train_images = raw.images[train_idx]
     mean, std = channel_mean_std(train_images)
     pad = default_pad(raw.images.shape[-2:])
+    c, h, w = raw.images.shape[1:]
+    notes = list(raw.notes)
+
+    def own(role_spec, flag, role_index):
+        images, labels, source, more = _load_role(role_spec, flag, raw, seed, role_index,
+                                                  (int(h), int(w)), cache_dir)
+        notes.extend(more)
+        return images, labels, source
+
+    if val_data is not None:
+        val_images, val_labels, val_source = own(val_data, "--val-data", 1)
+    else:
+        val_images, val_labels = raw.images[val_idx], raw.labels[val_idx]
+        val_source = (f"{vf:g} of each class of {raw.source}, held out by seed {seed}"
+                      if len(val_idx) else "none")
+    if test_data is not None:
+        test_images, test_labels, test_source = own(test_data, "--test-data", 2)
+    elif len(test_idx):
+        test_images, test_labels = raw.images[test_idx], raw.labels[test_idx]
+        test_source = f"{tf:g} of each class of {raw.source}, held out by seed {seed}"
+    else:
+        test_images = test_labels = None
+        test_source = "none"
     train = ImageTensorDataset(train_images, raw.labels[train_idx], mean, std,
                                augment=augment, pad=pad)
-    val = ImageTensorDataset(raw.images[val_idx], raw.labels[val_idx], mean, std, augment=False,
-                             pad=pad)
-    c, h, w = raw.images.shape[1:]
+    val = ImageTensorDataset(val_images, val_labels, mean, std, augment=False, pad=pad)
+    test = (ImageTensorDataset(test_images, test_labels, mean, std, augment=False, pad=pad)
+            if test_images is not None else None)
+    for role, ds in (("validation", val), ("test", test)):
+        if ds is not None and len(ds):
+            dup = _duplicates(train.images, ds.images)
+            if dup:
+                notes.append(f"{dup} of the {len(ds)} {role} images are exact copies of "
+                             "training images")
     augmentation = (f"random crop {h}x{w} after {pad}-pixel zero padding + horizontal flip "
                     "(training split only)" if augment else "none")
     preprocessing = {
@@ -261,14 +445,91 @@ def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1, s
         "std": [round(s, 6) for s in std],
         "normalisation": "per-channel (x/255 - mean) / std, mean and std of the training split",
         "augmentation": augmentation,
-        "val_fraction": float(val_fraction),
+        "val_fraction": vf,
+        "test_fraction": tf,
         "split_seed": int(seed),
         "num_train": int(len(train_idx)),
-        "num_val": int(len(val_idx)),
+        "num_val": int(len(val)),
+        "num_test": int(len(test)) if test is not None else 0,
+        "val_source": val_source,
+        "test_source": test_source,
     }
     return DataBundle(train=train, val=val, num_classes=len(raw.class_names),
                       class_names=list(raw.class_names), preprocessing=preprocessing,
-                      input_shape=(int(c), int(h), int(w)), notes=list(raw.notes))
+                      input_shape=(int(c), int(h), int(w)), notes=notes, test=test)
+
+
+def _same_path(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    if isinstance(a, str) and a.split(":", 1)[0] == "synthetic":
+        return False
+    if isinstance(b, str) and b.split(":", 1)[0] == "synthetic":
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _refuse_same_source(spec, other_spec, flag: str, other: str = "--data") -> None:
+    if other_spec is None:
+        return
+    if _same_path(spec if spec is not None else "synthetic", other_spec):
+        raise UserError(f"{flag} '{other_spec}' is the same as {other}: a split must hold "
+                        f"images the other does not; pass other data to {flag}, or leave it "
+                        "out to hold a split out of --data by the seed")
+
+
+def _load_role(spec, flag: str, train_raw: RawImages, seed: int, role_index: int,
+               size: tuple[int, int], cache_dir):
+    """All of `spec` as the validation (role 1) or test (role 2) split of `train_raw`'s task:
+    labels mapped by class name, images resized to the training size."""
+    is_synthetic = spec is None or (isinstance(spec, str) and
+                                    spec.split(":", 1)[0] == "synthetic")
+    if is_synthetic:
+        # Another seed stream: the same task (class definitions), other samples.
+        role_seed = int(seed) + 1_000_000_007 * role_index
+        if train_raw.format == "synthetic":
+            k_train = len(train_raw.class_names)
+            try:
+                _, k = _parse_synthetic(spec)
+            except UserError as exc:
+                raise UserError(f"{flag}: {exc}") from None
+            if k != k_train:
+                raise UserError(f"{flag} '{spec}' has {k} classes but the training data "
+                                f"'{train_raw.source}' has {k_train}; synthetic sets with "
+                                "other class counts are other tasks: give the same K")
+    else:
+        role_seed = seed
+    try:
+        raw = load_images(spec, seed=role_seed, image_size=size, cache_dir=cache_dir)
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+    index = {n: i for i, n in enumerate(train_raw.class_names)}
+    present = sorted(set(raw.labels.tolist()))
+    unknown = [raw.class_names[i] for i in present if raw.class_names[i] not in index]
+    if unknown:
+        raise UserError(f"{flag} '{spec}' has classes the training data lacks: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; its "
+                        "class folders (or CIFAR label names) must be those of --data "
+                        f"({', '.join(train_raw.class_names[:5])}"
+                        f"{' ...' if len(train_raw.class_names) > 5 else ''})")
+    mapping = torch.tensor([index.get(n, -1) for n in raw.class_names], dtype=torch.long)
+    labels = mapping[raw.labels]
+    notes = [f"{flag}: {n}" for n in raw.notes]
+    missing = len(train_raw.class_names) - len(present)
+    if missing:
+        notes.append(f"{flag}: {missing} of the {len(train_raw.class_names)} classes have no "
+                     "image")
+    return raw.images, labels, raw.source, notes
+
+
+def _duplicates(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many images of `b` are byte-for-byte copies of an image of `a`."""
+    if len(a) == 0 or len(b) == 0 or a.shape[1:] != b.shape[1:]:
+        return 0
+    seen = {hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() for x in a}
+    return sum(hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() in seen
+               for x in b)
 
 
 def load_images(spec: str | os.PathLike | None, *, seed: int = 0,
@@ -323,6 +584,41 @@ def split_indices(labels: torch.Tensor, val_fraction: float, seed: int,
     train = torch.cat(train_parts).sort().values if train_parts else empty
     val = torch.cat(val_parts).sort().values if val_parts else empty
     return train, val
+
+
+def split_roles(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int,
+                num_classes: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stratified three-way split: (train, val, test) sorted index tensors, disjoint, covering
+    all indices.
+
+    Each class is permuted by `seed`; its first round(n * test_fraction) images go to test,
+    the next round(n * val_fraction) to validation, the rest to training. The test split thus
+    depends on (seed, test_fraction) only, and with ``test_fraction=0`` the result is
+    :func:`split_indices`'s. A class with two or more images keeps at least one for
+    training and gives each asked-for held-out split at least one while it can.
+    """
+    labels = torch.as_tensor(labels)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    g = torch.Generator().manual_seed(int(seed))
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = len(idx)
+        n_test = round(n * test_fraction)
+        if test_fraction > 0 and n >= 2:
+            n_test = min(max(n_test, 1), n - 1)
+        n_val = round(n * val_fraction)
+        if val_fraction > 0 and n - n_test >= 2:
+            n_val = max(n_val, 1)
+        n_val = max(0, min(n_val, n - n_test - 1)) if n else 0
+        parts[2].append(idx[:n_test])
+        parts[1].append(idx[n_test:n_test + n_val])
+        parts[0].append(idx[n_test + n_val:])
+    empty = torch.zeros(0, dtype=torch.long)
+    train, val, test = (torch.cat(p).sort().values if p else empty for p in parts)
+    return train, val, test
 
 
 def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -4,8 +4,17 @@
 - `build_model()` -> nn.Module (required);
 - `example_inputs()` -> tuple of tensors (optional; default: one tensor of shape
   `INPUT_SHAPE`, itself defaulting to (1, 3, 32, 32));
-- optionally `WEIGHTS = "path.pt"` (a state dict, relative to model.py), `datasets()`,
-  `loss_fn`, `evaluate` (used by `optimize`).
+- optionally `WEIGHTS = "path.pt"` (a state dict, relative to model.py);
+- optionally, for models that are not image classifiers (or to use your own data, loss and
+  metric), the hooks `optimize` reads:
+  - `datasets()` -> {"train": ds, "val": ds, "test": ds} (or a tuple in that order; "val"
+    and "test" optional): map-style datasets of (input, target) pairs, batched by a plain
+    DataLoader. Used when `--data` is not given. A missing "test" is held out of "train"
+    at random by the seed (`--test-fraction`), then a missing "val" (`--val-fraction`).
+  - `loss_fn(output, target)` -> scalar tensor: the training loss (default cross-entropy).
+  - `evaluate(model, dataset)` -> float, higher is better (e.g. mean IoU, macro F1): the
+    metric of every decision (on the validation split) and of the report (validation and
+    test), in place of top-1. The model comes in eval mode, under torch.no_grad().
 
 Instead of a path, `zoo:NAME` names a model of the built-in zoo (`graphsearch.zoo`).
 """
@@ -17,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -35,6 +45,9 @@ class LoadedModel:
     namespace: ModuleType | None = None
     notes: list[str] = field(default_factory=list)
     weights: str | None = None  # the trained weights that were loaded, if any
+    datasets: Callable | None = None  # model.py's hooks (see the module docstring)
+    loss_fn: Callable | None = None
+    evaluate: Callable | None = None
 
 
 def load_model(spec: str, weights: str | None = None) -> LoadedModel:
@@ -97,8 +110,15 @@ def _load_file(path: Path) -> LoadedModel:
         shape = tuple(getattr(module, "INPUT_SHAPE", DEFAULT_INPUT_SHAPE))
         inputs = (torch.randn(shape),)
         notes.append(f"no example_inputs() in {path.name}: using one input of shape {shape}")
+    hooks = {}
+    for hook in ("datasets", "loss_fn", "evaluate"):
+        fn = getattr(module, hook, None)
+        if fn is not None and not callable(fn):
+            raise UserError(f"'{hook}' in '{path}' must be a function, not "
+                            f"{type(fn).__name__}")
+        hooks[hook] = fn
     weights = getattr(module, "WEIGHTS", None)
-    loaded = LoadedModel(model, tuple(inputs), str(path), module, notes)
+    loaded = LoadedModel(model, tuple(inputs), str(path), module, notes, **hooks)
     if weights:
         _load_weights(model, (path.parent / weights))
         loaded.weights = str(path.parent / weights)

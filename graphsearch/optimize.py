@@ -1,6 +1,15 @@
-"""`graphsearch optimize`: load -> analyze -> baseline -> search -> slim -> fine-tune -> export
--> report, one direction, each stage checkpointed in `OUT/.state` so that `--resume` after
-any interruption (even kill -9) continues where it stopped and reaches the same result.
+"""`graphsearch optimize`: load -> analyze -> baseline -> search -> slim -> fine-tune -> test
+-> export -> report, one direction, each stage checkpointed in `OUT/.state` so that `--resume`
+after any interruption (even kill -9) continues where it stopped and reaches the same result.
+
+Data roles: the training split fits weights; the validation split makes every decision
+(the search and its methods see only these two, through `DataBundle.for_search`); the test
+split is evaluated once, in `stage_test`, after every decision is taken, for the baseline and
+the result, and only reported.
+
+Under `torchrun` every rank runs the pipeline (training, evaluation and the search's training
+are distributed), but only rank 0 logs and writes (state, checkpoints, exports, reports); the
+other ranks wait for it at the end of each stage and continue from what it wrote.
 """
 
 from __future__ import annotations
@@ -8,7 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +41,8 @@ class OptimizeConfig:
     method: str = "uniform"
     weights: str | None = None
     data: str | None = None
+    val_data: str | None = None  # the user's validation data (else held out of `data`)
+    test_data: str | None = None  # the user's test data (else held out of `data`)
     flops: str | None = None
     params: str | None = None
     latency: str | None = None
@@ -43,7 +56,8 @@ class OptimizeConfig:
     finetune_lr: float = 0.02
     batch_size: int = 128
     val_fraction: float = 0.1
-    max_train: int | None = None  # use the first N training images (quick runs)
+    test_fraction: float = 0.1
+    max_train: int | None = None  # train on N training images drawn by seed (quick runs)
     threads: int = 1  # onnxruntime threads for latency
     settings: dict = field(default_factory=dict)  # method hyper-parameters (--set k=v)
     progress: bool = True
@@ -73,19 +87,63 @@ class Run:
     log: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
     weights: str | None = None
+    warnings: list[str] = field(default_factory=list)  # the analysis's, for the report
 
 
 def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print) -> dict:
+    """Run the pipeline; returns the report (on every rank under torchrun)."""
+    from .train import distributed_context
+
+    distributed_context()  # under torchrun: join the process group before any file is touched
+    if not ckpt.is_main():
+        log = _silent
     run = prepare(config, resume, log)
     baseline = stage_baseline(run)
     proposal = stage_search(run)
     slim_model, plan = stage_slim(run, proposal)
     final = stage_finetune(run, slim_model)
+    test = stage_test(run, slim_model)
+    baseline = {**baseline, "test_accuracy": test["baseline"]}
+    final = {**final, "test_accuracy": test["result"]}
     exported = stage_export(run, slim_model)
     from .report import write_reports
 
-    report = write_reports(run, baseline, proposal, plan, final, exported)
-    return report
+    return on_main(lambda: write_reports(run, baseline, proposal, plan, final, exported))
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def on_main(fn: Callable):
+    """Run `fn` on rank 0 only and hand its result (or its error) to every rank.
+
+    Not distributed: just `fn()`. Under torchrun the other ranks wait, receive what rank 0
+    returned, and raise the same UserError if it raised one, so that no rank is left waiting
+    for a rank that failed.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as exc:
+            error, box[0] = exc, ("user", str(exc))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            error, box[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind == "user":
+        raise UserError(value)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- preparation
@@ -93,7 +151,7 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
 
 def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     from .analysis import analyze
-    from .data import load_dataset
+    from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
     from .trace import TraceFailure
 
@@ -114,24 +172,54 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
 
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.weights)
-    data = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    own_data = loaded.datasets is not None and config.data is None
+    if own_data:
+        if config.val_data or config.test_data:
+            raise UserError("--val-data and --test-data go with --data; model.py's datasets() "
+                            "provides the data here: return 'val' and 'test' from it instead")
+        data = user_datasets(loaded.datasets, val_fraction=config.val_fraction,
+                             test_fraction=config.test_fraction, seed=config.seed)
+    else:
+        data = load_dataset(config.data, val_fraction=config.val_fraction,
+                            test_fraction=config.test_fraction, seed=config.seed,
+                            val_data=config.val_data, test_data=config.test_data)
     if config.max_train:
         data = _limit_training(data, config.max_train, config.seed)
+    attach_hooks(data, loaded.loss_fn, loaded.evaluate)
+    if own_data:
+        data.notes.append("data, splits: datasets() of model.py")
     x = loaded.example_inputs
-    if tuple(x[0].shape[1:]) != tuple(data.input_shape):
+    if not own_data and tuple(x[0].shape[1:]) != tuple(data.input_shape):
         raise UserError(f"the model's example input is {tuple(x[0].shape[1:])} but the data's "
                         f"images are {tuple(data.input_shape)}; make example_inputs() match")
-    with torch.no_grad():
-        logits = loaded.model.eval()(*x)
-    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    if logits.dim() != 2 or logits.shape[1] != data.num_classes:
-        raise UserError(f"the model outputs {tuple(logits.shape)} but the data has "
-                        f"{data.num_classes} classes; build the model with "
-                        f"{data.num_classes} outputs")
-    try:
-        graph = analyze(loaded.model, x)
-    except TraceFailure as exc:
-        raise UserError(str(exc)) from exc
+    if loaded.loss_fn is None:  # cross-entropy on class logits: check the output fits
+        with torch.no_grad():
+            logits = loaded.model.eval()(*x)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        if own_data:
+            classes = _count_classes(data.train)
+            if logits.dim() != 2 or not classes or logits.shape[1] < classes:
+                raise UserError(f"the model outputs {tuple(logits.shape)}; without loss_fn "
+                                "in model.py the loss is cross-entropy, which needs class "
+                                "logits (N, classes) and integer class targets: define "
+                                "loss_fn (and evaluate) in model.py")
+        elif logits.dim() != 2 or logits.shape[1] != data.num_classes:
+            raise UserError(f"the model outputs {tuple(logits.shape)} but the data has "
+                            f"{data.num_classes} classes; build the model with "
+                            f"{data.num_classes} outputs")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            graph = analyze(loaded.model, x)
+        except TraceFailure as exc:
+            raise UserError(str(exc)) from exc
+    # What the analysis says about the model (e.g. each submodule fx cannot trace): shown
+    # now, whatever the caller's warning filters, and listed in the report.
+    analysis_warnings = [str(w.message) for w in caught
+                         if str(w.message).startswith("graphsearch")]
+    for w in analysis_warnings:
+        if ckpt.is_main():
+            print(f"warning: {w}", file=sys.stderr)
     base = graph.baseline
     constraints = []
     if config.flops:
@@ -144,31 +232,49 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     # An unreachable target is refused now, before any training or any file is written.
     land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to)
     fresh = not state.exists()
-    state.mkdir(parents=True, exist_ok=True)
+    ckpt.barrier()  # every rank has looked at `out` before rank 0 creates anything in it
+    if ckpt.is_main():
+        state.mkdir(parents=True, exist_ok=True)
     run = Run(config, out, state, loaded.model, x, data, graph, constraints, None, None, log,
-              notes=list(loaded.notes) + list(data.notes), weights=loaded.weights)
+              notes=list(loaded.notes) + list(data.notes), weights=loaded.weights,
+              warnings=analysis_warnings)
     try:
         if config.latency:
-            fit_latency(run)
+            fit_latency(run, on_main(lambda: latency_points(run)))
             constraints.append(parse_constraint("latency", config.latency,
                                                 run.baseline_latency))
             land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to,
                            run.latency_model)
     except UserError:
-        if fresh:
+        if fresh and ckpt.is_main():
             shutil.rmtree(state, ignore_errors=True)
             if out.exists() and not any(out.iterdir()):
                 out.rmdir()
         raise
     _write_json(state / "config.json", config.identity())
+    ckpt.barrier()
     log(f"model {loaded.source}: {base.flops / 1e6:.2f} MFLOPs, {base.params:,} params, "
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))
     return run
 
 
+def _count_classes(dataset, limit: int = 2048) -> int:
+    """Classes in the integer targets of the first items of a user's dataset (0 if the
+    targets are not class indices)."""
+    top = -1
+    for i in range(min(len(dataset), limit)):
+        y = dataset[i][1]
+        y = torch.as_tensor(y)
+        if y.dim() != 0 or y.is_floating_point():
+            return 0
+        top = max(top, int(y))
+    return top + 1
+
+
 def _limit_training(data, n: int, seed: int = 0):
-    """Keep `n` training images drawn by `seed` (the files may be sorted by class)."""
+    """Keep `n` training images drawn at random by `seed` (the files may be sorted by
+    class)."""
     from .data import ImageTensorDataset
 
     if n < 1:
@@ -177,25 +283,26 @@ def _limit_training(data, n: int, seed: int = 0):
     if n < len(t):
         pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(seed))[:n]
         pick = pick.sort().values
-        data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
-                                        augment=t.augment, pad=t.pad, flip=t.flip)
+        if isinstance(t, ImageTensorDataset):
+            data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
+                                            augment=t.augment, pad=t.pad, flip=t.flip)
+        else:
+            data.train = t.subset(pick.tolist())
         data.preprocessing = {**data.preprocessing, "num_train": n,
                               "max_train": n}
     return data
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    ckpt.write_atomic(path, json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------- latency
 
 
-def fit_latency(run: Run) -> None:
-    """A cheap latency model, ms = a + b * MACs, from the baseline and two uniform plans
-    measured in onnxruntime; the final model is measured, never only predicted."""
+def latency_points(run: Run) -> list[dict]:
+    """MACs and measured onnxruntime latency of the baseline and two uniform plans (measured
+    once, kept in the state folder)."""
     from graphsearch.passes.export import export_onnx
     from graphsearch.passes.latency import latency
     from graphsearch.passes.slim import slim
@@ -215,6 +322,12 @@ def fit_latency(run: Run) -> None:
             points.append({"macs": run.graph.cost(keep).macs, "ms": ms})
             onnx_path.unlink()
         _write_json(path, points)
+    return points
+
+
+def fit_latency(run: Run, points: list[dict]) -> None:
+    """A cheap latency model, ms = a + b * MACs, fitted on `latency_points`; the final model
+    is measured, never only predicted."""
     macs = np.array([p["macs"] for p in points], dtype=float)
     ms = np.array([p["ms"] for p in points], dtype=float)
     b, a = np.polyfit(macs, ms, 1)
@@ -243,17 +356,60 @@ def stage_baseline(run: Run) -> dict:
         run.log(f"baseline: no trained weights given, training {cfg.baseline_epochs} epochs")
         from .train import train
 
-        train(run.model, run.data, epochs=cfg.baseline_epochs, lr=cfg.lr,
+        train(run.model, run.data.for_search(), epochs=cfg.baseline_epochs, lr=cfg.lr,
               batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
               checkpoint=run.state / "baseline.ckpt", desc="baseline")
         epochs = cfg.baseline_epochs
     acc = evaluate(run.model.eval(), run.data.val)
+    train_acc, train_n = _train_side_accuracy(run)
     cost = run.graph.baseline
-    summary = {"accuracy": acc, **cost.as_dict(), "epochs": epochs,
+    summary = {"accuracy": acc, "val_accuracy": acc, "train_accuracy": train_acc,
+               "train_accuracy_images": train_n, **cost.as_dict(), "epochs": epochs,
+               "weights": "given" if run.weights is not None else "trained here",
                "seconds": time.time() - t0}
     ckpt.save_atomic({"state_dict": run.model.state_dict(), "summary": summary}, path)
-    run.log(f"baseline: top-1 {acc * 100:.2f}% on the validation split")
+    ckpt.barrier()
+    run.log(f"baseline: {_metric(run)} {acc * 100:.2f}% on the validation split")
     return summary
+
+
+def _metric(run: Run) -> str:
+    return "metric" if run.data.preprocessing.get("metric", "top-1") != "top-1" else "top-1"
+
+
+def _train_side_accuracy(run: Run) -> tuple[float, int]:
+    """The baseline's top-1 on training images, measured like the validation split (eval
+    mode, no augmentation), on a sample by seed as large as the validation split (at least
+    500 images, at most the whole training split): the reference of the report's check that
+    the held-out splits really are unseen."""
+    from .train import evaluate
+
+    t = run.data.train
+    n = min(len(t), max(len(run.data.val), 500))
+    pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(run.config.seed))
+    pick = pick[:n].sort().values
+    sample = (_Sample(t, pick) if callable(getattr(t, "get_batch", None))
+              else t.subset(pick.tolist()) if hasattr(t, "subset")
+              else torch.utils.data.Subset(t, pick.tolist()))
+    return evaluate(run.model.eval(), sample), int(n)
+
+
+class _Sample(torch.utils.data.Dataset):
+    """Some images of an ImageTensorDataset, keeping its fast, unaugmented batch path."""
+
+    def __init__(self, base, indices: torch.Tensor):
+        self.base, self.indices = base, indices
+        self.loss_fn, self.metric = base.loss_fn, base.metric
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[int(self.indices[i])]
+
+    def get_batch(self, indices, *, augment=None, aug_seed=None, device=None):
+        idx = self.indices[torch.as_tensor(indices, dtype=torch.long)]
+        return self.base.get_batch(idx, augment=False, device=device)
 
 
 def stage_search(run: Run):
@@ -261,14 +417,18 @@ def stage_search(run: Run):
     from .methods.base import Proposal, SearchContext
 
     path = run.state / "proposal.pt"
-    if path.exists():
+
+    def saved_proposal():
         saved = ckpt.load(path, weights_only=False)
         return Proposal(Plan.from_dict(saved["plan"]), saved["state_dict"], saved["info"])
+
+    if path.exists():
+        return saved_proposal()
     cfg = run.config
     method = get_method(cfg.method)
     settings = {**method.defaults, **cfg.settings}
     ctx = SearchContext(
-        graph=run.graph, model=copy.deepcopy(run.model), data=run.data,
+        graph=run.graph, model=copy.deepcopy(run.model), data=run.data.for_search(),
         constraints=run.constraints, round_to=cfg.round_to, settings=settings,
         epochs=cfg.search_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
         seed=cfg.seed, state_dir=run.state, progress=cfg.progress, log=run.log,
@@ -281,7 +441,9 @@ def stage_search(run: Run):
                      "candidates": ctx.candidates}
     ckpt.save_atomic({"plan": proposal.plan.to_dict(), "state_dict": proposal.state_dict,
                       "info": proposal.info}, path)
-    return proposal
+    ckpt.barrier()
+    # Under torchrun every rank continues from rank 0's plan and weights, bit for bit.
+    return proposal if ckpt.is_main() else saved_proposal()
 
 
 def stage_slim(run: Run, proposal):
@@ -317,21 +479,56 @@ def stage_finetune(run: Run, module) -> dict:
     result = None
     if cfg.finetune_epochs > 0:
         run.log(f"fine-tune: {cfg.finetune_epochs} epochs of the slim model")
-        result = train(module, run.data, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+        result = train(module, run.data.for_search(), epochs=cfg.finetune_epochs,
+                       lr=cfg.finetune_lr,
                        batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
                        checkpoint=run.state / "finetune.ckpt", desc="fine-tune")
     acc = evaluate(module.eval(), run.data.val)
-    summary = {"accuracy": acc, "accuracy_before_finetune": before,
+    summary = {"accuracy": acc, "val_accuracy": acc, "accuracy_before_finetune": before,
                "epochs": cfg.finetune_epochs, "seconds": time.time() - t0,
                "history": result.history if result else []}
     ckpt.save_atomic({"state_dict": module.state_dict(), "summary": summary}, path)
-    run.log(f"result: top-1 {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")
+    ckpt.barrier()
+    run.log(f"result: {_metric(run)} {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")
     return summary
+
+
+def stage_test(run: Run, module) -> dict:
+    """Top-1 of the baseline and of the fine-tuned result on the test split: measured once,
+    after every decision, and only reported (None for both when there is no test split)."""
+    from .train import evaluate
+
+    path = run.state / "test.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    test = run.data.test
+    if test is None or len(test) == 0:
+        result = {"baseline": None, "result": None, "images": 0}
+    else:
+        result = {"baseline": evaluate(_baseline_model(run), test),
+                  "result": evaluate(module.eval(), test), "images": len(test)}
+        run.log(f"test split ({len(test)} samples, used only for this report): {_metric(run)} "
+                f"of the baseline "
+                f"{result['baseline'] * 100:.2f}%, result {result['result'] * 100:.2f}%")
+    _write_json(path, result)
+    ckpt.barrier()
+    return result
 
 
 def stage_export(run: Run, module) -> dict:
     """model.onnx (checked in onnxruntime), model.pt2 (runs without the model's code), and
-    latency before and after, with the same settings."""
+    latency before and after, with the same settings (rank 0 only under torchrun)."""
+    return on_main(lambda: _export(run, module))
+
+
+def _baseline_model(run: Run) -> torch.nn.Module:
+    """The baseline with its own weights (`run.model` holds the search's after stage_slim)."""
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(ckpt.load(run.state / "baseline.pt")["state_dict"])
+    return model.eval()
+
+
+def _export(run: Run, module) -> dict:
     from graphsearch.passes.export import export_onnx
     from graphsearch.passes.latency import latency
     from graphsearch.passes.save import save_portable
@@ -343,7 +540,7 @@ def stage_export(run: Run, module) -> dict:
     saved = save_portable(module, run.example_inputs, out / "model.pt2")
     base_onnx = run.state / "baseline.onnx"
     if not base_onnx.exists():
-        export_onnx(run.model.eval(), run.example_inputs, base_onnx)
+        export_onnx(_baseline_model(run), run.example_inputs, base_onnx)
     threads = run.config.threads
     before = latency(base_onnx, threads=threads, repeats=30)
     after = latency(onnx_path, threads=threads, repeats=30)

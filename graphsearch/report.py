@@ -1,14 +1,26 @@
 """Reports of an optimize run: report.json (for machines), report.md (for people) and a
-trade-off plot (validation accuracy against FLOPs: baseline, candidates tried, result)."""
+trade-off plot (validation accuracy against FLOPs: baseline, candidates tried, result).
+
+Accuracies: `accuracy` (and `val_accuracy`, the same number) is top-1 on the validation
+split, the one every decision was made on; `test_accuracy` is top-1 on the test split,
+measured once at the end and never used for a decision: that is the figure to compare
+methods by. `split_check` says whether the held-out splits look unseen by the baseline
+(see :func:`split_check`).
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+from .checkpoint import write_atomic
+from .units import human
 
 
 def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: dict) -> dict:
@@ -18,6 +30,8 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
     lat_b, lat_a = exported["latency_before"], exported["latency_after"]
     result = {
         "accuracy": final["accuracy"],
+        "val_accuracy": final["accuracy"],
+        "test_accuracy": final.get("test_accuracy"),
         "accuracy_before_finetune": final["accuracy_before_finetune"],
         "macs": int(plan.achieved["macs"]), "flops": int(plan.achieved["flops"]),
         "params": int(plan.achieved["params"]),
@@ -30,9 +44,16 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "targets": [{"metric": c.metric, "limit": c.limit, "requested": c.requested}
                     for c in run.constraints],
         "round_to": cfg.round_to,
-        "baseline": {"accuracy": baseline["accuracy"], **base.as_dict(),
+        "baseline": {"accuracy": baseline["accuracy"], "val_accuracy": baseline["accuracy"],
+                     "test_accuracy": baseline.get("test_accuracy"),
+                     "train_accuracy": baseline.get("train_accuracy"), **base.as_dict(),
                      "latency_ms": lat_b["median_ms"]},
         "result": result,
+        "accuracy_split": "validation",
+        "metric": run.data.preprocessing.get("metric", "top-1"),
+        "splits": splits_summary(run.data.preprocessing),
+        "split_check": split_check(baseline, run.data.preprocessing, run.data.num_classes,
+                                   weights_given=run.weights is not None),
         "ratios": {"flops": result["flops"] / base.flops, "params": result["params"] / base.params,
                    "latency": lat_a["median_ms"] / lat_b["median_ms"]},
         "widths": {str(g.id): {"width": plan.widths.get(g.id, g.size), "size": g.size,
@@ -50,11 +71,12 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")},
         "notes": run.notes,
+        "analysis_warnings": list(getattr(run, "warnings", [])),
     }
     out = run.out
-    _atomic_text(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
     _plot(out / "tradeoff.png", report)
-    _atomic_text(out / "report.md", markdown(report))
+    write_atomic(out / "report.md", markdown(report))
     return report
 
 
@@ -66,30 +88,37 @@ def _jsonable(o):
     return str(o)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def markdown(r: dict) -> str:
     b, s = r["baseline"], r["result"]
+    check = r.get("split_check", {})
     lines = [
         f"# graphsearch: {r['method']} on {Path(r['model']).name}",
         "",
+    ]
+    for w in check.get("warnings", []):
+        lines += [f"**Warning:** {w}", ""]
+    lines += [
         "Targets: " + "; ".join(f"{t['metric']} <= {_fmt(t['limit'], t['metric'])} "
                                 f"(asked {t['requested']})" for t in r["targets"])
         + (f"; channels in multiples of {r['round_to']}" if r["round_to"] > 1 else ""),
         "",
-        "| | top-1 (val) | MFLOPs | params | latency (ms, onnxruntime) |",
-        "|---|---|---|---|---|",
-        f"| baseline | {b['accuracy'] * 100:.2f}% | {b['flops'] / 1e6:.2f} | {b['params']:,} | "
-        f"{b['latency_ms']:.3f} |",
-        f"| {r['method']} | {s['accuracy'] * 100:.2f}% | {s['flops'] / 1e6:.2f} | "
-        f"{s['params']:,} | {s['latency_ms']:.3f} |",
-        f"| ratio | {(s['accuracy'] - b['accuracy']) * 100:+.2f} pts | "
+        f"| | {_metric(r)} test | {_metric(r)} validation | MFLOPs | params | "
+        "latency (ms, onnxruntime) |",
+        "|---|---|---|---|---|---|",
+        f"| baseline | {_pct(b.get('test_accuracy'))} | {_pct(b['accuracy'])} | "
+        f"{b['flops'] / 1e6:.2f} | {b['params']:,} | {b['latency_ms']:.3f} |",
+        f"| {r['method']} | {_pct(s.get('test_accuracy'))} | {_pct(s['accuracy'])} | "
+        f"{s['flops'] / 1e6:.2f} | {s['params']:,} | {s['latency_ms']:.3f} |",
+        f"| change | {_pts(b.get('test_accuracy'), s.get('test_accuracy'))} | "
+        f"{_pts(b['accuracy'], s['accuracy'])} | "
         f"{r['ratios']['flops']:.3f} | {r['ratios']['params']:.3f} | "
         f"{r['ratios']['latency']:.3f} |",
+        "",
+        f"Test: {_metric(r)} on the test split, measured once after every decision and used "
+        f"for none (compare methods by it). Validation: {_metric(r)} on the split every "
+        "decision was "
+        "made on (defaults, tuning, candidate ranking), so it flatters the result; it is "
+        "what `accuracy` in `report.json` holds.",
         "",
         f"Before fine-tuning the slim model scored {s['accuracy_before_finetune'] * 100:.2f}%. "
         f"Search took {r['search_seconds'] or 0:.1f} s; epochs: baseline "
@@ -126,19 +155,141 @@ def markdown(r: dict) -> str:
         lines.append("- the full record (per group, per cycle) is under `method_info` in "
                      "`report.json`")
     p = r["preprocessing"]
-    lines += ["", "## Data", "",
-              f"{p.get('source')} ({p.get('format')}): {p.get('num_train')} training and "
-              f"{p.get('num_val')} validation images of {p.get('image_size')}; mean "
-              f"{p.get('mean')}, std {p.get('std')}; augmentation: {p.get('augmentation')}."]
+    if p.get("format") == "user":
+        lines += ["", "## Data", "", f"{p.get('source')}; loss: {p.get('loss')}; metric: "
+                  f"{p.get('metric')}.", ""]
+    else:
+        lines += ["", "## Data", "",
+                  f"{p.get('source')} ({p.get('format')}), images of {p.get('image_size')}; "
+                  f"mean {p.get('mean')}, std {p.get('std')} (of the training split); "
+                  f"augmentation: {p.get('augmentation')}; loss: {p.get('loss', 'cross-entropy')}"
+                  f"; metric: {p.get('metric', 'top-1')}.", ""]
+    for role, sp in r.get("splits", {}).items():
+        lines.append(f"- {role}: {sp['images']} images, {sp['source']}; {sp['use']}")
+    if check.get("method"):
+        lines += ["", f"Check that the held-out splits are unseen: {check['method']}"]
+    if r.get("analysis_warnings"):
+        lines += ["", "## Analysis warnings", ""] + [f"- {w}" for w in r["analysis_warnings"]]
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
 
+def _metric(r: dict) -> str:
+    return "top-1" if r.get("metric", "top-1") == "top-1" else "metric"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 100:.2f}%"
+
+
+def _pts(a, b) -> str:
+    if a is None or b is None:
+        return "n/a"
+    return f"{(b - a) * 100:+.2f} pts"
+
+
+def splits_summary(pre: dict) -> dict:
+    """The three data roles: how many images, where from, what each is used for."""
+    return {
+        "train": {"images": pre.get("num_train"),
+                  "source": f"the rest of {pre.get('source')}",
+                  "use": "fits the weights (baseline, search, fine-tuning)"},
+        "validation": {"images": pre.get("num_val"), "source": pre.get("val_source", "?"),
+                       "use": "every decision: method defaults and tuning, candidate "
+                              "ranking, early stopping; `accuracy` is measured on it"},
+        "test": {"images": pre.get("num_test", 0), "source": pre.get("test_source", "none"),
+                 "use": "reported only (`test_accuracy`), evaluated once at the end; no "
+                        "method sees it"},
+    }
+
+
+# A difference between two accuracies counts as real beyond this many standard errors.
+SEEN_SIGMAS = 3.0
+SEEN_MIN_GAP = 0.01  # and beyond one point, so that huge splits do not flag trifles
+
+
+def _se(p1: float, n1: int, p2: float, n2: int) -> float:
+    """Standard error of p1 - p2 for two independent samples of one accuracy (pooled)."""
+    p = (p1 * n1 + p2 * n2) / (n1 + n2)
+    return math.sqrt(max(p * (1 - p), 1e-12) * (1 / n1 + 1 / n2))
+
+
+def split_check(baseline: dict, pre: dict, num_classes: int, *,
+                weights_given: bool) -> dict:
+    """Does the baseline score on the validation split as a model that never saw it would?
+
+    Two tests, each a two-sample comparison of accuracies with a pooled binomial standard
+    error (SE):
+
+    1. validation against test: two splits neither of which the weights were trained on are
+       two samples of one accuracy, so validation may exceed test by chance only by a few SE.
+       A larger lead (over SEEN_SIGMAS SE and SEEN_MIN_GAP) means the weights have likely
+       seen the validation split (or it comes from other data than the test split), and the
+       decisions were taken on an inflated figure.
+    2. for weights given by the user, held-out splits cut out of --data against training
+       images (the baseline's top-1 on a sample of the training split, eval mode, no
+       augmentation): a model that never saw a split scores lower on it than on the images
+       it was fitted on. No gap (held-out within 2 SE of training accuracy, while the model
+       is clearly above chance) means the weights were likely trained on the held-out images
+       too: then neither validation nor test held out of --data is unseen. (A model that
+       does not overfit at all would also show no gap; the warning says so.)
+
+    Returns {"method": text, "comparisons": [...], "warnings": [text, ...]}.
+    """
+    if pre.get("metric", "top-1") != "top-1":
+        return {"method": "not checked: the metric is model.py's evaluate(), not a share of "
+                          "samples, so its chance spread is unknown",
+                "comparisons": [], "warnings": []}
+    out = {"method": (f"validation vs test top-1 (a lead over {SEEN_SIGMAS:g} standard "
+                      f"errors and {SEEN_MIN_GAP * 100:g} point means the validation split "
+                      "was likely seen); for given weights, held-out splits of --data vs "
+                      "top-1 on training images (no gap within 2 standard errors means they "
+                      "were likely trained on)."),
+           "comparisons": [], "warnings": []}
+    val, test = baseline.get("accuracy"), baseline.get("test_accuracy")
+    n_val, n_test = int(pre.get("num_val") or 0), int(pre.get("num_test") or 0)
+    if val is not None and test is not None and n_val and n_test:
+        se = _se(val, n_val, test, n_test)
+        limit = max(SEEN_SIGMAS * se, SEEN_MIN_GAP)
+        seen = val - test > limit
+        out["comparisons"].append({"what": "validation - test", "difference": val - test,
+                                   "standard_error": se, "limit": limit, "flagged": seen})
+        if seen:
+            out["warnings"].append(
+                f"the baseline scores {val * 100:.2f}% on the validation split but "
+                f"{test * 100:.2f}% on the test split, {(val - test) * 100:.2f} points more "
+                f"than chance allows ({limit * 100:.2f} for {n_val} and {n_test} images): its "
+                "weights have likely seen the validation split (or it is other data than the "
+                "test split). Every decision was made on that split; pass --val-data with "
+                "images the weights were never trained on.")
+    train_acc = baseline.get("train_accuracy")
+    n_train = int(baseline.get("train_accuracy_images") or 0)
+    chance = 1.0 / max(num_classes, 1)
+    if weights_given and train_acc is not None and n_train and train_acc > chance + 0.1:
+        carved = [("validation", val, n_val, float(pre.get("val_fraction") or 0) > 0),
+                  ("test", test, n_test, float(pre.get("test_fraction") or 0) > 0)]
+        for role, acc, n, from_data in carved:
+            if acc is None or not n or not from_data:
+                continue
+            se = _se(train_acc, n_train, acc, n)
+            seen = train_acc - acc < 2 * se
+            out["comparisons"].append({"what": f"training images - {role}",
+                                       "difference": train_acc - acc, "standard_error": se,
+                                       "limit": 2 * se, "flagged": seen})
+            if seen:
+                out["warnings"].append(
+                    f"the given weights score {acc * 100:.2f}% on the {role} split held out "
+                    f"of --data and {train_acc * 100:.2f}% on training images: no "
+                    "generalisation gap, so they were likely trained on the held-out images "
+                    "too (or do not overfit at all). If they were trained on all of --data, "
+                    f"its {role} split is not unseen: pass --val-data and --test-data with "
+                    "images the weights never saw.")
+    return out
+
+
 def _fmt(v: float, metric: str) -> str:
-    if metric == "latency":
-        return f"{v:.3f} ms"
-    return f"{v / 1e6:.2f}M"
+    return human(v, "ms" if metric == "latency" else "")
 
 
 def _plot(path: Path, r: dict) -> None:
@@ -162,12 +313,12 @@ def _plot(path: Path, r: dict) -> None:
         if t["metric"] == "flops":
             ax.axvline(t["limit"] / 1e6, ls="--", c="#555555", lw=1, label="FLOPs target")
     ax.set_xlabel("MFLOPs")
-    ax.set_ylabel("top-1 on the validation split (%)")
+    ax.set_ylabel(f"{_metric(r)} on the validation split (%)")
     ax.set_title(f"{r['method']} on {Path(r['model']).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, buf.getvalue())

@@ -45,7 +45,7 @@ from . import checkpoint as ckpt
 from .load import UserError
 
 __all__ = ["TrainResult", "EvalResult", "train", "evaluate", "evaluate_metrics",
-           "distributed_context"]
+           "distributed_context", "steps_per_epoch"]
 
 CHECKPOINT_FORMAT = "graphsearch-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -163,6 +163,24 @@ def _batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int, d: _Dist,
     return batches
 
 
+def steps_per_epoch(n: int, batch_size: int, world: int | None = 1) -> int:
+    """Optimizer steps in one epoch of `n` samples, exactly as `train` takes them: each of
+    `world` ranks gets ceil(n / world) samples (DistributedSampler pads) in batches of
+    batch_size / world, and a last batch of one sample is dropped (it breaks BatchNorm in
+    train mode) unless it is the only one. `world=None`: this process group's size (1 when
+    not distributed). The one formula for everything that budgets steps.
+    """
+    if world is None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if n <= 0:
+        return 0
+    per_rank = max(1, batch_size // world)
+    samples = -(-n // world)
+    steps = -(-samples // per_rank)
+    last = samples - (steps - 1) * per_rank
+    return steps - 1 if steps > 1 and last < 2 else steps
+
+
 def _aug_seed(seed: int, epoch: int) -> int:
     # A stream separate from the permutation's (seed + epoch); plain integer arithmetic
     # because Python's hash() of strings changes between processes.
@@ -234,11 +252,29 @@ def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int 
     Under torch.distributed (unless `distributed=False`) each rank evaluates every
     world_size-th sample and the sums are all-reduced, so *all ranks must call this*; the
     result is the same on every rank and counts each sample exactly once.
+
+    A dataset with a `metric` (model.py's `evaluate(model, dataset)`, see
+    :func:`graphsearch.data.attach_hooks`) is scored by it instead: `accuracy` holds the
+    metric's value and `loss` is nan. Every rank computes it on the whole dataset.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     if dataset is None or len(dataset) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
+    metric = getattr(dataset, "metric", None)
+    if metric is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            value = metric(model, dataset)
+        finally:
+            model.train(was_training)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"evaluate() in model.py returned {type(value).__name__}; return "
+                            "one number, higher is better") from None
+        return EvalResult(value, float("nan"), len(dataset))
     d = _Dist()
     if distributed is not False and dist.is_available() and dist.is_initialized():
         d = _Dist(dist.get_world_size(), dist.get_rank())
@@ -246,7 +282,7 @@ def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int 
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or getattr(dataset, "loss_fn", None) or _default_loss
     order = torch.arange(d.rank, len(dataset), d.world)  # no padding: no sample twice
     batches = list(order.split(batch_size))
     was_training = model.training
@@ -297,7 +333,9 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     optimizer: optional factory `optimizer(model) -> Optimizer` replacing SGD (lr,
         momentum and weight_decay are then ignored); scheduler: optional factory
         `scheduler(optimizer, total_steps)` replacing the cosine, stepped once per step.
-    loss_fn: `loss_fn(output, target) -> scalar`, default cross-entropy.
+    loss_fn: `loss_fn(output, target) -> scalar`; default: the training set's own `loss_fn`
+        attribute (model.py's hook, see :func:`graphsearch.data.attach_hooks`), else
+        cross-entropy.
     extra_loss: `extra_loss(model) -> scalar tensor`, added to the task loss each step.
     on_step: `on_step(model, step)`, called after each optimizer step (step counts from 1).
     max_steps: stop after this many optimizer steps in total.
@@ -328,13 +366,13 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # DDP needs an index
     model.to(device)
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or getattr(train_set, "loss_fn", None) or _default_loss
 
     # Seed the global RNG for dropout and other in-model randomness (restored on resume).
     torch.manual_seed(seed)
 
-    steps_per_epoch = len(_batches_for_epoch(len(train_set), batch_size, seed, 0, d))
-    total_steps = epochs * steps_per_epoch
+    per_epoch = steps_per_epoch(len(train_set), batch_size, d.world)
+    total_steps = epochs * per_epoch
     if max_steps is not None:
         total_steps = min(total_steps, int(max_steps))
 
@@ -353,7 +391,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
     config = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
               "weight_decay": float(weight_decay), "momentum": float(momentum),
               "seed": int(seed), "max_steps": max_steps, "train_size": len(train_set),
-              "steps_per_epoch": steps_per_epoch}
+              "steps_per_epoch": per_epoch}
 
     # ---- resume
     epoch, step_in_epoch, global_step = 0, 0, 0
@@ -427,7 +465,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
                 loss = loss_fn(out, y)
                 extra = extra_loss(model) if extra_loss is not None else None
                 total = loss + extra if extra is not None else loss
-                _check_finite(total, d, device, desc, epoch, step_in_epoch, steps_per_epoch,
+                _check_finite(total, d, device, desc, epoch, step_in_epoch, per_epoch,
                               lr, loss, extra)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
@@ -493,7 +531,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
         val_loss=val_loss, seconds=time.time() - started, history=history,
         resumed_from=resumed_from,
         stopped_at_max_steps=bool(max_steps is not None and global_step >= max_steps
-                                  and global_step < epochs * steps_per_epoch))
+                                  and global_step < epochs * per_epoch))
 
 
 def _check_finite(total, d: _Dist, device, desc, epoch, step, steps_per_epoch, lr, loss,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from graphsearch import zoo
 from graphsearch.cli import main
@@ -168,3 +169,48 @@ def test_errors_from_a_real_process_have_no_traceback(write_model):
         r = cli(*argv)
         assert r.stdout == ""
         _one_line_error(r.returncode, r.stderr, expected)
+
+
+def test_optimize_defaults_come_from_optimize_config():
+    import dataclasses
+
+    from graphsearch.cli import build_parser
+    from graphsearch.optimize import OptimizeConfig
+
+    args = vars(build_parser().parse_args(["optimize"]))
+    fields = {f.name: f.default for f in dataclasses.fields(OptimizeConfig)}
+    shared = (set(args) & set(fields)) - {"model"}  # the CLI names an example model
+    assert {"method", "seed", "lr", "finetune_lr", "batch_size", "val_fraction",
+            "test_fraction", "baseline_epochs", "search_epochs", "finetune_epochs",
+            "round_to", "out", "threads", "max_train"} <= shared
+    for name in shared:
+        assert args[name] == fields[name], name
+
+
+def test_max_train_help_and_code_agree():
+    """--max-train says it draws N at random by the seed, and it does (not the first N)."""
+    from graphsearch.cli import build_parser
+    from graphsearch.data import load_dataset
+    from graphsearch.optimize import _limit_training
+
+    opt = build_parser()._subparsers._group_actions[0].choices["optimize"]
+    text = " ".join(opt.format_help().split())
+    assert "train on N images of the training split drawn at random by --seed" in text
+    bundle = load_dataset("synthetic:400:4", val_fraction=0.0, cache_dir=False)
+    order = bundle.train.labels.argsort(stable=True)  # sorted by class, as files often are
+    bundle.train.images, bundle.train.labels = bundle.train.images[order], \
+        bundle.train.labels[order]
+    first = bundle.train.images[:40].clone()
+    a = _limit_training(bundle, 40, seed=0)
+    assert len(a.train) == 40 and set(a.train.labels.tolist()) == {0, 1, 2, 3}
+    assert not torch.equal(a.train.images, first)
+
+
+def test_one_number_formatter():
+    from graphsearch import cli, report, units
+
+    assert cli.human is units.human
+    assert units.human(40_813_184) == "40.813 M" and units.human(272_474) == "272.474 k"
+    assert units.human(608) == "608" and units.human(0.1234, "ms") == "0.123 ms"
+    assert report._fmt(13_603_000, "flops") == "13.603 M"
+    assert report._fmt(4.0, "latency") == "4.000 ms"

@@ -397,3 +397,97 @@ def test_bad_cifar_batch(tmp_path):
     (folder / "data_batch_1").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot read CIFAR batch.*data_batch_1"):
         load_dataset(folder, cache_dir=False)
+
+
+# ------------------------------------------------------------------ three roles: train/val/test
+
+
+def test_split_roles_disjoint_stratified_and_test_independent_of_val():
+    from graphsearch.data import split_roles
+
+    labels = torch.arange(10).repeat_interleave(50)
+    tr, va, te = split_roles(labels, 0.2, 0.1, seed=3)
+    sets = [set(x.tolist()) for x in (tr, va, te)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sorted(tr.tolist() + va.tolist() + te.tolist()) == list(range(500))
+    assert torch.bincount(labels[te]).tolist() == [5] * 10  # stratified
+    assert torch.bincount(labels[va]).tolist() == [10] * 10
+    # The test split depends on (seed, test_fraction) only, not on the validation share.
+    _, _, te2 = split_roles(labels, 0.05, 0.1, seed=3)
+    assert torch.equal(te, te2)
+    assert not torch.equal(te, split_roles(labels, 0.2, 0.1, seed=4)[2])
+    # Without a test split it is the two-way split of before.
+    tr0, va0, te0 = split_roles(labels, 0.1, 0.0, seed=3)
+    ref = split_indices(labels, 0.1, seed=3)
+    assert len(te0) == 0 and torch.equal(tr0, ref[0]) and torch.equal(va0, ref[1])
+    # Tiny classes keep a training image and give each held-out split one while they can.
+    small = torch.tensor([0, 0, 0, 1, 1, 1])
+    tr, va, te = split_roles(small, 0.1, 0.1, seed=0)
+    assert torch.bincount(small[tr]).tolist() == [1, 1]
+    assert torch.bincount(small[te]).tolist() == [1, 1]
+
+
+def test_load_dataset_test_split_and_what_methods_get():
+    b = load_dataset("synthetic:200:4", seed=1, test_fraction=0.1, cache_dir=False)
+    assert (len(b.train), len(b.val), len(b.test)) == (160, 20, 20)
+    p = b.preprocessing
+    assert (p["num_train"], p["num_val"], p["num_test"]) == (160, 20, 20)
+    assert "held out by seed 1" in p["test_source"] and "held out by seed 1" in p["val_source"]
+    hashes = [{bytes(x.flatten().tolist()) for x in ds.images} for ds in (b.train, b.val, b.test)]
+    assert not (hashes[0] & hashes[2] or hashes[1] & hashes[2] or hashes[0] & hashes[1])
+    assert b.test.mean == b.train.mean  # normalised by the training statistics
+    assert not b.test.augment and not b.val.augment
+    view = b.for_search()
+    assert not hasattr(view, "test")
+    assert view.train is b.train and view.val is b.val
+    assert load_dataset("synthetic:200:4", seed=1, cache_dir=False).test is None  # library default
+    with pytest.raises(UserError, match="leave no training data"):
+        load_dataset("synthetic:200:4", val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(UserError, match="test_fraction"):
+        load_dataset("synthetic:200:4", test_fraction=-0.1)
+
+
+def test_own_test_and_val_data_of_the_same_task(tmp_path):
+    b = load_dataset("synthetic:200:4", seed=0, val_data="synthetic:40:4",
+                     test_data="synthetic:80:4", cache_dir=False)
+    assert (len(b.train), len(b.val), len(b.test)) == (200, 40, 80)
+    assert b.preprocessing["val_source"] == "synthetic:40:4"
+    assert b.preprocessing["test_source"] == "synthetic:80:4"
+    # Synthetic roles are drawn with their own seeds: no image repeats a training image.
+    train = {bytes(x.flatten().tolist()) for x in b.train.images}
+    assert not any(bytes(x.flatten().tolist()) in train for x in b.test.images)
+    assert not any(bytes(x.flatten().tolist()) in train for x in b.val.images)
+    assert not [n for n in b.notes if "exact copies" in n]
+    with pytest.raises(UserError, match="--test-data 'synthetic:80:3' has 3 classes"):
+        load_dataset("synthetic:200:4", test_data="synthetic:80:3")
+
+
+def test_own_test_data_imagefolder_maps_classes_by_name_and_resizes(tmp_path):
+    train = _write_folder(tmp_path / "train", _files())
+    # A test set with two of the three classes, at another size.
+    test = tmp_path / "test"
+    for k, c in enumerate(CLASSES[1:], 1):
+        (test / c).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), 10 * k, np.uint8)).save(test / c / "a.png")
+    b = load_dataset(train, val_fraction=0.2, test_data=test, cache_dir=False)
+    assert b.test.images.shape == (2, 3, SIZE, SIZE)
+    assert b.test.labels.tolist() == [1, 2]  # dog, emu: the training data's numbering
+    assert len(b.train) == len(CLASSES) * PER_CLASS - len(b.val)  # nothing held out for test
+    assert any("1 of the 3 classes have no image" in n for n in b.notes)
+    # A class the training data lacks, the same folder, a missing path: clear errors.
+    (test / "yak").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(test / "yak" / "b.png")
+    with pytest.raises(UserError, match="--test-data .* has classes the training data lacks: yak"):
+        load_dataset(train, test_data=test, cache_dir=False)
+    with pytest.raises(UserError, match="--val-data .* is the same as --data"):
+        load_dataset(train, val_data=str(train) + "/", cache_dir=False)
+    with pytest.raises(UserError, match="^--test-data: data .* does not exist"):
+        load_dataset(train, test_data=tmp_path / "nope.zip", cache_dir=False)
+
+
+def test_copies_of_training_images_in_the_test_data_are_noted(tmp_path):
+    train = _write_folder(tmp_path / "train", _files())
+    copy = _write_folder(tmp_path / "copy", {k: v for k, v in _files().items()
+                                             if k.endswith("00.png")})
+    b = load_dataset(train, val_fraction=0.0, test_data=copy, cache_dir=False)
+    assert "3 of the 3 test images are exact copies of training images" in b.notes

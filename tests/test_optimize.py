@@ -50,6 +50,13 @@ def test_outputs_and_report(magnitude_run):
     assert res["flops"] <= limit  # multiples of 4 on two groups: coarse, 1% is not reachable
     assert res["params"] < base["params"]
     assert 0.0 <= res["accuracy"] <= 1.0
+    # `accuracy` is the validation split's; the test split's is reported beside it.
+    assert report["accuracy_split"] == "validation"
+    assert res["val_accuracy"] == res["accuracy"] and base["val_accuracy"] == base["accuracy"]
+    assert 0.0 <= res["test_accuracy"] <= 1.0 and 0.0 <= base["test_accuracy"] <= 1.0
+    assert report["preprocessing"]["num_test"] == 24  # 10% of 240, held out by the seed
+    assert [ln.split()[0] for ln in r.stdout.splitlines()[:2]] == ["baseline", "magnitude"]
+    assert "test " in r.stdout.splitlines()[0] and "val " in r.stdout.splitlines()[0]
     assert report["preprocessing"]["image_size"] == [32, 32]
     assert all(w["width"] % 4 == 0 or w["width"] == w["size"]
                for w in report["widths"].values())
@@ -136,6 +143,11 @@ def test_broken_model_py(kind, tmp_path):
     (["--data", "/nonexistent/data.zip"], "does not exist"),
     (["--round-to", "0"], "round-to"),
     (["--set", "foo=1"], "not a setting"),
+    (["--test-data", "/nonexistent/test.zip"], "--test-data: data '/nonexistent/test.zip' "
+                                               "does not exist"),
+    (["--val-data", "synthetic:40:3"], "--val-data 'synthetic:40:3' has 3 classes"),
+    (["--test-fraction", "1"], "--test-fraction 1.0: give a fraction in [0, 1)"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "leave no training data"),
 ])
 def test_bad_input_one_line_and_outputs_intact(model_py, tmp_path, args, words):
     out = tmp_path / "o"
@@ -161,3 +173,27 @@ def test_corrupt_data_zip(model_py, tmp_path):
                 *[a for a in FAST if a != "--quiet"][2:])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "zip" in r.stderr.lower()
+
+
+GATED = TINY.replace("class Tiny(nn.Module):", '''class Gate(nn.Module):
+    def forward(self, x):  # Python control flow: fx cannot trace it
+        return x.relu() if x.shape[-1] % 2 == 0 else -x
+
+
+class Tiny(nn.Module):''').replace("        self.fc = nn.Linear(32, 4)\n", '''        self.fc = nn.Linear(32, 4)
+        self.gate = Gate()
+''').replace("return self.fc(x.mean((2, 3)))", "return self.fc(self.gate(x.mean((2, 3))))")
+
+
+def test_untraceable_submodule_is_shown_and_reported(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(GATED)
+    assert "self.gate(" in GATED
+    out = tmp_path / "o"
+    r = run_cli("optimize", path, "--flops", "0.6", "--out", out, *FAST)
+    assert r.returncode == 0, r.stderr
+    words = "graphsearch: submodule 'gate' could not be traced by torch.fx"
+    assert f"warning: {words}" in r.stderr  # shown, even with --quiet
+    report = json.loads((out / "report.json").read_text())
+    assert [w[:len(words)] for w in report["analysis_warnings"]] == [words]
+    assert "## Analysis warnings" in (out / "report.md").read_text()

@@ -242,6 +242,46 @@ def test_save_atomic_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
 
 
+def test_write_atomic_text_and_bytes(tmp_path):
+    path = tmp_path / "r" / "report.md"
+    checkpoint.write_atomic(path, "héllo\n")
+    assert path.read_text(encoding="utf-8") == "héllo\n"
+    checkpoint.write_atomic(path, b"\x89PNG")
+    assert path.read_bytes() == b"\x89PNG"
+    assert [p.name for p in path.parent.iterdir()] == ["report.md"]  # no temporary left
+    with pytest.raises(TypeError):
+        checkpoint.write_atomic(path, 3.5)
+    assert path.read_bytes() == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------- steps per epoch
+
+
+def test_steps_per_epoch_is_what_train_takes():
+    from graphsearch.train import _batches_for_epoch, _Dist, steps_per_epoch
+
+    for world in (1, 2):
+        for batch in (2, 4, 8, 128):
+            for n in (1, 2, 3, 5, 9, 17, 127, 128, 129, 257, 258):
+                batches = [len(_batches_for_epoch(n, batch, 0, 0, _Dist(world, r)))
+                           for r in range(world)]
+                assert batches == [steps_per_epoch(n, batch, world)] * world, (n, batch, world)
+    # A last batch of one sample is dropped: 257 = 2 x 128 + 1 takes two steps, not three.
+    assert steps_per_epoch(257, 128) == 2 and steps_per_epoch(1, 128) == 1
+
+
+def test_search_budget_in_epochs_counts_the_steps_train_takes(tmp_path):
+    from graphsearch.methods.base import SearchContext
+
+    x, y = torch.randn(257, 3, 8, 8), torch.arange(257) % 4
+    data = DataBundle(TensorDataset(x, y), None, 4, list("abcd"), {}, (3, 8, 8))
+    ctx = SearchContext(graph=None, model=None, data=data, constraints=[], round_to=1,
+                        settings={}, epochs=1.5, lr=0.01, batch_size=128, seed=0,
+                        state_dir=tmp_path, progress=False)
+    result = ctx.train(tiny_cnn(bn=False), 1.5, "x")
+    assert result.steps == 3  # 1.5 epochs of 2 steps (a copied formula said 3 per epoch: 4)
+
+
 # ------------------------------------------------------------------------------------ DDP
 
 DDP_SCRIPT = textwrap.dedent("""

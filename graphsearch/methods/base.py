@@ -92,9 +92,9 @@ class SearchContext:
     # ---- training
     def train(self, model: nn.Module, epochs: float, name: str, **kwargs):
         """Train with the run's data and settings, checkpointed under `name` (resumable)."""
-        from ..train import train
+        from ..train import steps_per_epoch as epoch_steps, train
 
-        steps_per_epoch = max(1, -(-len(self.data.train) // self.batch_size))
+        steps_per_epoch = max(1, epoch_steps(len(self.data.train), self.batch_size, None))
         whole = max(1, int(np.ceil(epochs)))
         kwargs.setdefault("lr", self.lr)
         return train(model, self.data, epochs=whole, batch_size=self.batch_size,
