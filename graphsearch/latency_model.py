@@ -268,6 +268,7 @@ class LatencyModel:
         self.layers = layers
         self.other_terms = other_terms  # [(coeff, layouts)] MAC terms without a table
         self.coef = tuple(float(c) for c in coef)
+        self.scale = 1.0  # measured / fitted at the baseline: the full model is predicted exactly
         self.fit: dict = {}
         self.measure_plan: Callable | None = None
         self._offsets = np.concatenate([[0], np.cumsum([g.size for g in graph.groups])])
@@ -314,7 +315,7 @@ class LatencyModel:
         return np.array([1.0, s, other / 1e6])
 
     def predict(self, keep: Mapping | None) -> float:
-        return float(np.dot(self.coef, self.features(keep)))
+        return self.scale * float(np.dot(self.coef, self.features(keep)))
 
     def __call__(self, cost=None, keep: Mapping | None = None) -> float:
         return self.predict(keep or {})
@@ -326,7 +327,7 @@ class LatencyModel:
     # ---- persistence
     def to_dict(self) -> dict:
         return {"block": self.block, "tables": self.tables, "coef": list(self.coef),
-                "fit": self.fit}
+                "scale": self.scale, "fit": self.fit}
 
 
 class _Predictor:
@@ -443,6 +444,7 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
             cached = d
     if cached is not None:
         model = LatencyModel(graph, block, cached["tables"], layers, others, cached["coef"])
+        model.scale = float(cached.get("scale", 1.0))
         model.fit = cached["fit"]
         model.measure_plan = measure_plan
         log(f"latency model: reused from {path} (machine {key})")
@@ -464,6 +466,9 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
         coef = np.zeros(3)
         coef[1] = float(np.dot(X[:, 1], y) / max(np.dot(X[:, 1], X[:, 1]), 1e-12))
     model.coef = tuple(coef)
+    full = float(np.dot(coef, X[0]))
+    if calibrate[0] >= 1 and full > 0:
+        model.scale = float(y[0] / full)
     fit_err = [float(model.predict(k) / yy - 1) for k, yy in zip(plans, ys)]
     held = [("uniform 0.55, any width", uniform_keep(graph, 0.55, 1))]
     held += [(f"random widths (seed {s})", random_keep(graph, s)) for s in range(held_out - 1)]
@@ -491,18 +496,31 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
 
 def onnx_measurer(graph, example_inputs, threads: int = 1, repeats: int = 30,
                   workdir: Path | None = None) -> Callable[[Mapping], float]:
-    """measure(keep) -> median ms of the slim model exported to ONNX, batch 1, the report's
-    settings (`threads`, 10 warm-up runs, `repeats` timed runs)."""
+    """measure(keep) -> ms of the slim model exported to ONNX, batch 1, the report's settings
+    (`threads`, 10 warm-up runs, `repeats` timed runs). The slim model is timed interleaved
+    with the baseline (`latency_pair`) and its latency given as the median per-pair ratio times
+    the baseline's first measurement: on a machine shared with other jobs the ratio holds when
+    absolute timings drift."""
     from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency
+    from graphsearch.passes.latency import latency, latency_pair
     from graphsearch.passes.slim import slim
 
+    folder = Path(tempfile.mkdtemp(prefix="latency-", dir=workdir))
+    base = folder / "baseline.onnx"
+    ref: dict = {}
+
     def measure(keep: Mapping) -> float:
-        module = slim(graph, dict(keep)).eval()
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            path = Path(tmp) / "plan.onnx"
-            export_onnx(module, example_inputs, path)
-            return latency(path, threads=threads, repeats=repeats).median_ms
+        if not base.exists():
+            export_onnx(slim(graph, {}).eval(), example_inputs, base)
+        if not keep:
+            if "ms" not in ref:
+                ref["ms"] = latency(base, threads=threads, repeats=repeats).median_ms
+            return ref["ms"]
+        path = folder / "plan.onnx"
+        export_onnx(slim(graph, dict(keep)).eval(), example_inputs, path)
+        a, _, ratio = latency_pair(base, path, threads=threads, repeats=repeats)
+        ref.setdefault("ms", a.median_ms)
+        return ratio * ref["ms"]
 
     return measure
 

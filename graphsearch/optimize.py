@@ -344,7 +344,7 @@ def stage_export(run: Run, module) -> dict:
     """model.onnx (checked in onnxruntime), model.pt2 (runs without the model's code), and
     latency before and after, with the same settings."""
     from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency
+    from graphsearch.passes.latency import latency, latency_pair
     from graphsearch.passes.save import save_portable
 
     module = module.eval()
@@ -356,16 +356,13 @@ def stage_export(run: Run, module) -> dict:
     if not base_onnx.exists():
         export_onnx(run.model.eval(), run.example_inputs, base_onnx)
     threads = run.config.threads
-    before = latency(base_onnx, threads=threads, repeats=30)
-    after = latency(onnx_path, threads=threads, repeats=30)
+    before, after, _ = latency_pair(base_onnx, onnx_path, threads=threads, repeats=30)
     batch = max(1, int(run.config.latency_batch or 1))
     at_batch = {}
     if batch > 1:
-        at_batch = {"batch_size": batch,
-                    "before": asdict(latency(base_onnx, threads=threads, repeats=10,
-                                             batch_size=batch)),
-                    "after": asdict(latency(onnx_path, threads=threads, repeats=10,
-                                            batch_size=batch))}
+        b_before, b_after, _ = latency_pair(base_onnx, onnx_path, threads=threads,
+                                            repeats=10, batch_size=batch)
+        at_batch = {"batch_size": batch, "before": asdict(b_before), "after": asdict(b_after)}
     return {"onnx": str(onnx_path), "portable": str(saved.path),
             "portable_note": getattr(saved, "note", ""),
             "latency_before": asdict(before), "latency_after": asdict(after),

@@ -217,8 +217,11 @@ def test_latency_target_alone_prepares_and_refuses_the_unreachable(tmp_path, mon
     from graphsearch import optimize as opt
 
     monkeypatch.setattr(lm, "probe_timings", lambda threads, **kw: blocked_timings(8))
-    fake = lambda graph, x, threads=1, workdir=None: (  # noqa: E731
-        lambda keep: 1.0 + sum(len(v) for v in keep.values()) * 1e-3 if keep else 2.0)
+
+    def fake(graph, x, threads=1, workdir=None):  # ms grows with the channels kept
+        return lambda keep: 0.1 + 1e-3 * sum(len(keep.get(g.id, range(g.size)))
+                                             for g in graph.prunable_groups)
+
     monkeypatch.setattr(lm, "onnx_measurer", fake)
     cfg = opt.OptimizeConfig(model="zoo:resnet20", data="synthetic:40:10", latency="0.5",
                              out=str(tmp_path / "a"), progress=False)
