@@ -36,10 +36,11 @@ from graphsearch.passes.slim import slim  # noqa: E402
 from graphsearch.target import land_on_target, parse_constraint, scores_from_widths  # noqa: E402
 
 
-def paired(a, b, threads, repeats, batch) -> tuple[float, float, float]:
-    """Medians of a and b timed interleaved, and the median of the per-pair ratios b / a."""
+def paired(a, b, threads, repeats, batch) -> tuple[float, float, float, float]:
+    """Medians of a and b timed interleaved, the median of the per-pair ratios b / a, and the
+    ratio of their 10th percentiles (the runs least disturbed by other jobs)."""
     la, lb, ratio = latency_pair(a, b, threads=threads, repeats=repeats, batch_size=batch)
-    return la.median_ms, lb.median_ms, ratio
+    return la.median_ms, lb.median_ms, ratio, lb.p10_ms / la.p10_ms
 
 
 def main() -> None:
@@ -67,8 +68,8 @@ def main() -> None:
     head = "| model | FLOPs ratio | params ratio |"
     rule = "|---|---|---|"
     for b in batches:
-        head += f" b{b} before ms | b{b} after ms | b{b} latency ratio |"
-        rule += "---|---|---|"
+        head += f" b{b} before ms | b{b} after ms | b{b} latency ratio | b{b} p10 ratio |"
+        rule += "---|---|---|---|"
     print(head + " load |")
     print(rule + "---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,8 +88,8 @@ def main() -> None:
                    f"{cost.params / g.baseline.params:.3f} |")
             for batch in batches:
                 reps = args.repeats if batch == 1 else max(10, args.repeats // 3)
-                before, after, ratio = paired(a, b, args.threads, reps, batch)
-                row += f" {before:.3f} | {after:.3f} | {ratio:.3f} |"
+                before, after, ratio, p10 = paired(a, b, args.threads, reps, batch)
+                row += f" {before:.3f} | {after:.3f} | {ratio:.3f} | {p10:.3f} |"
             print(row + f" {os.getloadavg()[0]:.1f} |", flush=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}")
 

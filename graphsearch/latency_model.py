@@ -494,6 +494,20 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
     return model
 
 
+def latency_floor(graph, model: LatencyModel, round_to: int) -> tuple[float, dict]:
+    """The measured latency of the model with every prunable group at its smallest nonzero
+    allowed width: the fastest a latency target can reach (up to removable branches)."""
+    from .target import allowed_widths
+
+    keep = {}
+    for g in graph.prunable_groups:
+        a = allowed_widths(g.size, g.min_width, round_to)
+        w = int(a[a > 0][0])
+        if w < g.size:
+            keep[g.id] = list(range(w))
+    return float(model.measure_plan(keep)), keep
+
+
 def onnx_measurer(graph, example_inputs, threads: int = 1, repeats: int = 30,
                   workdir: Path | None = None) -> Callable[[Mapping], float]:
     """measure(keep) -> ms of the slim model exported to ONNX, batch 1, the report's settings
@@ -527,4 +541,4 @@ def onnx_measurer(graph, example_inputs, threads: int = 1, repeats: int = 30,
 
 __all__ = ["choose_round_to", "pick_multiple", "probe_timings", "RoundToChoice",
            "LatencyModel", "build_latency_model", "onnx_measurer", "machine_key", "time_op",
-           "uniform_keep", "random_keep"]
+           "uniform_keep", "random_keep", "latency_floor"]

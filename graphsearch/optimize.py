@@ -160,10 +160,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     try:
         if config.latency:
             fit_latency(run)
-            constraints.append(parse_constraint("latency", config.latency,
-                                                run.baseline_latency))
-            land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to,
-                           run.latency_model.predictor())
+            lat = parse_constraint("latency", config.latency, run.baseline_latency)
+            constraints.append(lat)
+            _check_latency_floor(run, lat)
     except UserError:
         if fresh:
             shutil.rmtree(state, ignore_errors=True)
@@ -233,6 +232,20 @@ def fit_latency(run: Run) -> None:
     run.latency_model = model
     run.log(f"latency: baseline {run.baseline_latency:.3f} ms in onnxruntime "
             f"({run.config.threads} thread, batch 1)")
+
+
+def _check_latency_floor(run: Run, lat: Constraint) -> None:
+    """Refuse a latency target below the measured latency of the smallest plan."""
+    from .latency_model import latency_floor
+
+    floor, _ = latency_floor(run.graph, run.latency_model, run.round_to)
+    run.latency_model.fit["floor_ms"] = floor
+    if floor > lat.limit:
+        raise UserError(
+            f"unreachable target: latency {lat.limit:.3f} ms (asked {lat.requested}) is below "
+            f"the fastest this model runs: {floor:.3f} ms measured in onnxruntime with every "
+            f"group at its minimum width (multiples of {run.round_to}); ask for at least "
+            f"{floor:.3f} ms" + (", or try --round-to 1" if run.round_to > 1 else ""))
 
 
 # --------------------------------------------------------------------------- stages
