@@ -109,7 +109,7 @@ def _optimize(args) -> int:
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        threads=args.threads, max_train=args.max_train,
+        threads=args.threads, latency_batch=args.latency_batch, max_train=args.max_train,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
@@ -131,7 +131,22 @@ def _optimize(args) -> int:
     for w in report.get("split_check", {}).get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
+    for line in report.get("failed_targets", []):
+        print(f"graphsearch: FAILED TARGET: {line}", file=sys.stderr)
+    return 1 if report.get("failed_targets") else 0
+
+
+def _round_to(text: str):
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive channel multiple (8; 1 for "
+                                         "any width) or 'auto'")
+    return value
 
 
 def _export(args) -> int:
@@ -255,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "count (46M); default 1/3 when no target is given")
     opt.add_argument("--params", help="params target: fraction (0.5) or count (200k)")
     opt.add_argument("--latency", help="onnxruntime latency target: '4ms' or a fraction")
-    opt.add_argument("--round-to", type=int, default=_default("round_to"),
-                     help="channel multiple (e.g. 8)")
+    opt.add_argument("--round-to", type=_round_to, default=_default("round_to"),
+                     help="channel multiple (e.g. 8; 1: any width) or 'auto' (default: the "
+                          "multiple onnxruntime runs fastest here, measured once per machine)")
     opt.add_argument("--out", default=_default("out"), help="output folder")
     opt.add_argument("--resume", action="store_true", help="continue an interrupted run")
     opt.add_argument("--seed", type=int, default=_default("seed"),
@@ -276,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "quick runs)")
     opt.add_argument("--threads", type=int, default=_default("threads"),
                      help="onnxruntime threads for latency")
+    opt.add_argument("--latency-batch", type=int, default=_default("latency_batch"),
+                     help="the report times batch 1 and this batch size (default: %(default)s)")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
     opt.add_argument("--quiet", action="store_true", help="no progress output")

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -46,7 +45,7 @@ class OptimizeConfig:
     flops: str | None = None
     params: str | None = None
     latency: str | None = None
-    round_to: int = 1
+    round_to: int | str = "auto"  # a channel multiple, or "auto": measured on this machine
     out: str = "graphsearch-out"
     seed: int = 0
     baseline_epochs: int = 6
@@ -59,6 +58,7 @@ class OptimizeConfig:
     test_fraction: float = 0.1
     max_train: int | None = None  # train on N training images drawn by seed (quick runs)
     threads: int = 1  # onnxruntime threads for latency
+    latency_batch: int = 8  # the report also times this batch size (batch 1 always)
     settings: dict = field(default_factory=dict)  # method hyper-parameters (--set k=v)
     progress: bool = True
 
@@ -88,6 +88,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
     weights: str | None = None
     warnings: list[str] = field(default_factory=list)  # the analysis's, for the report
+    round_to: int = 1  # the channel multiple in use (--round-to auto resolved)
+    round_to_choice: dict | None = None  # what --round-to auto measured and chose
 
 
 def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print) -> dict:
@@ -108,7 +110,10 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     exported = stage_export(run, slim_model)
     from .report import write_reports
 
-    return on_main(lambda: write_reports(run, baseline, proposal, plan, final, exported))
+    report = on_main(lambda: write_reports(run, baseline, proposal, plan, final, exported))
+    for line in report.get("failed_targets", []):
+        log(f"FAILED TARGET: {line}")
+    return report
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -156,8 +161,10 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     from .trace import TraceFailure
 
     get_method(config.method)  # an unknown method fails before any work
-    if config.round_to < 1:
-        raise UserError(f"--round-to {config.round_to}: give a positive channel multiple")
+    if config.round_to != "auto" and (not isinstance(config.round_to, int)
+                                      or config.round_to < 1):
+        raise UserError(f"--round-to {config.round_to}: give a positive channel multiple, "
+                        "or 'auto' (measured on this machine)")
     out = Path(config.out)
     state = out / STATE
     if state.exists() and not resume:
@@ -229,22 +236,27 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     if not constraints and not config.latency:
         constraints.append(parse_constraint("flops", "0.3333", base.flops))
         log("no target given: using --flops 0.3333 (a third of the baseline's FLOPs)")
-    # An unreachable target is refused now, before any training or any file is written.
-    land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to)
+    round_to, choice = _resolve_round_to(config, log)
+    # An unreachable target is refused now, before any training or any file is written
+    # (a latency target alone has nothing to check before the latency model exists).
+    if constraints:
+        land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
     fresh = not state.exists()
     ckpt.barrier()  # every rank has looked at `out` before rank 0 creates anything in it
     if ckpt.is_main():
         state.mkdir(parents=True, exist_ok=True)
     run = Run(config, out, state, loaded.model, x, data, graph, constraints, None, None, log,
               notes=list(loaded.notes) + list(data.notes), weights=loaded.weights,
-              warnings=analysis_warnings)
+              warnings=analysis_warnings, round_to=round_to, round_to_choice=choice)
     try:
         if config.latency:
-            fit_latency(run, on_main(lambda: latency_points(run)))
-            constraints.append(parse_constraint("latency", config.latency,
-                                                run.baseline_latency))
-            land_on_target(graph, scores_from_widths(graph, {}), constraints, config.round_to,
-                           run.latency_model)
+            # rank 0 measures and caches the tables in the state folder; the others read them
+            on_main(lambda: fit_latency(run))
+            if not ckpt.is_main():
+                fit_latency(run)
+            lat = parse_constraint("latency", config.latency, run.baseline_latency)
+            constraints.append(lat)
+            _check_latency_floor(run, lat)
     except UserError:
         if fresh and ckpt.is_main():
             shutil.rmtree(state, ignore_errors=True)
@@ -270,6 +282,20 @@ def _count_classes(dataset, limit: int = 2048) -> int:
             return 0
         top = max(top, int(y))
     return top + 1
+
+
+def _resolve_round_to(config: OptimizeConfig, log: Callable) -> tuple[int, dict | None]:
+    """`--round-to auto`: the multiple measured for onnxruntime's CPU provider here (cached per
+    machine); a number is used as given."""
+    if config.round_to != "auto":
+        return int(config.round_to), None
+    from .latency_model import choose_round_to
+
+    choice = choose_round_to(config.threads)
+    log(f"--round-to auto: channels in multiples of {choice.multiple} ({choice.reason}; "
+        + ("cached for this machine" if choice.cached else
+           f"measured in {choice.seconds:.0f} s, cached for this machine") + ")")
+    return choice.multiple, choice.to_dict()
 
 
 def _limit_training(data, n: int, seed: int = 0):
@@ -300,41 +326,36 @@ def _write_json(path: Path, obj) -> None:
 # --------------------------------------------------------------------------- latency
 
 
-def latency_points(run: Run) -> list[dict]:
-    """MACs and measured onnxruntime latency of the baseline and two uniform plans (measured
-    once, kept in the state folder)."""
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency
-    from graphsearch.passes.slim import slim
+def fit_latency(run: Run) -> None:
+    """The per-layer latency model of `graphsearch.latency_model` (tables measured in
+    onnxruntime, cached in the state folder per machine), with the slim model's measurement
+    attached: the shared target step lands, measures and corrects (`land_on_measured_latency`)."""
+    from .latency_model import build_latency_model, choose_round_to, onnx_measurer
 
-    path = run.state / "latency_fit.json"
-    if path.exists():
-        points = json.loads(path.read_text())
-    else:
-        points = []
-        for m in (1.0, 0.6, 0.3):
-            widths = {g.id: max(1, int(round(m * g.size))) for g in run.graph.prunable_groups}
-            keep = {gid: list(range(w)) for gid, w in widths.items()} if m < 1 else {}
-            module = slim(run.graph, keep)
-            onnx_path = run.state / f"latency_fit_{m}.onnx"
-            export_onnx(module, run.example_inputs, onnx_path)
-            ms = latency(onnx_path, threads=run.config.threads, repeats=30).median_ms
-            points.append({"macs": run.graph.cost(keep).macs, "ms": ms})
-            onnx_path.unlink()
-        _write_json(path, points)
-    return points
+    measure = onnx_measurer(run.graph, run.example_inputs, threads=run.config.threads,
+                            workdir=run.state)
+    # the runtime's channel block (what --round-to auto measures), even under --round-to 1
+    block = (run.round_to_choice or choose_round_to(run.config.threads).to_dict())["multiple"]
+    model = build_latency_model(run.graph, measure, block=block, threads=run.config.threads,
+                                state=run.state, log=run.log)
+    run.baseline_latency = float(model.fit["calibration"][0]["measured_ms"])
+    run.latency_model = model
+    run.log(f"latency: baseline {run.baseline_latency:.3f} ms in onnxruntime "
+            f"({run.config.threads} thread, batch 1)")
 
 
-def fit_latency(run: Run, points: list[dict]) -> None:
-    """A cheap latency model, ms = a + b * MACs, fitted on `latency_points`; the final model
-    is measured, never only predicted."""
-    macs = np.array([p["macs"] for p in points], dtype=float)
-    ms = np.array([p["ms"] for p in points], dtype=float)
-    b, a = np.polyfit(macs, ms, 1)
-    run.baseline_latency = float(ms[0])
-    run.latency_model = lambda cost, a=a, b=b: a + b * cost.macs
-    run.log(f"latency: baseline {ms[0]:.3f} ms in onnxruntime ({run.config.threads} thread); "
-            f"model {a:.3f} ms + {b * 1e6:.4f} ms per MMAC")
+def _check_latency_floor(run: Run, lat: Constraint) -> None:
+    """Refuse a latency target below the measured latency of the smallest plan."""
+    from .latency_model import latency_floor
+
+    floor, _ = latency_floor(run.graph, run.latency_model, run.round_to)
+    run.latency_model.fit["floor_ms"] = floor
+    if floor > lat.limit:
+        raise UserError(
+            f"unreachable target: latency {lat.limit:.3f} ms (asked {lat.requested}) is below "
+            f"the fastest this model runs: {floor:.3f} ms measured in onnxruntime with every "
+            f"group at its minimum width (multiples of {run.round_to}); ask for at least "
+            f"{floor:.3f} ms" + (", or try --round-to 1" if run.round_to > 1 else ""))
 
 
 # --------------------------------------------------------------------------- stages
@@ -429,7 +450,7 @@ def stage_search(run: Run):
     settings = {**method.defaults, **cfg.settings}
     ctx = SearchContext(
         graph=run.graph, model=copy.deepcopy(run.model), data=run.data.for_search(),
-        constraints=run.constraints, round_to=cfg.round_to, settings=settings,
+        constraints=run.constraints, round_to=run.round_to, settings=settings,
         epochs=cfg.search_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
         seed=cfg.seed, state_dir=run.state, progress=cfg.progress, log=run.log,
         latency_model=run.latency_model, example_inputs=run.example_inputs)
@@ -530,7 +551,7 @@ def _baseline_model(run: Run) -> torch.nn.Module:
 
 def _export(run: Run, module) -> dict:
     from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency
+    from graphsearch.passes.latency import latency, latency_pair
     from graphsearch.passes.save import save_portable
 
     module = module.eval()
@@ -542,8 +563,14 @@ def _export(run: Run, module) -> dict:
     if not base_onnx.exists():
         export_onnx(_baseline_model(run), run.example_inputs, base_onnx)
     threads = run.config.threads
-    before = latency(base_onnx, threads=threads, repeats=30)
-    after = latency(onnx_path, threads=threads, repeats=30)
+    before, after, _ = latency_pair(base_onnx, onnx_path, threads=threads, repeats=30)
+    batch = max(1, int(run.config.latency_batch or 1))
+    at_batch = {}
+    if batch > 1:
+        b_before, b_after, _ = latency_pair(base_onnx, onnx_path, threads=threads,
+                                            repeats=10, batch_size=batch)
+        at_batch = {"batch_size": batch, "before": asdict(b_before), "after": asdict(b_after)}
     return {"onnx": str(onnx_path), "portable": str(saved.path),
             "portable_note": getattr(saved, "note", ""),
-            "latency_before": asdict(before), "latency_after": asdict(after)}
+            "latency_before": asdict(before), "latency_after": asdict(after),
+            "latency_at_batch": at_batch}

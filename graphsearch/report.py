@@ -43,7 +43,8 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "settings": proposal.info.get("settings", {}),
         "targets": [{"metric": c.metric, "limit": c.limit, "requested": c.requested}
                     for c in run.constraints],
-        "round_to": cfg.round_to,
+        "round_to": run.round_to,
+        "round_to_choice": run.round_to_choice,
         "baseline": {"accuracy": baseline["accuracy"], "val_accuracy": baseline["accuracy"],
                      "test_accuracy": baseline.get("test_accuracy"),
                      "train_accuracy": baseline.get("train_accuracy"), **base.as_dict(),
@@ -63,7 +64,9 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "epochs": {"baseline": baseline.get("epochs", 0),
                    "search": proposal.info.get("epochs", 0),
                    "finetune": final["epochs"]},
-        "latency": {"before": lat_b, "after": lat_a},
+        "latency": {"before": lat_b, "after": lat_a,
+                    "at_batch": exported.get("latency_at_batch") or {},
+                    "model": _latency_model_info(run, plan)},
         "preprocessing": run.data.preprocessing,
         "outputs": {"onnx": "model.onnx", "portable": "model.pt2", "plot": "tradeoff.png"},
         "method_info": {k: v for k, v in proposal.info.items() if k not in ("settings",)},
@@ -73,11 +76,88 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "notes": run.notes,
         "analysis_warnings": list(getattr(run, "warnings", [])),
     }
+    report["failed_targets"] = _failed_targets(report)
     out = run.out
     write_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
     _plot(out / "tradeoff.png", report)
     write_atomic(out / "report.md", markdown(report))
     return report
+
+
+def _latency_model_info(run, plan) -> dict:
+    """Requested, predicted and measured latency of the target step, and the model's fit."""
+    model = getattr(run, "latency_model", None)
+    a = plan.achieved
+    if model is None or "latency_target_ms" not in a:
+        return {"fit": getattr(model, "fit", None)} if model is not None else {}
+    return {"requested_ms": a.get("latency_target_ms"), "predicted_ms": a.get(
+        "latency_predicted"), "measured_in_search_ms": a.get("latency"),
+        "rounds": a.get("latency_rounds", []), "fit": getattr(model, "fit", None)}
+
+
+def _failed_targets(r: dict) -> list[str]:
+    """A target the final model misses, in words (latency: the export stage's measurement)."""
+    out = []
+    for t in r["targets"]:
+        if t["metric"] == "latency":
+            got = r["result"]["latency_ms"]
+        else:
+            got = r["result"][t["metric"]]
+        if got > t["limit"] * (1 + 1e-9):
+            line = (f"{t['metric']} {_fmt(got, t['metric'])} measured, above the target "
+                    f"{_fmt(t['limit'], t['metric'])} (asked {t['requested']}; "
+                    f"{got / t['limit'] - 1:+.1%})")
+            rounds = ((r.get("latency") or {}).get("model") or {}).get("rounds") or []
+            if t["metric"] == "latency" and rounds:
+                line += (f"; the fastest plan measured in the search ran at "
+                         f"{min(x['measured_ms'] for x in rounds):.3f} ms: the best reachable "
+                         "latency here, relax the target to at least that")
+            out.append(line)
+    return out
+
+
+def _latency_lines(r: dict) -> list[str]:
+    la, lb = r["latency"]["after"], r["latency"]["before"]
+    lines = ["", "## Latency (onnxruntime)", "",
+             f"Provider {', '.join(la.get('providers') or ['CPUExecutionProvider'])}, "
+             f"{la['threads']} intra-op thread(s), median of {la['repeats']} runs after 10 "
+             "warm-up runs.", "",
+             "| batch | before ms | after ms | latency ratio | speed-up | FLOPs ratio |",
+             "|---|---|---|---|---|---|"]
+    rows = [(lb, la)]
+    ab = r["latency"].get("at_batch") or {}
+    if ab:
+        rows.append((ab["before"], ab["after"]))
+    for b, a in rows:
+        ratio = a["median_ms"] / b["median_ms"]
+        lines.append(f"| {a['batch_size']} | {b['median_ms']:.3f} | {a['median_ms']:.3f} | "
+                     f"{ratio:.3f} | {1 / ratio:.2f}x | {r['ratios']['flops']:.3f} |")
+    choice = r.get("round_to_choice")
+    lines.append("")
+    if choice:
+        lines.append(f"Channel multiple: {r['round_to']} (`--round-to auto`: {choice['reason']}; "
+                     + ", ".join(f"{m}: {g:.2f}x" for m, g in choice["gains"].items())
+                     + " per-channel speed by multiple).")
+    else:
+        lines.append(f"Channel multiple: {r['round_to']} (as given).")
+    m = r["latency"].get("model") or {}
+    if m.get("requested_ms") is not None:
+        lines += ["", f"Latency target: requested {m['requested_ms']:.3f} ms, the model "
+                  f"predicted {m['predicted_ms']:.3f} ms, measured in the search "
+                  f"{m['measured_in_search_ms']:.3f} ms, measured at export "
+                  f"{r['result']['latency_ms']:.3f} ms (" + "; ".join(
+                      f"aim {x['aim_ms']:.3f}: predicted {x['predicted_ms']:.3f}, measured "
+                      f"{x['measured_ms']:.3f}" for x in m.get("rounds", [])) + ")."]
+    fit = m.get("fit") or {}
+    if fit.get("held_out"):
+        lines += ["", "Latency model (per-layer tables measured in onnxruntime, "
+                  f"{fit.get('distinct_layers')} distinct layers): held-out plans "
+                  + "; ".join(f"{c['plan']}: predicted {c['predicted_ms']:.3f} ms, measured "
+                              f"{c['measured_ms']:.3f} ms ({c['error']:+.1%})"
+                              for c in fit["held_out"]) + "."]
+    for f in r.get("failed_targets", []):
+        lines += ["", f"**FAILED TARGET**: {f}"]
+    return lines
 
 
 def _jsonable(o):
@@ -100,7 +180,7 @@ def markdown(r: dict) -> str:
     lines += [
         "Targets: " + "; ".join(f"{t['metric']} <= {_fmt(t['limit'], t['metric'])} "
                                 f"(asked {t['requested']})" for t in r["targets"])
-        + (f"; channels in multiples of {r['round_to']}" if r["round_to"] > 1 else ""),
+        + (f"; channels in multiples of {r['round_to']}" if r["round_to"] != 1 else ""),
         "",
         f"| | {_metric(r)} test | {_metric(r)} validation | MFLOPs | params | "
         "latency (ms, onnxruntime) |",
@@ -126,7 +206,8 @@ def markdown(r: dict) -> str:
         f"{r['epochs']['finetune']}.",
         "",
         f"Latency: median of {r['latency']['after']['repeats']} runs, batch "
-        f"{r['latency']['after']['batch_size']}, {r['latency']['after']['threads']} thread(s).",
+        f"{r['latency']['after']['batch_size']}, {r['latency']['after']['threads']} thread(s) "
+        "(more under Latency).",
         "",
         "Outputs: `model.onnx` (checked against torch in onnxruntime), `model.pt2` (loads with "
         "`torch.export.load(path).module()`, no model code needed), `report.json`, "
@@ -154,6 +235,7 @@ def markdown(r: dict) -> str:
                   f"- {k.replace('_', ' ')}: {v}" for k, v in details.items()]
         lines.append("- the full record (per group, per cycle) is under `method_info` in "
                      "`report.json`")
+    lines += _latency_lines(r)
     p = r["preprocessing"]
     if p.get("format") == "user":
         lines += ["", "## Data", "", f"{p.get('source')}; loss: {p.get('loss')}; metric: "

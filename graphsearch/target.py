@@ -123,7 +123,8 @@ class Evaluator:
         c = self.graph.cost(keep)
         out = {"flops": float(c.flops), "macs": float(c.macs), "params": float(c.params)}
         if self.latency_model is not None:
-            out["latency"] = float(self.latency_model(c))
+            out["latency"] = float(self.latency_model(c, keep) if getattr(
+                self.latency_model, "takes_plan", False) else self.latency_model(c))
         return out
 
     def feasible(self, values: Mapping[str, float]) -> bool:
@@ -175,6 +176,10 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                    constraints: list[Constraint], round_to: int = 1,
                    latency_model: Callable | None = None, max_evaluations: int = 20000) -> Plan:
     """Keep the best-scoring channels until every constraint holds, widths rounded."""
+    if getattr(latency_model, "measure_plan", None) is not None and \
+            any(c.metric == "latency" for c in constraints):
+        return land_on_measured_latency(graph, scores, constraints, round_to, latency_model,
+                                        max_evaluations)
     ev = Evaluator(graph, constraints, latency_model)
     groups = [g for g in graph.prunable_groups if g.id in scores]
     order = {g.id: np.argsort(-np.asarray(scores[g.id], dtype=float), kind="stable")
@@ -286,6 +291,64 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     return Plan(keep_of(best), best, values)
 
 
+def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
+                             constraints: list[Constraint], round_to: int, latency_model,
+                             max_evaluations: int = 20000, rounds: int = 5,
+                             window: float = 0.03) -> Plan:
+    """The target step for a latency target: land with the latency model, measure the slim
+    model (`latency_model.measure_plan(keep) -> ms`), correct the model's aim by the measured
+    ratio and land again, until the measurement is within `window` below the target (or another
+    target binds first). Returns the plan with the largest measured latency that fits; with
+    none that fits, the one measured fastest, its `achieved["latency"]` the measurement (above
+    the target: the run reports the miss). `achieved` records requested, predicted, measured."""
+    predictor = latency_model.predictor()
+    measure = latency_model.measure_plan
+    lat = next(c for c in constraints if c.metric == "latency")
+    others = [c for c in constraints if c.metric != "latency"]
+    aim = lat.limit
+    tried: dict[tuple, float] = {}
+    history = []
+    best = fastest = None
+    for _ in range(rounds):
+        cons = others + [Constraint("latency", aim, lat.requested)]
+        try:
+            plan = land_on_target(graph, scores, cons, round_to, predictor, max_evaluations)
+        except UserError:
+            if best is not None or fastest is not None:
+                break
+            # the model's floor is above the aim: aim at its floor, measure, correct from there
+            allowed = {g.id: allowed_widths(g.size, g.min_width, round_to)
+                       for g in graph.prunable_groups if g.id in scores}
+            floor = floor_cost(graph, Evaluator(graph, [], predictor), allowed)["latency"]
+            if aim >= floor * (1 + 1e-3):
+                raise
+            aim = floor * (1 + 1e-3)
+            continue
+        key = tuple(sorted(plan.widths.items()))
+        predicted = plan.achieved["latency"]
+        measured = tried[key] if key in tried else float(measure(plan.keep))
+        repeated = key in tried
+        tried[key] = measured
+        history.append({"aim_ms": aim, "predicted_ms": predicted, "measured_ms": measured})
+        plan.achieved["latency_predicted"] = predicted
+        plan.achieved["latency"] = measured
+        if measured <= lat.limit and (best is None or measured > best.achieved["latency"]):
+            best = plan
+        if fastest is None or measured < fastest.achieved["latency"]:
+            fastest = plan
+        other_binds = any(plan.achieved[c.metric] >= 0.99 * c.limit for c in others)
+        if repeated or (measured <= lat.limit and
+                        (measured >= (1 - window) * lat.limit or other_binds)):
+            break
+        # aim at the middle of the window; the model's error is a ratio
+        aim = aim * (1 - window / 2) * lat.limit / measured
+    chosen = best if best is not None else fastest
+    chosen.achieved["latency_target_ms"] = lat.limit
+    chosen.achieved["latency_rounds"] = history
+    chosen.achieved["latency_met"] = chosen.achieved["latency"] <= lat.limit
+    return chosen
+
+
 def floor_cost(graph: ChannelGraph, ev: Evaluator, allowed: Mapping[int, np.ndarray]
                ) -> dict[str, float]:
     """What the model costs with every prunable group at its smallest allowed width (counts,
@@ -314,4 +377,4 @@ def scores_from_widths(graph: ChannelGraph, widths: Mapping[int, int],
 
 
 __all__ = ["Constraint", "Plan", "parse_constraint", "land_on_target", "scores_from_widths",
-           "allowed_widths", "Evaluator", "METRICS"]
+           "allowed_widths", "Evaluator", "METRICS", "land_on_measured_latency"]

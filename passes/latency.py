@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Latency", "latency", "parse_latency"]
+__all__ = ["Latency", "latency", "latency_pair", "parse_latency"]
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -158,6 +158,53 @@ def latency(onnx_path: str | os.PathLike, *, input_shapes: Mapping[str, Sequence
         median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90)),
         mean_ms=float(ms.mean()), std_ms=float(ms.std()), repeats=len(ms), threads=threads,
         batch_size=int(batch), providers=tuple(session.get_providers()), input_shapes=tuple(shapes))
+
+
+def latency_pair(a: str | os.PathLike, b: str | os.PathLike, *, batch_size: int = 1, threads: int = 1,
+                 warmup: int = 10, repeats: int = 30, seed: int = 0) -> tuple[Latency, Latency, float]:
+    """Time two models (a baseline and its slim version) with their runs interleaved, a, b, a, b,
+    ...: on a machine shared with other jobs both see the same load, so their ratio holds even
+    when the absolute figures drift. Returns both latencies and the median of the per-pair
+    ratios b / a. Settings as :func:`latency`."""
+    import onnxruntime  # noqa: F401  (fail early without onnxruntime)
+
+    sessions, feeds = [], []
+    for path in (a, b):
+        session = _session(path, threads)
+        shapes = _resolve_shapes(session, None, batch_size)
+        rng = np.random.default_rng(seed)
+        feed = {}
+        for inp, shape in zip(session.get_inputs(), shapes):
+            dtype = _ORT_DTYPES.get(inp.type)
+            if dtype is None:
+                raise ValueError(f"input {inp.name!r} has unsupported type {inp.type}")
+            if np.issubdtype(dtype, np.floating):
+                feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype is np.bool_:
+                feed[inp.name] = np.ones(shape, dtype=dtype)
+            else:
+                feed[inp.name] = np.zeros(shape, dtype=dtype)
+        sessions.append((session, shapes))
+        feeds.append(feed)
+    for _ in range(warmup):
+        for (session, _), feed in zip(sessions, feeds):
+            session.run(None, feed)
+    times = [[], []]
+    for _ in range(repeats):
+        for i, ((session, _), feed) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter_ns()
+            session.run(None, feed)
+            times[i].append(time.perf_counter_ns() - t0)
+    out = []
+    for (session, shapes), t in zip(sessions, times):
+        ms = np.asarray(t, dtype=np.float64) / 1e6
+        out.append(Latency(
+            median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
+            p90_ms=float(np.percentile(ms, 90)), mean_ms=float(ms.mean()), std_ms=float(ms.std()),
+            repeats=len(ms), threads=threads, batch_size=int(shapes[0][0]) if shapes and shapes[0] else 1,
+            providers=tuple(session.get_providers()), input_shapes=tuple(shapes)))
+    ratio = float(np.median(np.asarray(times[1], dtype=float) / np.asarray(times[0], dtype=float)))
+    return out[0], out[1], ratio
 
 
 _UNITS_MS = {"ms": 1.0, "msec": 1.0, "s": 1000.0, "sec": 1000.0, "us": 1e-3, "\u00b5s": 1e-3, "\u03bcs": 1e-3}
