@@ -188,13 +188,40 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     allowed = {g.id: allowed_widths(g.size, g.min_width, round_to) for g in groups}
 
     best_score = {g.id: float(sorted_scores[g.id][0]) if g.size else 0.0 for g in groups}
+    # Channels scored -inf are never kept (a group at 0 stays at 0 unless the graph forbids
+    # it); the others are put in one global order: score first, then, between tied scores,
+    # the channel's rank in its group relative to the group's size, then the group id. So
+    # tied scores are broken deterministically (constant scores give about one multiplier)
+    # and every prefix of the order is a candidate, whatever the ties.
+    finite = {g.id: int(np.count_nonzero(sorted_scores[g.id] > -np.inf)) for g in groups}
+    keys_s, keys_f, keys_g = [], [], []
+    for g in groups:
+        n = finite[g.id]
+        keys_s.append(sorted_scores[g.id][:n])
+        keys_f.append((np.arange(n) + 1.0) / max(g.size, 1))
+        keys_g.append(np.full(n, g.id, dtype=np.int64))
+    if groups:
+        s_all, f_all, g_all = (np.concatenate(keys_s), np.concatenate(keys_f),
+                               np.concatenate(keys_g))
+        global_order = np.lexsort((g_all, f_all, -s_all))
+        g_sorted = g_all[global_order]
+    else:
+        g_sorted = np.zeros(0, dtype=np.int64)
+    # prefix counts per group: widths after the first k channels of the global order
+    group_ids = [g.id for g in groups]
+    col = {gid: i for i, gid in enumerate(group_ids)}
+    col_sorted = np.array([col[int(x)] for x in g_sorted], dtype=np.int64)
 
-    def widths_at(t: float) -> dict[int, int]:
+    def widths_at(k: int) -> dict[int, int]:
+        counts = np.bincount(col_sorted[:k], minlength=len(groups))
         out = {}
         for g in groups:
-            n = int(np.count_nonzero(sorted_scores[g.id] >= t))
+            n = int(counts[col[g.id]])
             a = allowed[g.id]
-            out[g.id] = int(a[np.searchsorted(a, n)]) if n <= a[-1] else int(a[-1])
+            w = int(a[np.searchsorted(a, n)]) if n <= a[-1] else int(a[-1])
+            if n == 0 and finite[g.id] == 0:
+                w = int(a[0])  # every channel -inf: the smallest width the group allows
+            out[g.id] = w
         return legal_zeros(graph, out, allowed, best_score, keep_of)
 
     def keep_of(widths: Mapping[int, int]) -> dict[int, list[int]]:
@@ -216,18 +243,16 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
             return False, None
         return ev.feasible(values), values
 
-    # 1. One global threshold, bisected over the distinct scores.
-    thresholds = np.unique(np.concatenate([sorted_scores[g.id] for g in groups])) \
-        if groups else np.zeros(0)
+    # 1. One global cut in the order above, bisected (k channels kept: small k, small model).
     best = None
-    lo, hi = 0, len(thresholds) - 1  # low threshold = big model
+    lo, hi = 0, len(g_sorted)
     while lo <= hi:
         mid = (lo + hi) // 2
-        w = widths_at(thresholds[mid])
+        w = widths_at(mid)
         if ok(w)[0]:
-            best, hi = w, mid - 1
+            best, lo = w, mid + 1
         else:
-            lo = mid + 1
+            hi = mid - 1
     if best is None:
         raise UserError("no plan meets the targets: even the smallest widths the scores allow "
                         "break the model or exceed a target; relax the target or --round-to")
@@ -238,7 +263,7 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     def push(gid: int) -> None:
         a = allowed[gid]
         nxt = a[np.searchsorted(a, best[gid], side="right")] if best[gid] < a[-1] else None
-        if nxt is not None:
+        if nxt is not None and nxt <= finite[gid]:
             gain = float(np.mean(sorted_scores[gid][best[gid]:nxt]))
             heapq.heappush(heap, (-gain, gid))
 
@@ -264,6 +289,7 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
         move, move_value = None, current
         for up in groups:
             a_up = allowed[up.id]
+            a_up = a_up[a_up <= max(finite[up.id], best[up.id])]
             if best[up.id] >= a_up[-1]:
                 continue
             for down in groups:
@@ -288,7 +314,13 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
         best, current = move, move_value
     values = ev.measure(keep_of(best))
     values["cost_evaluations"] = ev.calls
-    return Plan(keep_of(best), best, values)
+    # groups the plan removes implicitly (inside a removed branch) are reported at 0
+    try:
+        gone = graph.removal(keep_of(best)).zero_groups
+    except PlanError:
+        gone = frozenset()
+    widths = {gid: (0 if gid in gone else w) for gid, w in best.items()}
+    return Plan(keep_of(best), widths, values)
 
 
 def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarray],

@@ -4,8 +4,9 @@
 vector where they are produced: after the norm layer that directly follows a conv or linear
 layer (BN rescales away anything placed before it), else right after the producer. A group
 produced in several places (a residual stage) gets the same gate at each of them, which
-equals gating their sum. Gates are callables returning a `(size,)` tensor, drawn once per
-forward pass (so a sampled noise is shared by the whole group); gradients flow to them, and
+equals gating their sum. Gates are callables returning a `(size,)` tensor, or a `(batch, size)`
+one (a gate per sample: variational dropout's per-sample noise), drawn once per forward pass
+(so a sampled noise is shared by every producer of the group); gradients flow to them, and
 the gradient of the loss at a gate of ones is the per-channel response sum(a * dL/da).
 """
 
@@ -80,8 +81,12 @@ class _GateInterpreter(fx.Interpreter):
         for gid, vec in self.values.items():
             hit = groups == gid
             if bool(hit.any()):
-                factor = torch.where(hit.to(out.device), vec.to(out.dtype)[index.clamp_min(0)],
-                                     factor)
+                vec = vec.to(out.dtype)
+                if vec.dim() == 2 and index.shape[0] == 1:  # one gate vector per sample
+                    v = vec[:, index[0].clamp_min(0)]
+                else:
+                    v = vec[index.clamp_min(0)]
+                factor = torch.where(hit.to(out.device), v, factor)
         return out * factor
 
 

@@ -40,9 +40,13 @@ No public code exists; this is the project's design, faithful to the papers' loo
   logged): no child within the accuracy tolerance -> rank the cost-eligible ones; no child
   within the cost step -> the cheapest child. The loop stops when the parent meets every
   target or after `cycles` cycles.
-- Landing: `ctx.land(scores)` with scores = p, except that channels the final parent lost
-  score p - 1 (< every live channel), so that the shared step only revives a lost channel
-  when the target leaves room. The returned state dict is the parent's, with its mask folded
+- Landing: every child of the cycle that reaches the target is itself landed by the shared
+  step (`land_final`): its sampled channels first, then the parent's other live channels, by
+  p, never a channel the parent lost; so the syntheses meet the target within 1% below and
+  the final plan is the generator's last parent. `ctx.land(scores)` then runs with scores =
+  p, channels the final parent lost at p - 1 (< every live channel): it reproduces the
+  parent, and revives a lost channel only when the loop stopped short of the target (the
+  share of FLOPs it added is reported, `shared_step_added_flops_share`). The returned state dict is the parent's, with its mask folded
   in (lost channels' norm gamma/beta, or producer rows, at zero), so the slim model computes
   exactly the parent restricted to the plan before the pipeline fine-tunes it.
 - Resume: every cycle is checkpointed atomically to `ctx.state_dir / "gensynth.pt"` (p, the
@@ -68,7 +72,7 @@ from ..graph import PlanError
 from ..load import UserError
 from ..target import Evaluator, allowed_widths
 from .base import Method, Proposal, SearchContext
-from .vardrop import fold_gates
+from .common import added_share, fold_gates
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
 CHECKPOINT_VERSION = 1
@@ -151,6 +155,7 @@ class GenerativeSynthesis(Method):
         "probe_per_class": 8,
         "probe_classes": 16,
         "cost_draws": 16,  # Monte Carlo syntheses per F when bisecting F
+        "land_final": True,  # final-cycle children are landed on the target (docstring)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -227,6 +232,8 @@ class GenerativeSynthesis(Method):
             for j in range(K):
                 kept = {g.id: synthesize_group(rng, p[g.id], alive[g.id], F_, g.size,
                                                g.min_width, ctx.round_to) for g in groups}
+                if final and s["land_final"]:
+                    kept = self._land_child(ctx, kept, alive, p, groups)
                 kept, values = self._valid(kept, alive, p, groups, ctx.round_to, measure)
                 if values is None:
                     ctx.log(f"gensynth: cycle {cycle} child {j}: no valid plan, skipped")
@@ -318,7 +325,19 @@ class GenerativeSynthesis(Method):
             scores[g.id] = sc
         plan = ctx.land(scores)
         parent_values = measure(keep_of(alive))
-        info = {"cycles": log, "base_accuracy": base_acc, "parent_accuracy": parent_acc,
+        added = added_share(ctx.graph, alive, plan)
+        chosen = None
+        if log:
+            last = log[-1]
+            chosen = next((c for c in last["children"] if c["label"] == last["chosen"]), None)
+        info = {"cycles_run": len(log),
+                "children_per_cycle": [len(e["children"]) for e in log],
+                "chosen_netscore": chosen["netscore"] if chosen else None,
+                "chosen_accuracy": chosen["accuracy"] if chosen else None,
+                "selection": [e["selection"] for e in log],
+                "shared_step_added_flops_share": added["flops_share_added"],
+                "shared_step_added_channels": added["channels_added"],
+                "cycles": log, "base_accuracy": base_acc, "parent_accuracy": parent_acc,
                 "parent_cost": parent_values, "targets_met_by_parent": ratio(parent_values) <= 1,
                 "resumed_from_cycle": resumed_from, "new_cycles": new_cycles,
                 "probe_images": int(len(probe_y)), "child_epochs": child_epochs}
@@ -328,6 +347,26 @@ class GenerativeSynthesis(Method):
         return Proposal(plan, _clone(ctx.model.state_dict()), info)
 
     # ---- helpers
+    @staticmethod
+    def _land_child(ctx, kept, alive, p, groups) -> dict:
+        """A final-cycle child, landed on the target by the shared step: its sampled
+        channels first (by p), then the parent's other live channels (by p), never a channel
+        the parent lost; so the child, and the parent it may become, meets every target
+        within 1% below, and the final plan is that parent, not a plan the shared step
+        fills up later."""
+        scores = {}
+        for g in groups:
+            sc = np.full(g.size, -np.inf)
+            sc[alive[g.id]] = p[g.id][alive[g.id]]
+            sc[kept[g.id]] = p[g.id][kept[g.id]] + 2.0
+            scores[g.id] = sc
+        try:
+            plan = ctx.land(scores)
+        except (UserError, PlanError):
+            return kept
+        return {g.id: np.asarray(plan.keep.get(g.id, np.arange(g.size)), dtype=np.int64)
+                for g in groups}
+
     @staticmethod
     def _bisect_F(p, alive, aim, ratio, ev, groups, round_to, seed, cycle, draws) -> float:
         """The largest F whose children cost at most `aim` (a cost ratio) on average over

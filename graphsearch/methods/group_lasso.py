@@ -45,7 +45,6 @@ lambda). `--set normalise=initial|none` gives the other rankings.
 
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import numpy as np
@@ -54,136 +53,9 @@ from torch import nn
 
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
-
-ROLES = ("out", "in", "gamma", "beta")
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def budget_steps(ctx: SearchContext, epochs: float) -> int:
-    """Optimizer steps that `ctx.train(model, epochs, ...)` takes (its `max_steps`)."""
-    steps_per_epoch = max(1, -(-len(ctx.data.train) // ctx.batch_size))
-    return max(1, int(round(epochs * steps_per_epoch)))
-
-
-def constant_schedule(opt: torch.optim.Optimizer, total_steps: int):
-    """A constant learning rate (scheduler factory for `train`)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-
-
-def _tied_by_param(graph: ChannelGraph, model: nn.Module, roles=ROLES):
-    """Per prunable group, its (parameter, dim, positions, channels) slices with those roles."""
-    params = dict(model.named_parameters())
-    out: dict[int, list[tuple[str, torch.Tensor, int, torch.Tensor, torch.Tensor]]] = {}
-    tied = graph.tied_parameters()
-    for g in graph.prunable_groups:
-        for s in tied[g.id]:
-            if s.is_buffer or s.role not in roles or s.name not in params:
-                continue
-            p = params[s.name]
-            out.setdefault(g.id, []).append(
-                (s.name, p, s.dim, torch.as_tensor(s.positions, device=p.device),
-                 torch.as_tensor(s.channels, device=p.device)))
-    return out
-
-
-@torch.no_grad()
-def scale_channels(graph: ChannelGraph, model: nn.Module, factors: Mapping[int, torch.Tensor],
-                   optimizer: torch.optim.Optimizer | None = None, roles=ROLES) -> None:
-    """Multiply every tied slice of channel c of group g by `factors[g][c]`, in place; where
-    a factor is 0, also zero the optimizer's momentum there (dead stays dead)."""
-    mults: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for gid, slices in _tied_by_param(graph, model, roles).items():
-        if gid not in factors:
-            continue
-        f = factors[gid]
-        for name, p, dim, pos, ch in slices:
-            key = (name, dim)
-            if key not in mults:
-                mults[key] = (p, torch.ones(p.shape[dim], dtype=p.dtype, device=p.device))
-            mults[key][1][pos] = f.to(p.device, p.dtype)[ch]
-    for (name, dim), (p, m) in mults.items():
-        shape = [1] * p.dim()
-        shape[dim] = -1
-        p.mul_(m.view(shape))
-        if optimizer is not None:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                buf.mul_((m != 0).to(buf.dtype).view(shape))
-
-
-def zero_channels(graph: ChannelGraph, model: nn.Module, drop: Mapping[int, np.ndarray],
-                  optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Zero everything tied to the channels `drop[g]` (and their momentum)."""
-    factors = {}
-    for gid, idx in drop.items():
-        f = torch.ones(graph.groups[gid].size)
-        f[torch.as_tensor(np.asarray(idx, dtype=np.int64))] = 0.0
-        factors[gid] = f
-    scale_channels(graph, model, factors, optimizer)
-
-
-def dropped_channels(graph: ChannelGraph, keep: Mapping[int, list[int]]) -> dict[int, np.ndarray]:
-    return {gid: np.setdiff1d(np.arange(graph.groups[gid].size), np.asarray(k, dtype=np.int64))
-            for gid, k in keep.items()}
-
-
-@torch.no_grad()
-def recalibrate_bn(ctx: SearchContext, model: nn.Module, batches: int) -> int:
-    """Re-estimate the BatchNorm running statistics of `model` from `batches` training batches
-    (no augmentation, exact averages). Needed after a search phase that moved the weights'
-    scale faster than the running averages follow (a proximal shrink), and for channels
-    revived from zero. Returns the number of images used."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    ds = getattr(ctx.data, "train", None)
-    if not bns or batches <= 0 or ds is None or len(ds) < 2:
-        return 0
-    gen = torch.Generator().manual_seed(int(ctx.seed))
-    idx = torch.randperm(len(ds), generator=gen)[: batches * ctx.batch_size]
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
-    saved = [(m, m.momentum) for m in bns]
-    was = model.training
-    used = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-        model.train()
-        for chunk in idx.split(ctx.batch_size):
-            if len(chunk) < 2:
-                continue
-            if callable(getattr(ds, "get_batch", None)):
-                x, _ = ds.get_batch(chunk, augment=False, device=device)
-            else:
-                x = torch.stack([ds[int(i)][0] for i in chunk]).to(device)
-            model(x)
-            used += len(chunk)
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        model.train(was)
-    return used
-
-
-def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
-                  bn_batches: int = 0) -> float | None:
-    """Validation accuracy of `model` with the plan's dropped channels zeroed (what the slim
-    model computes before fine-tuning, up to the BN beta of a removed branch's last layer,
-    which the slim model drops with the branch), with its BN statistics re-estimated if
-    `bn_batches`; recorded as a candidate for the trade-off plot."""
-    val = getattr(ctx.data, "val", None)
-    if val is None or len(val) == 0:
-        return None
-    masked = copy.deepcopy(model)
-    zero_channels(ctx.graph, masked, dropped_channels(ctx.graph, plan.keep))
-    recalibrate_bn(ctx, masked, bn_batches)
-    acc = float(ctx.evaluate(masked))
-    ctx.candidates.append({"flops": float(plan.achieved["flops"]), "accuracy": acc,
-                           "label": label})
-    return acc
+from .common import (ROLES, _tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
+                     constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
+                     scale_channels, zero_channels)
 
 
 # --------------------------------------------------------------------------- the proximal step
@@ -241,11 +113,15 @@ def revive(graph: ChannelGraph, model: nn.Module, initial: Mapping[str, torch.Te
 class GroupLasso(Method):
     name = "group-lasso"
     summary = ("group-lasso penalty on everything tied to each coupled channel, proximal SGD "
-               "for exact zeros, then channels ranked by joint norm")
+               "with a strength that grows until the exactly-zero channels' cost reaches the "
+               "target; the zeros decide the plan")
     cost = "one sparsity phase of --search-epochs (proximal SGD), then the fine-tuning"
     defaults = {
-        "lambda": None,  # None: lambda * sum_t lr_t = `shrink` x the mean initial norm
-        "shrink": 0.3,
+        "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
+        "shrink": 0.3,  # the schedule's starting strength (total shrink over the budget)
+        "growth": 1.08,  # strength factor per step while the zeros' cost lags the trajectory
+        "reach": 0.6,  # the zeros' cost should reach the target by this fraction of the phase
+        "balance": True,  # per-group threshold scaled by the group's mean initial norm
         "lr": 1e-3,  # METHODS.md, from a trained baseline
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
@@ -255,6 +131,8 @@ class GroupLasso(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
+        from ..target import Evaluator
+
         s = {**self.defaults, **ctx.settings}
         mode = str(s["normalise"]).lower()
         if mode not in ("initial", "final", "none", "true", "false"):
@@ -262,7 +140,7 @@ class GroupLasso(Method):
 
             raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
                             "or none")
-        model = ctx.model
+        model, graph = ctx.model, ctx.graph
         lr, momentum = float(s["lr"]), float(s["momentum"])
         epochs = float(ctx.epochs)
         steps = budget_steps(ctx, epochs) if epochs > 0 else 0
@@ -271,38 +149,86 @@ class GroupLasso(Method):
             initial = {k: v.detach().clone() for k, v in model.named_parameters()}
         all0 = torch.cat([n.double() for n in norms0.values()]) if norms0 else torch.zeros(1)
         mean0 = float(all0.mean())
-        if s["lambda"] is not None:
-            lam = float(s["lambda"])
+        fixed = s["lambda"] is not None
+        if fixed:
+            lam0 = float(s["lambda"])
         else:
-            lam = float(s["shrink"]) * mean0 / max(lr * steps, 1e-12)  # sum_t lr_t = lr * steps
-        ctx.log(f"group-lasso: lambda {lam:.4g} (mean initial channel norm {mean0:.4g}, "
-                f"{steps} steps at lr {lr:g})")
+            lam0 = float(s["shrink"]) * mean0 / max(lr * steps, 1e-12)  # sum_t lr_t = lr * steps
+        weight = {gid: (float(n.double().mean()) / max(mean0, 1e-12)
+                        if s["balance"] else 1.0) for gid, n in norms0.items()}
+        ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+
+        def ratio(values) -> float:
+            return max(values[c.metric] / c.limit for c in ctx.constraints)
+
+        r0 = ratio(ev.measure({}))
+        growth, reach = float(s["growth"]), float(s["reach"])
+        ctx.log(f"group-lasso: lambda {lam0:.4g} at the start "
+                f"({'fixed' if fixed else f'x{growth:g} per step while the zeros lag'}; mean "
+                f"initial channel norm {mean0:.4g}, {steps} steps at lr {lr:g})")
 
         holder: dict = {}
+        trace: list = []
 
         def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
             opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr,
                                   momentum=momentum, weight_decay=0.0)
+            # the schedule's state rides in the optimizer (saved with the training checkpoint)
+            opt.param_groups[0]["gl_lambda"] = lam0
+            opt.param_groups[0]["gl_hold"] = False
             holder["opt"] = opt
             return opt
 
         def penalty(m: nn.Module) -> torch.Tensor:
             # Logged only (detached): the proximal step applies the penalty.
             with torch.no_grad():
+                lam = holder["opt"].param_groups[0]["gl_lambda"] if "opt" in holder else lam0
                 n = ctx.channel_norms(m, roles=ROLES)
-                return lam * sum(v.sum() for v in n.values()) if n else torch.zeros(())
+                holder["dead"] = {g: v == 0 for g, v in n.items()}  # dead before this step
+                return lam * sum(weight[g] * v.sum() for g, v in n.items()) if n \
+                    else torch.zeros(())
 
         def on_step(m: nn.Module, step: int) -> None:
             opt = holder["opt"]
-            lr_t = opt.param_groups[0]["lr"]  # constant schedule: the lr just used
-            proximal_step(ctx, m, lr_t * lam, opt)
+            pg = opt.param_groups[0]
+            lr_t = pg["lr"]  # constant schedule: the lr just used
+            norms = ctx.channel_norms(m, roles=ROLES)
+            dead = holder.get("dead") or {gid: (n == 0) for gid, n in norms.items()}
+            if pg["gl_hold"]:
+                # target reached: dead stay dead, the survivors train without the penalty
+                factors = {gid: (~d).to(norms[gid].dtype) for gid, d in dead.items()}
+                scale_channels(graph, m, factors, opt)
+                return
+            lam = pg["gl_lambda"]
+            factors = {}
+            for gid, n in norms.items():
+                safe = torch.where(n > 0, n, torch.ones_like(n))
+                thr = lr_t * lam * weight[gid]
+                factors[gid] = torch.where((n > 0) & ~dead[gid], (1 - thr / safe).clamp_min(0.0),
+                                           torch.zeros_like(n))
+            scale_channels(graph, m, factors, opt)
+            if fixed:
+                return
+            alive = {gid: (f > 0).cpu().numpy() for gid, f in factors.items()}
+            r = ratio(alive_cost(graph, alive, ev))
+            f = step / max(steps, 1)
+            wanted = r0 - (r0 - 1.0) * min(1.0, f / max(reach, 1e-9))
+            if r <= 1.0:
+                pg["gl_hold"] = True
+            elif r > wanted:
+                pg["gl_lambda"] = lam * growth
+            if step % max(1, steps // 20) == 0 or pg["gl_hold"]:
+                trace.append({"step": int(step), "lambda": float(lam), "zero_cost_ratio": r,
+                              "hold": bool(pg["gl_hold"])})
 
         result = None
-        if steps > 0 and lam > 0:
+        if steps > 0 and lam0 > 0:
             result = ctx.train(model, epochs, "group-lasso", lr=lr, momentum=momentum,
                                weight_decay=0.0, optimizer=make_optimizer,
                                scheduler=constant_schedule, extra_loss=penalty,
                                on_step=on_step)
+        lam_end = holder["opt"].param_groups[0]["gl_lambda"] if "opt" in holder else lam0
+        reached = bool(holder["opt"].param_groups[0]["gl_hold"]) if "opt" in holder else False
         with torch.no_grad():
             norms = ctx.channel_norms(model, roles=ROLES)
         scores = {}
@@ -314,19 +240,32 @@ class GroupLasso(Method):
                 n = n / n.mean().clamp_min(1e-12)
             scores[gid] = n.cpu().numpy()
         plan = ctx.land(scores)
-        zeros = {gid: int((n == 0).sum()) for gid, n in norms.items()}
+        zero_mask = {gid: (n == 0).cpu().numpy() for gid, n in norms.items()}
+        zeros = {gid: int(z.sum()) for gid, z in zero_mask.items()}
+        zero_values = alive_cost(graph, {g: ~z for g, z in zero_mask.items()}, ev)
+        dropped = dropped_channels(graph, plan.keep)
+        n_dropped = int(sum(len(v) for v in dropped.values()))
+        dropped_zero = int(sum(int(zero_mask[g][v].sum()) for g, v in dropped.items()))
         final = torch.cat([n.double() for n in norms.values()]) if norms else torch.zeros(1)
         revived = 0
         if s["revive"]:
-            revived = revive(ctx.graph, model, initial, norms0, norms, plan.keep)
+            revived = revive(graph, model, initial, norms0, norms, plan.keep)
             if revived:
                 ctx.log(f"group-lasso: the target keeps {revived} channels the penalty zeroed; "
                         "they restart from their initial weights, rescaled")
         info = {
-            "lambda": lam, "shrink": None if s["lambda"] is not None else float(s["shrink"]),
+            "lambda": lam0, "lambda_final": lam_end, "schedule": "fixed" if fixed else "growing",
+            "shrink": None if fixed else float(s["shrink"]), "growth": growth,
+            "balance": bool(s["balance"]),
             "lr": lr, "momentum": momentum, "epochs": epochs, "steps": steps,
             "zeros_per_group": zeros, "zeros": int(sum(zeros.values())),
             "channels": int(final.numel()),
+            "zeros_cost": {k: zero_values[k] for k in ("flops", "params")},
+            "zeros_cost_ratio": ratio(zero_values), "target_reached_by_zeros": reached or
+            ratio(zero_values) <= 1.0,
+            "plan_dropped": n_dropped, "plan_dropped_exact_zeros": dropped_zero,
+            "plan_dropped_zero_share": dropped_zero / n_dropped if n_dropped else 1.0,
+            "trace": trace,
             "initial_mean_norm": mean0, "final_mean_norm": float(final.mean()),
             "normalise": mode, "revived": revived,
             "val_accuracy_after_sparsity": result.val_accuracy if result else None,
@@ -335,6 +274,8 @@ class GroupLasso(Method):
         if s["evaluate"]:
             info["plan_accuracy_before_finetune"] = evaluate_plan(
                 ctx, model, plan, "group-lasso plan (before fine-tuning)", int(s["bn_batches"]))
-        ctx.log(f"group-lasso: {info['zeros']} of {info['channels']} channels exactly zero; "
-                f"mean norm {mean0:.4g} -> {info['final_mean_norm']:.4g}")
+        ctx.log(f"group-lasso: {info['zeros']} of {info['channels']} channels exactly zero "
+                f"(cost ratio {info['zeros_cost_ratio']:.3f} of the target); the plan drops "
+                f"{n_dropped}, {dropped_zero} of them exact zeros; lambda {lam0:.4g} -> "
+                f"{lam_end:.4g}")
         return Proposal(plan, model.state_dict(), info)

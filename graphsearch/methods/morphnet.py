@@ -43,8 +43,8 @@ from torch import nn
 from ..graph import ChannelGraph
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
-from .group_lasso import (budget_steps, constant_schedule, dropped_channels, evaluate_plan,
-                          zero_channels)
+from .common import (added_share, alive_cost, budget_steps, constant_schedule,
+                     dropped_channels, evaluate_plan, zero_channels)
 
 
 class FlopRegulariser:
@@ -162,11 +162,14 @@ class FlopRegulariser:
 class MorphNet(Method):
     name = "morphnet"
     summary = ("FLOP regulariser on norm gammas (cross structure, max over residual groups), "
-               "shrink to the alive widths, expand by one multiplier to the target")
+               "strength grown until the alive cost reaches the target, then expand the alive "
+               "widths by one multiplier")
     cost = "one shrinking phase of --search-epochs (split over repeats), then the fine-tuning"
     defaults = {
-        "lambda": None,  # None: calibrated to the budget with `strength` (module docstring)
-        "strength": 1.0,
+        "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
+        "strength": 1.0,  # the schedule's starting strength
+        "growth": 1.08,  # strength factor per step while the alive cost lags the trajectory
+        "reach": 0.6,  # the alive cost should reach the target by this fraction of a round
         "threshold": 0.01,  # alive: |gamma| > threshold
         "lr": None,  # None: the run's search lr (ctx.lr), constant
         "momentum": 0.9,
@@ -176,6 +179,8 @@ class MorphNet(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
+        from ..target import Evaluator
+
         s = {**self.defaults, **ctx.settings}
         graph, model = ctx.graph, ctx.model
         reg = FlopRegulariser(graph, model, float(s["threshold"]))
@@ -186,6 +191,14 @@ class MorphNet(Method):
         steps = budget_steps(ctx, epochs) if epochs > 0 else 0
         flops0 = float(graph.baseline.flops)
         gamma_names = {name for name, _, _ in reg.gammas}
+        ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+
+        def ratio(values) -> float:
+            return max(values[c.metric] / c.limit for c in ctx.constraints)
+
+        r_full = ratio(ev.measure({}))
+        growth, reach = float(s["growth"]), float(s["reach"])
+        fixed = s["lambda"] is not None
 
         # lambda
         r0 = reg.r(model).detach().requires_grad_(True)
@@ -193,17 +206,19 @@ class MorphNet(Method):
         mask = reg.has_gamma
         mean_r = float(r0.detach()[mask].mean()) if mask.any() else 0.0
         mean_g = float(grad[mask].mean()) if mask.any() else 0.0
-        if s["lambda"] is not None:
-            lam = float(s["lambda"])
+        if fixed:
+            lam0 = float(s["lambda"])
         elif mean_g > 0 and steps > 0:
-            lam = float(s["strength"]) * mean_r * (1 - momentum) / (lr * steps * mean_g)
+            lam0 = float(s["strength"]) * mean_r * (1 - momentum) / (lr * steps * mean_g)
         else:
-            lam = 1.0 / flops0
-        ctx.log(f"morphnet: lambda {lam:.4g} = {lam * flops0:.4g} / FLOPs0; {steps} steps at "
-                f"constant lr {lr:g} per round, {repeats} round(s)")
+            lam0 = 1.0 / flops0
+        ctx.log(f"morphnet: lambda {lam0:.4g} = {lam0 * flops0:.4g} / FLOPs0 at the start "
+                f"({'fixed' if fixed else f'x{growth:g} per step while the alive cost lags'}); "
+                f"{steps} steps at constant lr {lr:g} per round, {repeats} round(s)")
 
         dropped: dict[int, np.ndarray] = {}
-        holder: dict = {}
+        holder: dict = {"lambda": lam0}
+        trace: list = []
 
         def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
             named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
@@ -211,12 +226,60 @@ class MorphNet(Method):
                        "weight_decay": wd},
                       {"params": [p for n, p in named if n in gamma_names], "weight_decay": 0.0}]
             opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum)
+            # the schedule's state rides in the optimizer (saved with the training checkpoint)
+            opt.param_groups[0]["mn_lambda"] = holder["lambda"]
+            opt.param_groups[0]["mn_hold"] = False
             holder["opt"] = opt
             return opt
 
+        def penalty(m: nn.Module) -> torch.Tensor:
+            # Logged only (detached): the proximal step on the gammas applies it, and records
+            # which gammas were dead (exactly 0) before this step.
+            with torch.no_grad():
+                r = reg.r(m)
+                holder["dead"] = (r == 0) & reg.has_gamma.to(r.device)
+                lam = holder["opt"].param_groups[0]["mn_lambda"] if "opt" in holder else lam0
+                return lam * reg.value(r)
+
+        @torch.no_grad()
         def on_step(m: nn.Module, step: int) -> None:
+            opt = holder["opt"]
+            pg = opt.param_groups[0]
             if dropped:  # channels outside the previous round's plan stay removed
-                zero_channels(graph, m, dropped, holder.get("opt"))
+                zero_channels(graph, m, dropped, opt)
+            params = dict(m.named_parameters())
+            dead = holder.get("dead")
+            with torch.enable_grad():
+                r = reg.r(m).detach().requires_grad_(True)
+                g = torch.autograd.grad(reg.value(r), r)[0] if r.numel() else r
+            thr = torch.zeros_like(g) if pg["mn_hold"] else lr * pg["mn_lambda"] * g
+            if dead is not None:
+                thr = torch.where(dead.to(thr.device), torch.full_like(thr, float("inf")), thr)
+            for name, positions, glob in reg.gammas:
+                p = params[name]
+                pos = positions.to(p.device)
+                v = p.index_select(0, pos)
+                t = thr[glob.to(thr.device)].to(p.device, p.dtype)
+                new = torch.sign(v) * (v.abs() - t).clamp_min(0.0)
+                p.index_copy_(0, pos, new)
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    keep = torch.ones_like(buf)
+                    keep.index_copy_(0, pos, (new != 0).to(buf.dtype))
+                    buf.mul_(keep)
+            if fixed or pg["mn_hold"]:
+                return
+            alive = reg.per_group(reg.alive(reg.r(m)))
+            cur = ratio(alive_cost(graph, {gid: v > 0 for gid, v in alive.items()}, ev))
+            f = (step - holder.get("round_start", 0)) / max(steps, 1)
+            wanted = r_full - (r_full - 1.0) * min(1.0, f / max(reach, 1e-9))
+            if cur <= 1.0:
+                pg["mn_hold"] = True
+            elif cur > wanted:
+                pg["mn_lambda"] = pg["mn_lambda"] * growth
+            if step % max(1, steps // 20) == 0 or pg["mn_hold"]:
+                trace.append({"step": int(step), "lambda": float(pg["mn_lambda"]),
+                              "alive_cost_ratio": cur, "hold": bool(pg["mn_hold"])})
 
         rounds = []
         plan = None
@@ -224,35 +287,55 @@ class MorphNet(Method):
             if steps > 0:
                 ctx.train(model, epochs, f"morphnet-{k}" if repeats > 1 else "morphnet",
                           lr=lr, momentum=momentum, weight_decay=wd, optimizer=make_optimizer,
-                          scheduler=constant_schedule,
-                          extra_loss=lambda m: lam * reg(m), on_step=on_step)
+                          scheduler=constant_schedule, extra_loss=penalty, on_step=on_step)
+                if "opt" in holder:
+                    holder["lambda"] = holder["opt"].param_groups[0]["mn_lambda"]
             with torch.no_grad():
                 r = reg.r(model)
                 alive = reg.alive(r)
             r_g, alive_g = reg.per_group(r), reg.per_group(alive)
-            widths = {}
-            for g in graph.prunable_groups:
-                widths[g.id] = max(int(alive_g[g.id].sum()), g.min_width)
+            alive_widths = {g.id: int(alive_g[g.id].sum()) for g in graph.prunable_groups}
+            widths = {g.id: max(alive_widths[g.id], g.min_width) for g in graph.prunable_groups}
             widths = legal_zeros(graph, widths,
                                  priority={g: float(v.max(initial=0.0)) for g, v in r_g.items()})
+            # expand from the alive widths (channels kept by r; groups at 0 stay at 0)
             plan = ctx.land_widths(widths, importance=r_g)
-            rounds.append({"alive_widths": widths, "widths": dict(plan.widths),
+            own = {g.id: np.flatnonzero(alive_g[g.id] > 0) for g in graph.prunable_groups}
+            rounds.append({"alive_widths": widths, "alive_counts": alive_widths,
+                           "widths": dict(plan.widths),
                            "alive_flops": reg.flops(alive),
+                           "alive_cost_ratio": ratio(alive_cost(
+                               graph, {gid: v > 0 for gid, v in alive_g.items()}, ev)),
+                           "lambda_end": float(holder["lambda"]),
                            "regulariser": float(reg.value(r, alive)),
-                           "flops": plan.achieved["flops"]})
+                           "flops": plan.achieved["flops"],
+                           "expanded_by": added_share(graph, own, plan)})
             ctx.log(f"morphnet round {k + 1}: alive widths reach {rounds[-1]['alive_flops']:.4g} "
                     f"FLOPs; expanded to {plan.achieved['flops']:.4g}")
             if k + 1 < repeats:
                 dropped = dropped_channels(graph, plan.keep)
                 zero_channels(graph, model, dropped, holder.get("opt"))
+                holder.pop("opt", None)
+        prunable = [g for g in graph.prunable_groups if bool(reg.has_gamma[
+            reg.offsets[g.id]:reg.offsets[g.id + 1]].any())]
+        died = int(sum(g.size - rounds[-1]["alive_counts"][g.id] for g in prunable))
         info = {
-            "lambda": lam, "lambda_times_flops0": lam * flops0,
-            "strength": None if s["lambda"] is not None else float(s["strength"]),
+            "lambda": lam0, "lambda_times_flops0": lam0 * flops0,
+            "lambda_final": float(holder["lambda"]),
+            "schedule": "fixed" if fixed else "growing", "growth": growth,
+            "strength": None if fixed else float(s["strength"]),
             "threshold": float(s["threshold"]), "lr": lr, "momentum": momentum,
             "epochs": float(ctx.epochs), "steps_per_round": steps, "repeats": repeats,
             "alive_widths": rounds[-1]["alive_widths"], "widths": rounds[-1]["widths"],
-            "rounds": rounds,
+            "channels_died": died, "channels_with_gamma": int(sum(g.size for g in prunable)),
+            "alive_cost_ratio": rounds[-1]["alive_cost_ratio"],
+            "expand_added_flops_share": rounds[-1]["expanded_by"]["flops_share_added"],
+            "rounds": rounds, "trace": trace,
         }
+        if died == 0:
+            info["warning"] = ("no channel died in the shrink phase: the plan is one multiplier "
+                               "on the full widths, i.e. uniform's")
+            ctx.log("morphnet: WARNING " + info["warning"])
         if s["evaluate"]:
             info["plan_accuracy_before_finetune"] = evaluate_plan(
                 ctx, model, plan, "morphnet plan (before fine-tuning)")

@@ -12,10 +12,11 @@ Choices, and why:
 
 - Additive reparameterisation: `theta` and `log sigma^2` are independent parameters and
   `z = theta + sigma * eps`, so the gradient of `theta` does not carry the noise scale.
-  Gates are drawn once per forward pass (`passes/gates.py` takes a `(size,)` vector), so one
-  noise draw is shared by the whole batch instead of per sample (the local
-  reparameterisation proper). The estimator stays unbiased, only noisier; a per-sample draw
-  needs `(B, size)` gates in `passes/gates.py`.
+- Per-sample noise (the local reparameterisation the paper relies on): the gate multiplies
+  the channel's pre-activation, and `eps` is drawn for every sample and channel (`(B, size)`
+  gates), so the noise on the gate outputs is independent across the batch. One draw shared
+  by the whole batch (an earlier version) gives the same expectation but a gradient variance
+  that does not shrink with the batch, which is what the local reparameterisation removes.
 - Loss: mean CE + beta_t * sum KL / N, N = size of the training split. It is the paper's
   `(N/M) sum_batch CE + beta_t sum KL` divided by N (same minimiser, and it keeps the task
   loss on the scale the training loop reports); plain mean CE + KL would be N times too strong.
@@ -51,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Method, Proposal, SearchContext
+from .common import fold_gates
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
@@ -105,59 +107,6 @@ def dropped_mask(log_alpha: torch.Tensor | np.ndarray, threshold: float = DROP_T
     return (la >= threshold).cpu().numpy()
 
 
-# --------------------------------------------------------------------------- folding gates
-
-
-def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
-               model: nn.Module | None = None) -> list[str]:
-    """Multiply, in place, the parameters of `model` (default `ctx.model`) that sit at each
-    gate point by the gate values, so that the plain model computes what `ctx.gated` computes
-    with these constant gates: a norm's gamma and beta where the gate follows a norm, else
-    the producer's output rows and bias. Returns the gate points that hold no parameter to
-    fold into (e.g. a norm without affine); empty when the folding is exact."""
-    from graphsearch.passes.gates import gate_points
-
-    model = model if model is not None else ctx.model
-    if ctx._model_graph is None:
-        from ..analysis import analyze
-
-        ctx._model_graph = analyze(ctx.model, ctx.example_inputs)
-    mg = ctx._model_graph
-    tied = mg.tied_parameters()
-    params = dict(model.named_parameters())
-    bindings = mg._bindings
-    factors: dict[tuple[str, int], torch.Tensor] = {}
-    unfolded = []
-    for node, (groups, _) in gate_points(mg).items():
-        hit = [int(g) for g in np.unique(groups) if int(g) in values]
-        if not hit:
-            continue
-        at = {name for name, b in bindings.items() if node in b.nodes and not b.is_buffer
-              and name in params}
-        found = False
-        for gid in hit:
-            vec = values[gid].detach()
-            for s in tied[gid]:
-                if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
-                    continue
-                p = params[s.name]
-                key = (s.name, s.dim)
-                if key not in factors:
-                    factors[key] = torch.ones(p.shape[s.dim], dtype=p.dtype, device=p.device)
-                factors[key][torch.as_tensor(s.positions, device=p.device)] = \
-                    vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
-                found = True
-        if not found:
-            unfolded.append(node)
-    with torch.no_grad():
-        for (name, dim), f in factors.items():
-            p = params[name]
-            shape = [1] * p.dim()
-            shape[dim] = -1
-            p.mul_(f.view(shape))
-    return unfolded
-
-
 # --------------------------------------------------------------------------- the gates
 
 
@@ -177,11 +126,17 @@ class VDGates(nn.Module):
              for g, n in sizes.items()})
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
+    batch: int = 0  # samples in the current forward pass (set by `PerSample`); 0: one draw
+
     def sample(self, gid: int) -> torch.Tensor:
         theta = self.theta[str(gid)]
         if not self.training:
             return theta  # test time: the means
         sigma = torch.exp(0.5 * self.log_sigma2[str(gid)])
+        if self.batch > 0:  # per-sample noise: (batch, size)
+            eps = torch.randn(self.batch, theta.numel(), dtype=theta.dtype,
+                              device=theta.device)
+            return theta + sigma * eps
         return theta + sigma * torch.randn_like(theta)
 
     def gates(self) -> dict:
@@ -193,6 +148,20 @@ class VDGates(nn.Module):
 
     def kl_sum(self) -> torch.Tensor:
         return sum(kl(self.log_alpha(g)).sum() for g in self.sizes)
+
+
+class PerSample(nn.Module):
+    """Runs the gated model after telling the gates the batch size (per-sample draws)."""
+
+    def __init__(self, net: nn.Module, gates: VDGates) -> None:
+        super().__init__()
+        self.net = net
+        self._set_batch = lambda b: setattr(gates, "batch", int(b))
+
+    def forward(self, *args):
+        x = args[0]
+        self._set_batch(x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0)
+        return self.net(*args)
 
 
 class VariationalDropout(Method):
@@ -210,6 +179,7 @@ class VariationalDropout(Method):
         "warmup_end": 0.6,  # beta = 1 from this fraction on
         "drop_threshold": DROP_THRESHOLD,
         "straight_through": True,
+        "per_sample": True,  # noise drawn per sample (local reparameterisation)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -220,6 +190,8 @@ class VariationalDropout(Method):
         device = next(ctx.model.parameters()).device
         gates.to(device)
         net = ctx.gated(gates.gates(), gates)
+        if s["per_sample"]:
+            net = PerSample(net, gates)
         n_train = len(ctx.data.train)
         steps_per_epoch = max(1, -(-n_train // ctx.batch_size))
         total = max(1, int(round(ctx.epochs * steps_per_epoch)))

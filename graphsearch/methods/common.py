@@ -1,0 +1,245 @@
+"""Helpers shared by several search methods (one module, so that no method imports another).
+
+Channel-level operations on a model through the channel graph (scale, zero, the tied slices
+of a group), the budget in optimizer steps, BatchNorm re-estimation, a plan's accuracy with
+its dropped channels zeroed, folding per-channel gate values into the weights, and the share
+of a plan's FLOPs that the shared target step added on top of a method's own choice.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph import ChannelGraph
+from .base import SearchContext
+
+ROLES = ("out", "in", "gamma", "beta")
+
+
+
+
+def budget_steps(ctx: SearchContext, epochs: float) -> int:
+    """Optimizer steps that `ctx.train(model, epochs, ...)` takes (its `max_steps`)."""
+    steps_per_epoch = max(1, -(-len(ctx.data.train) // ctx.batch_size))
+    return max(1, int(round(epochs * steps_per_epoch)))
+
+
+def constant_schedule(opt: torch.optim.Optimizer, total_steps: int):
+    """A constant learning rate (scheduler factory for `train`)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _tied_by_param(graph: ChannelGraph, model: nn.Module, roles=ROLES):
+    """Per prunable group, its (parameter, dim, positions, channels) slices with those roles."""
+    params = dict(model.named_parameters())
+    out: dict[int, list[tuple[str, torch.Tensor, int, torch.Tensor, torch.Tensor]]] = {}
+    tied = graph.tied_parameters()
+    for g in graph.prunable_groups:
+        for s in tied[g.id]:
+            if s.is_buffer or s.role not in roles or s.name not in params:
+                continue
+            p = params[s.name]
+            out.setdefault(g.id, []).append(
+                (s.name, p, s.dim, torch.as_tensor(s.positions, device=p.device),
+                 torch.as_tensor(s.channels, device=p.device)))
+    return out
+
+
+@torch.no_grad()
+def scale_channels(graph: ChannelGraph, model: nn.Module, factors: Mapping[int, torch.Tensor],
+                   optimizer: torch.optim.Optimizer | None = None, roles=ROLES) -> None:
+    """Multiply every tied slice of channel c of group g by `factors[g][c]`, in place; where
+    a factor is 0, also zero the optimizer's momentum there (dead stays dead)."""
+    mults: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for gid, slices in _tied_by_param(graph, model, roles).items():
+        if gid not in factors:
+            continue
+        f = factors[gid]
+        for name, p, dim, pos, ch in slices:
+            key = (name, dim)
+            if key not in mults:
+                mults[key] = (p, torch.ones(p.shape[dim], dtype=p.dtype, device=p.device))
+            mults[key][1][pos] = f.to(p.device, p.dtype)[ch]
+    for (name, dim), (p, m) in mults.items():
+        shape = [1] * p.dim()
+        shape[dim] = -1
+        p.mul_(m.view(shape))
+        if optimizer is not None:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.mul_((m != 0).to(buf.dtype).view(shape))
+
+
+def zero_channels(graph: ChannelGraph, model: nn.Module, drop: Mapping[int, np.ndarray],
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Zero everything tied to the channels `drop[g]` (and their momentum)."""
+    factors = {}
+    for gid, idx in drop.items():
+        f = torch.ones(graph.groups[gid].size)
+        f[torch.as_tensor(np.asarray(idx, dtype=np.int64))] = 0.0
+        factors[gid] = f
+    scale_channels(graph, model, factors, optimizer)
+
+
+def dropped_channels(graph: ChannelGraph, keep: Mapping[int, list[int]]) -> dict[int, np.ndarray]:
+    return {gid: np.setdiff1d(np.arange(graph.groups[gid].size), np.asarray(k, dtype=np.int64))
+            for gid, k in keep.items()}
+
+
+@torch.no_grad()
+def recalibrate_bn(ctx: SearchContext, model: nn.Module, batches: int) -> int:
+    """Re-estimate the BatchNorm running statistics of `model` from `batches` training batches
+    (no augmentation, exact averages). Needed after a search phase that moved the weights'
+    scale faster than the running averages follow (a proximal shrink), and for channels
+    revived from zero. Returns the number of images used."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    ds = getattr(ctx.data, "train", None)
+    if not bns or batches <= 0 or ds is None or len(ds) < 2:
+        return 0
+    gen = torch.Generator().manual_seed(int(ctx.seed))
+    idx = torch.randperm(len(ds), generator=gen)[: batches * ctx.batch_size]
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    saved = [(m, m.momentum) for m in bns]
+    was = model.training
+    used = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        for chunk in idx.split(ctx.batch_size):
+            if len(chunk) < 2:
+                continue
+            if callable(getattr(ds, "get_batch", None)):
+                x, _ = ds.get_batch(chunk, augment=False, device=device)
+            else:
+                x = torch.stack([ds[int(i)][0] for i in chunk]).to(device)
+            model(x)
+            used += len(chunk)
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return used
+
+
+def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
+                  bn_batches: int = 0) -> float | None:
+    """Validation accuracy of `model` with the plan's dropped channels zeroed (what the slim
+    model computes before fine-tuning, up to the BN beta of a removed branch's last layer,
+    which the slim model drops with the branch), with its BN statistics re-estimated if
+    `bn_batches`; recorded as a candidate for the trade-off plot."""
+    val = getattr(ctx.data, "val", None)
+    if val is None or len(val) == 0:
+        return None
+    masked = copy.deepcopy(model)
+    zero_channels(ctx.graph, masked, dropped_channels(ctx.graph, plan.keep))
+    recalibrate_bn(ctx, masked, bn_batches)
+    acc = float(ctx.evaluate(masked))
+    ctx.candidates.append({"flops": float(plan.achieved["flops"]), "accuracy": acc,
+                           "label": label})
+    return acc
+
+
+def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
+               model: nn.Module | None = None) -> list[str]:
+    """Multiply, in place, the parameters of `model` (default `ctx.model`) that sit at each
+    gate point by the gate values, so that the plain model computes what `ctx.gated` computes
+    with these constant gates: a norm's gamma and beta where the gate follows a norm, else
+    the producer's output rows and bias. Returns the gate points that hold no parameter to
+    fold into (e.g. a norm without affine); empty when the folding is exact."""
+    from graphsearch.passes.gates import gate_points
+
+    model = model if model is not None else ctx.model
+    if ctx._model_graph is None:
+        from ..analysis import analyze
+
+        ctx._model_graph = analyze(ctx.model, ctx.example_inputs)
+    mg = ctx._model_graph
+    tied = mg.tied_parameters()
+    params = dict(model.named_parameters())
+    bindings = mg._bindings
+    factors: dict[tuple[str, int], torch.Tensor] = {}
+    unfolded = []
+    for node, (groups, _) in gate_points(mg).items():
+        hit = [int(g) for g in np.unique(groups) if int(g) in values]
+        if not hit:
+            continue
+        at = {name for name, b in bindings.items() if node in b.nodes and not b.is_buffer
+              and name in params}
+        found = False
+        for gid in hit:
+            vec = values[gid].detach()
+            for s in tied[gid]:
+                if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
+                    continue
+                p = params[s.name]
+                key = (s.name, s.dim)
+                if key not in factors:
+                    factors[key] = torch.ones(p.shape[s.dim], dtype=p.dtype, device=p.device)
+                factors[key][torch.as_tensor(s.positions, device=p.device)] = \
+                    vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
+                found = True
+        if not found:
+            unfolded.append(node)
+    with torch.no_grad():
+        for (name, dim), f in factors.items():
+            p = params[name]
+            shape = [1] * p.dim()
+            shape[dim] = -1
+            p.mul_(f.view(shape))
+    return unfolded
+
+
+def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray],
+                plan) -> dict:
+    """How much of the final plan the shared target step added on top of the method's own
+    choice `chosen` (group -> kept indices, every prunable group): the channels the plan keeps
+    outside it, and the FLOPs share they bring (1 - cost(plan & chosen) / cost(plan))."""
+    full = {g.id: np.arange(g.size) for g in graph.prunable_groups}
+    both, added = {}, 0
+    for g in graph.prunable_groups:
+        own = np.asarray(chosen.get(g.id, full[g.id]), dtype=np.int64)
+        kept = np.asarray(plan.keep.get(g.id, full[g.id]), dtype=np.int64)
+        inter = np.intersect1d(kept, own)
+        added += int(len(kept) - len(inter))
+        if len(inter) < g.size:
+            both[g.id] = inter.tolist()
+    flops = float(plan.achieved["flops"])
+    try:
+        inner = float(graph.cost(both).flops)
+    except Exception:  # noqa: BLE001 - the intersection may not be a legal plan
+        inner = float("nan")
+    share = 1.0 - inner / flops if flops > 0 and np.isfinite(inner) else float("nan")
+    return {"channels_added": added, "flops_share_added": max(0.0, share)
+            if np.isfinite(share) else share}
+
+
+def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict:
+    """The cost of keeping only the `alive` channels (a group left empty that the graph
+    cannot remove, or under its minimum width, is counted at its smallest allowed width)."""
+    from ..graph import PlanError
+    from ..target import allowed_widths
+
+    keep = {}
+    for g in graph.prunable_groups:
+        idx = np.flatnonzero(alive[g.id])
+        a = allowed_widths(g.size, g.min_width, 1)
+        if len(idx) < a[0]:
+            idx = np.arange(int(a[0]))
+        if len(idx) < g.size:
+            keep[g.id] = idx.tolist()
+    try:
+        return ev.measure(keep)
+    except PlanError:
+        for gid, v in keep.items():
+            if len(v) == 0:
+                keep[gid] = [0]
+        return ev.measure(keep)
