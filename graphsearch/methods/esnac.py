@@ -1,0 +1,6 @@
+"""placeholder"""
+from .base import Method
+
+
+class ESNAC(Method):
+    name = "esnac"
