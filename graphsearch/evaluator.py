@@ -79,6 +79,7 @@ class EvalResult:
     seconds: float  # training + scoring time of the evaluation (when it ran)
     cached: bool = False  # read back from the cache, not run now
     label: str = ""
+    error: str = ""  # the plan could not be sliced (accuracy is NaN): methods skip it
 
 
 # --------------------------------------------------------------------------- helpers
@@ -394,7 +395,7 @@ class CandidateEvaluator:
     def _finish(self, i, keeps, keys, labels, out: dict, results) -> None:
         cost = self.cost(keeps[i])
         r = EvalResult(keys[i], keeps[i], out["accuracy"], cost["flops"], cost["macs"],
-                       cost["params"], out["seconds"], False, labels[i])
+                       cost["params"], out["seconds"], False, labels[i], out.get("error", ""))
         path = self._path(keys[i])
         if path is not None:
             d = asdict(r)
@@ -416,6 +417,18 @@ class CandidateEvaluator:
         except Exception as exc:  # noqa: BLE001
             raise PlanError(f"cannot slice the plan: {exc}") from exc
 
+    def _slim_or_fail(self, i, keeps, keys, labels, state_dict, results):
+        """The slim module of plan i, or None after recording the plan as failed (a plan the
+        cost model accepts but the slicer cannot realise scores NaN, never crashes a search)."""
+        try:
+            return self._slim(keeps[i], state_dict)
+        except PlanError as exc:
+            self.log(f"evaluator: plan {labels[i] or keys[i]} cannot be sliced ({exc}); "
+                     "scored NaN")
+            self._finish(i, keeps, keys, labels, {"accuracy": float("nan"), "seconds": 0.0,
+                                                  "error": str(exc)[:500]}, results)
+            return None
+
     def _run(self, todo, keeps, keys, labels, state_dict, teacher_blob, results) -> None:
         settings = asdict(self.settings)
         seeds = {i: plan_seed(keeps[i], self.settings) for i in todo}
@@ -425,18 +438,22 @@ class CandidateEvaluator:
         if self.workers == 1:
             teacher = _loads(teacher_blob) if teacher_blob is not None else None
             for i in todo:
-                module = self._slim(keeps[i], state_dict)
-                out = run_candidate(module, self.data, self.settings, seeds[i], teacher)
-                self._finish(i, keeps, keys, labels, out, results)
+                module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
+                if module is not None:
+                    out = run_candidate(module, self.data, self.settings, seeds[i], teacher)
+                    self._finish(i, keeps, keys, labels, out, results)
             return
         pending = list(todo)
         for attempt in range(self.max_retries + 1):
             try:
                 pool = self._local_pool()
                 futures = {}
-                for i in pending:
-                    blob = _dumps(self._slim(keeps[i], state_dict))
-                    futures[pool.submit(_worker_task, blob, teacher_blob, settings,
+                for i in list(pending):
+                    module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
+                    if module is None:
+                        pending.remove(i)
+                        continue
+                    futures[pool.submit(_worker_task, _dumps(module), teacher_blob, settings,
                                         seeds[i])] = i
                 while futures:
                     done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
@@ -473,9 +490,10 @@ class CandidateEvaluator:
             self._ray_data = ray.put(self.data)
         refs = {}
         for i in todo:
-            blob = _dumps(self._slim(keeps[i], state_dict))
-            refs[self._ray_fn.remote(self._ray_data, blob, teacher_blob, settings,
-                                     seeds[i])] = i
+            module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
+            if module is not None:
+                refs[self._ray_fn.remote(self._ray_data, _dumps(module), teacher_blob,
+                                         settings, seeds[i])] = i
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)

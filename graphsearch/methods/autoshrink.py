@@ -40,7 +40,10 @@ from .base import Method, Proposal, SearchContext
 
 
 def shrink_score(accuracy: float, macs: float, weight: float = 0.1) -> float:
-    """AutoShrink's candidate score: acc - 0.1 (log10 MACs - 6)."""
+    """AutoShrink's candidate score: acc - 0.1 (log10 MACs - 6) (-inf for a plan that could
+    not be sliced, NaN accuracy)."""
+    if not math.isfinite(float(accuracy)):
+        return -math.inf
     return float(accuracy) - weight * (math.log10(max(float(macs), 1.0)) - 6.0)
 
 
@@ -59,6 +62,15 @@ def apply_edge(graph, widths: dict[int, int], edge, block: dict[int, int]) -> di
     out = dict(widths)
     out[gid] = 0 if kind == "branch" else max(1, widths[gid] - block[gid])
     return out
+
+
+def draw(graph, order, widths: dict[int, int], block: dict[int, int], with_blocks: bool,
+         k: int, seed: int, step: int) -> list[tuple[str, int]]:
+    """The step's candidate removals: the legal edges, shuffled by (seed, step), the first k."""
+    es = [e for e in edges(graph, widths, block, with_blocks)
+          if legal(graph, keep_of_widths(graph, order, apply_edge(graph, widths, e, block)))]
+    rng = np.random.default_rng([int(seed), int(step)])
+    return [es[i] for i in rng.permutation(len(es))[:min(k, len(es))]]
 
 
 def legal(graph, keep) -> bool:
@@ -108,10 +120,7 @@ class AutoShrink(Method):
             return keep_of_widths(graph, order, w)
 
         def candidates(w, step):
-            es = [e for e in edges(graph, w, block, with_blocks)
-                  if legal(graph, keep_of(apply_edge(graph, w, e, block)))]
-            rng = np.random.default_rng([int(ctx.seed), int(step)])
-            return [es[i] for i in rng.permutation(len(es))[:min(k, len(es))]]
+            return draw(graph, order, w, block, with_blocks, k, ctx.seed, step)
 
         def settle(w):
             """Drop groups the removal left empty (dead nodes)."""
@@ -170,6 +179,9 @@ class AutoShrink(Method):
                 res = ev.evaluate([keep_of(t) for t in trials], base_state,
                                   labels=[f"s{step} {e[0]} {e[1]}" for e in cs])
                 scores = [shrink_score(r.accuracy, r.macs, float(s["mac_weight"])) for r in res]
+                if not any(math.isfinite(x) for x in scores):
+                    raise UserError("autoshrink: no candidate removal of this step could be "
+                                    "sliced; see the log")
                 best = self.choose(scores)
                 for r, sc in zip(res, scores):
                     if not r.cached:
@@ -208,4 +220,4 @@ def _write_atomic(path: Path, obj) -> None:
     _write_json_atomic(path, obj)
 
 
-__all__ = ["AutoShrink", "shrink_score", "edges", "apply_edge", "legal"]
+__all__ = ["AutoShrink", "shrink_score", "edges", "apply_edge", "legal", "draw"]

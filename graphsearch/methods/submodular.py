@@ -215,7 +215,8 @@ class Submodular(Method):
                         ctx.candidates.append({"flops": r.flops, "params": r.params,
                                                "accuracy": r.accuracy,
                                                "label": f"submodular {r.label}"})
-                return [r.accuracy for r in res]
+                # a plan the slicer refuses (NaN) is never worth adding
+                return [r.accuracy if math.isfinite(r.accuracy) else -1.0 for r in res]
 
             F = Counted(batch)
             ctx.log(f"submodular: {len(elements)} elements over {len(groups)} groups, "
