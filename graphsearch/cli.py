@@ -107,7 +107,7 @@ def _optimize(args) -> int:
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size, threads=args.threads,
-        max_train=args.max_train,
+        max_train=args.max_train, workers=args.workers, ray=args.ray,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=128)
     opt.add_argument("--max-train", type=int, help="use only the first N training images")
     opt.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency")
+    opt.add_argument("--workers", type=int, default=None,
+                     help="candidate evaluations at once on this machine (autoshrink, "
+                          "submodular, esnac): worker processes of one torch thread each "
+                          "(default: one per core; 1: in-process); same result for any count")
+    opt.add_argument("--ray", metavar="auto|ADDRESS",
+                     help="evaluate candidates on a Ray cluster instead ('auto': the cluster "
+                          "this machine joined; or HOST:PORT); needs pip install "
+                          "'graphsearch[ray]'")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
     opt.add_argument("--quiet", action="store_true", help="no progress output")

@@ -103,7 +103,7 @@ def test_a_step_never_removes_an_identity_path_or_disconnects_the_output(which, 
         w = {g.id: g.size for g in groups}
         rng = np.random.default_rng(walk)
         for step in range(40):
-            cs = draw(graph, order, w, block, True, 10, walk, step)
+            cs = draw(graph, order, w, block, "yes", 10, walk, step)
             if not cs:
                 break
             for kind, gid in cs:

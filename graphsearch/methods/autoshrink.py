@@ -2,8 +2,8 @@
 
 - Edges of the traced graph: the removable inputs of merges, i.e. the removable groups (a
   residual branch, never the identity path, which is no removable group; a concat input such
-  as an Inception branch or a dense connection), while they are still on. When the model has
-  fewer branch edges than draws per step (`k`), channel blocks are edges too: removing one
+  as an Inception branch or a dense connection), while they are still on. While fewer branch
+  edges than draws per step (`k`) are left, channel blocks are edges too: removing one
   drops the weakest `block` fraction (an eighth) of a group's original width, never below one
   channel, so the search always has moves.
 - Each step shuffles the current edges (seeded by the run's seed and the step), draws
@@ -64,11 +64,17 @@ def apply_edge(graph, widths: dict[int, int], edge, block: dict[int, int]) -> di
     return out
 
 
-def draw(graph, order, widths: dict[int, int], block: dict[int, int], with_blocks: bool,
+def draw(graph, order, widths: dict[int, int], block: dict[int, int], blocks: str,
          k: int, seed: int, step: int) -> list[tuple[str, int]]:
-    """The step's candidate removals: the legal edges, shuffled by (seed, step), the first k."""
-    es = [e for e in edges(graph, widths, block, with_blocks)
-          if legal(graph, keep_of_widths(graph, order, apply_edge(graph, widths, e, block)))]
+    """The step's candidate removals: the legal edges, shuffled by (seed, step), the first k.
+    Channel blocks are edges with `blocks` "yes", or "auto" while fewer than k branch edges
+    are left (so the search always has moves)."""
+    def ok(e):
+        return legal(graph, keep_of_widths(graph, order, apply_edge(graph, widths, e, block)))
+
+    es = [e for e in edges(graph, widths, block, False) if ok(e)]
+    if blocks == "yes" or (blocks == "auto" and len(es) < k):
+        es += [e for e in edges(graph, widths, block, True) if e[0] == "block" and ok(e)]
     rng = np.random.default_rng([int(seed), int(step)])
     return [es[i] for i in rng.permutation(len(es))[:min(k, len(es))]]
 
@@ -113,14 +119,13 @@ class AutoShrink(Method):
         order = channel_order(ctx)
         block = {g.id: max(1, math.ceil(float(s["block"]) * g.size)) for g in groups}
         n_branches = sum(g.removable for g in groups)
-        with_blocks = s["blocks"] == "yes" or (s["blocks"] == "auto" and n_branches < k)
         measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
 
         def keep_of(w):
             return keep_of_widths(graph, order, w)
 
         def candidates(w, step):
-            return draw(graph, order, w, block, with_blocks, k, ctx.seed, step)
+            return draw(graph, order, w, block, str(s["blocks"]), k, ctx.seed, step)
 
         def settle(w):
             """Drop groups the removal left empty (dead nodes)."""
@@ -148,7 +153,7 @@ class AutoShrink(Method):
 
         # ---- resume
         path = Path(ctx.state_dir) / "autoshrink.json"
-        fingerprint = {"k": k, "block": float(s["block"]), "blocks": with_blocks,
+        fingerprint = {"k": k, "block": float(s["block"]), "blocks": str(s["blocks"]),
                        "mac_weight": float(s["mac_weight"]), "seed": int(ctx.seed),
                        "steps": settings.steps,
                        "constraints": [[c.metric, c.limit] for c in ctx.constraints]}
@@ -164,8 +169,7 @@ class AutoShrink(Method):
                 w = {int(g): int(v) for g, v in log[-1]["widths"].items()}
                 ctx.log(f"autoshrink: resuming after step {len(log)}")
         base_state = {kk: v.detach().clone() for kk, v in ctx.model.state_dict().items()}
-        ctx.log(f"autoshrink: {n_branches} branch edges"
-                + (", channel blocks too" if with_blocks else "")
+        ctx.log(f"autoshrink: {n_branches} branch edges, channel blocks: {s['blocks']}"
                 + f"; about {est} steps of {k} candidates, {settings.steps} fine-tune steps "
                   "each")
         with make_evaluator(ctx, settings, self.name) as ev:
@@ -205,7 +209,7 @@ class AutoShrink(Method):
         ctx.log(f"autoshrink: {len(log)} steps ({fresh} evaluations run now, {cached} from the "
                 f"cache); landed at {plan.achieved['flops'] / 1e6:.3f} MFLOPs")
         info = {"steps": log, "candidate_steps": settings.steps, "evaluations_run": fresh,
-                "evaluations_cached": cached, "channel_blocks": with_blocks}
+                "evaluations_cached": cached, "channel_blocks": str(s["blocks"])}
         return Proposal(plan, base_state, info)
 
     @staticmethod

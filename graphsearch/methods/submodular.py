@@ -4,7 +4,9 @@
 - Elements: (group g, k-th increment of ceil(C_g / K) channels), K = `increments`; a group's
   channels are added strongest first (baseline L2 norm), increment k is eligible only once
   k - 1 is in. A removable group (a residual or concat branch) starts off and its first
-  increment is the "branch on" element. The seed set: one increment per non-removable group.
+  increment is the "branch on" element. The seed set: one increment per non-removable group
+  (and per branch that may not go together with the others, e.g. the last branch of a
+  concat); when the seed exceeds the target, K doubles until it fits.
 - F(S): validation top-1 after a short fine-tune of the baseline's weights sliced to S (the
   candidate evaluator: fixed seeds and data order, every evaluation cached by plan).
 - Cost-effective lazy greedy (CELF), three passes: pure gain, gain per parameter, gain per
@@ -34,7 +36,7 @@ from ..evaluator import (EvalSettings, channel_order, importance_of, keep_of_wid
                          make_evaluator, steps_for)
 from ..graph import PlanError
 from ..load import UserError
-from ..target import Evaluator
+from ..target import Evaluator, legal_zeros
 from .base import Method, Proposal, SearchContext
 
 
@@ -70,7 +72,8 @@ def lazy_greedy(elements: Sequence[Hashable], F: Counted, seed: frozenset,
     `cost(e, S)` (the marginal cost, recomputed whenever the key is) when given. A stale key on
     top is re-evaluated, together with up to `batch - 1` further stale entries; a fresh key on
     top is accepted if `fits(S + e)`, dropped otherwise. Ties go to the earlier element. After
-    `max_evaluations` distinct evaluations of F, stale keys are trusted as they are."""
+    `max_evaluations` distinct evaluations of F, stale keys are trusted as they are (elements
+    never evaluated keep their infinite bound: they go first, in order)."""
     index = {e: i for i, e in enumerate(elements)}
     S = frozenset(seed)
     added: list = []
@@ -89,8 +92,7 @@ def lazy_greedy(elements: Sequence[Hashable], F: Counted, seed: frozenset,
     while heap:
         neg, i, ver = heap[0]
         e = elements[i]
-        if ver == version or (max_evaluations is not None and F.calls >= max_evaluations
-                              and ver >= 0):
+        if ver == version or (max_evaluations is not None and F.calls >= max_evaluations):
             heapq.heappop(heap)
             queued.discard(e)
             if not fits(S | {e}):
@@ -160,13 +162,31 @@ class Submodular(Method):
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)
+        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+        # the seed (one increment per group) must fit: finer increments until it does
+        while True:
+            seed_w = {g.id: 0 if g.removable else max(1, math.ceil(g.size / K)) for g in groups}
+            # removable branches that may not all go together: some start on (one increment)
+            seed_w = legal_zeros(graph, seed_w,
+                                 {g.id: np.array([0, max(1, math.ceil(g.size / K))])
+                                  for g in groups},
+                                 keep_of=lambda w: keep_of_widths(graph, order, w))
+            try:
+                fits_seed = measure_ev.feasible(measure_ev.measure(
+                    keep_of_widths(graph, order, seed_w)))
+            except PlanError:
+                fits_seed = False
+            if fits_seed or K >= max(g.size for g in groups):
+                break
+            K *= 2
+            ctx.log(f"submodular: the seed exceeds the target; {K} increments per group")
         inc = {g.id: max(1, math.ceil(g.size / K)) for g in groups}
         steps_of = {g.id: math.ceil(g.size / inc[g.id]) for g in groups}
         elements = []
         for g in groups:
             first = 1 if g.removable else 2
             elements += [(g.id, k) for k in range(first, steps_of[g.id] + 1)]
-        seed = frozenset((g.id, 1) for g in groups if not g.removable)
+        seed = frozenset((g.id, 1) for g in groups if seed_w[g.id] > 0)
 
         def widths_of(S: frozenset) -> dict[int, int]:
             count = {g.id: 0 for g in groups}
@@ -177,7 +197,6 @@ class Submodular(Method):
         def keep_of(S: frozenset) -> dict[int, list[int]]:
             return keep_of_widths(graph, order, widths_of(S))
 
-        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
         costs: dict[frozenset, dict | None] = {}
 
         def measure(S: frozenset):
