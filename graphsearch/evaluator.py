@@ -239,9 +239,24 @@ def _worker_task(module_blob: bytes, teacher_blob: bytes | None, settings: dict,
 
 def _ray_task(data, module_blob: bytes, teacher_blob: bytes | None, settings: dict,
               seed: int) -> dict:
+    _maybe_crash_for_a_test()
     torch.set_num_threads(1)
     teacher = _loads(teacher_blob) if teacher_blob is not None else None
     return run_candidate(_loads(module_blob), data, EvalSettings(**settings), seed, teacher)
+
+
+def _maybe_crash_for_a_test() -> None:
+    """Tests of worker loss: when GRAPHSEARCH_TEST_CRASH_DIR names a folder holding a file
+    `crash-once`, the first task to claim it kills its own worker process."""
+    folder = os.environ.get("GRAPHSEARCH_TEST_CRASH_DIR")
+    if not folder:
+        return
+    flag = Path(folder) / "crash-once"
+    try:
+        os.rename(flag, Path(folder) / f"crashed-{os.getpid()}")
+    except OSError:
+        return
+    os._exit(1)
 
 
 def import_ray():
