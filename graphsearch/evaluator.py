@@ -232,6 +232,7 @@ def _init_worker(data) -> None:
 
 
 def _worker_task(module_blob: bytes, teacher_blob: bytes | None, settings: dict, seed: int) -> dict:
+    _maybe_crash_for_a_test()
     teacher = _loads(teacher_blob) if teacher_blob is not None else None
     return run_candidate(_loads(module_blob), _WORKER_DATA, EvalSettings(**settings), seed,
                          teacher)

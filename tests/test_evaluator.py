@@ -136,3 +136,16 @@ def test_bad_worker_count_and_missing_ray_are_clear(setup, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(UserError, match=r"graphsearch\[ray\]"):
         CandidateEvaluator(graph, data, SETTINGS, ray="auto")
+
+
+def test_a_lost_local_worker_is_retried(setup, tmp_path, monkeypatch):
+    model, graph, data = setup
+    monkeypatch.setenv("GRAPHSEARCH_TEST_CRASH_DIR", str(tmp_path))  # inherited by workers
+    (tmp_path / "crash-once").write_text("")
+    logged = []
+    with CandidateEvaluator(graph, data, SETTINGS, workers=2, log=logged.append) as ev:
+        res = ev.evaluate(plans(graph), model.state_dict())
+    assert list(tmp_path.glob("crashed-*")) and any("lost" in m for m in logged)
+    ref = CandidateEvaluator(graph, data, SETTINGS, workers=1).evaluate(plans(graph),
+                                                                        model.state_dict())
+    assert [r.accuracy for r in res] == [r.accuracy for r in ref]
