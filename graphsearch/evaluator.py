@@ -482,6 +482,8 @@ class CandidateEvaluator:
                 # a worker died (killed, out of memory): start a fresh pool, rerun the rest
                 self.log(f"evaluator: a worker process was lost; retrying {len(pending)} "
                          f"evaluation(s) (attempt {attempt + 1} of {self.max_retries})")
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
             except BaseException:
                 if self._pool is not None:
