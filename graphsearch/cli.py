@@ -110,6 +110,7 @@ def _optimize(args) -> int:
         finetune_lr=args.finetune_lr, batch_size=args.batch_size,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         threads=args.threads, latency_batch=args.latency_batch, max_train=args.max_train,
+        workers=args.workers, ray=args.ray,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
@@ -294,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime threads for latency")
     opt.add_argument("--latency-batch", type=int, default=_default("latency_batch"),
                      help="the report times batch 1 and this batch size (default: %(default)s)")
+    opt.add_argument("--workers", type=int, default=_default("workers"),
+                     help="candidate evaluations at once on this machine (autoshrink, "
+                          "submodular, esnac): worker processes of one torch thread each "
+                          "(default: one per core; 1: in-process); same result for any count")
+    opt.add_argument("--ray", metavar="auto|ADDRESS", default=_default("ray"),
+                     help="evaluate candidates on a Ray cluster instead ('auto': the cluster "
+                          "this machine joined; or HOST:PORT); needs pip install "
+                          "'graphsearch[ray]'")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
     opt.add_argument("--quiet", action="store_true", help="no progress output")

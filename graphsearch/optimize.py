@@ -61,12 +61,14 @@ class OptimizeConfig:
     latency_batch: int = 8  # the report also times this batch size (batch 1 always)
     settings: dict = field(default_factory=dict)  # method hyper-parameters (--set k=v)
     progress: bool = True
+    workers: int | None = None  # candidate evaluations at once (None: one per core)
+    ray: str | None = None  # a Ray cluster for candidate evaluations ("auto" or an address)
 
     def identity(self) -> dict:
         """What must match for a resume to be the same run."""
         d = asdict(self)
-        d.pop("progress")
-        d.pop("out")
+        for k in ("progress", "out", "workers", "ray"):  # where it runs is not what it does
+            d.pop(k)
         return d
 
 
@@ -453,7 +455,8 @@ def stage_search(run: Run):
         constraints=run.constraints, round_to=run.round_to, settings=settings,
         epochs=cfg.search_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
         seed=cfg.seed, state_dir=run.state, progress=cfg.progress, log=run.log,
-        latency_model=run.latency_model, example_inputs=run.example_inputs)
+        latency_model=run.latency_model, example_inputs=run.example_inputs,
+        workers=cfg.workers, ray=cfg.ray)
     t0 = time.time()
     run.log(f"search: {method.name} ({method.summary})")
     proposal = method.search(ctx)

@@ -17,7 +17,11 @@ from graphsearch.passes.slim import slim
 
 # Small settings so that each search is a few optimizer steps.
 QUICK = {"gensynth": {"cycles": 2, "children": 2, "cost_draws": 4, "probe_per_class": 2},
-         "group-lasso": {"bn_batches": 1}}
+         "group-lasso": {"bn_batches": 1},
+         "autoshrink": {"k": 1, "block": 1.0, "candidate_steps": 1},
+         "submodular": {"increments": 2, "max_evaluations": 2, "candidate_steps": 1},
+         "esnac": {"init": 2, "steps": 1, "kernels": 2, "actions": 30, "fit_steps": 3,
+                   "candidate_steps": 1}}
 MODELS = ["resnet20", "mobilenet_v2", "shufflenet_v2", "vit_tiny"]
 
 

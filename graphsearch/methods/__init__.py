@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from .autoshrink import AutoShrink
 from .base import Method, Proposal, SearchContext
+from .esnac import ESNAC
 from .gensynth import GenerativeSynthesis
 from .group_lasso import GroupLasso
 from .magnitude import Magnitude
 from .morphnet import MorphNet
+from .submodular import Submodular
 from .uniform import Uniform
 from .vardrop import VariationalDropout
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Uniform, Magnitude, GroupLasso, VariationalDropout, MorphNet,
-                        GenerativeSynthesis)
+                        GenerativeSynthesis, AutoShrink, Submodular, ESNAC)
 }
 
 

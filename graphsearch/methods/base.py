@@ -37,6 +37,11 @@ class SearchContext:
     latency_model: Callable | None = None
     example_inputs: tuple = ()
     candidates: list[dict] = field(default_factory=list)  # for the trade-off plot
+    # where candidate evaluations run (graphsearch.evaluator): 1 = in-process, N = N local
+    # worker processes, None = one per core; `ray`: "auto" or a Ray cluster's address
+    workers: int | None = 1
+    ray: str | None = None
+    on_result: Callable | None = None  # called with each finished candidate evaluation
     _model_graph: Any = None
 
     # ---- gates on the channels of `self.model` (variational dropout, probes)

@@ -1,0 +1,285 @@
+"""`submodular`: resource-constrained search under a submodularity assumption (Xiong et al.
+2019; METHODS.md section 6), on the traced model's channel groups.
+
+- Elements: (group g, k-th increment of ceil(C_g / K) channels), K = `increments`; a group's
+  channels are added strongest first (baseline L2 norm), increment k is eligible only once
+  k - 1 is in. A removable group (a residual or concat branch) starts off and its first
+  increment is the "branch on" element. The seed set: one increment per non-removable group
+  (and per branch that may not go together with the others, e.g. the last branch of a
+  concat); when the seed exceeds the target, K doubles until it fits.
+- F(S): validation top-1 after a short fine-tune of the baseline's weights sliced to S (the
+  candidate evaluator: fixed seeds and data order, every evaluation cached by plan).
+- Cost-effective lazy greedy (CELF), three passes: pure gain, gain per parameter, gain per
+  FLOP. Each pass keeps a priority queue of upper bounds; a stale key popped on top is
+  re-evaluated (with the next stale ones, up to the evaluator's parallelism, in one batch)
+  and pushed back, a fresh one on top is accepted. Marginal costs are recomputed with every
+  evaluation (FLOPs are bilinear in the widths); an element whose addition breaks the budget
+  is dropped (costs only grow as S grows). The best of the three final sets by F wins.
+- Landing: the winner's widths go through the shared target step (`ctx.land_widths`, one
+  bisected multiplier, channels ranked by the same norm order).
+- Resume: every finished evaluation is in `ctx.state_dir / "evals-submodular"`; passes are
+  deterministic, so a rerun replays the finished part from the cache and continues. Each
+  finished pass is also recorded in `submodular.json`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from pathlib import Path
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+from ..evaluator import (EvalSettings, channel_order, importance_of, keep_of_widths,
+                         make_evaluator, steps_for)
+from ..graph import PlanError
+from ..load import UserError
+from ..target import Evaluator, legal_zeros
+from .base import Method, Proposal, SearchContext
+
+
+# --------------------------------------------------------------------------- lazy greedy
+
+
+class Counted:
+    """F with a cache and a count of distinct evaluations. `batch(sets)` -> values."""
+
+    def __init__(self, batch: Callable[[list[frozenset]], list[float]]):
+        self._batch = batch
+        self.cache: dict[frozenset, float] = {}
+        self.calls = 0
+
+    def many(self, sets: Sequence[frozenset]) -> list[float]:
+        new = [s for s in dict.fromkeys(sets) if s not in self.cache]
+        if new:
+            for s, v in zip(new, self._batch(new)):
+                self.cache[s] = float(v)
+            self.calls += len(new)
+        return [self.cache[s] for s in sets]
+
+    def __call__(self, s: frozenset) -> float:
+        return self.many([s])[0]
+
+
+def lazy_greedy(elements: Sequence[Hashable], F: Counted, seed: frozenset,
+                eligible: Callable[[Hashable, frozenset], bool],
+                fits: Callable[[frozenset], bool],
+                cost: Callable[[Hashable, frozenset], float] | None = None,
+                batch: int = 1, max_evaluations: int | None = None) -> list[Hashable]:
+    """CELF: the elements added to `seed`, in order. Keys are marginal gains, divided by
+    `cost(e, S)` (the marginal cost, recomputed whenever the key is) when given. A stale key on
+    top is re-evaluated, together with up to `batch - 1` further stale entries; a fresh key on
+    top is accepted if `fits(S + e)`, dropped otherwise. Ties go to the earlier element. After
+    `max_evaluations` distinct evaluations of F, stale keys are trusted as they are (elements
+    never evaluated keep their infinite bound: they go first, in order)."""
+    index = {e: i for i, e in enumerate(elements)}
+    S = frozenset(seed)
+    added: list = []
+    version = 0
+    heap: list = [(-math.inf, index[e], -1) for e in elements
+                  if e not in S and eligible(e, S)]
+    queued = {elements[i] for _, i, _ in heap}
+    heapq.heapify(heap)
+
+    def key_of(e, value, base):
+        gain = value - base
+        if cost is None:
+            return gain
+        return gain / max(cost(e, S), 1e-12)
+
+    while heap:
+        neg, i, ver = heap[0]
+        e = elements[i]
+        if ver == version or (max_evaluations is not None and F.calls >= max_evaluations):
+            heapq.heappop(heap)
+            queued.discard(e)
+            if not fits(S | {e}):
+                continue  # costs only grow with S: it never fits again
+            S = S | {e}
+            added.append(e)
+            version += 1
+            for f in elements:
+                if f not in S and f not in queued and eligible(f, S):
+                    heapq.heappush(heap, (-math.inf, index[f], -1))
+                    queued.add(f)
+            continue
+        # re-evaluate the stale top (and the next stale ones) in one batch
+        stale = []
+        while heap and len(stale) < max(1, batch) and heap[0][2] != version:
+            stale.append(heapq.heappop(heap))
+        sets = [S | {elements[j]} for _, j, _ in stale]
+        base = F(S)
+        values = F.many(sets)
+        for (_, j, _), v in zip(stale, values):
+            heapq.heappush(heap, (-key_of(elements[j], v, base), j, version))
+    return added
+
+
+def plain_greedy(elements: Sequence[Hashable], F: Counted, seed: frozenset,
+                 eligible: Callable[[Hashable, frozenset], bool],
+                 fits: Callable[[frozenset], bool],
+                 cost: Callable[[Hashable, frozenset], float] | None = None) -> list[Hashable]:
+    """The plain greedy (every candidate re-evaluated every round): the reference CELF must
+    agree with on a submodular F. Same keys and tie-breaking as `lazy_greedy`."""
+    S = frozenset(seed)
+    added: list = []
+    while True:
+        cands = [e for e in elements if e not in S and eligible(e, S) and fits(S | {e})]
+        if not cands:
+            return added
+        base = F(S)
+        values = F.many([S | {e} for e in cands])
+        keys = [(v - base) / (max(cost(e, S), 1e-12) if cost is not None else 1.0)
+                for e, v in zip(cands, values)]
+        best = cands[int(np.argmax(keys))]  # argmax: the first of equal keys
+        S = S | {best}
+        added.append(best)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class Submodular(Method):
+    name = "submodular"
+    summary = ("resource-constrained lazy greedy (CELF) over channel increments and branches, "
+               "three passes (gain, gain/param, gain/FLOP), best of the three")
+    cost = ("about 2 candidate fine-tunes per element (groups x increments), the search "
+            "budget split among them; evaluations run in parallel (--workers, --ray)")
+    defaults = {
+        "increments": 4,  # K: a group grows by ceil(C/K) channels at a time
+        "candidate_steps": None,  # fine-tune steps per candidate (None: from the budget)
+        "max_evaluations": None,  # per pass; then stale keys are trusted (None: no cap)
+        "optimizer": "sgd",
+    }
+
+    def search(self, ctx: SearchContext) -> Proposal:
+        s = {**self.defaults, **ctx.settings}
+        K = int(s["increments"])
+        if K < 1:
+            raise UserError("submodular: increments must be at least 1")
+        graph = ctx.graph
+        groups = graph.prunable_groups
+        order = channel_order(ctx)
+        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+        # the seed (one increment per group) must fit: finer increments until it does
+        while True:
+            seed_w = {g.id: 0 if g.removable else max(1, math.ceil(g.size / K)) for g in groups}
+            # removable branches that may not all go together: some start on (one increment)
+            seed_w = legal_zeros(graph, seed_w,
+                                 {g.id: np.array([0, max(1, math.ceil(g.size / K))])
+                                  for g in groups},
+                                 keep_of=lambda w: keep_of_widths(graph, order, w))
+            try:
+                fits_seed = measure_ev.feasible(measure_ev.measure(
+                    keep_of_widths(graph, order, seed_w)))
+            except PlanError:
+                fits_seed = False
+            if fits_seed or K >= max(g.size for g in groups):
+                break
+            K *= 2
+            ctx.log(f"submodular: the seed exceeds the target; {K} increments per group")
+        inc = {g.id: max(1, math.ceil(g.size / K)) for g in groups}
+        steps_of = {g.id: math.ceil(g.size / inc[g.id]) for g in groups}
+        elements = []
+        for g in groups:
+            first = 1 if g.removable else 2
+            elements += [(g.id, k) for k in range(first, steps_of[g.id] + 1)]
+        seed = frozenset((g.id, 1) for g in groups if seed_w[g.id] > 0)
+
+        def widths_of(S: frozenset) -> dict[int, int]:
+            count = {g.id: 0 for g in groups}
+            for gid, k in S:
+                count[gid] = max(count[gid], k)
+            return {gid: min(graph.groups[gid].size, c * inc[gid]) for gid, c in count.items()}
+
+        def keep_of(S: frozenset) -> dict[int, list[int]]:
+            return keep_of_widths(graph, order, widths_of(S))
+
+        costs: dict[frozenset, dict | None] = {}
+
+        def measure(S: frozenset):
+            if S not in costs:
+                try:
+                    costs[S] = measure_ev.measure(keep_of(S))
+                except PlanError:
+                    costs[S] = None
+            return costs[S]
+
+        def fits(S: frozenset) -> bool:
+            v = measure(S)
+            return v is not None and measure_ev.feasible(v)
+
+        def eligible(e, S) -> bool:
+            gid, k = e
+            return k == 1 or (gid, k - 1) in S
+
+        if measure(seed) is None or not fits(seed):
+            raise UserError("submodular: the seed (one increment of every group, removable "
+                            "branches off) already exceeds the target; raise the target or "
+                            "increments")
+        settings = EvalSettings(
+            steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
+            else steps_for(ctx, 2 * max(len(elements), 1)),
+            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed)
+        state_path = Path(ctx.state_dir) / "submodular.json"
+        base_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        with make_evaluator(ctx, settings, self.name) as ev:
+            def batch(sets: list[frozenset]) -> list[float]:
+                res = ev.evaluate([keep_of(S) for S in sets], base_state,
+                                  labels=[_label(S) for S in sets])
+                for r in res:
+                    if not r.cached:
+                        ctx.candidates.append({"flops": r.flops, "params": r.params,
+                                               "accuracy": r.accuracy,
+                                               "label": f"submodular {r.label}"})
+                # a plan the slicer refuses (NaN) is never worth adding
+                return [r.accuracy if math.isfinite(r.accuracy) else -1.0 for r in res]
+
+            F = Counted(batch)
+            ctx.log(f"submodular: {len(elements)} elements over {len(groups)} groups, "
+                    f"{settings.steps} fine-tune steps per candidate, {ev.backend}")
+            passes = []
+            cost_fns = {"gain": None,
+                        "gain/param": lambda e, S: _marginal(measure, S, e, "params"),
+                        "gain/flop": lambda e, S: _marginal(measure, S, e, "flops")}
+            for name, cost_fn in cost_fns.items():
+                added = lazy_greedy(elements, F, seed, eligible, fits, cost_fn,
+                                    batch=ev.parallelism,
+                                    max_evaluations=None if s["max_evaluations"] is None
+                                    else F.calls + int(s["max_evaluations"]))
+                S = seed | frozenset(added)
+                value = F(S)
+                passes.append({"pass": name, "added": [list(e) for e in added],
+                               "accuracy": value, "widths": {str(g): w for g, w in
+                                                             widths_of(S).items()},
+                               **(measure(S) or {}), "evaluations_so_far": F.calls})
+                ctx.log(f"submodular: pass '{name}': {len(added)} elements added, F = "
+                        f"{100 * value:.2f}% at {measure(S)['flops'] / 1e6:.3f} MFLOPs")
+                state_path.write_text(json.dumps({"passes": passes}, indent=1))
+            fresh, cached = ev.fresh, ev.cached
+        best = max(range(len(passes)), key=lambda i: (passes[i]["accuracy"], -i))
+        widths = {int(g): int(w) for g, w in passes[best]["widths"].items()}
+        plan = ctx.land_widths(widths, importance_of(order))
+        ctx.log(f"submodular: best pass '{passes[best]['pass']}' ({F.calls} distinct "
+                f"evaluations, {fresh} run now, {cached} from the cache); landed at "
+                f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
+        info = {"passes": passes, "best_pass": passes[best]["pass"], "evaluations": F.calls,
+                "evaluations_run": fresh, "evaluations_cached": cached,
+                "candidate_steps": settings.steps, "increments": K}
+        return Proposal(plan, base_state, info)
+
+
+def _marginal(measure, S: frozenset, e, metric: str) -> float:
+    a, b = measure(S), measure(S | {e})
+    if a is None or b is None:
+        return math.inf
+    return max(b[metric] - a[metric], 1e-9)
+
+
+def _label(S: frozenset) -> str:
+    return "+".join(f"{g}.{k}" for g, k in sorted(S) if k > 1 or True)[:80]
+
+
+__all__ = ["Submodular", "lazy_greedy", "plain_greedy", "Counted"]
