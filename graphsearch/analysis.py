@@ -51,17 +51,22 @@ class MacTerm:
 
 @dataclass
 class NodeInfo:
+    """What the analysis found at one fx node (also kept on the node: `node.meta["channels"]`)."""
+
     name: str
-    rule: str
+    rule: str  # the rule's name ("conv", "layout", ...; "unsupported", "input", "output")
     edge: str
     dead: str
     inputs: list[str]  # producer nodes of tensor arguments, in argument order
     ids: Any  # tensor, tuple of tensors, or None
+    op: R.Rule | None = None  # the rule itself (None for inputs, outputs, unsupported ops)
 
 
 class Context:
-    def __init__(self, traced: Traced) -> None:
+    def __init__(self, traced: Traced, rules: R.Rules | None = None) -> None:
         self.traced = traced
+        self.rules = rules if rules is not None else R.default_rules()
+        self.rule: R.Rule | None = None  # the rule being applied
         self.gm = traced.module
         self.atoms = AtomTable()
         self.modules = dict(self.gm.named_modules())
@@ -354,20 +359,27 @@ def compress(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def analyze(model: torch.nn.Module, example_inputs) -> "ChannelGraph":
-    """Trace `model` and build its channel graph: coupled channel groups and a cost model."""
+def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
+            ) -> "ChannelGraph":
+    """Trace `model` and build its channel graph: coupled channel groups and a cost model.
+
+    `rules` (default: `graphsearch.rules.default_rules()`) says what each op ties, costs and
+    how the passes rewrite it; extend a copy with rules for your own modules."""
     from .graph import ChannelGraph
 
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs))
-    ctx = Context(traced)
+    rules = rules if rules is not None else R.default_rules()
+    traced = trace(model, tuple(example_inputs), rules)
+    ctx = Context(traced, rules)
     infos: list[NodeInfo] = []
     for node in traced.module.graph.nodes:
         ctx.node = node
         ctx.module = ctx.modules.get(node.target) if node.op == "call_module" else None
-        infos.append(_apply(ctx, node, traced))
-    return ChannelGraph(traced, ctx, infos)
+        info = _apply(ctx, node, traced)
+        node.meta["channels"] = info
+        infos.append(info)
+    return ChannelGraph(traced, ctx, infos, rules)
 
 
 def _producers(ctx: Context, node: fx.Node) -> list[str]:
@@ -403,7 +415,8 @@ def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
         for a in ctx.tensor_args(node):
             ctx.fix(ctx.ids(a), "model output")
         return NodeInfo(node.name, "output", "none", "block", inputs, None)
-    rule = R.rule_for(node, ctx.module)
+    rule = ctx.rules.rule_for(node, ctx.module)
+    ctx.rule = rule
     if rule is None:
         why = None
         if node.op == "call_module" and node.target in traced.untraceable:
@@ -412,12 +425,12 @@ def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
         name, edge, dead = "unsupported", "stop", "block"
     else:
         try:
-            ids = rule.apply(ctx, node)
+            ids = rule.tie(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot cope stops propagation
             ids = R.unsupported(ctx, node, f"rule '{rule.name}' could not handle it "
                                            f"({type(exc).__name__}: {exc})")
-            name, edge, dead = "unsupported", "stop", "block"
+            name, edge, dead, rule = "unsupported", "stop", "block", None
         else:
             name, edge, dead = rule.name, rule.edge, rule.dead
     ctx.node_ids[node.name] = ids
-    return NodeInfo(node.name, name, edge, dead, inputs, ids)
+    return NodeInfo(node.name, name, edge, dead, inputs, ids, rule)

@@ -106,7 +106,6 @@ class ChannelMacTerm:
     nodes: tuple[str, ...]
 
 
-_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
 
 
@@ -115,12 +114,14 @@ class PlanError(ValueError):
 
 
 class ChannelGraph:
-    def __init__(self, traced: Traced, ctx: Context, infos: list[NodeInfo]) -> None:
+    def __init__(self, traced: Traced, ctx: Context, infos: list[NodeInfo], rules=None) -> None:
         self.module = traced.module
         self.values = traced.values
         self.untraceable = traced.untraceable
         self.shape_mode = traced.shape_mode
         self.nodes = infos
+        self.rules = rules if rules is not None else ctx.rules
+        self._info = {i.name: i for i in infos}
         self._atoms = ctx.atoms
         self._bindings = ctx.bindings
         self._spaces_by_node: dict[str, list] = {}
@@ -209,7 +210,6 @@ class ChannelGraph:
         for info in self.nodes:
             for name in dict.fromkeys(info.inputs):
                 users.setdefault(name, []).append(info)
-        passthrough = {"elementwise_unary", "add", "sub", "multiply", "layout"}
         memo: dict[str, bool] = {}
 
         def numel(name: str) -> int:
@@ -220,7 +220,7 @@ class ChannelGraph:
             # a product where this operand is broadcast over the other (B,C,1,1 x B,C,H,W),
             # not a gated linear unit, whose two factors are both real producers
             others = [i for i in dict.fromkeys(u.inputs) if i != name]
-            return u.rule == "multiply" and bool(others) and \
+            return u.op is not None and u.op.flow == "scale" and bool(others) and \
                 0 <= numel(name) < min(numel(i) for i in others)
 
         def only_gates(name: str) -> bool:
@@ -229,7 +229,8 @@ class ChannelGraph:
                 outs = users.get(name, [])
                 memo[name] = bool(outs) and all(
                     scales(u, name)
-                    or (u.rule in passthrough and len(set(u.inputs)) == 1 and only_gates(u.name))
+                    or (u.op is not None and u.op.flow in ("pass", "scale") and
+                        len(set(u.inputs)) == 1 and only_gates(u.name))
                     for u in outs)
             return memo[name]
 
@@ -576,20 +577,78 @@ class ChannelGraph:
         if self._tied is None:
             self._tied = {g.id: [] for g in self.groups}
             for name, b in self._bindings.items():
-                owner = self.module.get_submodule(name.rpartition(".")[0])
-                norm = isinstance(owner, _NORMS)
                 for dim, line in sorted(b.dims.items()):
-                    if norm:
-                        role = {"weight": "gamma", "bias": "beta"}.get(name.rpartition(".")[2],
-                                                                       "statistic")
-                    else:
-                        role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
+                    # the rule that bound it says its role (a norm's gamma, beta, statistics)
+                    role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
                     groups, index = self._locate(line)
                     for gid in np.unique(groups[groups >= 0]).tolist():
                         at = np.flatnonzero(groups == gid)
                         self._tied[gid].append(TiedSlice(name, dim, at, index[at], role,
                                                          b.is_buffer))
         return self._tied
+
+    # ------------------------------------------------------------------ public API for passes
+    @property
+    def bindings(self) -> dict:
+        """Parameter name -> `analysis.Binding` (how each dim is sliced by channel)."""
+        return self._bindings
+
+    def info(self, node: str) -> NodeInfo | None:
+        """What the analysis found at fx node `node` (its rule, channel ids, inputs)."""
+        return self._info.get(node)
+
+    def rule(self, node: str):
+        """The `rules.Rule` applied at fx node `node` (None: input, output, unsupported)."""
+        info = self._info.get(node)
+        return info.op if info is not None else None
+
+    def internal_atoms(self, node: str, kind: str) -> np.ndarray | None:
+        """Atoms an op keeps inside (kind "heads": an attention's heads), or None."""
+        for space in self._spaces_by_node.get(node, ()):
+            if space.kind == kind:
+                return space.atoms
+        return None
+
+    @property
+    def channel_count(self) -> int:
+        """Channel positions over all groups (group offset + index runs over 0..count-1)."""
+        return int(self._group_offset[-1])
+
+    def group_offset(self, gid) -> "int | np.ndarray":
+        """Position of channel 0 of group `gid` (an array of group ids gives an array)."""
+        return self._group_offset[gid]
+
+    # ------------------------------------------------------------------ gates
+    def gate_sites(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """fx node -> (group of every output position, index in group) where per-channel
+        gates apply: the output of each op whose rule says gate="producer", moved onto the
+        norm that directly follows it (rule gate="norm": BN rescales away what precedes it)."""
+        users: dict[str, list[str]] = {}
+        for info in self.nodes:
+            for src in info.inputs:
+                users.setdefault(src, []).append(info.name)
+        sites = {}
+        for info in self.nodes:
+            if info.op is None or info.op.gate != "producer" or \
+                    not isinstance(info.ids, torch.Tensor):
+                continue
+            at = info.name
+            nxt = users.get(at, [])
+            if len(nxt) == 1 and self._info[nxt[0]].op is not None and \
+                    self._info[nxt[0]].op.gate == "norm":
+                at = nxt[0]
+            ids = self._info[at].ids
+            groups, index = self.locate(ids.reshape(-1).numpy())
+            sites[at] = (groups.reshape(tuple(ids.shape)), index.reshape(tuple(ids.shape)))
+        return sites
+
+    def gated(self, gates, owner: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The traced model with every gated group's channels multiplied by `gates[g]()` at
+        its gate sites (see `gate_sites`); shares this graph's parameters, and `owner`'s
+        (the module holding the gates) train with it."""
+        from .passes.gates import GatedModel
+
+        return GatedModel(self, gates, owner)
 
     # ------------------------------------------------------------------ views
     @property

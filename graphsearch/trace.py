@@ -24,12 +24,16 @@ class TraceFailure(RuntimeError):
 class _LeafFallbackTracer(fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules=None) -> None:
         super().__init__()
         self.untraceable: dict[str, str] = {}
+        self.rules = rules
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return qualname in self.untraceable or super().is_leaf_module(m, qualname)
+        # A module whose rule applies to it whole (a user's registered block, a subclass of a
+        # known module that keeps its forward) stays one node, so that the rule sees it.
+        return qualname in self.untraceable or super().is_leaf_module(m, qualname) or \
+            (self.rules is not None and qualname != "" and self.rules.keeps_whole(m))
 
     def call_module(self, m, forward, args, kwargs):
         stack_before = list(self.module_stack.keys())
@@ -55,14 +59,21 @@ class Traced:
     shape_mode: str = "meta"
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple) -> Traced:
-    """Trace `model` with fx and record the output of every node on meta tensors."""
+def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
+    """Trace `model` with fx and record the output of every node on meta tensors.
+
+    `rules` (a `graphsearch.rules.Rules`) says which modules stay whole and which keep their
+    input's shape (their meta kernels are skipped)."""
+    if rules is None:
+        from .rules import default_rules
+
+        rules = default_rules()
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if isinstance(model, fx.GraphModule):
         gm, untraceable = model, {}
     else:
-        tracer = _LeafFallbackTracer()
+        tracer = _LeafFallbackTracer(rules)
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001
@@ -83,11 +94,11 @@ def trace(model: torch.nn.Module, example_inputs: tuple) -> Traced:
                 stacklevel=2,
             )
     try:
-        values = _propagate_meta(gm, example_inputs)
+        values = propagate_shapes(gm, example_inputs, rules)
         mode = "meta"
     except Exception:  # noqa: BLE001 - some ops have no meta kernel: pay one real pass
         with torch.no_grad():
-            values = _propagate(gm, tuple(example_inputs), record_as_meta=True)
+            values = _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
         mode = "real"
     return Traced(gm, values, untraceable, mode)
 
@@ -98,9 +109,15 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-def _propagate_meta(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, Any]:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, rules=None, real: bool = False
+                     ) -> dict[str, Any]:
+    """Every node's output on meta tensors (no memory, no arithmetic): node name -> value.
+    `real`: compute on the given (real) inputs, record as meta (an op without meta kernel)."""
+    if real:
+        with torch.no_grad():
+            return _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
     state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
-    holder = _Holder(gm)
+    holder = _Holder(gm, rules)
     meta_inputs = tuple(tree_map(_to_meta, tuple(example_inputs)))
     state = {f"gm.{k}": v for k, v in state.items()}
     return torch.func.functional_call(holder, state, meta_inputs, strict=False, tie_weights=False)
@@ -109,33 +126,34 @@ def _propagate_meta(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, Any]
 class _Holder(torch.nn.Module):
     """Runs the recorder inside functional_call so that parameters are swapped for meta ones."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, rules=None) -> None:
         super().__init__()
         self.gm = gm
+        self.rules = rules
 
     def forward(self, *args):
-        return _propagate(self.gm, args, record_as_meta=False)
-
-
-# Modules whose output has the shape of their input: on meta tensors their (sometimes slow,
-# decomposed) kernels are skipped.
-_SAME_SHAPE = (
-    torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm,
-    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.GELU, torch.nn.SiLU, torch.nn.Sigmoid, torch.nn.Tanh,
-    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.LeakyReLU, torch.nn.Identity,
-    torch.nn.modules.dropout._DropoutNd,
-)
+        return _propagate(self.gm, args, record_as_meta=False, rules=self.rules)
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, record_as_meta: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, record_as_meta: bool, rules=None) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.record_as_meta = record_as_meta
         self.recorded: dict[str, Any] = {}
+        # Modules whose output has their input's shape (the rule says so): on meta tensors
+        # their (sometimes slow, decomposed) kernels are skipped.
+        self.same_shape: set[str] = set()
+        if rules is not None:
+            for n in gm.graph.nodes:
+                if n.op == "call_module":
+                    found = rules.module_rule(self.submodules[n.target])
+                    if found is not None and found[0].same_shape and \
+                            rules.keeps_whole(self.submodules[n.target]):
+                        self.same_shape.add(n.target)
 
     def call_module(self, target, args, kwargs):
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta and \
-                isinstance(self.submodules[target], _SAME_SHAPE):
+        if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
+                args[0].is_meta:
             return args[0]
         return super().call_module(target, args, kwargs)
 
@@ -145,7 +163,11 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _propagate(gm: fx.GraphModule, args: tuple, record_as_meta: bool) -> dict[str, Any]:
-    rec = _Recorder(gm, record_as_meta)
+def _propagate(gm: fx.GraphModule, args: tuple, record_as_meta: bool, rules=None
+               ) -> dict[str, Any]:
+    rec = _Recorder(gm, record_as_meta, rules)
     rec.run(*args)
     return rec.recorded
+
+
+_propagate_meta = propagate_shapes  # the name other modules used before

@@ -45,13 +45,11 @@ class SearchContext:
         """`self.model` with every group's channels multiplied by `gates[g]()` where they are
         produced (after the norm that follows a conv/linear). Trains `self.model` in place,
         plus `owner`'s parameters (the gates')."""
-        from graphsearch.passes.gates import gated
-
         if self._model_graph is None:
             from ..analysis import analyze
 
             self._model_graph = analyze(self.model, self.example_inputs)
-        return gated(self._model_graph, gates, owner)
+        return self._model_graph.gated(gates, owner)
 
     # ---- the shared target step
     def land(self, scores: dict[int, np.ndarray]) -> Plan:

@@ -115,8 +115,6 @@ def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
     with these constant gates: a norm's gamma and beta where the gate follows a norm, else
     the producer's output rows and bias. Returns the gate points that hold no parameter to
     fold into (e.g. a norm without affine); empty when the folding is exact."""
-    from graphsearch.passes.gates import gate_points
-
     model = model if model is not None else ctx.model
     if ctx._model_graph is None:
         from ..analysis import analyze
@@ -128,7 +126,7 @@ def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
     bindings = mg._bindings
     factors: dict[tuple[str, int], torch.Tensor] = {}
     unfolded = []
-    for node, (groups, _) in gate_points(mg).items():
+    for node, (groups, _) in mg.gate_sites().items():
         hit = [int(g) for g in np.unique(groups) if int(g) in values]
         if not hit:
             continue
