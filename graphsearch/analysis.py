@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
@@ -47,6 +47,7 @@ class MacTerm:
     coeff: float
     layouts: list[tuple[np.ndarray, float]]  # (atoms, multiplicity); MACs = coeff * prod(count)
     node: str
+    why: str = ""  # an opaque op's MACs: why no plan changes them
 
 
 @dataclass
@@ -229,7 +230,7 @@ class Context:
         if self.node is not None and self.node.name not in b.nodes:
             b.nodes.append(self.node.name)
 
-    def macs(self, coeff: float, *layouts) -> None:
+    def macs(self, coeff: float, *layouts, why: str = "") -> None:
         """MACs = coeff * product over layouts of their kept positions (per sample)."""
         resolved = []
         for lay in layouts:
@@ -238,7 +239,51 @@ class Context:
                 resolved.append((ids.reshape(-1).numpy().copy(), math.prod(real) / ids.numel()))
             else:
                 resolved.append((_np(lay).copy(), 1.0))
-        self.macs_terms.append(MacTerm(float(coeff), resolved, self.node.name))
+        self.macs_terms.append(MacTerm(float(coeff), resolved, self.node.name, why))
+
+    def count_macs(self, node: fx.Node) -> float:
+        """MACs per sample of an op no rule sees into, counted for real (torch's FLOP counter
+        on zeros of the recorded shapes: matmuls, convolutions, attention); 0 if it cannot
+        run alone."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def real(a):
+            if isinstance(a, fx.Node):
+                if a.op == "get_attr":
+                    return self.gm.get_parameter(a.target) if a.target in self.params else \
+                        self.gm.get_buffer(a.target) if a.target in self.buffers else None
+                v = self.value(a)
+                return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype)
+                                if isinstance(t, torch.Tensor) else t, v)
+            if isinstance(a, (list, tuple)):
+                return type(a)(real(x) for x in a)
+            if isinstance(a, dict):
+                return {k: real(x) for k, x in a.items()}
+            return a
+
+        try:
+            args, kwargs = real(node.args), real(node.kwargs)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.enable_grad():  # grad on: torch's fused fast paths stay off
+                if node.op == "call_module":
+                    self.modules[node.target](*args, **kwargs)
+                elif node.op == "call_function":
+                    node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    getattr(args[0], node.target)(*args[1:], **kwargs)
+            flops = counter.get_total_flops()
+        except Exception:  # noqa: BLE001 - an op that cannot run alone stays uncounted
+            return 0.0
+        return flops / 2 / max(self.batch, 1)
+
+    @property
+    def batch(self) -> int:
+        """Samples in the example inputs (MACs are per sample)."""
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                v = self.value(n)
+                return int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() else 1
+        return 1
 
     # ------------------------------------------------------------------ generic behaviours
     def elementwise(self, node: fx.Node, operands: list | None = None) -> torch.Tensor:

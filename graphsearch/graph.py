@@ -15,8 +15,8 @@ evaluation is one small matrix-vector product.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -49,18 +49,30 @@ class ChannelGroup:
     prunable: bool
     reason: str  # why not prunable, in words ("" when prunable)
     members: list[str]  # e.g. "layer1.0.conv1.weight[out]", "fc.weight[in] x49"
-    removable: bool = False  # may reach width 0: it only feeds a removable branch
     spaces: list[str] = field(default_factory=list)  # nodes whose channels are this group's
     classes: np.ndarray = field(default=None, repr=False)  # class representatives, in order
+    # may reach width 0 (it only feeds a removable branch): worked out on first use, by the
+    # graph's removal simulation (most analyses never ask)
+    _removable: "bool | Callable[[], bool]" = field(default=False, repr=False, compare=False)
+
+    @property
+    def removable(self) -> bool:
+        if callable(self._removable):
+            self._removable = bool(self._removable())
+        return self._removable
+
+    @removable.setter
+    def removable(self, value: bool) -> None:
+        self._removable = value
 
     @property
     def min_width(self) -> int:
         return 0 if self.removable else 1
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("classes")
-        d["min_width"] = self.min_width
+        d = {"id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
+             "members": list(self.members), "removable": self.removable,
+             "spaces": list(self.spaces), "min_width": self.min_width}
         return d
 
 
@@ -131,7 +143,8 @@ class ChannelGraph:
         self._build_cost_tables(ctx)
         self._build_dead_tables(ctx)
         for g in self.groups:
-            g.removable = g.prunable and self._simulate(frozenset([g.id]))[0]
+            g.removable = (lambda gid=g.id: self._simulate(frozenset([gid]))[0]) \
+                if g.prunable else False
         self.nx = self._build_nx()
         self.baseline = self.cost()
 
@@ -274,6 +287,7 @@ class ChannelGraph:
     def _build_cost_tables(self, ctx: Context) -> None:
         layouts: list[tuple[np.ndarray, float]] = []
         terms: list[tuple[str, float, list[int], list[str]]] = []
+        self._term_why: list[str] = []
 
         def add_layout(atoms: np.ndarray, mult: float) -> int:
             layouts.append((atoms, mult))
@@ -282,6 +296,7 @@ class ChannelGraph:
         for t in ctx.macs_terms:
             idx = [add_layout(a, m) for a, m in t.layouts]
             terms.append(("macs", t.coeff, idx, [t.node]))
+            self._term_why.append(t.why)
         for name, p in self.module.named_parameters():
             b = ctx.bindings.get(name)
             if b is None:
@@ -587,6 +602,39 @@ class ChannelGraph:
                                                          b.is_buffer))
         return self._tied
 
+    # ------------------------------------------------------------------ what can be pruned
+    def mac_share(self, top: int = 5) -> dict:
+        """How much of the baseline's MACs some plan can change, and why the rest cannot.
+
+        A MAC term (one conv, linear, matmul, or an opaque op's real count) is prunable when
+        one of its channel layouts holds a prunable group's channel. Returns `macs`,
+        `prunable_macs`, `share` and `reasons`: [(reason, MACs)] for the rest, largest first
+        (a group's reason, or the opaque op's)."""
+        counts = np.append(self._c0 + self._M @ np.ones(len(self.groups)), 1.0)
+        per_term = counts[self._term_a] * counts[self._term_b] * self._macs_coeff
+        prunable = np.array([g.prunable for g in self.groups], dtype=float)
+        touches = np.append(self._M @ prunable > 0, False)
+        free = touches[self._term_a] | touches[self._term_b]
+        total = float(per_term.sum())
+        reasons: dict[str, float] = {}
+        for k in np.flatnonzero(self._term_kind & ~free):
+            why = self._term_why[k] if k < len(self._term_why) else ""
+            if not why:
+                for lay in (int(self._term_a[k]), int(self._term_b[k])):
+                    if lay < len(self._c0):
+                        hit = np.flatnonzero(self._M[lay])
+                        if hit.size:
+                            why = self.groups[int(hit[0])].reason
+                            break
+            why = why or "channels no group owns (constants)"
+            reasons[why] = reasons.get(why, 0.0) + float(per_term[k])
+        kept = float(per_term[free].sum())
+        ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
+        return {"macs": int(round(total)), "prunable_macs": int(round(kept)),
+                "share": kept / total if total > 0 else 0.0,
+                "reasons": [(r, int(round(m))) for r, m in ranked[:top]],
+                "more_reasons": max(0, len(ranked) - top)}
+
     # ------------------------------------------------------------------ public API for passes
     @property
     def bindings(self) -> dict:
@@ -684,6 +732,7 @@ class ChannelGraph:
             "prunable": len(self.prunable_groups),
             "removable": sum(g.removable for g in self.groups),
             "prunable_channels": int(sum(g.size for g in self.prunable_groups)),
+            "prunable_mac_share": round(self.mac_share()["share"], 6),
             **c.as_dict(),
             "shape_mode": self.shape_mode,
             "untraceable": dict(self.untraceable),

@@ -485,6 +485,76 @@ def linear(ctx, node):
                    f"{node.target}.bias" if m.bias is not None else None)
 
 
+def _arg(node, pos: int, key: str, default=None):
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(key, default)
+
+
+def _fix_functional_conv(rw, node, m) -> None:
+    """A grouped F.conv2d's literal `groups` follows its slim output width (whole groups go)."""
+    groups = _arg(node, 6, "groups", 1)
+    if not isinstance(groups, int) or groups == 1:
+        return
+    old = rw.shape(node)[1]
+    new = groups * rw.slim_width(node, 1) // old
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new}
+
+
+@register(F.conv1d, F.conv2d, F.conv3d, edge="mix", gate="producer", fix=_fix_functional_conv)
+def functional_conv(ctx, node):
+    """F.conv2d on a weight the model owns (a conv subclass with its own forward): the rule
+    of nn.Conv2d. A computed weight (standardised, re-parametrised) is not followed."""
+    x = node.args[0]
+    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    groups = _arg(node, 6, "groups", 1)
+    wname, bname = ctx.param_name(w), ctx.param_name(b)
+    if wname is None:
+        return unsupported(ctx, node, why="a convolution with a computed weight (standardised "
+                                          "or re-parametrised): its channels are not followed")
+    if (b is not None and bname is None) or not isinstance(groups, int):
+        return unsupported(ctx, node, why="a convolution with a computed bias or groups")
+    wshape = ctx.shape(w)
+    line_in = ctx.line(ctx.ids(x), 1, x)
+    out = ctx.fresh(wshape[0], "conv" if groups == 1 else "grouped_conv")
+    if groups > 1:
+        ctx.tie_group_blocks(line_in, out, groups)
+        out, line_in = ctx.find(out), ctx.find(line_in)
+    ctx.bind(wname, 0, out)
+    if groups == 1:
+        ctx.bind(wname, 1, line_in)
+    if bname:
+        ctx.bind(bname, 0, out)
+    spatial, k = math.prod(ctx.shape(node)[2:]), math.prod(wshape[2:])
+    if groups == 1:
+        ctx.macs(spatial * k, line_in, out)
+    else:
+        ctx.macs(spatial * k * wshape[1], out)
+    return ctx.channel_ids(out, node)
+
+
+def _fix_embedding(rw, node, m) -> None:
+    if m is not None:
+        m.embedding_dim = m.weight.shape[1]
+
+
+@register(nn.Embedding, F.embedding, edge="mix", gate="producer", fix=_fix_embedding)
+def embedding(ctx, node):
+    """A lookup table: its output width (weight dim 1) is fresh channels, like a producer's;
+    the token ids it reads carry none."""
+    if ctx.module is not None:
+        wname, dim = f"{node.target}.weight", ctx.module.embedding_dim
+    else:
+        wname = ctx.param_name(_arg(node, 1, "weight"))
+        if wname is None:
+            return unsupported(ctx, node, why="an embedding with a computed table")
+        dim = ctx.shape(_arg(node, 1, "weight"))[1]
+    out = ctx.fresh(dim, "embedding")
+    ctx.bind(wname, 1, out, role="out")
+    return ctx.channel_ids(out, node, dim=-1)
+
+
 @register(F.linear, edge="mix", gate="producer")
 def functional_linear(ctx, node):
     w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
@@ -529,8 +599,15 @@ def matmul(ctx, node):
     b_cols = _identity_outside(ctx, ib, -2)      # (..., 1, N)
     if ctx.varies_along(a_rows, -2) and ctx.varies_along(b_cols, -1):
         return unsupported(ctx, node, why="matmul whose rows and columns both carry channels")
-    ctx.macs(sb[-1] if ib.size(-1) == 1 else 1, (ia, sa[1:]), *(
-        [] if ib.size(-1) == 1 else [ctx.line(ib, -1, b)]))
+    if ib.size(-1) == 1:  # b's columns carry no channel: every a element meets N of them
+        ctx.macs(sb[-1], (ia, sa[1:]))
+    elif all(ib.size(d) == 1 for d in range(ib.dim() - 1)):  # only b's columns carry channels
+        ctx.macs(1, (ia, sa[1:]), ctx.line(ib, -1, b))
+    else:
+        # b's identity varies beyond its columns (attention @ v, heads x head_dim): every b
+        # element meets M rows of a, whose identity is tied into b's. (A line of b's columns
+        # would tie the heads together.)
+        ctx.macs(sa[-2], (ib, sb[1:]))
     return ctx.combine(a_rows, b_cols)
 
 
@@ -707,9 +784,9 @@ _layout_rules("free", torch.flatten, torch.permute, torch.transpose, torch.squee
 # Shape ops that move channel positions in a way only the full layout expresses, and those
 # with no rewrite of their own.
 _layout_rules("full", torch.roll, torch.channel_shuffle, torch.native_channel_shuffle,
-              torch.index_select, torch.repeat_interleave, torch.tensor_split, torch.unbind,
+              torch.index_select, torch.repeat_interleave, torch.tensor_split,
               nn.ChannelShuffle, nn.Unflatten,
-              *methods("roll", "index_select", "repeat_interleave", "tensor_split", "unbind"))
+              *methods("roll", "index_select", "repeat_interleave", "tensor_split"))
 @register(torch.mean, torch.sum, torch.amax, torch.amin, *methods("mean", "sum", "amax", "amin"),
           edge="identity")
 def reduce(ctx, node):
@@ -938,6 +1015,15 @@ def _rewrite_getitem(rw, node, state):
     return None
 
 
+def _rewrite_unbind(rw, node, state):
+    """unbind along a dim the plan keeps whole (q, k, v of a qkv projection) is unchanged;
+    along a pruned dim the pieces would no longer be the same ones."""
+    dim = _arg(node, 1, "dim", 0)
+    if state == FULL:
+        return None
+    return None if rw.input_selection(node, dim) is None else False
+
+
 def _rewrite_narrow(rw, node, state):
     x, dim, start, length = (list(node.args) + [None] * 4)[:4]
     if state == FULL or not all(isinstance(v, int) for v in (dim, start, length)):
@@ -1026,6 +1112,7 @@ _REWRITE_RULES = {
     _rewrite_chunk: (torch.chunk, *methods("chunk")),
     _rewrite_getitem: (operator.getitem,),
     _rewrite_narrow: (torch.narrow, *methods("narrow")),
+    _rewrite_unbind: (torch.unbind, *methods("unbind")),
     _rewrite_select: (torch.select, *methods("select")),
 }
 for _fn, _targets in _REWRITE_RULES.items():
@@ -1036,13 +1123,19 @@ for _fn, _targets in _REWRITE_RULES.items():
 
 
 def unsupported(ctx, node, why: str | None = None):
-    """No rule: stop propagation. Inputs and outputs become unprunable, with the reason."""
+    """No rule: stop propagation. Inputs and outputs become unprunable, with the reason.
+
+    Its MACs are still counted (a real count of its matmuls and convolutions), as a cost no
+    plan changes: a FLOPs target must see the whole model."""
     reason = why or f"no rule for {_target_name(node)}"
     reason = f"{reason} (at '{node.name}')"
     for arg in ctx.tensor_args(node):
         ids = ctx.ids(arg)
         if ids is not None:
             ctx.fix(ids, reason)
+    macs = ctx.count_macs(node)
+    if macs:
+        ctx.macs(macs, why=reason)
     return ctx.opaque_output(node, reason)
 
 

@@ -218,6 +218,12 @@ class _Rewriter:
                 or (node.op == "call_module" and any(
                     o == node.target or o.startswith(node.target + ".") for o in self.sliced))
             kind = self.layout_kind(node)
+            if kind == "rewrite" and not touched:
+                # sizes computed from other tensors' shapes (`B, N, C = x.shape` then
+                # `reshape(B, N, 3, heads, C // heads)`): C may have changed even where this
+                # op's own channels did not; its rewrite writes the widths it must have
+                touched = any(isinstance(a, fx.Node) and not isinstance(self.value(a), torch.Tensor)
+                              for a in node.all_input_nodes)
             if kind is None:
                 if full_in:
                     raise PlanError(f"'{node.name}' reads channels that the plan leaves in no "
