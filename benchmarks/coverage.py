@@ -43,6 +43,7 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from graphsearch import analyze, zoo  # noqa: E402
@@ -130,7 +131,7 @@ def model_list(use_timm: bool) -> list[tuple[str, str, callable]]:
 
 def real_macs(model, inputs) -> float:
     counter = FlopCounterMode(display=False)
-    with counter, torch.enable_grad():
+    with counter, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         model(*inputs)
     return counter.get_total_flops() / 2 / inputs[0].shape[0]
 

@@ -245,6 +245,7 @@ class Context:
         """MACs per sample of an op no rule sees into, counted for real (torch's FLOP counter
         on zeros of the recorded shapes: matmuls, convolutions, attention); 0 if it cannot
         run alone."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
         def real(a):
@@ -264,7 +265,9 @@ class Context:
         try:
             args, kwargs = real(node.args), real(node.kwargs)
             counter = FlopCounterMode(display=False)
-            with counter, torch.enable_grad():  # grad on: torch's fused fast paths stay off
+            # grad on and attention's math kernel: torch's fused paths, which the counter
+            # does not see, stay off
+            with counter, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
                 if node.op == "call_module":
                     self.modules[node.target](*args, **kwargs)
                 elif node.op == "call_function":

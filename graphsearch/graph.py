@@ -620,7 +620,8 @@ class ChannelGraph:
         for k in np.flatnonzero(self._term_kind & ~free):
             why = self._term_why[k] if k < len(self._term_why) else ""
             if not why:
-                for lay in (int(self._term_a[k]), int(self._term_b[k])):
+                # the output layout first: why the op's own channels are fixed
+                for lay in (int(self._term_b[k]), int(self._term_a[k])):
                     if lay < len(self._c0):
                         hit = np.flatnonzero(self._M[lay])
                         if hit.size:

@@ -8,6 +8,7 @@ from one real forward pass and `Traced.shape_mode` says so.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,18 @@ class _LeafFallbackTracer(fx.Tracer):
         self.rules = rules
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.untraceable:
+            return True
+        if type(m) in _TRACED_THROUGH:
+            return False
         # A module whose rule applies to it whole (a user's registered block, a subclass of a
         # known module that keeps its forward) stays one node, so that the rule sees it.
-        return qualname in self.untraceable or super().is_leaf_module(m, qualname) or \
+        return super().is_leaf_module(m, qualname) or \
             (self.rules is not None and qualname != "" and self.rules.keeps_whole(m))
 
     def call_module(self, m, forward, args, kwargs):
+        if type(m) in _TRACED_THROUGH and self.path_of_module(m) not in self.untraceable:
+            forward = functools.partial(_TRACED_THROUGH[type(m)], m)
         stack_before = list(self.module_stack.keys())
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -48,6 +55,80 @@ class _LeafFallbackTracer(fx.Tracer):
                 del self.module_stack[key]
             self.untraceable[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             return super().call_module(m, forward, args, kwargs)
+
+
+# torch.nn's transformer layers: their forward picks a fused fast path with Python checks
+# on the input that fx cannot trace (the whole layer would be one opaque leaf). Traced
+# through the same computation written plainly (torch's own slow path), their attention,
+# norms and MLP are the modules the rules know.
+def _encoder_layer(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    def sa(x):
+        x = m.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                        need_weights=False, is_causal=is_causal)[0]
+        return m.dropout1(x)
+
+    def ff(x):
+        return m.dropout2(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+    x = src
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        return x + ff(m.norm2(x))
+    x = m.norm1(x + sa(x))
+    return m.norm2(x + ff(x))
+
+
+def _decoder_layer(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+    def sa(x):
+        x = m.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                        is_causal=tgt_is_causal, need_weights=False)[0]
+        return m.dropout1(x)
+
+    def mha(x):
+        x = m.multihead_attn(x, memory, memory, attn_mask=memory_mask,
+                             key_padding_mask=memory_key_padding_mask,
+                             is_causal=memory_is_causal, need_weights=False)[0]
+        return m.dropout2(x)
+
+    def ff(x):
+        return m.dropout3(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+    x = tgt
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        x = x + mha(m.norm2(x))
+        return x + ff(m.norm3(x))
+    x = m.norm1(x + sa(x))
+    x = m.norm2(x + mha(x))
+    return m.norm3(x + ff(x))
+
+
+def _encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    x = src
+    for layer in m.layers:
+        x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                  is_causal=bool(is_causal))
+    return m.norm(x) if m.norm is not None else x
+
+
+def _decoder(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    x = tgt
+    for layer in m.layers:
+        x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                  tgt_key_padding_mask=tgt_key_padding_mask,
+                  memory_key_padding_mask=memory_key_padding_mask,
+                  tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return m.norm(x) if m.norm is not None else x
+
+
+_TRACED_THROUGH = {
+    torch.nn.TransformerEncoderLayer: _encoder_layer,
+    torch.nn.TransformerDecoderLayer: _decoder_layer,
+    torch.nn.TransformerEncoder: _encoder,
+    torch.nn.TransformerDecoder: _decoder,
+}
 
 
 @dataclass

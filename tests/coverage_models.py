@@ -121,6 +121,43 @@ class TextClassifier(nn.Module):
         return self.fc(self.enc(self.emb(x)).mean(1))
 
 
+class TinyDecoder(nn.Module):
+    """nn.TransformerDecoder (pre-norm, batch_first) reading its own embeddings as memory."""
+
+    def __init__(self, vocab=30, dim=16, heads=2, classes=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, 24, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.fc(self.dec(h, h))
+
+
+class Gatekeeper(nn.Module):
+    """Data-dependent Python control flow around a linear layer: fx cannot trace it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class WithOpaque(nn.Module):
+    def __init__(self, dim=12, classes=3):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(dim, dim), Gatekeeper(dim), nn.Linear(dim, 40)
+        self.head = nn.Linear(40, classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(self.gate(self.fc1(x)))))
+
+
 class EmbeddingMLP(nn.Module):
     """Embedding followed by a prunable MLP: the embedding width is a producer's."""
 
@@ -172,6 +209,8 @@ MODELS = {
     "functional_net": (FunctionalNet, lambda: (torch.randn(2, 3, 8, 8),)),
     "tiny_deit": (TinyDeiT, lambda: (torch.randn(2, 3, 16, 16),)),
     "text_classifier": (TextClassifier, lambda: (torch.randint(0, 50, (2, 7)),)),
+    "tiny_decoder": (TinyDecoder, lambda: (torch.randint(0, 30, (2, 5)),)),
+    "with_opaque": (WithOpaque, lambda: (torch.randn(2, 12),)),
     "embedding_mlp": (EmbeddingMLP, lambda: (torch.randint(0, 50, (2, 7)),)),
     "tiny_shufflenet": (TinyShuffleNet, lambda: (torch.randn(2, 3, 8, 8),)),
 }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphsearch import analyze
@@ -22,7 +23,8 @@ import coverage_models as cm  # noqa: E402
 
 def real_macs(model, inputs) -> float:
     counter = FlopCounterMode(display=False)
-    with counter, torch.enable_grad():  # no_grad would take torch's fused (uncounted) paths
+    # no_grad, or a fused attention kernel, would take paths the counter does not see
+    with counter, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         model(*inputs)
     return counter.get_total_flops() / 2 / inputs[0].shape[0]
 
@@ -118,16 +120,33 @@ def test_embedding_width_is_prunable_like_a_producer():
     assert slim(g, keep).emb.weight.shape == (50, 3)
 
 
-def test_an_opaque_transformer_encoder_is_costed_and_reported():
-    """nn.TransformerEncoder has no rule (yet): fx keeps it whole, its MACs are counted for
-    real (not 0) and reported as the share no plan can change, with the reason."""
+def test_torch_transformer_encoder_and_decoder_layers_are_analysed():
+    """nn.TransformerEncoder(Layer) / DecoderLayer (batch_first, post- and pre-norm) are traced
+    through their plain computation: heads, the MLP hidden width and the model width (here
+    the embedding's) are prunable groups; slim == mask and costs are exact."""
     model, x = build("text_classifier")
-    g = analyze(model, x)
-    assert g.baseline.macs == real_macs(model, x) > 0
+    g = check_all(model, x)
+    sizes = {grp.size: grp for grp in g.groups if grp.prunable}
+    assert set(sizes) == {16, 2, 32}  # model width, heads, MLP hidden
+    assert "emb.weight[out]" in sizes[16].members
+    assert any("self_attn.in_proj_weight[out]" in m for m in sizes[2].members)
+    assert "enc.layers.0.linear1.weight[out]" in sizes[32].members
+    model, x = build("tiny_decoder")
+    g = check_all(model, x)
+    assert sum(grp.prunable for grp in g.groups) == 7  # width, 2 x (2 attentions, MLP)
+
+
+def test_an_opaque_module_is_costed_and_reported():
+    """A submodule fx cannot trace: its MACs are counted for real (not 0) and reported as the
+    share no plan can change, with the reason; the layers after it still prune."""
+    model, x = build("with_opaque")
+    with pytest.warns(UserWarning, match="submodule 'gate'"):
+        g = analyze(model, x)
+    assert g.baseline.macs == real_macs(model, x) == 12 * 12 * 2 + 12 * 40 + 40 * 3
     share = g.mac_share()
-    enc = [m for r, m in share["reasons"] if "module enc" in r]
-    assert enc and enc[0] > 0.9 * share["macs"]
-    assert share["share"] < 0.1
+    assert share["reasons"][0][0].startswith("submodule 'gate' is opaque")
+    assert share["prunable_macs"] == 12 * 40 + 40 * 3  # fc2 -> head: the 40 are prunable
+    assert share["share"] == pytest.approx((12 * 40 + 40 * 3) / g.baseline.macs)
 
 
 def test_channel_shuffle_by_view_transpose_is_exact():
@@ -143,10 +162,10 @@ def test_channel_shuffle_by_view_transpose_is_exact():
 def test_inspect_prints_the_prunable_share_and_the_reasons(tmp_path):
     src = Path(__file__).parent / "coverage_models.py"
     model_py = tmp_path / "model.py"
-    model_py.write_text(src.read_text() + "\n\ndef build_model():\n    return TextClassifier()"
-                        "\n\n\ndef example_inputs():\n    return (torch.randint(0, 50, (1, 7)),)\n")
+    model_py.write_text(src.read_text() + "\n\ndef build_model():\n    return WithOpaque()"
+                        "\n\n\ndef example_inputs():\n    return (torch.randn(1, 12),)\n")
     out = subprocess.run([sys.executable, "-m", "graphsearch.cli", "inspect", str(model_py)],
                          capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("prunable"))
     assert "% of MACs" in line
-    assert "not prunable: no rule for module enc" in out
+    assert "not prunable: submodule 'gate' is opaque" in out
