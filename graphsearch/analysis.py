@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
@@ -47,21 +47,27 @@ class MacTerm:
     coeff: float
     layouts: list[tuple[np.ndarray, float]]  # (atoms, multiplicity); MACs = coeff * prod(count)
     node: str
+    why: str = ""  # an opaque op's MACs: why no plan changes them
 
 
 @dataclass
 class NodeInfo:
+    """What the analysis found at one fx node (also kept on the node: `node.meta["channels"]`)."""
+
     name: str
-    rule: str
+    rule: str  # the rule's name ("conv", "layout", ...; "unsupported", "input", "output")
     edge: str
     dead: str
     inputs: list[str]  # producer nodes of tensor arguments, in argument order
     ids: Any  # tensor, tuple of tensors, or None
+    op: R.Rule | None = None  # the rule itself (None for inputs, outputs, unsupported ops)
 
 
 class Context:
-    def __init__(self, traced: Traced) -> None:
+    def __init__(self, traced: Traced, rules: R.Rules | None = None) -> None:
         self.traced = traced
+        self.rules = rules if rules is not None else R.default_rules()
+        self.rule: R.Rule | None = None  # the rule being applied
         self.gm = traced.module
         self.atoms = AtomTable()
         self.modules = dict(self.gm.named_modules())
@@ -224,7 +230,7 @@ class Context:
         if self.node is not None and self.node.name not in b.nodes:
             b.nodes.append(self.node.name)
 
-    def macs(self, coeff: float, *layouts) -> None:
+    def macs(self, coeff: float, *layouts, why: str = "") -> None:
         """MACs = coeff * product over layouts of their kept positions (per sample)."""
         resolved = []
         for lay in layouts:
@@ -233,7 +239,54 @@ class Context:
                 resolved.append((ids.reshape(-1).numpy().copy(), math.prod(real) / ids.numel()))
             else:
                 resolved.append((_np(lay).copy(), 1.0))
-        self.macs_terms.append(MacTerm(float(coeff), resolved, self.node.name))
+        self.macs_terms.append(MacTerm(float(coeff), resolved, self.node.name, why))
+
+    def count_macs(self, node: fx.Node) -> float:
+        """MACs per sample of an op no rule sees into, counted for real (torch's FLOP counter
+        on zeros of the recorded shapes: matmuls, convolutions, attention); 0 if it cannot
+        run alone."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def real(a):
+            if isinstance(a, fx.Node):
+                if a.op == "get_attr":
+                    return self.gm.get_parameter(a.target) if a.target in self.params else \
+                        self.gm.get_buffer(a.target) if a.target in self.buffers else None
+                v = self.value(a)
+                return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype)
+                                if isinstance(t, torch.Tensor) else t, v)
+            if isinstance(a, (list, tuple)):
+                return type(a)(real(x) for x in a)
+            if isinstance(a, dict):
+                return {k: real(x) for k, x in a.items()}
+            return a
+
+        try:
+            args, kwargs = real(node.args), real(node.kwargs)
+            counter = FlopCounterMode(display=False)
+            # grad on and attention's math kernel: torch's fused paths, which the counter
+            # does not see, stay off
+            with counter, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                if node.op == "call_module":
+                    self.modules[node.target](*args, **kwargs)
+                elif node.op == "call_function":
+                    node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    getattr(args[0], node.target)(*args[1:], **kwargs)
+            flops = counter.get_total_flops()
+        except Exception:  # noqa: BLE001 - an op that cannot run alone stays uncounted
+            return 0.0
+        return flops / 2 / max(self.batch, 1)
+
+    @property
+    def batch(self) -> int:
+        """Samples in the example inputs (MACs are per sample)."""
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                v = self.value(n)
+                return int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() else 1
+        return 1
 
     # ------------------------------------------------------------------ generic behaviours
     def elementwise(self, node: fx.Node, operands: list | None = None) -> torch.Tensor:
@@ -354,20 +407,27 @@ def compress(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def analyze(model: torch.nn.Module, example_inputs) -> "ChannelGraph":
-    """Trace `model` and build its channel graph: coupled channel groups and a cost model."""
+def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
+            ) -> "ChannelGraph":
+    """Trace `model` and build its channel graph: coupled channel groups and a cost model.
+
+    `rules` (default: `graphsearch.rules.default_rules()`) says what each op ties, costs and
+    how the passes rewrite it; extend a copy with rules for your own modules."""
     from .graph import ChannelGraph
 
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs))
-    ctx = Context(traced)
+    rules = rules if rules is not None else R.default_rules()
+    traced = trace(model, tuple(example_inputs), rules)
+    ctx = Context(traced, rules)
     infos: list[NodeInfo] = []
     for node in traced.module.graph.nodes:
         ctx.node = node
         ctx.module = ctx.modules.get(node.target) if node.op == "call_module" else None
-        infos.append(_apply(ctx, node, traced))
-    return ChannelGraph(traced, ctx, infos)
+        info = _apply(ctx, node, traced)
+        node.meta["channels"] = info
+        infos.append(info)
+    return ChannelGraph(traced, ctx, infos, rules)
 
 
 def _producers(ctx: Context, node: fx.Node) -> list[str]:
@@ -403,7 +463,8 @@ def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
         for a in ctx.tensor_args(node):
             ctx.fix(ctx.ids(a), "model output")
         return NodeInfo(node.name, "output", "none", "block", inputs, None)
-    rule = R.rule_for(node, ctx.module)
+    rule = ctx.rules.rule_for(node, ctx.module)
+    ctx.rule = rule
     if rule is None:
         why = None
         if node.op == "call_module" and node.target in traced.untraceable:
@@ -412,12 +473,12 @@ def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
         name, edge, dead = "unsupported", "stop", "block"
     else:
         try:
-            ids = rule.apply(ctx, node)
+            ids = rule.tie(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot cope stops propagation
             ids = R.unsupported(ctx, node, f"rule '{rule.name}' could not handle it "
                                            f"({type(exc).__name__}: {exc})")
-            name, edge, dead = "unsupported", "stop", "block"
+            name, edge, dead, rule = "unsupported", "stop", "block", None
         else:
             name, edge, dead = rule.name, rule.edge, rule.dead
     ctx.node_ids[node.name] = ids
-    return NodeInfo(node.name, name, edge, dead, inputs, ids)
+    return NodeInfo(node.name, name, edge, dead, inputs, ids, rule)

@@ -51,9 +51,24 @@ def _inspect(args) -> int:
     print(f"params     {human(s['params'])}  ({s['params']:,})")
     print(f"groups     {s['groups']} ({s['prunable']} prunable, {s['removable']} may reach "
           f"width 0, {s['prunable_channels']:,} prunable channels)")
+    print(format_share(graph))
     if s["shape_mode"] != "meta":
         print("shapes     from one real forward pass (some op has no meta kernel)")
     return 0
+
+
+def format_share(graph, width: int = 100) -> str:
+    """The share of MACs a plan can change, and the top reasons for the rest."""
+    share = graph.mac_share()
+    lines = [f"prunable   {100 * share['share']:.1f}% of MACs "
+             f"({human(share['prunable_macs'])} of {human(share['macs'])})"]
+    total = max(share["macs"], 1)
+    for reason, macs in share["reasons"]:
+        text = f"  {100 * macs / total:5.1f}% not prunable: {reason}"
+        lines.append(text if len(text) <= width else text[:width - 3] + "...")
+    if share["more_reasons"]:
+        lines.append(f"  ... and {share['more_reasons']} more reasons (--json lists groups)")
+    return "\n".join(lines)
 
 
 def format_groups(graph, all_members: bool = False, width: int = 100) -> str:

@@ -15,8 +15,8 @@ evaluation is one small matrix-vector product.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -49,18 +49,30 @@ class ChannelGroup:
     prunable: bool
     reason: str  # why not prunable, in words ("" when prunable)
     members: list[str]  # e.g. "layer1.0.conv1.weight[out]", "fc.weight[in] x49"
-    removable: bool = False  # may reach width 0: it only feeds a removable branch
     spaces: list[str] = field(default_factory=list)  # nodes whose channels are this group's
     classes: np.ndarray = field(default=None, repr=False)  # class representatives, in order
+    # may reach width 0 (it only feeds a removable branch): worked out on first use, by the
+    # graph's removal simulation (most analyses never ask)
+    _removable: "bool | Callable[[], bool]" = field(default=False, repr=False, compare=False)
+
+    @property
+    def removable(self) -> bool:
+        if callable(self._removable):
+            self._removable = bool(self._removable())
+        return self._removable
+
+    @removable.setter
+    def removable(self, value: bool) -> None:
+        self._removable = value
 
     @property
     def min_width(self) -> int:
         return 0 if self.removable else 1
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("classes")
-        d["min_width"] = self.min_width
+        d = {"id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
+             "members": list(self.members), "removable": self.removable,
+             "spaces": list(self.spaces), "min_width": self.min_width}
         return d
 
 
@@ -106,7 +118,6 @@ class ChannelMacTerm:
     nodes: tuple[str, ...]
 
 
-_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
 
 
@@ -115,12 +126,14 @@ class PlanError(ValueError):
 
 
 class ChannelGraph:
-    def __init__(self, traced: Traced, ctx: Context, infos: list[NodeInfo]) -> None:
+    def __init__(self, traced: Traced, ctx: Context, infos: list[NodeInfo], rules=None) -> None:
         self.module = traced.module
         self.values = traced.values
         self.untraceable = traced.untraceable
         self.shape_mode = traced.shape_mode
         self.nodes = infos
+        self.rules = rules if rules is not None else ctx.rules
+        self._info = {i.name: i for i in infos}
         self._atoms = ctx.atoms
         self._bindings = ctx.bindings
         self._spaces_by_node: dict[str, list] = {}
@@ -130,7 +143,8 @@ class ChannelGraph:
         self._build_cost_tables(ctx)
         self._build_dead_tables(ctx)
         for g in self.groups:
-            g.removable = g.prunable and self._simulate(frozenset([g.id]))[0]
+            g.removable = (lambda gid=g.id: self._simulate(frozenset([gid]))[0]) \
+                if g.prunable else False
         self.nx = self._build_nx()
         self.baseline = self.cost()
 
@@ -209,7 +223,6 @@ class ChannelGraph:
         for info in self.nodes:
             for name in dict.fromkeys(info.inputs):
                 users.setdefault(name, []).append(info)
-        passthrough = {"elementwise_unary", "add", "sub", "multiply", "layout"}
         memo: dict[str, bool] = {}
 
         def numel(name: str) -> int:
@@ -220,7 +233,7 @@ class ChannelGraph:
             # a product where this operand is broadcast over the other (B,C,1,1 x B,C,H,W),
             # not a gated linear unit, whose two factors are both real producers
             others = [i for i in dict.fromkeys(u.inputs) if i != name]
-            return u.rule == "multiply" and bool(others) and \
+            return u.op is not None and u.op.flow == "scale" and bool(others) and \
                 0 <= numel(name) < min(numel(i) for i in others)
 
         def only_gates(name: str) -> bool:
@@ -229,7 +242,8 @@ class ChannelGraph:
                 outs = users.get(name, [])
                 memo[name] = bool(outs) and all(
                     scales(u, name)
-                    or (u.rule in passthrough and len(set(u.inputs)) == 1 and only_gates(u.name))
+                    or (u.op is not None and u.op.flow in ("pass", "scale") and
+                        len(set(u.inputs)) == 1 and only_gates(u.name))
                     for u in outs)
             return memo[name]
 
@@ -273,6 +287,7 @@ class ChannelGraph:
     def _build_cost_tables(self, ctx: Context) -> None:
         layouts: list[tuple[np.ndarray, float]] = []
         terms: list[tuple[str, float, list[int], list[str]]] = []
+        self._term_why: list[str] = []
 
         def add_layout(atoms: np.ndarray, mult: float) -> int:
             layouts.append((atoms, mult))
@@ -281,6 +296,7 @@ class ChannelGraph:
         for t in ctx.macs_terms:
             idx = [add_layout(a, m) for a, m in t.layouts]
             terms.append(("macs", t.coeff, idx, [t.node]))
+            self._term_why.append(t.why)
         for name, p in self.module.named_parameters():
             b = ctx.bindings.get(name)
             if b is None:
@@ -576,20 +592,150 @@ class ChannelGraph:
         if self._tied is None:
             self._tied = {g.id: [] for g in self.groups}
             for name, b in self._bindings.items():
-                owner = self.module.get_submodule(name.rpartition(".")[0])
-                norm = isinstance(owner, _NORMS)
                 for dim, line in sorted(b.dims.items()):
-                    if norm:
-                        role = {"weight": "gamma", "bias": "beta"}.get(name.rpartition(".")[2],
-                                                                       "statistic")
-                    else:
-                        role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
+                    # the rule that bound it says its role (a norm's gamma, beta, statistics)
+                    role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
                     groups, index = self._locate(line)
                     for gid in np.unique(groups[groups >= 0]).tolist():
                         at = np.flatnonzero(groups == gid)
                         self._tied[gid].append(TiedSlice(name, dim, at, index[at], role,
                                                          b.is_buffer))
         return self._tied
+
+    # ------------------------------------------------------------------ what can be pruned
+    def mac_share(self, top: int = 5) -> dict:
+        """How much of the baseline's MACs some plan can change, and why the rest cannot.
+
+        A MAC term (one conv, linear, matmul, or an opaque op's real count) is prunable when
+        one of its channel layouts holds a prunable group's channel. Returns `macs`,
+        `prunable_macs`, `share` and `reasons`: [(reason, MACs)] for the rest, largest first
+        (a group's reason, or the opaque op's)."""
+        counts = np.append(self._c0 + self._M @ np.ones(len(self.groups)), 1.0)
+        per_term = counts[self._term_a] * counts[self._term_b] * self._macs_coeff
+        prunable = np.array([g.prunable for g in self.groups], dtype=float)
+        touches = np.append(self._M @ prunable > 0, False)
+        free = touches[self._term_a] | touches[self._term_b]
+        total = float(per_term.sum())
+        reasons: dict[str, float] = {}
+        for k in np.flatnonzero(self._term_kind & ~free):
+            why = self._term_why[k] if k < len(self._term_why) else ""
+            if not why:
+                # the output layout first: why the op's own channels are fixed
+                for lay in (int(self._term_b[k]), int(self._term_a[k])):
+                    if lay < len(self._c0):
+                        hit = np.flatnonzero(self._M[lay])
+                        if hit.size:
+                            why = self.groups[int(hit[0])].reason
+                            break
+            why = why or "channels no group owns (constants)"
+            reasons[why] = reasons.get(why, 0.0) + float(per_term[k])
+        kept = float(per_term[free].sum())
+        ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
+        return {"macs": int(round(total)), "prunable_macs": int(round(kept)),
+                "share": kept / total if total > 0 else 0.0,
+                "reasons": [(r, int(round(m))) for r, m in ranked[:top]],
+                "more_reasons": max(0, len(ranked) - top)}
+
+    # ------------------------------------------------------------------ public API for passes
+    @property
+    def bindings(self) -> dict:
+        """Parameter name -> `analysis.Binding` (how each dim is sliced by channel)."""
+        return self._bindings
+
+    def info(self, node: str) -> NodeInfo | None:
+        """What the analysis found at fx node `node` (its rule, channel ids, inputs)."""
+        return self._info.get(node)
+
+    def rule(self, node: str):
+        """The `rules.Rule` applied at fx node `node` (None: input, output, unsupported)."""
+        info = self._info.get(node)
+        return info.op if info is not None else None
+
+    def internal_atoms(self, node: str, kind: str) -> np.ndarray | None:
+        """Atoms an op keeps inside (kind "heads": an attention's heads), or None."""
+        for space in self._spaces_by_node.get(node, ()):
+            if space.kind == kind:
+                return space.atoms
+        return None
+
+    @property
+    def channel_count(self) -> int:
+        """Channel positions over all groups (group offset + index runs over 0..count-1)."""
+        return int(self._group_offset[-1])
+
+    def group_offset(self, gid) -> "int | np.ndarray":
+        """Position of channel 0 of group `gid` (an array of group ids gives an array)."""
+        return self._group_offset[gid]
+
+    # ------------------------------------------------------------------ gates
+    def gate_sites(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """fx node -> (group of every output position, index in group) where per-channel
+        gates apply: the output of each op whose rule says gate="producer", moved onto the
+        norm that directly follows it (rule gate="norm": BN rescales away what precedes it)."""
+        users: dict[str, list[str]] = {}
+        for info in self.nodes:
+            for src in info.inputs:
+                users.setdefault(src, []).append(info.name)
+        sites = {}
+        for info in self.nodes:
+            if info.op is None or info.op.gate != "producer" or \
+                    not isinstance(info.ids, torch.Tensor):
+                continue
+            at = info.name
+            nxt = users.get(at, [])
+            if len(nxt) == 1 and self._info[nxt[0]].op is not None and \
+                    self._info[nxt[0]].op.gate == "norm":
+                at = nxt[0]
+            ids = self._info[at].ids
+            groups, index = self.locate(ids.reshape(-1).numpy())
+            sites[at] = (groups.reshape(tuple(ids.shape)), index.reshape(tuple(ids.shape)))
+        return sites
+
+    def gated(self, gates, owner: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The traced model with every gated group's channels multiplied by `gates[g]()` at
+        its gate sites (see `gate_sites`); shares this graph's parameters, and `owner`'s
+        (the module holding the gates) train with it."""
+        from .passes.gates import GatedModel
+
+        return GatedModel(self, gates, owner)
+
+    def fold_gates(self, model: torch.nn.Module, values: dict) -> list[str]:
+        """Multiply, in place, the parameters of `model` (this graph's architecture) that sit
+        at each gate site by the constant gate `values[g]` (a tensor over group g's channels):
+        a norm's gamma and beta where the gate follows a norm, else the producer's output rows
+        and bias. Returns the gate sites that hold no parameter to fold into (e.g. a norm
+        without affine); empty when the folding is exact."""
+        tied = self.tied_parameters()
+        params = dict(model.named_parameters())
+        factors: dict[tuple[str, int], torch.Tensor] = {}
+        unfolded = []
+        for node, (groups, _) in self.gate_sites().items():
+            hit = [int(g) for g in np.unique(groups) if int(g) in values]
+            if not hit:
+                continue
+            at = {name for name, b in self._bindings.items()
+                  if node in b.nodes and not b.is_buffer and name in params}
+            found = False
+            for gid in hit:
+                vec = values[gid].detach()
+                for s in tied[gid]:
+                    if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
+                        continue
+                    p = params[s.name]
+                    if (s.name, s.dim) not in factors:
+                        factors[(s.name, s.dim)] = torch.ones(p.shape[s.dim], dtype=p.dtype,
+                                                              device=p.device)
+                    factors[(s.name, s.dim)][torch.as_tensor(s.positions, device=p.device)] = \
+                        vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
+                    found = True
+            if not found:
+                unfolded.append(node)
+        with torch.no_grad():
+            for (name, dim), f in factors.items():
+                shape = [1] * params[name].dim()
+                shape[dim] = -1
+                params[name].mul_(f.view(shape))
+        return unfolded
 
     # ------------------------------------------------------------------ views
     @property
@@ -625,6 +771,7 @@ class ChannelGraph:
             "prunable": len(self.prunable_groups),
             "removable": sum(g.removable for g in self.groups),
             "prunable_channels": int(sum(g.size for g in self.prunable_groups)),
+            "prunable_mac_share": round(self.mac_share()["share"], 6),
             **c.as_dict(),
             "shape_mode": self.shape_mode,
             "untraceable": dict(self.untraceable),

@@ -8,6 +8,7 @@ from one real forward pass and `Traced.shape_mode` says so.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +25,24 @@ class TraceFailure(RuntimeError):
 class _LeafFallbackTracer(fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules=None) -> None:
         super().__init__()
         self.untraceable: dict[str, str] = {}
+        self.rules = rules
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return qualname in self.untraceable or super().is_leaf_module(m, qualname)
+        if qualname in self.untraceable:
+            return True
+        if type(m) in _TRACED_THROUGH:
+            return False
+        # A module whose rule applies to it whole (a user's registered block, a subclass of a
+        # known module that keeps its forward) stays one node, so that the rule sees it.
+        return super().is_leaf_module(m, qualname) or \
+            (self.rules is not None and qualname != "" and self.rules.keeps_whole(m))
 
     def call_module(self, m, forward, args, kwargs):
+        if type(m) in _TRACED_THROUGH and self.path_of_module(m) not in self.untraceable:
+            forward = functools.partial(_TRACED_THROUGH[type(m)], m)
         stack_before = list(self.module_stack.keys())
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -46,6 +57,80 @@ class _LeafFallbackTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
 
 
+# torch.nn's transformer layers: their forward picks a fused fast path with Python checks
+# on the input that fx cannot trace (the whole layer would be one opaque leaf). Traced
+# through the same computation written plainly (torch's own slow path), their attention,
+# norms and MLP are the modules the rules know.
+def _encoder_layer(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    def sa(x):
+        x = m.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                        need_weights=False, is_causal=is_causal)[0]
+        return m.dropout1(x)
+
+    def ff(x):
+        return m.dropout2(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+    x = src
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        return x + ff(m.norm2(x))
+    x = m.norm1(x + sa(x))
+    return m.norm2(x + ff(x))
+
+
+def _decoder_layer(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+    def sa(x):
+        x = m.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                        is_causal=tgt_is_causal, need_weights=False)[0]
+        return m.dropout1(x)
+
+    def mha(x):
+        x = m.multihead_attn(x, memory, memory, attn_mask=memory_mask,
+                             key_padding_mask=memory_key_padding_mask,
+                             is_causal=memory_is_causal, need_weights=False)[0]
+        return m.dropout2(x)
+
+    def ff(x):
+        return m.dropout3(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+    x = tgt
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        x = x + mha(m.norm2(x))
+        return x + ff(m.norm3(x))
+    x = m.norm1(x + sa(x))
+    x = m.norm2(x + mha(x))
+    return m.norm3(x + ff(x))
+
+
+def _encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    x = src
+    for layer in m.layers:
+        x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                  is_causal=bool(is_causal))
+    return m.norm(x) if m.norm is not None else x
+
+
+def _decoder(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    x = tgt
+    for layer in m.layers:
+        x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                  tgt_key_padding_mask=tgt_key_padding_mask,
+                  memory_key_padding_mask=memory_key_padding_mask,
+                  tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return m.norm(x) if m.norm is not None else x
+
+
+_TRACED_THROUGH = {
+    torch.nn.TransformerEncoderLayer: _encoder_layer,
+    torch.nn.TransformerDecoderLayer: _decoder_layer,
+    torch.nn.TransformerEncoder: _encoder,
+    torch.nn.TransformerDecoder: _decoder,
+}
+
+
 @dataclass
 class Traced:
     module: fx.GraphModule
@@ -55,14 +140,21 @@ class Traced:
     shape_mode: str = "meta"
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple) -> Traced:
-    """Trace `model` with fx and record the output of every node on meta tensors."""
+def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
+    """Trace `model` with fx and record the output of every node on meta tensors.
+
+    `rules` (a `graphsearch.rules.Rules`) says which modules stay whole and which keep their
+    input's shape (their meta kernels are skipped)."""
+    if rules is None:
+        from .rules import default_rules
+
+        rules = default_rules()
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if isinstance(model, fx.GraphModule):
         gm, untraceable = model, {}
     else:
-        tracer = _LeafFallbackTracer()
+        tracer = _LeafFallbackTracer(rules)
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001
@@ -83,11 +175,11 @@ def trace(model: torch.nn.Module, example_inputs: tuple) -> Traced:
                 stacklevel=2,
             )
     try:
-        values = _propagate_meta(gm, example_inputs)
+        values = propagate_shapes(gm, example_inputs, rules)
         mode = "meta"
     except Exception:  # noqa: BLE001 - some ops have no meta kernel: pay one real pass
         with torch.no_grad():
-            values = _propagate(gm, tuple(example_inputs), record_as_meta=True)
+            values = _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
         mode = "real"
     return Traced(gm, values, untraceable, mode)
 
@@ -98,9 +190,15 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-def _propagate_meta(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, Any]:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, rules=None, real: bool = False
+                     ) -> dict[str, Any]:
+    """Every node's output on meta tensors (no memory, no arithmetic): node name -> value.
+    `real`: compute on the given (real) inputs, record as meta (an op without meta kernel)."""
+    if real:
+        with torch.no_grad():
+            return _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
     state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
-    holder = _Holder(gm)
+    holder = _Holder(gm, rules)
     meta_inputs = tuple(tree_map(_to_meta, tuple(example_inputs)))
     state = {f"gm.{k}": v for k, v in state.items()}
     return torch.func.functional_call(holder, state, meta_inputs, strict=False, tie_weights=False)
@@ -109,33 +207,34 @@ def _propagate_meta(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, Any]
 class _Holder(torch.nn.Module):
     """Runs the recorder inside functional_call so that parameters are swapped for meta ones."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, rules=None) -> None:
         super().__init__()
         self.gm = gm
+        self.rules = rules
 
     def forward(self, *args):
-        return _propagate(self.gm, args, record_as_meta=False)
-
-
-# Modules whose output has the shape of their input: on meta tensors their (sometimes slow,
-# decomposed) kernels are skipped.
-_SAME_SHAPE = (
-    torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm,
-    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.GELU, torch.nn.SiLU, torch.nn.Sigmoid, torch.nn.Tanh,
-    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.LeakyReLU, torch.nn.Identity,
-    torch.nn.modules.dropout._DropoutNd,
-)
+        return _propagate(self.gm, args, record_as_meta=False, rules=self.rules)
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, record_as_meta: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, record_as_meta: bool, rules=None) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.record_as_meta = record_as_meta
         self.recorded: dict[str, Any] = {}
+        # Modules whose output has their input's shape (the rule says so): on meta tensors
+        # their (sometimes slow, decomposed) kernels are skipped.
+        self.same_shape: set[str] = set()
+        if rules is not None:
+            for n in gm.graph.nodes:
+                if n.op == "call_module":
+                    found = rules.module_rule(self.submodules[n.target])
+                    if found is not None and found[0].same_shape and \
+                            rules.keeps_whole(self.submodules[n.target]):
+                        self.same_shape.add(n.target)
 
     def call_module(self, target, args, kwargs):
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta and \
-                isinstance(self.submodules[target], _SAME_SHAPE):
+        if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
+                args[0].is_meta:
             return args[0]
         return super().call_module(target, args, kwargs)
 
@@ -145,7 +244,11 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _propagate(gm: fx.GraphModule, args: tuple, record_as_meta: bool) -> dict[str, Any]:
-    rec = _Recorder(gm, record_as_meta)
+def _propagate(gm: fx.GraphModule, args: tuple, record_as_meta: bool, rules=None
+               ) -> dict[str, Any]:
+    rec = _Recorder(gm, record_as_meta, rules)
     rec.run(*args)
     return rec.recorded
+
+
+_propagate_meta = propagate_shapes  # the name other modules used before

@@ -116,14 +116,3 @@ class PrunedMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_proj_weight.shape[1]}, heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, out={self.out_proj.out_features}")
-
-
-def _register_rule() -> None:
-    """Re-analysing a slim model (a second search, `inspect` on it) needs the same rule as
-    the module this one replaced."""
-    from ..rules import multihead_attention, register
-
-    register(PrunedMultiheadAttention, edge="heads")(multihead_attention)
-
-
-_register_rule()

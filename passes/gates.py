@@ -21,29 +21,9 @@ from torch import nn
 
 from ..graph import ChannelGraph
 
-_PRODUCERS = {"conv", "conv_transpose", "linear", "functional_linear", "matmul"}
-_NORMS = {"batch_norm", "group_norm", "layer_norm"}
-
-
 def gate_points(graph: ChannelGraph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """fx node -> (group of every output position, index in group) where gates apply."""
-    infos = {i.name: i for i in graph.nodes}
-    users: dict[str, list[str]] = {}
-    for info in graph.nodes:
-        for src in info.inputs:
-            users.setdefault(src, []).append(info.name)
-    points = {}
-    for info in graph.nodes:
-        if info.rule not in _PRODUCERS or not isinstance(info.ids, torch.Tensor):
-            continue
-        at = info.name
-        nxt = users.get(at, [])
-        if len(nxt) == 1 and infos[nxt[0]].rule in _NORMS:
-            at = nxt[0]
-        ids = infos[at].ids
-        groups, index = graph.locate(ids.reshape(-1).numpy())
-        points[at] = (groups.reshape(tuple(ids.shape)), index.reshape(tuple(ids.shape)))
-    return points
+    return graph.gate_sites()
 
 
 class GatedModel(nn.Module):
@@ -56,7 +36,7 @@ class GatedModel(nn.Module):
         self.owner = owner  # the module holding the gates' parameters, trained with the model
         self.gates = dict(gates)
         self._points = {}
-        for node, (groups, index) in gate_points(graph).items():
+        for node, (groups, index) in graph.gate_sites().items():
             if any(int(g) in self.gates for g in np.unique(groups)):
                 self._points[node] = (torch.from_numpy(groups), torch.from_numpy(index))
 

@@ -17,13 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..graph import ChannelGraph
 
-from .attention import PrunedMultiheadAttention, multihead_attention
 from .plan import Keep, ResolvedPlan, resolve
 
 
@@ -35,28 +33,18 @@ class MaskedModel(nn.Module):
         self.gm = graph.module
         self.plan = plan
         self._masks: dict[str, Any] = {}
-        self._norm_masks: dict[str, torch.Tensor] = {}
-        self._head_masks: dict[str, torch.Tensor] = {}
-        infos = {i.name: i for i in graph.nodes}
+        # Ops whose rule runs them differently under a plan (LayerNorm statistics over kept
+        # channels, attention without the dropped heads): node -> (runner, keep).
+        self._runners: dict[str, tuple] = {}
         for node in self.gm.graph.nodes:
-            info = infos.get(node.name)
+            info = graph.info(node.name)
             if info is None or node.name in plan.dead:
                 continue
             self._masks[node.name] = _masks_of(plan, info.ids)
-            self._special(graph, plan, node, infos)
-
-    def _special(self, graph, plan, node, infos) -> None:
-        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-        is_ln = isinstance(module, nn.LayerNorm) or node.target is F.layer_norm
-        if is_ln:
-            ids = infos[node.name].ids  # output channels are the normalised dim
-            if plan.changes(ids):
-                line = ids.reshape(-1) if ids.dim() else ids
-                self._norm_masks[node.name] = plan.kept(line).float()
-        if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-            heads = _heads_of(graph, node.name, module.num_heads)
-            if heads is not None and plan.changes(heads):
-                self._head_masks[node.name] = plan.kept(heads).float()
+            if info.op is not None and info.op.mask is not None:
+                special = info.op.mask(graph, plan, node, info)
+                if special is not None:
+                    self._runners[node.name] = special
 
     def forward(self, *args):
         return _MaskInterpreter(self).run(*args)
@@ -69,49 +57,16 @@ class _MaskInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         o = self.owner
-        if n.name in o._norm_masks:
-            out = self._layer_norm(n, o._norm_masks[n.name])
-        elif n.name in o._head_masks:
-            out = self._attention(n, o._head_masks[n.name])
+        special = o._runners.get(n.name)
+        if special is not None:
+            runner, keep = special
+            out = runner(self, n, keep)
         else:
             out = super().run_node(n)
         if n.name in o.plan.dead:
             return tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t,
                             out)
         return _apply_masks(out, o._masks.get(n.name))
-
-    def _layer_norm(self, n: fx.Node, keep: torch.Tensor) -> torch.Tensor:
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        x = args[0]
-        if n.op == "call_module":
-            m = self.fetch_attr(n.target)
-            weight, bias, eps = m.weight, m.bias, m.eps
-        else:
-            weight = args[2] if len(args) > 2 else kwargs.get("weight")
-            bias = args[3] if len(args) > 3 else kwargs.get("bias")
-            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
-        count = keep.sum()
-        mean = (x * keep).sum(-1, keepdim=True) / count
-        var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / count
-        y = (x - mean) / torch.sqrt(var + eps)
-        if weight is not None:
-            y = y * weight
-        if bias is not None:
-            y = y + bias
-        return y
-
-    def _attention(self, n: fx.Node, head_keep: torch.Tensor):
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        return multihead_attention(self.fetch_attr(n.target), *args, head_mask=head_keep,
-                                   **kwargs)
-
-
-def _heads_of(graph: ChannelGraph, node: str, num_heads: int) -> torch.Tensor | None:
-    """Atoms of the heads of attention node `node` (created by its rule)."""
-    for space in graph._spaces_by_node.get(node, ()):
-        if space.kind == "heads" and len(space.atoms) == num_heads:
-            return torch.from_numpy(space.atoms)
-    return None
 
 
 def _masks_of(plan: ResolvedPlan, ids) -> Any:

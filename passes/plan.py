@@ -34,7 +34,7 @@ class ResolvedPlan:
         groups, index = self.graph.locate(flat)
         out = np.ones(flat.shape, dtype=bool)
         has = groups >= 0
-        out[has] = self._kept[self.graph._group_offset[groups[has]] + index[has]]
+        out[has] = self._kept[self.graph.group_offset(groups[has]) + index[has]]
         return torch.from_numpy(out.reshape(tuple(ids.shape)))
 
     def changes(self, ids) -> bool:
@@ -77,9 +77,9 @@ def resolve(graph: ChannelGraph, keep: Keep | None) -> ResolvedPlan:
     removal = graph.removal({g: list(idx) for g, idx in keep.items()})
     for gid in removal.zero_groups:
         keep[gid] = np.zeros(0, dtype=np.int64)
-    kept = np.ones(int(graph._group_offset[-1]), dtype=bool)
+    kept = np.ones(graph.channel_count, dtype=bool)
     for gid, idx in keep.items():
-        off, size = int(graph._group_offset[gid]), graph.groups[gid].size
+        off, size = int(graph.group_offset(gid)), graph.groups[gid].size
         kept[off:off + size] = False
         kept[off + idx] = True
     if removal.dropped is not None:

@@ -872,3 +872,97 @@ def test_untraceable_submodule_becomes_an_opaque_leaf():
         assert not grp.prunable and grp.reason.startswith("submodule 'gate' is opaque (fx: ")
     assert group(g, "conv2.weight[out]").prunable
     assert g.cost() == Cost(HW * (2 * 4 + 4 * 5 + 5 * 3), nparams(WithLeaf()))
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+class ChannelScale(nn.Module):
+    """A user's block: per-channel scale, with Python control flow that fx cannot trace."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: fx keeps it as an opaque leaf
+            return x * self.scale.view(1, -1, 1, 1)
+        return x * self.scale.view(1, -1, 1, 1) * 2
+
+
+def channel_scale(ctx, node):
+    line = ctx.line(ctx.ids(node.args[0]), 1, node.args[0])
+    ctx.bind(f"{node.target}.scale", 0, line, role="gamma")
+    return ctx.channel_ids(line, node)
+
+
+class WithUserBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.gate, self.conv2 = conv(2, 4), ChannelScale(4), conv(4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.gate(self.conv1(x)))
+
+
+def test_a_user_registered_rule_is_used_for_their_module():
+    from graphsearch.passes import mask, slim, verify
+    from graphsearch.rules import Rule, default_rules
+
+    torch.manual_seed(0)
+    model = WithUserBlock().eval()
+    x = torch.rand(1, 2, 8, 8)
+    with pytest.warns(UserWarning, match="submodule 'gate'"):
+        plain = analyze(model, (x,))
+    assert not group(plain, "conv1.weight[out]").prunable  # no rule: opaque
+    rules = default_rules().extend({ChannelScale: Rule("channel_scale", channel_scale)})
+    g = analyze(model, (x,), rules=rules)
+    mid = group(g, "conv1.weight[out]")
+    assert mid.prunable and "gate.scale" in mid.members
+    assert [i.rule for i in g.nodes if i.name == "gate"] == ["channel_scale"]
+    keep = {mid.id: [0, 2]}
+    s = slim(g, keep)
+    assert s.gate.scale.shape == (2,)
+    assert verify(s, mask(g, keep), (x,))
+    assert sum(p.numel() for p in s.parameters()) == g.cost(keep).params
+    # the project's default rules were not changed by the user's extension
+    assert ChannelScale not in default_rules()
+
+
+def test_a_conflicting_registration_is_refused():
+    from graphsearch.load import UserError
+    from graphsearch.rules import Rule, RuleConflict, default_rules
+
+    rules = default_rules()
+    mine = Rule("channel_scale", channel_scale)
+    with pytest.raises(RuleConflict, match=r"module type torch\.nn\.modules\.conv\.Conv2d "
+                                           r"already has the rule 'conv'"):
+        rules.extend({nn.Conv2d: mine})
+    assert issubclass(RuleConflict, UserError)  # the CLI prints it in one line
+    rules.extend({ChannelScale: mine})
+    rules.extend({ChannelScale: mine})  # the same rule again: nothing to refuse
+    with pytest.raises(RuleConflict, match="ChannelScale already has the rule 'channel_scale'"):
+        rules.extend({ChannelScale: Rule("other", channel_scale, edge="mix")})
+    with pytest.raises(RuleConflict, match="must be a Rule or a function"):
+        rules.extend({WithUserBlock: 3})
+
+
+def test_a_subclass_that_keeps_forward_gets_its_base_rule():
+    """A library's own Conv2d subclass (a different __init__, the same forward) is one node
+    with the conv rule, not a traced-into F.conv2d."""
+
+    class MyConv(nn.Conv2d):
+        def __init__(self, cin, cout):
+            super().__init__(cin, cout, 3, padding=1, bias=False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = MyConv(2, 4), MyConv(4, 3)
+
+        def forward(self, x):
+            return self.conv2(F.relu(self.conv1(x)))
+
+    g = run(Net(), 1, 2, 8, 8)
+    assert [i.rule for i in g.nodes if i.name in ("conv1", "conv2")] == ["conv", "conv"]
+    assert group(g, "conv1.weight[out]").prunable

@@ -50,13 +50,15 @@ class SearchContext:
         """`self.model` with every group's channels multiplied by `gates[g]()` where they are
         produced (after the norm that follows a conv/linear). Trains `self.model` in place,
         plus `owner`'s parameters (the gates')."""
-        from graphsearch.passes.gates import gated
+        return self.model_graph().gated(gates, owner)
 
+    def model_graph(self) -> ChannelGraph:
+        """The channel graph of `self.model` (gate sites and folding live on the graph)."""
         if self._model_graph is None:
             from ..analysis import analyze
 
             self._model_graph = analyze(self.model, self.example_inputs)
-        return gated(self._model_graph, gates, owner)
+        return self._model_graph
 
     # ---- the shared target step
     def land(self, scores: dict[int, np.ndarray]) -> Plan:

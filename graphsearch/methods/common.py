@@ -150,52 +150,11 @@ def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
 
 def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
                model: nn.Module | None = None) -> list[str]:
-    """Multiply, in place, the parameters of `model` (default `ctx.model`) that sit at each
-    gate point by the gate values, so that the plain model computes what `ctx.gated` computes
-    with these constant gates: a norm's gamma and beta where the gate follows a norm, else
-    the producer's output rows and bias. Returns the gate points that hold no parameter to
-    fold into (e.g. a norm without affine); empty when the folding is exact."""
-    from graphsearch.passes.gates import gate_points
-
-    model = model if model is not None else ctx.model
-    if ctx._model_graph is None:
-        from ..analysis import analyze
-
-        ctx._model_graph = analyze(ctx.model, ctx.example_inputs)
-    mg = ctx._model_graph
-    tied = mg.tied_parameters()
-    params = dict(model.named_parameters())
-    bindings = mg._bindings
-    factors: dict[tuple[str, int], torch.Tensor] = {}
-    unfolded = []
-    for node, (groups, _) in gate_points(mg).items():
-        hit = [int(g) for g in np.unique(groups) if int(g) in values]
-        if not hit:
-            continue
-        at = {name for name, b in bindings.items() if node in b.nodes and not b.is_buffer
-              and name in params}
-        found = False
-        for gid in hit:
-            vec = values[gid].detach()
-            for s in tied[gid]:
-                if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
-                    continue
-                p = params[s.name]
-                key = (s.name, s.dim)
-                if key not in factors:
-                    factors[key] = torch.ones(p.shape[s.dim], dtype=p.dtype, device=p.device)
-                factors[key][torch.as_tensor(s.positions, device=p.device)] = \
-                    vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
-                found = True
-        if not found:
-            unfolded.append(node)
-    with torch.no_grad():
-        for (name, dim), f in factors.items():
-            p = params[name]
-            shape = [1] * p.dim()
-            shape[dim] = -1
-            p.mul_(f.view(shape))
-    return unfolded
+    """Multiply, in place, the parameters of `model` (default `ctx.model`) at each gate site
+    by the gate values (`ChannelGraph.fold_gates`), so that the plain model computes what
+    `ctx.gated` computes with these constant gates. Returns the gate sites that hold no
+    parameter to fold into; empty when the folding is exact."""
+    return ctx.model_graph().fold_gates(model if model is not None else ctx.model, values)
 
 
 def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray],

@@ -1,0 +1,216 @@
+"""Small models written in the style of public model libraries (no dependency on them):
+the patterns of issue 10 that the channel IR must cover. Used by tests/test_coverage.py and
+benchmarks/coverage.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Norm + activation in one module, calling F.batch_norm on its own parameters."""
+
+    def __init__(self, c, act=True):
+        super().__init__(c)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class OwnConv(nn.Module):
+    """A convolution holding its own weight and calling F.conv2d."""
+
+    def __init__(self, cin, cout, k=3, groups=1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin // groups, k, k) * 0.2)
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1)
+        self.groups, self.pad = groups, k // 2
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, 1, self.pad, 1, self.groups)
+
+
+class FunctionalNet(nn.Module):
+    """Library-style blocks: BN+act subclass, functional conv (plain and depthwise),
+    functional group norm and layer norm on owned parameters, functional linear."""
+
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(c)
+        self.conv2 = OwnConv(c, 2 * c)
+        self.dw = OwnConv(2 * c, 2 * c, groups=2 * c)
+        self.gn_w = nn.Parameter(torch.rand(2 * c) + 0.5)
+        self.gn_b = nn.Parameter(torch.randn(2 * c) * 0.1)
+        self.conv3 = nn.Conv2d(2 * c, c, 1)
+        self.bn3 = BatchNormAct2d(c, act=False)
+        self.ln_w = nn.Parameter(torch.rand(c) + 0.5)
+        self.ln_b = nn.Parameter(torch.randn(c) * 0.1)
+        self.fc_w = nn.Parameter(torch.randn(classes, c) * 0.2)
+        self.fc_b = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = F.relu(self.dw(self.conv2(x)))
+        x = F.group_norm(x, 4, self.gn_w, self.gn_b)
+        x = self.bn3(self.conv3(x))
+        x = x.mean((2, 3))
+        x = F.layer_norm(x, (x.shape[-1],), self.ln_w, self.ln_b)
+        return F.linear(x, self.fc_w, self.fc_b)
+
+
+class QkvAttention(nn.Module):
+    """Attention written by hand in the common ViT style: qkv linear, reshape to
+    (B, N, 3, heads, head_dim), permute, unbind(0)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class TinyDeiT(nn.Module):
+    def __init__(self, dim=16, heads=4, depth=2, classes=5, patch=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(nn.ModuleDict(dict(
+                n1=nn.LayerNorm(dim), attn=QkvAttention(dim, heads), n2=nn.LayerNorm(dim),
+                fc1=nn.Linear(dim, 2 * dim), fc2=nn.Linear(2 * dim, dim))))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for b in self.blocks:
+            x = x + b["attn"](b["n1"](x))
+            x = x + b["fc2"](F.gelu(b["fc1"](b["n2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+class TextClassifier(nn.Module):
+    """nn.Embedding + nn.TransformerEncoder (batch_first) + nn.Linear, on token ids."""
+
+    def __init__(self, vocab=50, dim=16, heads=2, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.emb(x)).mean(1))
+
+
+class TinyDecoder(nn.Module):
+    """nn.TransformerDecoder (pre-norm, batch_first) reading its own embeddings as memory."""
+
+    def __init__(self, vocab=30, dim=16, heads=2, classes=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, 24, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.fc(self.dec(h, h))
+
+
+class Gatekeeper(nn.Module):
+    """Data-dependent Python control flow around a linear layer: fx cannot trace it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class WithOpaque(nn.Module):
+    def __init__(self, dim=12, classes=3):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(dim, dim), Gatekeeper(dim), nn.Linear(dim, 40)
+        self.head = nn.Linear(40, classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(self.gate(self.fc1(x)))))
+
+
+class EmbeddingMLP(nn.Module):
+    """Embedding followed by a prunable MLP: the embedding width is a producer's."""
+
+    def __init__(self, vocab=50, dim=12, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, classes)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.emb(x)))).mean(1)
+
+
+def channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """A public ShuffleNetV2 block (split, branch, concat, shuffle by view/transpose)."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat([a, self.branch(b)], 1), 2)
+
+
+class TinyShuffleNet(nn.Module):
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU())
+        self.units = nn.Sequential(ShuffleUnit(c), ShuffleUnit(c))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.units(self.stem(x)).mean((2, 3)))
+
+
+MODELS = {
+    # name: (builder, example-inputs builder)
+    "functional_net": (FunctionalNet, lambda: (torch.randn(2, 3, 8, 8),)),
+    "tiny_deit": (TinyDeiT, lambda: (torch.randn(2, 3, 16, 16),)),
+    "text_classifier": (TextClassifier, lambda: (torch.randint(0, 50, (2, 7)),)),
+    "tiny_decoder": (TinyDecoder, lambda: (torch.randint(0, 30, (2, 5)),)),
+    "with_opaque": (WithOpaque, lambda: (torch.randn(2, 12),)),
+    "embedding_mlp": (EmbeddingMLP, lambda: (torch.randint(0, 50, (2, 7)),)),
+    "tiny_shufflenet": (TinyShuffleNet, lambda: (torch.randn(2, 3, 8, 8),)),
+}

@@ -1,0 +1,171 @@
+"""Issue 10's patterns from other libraries' model styles (tests/coverage_models.py): each on
+the smallest model that shows it; slim == mask on a random half plan, slim params == the
+cost model's, analysed MACs == a real count (torch's FLOP counter)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from graphsearch import analyze
+from graphsearch.passes import mask, slim, verify
+
+sys.path.insert(0, str(Path(__file__).parent))
+import coverage_models as cm  # noqa: E402
+
+
+def real_macs(model, inputs) -> float:
+    counter = FlopCounterMode(display=False)
+    # no_grad, or a fused attention kernel, would take paths the counter does not see
+    with counter, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(*inputs)
+    return counter.get_total_flops() / 2 / inputs[0].shape[0]
+
+
+def half_plan(g, seed=0):
+    rng = random.Random(seed)
+    return {grp.id: sorted(rng.sample(range(grp.size), max(grp.min_width, grp.size // 2)))
+            for grp in g.prunable_groups}
+
+
+def check_all(model, inputs):
+    """The three checks of the issue; returns the graph."""
+    g = analyze(model, inputs)
+    assert g.baseline.macs == pytest.approx(real_macs(model, inputs), rel=1e-9)
+    keep = half_plan(g)
+    assert keep, "nothing prunable"
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), inputs, rtol=1e-4)
+    assert v, v.message
+    assert sum(p.numel() for p in s.parameters()) == g.cost(keep).params
+    assert real_macs(s, inputs) == pytest.approx(g.cost(keep).macs, rel=1e-9)
+    return g
+
+
+def build(name):
+    torch.manual_seed(0)
+    make, inputs = cm.MODELS[name]
+    return make().eval(), inputs()
+
+
+def names(g, rule):
+    return [i.name for i in g.nodes if i.rule == rule]
+
+
+def test_batchnorm_act_subclass_and_functional_ops_on_owned_parameters():
+    """A BatchNorm2d subclass calling F.batch_norm (+ act), F.conv2d on the module's own weight
+    (plain and depthwise), F.group_norm / F.layer_norm / F.linear on owned parameters: all get
+    the known op's rule, every hidden width is prunable."""
+    model, x = build("functional_net")
+    g = check_all(model, x)
+    assert len(names(g, "functional_batch_norm")) == 2
+    assert len(names(g, "functional_conv")) == 2
+    assert names(g, "group_norm") and names(g, "layer_norm") and names(g, "functional_linear")
+    assert [grp.prunable for grp in g.groups] == [False, True, True, True, False]
+    assert g.mac_share()["share"] == 1.0
+    bn = next(grp for grp in g.groups if "bn1.weight" in grp.members)
+    roles = {s.name: s.role for s in g.tied_parameters()[bn.id] if s.name.startswith("bn1.")}
+    assert roles == {"bn1.weight": "gamma", "bn1.bias": "beta", "bn1.running_mean": "statistic",
+                     "bn1.running_var": "statistic"}
+
+
+def test_a_standardised_weight_is_refused_with_a_reason():
+    class StdConv(torch.nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return torch.nn.functional.conv2d(x, w, self.bias, 1, 1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 1), StdConv(4, 5, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    g = analyze(Net().eval(), (torch.randn(1, 3, 6, 6),))
+    grp = next(grp for grp in g.groups if "a.weight[out]" in grp.members)
+    assert not grp.prunable and "computed weight" in grp.reason
+    # its MACs are still counted: the real count, reported as not prunable
+    assert g.baseline.macs == real_macs(Net().eval(), (torch.randn(1, 3, 6, 6),))
+    share = g.mac_share()
+    assert share["share"] == 0.0 and "computed weight" in share["reasons"][0][0]
+
+
+def test_qkv_unbind_attention_slims_by_heads():
+    """qkv linear, reshape (B, N, 3, heads, hd), permute, unbind(0): heads are the unit and
+    the embedding width is free; sizes computed from x.shape follow the slim widths."""
+    model, x = build("tiny_deit")
+    g = check_all(model, x)
+    heads = [grp for grp in g.groups if any("attn.qkv.weight[out]" in m for m in grp.members)]
+    assert [grp.size for grp in heads] == [4, 4] and all(grp.prunable for grp in heads)
+    embed = next(grp for grp in g.groups if "cls" in grp.members)
+    assert embed.prunable and embed.size == 16
+
+
+def test_embedding_width_is_prunable_like_a_producer():
+    model, x = build("embedding_mlp")
+    g = check_all(model, x)
+    grp = next(grp for grp in g.groups if "emb.weight[out]" in grp.members)
+    assert grp.prunable and grp.size == 12 and "fc1.weight[in]" in grp.members
+    keep = {grp.id: [1, 5, 7]}
+    assert slim(g, keep).emb.weight.shape == (50, 3)
+
+
+def test_torch_transformer_encoder_and_decoder_layers_are_analysed():
+    """nn.TransformerEncoder(Layer) / DecoderLayer (batch_first, post- and pre-norm) are traced
+    through their plain computation: heads, the MLP hidden width and the model width (here
+    the embedding's) are prunable groups; slim == mask and costs are exact."""
+    model, x = build("text_classifier")
+    g = check_all(model, x)
+    sizes = {grp.size: grp for grp in g.groups if grp.prunable}
+    assert set(sizes) == {16, 2, 32}  # model width, heads, MLP hidden
+    assert "emb.weight[out]" in sizes[16].members
+    assert any("self_attn.in_proj_weight[out]" in m for m in sizes[2].members)
+    assert "enc.layers.0.linear1.weight[out]" in sizes[32].members
+    model, x = build("tiny_decoder")
+    g = check_all(model, x)
+    assert sum(grp.prunable for grp in g.groups) == 7  # width, 2 x (2 attentions, MLP)
+
+
+def test_an_opaque_module_is_costed_and_reported():
+    """A submodule fx cannot trace: its MACs are counted for real (not 0) and reported as the
+    share no plan can change, with the reason; the layers after it still prune."""
+    model, x = build("with_opaque")
+    with pytest.warns(UserWarning, match="submodule 'gate'"):
+        g = analyze(model, x)
+    assert g.baseline.macs == real_macs(model, x) == 12 * 12 * 2 + 12 * 40 + 40 * 3
+    share = g.mac_share()
+    assert share["reasons"][0][0].startswith("submodule 'gate' is opaque")
+    assert share["prunable_macs"] == 12 * 40 + 40 * 3  # fc2 -> head: the 40 are prunable
+    assert share["share"] == pytest.approx((12 * 40 + 40 * 3) / g.baseline.macs)
+
+
+def test_channel_shuffle_by_view_transpose_is_exact():
+    model, x = build("tiny_shufflenet")
+    g = check_all(model, x)
+    for seed in range(1, 6):  # more random plans: unequal halves across the shuffle
+        keep = half_plan(g, seed)
+        s = slim(g, keep)
+        assert verify(s, mask(g, keep), x, rtol=1e-4)
+        assert sum(p.numel() for p in s.parameters()) == g.cost(keep).params
+
+
+def test_inspect_prints_the_prunable_share_and_the_reasons(tmp_path):
+    src = Path(__file__).parent / "coverage_models.py"
+    model_py = tmp_path / "model.py"
+    model_py.write_text(src.read_text() + "\n\ndef build_model():\n    return WithOpaque()"
+                        "\n\n\ndef example_inputs():\n    return (torch.randn(1, 12),)\n")
+    out = subprocess.run([sys.executable, "-m", "graphsearch.cli", "inspect", str(model_py)],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("prunable"))
+    assert "% of MACs" in line
+    assert "not prunable: submodule 'gate' is opaque" in out
