@@ -159,6 +159,7 @@ class AutoShrink(Method):
                        "constraints": [[c.metric, c.limit] for c in ctx.constraints]}
         log: list[dict] = []
         w = dict(start)
+        prev = dict(start)  # the snapshot before the last removal (still above the target)
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") != fingerprint:
@@ -167,6 +168,8 @@ class AutoShrink(Method):
             log = saved["log"]
             if log:
                 w = {int(g): int(v) for g, v in log[-1]["widths"].items()}
+            if len(log) > 1:
+                prev = {int(g): int(v) for g, v in log[-2]["widths"].items()}
                 ctx.log(f"autoshrink: resuming after step {len(log)}")
         base_state = {kk: v.detach().clone() for kk, v in ctx.model.state_dict().items()}
         ctx.log(f"autoshrink: {n_branches} branch edges, channel blocks: {s['blocks']}"
@@ -192,7 +195,7 @@ class AutoShrink(Method):
                         ctx.candidates.append({"flops": r.flops, "params": r.params,
                                                "accuracy": r.accuracy,
                                                "label": f"autoshrink {r.label}"})
-                w = trials[best]
+                prev, w = w, trials[best]
                 log.append({"step": step + 1, "removed": list(cs[best]),
                             "accuracy": res[best].accuracy, "score": scores[best],
                             "flops": res[best].flops, "params": res[best].params,
@@ -206,11 +209,20 @@ class AutoShrink(Method):
                         f"{res[best].flops / 1e6:.3f} MFLOPs, score {scores[best]:.4f})")
             fresh, cached = ev.fresh, ev.cached
         plan = ctx.land_widths(w, importance_of(order))
+        if log and not self._lands(plan, ctx):
+            # the last removal overshot the target by more than 1% and the shared step keeps
+            # removed edges at 0: land from the snapshot before it, scaled down to the target
+            plan = ctx.land_widths(prev, importance_of(order))
         ctx.log(f"autoshrink: {len(log)} steps ({fresh} evaluations run now, {cached} from the "
                 f"cache); landed at {plan.achieved['flops'] / 1e6:.3f} MFLOPs")
         info = {"steps": log, "candidate_steps": settings.steps, "evaluations_run": fresh,
                 "evaluations_cached": cached, "channel_blocks": str(s["blocks"])}
         return Proposal(plan, base_state, info)
+
+    @staticmethod
+    def _lands(plan, ctx) -> bool:
+        """The plan is within 1% below a binding target."""
+        return any(plan.achieved.get(c.metric, 0.0) >= 0.99 * c.limit for c in ctx.constraints)
 
     @staticmethod
     def choose(scores: list[float]) -> int:
