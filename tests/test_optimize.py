@@ -180,9 +180,10 @@ GATED = TINY.replace("class Tiny(nn.Module):", '''class Gate(nn.Module):
         return x.relu() if x.shape[-1] % 2 == 0 else -x
 
 
-class Tiny(nn.Module):''').replace("        self.fc = nn.Linear(32, 4)\n", '''        self.fc = nn.Linear(32, 4)
-        self.gate = Gate()
-''').replace("return self.fc(x.mean((2, 3)))", "return self.fc(self.gate(x.mean((2, 3))))")
+class Tiny(nn.Module):''').replace(
+    "        self.fc = nn.Linear(32, 4)\n",
+    "        self.fc = nn.Linear(32, 4)\n        self.gate = Gate()\n").replace(
+    "return self.fc(x.mean((2, 3)))", "return self.fc(self.gate(x.mean((2, 3))))")
 
 
 def test_untraceable_submodule_is_shown_and_reported(tmp_path):

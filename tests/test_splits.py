@@ -129,6 +129,7 @@ def test_saved_report_says_which_split(tmp_path, recorded):
     assert "| | top-1 test | top-1 validation |" in md
     assert "- test: 24 images, 0.1 of each class of synthetic:240:4, held out by seed 0" in md
     assert "Check that the held-out splits are unseen" in md
+    _check_baseline_onnx(tmp_path)  # the same run: baseline.onnx has the baseline's weights
 
 
 def test_no_test_split_reports_none(recorded):
@@ -178,14 +179,13 @@ def test_no_gap_to_training_images_is_flagged_for_given_weights():
     assert split_check(chance, pre, 10, weights_given=True)["warnings"] == []
 
 
-def test_baseline_onnx_has_the_baselines_weights(tmp_path, recorded):
+def _check_baseline_onnx(tmp_path):
     """`.state/baseline.onnx` is the baseline, not the model the search trained (the probe
     trains during the search, so the two differ)."""
     import onnxruntime as ort
 
     from graphsearch.load import load_model
 
-    recorded()
     state = tmp_path / "out" / ".state"
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sess = ort.InferenceSession(str(state / "baseline.onnx"), providers=["CPUExecutionProvider"])
