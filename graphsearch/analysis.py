@@ -350,6 +350,8 @@ class Context:
                 return type(a)(sub(x) for x in a)
             if isinstance(a, dict):
                 return {k: sub(x) for k, x in a.items()}
+            if isinstance(a, slice):  # x[:, :h] with h computed from a shape
+                return slice(sub(a.start), sub(a.stop), sub(a.step))
             return a
 
         args, kwargs = sub(node.args), sub(node.kwargs)

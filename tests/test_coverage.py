@@ -169,3 +169,22 @@ def test_inspect_prints_the_prunable_share_and_the_reasons(tmp_path):
     line = next(ln for ln in out.splitlines() if ln.startswith("prunable"))
     assert "% of MACs" in line
     assert "not prunable: submodule 'gate' is opaque" in out
+
+
+def test_a_slice_bound_computed_from_a_shape_is_followed():
+    """Swin-style padding and cropping back: x[:, :h, :w] with h, w read from x.shape (a
+    slice holding fx nodes) is a layout op like any slice."""
+
+    class Crop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):  # x: (B, H, W, C)
+            h, w = x.shape[1], x.shape[2]
+            y = torch.nn.functional.pad(self.a(x), (0, 0, 0, 1, 0, 1))
+            return self.b(y[:, :h, :w, :].relu())
+
+    model, x = Crop().eval(), (torch.randn(2, 3, 3, 4),)
+    g = check_all(model, x)
+    assert g.mac_share()["share"] == 1.0
