@@ -188,3 +188,37 @@ def test_a_slice_bound_computed_from_a_shape_is_followed():
     model, x = Crop().eval(), (torch.randn(2, 3, 3, 4),)
     g = check_all(model, x)
     assert g.mac_share()["share"] == 1.0
+
+
+def test_a_module_that_fails_to_trace_halfway_leaves_no_nodes_behind():
+    """MobileViT-style: fx traces part of a block (conv, norm, a shape assert) before its
+    data-dependent branch fails; the block becomes a leaf and the half-traced nodes go
+    (they used to bind the leaf's own norm statistics to a prunable group: slim broke with a
+    running-mean size error)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(c, c, 1), torch.nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            torch._assert(y.shape[1] == 6, "six channels")  # kept by fx: side-effectful
+            return y if y.sum() > 0 else -y
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.block, self.head = torch.nn.Conv2d(3, 6, 1), Block(6), \
+                torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.block(torch.relu(self.conv0(x))))
+
+    model, x = Net().eval(), (torch.randn(2, 3, 4, 4),)
+    with pytest.warns(UserWarning, match="submodule 'block'"):
+        g = analyze(model, x)
+    assert [n.target for n in g.module.graph.nodes if n.op == "call_module"] == \
+        ["conv0", "block", "head"]
+    assert all(not grp.prunable for grp in g.groups)  # conv0's output feeds the opaque block
+    assert g.baseline.macs == real_macs(model, x)
