@@ -222,3 +222,25 @@ def test_a_module_that_fails_to_trace_halfway_leaves_no_nodes_behind():
         ["conv0", "block", "head"]
     assert all(not grp.prunable for grp in g.groups)  # conv0's output feeds the opaque block
     assert g.baseline.macs == real_macs(model, x)
+
+
+def test_tokens_folded_into_the_batch_dim_are_costed():
+    """Swin-style windows: (B, H, W, C) -> (B * windows, tokens, C) before the attention's
+    linear layers and matmuls; MACs per sample count every window."""
+
+    class Windows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(4, 24), torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # (B, 4, 4, 4): four 2x2 windows
+            B = x.shape[0]
+            w = x.reshape(B, 2, 2, 2, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(B * 4, 4, 4)
+            q, k, v = self.qkv(w).reshape(B * 4, 4, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            a = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v) + a @ v
+            return self.proj(y.transpose(1, 2).reshape(B * 4, 4, 8)).reshape(B, -1).sum(1)
+
+    model, x = Windows().eval(), (torch.randn(2, 4, 4, 4),)
+    g = analyze(model, x)
+    assert g.baseline.macs == real_macs(model, x)
