@@ -68,6 +68,7 @@ class Context:
         self.traced = traced
         self.rules = rules if rules is not None else R.default_rules()
         self.rule: R.Rule | None = None  # the rule being applied
+        self._batch: int | None = None
         self.gm = traced.module
         self.atoms = AtomTable()
         self.modules = dict(self.gm.named_modules())
@@ -281,12 +282,16 @@ class Context:
 
     @property
     def batch(self) -> int:
-        """Samples in the example inputs (MACs are per sample)."""
-        for n in self.gm.graph.nodes:
-            if n.op == "placeholder":
-                v = self.value(n)
-                return int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() else 1
-        return 1
+        """Samples in the example inputs (MACs are per sample): dim 0 of the first input."""
+        if self._batch is None:
+            self._batch = 1
+            for n in self.gm.graph.nodes:
+                if n.op == "placeholder":
+                    v = self.value(n)
+                    if isinstance(v, torch.Tensor) and v.dim():
+                        self._batch = max(int(v.shape[0]), 1)
+                    break
+        return self._batch
 
     # ------------------------------------------------------------------ generic behaviours
     def elementwise(self, node: fx.Node, operands: list | None = None) -> torch.Tensor:
@@ -350,6 +355,8 @@ class Context:
                 return type(a)(sub(x) for x in a)
             if isinstance(a, dict):
                 return {k: sub(x) for k, x in a.items()}
+            if isinstance(a, slice):  # x[:, :h] with h computed from a shape
+                return slice(sub(a.start), sub(a.stop), sub(a.step))
             return a
 
         args, kwargs = sub(node.args), sub(node.kwargs)

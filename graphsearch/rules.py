@@ -572,7 +572,9 @@ def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
     ctx.bind(wname, weight_dims[1], line_in, role="in")
     if bname:
         ctx.bind(bname, 0, out)
-    rows = math.prod(ctx.shape(node)[1:-1])  # tokens per sample
+    # rows per sample: tokens, also where they are folded into dim 0 (windows of a Swin
+    # block) or lead it (a sequence-first layout)
+    rows = math.prod(ctx.shape(node)[:-1]) / ctx.batch
     ctx.macs(rows, line_in, out)
     return ctx.channel_ids(out, node, dim=-1)
 
@@ -595,19 +597,20 @@ def matmul(ctx, node):
     ia, ib = ctx.ids(a), ctx.ids(b)
     ctx.tie(ia.unsqueeze(-1), ib.unsqueeze(-3))  # a[..., m, k] ~ b[..., k, n]
     ia, ib = ctx.find_ids(ia), ctx.find_ids(ib)
+    lead = ctx.shape(node)[0] / ctx.batch  # dim 0 per sample (windows x batch: > 1)
     a_rows = _identity_outside(ctx, ia, -1)      # (..., M, 1)
     b_cols = _identity_outside(ctx, ib, -2)      # (..., 1, N)
     if ctx.varies_along(a_rows, -2) and ctx.varies_along(b_cols, -1):
         return unsupported(ctx, node, why="matmul whose rows and columns both carry channels")
     if ib.size(-1) == 1:  # b's columns carry no channel: every a element meets N of them
-        ctx.macs(sb[-1], (ia, sa[1:]))
+        ctx.macs(sb[-1] * lead, (ia, sa[1:]))
     elif all(ib.size(d) == 1 for d in range(ib.dim() - 1)):  # only b's columns carry channels
-        ctx.macs(1, (ia, sa[1:]), ctx.line(ib, -1, b))
+        ctx.macs(lead, (ia, sa[1:]), ctx.line(ib, -1, b))
     else:
         # b's identity varies beyond its columns (attention @ v, heads x head_dim): every b
         # element meets M rows of a, whose identity is tied into b's. (A line of b's columns
         # would tie the heads together.)
-        ctx.macs(sa[-2], (ib, sb[1:]))
+        ctx.macs(sa[-2] * lead, (ib, sb[1:]))
     return ctx.combine(a_rows, b_cols)
 
 
@@ -634,8 +637,9 @@ def sdpa(ctx, node):
     line = ctx.find(heads[2])
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
     per_head = ctx.channel_ids(line, None, dim=-3, rank=len(sq))
-    ctx.macs(sk[-2], (per_head, sq[1:]))  # q k^T: every q element meets every key
-    ctx.macs(sq[-2], (per_head, sv[1:]))  # attn @ v: every v element meets every query
+    lead = sq[0] / ctx.batch  # dim 0 per sample (windows x batch: > 1)
+    ctx.macs(sk[-2] * lead, (per_head, sq[1:]))  # q k^T: every q element meets every key
+    ctx.macs(sq[-2] * lead, (per_head, sv[1:]))  # attn @ v: every v element meets every query
     return per_head
 
 

@@ -44,6 +44,7 @@ class _LeafFallbackTracer(fx.Tracer):
         if type(m) in _TRACED_THROUGH and self.path_of_module(m) not in self.untraceable:
             forward = functools.partial(_TRACED_THROUGH[type(m)], m)
         stack_before = list(self.module_stack.keys())
+        last_before = self.graph._root.prev  # the graph's last node before this call
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracing failure makes the module a leaf
@@ -53,6 +54,10 @@ class _LeafFallbackTracer(fx.Tracer):
             # fx's module stack is not exception safe: drop what the failed call pushed.
             for key in list(self.module_stack.keys())[len(stack_before):]:
                 del self.module_stack[key]
+            # Nor is the graph: the failed attempt's nodes (a batch norm bound to buffers of
+            # the module that becomes a leaf, a value a later node names) go, newest first.
+            while self.graph._root.prev is not last_before:
+                self.graph.erase_node(self.graph._root.prev)  # its users, newer, went first
             self.untraceable[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             return super().call_module(m, forward, args, kwargs)
 

@@ -169,3 +169,78 @@ def test_inspect_prints_the_prunable_share_and_the_reasons(tmp_path):
     line = next(ln for ln in out.splitlines() if ln.startswith("prunable"))
     assert "% of MACs" in line
     assert "not prunable: submodule 'gate' is opaque" in out
+
+
+def test_a_slice_bound_computed_from_a_shape_is_followed():
+    """Swin-style padding and cropping back: x[:, :h, :w] with h, w read from x.shape (a
+    slice holding fx nodes) is a layout op like any slice."""
+
+    class Crop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):  # x: (B, H, W, C)
+            h, w = x.shape[1], x.shape[2]
+            y = torch.nn.functional.pad(self.a(x), (0, 0, 0, 1, 0, 1))
+            return self.b(y[:, :h, :w, :].relu())
+
+    model, x = Crop().eval(), (torch.randn(2, 3, 3, 4),)
+    g = check_all(model, x)
+    assert g.mac_share()["share"] == 1.0
+
+
+def test_a_module_that_fails_to_trace_halfway_leaves_no_nodes_behind():
+    """MobileViT-style: fx traces part of a block (conv, norm, a shape assert) before its
+    data-dependent branch fails; the block becomes a leaf and the half-traced nodes go
+    (they used to bind the leaf's own norm statistics to a prunable group: slim broke with a
+    running-mean size error)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(c, c, 1), torch.nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            torch._assert(y.shape[1] == 6, "six channels")  # kept by fx: side-effectful
+            return y if y.sum() > 0 else -y
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.block, self.head = torch.nn.Conv2d(3, 6, 1), Block(6), \
+                torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.block(torch.relu(self.conv0(x))))
+
+    model, x = Net().eval(), (torch.randn(2, 3, 4, 4),)
+    with pytest.warns(UserWarning, match="submodule 'block'"):
+        g = analyze(model, x)
+    assert [n.target for n in g.module.graph.nodes if n.op == "call_module"] == \
+        ["conv0", "block", "head"]
+    assert all(not grp.prunable for grp in g.groups)  # conv0's output feeds the opaque block
+    assert g.baseline.macs == real_macs(model, x)
+
+
+def test_tokens_folded_into_the_batch_dim_are_costed():
+    """Swin-style windows: (B, H, W, C) -> (B * windows, tokens, C) before the attention's
+    linear layers and matmuls; MACs per sample count every window."""
+
+    class Windows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(4, 24), torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # (B, 4, 4, 4): four 2x2 windows
+            B = x.shape[0]
+            w = x.reshape(B, 2, 2, 2, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(B * 4, 4, 4)
+            q, k, v = self.qkv(w).reshape(B * 4, 4, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            a = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v) + a @ v
+            return self.proj(y.transpose(1, 2).reshape(B * 4, 4, 8)).reshape(B, -1).sum(1)
+
+    model, x = Windows().eval(), (torch.randn(2, 4, 4, 4),)
+    g = analyze(model, x)
+    assert g.baseline.macs == real_macs(model, x)
