@@ -119,10 +119,11 @@ class GroupLasso(Method):
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "shrink": 0.3,  # the schedule's starting strength (total shrink over the budget)
-        "growth": 1.08,  # strength factor per step while the zeros' cost lags the trajectory
+        "growth": None,  # factor per step while the zeros lag; None: max_growth over reach
+        "max_growth": 100.0,  # the strength may grow this much over the reach window
         "reach": 0.6,  # the zeros' cost should reach the target by this fraction of the phase
         "balance": True,  # per-group threshold scaled by the group's mean initial norm
-        "lr": 1e-3,  # METHODS.md, from a trained baseline
+        "lr": None,  # None: the run's search lr (ctx.lr), constant (module docstring)
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
         "revive": True,  # kept channels that are exactly zero get their rescaled initial weights
@@ -141,7 +142,8 @@ class GroupLasso(Method):
             raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
                             "or none")
         model, graph = ctx.model, ctx.graph
-        lr, momentum = float(s["lr"]), float(s["momentum"])
+        lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
+        momentum = float(s["momentum"])
         epochs = float(ctx.epochs)
         steps = budget_steps(ctx, epochs) if epochs > 0 else 0
         with torch.no_grad():
@@ -162,7 +164,9 @@ class GroupLasso(Method):
             return max(values[c.metric] / c.limit for c in ctx.constraints)
 
         r0 = ratio(ev.measure({}))
-        growth, reach = float(s["growth"]), float(s["reach"])
+        reach = float(s["reach"])
+        growth = float(s["growth"]) if s["growth"] is not None else \
+            float(s["max_growth"]) ** (1.0 / max(1.0, reach * steps))
         ctx.log(f"group-lasso: lambda {lam0:.4g} at the start "
                 f"({'fixed' if fixed else f'x{growth:g} per step while the zeros lag'}; mean "
                 f"initial channel norm {mean0:.4g}, {steps} steps at lr {lr:g})")
@@ -176,6 +180,8 @@ class GroupLasso(Method):
             # the schedule's state rides in the optimizer (saved with the training checkpoint)
             opt.param_groups[0]["gl_lambda"] = lam0
             opt.param_groups[0]["gl_hold"] = False
+            # when each channel died: step + how close it came to surviving (norm / threshold)
+            opt.param_groups[0]["gl_death"] = {str(g): [-1.0] * len(n) for g, n in norms0.items()}
             holder["opt"] = opt
             return opt
 
@@ -188,6 +194,7 @@ class GroupLasso(Method):
                 return lam * sum(weight[g] * v.sum() for g, v in n.items()) if n \
                     else torch.zeros(())
 
+        @torch.no_grad()
         def on_step(m: nn.Module, step: int) -> None:
             opt = holder["opt"]
             pg = opt.param_groups[0]
@@ -206,6 +213,10 @@ class GroupLasso(Method):
                 thr = lr_t * lam * weight[gid]
                 factors[gid] = torch.where((n > 0) & ~dead[gid], (1 - thr / safe).clamp_min(0.0),
                                            torch.zeros_like(n))
+                died = ((factors[gid] == 0) & (n > 0) & ~dead[gid]).nonzero().flatten().tolist()
+                record = pg["gl_death"][str(gid)]
+                for c in died:
+                    record[c] = float(step) + min(float(n[c]) / max(thr, 1e-30), 0.999)
             scale_channels(graph, m, factors, opt)
             if fixed:
                 return
@@ -228,6 +239,7 @@ class GroupLasso(Method):
                                scheduler=constant_schedule, extra_loss=penalty,
                                on_step=on_step)
         lam_end = holder["opt"].param_groups[0]["gl_lambda"] if "opt" in holder else lam0
+        death = holder["opt"].param_groups[0]["gl_death"] if "opt" in holder else {}
         reached = bool(holder["opt"].param_groups[0]["gl_hold"]) if "opt" in holder else False
         with torch.no_grad():
             norms = ctx.channel_norms(model, roles=ROLES)
@@ -238,7 +250,12 @@ class GroupLasso(Method):
                 n = n / norms0[gid].double().mean().clamp_min(1e-12)
             elif mode in ("final", "true"):
                 n = n / n.mean().clamp_min(1e-12)
-            scores[gid] = n.cpu().numpy()
+            sc = n.cpu().numpy()
+            # exact zeros rank below every survivor, the last to die first
+            when = np.asarray(death.get(str(gid), [-1.0] * len(sc)), dtype=float)
+            zero = sc == 0
+            sc[zero] = -1.0 + np.clip(when[zero], 0.0, None) / (steps + 2.0)
+            scores[gid] = sc
         plan = ctx.land(scores)
         zero_mask = {gid: (n == 0).cpu().numpy() for gid, n in norms.items()}
         zeros = {gid: int(z.sum()) for gid, z in zero_mask.items()}

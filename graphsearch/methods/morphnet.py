@@ -168,7 +168,8 @@ class MorphNet(Method):
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "strength": 1.0,  # the schedule's starting strength
-        "growth": 1.08,  # strength factor per step while the alive cost lags the trajectory
+        "growth": None,  # factor per step while the alive cost lags; None: from max_growth
+        "max_growth": 100.0,  # the strength may grow this much over the reach window
         "reach": 0.6,  # the alive cost should reach the target by this fraction of a round
         "threshold": 0.01,  # alive: |gamma| > threshold
         "lr": None,  # None: the run's search lr (ctx.lr), constant
@@ -197,7 +198,9 @@ class MorphNet(Method):
             return max(values[c.metric] / c.limit for c in ctx.constraints)
 
         r_full = ratio(ev.measure({}))
-        growth, reach = float(s["growth"]), float(s["reach"])
+        reach = float(s["reach"])
+        growth = float(s["growth"]) if s["growth"] is not None else \
+            float(s["max_growth"]) ** (1.0 / max(1.0, reach * steps))
         fixed = s["lambda"] is not None
 
         # lambda
@@ -209,7 +212,8 @@ class MorphNet(Method):
         if fixed:
             lam0 = float(s["lambda"])
         elif mean_g > 0 and steps > 0:
-            lam0 = float(s["strength"]) * mean_r * (1 - momentum) / (lr * steps * mean_g)
+            # the proximal step applies the pull directly (no momentum gain)
+            lam0 = float(s["strength"]) * mean_r / (lr * steps * mean_g)
         else:
             lam0 = 1.0 / flops0
         ctx.log(f"morphnet: lambda {lam0:.4g} = {lam0 * flops0:.4g} / FLOPs0 at the start "
