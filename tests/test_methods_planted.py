@@ -25,6 +25,7 @@ from torch import nn
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
 from graphsearch.methods.base import SearchContext
+from graphsearch.methods.common import method_evidence
 from graphsearch.methods.gensynth import GenerativeSynthesis
 from graphsearch.methods.group_lasso import GroupLasso
 from graphsearch.methods.magnitude import Magnitude
@@ -119,6 +120,8 @@ def test_group_lasso_zeros_decide_the_plan(planted, tmp_path):
     assert info["target_reached_by_zeros"]
     assert info["plan_dropped_exact_zeros"] == info["plan_dropped"] == len(USELESS)
     assert info["plan_dropped_zero_share"] == 1.0
+    text = method_evidence("group-lasso", info)
+    assert "6 of 16 channels exactly zero" in text and "(100.0%) are exact zeros" in text
 
 
 # --------------------------------------------------------------------------- MorphNet
@@ -133,6 +136,7 @@ def test_morphnet_shrink_kills_the_undefended_gammas(planted, tmp_path):
     assert kept_useless(proposal.plan, g1) == 0
     assert proposal.info["channels_died"] >= len(USELESS)
     assert "warning" not in proposal.info
+    assert "Alive widths before expand" in method_evidence("morphnet", proposal.info)
 
 
 class TwoGroups(nn.Module):
@@ -190,6 +194,7 @@ def test_vardrop_drops_exactly_the_useless_channels(planted, vardrop_run):
     assert kept_useless(vardrop_run.plan, g1) == 0
     assert vardrop_run.info["dropped_per_group"][str(g1)] == len(USELESS)
     assert vardrop_run.info["dropped_total"] == len(USELESS)
+    assert method_evidence("vardrop", vardrop_run.info).startswith("6 of 16 channels crossed")
 
 
 def test_vardrop_noise_is_drawn_per_sample(planted, tmp_path):
@@ -247,6 +252,8 @@ def test_gensynth_final_plan_is_the_last_parent(planted, gensynth_run):
     assert 0.99 * target <= proposal.plan.achieved["flops"] <= target
     assert info["cycles_run"] == len(info["children_per_cycle"]) >= 1
     assert info["chosen_netscore"] is not None
+    text = method_evidence("gensynth", info)
+    assert "NetScore" in text and "of the final FLOPs" in text
 
 
 def test_gensynth_selects_by_netscore_among_the_accurate():

@@ -16,24 +16,27 @@ differentiated in the loss (that would apply it twice; its value is still logged
 "extra loss"). Dead channels stay dead: their momentum entries are zeroed with them, there is
 no weight decay, and the next proximal step takes back whatever small gradient reached them.
 
-Defaults (METHODS.md: lr 1e-3, momentum 0.9, no L2 decay, lambda about 3e-3 from a trained
-baseline over a long sparsity phase). The pipeline's search budget is short (`--search-epochs`,
-a few hundred steps): with the published lambda the proximal steps would shrink a channel's
-norm by `lambda * sum_t lr_t`, about 1e-3 of a typical norm of 1-3, and zero nothing. So by
-default lambda is scaled to the problem: the total shrinkage over the budget,
-`lambda * sum_t lr_t` (constant lr: `lambda * lr * steps`), is `shrink` (default 0.3) times
-the mean initial joint channel norm. A channel the task loss does not defend goes to exactly
-zero; the others shrink, more than 30% where two groups share a weight (a conv's weight is
-the rows of one group and the columns of another, and both proximal factors apply): on the
-trained ResNet-20 with 314 steps the mean norm fell by 48% and no channel reached zero, so
-the ranking, not the zeros, decides the plan at this budget.
-An earlier default set the shrinkage to the 25% quantile of the norms; on a trained CIFAR
-ResNet-20 (norms tightly spread, 314 steps) that was 80% of the mean norm, zeroed 334 of 448
-channels and left 12% validation accuracy, so the plan could not recover in fine-tuning
-(37.9% against uniform's 68.3%). `--set lambda=...` gives lambda directly.
+Strength (the issue "the methods decide"): at the published lambda (about 3e-3, lr 1e-3, a
+long sparsity phase) the pipeline's short search budget (a few hundred steps) zeroes
+nothing, and the plan was magnitude's ranking of the shrunk norms. So by default lambda is
+a schedule: it starts where the total shrinkage over the budget would be `shrink` (0.3)
+times the mean initial joint norm, and grows by a factor per step (`max_growth`, 100, spread
+over the first `reach` = 60% of the steps) whenever the cost of the model without its
+exactly-zero channels lags a straight path from the baseline to the target; once that cost
+meets every target, the penalty stops ("hold"): the dead stay dead (their slices are zeroed
+after every step, momentum included) and the survivors train on without it. So the zeros'
+cost reaches the target within the budget, and the zeros decide the plan: on a planted
+model (tests/test_methods_planted.py) exactly the channels the loss does not defend die.
+The per-group threshold is scaled by the group's mean initial norm (`balance`), so that a
+group whose channels gather many tied slices (a residual stage) shrinks at the same relative
+rate as the others. The lr is the run's search lr (`lr` None): the task gradient defends a
+channel with lr * grad per step (times the momentum gain) against lr * lambda, and a higher
+lr needs a smaller lambda for the same shrinkage, so more of the ranking is the data's.
+`--set lambda=...` gives a fixed lambda instead.
 
 Scores are the final joint norms divided by their group's mean final norm (`normalise`
-"final", the default), as `magnitude` does: layers of different fan-in then compete on one
+"final", the default), as `magnitude` does, with the exact zeros below every survivor, the
+last to die ranked first: layers of different fan-in then compete on one
 scale, and within a group the penalty's ranking decides. Measured on CIFAR-10 (ResNet-20,
 1/3 FLOPs, `benchmarks/results/cifar10_table.md`): "final" 71.6% after fine-tuning; "initial"
 (divide by the group's mean *initial* norm, meant to let a group the penalty shrank as a whole
@@ -277,7 +280,8 @@ class GroupLasso(Method):
             "lr": lr, "momentum": momentum, "epochs": epochs, "steps": steps,
             "zeros_per_group": zeros, "zeros": int(sum(zeros.values())),
             "channels": int(final.numel()),
-            "zeros_cost": {k: zero_values[k] for k in ("flops", "params")},
+            "cost_without_zeros": {k: zero_values[k] for k in ("flops", "params")},
+            "zeros_flops": float(graph.baseline.flops) - float(zero_values["flops"]),
             "zeros_cost_ratio": ratio(zero_values), "target_reached_by_zeros": reached or
             ratio(zero_values) <= 1.0,
             "plan_dropped": n_dropped, "plan_dropped_exact_zeros": dropped_zero,
