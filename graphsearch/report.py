@@ -227,6 +227,11 @@ def markdown(r: dict) -> str:
                if k not in ("seconds", "candidates") and isinstance(v, (int, float, str, bool))}
     if details or r["settings"]:
         lines += ["", f"## {r['method']}: settings and figures", ""]
+        from .methods.common import method_evidence
+
+        evidence = method_evidence(r["method"], r["method_info"])
+        if evidence:
+            lines += [evidence, ""]
         if r["settings"]:
             lines.append("Settings: " + ", ".join(f"`{k}={v}`" for k, v in r["settings"].items())
                          + " (change with `--set KEY=VALUE`).")

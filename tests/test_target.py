@@ -7,7 +7,7 @@ import torch
 import graphsearch as gs
 from graphsearch import zoo
 from graphsearch.load import UserError
-from graphsearch.target import (allowed_widths, land_on_target, parse_constraint,
+from graphsearch.target import (allowed_widths, land_on_target, parse_constraint, scores_from_widths,
                                 scores_from_widths)
 
 _GRAPHS = {}
@@ -119,3 +119,38 @@ def test_scores_that_zero_every_removable_branch_still_land():
     plan = land_on_target(g, scores, [c])
     assert 0.99 * c.limit <= plan.achieved["flops"] <= c.limit
     assert plan.widths[branches[0].id] > 0
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
+def test_tied_scores_still_land(name):
+    # Regression: constant scores (vardrop's gates when they never move) left a single
+    # distinct threshold, keeping everything or nothing: "no plan meets the targets". Ties
+    # are now broken by the channel's rank in its group over the group's size, so constant
+    # scores give about one multiplier, deterministically.
+    model = zoo.build(name)
+    g = gs.analyze(model, zoo.example_inputs(name))
+    c = parse_constraint("flops", "0.4", g.baseline.flops)
+    scores = {grp.id: np.ones(grp.size) for grp in g.prunable_groups}
+    plan = land_on_target(g, scores, [c])
+    assert 0.99 * c.limit <= plan.achieved["flops"] <= c.limit
+    assert land_on_target(g, scores, [c]).keep == plan.keep  # deterministic
+    fractions = [plan.widths[grp.id] / grp.size for grp in g.prunable_groups
+                 if grp.size >= 16]
+    assert max(fractions) - min(fractions) < 0.5  # about one multiplier, not a few groups
+
+
+def test_a_group_at_zero_stays_zero_and_is_reported_at_zero():
+    # Regression: a group MorphNet's shrink phase emptied (an InceptionV3 branch-pool) was
+    # grown back by the target step when the target left room, and a branch the plan removed
+    # was reported at full width in plan.widths.
+    g = gs.analyze(TwoBranchConcat(), (torch.zeros(1, 3, 8, 8),))
+    a, b = [grp for grp in g.prunable_groups if grp.min_width == 0]
+    widths = {grp.id: grp.size for grp in g.prunable_groups}
+    widths[b.id] = 0
+    c = parse_constraint("flops", "0.95", g.baseline.flops)  # room to grow b back
+    plan = land_on_target(g, scores_from_widths(g, widths), [c])
+    assert plan.widths[b.id] == 0
+    assert plan.keep[b.id] == []
+    assert g.removal(plan.keep).zero_groups >= {b.id}
+    for gid in g.removal(plan.keep).zero_groups:
+        assert plan.widths[gid] == 0

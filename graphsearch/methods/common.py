@@ -202,3 +202,66 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict
             if len(v) == 0:
                 keep[gid] = [0]
         return ev.measure(keep)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) \
+        else f"{100 * float(x):.1f}%"
+
+
+def method_evidence(method: str, info: dict) -> str | None:
+    """One paragraph for report.md: the figures that show the method's own signal decided
+    the plan (or a warning where it did not). None for methods without a signal."""
+    i = info or {}
+    try:
+        if method == "group-lasso" and "zeros" in i:
+            text = (f"The sparsity phase ({i['steps']} proximal steps, lambda "
+                    f"{i['lambda']:.3g} -> {i.get('lambda_final', i['lambda']):.3g}) left "
+                    f"{i['zeros']} of {i['channels']} channels exactly zero, worth "
+                    f"{i.get('zeros_flops', 0) / 1e6:.2f} MFLOPs; without them the model costs "
+                    f"{i.get('zeros_cost_ratio', float('nan')):.3f} of the target. Of the "
+                    f"{i.get('plan_dropped', 0)} channels the plan drops, "
+                    f"{i.get('plan_dropped_exact_zeros', 0)} "
+                    f"({_pct(i.get('plan_dropped_zero_share'))}) are exact zeros; "
+                    f"{i.get('revived', 0)} zeroed channels are kept and restart from their "
+                    "initial weights.")
+            if i["zeros"] == 0:
+                text += (" WARNING: no channel reached zero, so the plan is the ranking of "
+                         "the shrunk norms (close to magnitude's), not the penalty's choice.")
+            return text
+        if method == "morphnet" and "alive_widths" in i:
+            widths = ", ".join(f"{g}: {w}" for g, w in i["alive_widths"].items())
+            text = (f"The shrink phase ({i['steps_per_round']} steps per round, lambda "
+                    f"{i['lambda']:.3g} -> {i.get('lambda_final', i['lambda']):.3g}) killed "
+                    f"{i.get('channels_died', 0)} of {i.get('channels_with_gamma', 0)} channels "
+                    f"(|gamma| <= {i['threshold']:g}); the alive widths cost "
+                    f"{i.get('alive_cost_ratio', float('nan')):.3f} of the target. Alive widths "
+                    f"before expand (group: width): {widths}. The expand step (one multiplier) "
+                    f"added {_pct(i.get('expand_added_flops_share'))} of the final FLOPs.")
+            if i.get("warning"):
+                text += " WARNING: " + i["warning"] + "."
+            return text
+        if method == "vardrop" and "dropped_total" in i:
+            text = (f"{i['dropped_total']} of {i['channels_total']} channels crossed the drop "
+                    f"threshold (log alpha >= 3) after {i['steps']} steps with per-sample "
+                    "noise; the target step ranks channels by log alpha.")
+            if i["dropped_total"] == 0:
+                text += (" WARNING: no channel crossed the threshold: the KL term did not "
+                         "separate the channels within this budget.")
+            return text
+        if method == "gensynth" and "cycles_run" in i:
+            per = i.get("children_per_cycle") or []
+            ns = i.get("chosen_netscore")
+            return (f"{i['cycles_run']} cycles with {', '.join(map(str, per)) or 0} children "
+                    f"each; the last parent (NetScore {ns:.2f}, top-1 "
+                    f"{_pct(i.get('chosen_accuracy'))} on the validation split) "
+                    f"{'meets' if i.get('targets_met_by_parent') else 'does not meet'} the "
+                    f"targets; the shared target step added "
+                    f"{_pct(i.get('shared_step_added_flops_share'))} of the final FLOPs "
+                    f"({i.get('shared_step_added_channels', 0)} channels the generator had "
+                    f"dropped). Selection per cycle: {'; '.join(i.get('selection', []))}."
+                    if ns is not None else f"{i['cycles_run']} cycles; no parent chosen.")
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+

@@ -105,6 +105,24 @@ def normalise(r: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return r / top if top > 0 else np.zeros_like(r)
 
 
+def select_parent(children: list[dict], limit: float, base_accuracy: float,
+                  tolerance: float) -> tuple[dict, str]:
+    """The next parent: among the children meeting the hard requirements (cost ratio <=
+    `limit`, validation top-1 >= the baseline's minus `tolerance`) the best NetScore (the
+    first on ties). Fallbacks: no child within the accuracy tolerance -> best NetScore of the
+    cost-eligible ones; none within the cost -> the cheapest child. Returns (child, how)."""
+    cost_ok = [c for c in children if c["ratio"] <= limit + 1e-12]
+    both = [c for c in cost_ok if c["accuracy"] >= base_accuracy - tolerance]
+    if both:
+        pool, how = both, "requirements met"
+    elif cost_ok:
+        pool, how = cost_ok, "no child within the accuracy tolerance: best NetScore"
+    else:
+        pool = [min(children, key=lambda c: (c["ratio"], children.index(c)))]
+        how = "no child within the cost step: the cheapest child"
+    return max(pool, key=lambda c: (c["netscore"], -children.index(c))), how
+
+
 def synthesize_group(rng: np.random.Generator, p: np.ndarray, alive: np.ndarray, F_: float,
                      size: int, min_width: int, round_to: int) -> np.ndarray:
     """Kept channel indices of one group: Bernoulli(min(1, F p)) over the parent's live
@@ -257,16 +275,7 @@ class GenerativeSynthesis(Method):
                 raise UserError(f"gensynth: cycle {cycle} synthesised no valid child; the "
                                 "model's removable groups may need round_to 1")
             # ---- the hard requirements, then NetScore
-            cost_ok = [c for c in children if c["ratio"] <= limit + 1e-12]
-            both = [c for c in cost_ok if c["accuracy"] >= base_acc - s["accuracy_tolerance"]]
-            if both:
-                pool, how = both, "requirements met"
-            elif cost_ok:
-                pool, how = cost_ok, "no child within the accuracy tolerance: best NetScore"
-            else:
-                pool = [min(children, key=lambda c: (c["ratio"], children.index(c)))]
-                how = "no child within the cost step: the cheapest child"
-            best = max(pool, key=lambda c: (c["netscore"], -children.index(c)))
+            best, how = select_parent(children, limit, base_acc, float(s["accuracy_tolerance"]))
             # ---- the generator update from every child's responses
             for g in groups:
                 total = np.zeros(g.size)
@@ -547,5 +556,5 @@ def _load(path: Path, fingerprint: dict):
     return state
 
 
-__all__ = ["GenerativeSynthesis", "netscore", "generator_update", "normalise",
+__all__ = ["GenerativeSynthesis", "netscore", "generator_update", "normalise", "select_parent",
            "synthesize_group"]

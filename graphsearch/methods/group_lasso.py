@@ -16,24 +16,27 @@ differentiated in the loss (that would apply it twice; its value is still logged
 "extra loss"). Dead channels stay dead: their momentum entries are zeroed with them, there is
 no weight decay, and the next proximal step takes back whatever small gradient reached them.
 
-Defaults (METHODS.md: lr 1e-3, momentum 0.9, no L2 decay, lambda about 3e-3 from a trained
-baseline over a long sparsity phase). The pipeline's search budget is short (`--search-epochs`,
-a few hundred steps): with the published lambda the proximal steps would shrink a channel's
-norm by `lambda * sum_t lr_t`, about 1e-3 of a typical norm of 1-3, and zero nothing. So by
-default lambda is scaled to the problem: the total shrinkage over the budget,
-`lambda * sum_t lr_t` (constant lr: `lambda * lr * steps`), is `shrink` (default 0.3) times
-the mean initial joint channel norm. A channel the task loss does not defend goes to exactly
-zero; the others shrink, more than 30% where two groups share a weight (a conv's weight is
-the rows of one group and the columns of another, and both proximal factors apply): on the
-trained ResNet-20 with 314 steps the mean norm fell by 48% and no channel reached zero, so
-the ranking, not the zeros, decides the plan at this budget.
-An earlier default set the shrinkage to the 25% quantile of the norms; on a trained CIFAR
-ResNet-20 (norms tightly spread, 314 steps) that was 80% of the mean norm, zeroed 334 of 448
-channels and left 12% validation accuracy, so the plan could not recover in fine-tuning
-(37.9% against uniform's 68.3%). `--set lambda=...` gives lambda directly.
+Strength (the issue "the methods decide"): at the published lambda (about 3e-3, lr 1e-3, a
+long sparsity phase) the pipeline's short search budget (a few hundred steps) zeroes
+nothing, and the plan was magnitude's ranking of the shrunk norms. So by default lambda is
+a schedule: it starts where the total shrinkage over the budget would be `shrink` (0.3)
+times the mean initial joint norm, and grows by a factor per step (`max_growth`, 100, spread
+over the first `reach` = 60% of the steps) whenever the cost of the model without its
+exactly-zero channels lags a straight path from the baseline to the target; once that cost
+meets every target, the penalty stops ("hold"): the dead stay dead (their slices are zeroed
+after every step, momentum included) and the survivors train on without it. So the zeros'
+cost reaches the target within the budget, and the zeros decide the plan: on a planted
+model (tests/test_methods_planted.py) exactly the channels the loss does not defend die.
+The per-group threshold is scaled by the group's mean initial norm (`balance`), so that a
+group whose channels gather many tied slices (a residual stage) shrinks at the same relative
+rate as the others. The lr is the run's search lr (`lr` None): the task gradient defends a
+channel with lr * grad per step (times the momentum gain) against lr * lambda, and a higher
+lr needs a smaller lambda for the same shrinkage, so more of the ranking is the data's.
+`--set lambda=...` gives a fixed lambda instead.
 
 Scores are the final joint norms divided by their group's mean final norm (`normalise`
-"final", the default), as `magnitude` does: layers of different fan-in then compete on one
+"final", the default), as `magnitude` does, with the exact zeros below every survivor, the
+last to die ranked first: layers of different fan-in then compete on one
 scale, and within a group the penalty's ranking decides. Measured on CIFAR-10 (ResNet-20,
 1/3 FLOPs, `benchmarks/results/cifar10_table.md`): "final" 71.6% after fine-tuning; "initial"
 (divide by the group's mean *initial* norm, meant to let a group the penalty shrank as a whole
@@ -119,10 +122,11 @@ class GroupLasso(Method):
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "shrink": 0.3,  # the schedule's starting strength (total shrink over the budget)
-        "growth": 1.08,  # strength factor per step while the zeros' cost lags the trajectory
+        "growth": None,  # factor per step while the zeros lag; None: max_growth over reach
+        "max_growth": 100.0,  # the strength may grow this much over the reach window
         "reach": 0.6,  # the zeros' cost should reach the target by this fraction of the phase
         "balance": True,  # per-group threshold scaled by the group's mean initial norm
-        "lr": 1e-3,  # METHODS.md, from a trained baseline
+        "lr": None,  # None: the run's search lr (ctx.lr), constant (module docstring)
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
         "revive": True,  # kept channels that are exactly zero get their rescaled initial weights
@@ -141,7 +145,8 @@ class GroupLasso(Method):
             raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
                             "or none")
         model, graph = ctx.model, ctx.graph
-        lr, momentum = float(s["lr"]), float(s["momentum"])
+        lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
+        momentum = float(s["momentum"])
         epochs = float(ctx.epochs)
         steps = budget_steps(ctx, epochs) if epochs > 0 else 0
         with torch.no_grad():
@@ -162,7 +167,9 @@ class GroupLasso(Method):
             return max(values[c.metric] / c.limit for c in ctx.constraints)
 
         r0 = ratio(ev.measure({}))
-        growth, reach = float(s["growth"]), float(s["reach"])
+        reach = float(s["reach"])
+        growth = float(s["growth"]) if s["growth"] is not None else \
+            float(s["max_growth"]) ** (1.0 / max(1.0, reach * steps))
         ctx.log(f"group-lasso: lambda {lam0:.4g} at the start "
                 f"({'fixed' if fixed else f'x{growth:g} per step while the zeros lag'}; mean "
                 f"initial channel norm {mean0:.4g}, {steps} steps at lr {lr:g})")
@@ -176,6 +183,8 @@ class GroupLasso(Method):
             # the schedule's state rides in the optimizer (saved with the training checkpoint)
             opt.param_groups[0]["gl_lambda"] = lam0
             opt.param_groups[0]["gl_hold"] = False
+            # when each channel died: step + how close it came to surviving (norm / threshold)
+            opt.param_groups[0]["gl_death"] = {str(g): [-1.0] * len(n) for g, n in norms0.items()}
             holder["opt"] = opt
             return opt
 
@@ -188,6 +197,7 @@ class GroupLasso(Method):
                 return lam * sum(weight[g] * v.sum() for g, v in n.items()) if n \
                     else torch.zeros(())
 
+        @torch.no_grad()
         def on_step(m: nn.Module, step: int) -> None:
             opt = holder["opt"]
             pg = opt.param_groups[0]
@@ -206,6 +216,10 @@ class GroupLasso(Method):
                 thr = lr_t * lam * weight[gid]
                 factors[gid] = torch.where((n > 0) & ~dead[gid], (1 - thr / safe).clamp_min(0.0),
                                            torch.zeros_like(n))
+                died = ((factors[gid] == 0) & (n > 0) & ~dead[gid]).nonzero().flatten().tolist()
+                record = pg["gl_death"][str(gid)]
+                for c in died:
+                    record[c] = float(step) + min(float(n[c]) / max(thr, 1e-30), 0.999)
             scale_channels(graph, m, factors, opt)
             if fixed:
                 return
@@ -228,6 +242,7 @@ class GroupLasso(Method):
                                scheduler=constant_schedule, extra_loss=penalty,
                                on_step=on_step)
         lam_end = holder["opt"].param_groups[0]["gl_lambda"] if "opt" in holder else lam0
+        death = holder["opt"].param_groups[0]["gl_death"] if "opt" in holder else {}
         reached = bool(holder["opt"].param_groups[0]["gl_hold"]) if "opt" in holder else False
         with torch.no_grad():
             norms = ctx.channel_norms(model, roles=ROLES)
@@ -238,7 +253,12 @@ class GroupLasso(Method):
                 n = n / norms0[gid].double().mean().clamp_min(1e-12)
             elif mode in ("final", "true"):
                 n = n / n.mean().clamp_min(1e-12)
-            scores[gid] = n.cpu().numpy()
+            sc = n.cpu().numpy()
+            # exact zeros rank below every survivor, the last to die first
+            when = np.asarray(death.get(str(gid), [-1.0] * len(sc)), dtype=float)
+            zero = sc == 0
+            sc[zero] = -1.0 + np.clip(when[zero], 0.0, None) / (steps + 2.0)
+            scores[gid] = sc
         plan = ctx.land(scores)
         zero_mask = {gid: (n == 0).cpu().numpy() for gid, n in norms.items()}
         zeros = {gid: int(z.sum()) for gid, z in zero_mask.items()}
@@ -260,7 +280,8 @@ class GroupLasso(Method):
             "lr": lr, "momentum": momentum, "epochs": epochs, "steps": steps,
             "zeros_per_group": zeros, "zeros": int(sum(zeros.values())),
             "channels": int(final.numel()),
-            "zeros_cost": {k: zero_values[k] for k in ("flops", "params")},
+            "cost_without_zeros": {k: zero_values[k] for k in ("flops", "params")},
+            "zeros_flops": float(graph.baseline.flops) - float(zero_values["flops"]),
             "zeros_cost_ratio": ratio(zero_values), "target_reached_by_zeros": reached or
             ratio(zero_values) <= 1.0,
             "plan_dropped": n_dropped, "plan_dropped_exact_zeros": dropped_zero,
