@@ -103,7 +103,8 @@ def _optimize(args) -> int:
                             f"(its settings: {', '.join(method.defaults) or 'none'})")
     config = OptimizeConfig(
         model=args.model, method=args.method, weights=args.weights, data=args.data,
-        flops=args.flops, params=args.params, latency=args.latency, round_to=args.round_to,
+        flops=args.flops, params=args.params, latency=args.latency,
+        round_to=_round_to(args.round_to),
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size, threads=args.threads,
@@ -126,6 +127,7 @@ def _optimize(args) -> int:
 
 
 def _round_to(text: str):
+    """`--round-to`: 'auto' or a positive channel multiple."""
     if str(text).strip().lower() == "auto":
         return "auto"
     try:
@@ -133,8 +135,8 @@ def _round_to(text: str):
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive channel multiple (8; 1 for "
-                                         "any width) or 'auto'")
+        raise UserError(f"--round-to {text}: give a positive channel multiple (8; 1 for any "
+                        "width) or 'auto'")
     return value
 
 
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "count (46M); default 1/3 when no target is given")
     opt.add_argument("--params", help="params target: fraction (0.5) or count (200k)")
     opt.add_argument("--latency", help="onnxruntime latency target: '4ms' or a fraction")
-    opt.add_argument("--round-to", type=_round_to, default="auto",
+    opt.add_argument("--round-to", default="auto",
                      help="channel multiple (e.g. 8; 1: any width) or 'auto' (default: the "
                           "multiple onnxruntime runs fastest here, measured once per machine)")
     opt.add_argument("--out", default="graphsearch-out", help="output folder")
