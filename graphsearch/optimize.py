@@ -150,8 +150,20 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     round_to, choice = _resolve_round_to(config, log, state)
     # An unreachable target is refused now, before any training or any file is written
     # (a latency target alone has nothing to check before the latency model exists).
-    if constraints:
-        land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
+    while constraints:
+        try:
+            land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
+            break
+        except UserError:
+            if choice is None or round_to == 1:
+                raise
+            # `auto` never makes a target unreachable: a smaller multiple, down to any width
+            round_to = max(1, round_to // 2)
+            choice = {**choice, "multiple": round_to, "reason": choice["reason"] + f"; the "
+                      f"targets are out of reach in multiples of {choice['multiple']} on this "
+                      f"model, so multiples of {round_to}"}
+            log(f"--round-to auto: the targets need finer widths on this model: multiples of "
+                f"{round_to}")
     fresh = not state.exists()
     state.mkdir(parents=True, exist_ok=True)
     run = Run(config, out, state, loaded.model, x, data, graph, constraints, None, None, log,
