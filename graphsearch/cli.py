@@ -119,7 +119,8 @@ def _optimize(args) -> int:
     config = OptimizeConfig(
         model=args.model, method=args.method, weights=args.weights, data=args.data,
         val_data=args.val_data, test_data=args.test_data,
-        flops=args.flops, params=args.params, latency=args.latency, round_to=args.round_to,
+        flops=args.flops, params=args.params, latency=args.latency,
+        round_to=_round_to(args.round_to),
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size,
@@ -153,6 +154,7 @@ def _optimize(args) -> int:
 
 
 def _round_to(text: str):
+    """`--round-to`: 'auto' or a positive channel multiple."""
     if str(text).strip().lower() == "auto":
         return "auto"
     try:
@@ -160,8 +162,8 @@ def _round_to(text: str):
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive channel multiple (8; 1 for "
-                                         "any width) or 'auto'")
+        raise UserError(f"--round-to {text}: give a positive channel multiple (8; 1 for any "
+                        "width) or 'auto'")
     return value
 
 
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "count (46M); default 1/3 when no target is given")
     opt.add_argument("--params", help="params target: fraction (0.5) or count (200k)")
     opt.add_argument("--latency", help="onnxruntime latency target: '4ms' or a fraction")
-    opt.add_argument("--round-to", type=_round_to, default=_default("round_to"),
+    opt.add_argument("--round-to", default=_default("round_to"),
                      help="channel multiple (e.g. 8; 1: any width) or 'auto' (default: the "
                           "multiple onnxruntime runs fastest here, measured once per machine)")
     opt.add_argument("--out", default=_default("out"), help="output folder")

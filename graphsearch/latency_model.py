@@ -471,7 +471,8 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
         model.scale = float(y[0] / full)
     fit_err = [float(model.predict(k) / yy - 1) for k, yy in zip(plans, ys)]
     held = [("uniform 0.55, any width", uniform_keep(graph, 0.55, 1))]
-    held += [(f"random widths (seed {s})", random_keep(graph, s)) for s in range(held_out - 1)]
+    held += [(f"random widths in multiples of {block} (seed {s})", random_keep(graph, s, block=block))
+             for s in range(held_out - 1)]
     checks = []
     for name, keep in held:
         measured = measure_plan(keep)

@@ -238,11 +238,23 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     if not constraints and not config.latency:
         constraints.append(parse_constraint("flops", "0.3333", base.flops))
         log("no target given: using --flops 0.3333 (a third of the baseline's FLOPs)")
-    round_to, choice = _resolve_round_to(config, log)
+    round_to, choice = _resolve_round_to(config, log, state)
     # An unreachable target is refused now, before any training or any file is written
     # (a latency target alone has nothing to check before the latency model exists).
-    if constraints:
-        land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
+    while constraints:
+        try:
+            land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
+            break
+        except UserError:
+            if choice is None or round_to == 1:
+                raise
+            # `auto` never makes a target unreachable: a smaller multiple, down to any width
+            round_to = max(1, round_to // 2)
+            choice = {**choice, "multiple": round_to, "reason": choice["reason"] + f"; the "
+                      f"targets are out of reach in multiples of {choice['multiple']} on this "
+                      f"model, so multiples of {round_to}"}
+            log(f"--round-to auto: the targets need finer widths on this model: multiples of "
+                f"{round_to}")
     fresh = not state.exists()
     ckpt.barrier()  # every rank has looked at `out` before rank 0 creates anything in it
     if ckpt.is_main():
@@ -266,6 +278,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
                 out.rmdir()
         raise
     _write_json(state / "config.json", config.identity())
+    if run.round_to_choice is not None:
+        _write_json(state / "round_to.json", run.round_to_choice)
     ckpt.barrier()
     log(f"model {loaded.source}: {base.flops / 1e6:.2f} MFLOPs, {base.params:,} params, "
         f"{len(graph.prunable_groups)} prunable groups; targets: "
@@ -286,13 +300,19 @@ def _count_classes(dataset, limit: int = 2048) -> int:
     return top + 1
 
 
-def _resolve_round_to(config: OptimizeConfig, log: Callable) -> tuple[int, dict | None]:
+def _resolve_round_to(config: OptimizeConfig, log: Callable,
+                      state: Path) -> tuple[int, dict | None]:
     """`--round-to auto`: the multiple measured for onnxruntime's CPU provider here (cached per
-    machine); a number is used as given."""
+    machine, and kept in the state folder: a resumed run keeps its multiple); a number is used
+    as given."""
     if config.round_to != "auto":
         return int(config.round_to), None
     from .latency_model import choose_round_to
 
+    saved = state / "round_to.json"
+    if saved.exists():
+        d = json.loads(saved.read_text())
+        return int(d["multiple"]), d
     choice = choose_round_to(config.threads)
     log(f"--round-to auto: channels in multiples of {choice.multiple} ({choice.reason}; "
         + ("cached for this machine" if choice.cached else

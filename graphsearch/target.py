@@ -341,20 +341,22 @@ def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarra
     tried: dict[tuple, float] = {}
     history = []
     best = fastest = None
-    for _ in range(rounds):
+    at_floor = False
+    for _ in range(rounds + 1):
         cons = others + [Constraint("latency", aim, lat.requested)]
         try:
             plan = land_on_target(graph, scores, cons, round_to, predictor, max_evaluations)
         except UserError:
-            if best is not None or fastest is not None:
-                break
-            # the model's floor is above the aim: aim at its floor, measure, correct from there
+            # the model's floor is above the aim: aim at its floor once, measure, correct from
+            # there (the model can be off; the measurement decides)
             allowed = {g.id: allowed_widths(g.size, g.min_width, round_to)
                        for g in graph.prunable_groups if g.id in scores}
             floor = floor_cost(graph, Evaluator(graph, [], predictor), allowed)["latency"]
-            if aim >= floor * (1 + 1e-3):
+            if aim >= floor * (1 + 1e-3) or at_floor:
+                if best is not None or fastest is not None:
+                    break
                 raise
-            aim = floor * (1 + 1e-3)
+            aim, at_floor = floor * (1 + 1e-3), True
             continue
         key = tuple(sorted(plan.widths.items()))
         predicted = plan.achieved["latency"]

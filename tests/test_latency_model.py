@@ -233,3 +233,41 @@ def test_latency_target_alone_prepares_and_refuses_the_unreachable(tmp_path, mon
     with pytest.raises(UserError, match=r"unreachable target: latency 0.001 ms .*minimum width"):
         opt.prepare(cfg, False, lambda m: None)
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_cli_exits_non_zero_on_a_failed_target(monkeypatch, capsys, tmp_path):
+    # `optimize` itself is replaced: this checks the CLI's handling of a report whose latency
+    # target was missed (the old behaviour was exit 0 and nothing said).
+    from graphsearch import cli, optimize as opt
+
+    seen = {}
+
+    def fake_optimize(config, resume=False, log=print):
+        seen["round_to"] = config.round_to
+        res = {"accuracy": 0.5, "flops": 1e6, "params": 10, "latency_ms": 0.657}
+        return {"baseline": dict(res, latency_ms=1.0), "result": res,
+                "failed_targets": ["latency 0.657 ms measured, above the target 0.500 ms"]}
+
+    monkeypatch.setattr(opt, "optimize", fake_optimize)
+    rc = cli.main(["optimize", "zoo:resnet20", "--latency", "0.5ms", "--params", "0.5",
+                   "--out", str(tmp_path / "o")])
+    assert rc == 1 and seen["round_to"] == "auto"
+    assert "FAILED TARGET: latency 0.657 ms" in capsys.readouterr().err
+    assert cli.main(["optimize", "zoo:resnet20", "--round-to", "0"]) == 2
+    assert "--round-to 0: give a positive channel multiple" in capsys.readouterr().err
+
+
+def test_round_to_auto_falls_back_to_a_finer_multiple_when_the_target_needs_it(tmp_path,
+                                                                                monkeypatch):
+    # Mocked probe (as above): a block of 16 on the tiny model (groups of 16 and 32) cannot
+    # reach a third of the FLOPs; `auto` must not turn a reachable target into an error.
+    from graphsearch.optimize import OptimizeConfig, prepare
+
+    monkeypatch.setattr(lm, "probe_timings", lambda threads, **kw: blocked_timings(16))
+    model_py = tmp_path / "model.py"
+    model_py.write_text((Path(__file__).parent / "tiny_model.py").read_text())
+    cfg = OptimizeConfig(model=str(model_py), data="synthetic:40:4", flops="0.3333",
+                         out=str(tmp_path / "run"), progress=False)
+    run = prepare(cfg, False, lambda m: None)
+    assert run.round_to < 16 and run.round_to_choice["multiple"] == run.round_to
+    assert "out of reach in multiples of 16" in run.round_to_choice["reason"]
