@@ -395,10 +395,13 @@ def floor_cost(graph: ChannelGraph, ev: Evaluator, allowed: Mapping[int, np.ndar
 
 
 def scores_from_widths(graph: ChannelGraph, widths: Mapping[int, int],
-                       importance: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+                       importance: Mapping[int, np.ndarray] | None = None,
+                       revive: bool = False) -> dict[int, np.ndarray]:
     """Scores that make the target step scale `widths` by one multiplier: channel of rank r
     in group g is kept once the multiplier reaches (r + 1) / w_g. `importance` orders the
-    channels within a group (default: by index)."""
+    channels within a group (default: by index). A group at width 0 stays at 0 (-inf), unless
+    `revive`: then its channels come after every other channel, for a search whose candidate
+    removed more than the target needs (the step grows the others to full width first)."""
     out = {}
     for g in graph.prunable_groups:
         w = int(widths.get(g.id, g.size))
@@ -406,8 +409,15 @@ def scores_from_widths(graph: ChannelGraph, widths: Mapping[int, int],
         if importance is not None and g.id in importance:
             rank = np.empty(g.size, dtype=np.int64)
             rank[np.argsort(-np.asarray(importance[g.id]), kind="stable")] = np.arange(g.size)
-        out[g.id] = -(rank + 1) / w if w > 0 else np.full(g.size, -np.inf)
+        if w > 0:
+            out[g.id] = -(rank + 1) / w
+        else:
+            out[g.id] = -REVIVE_OFFSET - (rank + 1) / g.size if revive else np.full(g.size, -np.inf)
     return out
+
+
+# Revived channels score below any kept channel (whose scores are >= -size / 1 >= -this).
+REVIVE_OFFSET = 1e9
 
 
 __all__ = ["Constraint", "Plan", "parse_constraint", "land_on_target", "scores_from_widths",

@@ -66,8 +66,21 @@ class SearchContext:
                               self.latency_model)
 
     def land_widths(self, widths: dict[int, int],
-                    importance: dict[int, np.ndarray] | None = None) -> Plan:
-        return self.land(scores_from_widths(self.graph, widths, importance))
+                    importance: dict[int, np.ndarray] | None = None,
+                    revive: bool = False) -> Plan:
+        """One bisected multiplier on `widths`; groups at 0 stay at 0 unless `revive`, or
+        unless no plan meets the targets with them at 0 (then they come back, last, and the
+        log says so)."""
+        from ..load import UserError
+
+        try:
+            return self.land(scores_from_widths(self.graph, widths, importance, revive))
+        except UserError:
+            if revive or not any(w == 0 for w in widths.values()):
+                raise
+        self.log("target step: no plan meets the targets with every group at width 0 kept at "
+                 "0; those groups may come back (after every other channel)")
+        return self.land(scores_from_widths(self.graph, widths, importance, True))
 
     # ---- parameters by channel
     def tied(self) -> dict[int, list[TiedSlice]]:

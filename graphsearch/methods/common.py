@@ -198,10 +198,18 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict
     try:
         return ev.measure(keep)
     except PlanError:
-        for gid, v in keep.items():
-            if len(v) == 0:
-                keep[gid] = [0]
-        return ev.measure(keep)
+        pass
+    # The alive channels form no legal plan (e.g. a channel split left with an empty part):
+    # count the emptiest groups at full width, one at a time, until the plan is legal (an
+    # over-estimate, which only makes the strength controller push a little harder).
+    sizes = {g.id: g.size for g in graph.prunable_groups}
+    for gid in sorted(keep, key=lambda gid: len(keep[gid]) / sizes[gid]):
+        keep.pop(gid)
+        try:
+            return ev.measure(keep)
+        except PlanError:
+            continue
+    return ev.measure(keep)
 
 
 def _pct(x) -> str:

@@ -347,7 +347,7 @@ class ESNAC(Method):
             raise UserError("esnac: no candidate could be evaluated")
         best = max(history, key=lambda h: h["reward"])
         widths = {int(g): int(v) for g, v in best["widths"].items()}
-        plan = ctx.land_widths(widths, importance_of(order))
+        plan = ctx.land_widths(widths, importance_of(order), revive=True)
         ctx.log(f"esnac: best reward {best['reward']:.4f} at step {best['step']} "
                 f"({fresh} evaluations run now, {cached} from the cache); landed at "
                 f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")

@@ -261,7 +261,7 @@ class Submodular(Method):
             fresh, cached = ev.fresh, ev.cached
         best = max(range(len(passes)), key=lambda i: (passes[i]["accuracy"], -i))
         widths = {int(g): int(w) for g, w in passes[best]["widths"].items()}
-        plan = ctx.land_widths(widths, importance_of(order))
+        plan = ctx.land_widths(widths, importance_of(order), revive=True)
         ctx.log(f"submodular: best pass '{passes[best]['pass']}' ({F.calls} distinct "
                 f"evaluations, {fresh} run now, {cached} from the cache); landed at "
                 f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
