@@ -236,13 +236,15 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict
             idx = np.arange(int(a[0]))
         if len(idx) < g.size:
             keep[g.id] = idx.tolist()
-    try:
-        return ev.measure(keep)
-    except PlanError:
-        for gid, v in keep.items():
-            if len(v) == 0:
-                keep[gid] = [0]
-        return ev.measure(keep)
+    counts = {gid: len(v) for gid, v in keep.items()}
+    for trial in (keep, counts, {gid: max(1, n) for gid, n in counts.items()}):
+        try:
+            return ev.measure(trial)
+        except PlanError:
+            # an index-level plan the graph cannot realise (a split part left empty): count
+            # widths instead, then with every group at one channel at least
+            continue
+    return ev.measure({})
 
 
 def _pct(x) -> str:
