@@ -195,21 +195,15 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict
             idx = np.arange(int(a[0]))
         if len(idx) < g.size:
             keep[g.id] = idx.tolist()
-    try:
-        return ev.measure(keep)
-    except PlanError:
-        pass
-    # The alive channels form no legal plan (e.g. a channel split left with an empty part):
-    # count the emptiest groups at full width, one at a time, until the plan is legal (an
-    # over-estimate, which only makes the strength controller push a little harder).
-    sizes = {g.id: g.size for g in graph.prunable_groups}
-    for gid in sorted(keep, key=lambda gid: len(keep[gid]) / sizes[gid]):
-        keep.pop(gid)
+    counts = {gid: len(v) for gid, v in keep.items()}
+    for trial in (keep, counts, {gid: max(1, n) for gid, n in counts.items()}):
         try:
-            return ev.measure(keep)
+            return ev.measure(trial)
         except PlanError:
+            # an index-level plan the graph cannot realise (a split part left empty): count
+            # widths instead, then with every group at one channel at least
             continue
-    return ev.measure(keep)
+    return ev.measure({})
 
 
 def _pct(x) -> str:

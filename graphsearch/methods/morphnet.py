@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph
+from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
 from .common import (added_share, alive_cost, budget_steps, constant_schedule,
@@ -290,6 +291,7 @@ class MorphNet(Method):
                               "alive_cost_ratio": cur, "hold": bool(pg["mn_hold"])})
 
         rounds = []
+        fallbacks: list = []
         plan = None
         for k in range(repeats):
             if steps > 0:
@@ -307,7 +309,15 @@ class MorphNet(Method):
             widths = legal_zeros(graph, widths,
                                  priority={g: float(v.max(initial=0.0)) for g, v in r_g.items()})
             # expand from the alive widths (channels kept by r; groups at 0 stay at 0)
-            plan = ctx.land_widths(widths, importance=r_g)
+            try:
+                plan = ctx.land_widths(widths, importance=r_g)
+            except UserError as exc:
+                # the graph cannot realise the alive channels (seen on ShuffleNetV2: a split
+                # part left empty); expand from the full widths, ranked by r, and say so
+                ctx.log(f"morphnet: WARNING the alive widths give no plan ({exc}); one "
+                        "multiplier on the full widths instead")
+                fallbacks.append(str(exc))
+                plan = ctx.land_widths({}, importance=r_g)
             own = {g.id: np.flatnonzero(alive_g[g.id] > 0) for g in graph.prunable_groups}
             rounds.append({"alive_widths": widths, "alive_counts": alive_widths,
                            "widths": dict(plan.widths),
@@ -340,6 +350,8 @@ class MorphNet(Method):
             "expand_added_flops_share": rounds[-1]["expanded_by"]["flops_share_added"],
             "rounds": rounds, "trace": trace,
         }
+        if fallbacks:
+            info["expand_fallback"] = fallbacks
         if died == 0:
             info["warning"] = ("no channel died in the shrink phase: the plan is one multiplier "
                                "on the full widths, i.e. uniform's")
