@@ -141,8 +141,12 @@ def table(reports: list[dict]) -> str:
             f"{r['finetune_epochs']} |")
     lines += ["", "Differences beyond the seed spread (min-max ranges do not overlap):", ""]
     beyond = [f"- {a['method']} ({a['mean']:.2f}) > {b['method']} ({b['mean']:.2f})"
-              for i, a in enumerate(rows) for b in rows[i + 1:] if a["lo"] > b["hi"]]
+              for i, a in enumerate(rows) for b in rows[i + 1:]
+              if a["lo"] > b["hi"] and len(a["seeds"]) > 1 and len(b["seeds"]) > 1]
+    single = [r["method"] for r in rows if len(r["seeds"]) < 2]
     lines += beyond or ["- none"]
+    if single:
+        lines += [f"- not judged (one seed, no spread): {', '.join(single)}"]
     return "\n".join(lines)
 
 
