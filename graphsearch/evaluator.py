@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -130,20 +129,10 @@ def _loads(blob: bytes):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """The project's one atomic writer; on every process (workers are not torchrun ranks)."""
+    from .checkpoint import write_atomic
+
+    write_atomic(path, json.dumps(obj), every_rank=True)
 
 
 # --------------------------------------------------------------------------- one evaluation
