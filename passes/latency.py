@@ -130,18 +130,7 @@ def latency(onnx_path: str | os.PathLike, *, input_shapes: Mapping[str, Sequence
         raise ValueError(f"need repeats >= 1, warmup >= 0, min_time_s >= 0; got {repeats}, {warmup}, {min_time_s}")
     session = _session(onnx_path, threads)
     shapes = _resolve_shapes(session, input_shapes, batch_size)
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp, shape in zip(session.get_inputs(), shapes):
-        dtype = _ORT_DTYPES.get(inp.type)
-        if dtype is None:
-            raise ValueError(f"input {inp.name!r} has unsupported type {inp.type}")
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[inp.name] = np.ones(shape, dtype=dtype)
-        else:
-            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    feeds = _random_feeds(session, shapes, seed)
 
     for _ in range(warmup):
         session.run(None, feeds)
@@ -160,6 +149,23 @@ def latency(onnx_path: str | os.PathLike, *, input_shapes: Mapping[str, Sequence
         batch_size=int(batch), providers=tuple(session.get_providers()), input_shapes=tuple(shapes))
 
 
+def _random_feeds(session, shapes, seed: int) -> dict:
+    """Inputs for a timing run: normal floats, ones for bools, zeros for integers."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp, shape in zip(session.get_inputs(), shapes):
+        dtype = _ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise ValueError(f"input {inp.name!r} has unsupported type {inp.type}")
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
 def latency_pair(a: str | os.PathLike, b: str | os.PathLike, *, batch_size: int = 1, threads: int = 1,
                  warmup: int = 10, repeats: int = 30, seed: int = 0) -> tuple[Latency, Latency, float]:
     """Time two models (a baseline and its slim version) with their runs interleaved, a, b, a, b,
@@ -172,18 +178,7 @@ def latency_pair(a: str | os.PathLike, b: str | os.PathLike, *, batch_size: int 
     for path in (a, b):
         session = _session(path, threads)
         shapes = _resolve_shapes(session, None, batch_size)
-        rng = np.random.default_rng(seed)
-        feed = {}
-        for inp, shape in zip(session.get_inputs(), shapes):
-            dtype = _ORT_DTYPES.get(inp.type)
-            if dtype is None:
-                raise ValueError(f"input {inp.name!r} has unsupported type {inp.type}")
-            if np.issubdtype(dtype, np.floating):
-                feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype is np.bool_:
-                feed[inp.name] = np.ones(shape, dtype=dtype)
-            else:
-                feed[inp.name] = np.zeros(shape, dtype=dtype)
+        feed = _random_feeds(session, shapes, seed)
         sessions.append((session, shapes))
         feeds.append(feed)
     for _ in range(warmup):
