@@ -26,3 +26,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    """The tiny test model trained one epoch on 200 synthetic 16x16 images of 4 classes:
+    (model, its channel graph, the data), for the candidate-evaluating methods' tests."""
+    from graphsearch.analysis import analyze
+    from graphsearch.data import load_dataset
+    from graphsearch.train import train
+    from tiny_model import Tiny
+
+    data = load_dataset("synthetic:200:4", image_size=16, cache_dir=False)
+    torch.manual_seed(0)
+    model = Tiny()
+    train(model, data, epochs=1, lr=0.05, batch_size=50, progress=False)
+    return model, analyze(model, (torch.zeros(1, 3, 16, 16),)), data

@@ -19,8 +19,6 @@ from graphsearch.methods.autoshrink import AutoShrink, apply_edge, draw, shrink_
 from graphsearch.methods.base import SearchContext
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
-from graphsearch.train import train
-from tiny_model import Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 X16 = (torch.zeros(1, 3, 16, 16),)
@@ -163,15 +161,6 @@ def test_the_fine_tune_score_decides(seed, tmp_path, monkeypatch):
     assert any(s["removed"][0] == "branch" for s in p.info["steps"])
     limit = ctx.constraints[0].limit
     assert 0.99 * limit <= p.plan.achieved["flops"] <= limit
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
-    data = load_dataset("synthetic:200:4", image_size=16, cache_dir=False)
-    torch.manual_seed(0)
-    model = Tiny()
-    train(model, data, epochs=1, lr=0.05, batch_size=50, progress=False)
-    return model, analyze(model, X16), data
 
 
 class Killed(Exception):

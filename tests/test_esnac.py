@@ -17,8 +17,6 @@ from graphsearch.methods.base import SearchContext
 from graphsearch.methods.esnac import (ESNAC, Embedding, Features, expected_improvement,
                                        gp_posterior, loo_log_likelihood, reward, sample_action)
 from graphsearch.target import parse_constraint
-from graphsearch.train import train
-from tiny_model import Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 X16 = (torch.zeros(1, 3, 16, 16),)
@@ -126,15 +124,6 @@ def test_the_acquisition_follows_the_gp(tmp_path, monkeypatch):
     assert np.mean(picked) > np.mean(random_) + 0.05, (np.mean(picked), np.mean(random_))
     limit = ctx.constraints[0].limit
     assert 0.99 * limit <= p.plan.achieved["flops"] <= limit
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
-    data = load_dataset("synthetic:200:4", image_size=16, cache_dir=False)
-    torch.manual_seed(0)
-    model = Tiny()
-    train(model, data, epochs=1, lr=0.05, batch_size=50, progress=False)
-    return model, analyze(model, X16), data
 
 
 def test_end_to_end_meets_the_target_and_resumes(trained, tmp_path):

@@ -16,8 +16,6 @@ from graphsearch.evaluator import CandidateEvaluator, EvalResult
 from graphsearch.methods.base import SearchContext
 from graphsearch.methods.submodular import Counted, Submodular, lazy_greedy, plain_greedy
 from graphsearch.target import parse_constraint
-from graphsearch.train import train
-from tiny_model import Tiny
 
 X = (torch.zeros(1, 3, 16, 16),)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,15 +64,6 @@ def test_increments_wait_for_their_predecessor():
     added = lazy_greedy(elements, F, seed, lambda e, S: (e[0], e[1] - 1) in S,
                         lambda S: len(S) <= 5)
     assert added == [(1, 2), (1, 3), (1, 4)]
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
-    data = load_dataset("synthetic:200:4", image_size=16, cache_dir=False)
-    torch.manual_seed(0)
-    model = Tiny()
-    train(model, data, epochs=1, lr=0.05, batch_size=50, progress=False)
-    return model, analyze(model, X), data
 
 
 def make_ctx(trained, state_dir, flops="0.4", settings=None, **kw):
