@@ -262,9 +262,8 @@ def test_end_to_end_on_a_tiny_model(method, trained, tmp_path):
         assert info["zeros"] > 0  # exact zeros from the proximal steps
     else:  # the shrinking phase pulled the gammas down (this baseline's are all near 1, so
         # none reaches the 0.01 threshold in 24 steps: the widths come from the expansion)
-        with torch.no_grad():
-            assert float(reg(ctx.model)) < 0.8 * reg_before
-        assert info["rounds"][0]["regulariser"] == pytest.approx(float(reg(ctx.model).detach()))
+        # (measured before the refit puts the baseline's weights back)
+        assert info["rounds"][0]["regulariser"] < 0.8 * reg_before
     small = slim(graph, proposal.plan.keep, proposal.state_dict).eval()
     with torch.no_grad():
         out = small(torch.randn(2, 3, 16, 16))

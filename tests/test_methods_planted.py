@@ -139,6 +139,46 @@ def test_morphnet_shrink_kills_the_undefended_gammas(planted, tmp_path):
     assert "Alive widths before expand" in method_evidence("morphnet", proposal.info)
 
 
+def _half_target_ctx(planted, tmp_path, settings=None):
+    """The planted model with a target that drops only 3 of the 6 useless channels."""
+    model, graph, data, g1, target = planted
+    half = graph.cost({g1: list(range(3, 16))}).flops
+    ctx = make_ctx(planted, tmp_path, settings=settings, epochs=10.0)
+    ctx.constraints = [Constraint("flops", float(half), "half of the useless")]
+    return ctx
+
+
+@pytest.mark.parametrize("method", ["group-lasso", "morphnet"])
+def test_concentrated_norms_die_no_faster_than_the_path(planted, tmp_path, method):
+    """Bug (CIFAR ResNet-20, the growing strength): channels whose norms are alike die in
+    the same step, so one step zeroed 85% of the model, far past the target. The six
+    useless channels have identical norms and die together without the cap (`cap` off:
+    6 deaths); with it, exactly the 3 the target asks for die and the plan drops them."""
+    model, graph, data, g1, target = planted
+    cls = GroupLasso if method == "group-lasso" else MorphNet
+    proposal = cls().search(_half_target_ctx(planted, tmp_path))
+    info = proposal.info
+    died = info["zeros_per_group"][g1] if method == "group-lasso" else info["channels_died"]
+    assert died == 3
+    assert info["deaths_deferred"] > 0
+    assert kept_useless(proposal.plan, g1) == 3
+    assert len(proposal.plan.keep[g1]) == 13
+
+
+def test_group_lasso_refit_restarts_the_plan_from_the_baseline(planted, tmp_path):
+    """The fine-tuning starts from the baseline's weights on the penalty's support (refit),
+    not from the shrunk survivors: the returned weights are the baseline's, and the choice
+    is still the penalty's (the useless channels dropped)."""
+    model, graph, data, g1, target = planted
+    proposal = GroupLasso().search(make_ctx(planted, tmp_path, epochs=10.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(proposal.state_dict[k], v), k
+    assert kept_useless(proposal.plan, g1) == 0
+    shrunk = GroupLasso().search(make_ctx(planted, tmp_path / "n", {"refit": False},
+                                          epochs=10.0))
+    assert not torch.equal(shrunk.state_dict["b1.weight"], model.b1.weight)
+
+
 class TwoGroups(nn.Module):
     def __init__(self):
         super().__init__()

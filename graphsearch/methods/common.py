@@ -267,3 +267,45 @@ def method_evidence(method: str, info: dict) -> str | None:
         return None
     return None
 
+
+
+def cap_deaths(graph: ChannelGraph, ev, ratio, alive: Mapping[int, np.ndarray],
+               dying: Mapping[int, np.ndarray], urgency: Mapping[int, np.ndarray],
+               floor: float) -> dict[int, np.ndarray]:
+    """Which of the channels a proximal step would kill may die now. `alive[g]` and
+    `dying[g]` are boolean per channel (dying implies alive), `urgency[g]` orders the dying
+    (smaller: deeper below the threshold, dies first), `ratio(values)` is the cost ratio to
+    the target. The deaths are allowed in that order while the cost of what stays alive is at
+    least `floor` times the target (the path of the strength schedule, never below the
+    target itself); the rest are deferred (the caller leaves them untouched this step), so a
+    step that would kill a whole group's concentrated norms at once cannot overshoot the path
+    (measured on CIFAR ResNet-20: without the cap one step zeroed 85% of the channels).
+    Returns the allowed deaths, boolean per group."""
+    order = [(float(urgency[g][c]), g, int(c)) for g, d in dying.items()
+             for c in np.flatnonzero(d)]
+    if not order:
+        return {g: np.zeros_like(d, dtype=bool) for g, d in dying.items()}
+    order.sort()
+
+    def after(k: int) -> dict[int, np.ndarray]:
+        out = {g: np.asarray(a, dtype=bool).copy() for g, a in alive.items()}
+        for _, g, c in order[:k]:
+            out[g][c] = False
+        return out
+
+    if ratio(alive_cost(graph, after(len(order)), ev)) >= floor:
+        k = len(order)
+    else:  # the largest prefix that keeps the cost at or above the floor (bisection)
+        lo, hi = 0, len(order)  # ok(lo) holds, ok(hi) fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ratio(alive_cost(graph, after(mid), ev)) >= floor:
+                lo = mid
+            else:
+                hi = mid
+        k = lo
+    allowed = {g: np.zeros_like(np.asarray(d), dtype=bool) for g, d in dying.items()}
+    for _, g, c in order[:k]:
+        allowed[g][c] = True
+    return allowed
+

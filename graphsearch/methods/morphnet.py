@@ -35,7 +35,14 @@ widths lags a straight path from the baseline to the target; once the alive cost
 target the pull stops and the dead gammas stay at zero. So the shrink phase kills channels
 and the expand step starts from about the target. The report gives `lambda * FLOPs0`, i.e.
 where the choice sits on the paper's scale, and warns when nothing died; `--set lambda=...`
-sets a fixed lambda.
+sets a fixed lambda. Deaths follow the path (`cap`, `common.cap_deaths`): a step kills only as
+many gammas as the path allows, deepest below the threshold first; the others wait just above
+it, first in line, and while deaths wait the strength eases off. Measured on CIFAR ResNet-20
+without the cap: the stem's residual group (the costliest channels per unit of gamma) went
+from 16 to 1 channel within 50 steps, overshooting the path, and the result reached 31% top-1.
+The pipeline fine-tunes the plan from the baseline's weights (`refit`): MorphNet's output is an
+architecture (the paper retrains it), and the regulariser's pull on the surviving gammas is a
+bias that a short fine-tune cannot undo.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from ..graph import ChannelGraph
 from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
-from .common import (added_share, alive_cost, budget_steps, constant_schedule,
+from .common import (added_share, alive_cost, budget_steps, cap_deaths, constant_schedule,
                      dropped_channels, evaluate_plan, zero_channels)
 
 
@@ -181,6 +188,8 @@ class MorphNet(Method):
         "momentum": 0.9,
         "weight_decay": 5e-4,  # on everything but the gammas
         "repeats": 1,
+        "cap": True,  # deaths beyond the schedule's path are deferred (common.cap_deaths)
+        "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "evaluate": True,  # record the plan's accuracy (dropped channels zeroed) as a candidate
     }
 
@@ -225,6 +234,7 @@ class MorphNet(Method):
                 f"({'fixed' if fixed else f'x{growth:g} per step while the alive cost lags'}); "
                 f"{steps} steps at constant lr {lr:g} per round, {repeats} round(s)")
 
+        state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
         dropped: dict[int, np.ndarray] = {}
         holder: dict = {"lambda": lam0}
         trace: list = []
@@ -262,6 +272,30 @@ class MorphNet(Method):
                 r = reg.r(m).detach().requires_grad_(True)
                 g = torch.autograd.grad(reg.value(r), r)[0] if r.numel() else r
             thr = torch.zeros_like(g) if pg["mn_hold"] else lr * pg["mn_lambda"] * g
+            f = (step - holder.get("round_start", 0)) / max(steps, 1)
+            wanted = r_full - (r_full - 1.0) * min(1.0, f / max(reach, 1e-9))
+            deferred = 0
+            if not fixed and not pg["mn_hold"] and s["cap"]:
+                # deaths beyond the path wait (common.cap_deaths)
+                rd = r.detach()
+                has = reg.has_gamma.to(rd.device)
+                alive_now = (rd > reg.threshold) | ~has
+                dying = alive_now & has & (rd - thr <= reg.threshold)
+                if dead is not None:
+                    dying &= ~dead.to(rd.device)
+                if dying.any():
+                    urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))
+                    allowed = cap_deaths(graph, ev, ratio, reg.per_group(alive_now),
+                                         reg.per_group(dying), reg.per_group(urg),
+                                         max(1.0, wanted))
+                    ok = torch.zeros_like(dying)
+                    for gid, a in allowed.items():
+                        o = int(reg.offsets[gid])
+                        ok[o:o + len(a)] = torch.as_tensor(a, device=ok.device)
+                    wait = dying & ~ok
+                    deferred = int(wait.sum())
+                    # they wait just above the alive threshold: first to die next time
+                    thr = torch.where(wait, (rd - reg.threshold * (1 + 1e-3)).clamp_min(0.0), thr)
             if dead is not None:
                 thr = torch.where(dead.to(thr.device), torch.full_like(thr, float("inf")), thr)
             for name, positions, glob in reg.gammas:
@@ -280,15 +314,17 @@ class MorphNet(Method):
                 return
             alive = reg.per_group(reg.alive(reg.r(m)))
             cur = ratio(alive_cost(graph, {gid: v > 0 for gid, v in alive.items()}, ev))
-            f = (step - holder.get("round_start", 0)) / max(steps, 1)
-            wanted = r_full - (r_full - 1.0) * min(1.0, f / max(reach, 1e-9))
+            holder["deferred"] = holder.get("deferred", 0) + deferred
             if cur <= 1.0:
                 pg["mn_hold"] = True
+            elif deferred:
+                pg["mn_lambda"] = pg["mn_lambda"] / growth  # ahead of the path: ease off
             elif cur > wanted:
                 pg["mn_lambda"] = pg["mn_lambda"] * growth
             if step % max(1, steps // 20) == 0 or pg["mn_hold"]:
                 trace.append({"step": int(step), "lambda": float(pg["mn_lambda"]),
-                              "alive_cost_ratio": cur, "hold": bool(pg["mn_hold"])})
+                              "alive_cost_ratio": cur, "deferred": deferred,
+                              "hold": bool(pg["mn_hold"])})
 
         rounds = []
         fallbacks: list = []
@@ -356,6 +392,17 @@ class MorphNet(Method):
             info["warning"] = ("no channel died in the shrink phase: the plan is one multiplier "
                                "on the full widths, i.e. uniform's")
             ctx.log("morphnet: WARNING " + info["warning"])
+        info["deaths_deferred"] = int(holder.get("deferred", 0))
+        info["refit"] = bool(s["refit"])
+        if s["refit"]:
+            # the shrink phase chose the widths and channels; the fine-tuning starts from the
+            # baseline's weights on them (MorphNet's output is an architecture), not from
+            # gammas the regulariser pulled towards zero
+            if s["evaluate"]:
+                info["plan_accuracy_shrunk_weights"] = evaluate_plan(
+                    ctx, model, plan, "morphnet plan, shrunk weights")
+            model.load_state_dict(state0)
+            ctx.log("morphnet: the plan's channels restart from the baseline's weights (refit)")
         if s["evaluate"]:
             info["plan_accuracy_before_finetune"] = evaluate_plan(
                 ctx, model, plan, "morphnet plan (before fine-tuning)")
