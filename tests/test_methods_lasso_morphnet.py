@@ -11,6 +11,7 @@ from torch import nn
 
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
+from graphsearch.load import UserError
 from graphsearch.methods.base import SearchContext
 from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, zero_channels
 from graphsearch.methods.morphnet import FlopRegulariser, MorphNet
@@ -214,6 +215,23 @@ def test_morphnet_residual_group_reads_the_max_gamma():
     assert np.allclose(r, [0.4, 0.7, 0.0, 0.3])
     alive = reg.per_group(reg.alive(reg.r(model)))[gid]
     assert alive.tolist() == [1, 1, 0, 1]  # OR over the members
+
+
+def test_morphnet_residual_group_with_combine_l2_reads_the_joint_norm():
+    """`combine=l2`: a residual channel's r is the L2 norm of its gammas, and an unknown
+    combine is a clear error."""
+    model = randomise(Residual())
+    with torch.no_grad():
+        model.b1.weight.copy_(torch.tensor([0.3, -0.7, 0.0, 0.0]))
+        model.b2.weight.copy_(torch.tensor([-0.4, 0.0, 0.0, 0.005]))
+    graph = analyze(model, X8)
+    reg = FlopRegulariser(graph, model, combine="l2")
+    (gid,) = [g.id for g in graph.prunable_groups if g.size == 4]
+    r = reg.per_group(reg.r(model))[gid]
+    assert np.allclose(r, [0.5, 0.7, 0.0, 0.005])
+    assert reg.per_group(reg.alive(reg.r(model)))[gid].tolist() == [1, 1, 0, 0]
+    with pytest.raises(UserError, match="combine"):
+        FlopRegulariser(graph, model, combine="sum")
 
 
 def test_legal_zeros_keeps_one_channel_where_a_group_cannot_vanish():

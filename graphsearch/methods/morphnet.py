@@ -62,9 +62,13 @@ from .common import (added_share, alive_cost, budget_steps, cap_deaths, constant
 class FlopRegulariser:
     """MorphNet's FLOP regulariser on a model's gammas, built from the channel graph."""
 
-    def __init__(self, graph: ChannelGraph, model: nn.Module, threshold: float = 0.01):
+    def __init__(self, graph: ChannelGraph, model: nn.Module, threshold: float = 0.01,
+                 combine: str = "max"):
+        if combine not in ("max", "l2"):
+            raise UserError(f"morphnet: combine={combine!r}; use max or l2")
         self.graph = graph
         self.threshold = float(threshold)
+        self.combine = combine
         self.offsets = np.concatenate([[0], np.cumsum([g.size for g in graph.groups])]
                                       ).astype(np.int64)
         self.n_pos = int(self.offsets[-1])
@@ -113,8 +117,9 @@ class FlopRegulariser:
 
     # -- per channel
     def r(self, model: nn.Module) -> torch.Tensor:
-        """r over all channel positions: max |gamma| over the gammas tied to the channel (0
-        where there is none), differentiable."""
+        """r over all channel positions: max |gamma| over the gammas tied to the channel
+        (`combine` "max"), or their joint L2 norm ("l2"); 0 where there is none;
+        differentiable."""
         params = dict(model.named_parameters())
         vals, where = [], []
         for name, positions, glob in self.gammas:
@@ -125,6 +130,9 @@ class FlopRegulariser:
         if not vals:
             return base
         device = vals[0].device
+        if self.combine == "l2":
+            sq = base.to(device).index_add(0, torch.cat(where).to(device), torch.cat(vals) ** 2)
+            return sq.clamp_min(1e-300).sqrt() * (sq > 0)
         return base.to(device).scatter_reduce(0, torch.cat(where).to(device), torch.cat(vals),
                                               reduce="amax", include_self=True)
 
@@ -184,6 +192,7 @@ class MorphNet(Method):
         "max_growth": 100.0,  # the strength may grow this much over the reach window
         "reach": 0.6,  # the alive cost should reach the target by this fraction of a round
         "threshold": 0.01,  # alive: |gamma| > threshold
+        "combine": "max",  # a coupled channel's r: max of its gammas, or "l2" (their norm)
         "lr": None,  # None: the run's search lr (ctx.lr), constant
         "momentum": 0.9,
         "weight_decay": 5e-4,  # on everything but the gammas
@@ -198,7 +207,7 @@ class MorphNet(Method):
 
         s = {**self.defaults, **ctx.settings}
         graph, model = ctx.graph, ctx.model
-        reg = FlopRegulariser(graph, model, float(s["threshold"]))
+        reg = FlopRegulariser(graph, model, float(s["threshold"]), str(s["combine"]))
         lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
         momentum, wd = float(s["momentum"]), float(s["weight_decay"])
         repeats = max(1, int(s["repeats"]))
@@ -303,7 +312,11 @@ class MorphNet(Method):
                 pos = positions.to(p.device)
                 v = p.index_select(0, pos)
                 t = thr[glob.to(thr.device)].to(p.device, p.dtype)
-                new = torch.sign(v) * (v.abs() - t).clamp_min(0.0)
+                if reg.combine == "l2":  # the group proximal step: r moves down by t
+                    rc = r.detach()[glob.to(r.device)].to(p.device, p.dtype)
+                    new = v * (1 - t / torch.where(rc > 0, rc, torch.ones_like(rc))).clamp_min(0)
+                else:  # every tied gamma moves down by t, so the max does
+                    new = torch.sign(v) * (v.abs() - t).clamp_min(0.0)
                 p.index_copy_(0, pos, new)
                 buf = opt.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
