@@ -254,6 +254,21 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
         else:
             hi = mid - 1
     if best is None:
+        # Legality is not monotone in k where a group's kept channels must cover several
+        # parts (a ShuffleNetV2 channel split: a prefix of the order may leave one part
+        # empty), so the bisection can miss every legal cut: scan the cuts downwards, the
+        # cheap cost check first.
+        for k in range(len(g_sorted), -1, -1):
+            w = widths_at(k)
+            try:
+                if not ev.feasible(ev.measure(w)):
+                    continue
+            except PlanError:
+                pass
+            if ok(w)[0]:
+                best = w
+                break
+    if best is None:
         raise UserError("no plan meets the targets: even the smallest widths the scores allow "
                         "break the model or exceed a target; relax the target or --round-to")
     # 2. Grow groups by one allowed step, best next channels first, while it fits.
