@@ -191,6 +191,7 @@ class MorphNet(Method):
         "growth": None,  # factor per step while the alive cost lags; None: from max_growth
         "max_growth": 100.0,  # the strength may grow this much over the reach window
         "reach": 0.6,  # the alive cost should reach the target by this fraction of a round
+        "shrink_to": 1.0,  # the shrink phase stops at this alive cost (times the target)
         "threshold": 0.01,  # alive: |gamma| > threshold
         "combine": "max",  # a coupled channel's r: max of its gammas, or "l2" (their norm)
         "lr": None,  # None: the run's search lr (ctx.lr), constant
@@ -225,6 +226,10 @@ class MorphNet(Method):
         growth = float(s["growth"]) if s["growth"] is not None else \
             float(s["max_growth"]) ** (1.0 / max(1.0, reach * steps))
         fixed = s["lambda"] is not None
+        goal = float(s["shrink_to"])
+        if not goal > 0:
+            raise UserError(f"morphnet: shrink_to={goal:g}; use a positive ratio of the target "
+                            "(1: the shrink phase stops at the target)")
 
         # lambda
         r0 = reg.r(model).detach().requires_grad_(True)
@@ -282,7 +287,7 @@ class MorphNet(Method):
                 g = torch.autograd.grad(reg.value(r), r)[0] if r.numel() else r
             thr = torch.zeros_like(g) if pg["mn_hold"] else lr * pg["mn_lambda"] * g
             f = (step - holder.get("round_start", 0)) / max(steps, 1)
-            wanted = r_full - (r_full - 1.0) * min(1.0, f / max(reach, 1e-9))
+            wanted = r_full - (r_full - goal) * min(1.0, f / max(reach, 1e-9))
             deferred = 0
             if not fixed and not pg["mn_hold"] and s["cap"]:
                 # deaths beyond the path wait (common.cap_deaths)
@@ -296,7 +301,7 @@ class MorphNet(Method):
                     urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))
                     allowed = cap_deaths(graph, ev, ratio, reg.per_group(alive_now),
                                          reg.per_group(dying), reg.per_group(urg),
-                                         max(1.0, wanted))
+                                         max(goal, wanted))
                     ok = torch.zeros_like(dying)
                     for gid, a in allowed.items():
                         o = int(reg.offsets[gid])
@@ -328,7 +333,7 @@ class MorphNet(Method):
             alive = reg.per_group(reg.alive(reg.r(m)))
             cur = ratio(alive_cost(graph, {gid: v > 0 for gid, v in alive.items()}, ev))
             holder["deferred"] = holder.get("deferred", 0) + deferred
-            if cur <= 1.0:
+            if cur <= goal:
                 pg["mn_hold"] = True
             elif deferred:
                 pg["mn_lambda"] = pg["mn_lambda"] / growth  # ahead of the path: ease off
