@@ -3,8 +3,9 @@
 Search methods that spend their budget scoring candidate architectures (gensynth,
 autoshrink, submodular, esnac) hand a batch of keep plans to one `CandidateEvaluator`,
 together with the full-architecture weights every candidate inherits. For each plan the
-evaluator slices those weights (`passes.slim`), trains the slim model briefly (a fixed number of optimizer steps,
-cross-entropy or logit distillation from a teacher), and scores it on the validation split
+evaluator slices those weights (`passes.slim`), trains the slim model briefly (a fixed
+number of optimizer steps, cross-entropy or logit distillation from a teacher), and scores
+it on the validation split
 (never the test split). Costs come from the graph's cost model.
 
 - Deterministic: a candidate's training seed is derived from its plan and the evaluation
