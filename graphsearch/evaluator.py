@@ -5,8 +5,7 @@ autoshrink, submodular, esnac) hand a batch of keep plans to one `CandidateEvalu
 together with the full-architecture weights every candidate inherits. For each plan the
 evaluator slices those weights (`passes.slim`), trains the slim model briefly (a fixed
 number of optimizer steps, cross-entropy or logit distillation from a teacher), and scores
-it on the validation split
-(never the test split). Costs come from the graph's cost model.
+it on the validation split (never the test split). Costs come from the graph's cost model.
 
 - Deterministic: a candidate's training seed is derived from its plan and the evaluation
   settings (not from the worker that runs it), and every evaluation runs on one torch thread,
