@@ -78,11 +78,11 @@ from .. import checkpoint as ckpt
 from ..evaluator import EvalSettings, GateResponses, make_evaluator
 from ..graph import PlanError
 from ..load import UserError
+from ..passes.slim import unslim_state
 from ..target import Evaluator, allowed_widths
 from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
 from .common import added_share, fold_gates
-from ..passes.slim import unslim_state
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
 CHECKPOINT_VERSION = 2  # 2: children trained as slim models by the candidate evaluator
