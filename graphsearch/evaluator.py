@@ -1,11 +1,11 @@
 """The candidate evaluator: a batch of keep plans in, validation scores and costs out.
 
-Search methods that spend their budget scoring candidate architectures (autoshrink,
-submodular, esnac) hand a batch of keep plans to one `CandidateEvaluator`, together with the
-full-architecture weights every candidate inherits. For each plan the evaluator slices those
-weights (`passes.slim`), trains the slim model briefly (a fixed number of optimizer steps,
-cross-entropy or logit distillation from a teacher), and scores it on the validation split
-(never the test split). Costs come from the graph's cost model.
+Search methods that spend their budget scoring candidate architectures (gensynth,
+autoshrink, submodular, esnac) hand a batch of keep plans to one `CandidateEvaluator`,
+together with the full-architecture weights every candidate inherits. For each plan the
+evaluator slices those weights (`passes.slim`), trains the slim model briefly (a fixed
+number of optimizer steps, cross-entropy or logit distillation from a teacher), and scores
+it on the validation split (never the test split). Costs come from the graph's cost model.
 
 - Deterministic: a candidate's training seed is derived from its plan and the evaluation
   settings (not from the worker that runs it), and every evaluation runs on one torch thread,
@@ -20,10 +20,19 @@ cross-entropy or logit distillation from a teacher), and scores it on the valida
   per task); Ray (`ray="auto"` or an address; `pip install 'graphsearch[ray]'`): tasks carry
   the slim module and the settings, the data travels once through the object store, and a
   task whose worker dies is retried (`max_retries`).
+- Beyond the score (gensynth uses both): `evaluate(..., return_state=True)` also gives back
+  each candidate's trained slim weights (`EvalResult.state`; `passes.slim.unslim_state` maps
+  them back to the full architecture), and `probe=` a picklable probe (`Probe`, e.g.
+  `GateResponses`) that runs on the trained candidate in the worker (`EvalResult.probe`).
+  Both are cached next to the scores (`CACHE/<key>.pt`); the probe's digest is part of the
+  key (it changes a result), the request for the weights is not (it changes none: a cached
+  entry without its weights is simply run again). `data_tag` names a training split other
+  than the run's (gensynth trains on the split minus its probe images) in the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -79,6 +88,17 @@ class EvalResult:
     cached: bool = False  # read back from the cache, not run now
     label: str = ""
     error: str = ""  # the plan could not be sliced (accuracy is NaN): methods skip it
+    state: dict | None = None  # the trained slim model's state dict (`return_state=True`)
+    probe: object = None  # what the evaluation's probe returned on the trained candidate
+
+    def __repr__(self) -> str:  # without the tensors
+        return (f"EvalResult(key={self.key!r}, label={self.label!r}, accuracy={self.accuracy}, "
+                f"flops={self.flops}, cached={self.cached}, state={self.state is not None}, "
+                f"probe={self.probe is not None}, error={self.error!r})")
+
+
+_JSON_FIELDS = ("key", "keep", "accuracy", "flops", "macs", "params", "seconds", "label",
+                "error")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -104,10 +124,16 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def plan_key(keep: Mapping, settings: EvalSettings, weights: str) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "keep": {str(g): v for g, v in
-                                                     canonical_keep(keep).items()},
-                       "settings": asdict(settings), "weights": weights}, sort_keys=True)
+def plan_key(keep: Mapping, settings: EvalSettings, weights: str,
+             extra: Mapping[str, str] | None = None) -> str:
+    """The cache key of an evaluation: the plan, the settings, the inherited weights' digest
+    and `extra` (anything else that changes a result: a probe's digest, a data tag; absent
+    from the key when empty, so plain evaluations keep their keys)."""
+    obj = {"v": CACHE_VERSION, "keep": {str(g): v for g, v in canonical_keep(keep).items()},
+           "settings": asdict(settings), "weights": weights}
+    if extra:
+        obj["extra"] = {str(k): str(v) for k, v in extra.items()}
+    blob = json.dumps(obj, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -128,11 +154,114 @@ def _loads(blob: bytes):
     return torch.load(io.BytesIO(blob), weights_only=False)
 
 
+def _save_atomic(path: Path, obj) -> None:
+    """torch.save, atomically (a temporary file renamed into place)."""
+    from .checkpoint import write_atomic
+
+    write_atomic(path, _dumps(obj), every_rank=True)
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     """The project's one atomic writer; on every process (workers are not torchrun ranks)."""
     from .checkpoint import write_atomic
 
     write_atomic(path, json.dumps(obj), every_rank=True)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+class Probe:
+    """Something measured on each trained candidate, in the worker that trained it.
+
+    `digest()`: a string naming the probe and everything that changes what it returns (it
+    goes into the cache key); `bind(graph, keep)`: called in the search's process for each
+    candidate, returns a picklable callable `f(module) -> result` that the worker calls on the
+    trained slim module (in eval mode; it must leave the weights as they are). The result must
+    be picklable (it is cached with `torch.save`)."""
+
+    def digest(self) -> str:
+        raise NotImplementedError
+
+    def bind(self, graph: ChannelGraph, keep: Mapping) -> Callable[[nn.Module], object]:
+        raise NotImplementedError
+
+
+class GateResponses(Probe):
+    """Per prunable group, the mean over `stimuli` (a sequence of (images, labels) batches)
+    of |dL/dgate_c|, L the cross-entropy summed over a stimulus and divided by its size, with
+    a gate of ones on every channel at its gate sites (`ChannelGraph.gate_sites`): at a kept
+    channel that is |sum(a_c * dL/da_c)|, the channel's response; 0 at a dropped channel.
+    Returns {group id: float64 array of the group's full size}."""
+
+    VERSION = 1
+
+    def __init__(self, stimuli: Sequence, chunk: int = 256):
+        self.stimuli = [(torch.as_tensor(x), torch.as_tensor(y).long()) for x, y in stimuli]
+        self.chunk = int(chunk)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"gate-responses:{self.VERSION}:{self.chunk}".encode())
+        for x, y in self.stimuli:
+            h.update(weights_digest({"x": x, "y": y}).encode())
+        return h.hexdigest()[:32]
+
+    def bind(self, graph: ChannelGraph, keep: Mapping) -> "_BoundGateResponses":
+        from graphsearch.passes.plan import resolve
+
+        plan = resolve(graph, canonical_keep(keep))
+        infos = {i.name: i for i in graph.nodes}
+        sizes = {g.id: g.size for g in graph.prunable_groups}
+        points = {}
+        for node, (groups, index) in graph.gate_sites().items():
+            if node in plan.dead or not any(int(g) in sizes for g in np.unique(groups)):
+                continue
+            ids = infos[node].ids
+            sel = plan.selection(ids, tuple(ids.shape))
+            if sel is None:
+                raise PlanError(f"gate site '{node}': the kept channels are no regular slice")
+            for d, idx in enumerate(sel):
+                if idx is not None:
+                    groups, index = np.take(groups, idx, axis=d), np.take(index, idx, axis=d)
+            points[node] = (torch.from_numpy(np.ascontiguousarray(groups)),
+                            torch.from_numpy(np.ascontiguousarray(index)))
+        return _BoundGateResponses(points, sizes, self.stimuli, self.chunk)
+
+
+class _BoundGateResponses:
+    """`GateResponses` for one candidate: the gate sites of its slim model."""
+
+    def __init__(self, points, sizes, stimuli, chunk):
+        self.points, self.sizes, self.stimuli, self.chunk = points, sizes, stimuli, chunk
+
+    def __call__(self, module: nn.Module) -> dict[int, np.ndarray]:
+        from graphsearch.passes.gates import _GateInterpreter
+
+        names = {n.name for n in module.graph.nodes}
+        missing = sorted(set(self.points) - names)
+        if missing:
+            raise RuntimeError(f"gate responses: the slim model lost gate sites {missing}")
+        gates = {gid: torch.ones(n, requires_grad=True) for gid, n in self.sizes.items()}
+        acc = {gid: torch.zeros(n) for gid, n in self.sizes.items()}
+        was = module.training
+        module.eval()
+        try:
+            for x, y in self.stimuli:
+                grads = {gid: torch.zeros(n) for gid, n in self.sizes.items()}
+                for xb, yb in zip(x.split(self.chunk), y.split(self.chunk)):
+                    out = _GateInterpreter(module, self.points, gates).run(xb)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    loss = nn.functional.cross_entropy(out, yb, reduction="sum") / len(y)
+                    got = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+                    for gid, g in zip(gates, got):
+                        if g is not None:
+                            grads[gid] += g.detach()
+                for gid in gates:
+                    acc[gid] += grads[gid].abs()
+        finally:
+            module.train(was)
+        n = max(1, len(self.stimuli))
+        return {gid: (a / n).double().numpy() for gid, a in acc.items()}
 
 
 # --------------------------------------------------------------------------- one evaluation
@@ -169,9 +298,12 @@ def _distill_loss(out, y):
 
 
 def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
-                  teacher: nn.Module | None = None) -> dict:
+                  teacher: nn.Module | None = None, return_state: bool = False,
+                  probe: Callable[[nn.Module], object] | None = None) -> dict:
     """Train `module` (a slim model) for `settings.steps` steps with training seed `seed` and
-    return its validation top-1. Runs on one torch thread (restored afterwards)."""
+    return its validation top-1 ("accuracy"), with `return_state` its trained state dict
+    ("state"), with `probe` (a bound probe, see `Probe`) what the probe returns on the
+    trained module ("probe"). Runs on one torch thread (restored afterwards)."""
     from .train import evaluate, train
 
     threads = torch.get_num_threads()
@@ -204,9 +336,31 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
                   optimizer=optimizer, scheduler=scheduler, evaluate_every_epoch=False,
                   device="cpu")
         acc = evaluate(module, data.val, distributed=False, device="cpu")
+        out = {"accuracy": float(acc)}
+        if return_state:
+            out["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if probe is not None:
+            out["probe"] = probe(module)
     finally:
         torch.set_num_threads(threads)
-    return {"accuracy": float(acc), "seconds": time.time() - t0}
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def _pack(out: dict) -> dict:
+    """A worker's result for the trip back: the weights and the probe's result as one blob
+    (tensors travel as bytes, not through shared memory)."""
+    extras = {k: out.pop(k) for k in ("state", "probe") if k in out}
+    if extras:
+        out["extras"] = _dumps(extras)
+    return out
+
+
+def _unpack(out: dict) -> dict:
+    if "extras" in out:
+        out = {**out, **_loads(out["extras"])}
+        out.pop("extras")
+    return out
 
 
 # ---- worker-process side (local backend)
@@ -220,19 +374,23 @@ def _init_worker(data) -> None:
     _WORKER_DATA = data
 
 
-def _worker_task(module_blob: bytes, teacher_blob: bytes | None, settings: dict, seed: int) -> dict:
+def _worker_task(module_blob: bytes, teacher_blob: bytes | None, settings: dict, seed: int,
+                 return_state: bool = False, probe_blob: bytes | None = None) -> dict:
     _maybe_crash_for_a_test()
     teacher = _loads(teacher_blob) if teacher_blob is not None else None
-    return run_candidate(_loads(module_blob), _WORKER_DATA, EvalSettings(**settings), seed,
-                         teacher)
+    probe = _loads(probe_blob) if probe_blob is not None else None
+    return _pack(run_candidate(_loads(module_blob), _WORKER_DATA, EvalSettings(**settings),
+                               seed, teacher, return_state, probe))
 
 
 def _ray_task(data, module_blob: bytes, teacher_blob: bytes | None, settings: dict,
-              seed: int) -> dict:
+              seed: int, return_state: bool = False, probe_blob: bytes | None = None) -> dict:
     _maybe_crash_for_a_test()
     torch.set_num_threads(1)
     teacher = _loads(teacher_blob) if teacher_blob is not None else None
-    return run_candidate(_loads(module_blob), data, EvalSettings(**settings), seed, teacher)
+    probe = _loads(probe_blob) if probe_blob is not None else None
+    return _pack(run_candidate(_loads(module_blob), data, EvalSettings(**settings), seed,
+                               teacher, return_state, probe))
 
 
 def _maybe_crash_for_a_test() -> None:
@@ -277,7 +435,8 @@ class CandidateEvaluator:
     evaluations are kept (None: no cache); workers: 1 = in-process, N > 1 = N local worker
     processes, None = one per core; ray: None, "auto" or a cluster address (overrides
     workers); on_result: called with each result as it arrives (tests interrupt a batch
-    here)."""
+    here); data_tag: names the training split when it is not the run's (goes into the
+    key)."""
 
     graph: ChannelGraph
     data: object
@@ -288,6 +447,7 @@ class CandidateEvaluator:
     log: Callable[[str], None] = print
     on_result: Callable[[EvalResult], None] | None = None
     max_retries: int = 3
+    data_tag: str = ""
     fresh: int = 0  # evaluations run (not read from the cache) by this evaluator
     cached: int = 0  # evaluations read back from the cache
     _pool: object = field(default=None, repr=False)
@@ -334,11 +494,14 @@ class CandidateEvaluator:
 
     def evaluate(self, keeps: Sequence[Mapping], state_dict: Mapping[str, torch.Tensor],
                  teacher_state: Mapping[str, torch.Tensor] | None = None,
-                 labels: Sequence[str] | None = None) -> list[EvalResult]:
+                 labels: Sequence[str] | None = None, *, return_state: bool = False,
+                 probe: Probe | None = None) -> list[EvalResult]:
         """Scores of `keeps` (each a plan: group id -> kept indices, changed groups only),
         every candidate inheriting `state_dict` (full-architecture weights) sliced to its
         plan; `teacher_state`: the teacher's weights when the settings distill. Results come
-        back in the order of `keeps`; duplicates are evaluated once."""
+        back in the order of `keeps`; duplicates are evaluated once. `return_state`: each
+        result also carries the trained slim model's state dict (`state`); `probe`: a `Probe`
+        run on each trained candidate (its result in `probe`)."""
         if self.settings.distill and teacher_state is None:
             raise ValueError("distillation settings need teacher_state")
         keeps = [canonical_keep(k) for k in keeps]
@@ -346,13 +509,19 @@ class CandidateEvaluator:
         wid = weights_digest(state_dict)
         if self.settings.distill:
             wid = wid + ":" + weights_digest(teacher_state)
-        keys = [plan_key(k, self.settings, wid) for k in keeps]
+        extra = {}
+        if probe is not None:
+            extra["probe"] = probe.digest()
+        if self.data_tag:
+            extra["data"] = self.data_tag
+        keys = [plan_key(k, self.settings, wid, extra) for k in keeps]
+        want = SimpleNamespace(state=bool(return_state), probe=probe)
         results: dict[str, EvalResult] = {}
         todo: list[int] = []
         for i, (k, key) in enumerate(zip(keeps, keys)):
             if key in results or any(keys[j] == key for j in todo):
                 continue
-            hit = self._read(key)
+            hit = self._read(key, want)
             if hit is not None:
                 hit.label = labels[i]
                 results[key] = hit
@@ -364,8 +533,25 @@ class CandidateEvaluator:
             if self.settings.distill:
                 teacher = _teacher(self.graph, teacher_state)
                 teacher_blob = _dumps(teacher)
-            self._run(todo, keeps, keys, labels, state_dict, teacher_blob, results)
+            self._run(todo, keeps, keys, labels, state_dict, teacher_blob, results, want)
         return [self._relabel(results[key], labels[i]) for i, key in enumerate(keys)]
+
+    def discard_states(self, results: Sequence[EvalResult]) -> None:
+        """Drop the cached trained weights of `results` (their scores and probe results stay
+        cached): a search that no longer needs them keeps its state folder small. A later
+        request for them runs the evaluation again."""
+        for r in results:
+            path = self._extras_path(r.key)
+            if path is None or not path.exists():
+                continue
+            try:
+                extras = torch.load(path, weights_only=False)
+            except Exception:  # noqa: BLE001
+                path.unlink(missing_ok=True)
+                continue
+            if isinstance(extras, dict) and "state" in extras:
+                extras.pop("state")
+                _save_atomic(path, extras)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -381,31 +567,52 @@ class CandidateEvaluator:
     # ---- internals
     @staticmethod
     def _relabel(r: EvalResult, label: str) -> EvalResult:
-        return EvalResult(**{**asdict(r), "label": label})
+        return dataclasses.replace(r, label=label)
 
     def _path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key}.json"
 
-    def _read(self, key: str) -> EvalResult | None:
+    def _extras_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
+
+    def _read(self, key: str, want=None) -> EvalResult | None:
         path = self._path(key)
         if path is None or not path.exists():
             return None
         try:
             d = json.loads(path.read_text())
+            d = {k: d[k] for k in _JSON_FIELDS if k in d}
             d["keep"] = {int(g): v for g, v in d["keep"].items()}
-            return EvalResult(**{**d, "cached": True})
+            r = EvalResult(**{**d, "cached": True})
         except (ValueError, KeyError, TypeError):
             return None  # a damaged entry is simply evaluated again
+        need_state = bool(want is not None and want.state)
+        need_probe = bool(want is not None and want.probe is not None)
+        if (need_state or need_probe) and not r.error:
+            extras_path = self._extras_path(key)
+            try:
+                extras = torch.load(extras_path, weights_only=False)
+            except Exception:  # noqa: BLE001 (missing or damaged: evaluate again)
+                return None
+            if (need_state and "state" not in extras) or (need_probe and "probe" not in extras):
+                return None
+            r.state = extras.get("state") if need_state else None
+            r.probe = extras.get("probe") if need_probe else None
+        return r
 
     def _finish(self, i, keeps, keys, labels, out: dict, results) -> None:
+        out = _unpack(out)
         cost = self.cost(keeps[i])
         r = EvalResult(keys[i], keeps[i], out["accuracy"], cost["flops"], cost["macs"],
-                       cost["params"], out["seconds"], False, labels[i], out.get("error", ""))
+                       cost["params"], out["seconds"], False, labels[i], out.get("error", ""),
+                       out.get("state"), out.get("probe"))
         path = self._path(keys[i])
         if path is not None:
-            d = asdict(r)
+            extras = {k: out[k] for k in ("state", "probe") if k in out}
+            if extras:  # first the weights and probe results, then the entry that names them
+                _save_atomic(self._extras_path(keys[i]), extras)
+            d = {k: getattr(r, k) for k in _JSON_FIELDS}
             d["keep"] = {str(g): v for g, v in r.keep.items()}
-            d.pop("cached")
             _write_json_atomic(path, d)
         results[keys[i]] = r
         self.fresh += 1
@@ -434,18 +641,44 @@ class CandidateEvaluator:
                                                   "error": str(exc)[:500]}, results)
             return None
 
-    def _run(self, todo, keeps, keys, labels, state_dict, teacher_blob, results) -> None:
+    def _bind_or_fail(self, i, keeps, keys, labels, results, probe):
+        """The probe bound to plan i (None without a probe); False after recording the plan
+        as failed when the probe cannot be placed on its slim model."""
+        if probe is None:
+            return None
+        try:
+            return probe.bind(self.graph, keeps[i])
+        except PlanError as exc:
+            self.log(f"evaluator: plan {labels[i] or keys[i]} cannot be probed ({exc}); "
+                     "scored NaN")
+            self._finish(i, keeps, keys, labels, {"accuracy": float("nan"), "seconds": 0.0,
+                                                  "error": str(exc)[:500]}, results)
+            return False
+
+    def _prepare(self, i, keeps, keys, labels, state_dict, results, want):
+        """(slim module, bound probe) of plan i, or None when the plan failed."""
+        bound = self._bind_or_fail(i, keeps, keys, labels, results, want.probe)
+        if bound is False:
+            return None
+        module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
+        return None if module is None else (module, bound)
+
+    def _run(self, todo, keeps, keys, labels, state_dict, teacher_blob, results,
+             want=None) -> None:
+        want = want or SimpleNamespace(state=False, probe=None)
         settings = asdict(self.settings)
         seeds = {i: plan_seed(keeps[i], self.settings) for i in todo}
         if self.ray:
             return self._run_ray(todo, keeps, keys, labels, state_dict, teacher_blob,
-                                 settings, seeds, results)
+                                 settings, seeds, results, want)
         if self.workers == 1:
             teacher = _loads(teacher_blob) if teacher_blob is not None else None
             for i in todo:
-                module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
-                if module is not None:
-                    out = run_candidate(module, self.data, self.settings, seeds[i], teacher)
+                prepared = self._prepare(i, keeps, keys, labels, state_dict, results, want)
+                if prepared is not None:
+                    module, bound = prepared
+                    out = run_candidate(module, self.data, self.settings, seeds[i], teacher,
+                                        want.state, bound)
                     self._finish(i, keeps, keys, labels, out, results)
             return
         pending = list(todo)
@@ -454,12 +687,14 @@ class CandidateEvaluator:
                 pool = self._local_pool()
                 futures = {}
                 for i in list(pending):
-                    module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
-                    if module is None:
+                    prepared = self._prepare(i, keeps, keys, labels, state_dict, results, want)
+                    if prepared is None:
                         pending.remove(i)
                         continue
+                    module, bound = prepared
                     futures[pool.submit(_worker_task, _dumps(module), teacher_blob, settings,
-                                        seeds[i])] = i
+                                        seeds[i], want.state,
+                                        None if bound is None else _dumps(bound))] = i
                 while futures:
                     done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
                     for f in sorted(done, key=lambda f: futures[f]):
@@ -490,17 +725,19 @@ class CandidateEvaluator:
         return self._pool
 
     def _run_ray(self, todo, keeps, keys, labels, state_dict, teacher_blob, settings, seeds,
-                 results) -> None:
+                 results, want) -> None:
         ray = import_ray()
         if self._ray_fn is None:
             self._ray_fn = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_task)
             self._ray_data = ray.put(self.data)
         refs = {}
         for i in todo:
-            module = self._slim_or_fail(i, keeps, keys, labels, state_dict, results)
-            if module is not None:
+            prepared = self._prepare(i, keeps, keys, labels, state_dict, results, want)
+            if prepared is not None:
+                module, bound = prepared
                 refs[self._ray_fn.remote(self._ray_data, _dumps(module), teacher_blob,
-                                         settings, seeds[i])] = i
+                                         settings, seeds[i], want.state,
+                                         None if bound is None else _dumps(bound))] = i
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
@@ -528,18 +765,22 @@ def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
     return max(int(at_least), int(math.floor(ctx.epochs * per_epoch / max(evaluations, 1))))
 
 
-def make_evaluator(ctx, settings: EvalSettings, name: str) -> CandidateEvaluator:
+def make_evaluator(ctx, settings: EvalSettings, name: str, data=None,
+                   data_tag: str = "") -> CandidateEvaluator:
     """The evaluator of a search: the backend from the context (`ctx.workers`, `ctx.ray`),
-    the cache in `ctx.state_dir / f"evals-{name}"`."""
-    ev = CandidateEvaluator(ctx.graph, ctx.data, settings,
+    the cache in `ctx.state_dir / f"evals-{name}"`; `data` (default `ctx.data`): another
+    split to train and score on, named by `data_tag` in the cache key."""
+    ev = CandidateEvaluator(ctx.graph, ctx.data if data is None else data, settings,
                             cache_dir=Path(ctx.state_dir) / f"evals-{name}",
                             workers=getattr(ctx, "workers", 1), ray=getattr(ctx, "ray", None),
-                            log=ctx.log, on_result=getattr(ctx, "on_result", None))
+                            log=ctx.log, on_result=getattr(ctx, "on_result", None),
+                            data_tag=data_tag)
     return ev
 
 
 __all__ = ["CandidateEvaluator", "EvalSettings", "EvalResult", "make_evaluator", "steps_for",
-           "plan_key", "plan_seed", "canonical_keep", "run_candidate", "default_workers"]
+           "plan_key", "plan_seed", "canonical_keep", "run_candidate", "default_workers",
+           "Probe", "GateResponses"]
 
 
 # --------------------------------------------------------------------------- shared by methods

@@ -103,15 +103,7 @@ def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) 
         owner = gm.get_submodule(owner_name)
         t = getattr(owner, attr)
         new = t.detach()
-        if b.ids is not None:
-            sel = plan.selection(b.ids, tuple(t.shape))
-            if sel is None:
-                raise PlanError(f"parameter '{name}': the kept channels are no regular slice")
-            dims = {d: s for d, s in enumerate(sel) if s is not None}
-        else:
-            dims = {d: np.flatnonzero(plan.kept(torch.from_numpy(line)).numpy())
-                    for d, line in b.dims.items()}
-            dims = {d: idx for d, idx in dims.items() if len(idx) < t.shape[d]}
+        dims = _kept_dims(plan, name, b, tuple(t.shape))
         if not dims:
             continue
         for d, idx in dims.items():
@@ -123,6 +115,57 @@ def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) 
         else:
             owner._buffers[attr] = new
     return sliced
+
+
+def _kept_dims(plan: ResolvedPlan, name: str, b, shape: tuple) -> dict[int, np.ndarray]:
+    """The kept indices along each sliced dim of tensor `name` (binding `b`, full `shape`)."""
+    if b.ids is not None:
+        sel = plan.selection(b.ids, shape)
+        if sel is None:
+            raise PlanError(f"parameter '{name}': the kept channels are no regular slice")
+        return {d: s for d, s in enumerate(sel) if s is not None}
+    dims = {d: np.flatnonzero(plan.kept(torch.from_numpy(line)).numpy())
+            for d, line in b.dims.items()}
+    return {d: idx for d, idx in dims.items() if len(idx) < shape[d]}
+
+
+def unslim_state(graph: ChannelGraph, keep: Keep | None, slim_state: dict,
+                 like: dict | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of slicing the weights: full-architecture tensors (names, shapes and dtypes
+    of `like`, default the traced model's state) holding `slim_state`'s values (the state of
+    `slim(graph, keep, ...)`, e.g. after training it) at the kept positions and zeros at the
+    dropped ones; the tensors of modules the plan removed entirely are zeros. So
+    `slim(graph, keep, unslim_state(graph, keep, s))` has exactly the weights `s`, and the
+    full model computes the slim one wherever a dropped channel's zero weights give a zero
+    output (a norm with zero gamma and beta, a producer with zero rows and bias)."""
+    plan = resolve(graph, keep)
+    like = graph.module.state_dict() if like is None else like
+    owners = {k.rpartition(".")[0] for k in slim_state}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in like.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        b = graph.bindings.get(name)
+        dims = _kept_dims(plan, name, b, tuple(t.shape)) if b is not None else {}
+        if name not in slim_state:
+            if name.rpartition(".")[0] in owners:
+                raise PlanError(f"'{name}' is missing from the slim model's state, its module "
+                                "is not: the slim tensor cannot be mapped back")
+            out[name] = torch.zeros_like(t)
+            continue
+        src = slim_state[name].detach().to(t.device, t.dtype)
+        want = tuple(len(dims[d]) if d in dims else int(n) for d, n in enumerate(t.shape))
+        if tuple(src.shape) != want:
+            raise PlanError(f"'{name}': slim shape {tuple(src.shape)}, expected {want} from the "
+                            "plan; the slim tensor cannot be mapped back")
+        for d, idx in dims.items():  # widen one dim at a time, zeros at the dropped positions
+            shape = list(src.shape)
+            shape[d] = t.shape[d]
+            wide = torch.zeros(shape, dtype=src.dtype, device=src.device)
+            src = wide.index_copy_(d, torch.as_tensor(idx, dtype=torch.long,
+                                                      device=src.device), src)
+        out[name] = src.clone() if not dims else src
+    return out
 
 
 # --------------------------------------------------------------------------- 2. dead branches
@@ -393,4 +436,4 @@ def _check_shapes(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) -
                             f"the plan says {want}")
 
 
-__all__ = ["slim", "ScatterChannels", "GatherChannels"]
+__all__ = ["slim", "unslim_state", "ScatterChannels", "GatherChannels"]

@@ -82,6 +82,30 @@ def test_a_search_on_ray_gives_the_local_plan(trained, tmp_path):
     assert remote.info["evaluations_run"] == local.info["evaluations_run"] > 0
 
 
+def test_gensynth_on_ray_gives_the_local_children_and_plan(trained, tmp_path):
+    """The trained weights and probe responses come back from Ray workers unchanged."""
+    from graphsearch.methods.gensynth import GenerativeSynthesis
+
+    model, graph, data = trained
+
+    def ctx(folder, **kw):
+        return SearchContext(
+            graph=graph, model=copy.deepcopy(model), data=data,
+            constraints=[parse_constraint("flops", "0.5", graph.baseline.flops)], round_to=4,
+            settings={**GenerativeSynthesis.defaults, "cycles": 2, "children": 2,
+                      "cost_draws": 4, "probe_per_class": 4}, epochs=2.0, lr=0.02,
+            batch_size=50, seed=0, state_dir=folder, progress=False, log=lambda s: None,
+            example_inputs=X, **kw)
+
+    local = GenerativeSynthesis().search(ctx(tmp_path / "local", workers=1))
+    remote = GenerativeSynthesis().search(ctx(tmp_path / "ray", ray="auto"))
+    assert remote.info["evaluator"] == "ray(auto)"
+    assert remote.plan.keep == local.plan.keep
+    assert remote.info["cycles"] == local.info["cycles"]
+    for k, v in local.state_dict.items():
+        assert torch.equal(v, remote.state_dict[k]), k
+
+
 def test_a_lost_worker_is_retried(trained, cluster):
     model, graph, data = trained
     (cluster / "crash-once").write_text("")

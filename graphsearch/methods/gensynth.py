@@ -12,17 +12,24 @@ No public code exists; this is the project's design, faithful to the papers' loo
   rounding down drops the least probable sampled ones. `init`: "magnitude" (default) starts
   from `p = exp(s - 1)`, `s` = the channel's L2 norm over its group's maximum (Darwin's
   survival law applied to the trained weights), "ones" from `p = 1`.
-- Children are masked full models: the full-architecture weights of the parent are loaded
-  into `ctx.model`, the child's dropped channels are held at zero by fixed 0/1 gates
-  (`ctx.gated`, after the norm that follows each producer: a zero gate there is exactly the
-  channel's removal), and the child is fine-tuned briefly in that form. Its weights stay
-  full-architecture, so the next generation inherits from it without re-slicing, and
-  `passes.slim.slim(graph, keep, state)` slices any child at any time.
+- Children are evaluated by the candidate evaluator (`graphsearch.evaluator`, the backend
+  of `--workers` / `--ray`): the K children of a cycle are one batch, each the parent's
+  full-architecture weights sliced to the child's plan (the slim model, `passes.slim`),
+  fine-tuned briefly on the training split minus the probe set, scored on validation, and
+  probed (below), in parallel, with a training seed from the child's plan and the run's
+  seed, so the results do not depend on the number of workers. The evaluator gives back the
+  trained slim weights; the chosen child's are mapped back to the full architecture with
+  zeros at its dropped channels (`passes.slim.unslim_state`), so the parent stays a
+  full-size masked state and the next generation inherits from it by slicing. Every
+  evaluation is cached in `ctx.state_dir / "evals-gensynth"` (scores, probe responses,
+  weights until their cycle is checkpointed), so a search killed mid-cycle reruns only the
+  children that had not finished.
 - Inquisitor: a fixed probe set is held out of the training split (`probe_per_class` images
   of every class, never trained on); the stimuli are the whole probe set and its
-  class-conditional subsets (up to `probe_classes` classes). With gates of the child's mask
-  requiring grad, the gate gradient is sum(a * dL/da) over the group's producers, so the
-  response of a live channel is r_c = mean over stimuli of |dL/dgate_c|. Responses are
+  class-conditional subsets (up to `probe_classes` classes). On the trained child (in the
+  worker, `evaluator.GateResponses`), with a gate of ones at each gate site of the slim
+  model requiring grad, the gate gradient is sum(a * dL/da) over the group's producers, so
+  the response of a live channel is r_c = mean over stimuli of |dL/dgate_c|. Responses are
   normalised per group and child, `s = r / max r`, and averaged over the children in which
   the channel lives. Generator update: `p <- (1 - eta) p + eta exp(s - 1)`, eta = 0.5, for
   channels alive in at least one child; all other channels decay, `p <- (1 - eta) p` (no
@@ -51,31 +58,34 @@ No public code exists; this is the project's design, faithful to the papers' loo
   exactly the parent restricted to the plan before the pipeline fine-tunes it.
 - Resume: every cycle is checkpointed atomically to `ctx.state_dir / "gensynth.pt"` (p, the
   parent's mask and weights, the log, the candidates) before it is logged; children's RNG is
-  seeded by (seed, cycle) and their training by `ctx.seed`, so a rerun with the same state
-  directory continues at the next cycle and reaches the same plan. Children's training
-  checkpoints resume an interrupted cycle and are removed once the cycle is saved.
+  seeded by (seed, cycle) and their training by their plan and `ctx.seed`, so a rerun with
+  the same state directory continues at the next cycle and reaches the same plan; an
+  interrupted cycle is synthesised again (the same children) and its finished children are
+  read back from the evaluator's cache. The children's cached weights are dropped once their
+  cycle is saved.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from .. import checkpoint as ckpt
+from ..evaluator import EvalSettings, GateResponses, make_evaluator
 from ..graph import PlanError
 from ..load import UserError
+from ..passes.slim import unslim_state
 from ..target import Evaluator, allowed_widths
+from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
 from .common import added_share, fold_gates
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: children trained as slim models by the candidate evaluator
 
 
 # --------------------------------------------------------------------------- the mathematics
@@ -160,7 +170,8 @@ class GenerativeSynthesis(Method):
     name = "gensynth"
     summary = ("generator-inquisitor loop: Bernoulli channel survival, gradient-response "
                "probing, NetScore selection, ~20% cost step per cycle")
-    cost = "cycles x children short fine-tunes (the search budget split among them) + probes"
+    cost = ("cycles x children short fine-tunes (the search budget split among them) + "
+            "probes; a cycle's children run in parallel (--workers, --ray)")
     defaults = {
         "cycles": 4,
         "children": 4,
@@ -186,6 +197,7 @@ class GenerativeSynthesis(Method):
         ev = Evaluator(ctx.graph, ctx.constraints, ctx.latency_model)
         path = Path(ctx.state_dir) / "gensynth.pt"
         fingerprint = {
+            "version": CHECKPOINT_VERSION,
             "settings": {k: s[k] for k in sorted(self.defaults)},
             "epochs": float(ctx.epochs), "seed": int(ctx.seed), "lr": float(ctx.lr),
             "batch_size": int(ctx.batch_size), "round_to": int(ctx.round_to),
@@ -195,9 +207,15 @@ class GenerativeSynthesis(Method):
         probe_x, probe_y, held = _probe_split(ctx.data.train, int(s["probe_per_class"]),
                                               ctx.seed)
         stimuli = _stimuli(probe_x, probe_y, int(s["probe_classes"]), ctx.seed)
-        train_ctx = dataclasses.replace(ctx, data=SimpleNamespace(train=held,
-                                                                  val=ctx.data.val))
+        probe = GateResponses(stimuli)
         child_epochs = float(ctx.epochs) / (cycles * K)
+        child_steps = max(1, int(round(child_epochs * steps_per_epoch(len(held),
+                                                                      ctx.batch_size, 1))))
+        settings = EvalSettings(steps=child_steps, lr=ctx.lr, batch_size=ctx.batch_size,
+                                optimizer="sgd", seed=ctx.seed)
+        # children train on the training split minus the probe images (named in the key)
+        ev_data = SimpleNamespace(train=held, val=ctx.data.val)
+        data_tag = "train minus the probe images " + _digest(probe_x, probe_y)
 
         def ratio(values: dict) -> float:
             return max(values[c.metric] / c.limit for c in ctx.constraints)
@@ -230,97 +248,106 @@ class GenerativeSynthesis(Method):
         def keep_of(al: dict) -> dict:
             return {gid: v for gid, v in al.items() if len(v) < sizes[gid]}
 
-        for cycle in range(start, cycles + 1):
-            parent_values = measure(keep_of(alive))
-            r_par = ratio(parent_values)
-            if done or r_par <= 1.0:
-                done = True
-                break
-            new_cycles += 1
-            remaining = cycles - cycle + 1
-            factor = min(1.0 - float(s["step"]), (1.0 / r_par) ** (1.0 / remaining))
-            goal = max(1.0, r_par * factor)
-            final = goal <= 1.0 + 1e-12
-            aim = float(s["final_aim"]) if final else goal
-            limit = 1.0 if final else goal * (1.0 + float(s["cost_slack"]))
-            F_ = float(self._bisect_F(p, alive, aim, ratio, ev, groups, ctx.round_to,
-                                            ctx.seed, cycle, int(s["cost_draws"])))
-            rng = np.random.default_rng([int(ctx.seed), cycle])
-            children = []
-            for j in range(K):
-                kept = {g.id: synthesize_group(rng, p[g.id], alive[g.id], F_, g.size,
-                                               g.min_width, ctx.round_to) for g in groups}
-                if final and s["land_final"]:
-                    kept = self._land_child(ctx, kept, alive, p, groups)
-                kept, values = self._valid(kept, alive, p, groups, ctx.round_to, measure)
-                if values is None:
-                    ctx.log(f"gensynth: cycle {cycle} child {j}: no valid plan, skipped")
-                    continue
-                masks = {gid: _mask(sizes[gid], v) for gid, v in kept.items()
-                         if len(v) < sizes[gid]}
-                ctx.model.load_state_dict(parent_state)
-                net = ctx.gated({gid: (lambda m=m: m) for gid, m in masks.items()})
-                train_ctx.train(net, child_epochs, f"gensynth_c{cycle}_{j}")
-                acc = ctx.evaluate(net)
-                responses = _probe(ctx, masks, stimuli)
-                score = netscore(100.0 * acc, values["params"], values["macs"])
-                label = f"gensynth c{cycle}.{j}"
-                children.append({
-                    "label": label, "kept": kept, "values": values, "ratio": ratio(values),
-                    "accuracy": acc, "netscore": score, "responses": responses,
-                    "state": _clone(ctx.model.state_dict())})
-                ctx.candidates.append({"flops": values["flops"], "params": values["params"],
-                                       "accuracy": acc, "label": label})
-            if not children:
-                raise UserError(f"gensynth: cycle {cycle} synthesised no valid child; the "
-                                "model's removable groups may need round_to 1")
-            # ---- the hard requirements, then NetScore
-            best, how = select_parent(children, limit, base_acc, float(s["accuracy_tolerance"]))
-            # ---- the generator update from every child's responses
-            for g in groups:
-                total = np.zeros(g.size)
-                count = np.zeros(g.size)
-                for c in children:
-                    live = np.zeros(g.size, dtype=bool)
-                    live[c["kept"][g.id]] = True
-                    r = c["responses"].get(g.id, np.ones(g.size))
-                    total += np.where(live, normalise(r, live), 0.0)
-                    count += live
-                seen = count > 0
-                s_mean = np.where(seen, total / np.maximum(count, 1), 0.0)
-                p[g.id] = generator_update(p[g.id], s_mean, seen, eta)
-            alive = {gid: np.asarray(v, dtype=np.int64) for gid, v in best["kept"].items()}
-            parent_state, parent_acc = best["state"], best["accuracy"]
-            entry = {
-                "cycle": cycle, "F": F_, "parent_ratio": r_par, "goal_ratio": goal,
-                "requirement_ratio": limit, "selection": how, "chosen": best["label"],
-                "children": [{"label": c["label"], "flops": c["values"]["flops"],
-                              "params": c["values"]["params"], "macs": c["values"]["macs"],
-                              "ratio": c["ratio"], "accuracy": c["accuracy"],
-                              "netscore": c["netscore"],
-                              "widths": {str(g): len(v) for g, v in c["kept"].items()}}
-                             for c in children]}
-            log.append(entry)
-            done = ratio(best["values"]) <= 1.0
-            ckpt.save_atomic({
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "fingerprint": fingerprint, "cycle": cycle, "done": done,
-                "base_accuracy": base_acc, "parent_accuracy": parent_acc,
-                "p": {str(g): torch.from_numpy(np.asarray(v, dtype=np.float64))
-                      for g, v in p.items()},
-                "alive": {str(g): [int(i) for i in v] for g, v in alive.items()},
-                "parent_state": parent_state, "log": log,
-                "candidates": [dict(c) for c in ctx.candidates]}, path)
-            for j in range(K):
-                (Path(ctx.state_dir) / f"gensynth_c{cycle}_{j}.ckpt").unlink(missing_ok=True)
-            ctx.log(f"gensynth: cycle {cycle}/{cycles}: F {F_:.3f}, cost ratio {r_par:.3f} -> "
-                    f"goal {goal:.3f}; children " + ", ".join(
-                        f"{c['label']} r={c['ratio']:.3f} top-1={100 * c['accuracy']:.1f}% "
-                        f"NS={c['netscore']:.2f}" for c in children)
-                    + f"; chose {best['label']} ({how})")
-            if done:
-                break
-
+        with make_evaluator(ctx, settings, self.name, data=ev_data,
+                            data_tag=data_tag) as evaluator:
+            for cycle in range(start, cycles + 1):
+                parent_values = measure(keep_of(alive))
+                r_par = ratio(parent_values)
+                if done or r_par <= 1.0:
+                    done = True
+                    break
+                new_cycles += 1
+                remaining = cycles - cycle + 1
+                factor = min(1.0 - float(s["step"]), (1.0 / r_par) ** (1.0 / remaining))
+                goal = max(1.0, r_par * factor)
+                final = goal <= 1.0 + 1e-12
+                aim = float(s["final_aim"]) if final else goal
+                limit = 1.0 if final else goal * (1.0 + float(s["cost_slack"]))
+                F_ = float(self._bisect_F(p, alive, aim, ratio, ev, groups, ctx.round_to,
+                                                ctx.seed, cycle, int(s["cost_draws"])))
+                rng = np.random.default_rng([int(ctx.seed), cycle])
+                synthesised = []
+                for j in range(K):
+                    kept = {g.id: synthesize_group(rng, p[g.id], alive[g.id], F_, g.size,
+                                                   g.min_width, ctx.round_to) for g in groups}
+                    if final and s["land_final"]:
+                        kept = self._land_child(ctx, kept, alive, p, groups)
+                    kept, values = self._valid(kept, alive, p, groups, ctx.round_to, measure)
+                    if values is None:
+                        ctx.log(f"gensynth: cycle {cycle} child {j}: no valid plan, skipped")
+                        continue
+                    synthesised.append((f"gensynth c{cycle}.{j}", kept, values))
+                # ---- the cycle's children: trained, scored and probed as one batch
+                results = evaluator.evaluate(
+                    [{gid: [int(i) for i in v] for gid, v in keep_of(kept).items()}
+                     for _, kept, _ in synthesised], parent_state,
+                    labels=[label for label, _, _ in synthesised], return_state=True,
+                    probe=probe)
+                children = []
+                for (label, kept, values), r in zip(synthesised, results):
+                    if r.error:
+                        ctx.log(f"gensynth: {label}: not evaluated ({r.error}), skipped")
+                        continue
+                    acc = float(r.accuracy)
+                    score = netscore(100.0 * acc, values["params"], values["macs"])
+                    children.append({
+                        "label": label, "kept": kept, "values": values, "ratio": ratio(values),
+                        "accuracy": acc, "netscore": score, "responses": r.probe,
+                        "state": r.state, "cached": r.cached})
+                    ctx.candidates.append({"flops": values["flops"], "params": values["params"],
+                                           "accuracy": acc, "label": label})
+                if not children:
+                    raise UserError(f"gensynth: cycle {cycle} synthesised no valid child; the "
+                                    "model's removable groups may need round_to 1")
+                # ---- the hard requirements, then NetScore
+                best, how = select_parent(children, limit, base_acc, float(s["accuracy_tolerance"]))
+                # ---- the generator update from every child's responses
+                for g in groups:
+                    total = np.zeros(g.size)
+                    count = np.zeros(g.size)
+                    for c in children:
+                        live = np.zeros(g.size, dtype=bool)
+                        live[c["kept"][g.id]] = True
+                        r = c["responses"].get(g.id, np.ones(g.size))
+                        total += np.where(live, normalise(r, live), 0.0)
+                        count += live
+                    seen = count > 0
+                    s_mean = np.where(seen, total / np.maximum(count, 1), 0.0)
+                    p[g.id] = generator_update(p[g.id], s_mean, seen, eta)
+                alive = {gid: np.asarray(v, dtype=np.int64) for gid, v in best["kept"].items()}
+                # the chosen child's trained slim weights, full-size with zeros where it dropped
+                parent_state = unslim_state(ctx.graph, keep_of(alive), best["state"],
+                                            like=parent_state)
+                parent_acc = best["accuracy"]
+                entry = {
+                    "cycle": cycle, "F": F_, "parent_ratio": r_par, "goal_ratio": goal,
+                    "requirement_ratio": limit, "selection": how, "chosen": best["label"],
+                    "children": [{"label": c["label"], "flops": c["values"]["flops"],
+                                  "params": c["values"]["params"], "macs": c["values"]["macs"],
+                                  "ratio": c["ratio"], "accuracy": c["accuracy"],
+                                  "netscore": c["netscore"], "cached": c["cached"],
+                                  "widths": {str(g): len(v) for g, v in c["kept"].items()}}
+                                 for c in children]}
+                log.append(entry)
+                done = ratio(best["values"]) <= 1.0
+                ckpt.save_atomic({
+                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                    "fingerprint": fingerprint, "cycle": cycle, "done": done,
+                    "base_accuracy": base_acc, "parent_accuracy": parent_acc,
+                    "p": {str(g): torch.from_numpy(np.asarray(v, dtype=np.float64))
+                          for g, v in p.items()},
+                    "alive": {str(g): [int(i) for i in v] for g, v in alive.items()},
+                    "parent_state": parent_state, "log": log,
+                    "candidates": [dict(c) for c in ctx.candidates]}, path)
+                evaluator.discard_states(results)  # the cycle is saved: its children's weights go
+                ctx.log(f"gensynth: cycle {cycle}/{cycles}: F {F_:.3f}, cost ratio {r_par:.3f} -> "
+                        f"goal {goal:.3f}; children " + ", ".join(
+                            f"{c['label']} r={c['ratio']:.3f} top-1={100 * c['accuracy']:.1f}% "
+                            f"NS={c['netscore']:.2f}" for c in children)
+                        + f"; chose {best['label']} ({how})")
+                if done:
+                    break
+            fresh, cached, backend = evaluator.fresh, evaluator.cached, evaluator.backend
         # ---- land with the shared target step
         ctx.model.load_state_dict(parent_state)
         masks = {gid: _mask(sizes[gid], v) for gid, v in alive.items() if len(v) < sizes[gid]}
@@ -349,7 +376,9 @@ class GenerativeSynthesis(Method):
                 "cycles": log, "base_accuracy": base_acc, "parent_accuracy": parent_acc,
                 "parent_cost": parent_values, "targets_met_by_parent": ratio(parent_values) <= 1,
                 "resumed_from_cycle": resumed_from, "new_cycles": new_cycles,
-                "probe_images": int(len(probe_y)), "child_epochs": child_epochs}
+                "probe_images": int(len(probe_y)), "child_epochs": child_epochs,
+                "child_steps": child_steps, "evaluations_run": fresh,
+                "evaluations_cached": cached, "evaluator": backend}
         ctx.log(f"gensynth: {len(log)} cycles; parent top-1 {100 * parent_acc:.2f}% at cost "
                 f"ratio {ratio(parent_values):.3f}; landed at "
                 f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
@@ -493,6 +522,12 @@ def _probe_split(dataset, per_class: int, seed: int):
     return x, y, held
 
 
+def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    from ..evaluator import weights_digest
+
+    return weights_digest({"x": x, "y": y})[:16]
+
+
 def _stimuli(x: torch.Tensor, y: torch.Tensor, max_classes: int, seed: int):
     """The whole probe set and its class-conditional subsets (up to `max_classes`)."""
     out = [(x, y)] if len(y) else []
@@ -504,38 +539,6 @@ def _stimuli(x: torch.Tensor, y: torch.Tensor, max_classes: int, seed: int):
         sel = y == c
         out.append((x[sel], y[sel]))
     return out
-
-
-def _probe(ctx: SearchContext, masks: dict[int, torch.Tensor], stimuli) -> dict[int, np.ndarray]:
-    """Per group, mean over stimuli of |dL/dgate| with the child's gates (the mask, ones for
-    untouched groups) requiring grad: the gradient at a live channel is sum(a * dL/da)."""
-    if not stimuli:
-        return {}
-    device = next(ctx.model.parameters()).device
-    gates = {g.id: (masks[g.id] if g.id in masks else torch.ones(g.size)).to(device)
-             .clone().requires_grad_(True) for g in ctx.graph.prunable_groups}
-    net = ctx.gated({gid: (lambda t=t: t) for gid, t in gates.items()})
-    was = ctx.model.training
-    net.eval()
-    acc = {gid: torch.zeros_like(t) for gid, t in gates.items()}
-    try:
-        for x, y in stimuli:
-            grads = {gid: torch.zeros_like(t) for gid, t in gates.items()}
-            for xb, yb in zip(x.split(256), y.split(256)):
-                out = net(xb.to(device))
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                loss = F.cross_entropy(out, yb.to(device), reduction="sum") / len(y)
-                got = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
-                for gid, gr in zip(gates, got):
-                    if gr is not None:
-                        grads[gid] += gr.detach()
-            for gid in gates:
-                acc[gid] += grads[gid].abs()
-    finally:
-        ctx.model.train(was)
-        for prm in ctx.model.parameters():
-            prm.grad = None
-    return {gid: (a / len(stimuli)).cpu().double().numpy() for gid, a in acc.items()}
 
 
 # --------------------------------------------------------------------------- checkpoint
