@@ -68,6 +68,21 @@ class GatherChannels(nn.Module):
         return x
 
 
+class ZeroChannels(nn.Module):
+    """The zeros a removed concat branch leaves where its channels are still kept (they are
+    also produced elsewhere, e.g. by a residual add on the concat's output): the shape of
+    the live concat operand `ref`, with `size` along the concat dim `dim`."""
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        self.dim, self.size = dim, size
+
+    def forward(self, ref):
+        shape = list(ref.shape)
+        shape[self.dim] = self.size
+        return ref.new_zeros(shape)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -147,7 +162,7 @@ def _remove_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) ->
             gone.add(node.name)
         elif kind == "cat":
             tensors = node.args[0] if node.args else node.kwargs["tensors"]
-            kept = [t for t in tensors if not (isinstance(t, fx.Node) and t.name in gone)]
+            kept = _cat_without_dead(gm, graph, plan, node, list(tensors), gone)
             if node.args:
                 node.args = (kept, *node.args[1:])
             else:
@@ -160,6 +175,42 @@ def _remove_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) ->
                 raise PlanError(f"removed node '{node.name}' is still used by "
                                 f"{[u.name for u in node.users]}")
             gm.graph.erase_node(node)
+
+
+def _cat_without_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan,
+                      node: fx.Node, tensors: list, gone: set) -> list:
+    """The operands of concat `node` once its removed ones are gone. A removed operand
+    whose channels the plan still keeps (a residual add after the concat produces them
+    too: the mask reference computes zeros there) becomes zeros of its slim width; one
+    that keeps none of them leaves the concat."""
+    live = [t for t in tensors if not (isinstance(t, fx.Node) and t.name in gone)]
+    if not live:
+        return live
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = []
+    for t in tensors:
+        if not (isinstance(t, fx.Node) and t.name in gone):
+            out.append(t)
+            continue
+        info, value = graph.info(t.name), graph.values.get(t.name)
+        if info is None or not isinstance(info.ids, torch.Tensor) or \
+                not isinstance(value, torch.Tensor):
+            continue
+        d = dim % value.dim()
+        if not bool(plan.kept(info.ids).any()):
+            continue
+        shape = plan.slim_shape(info.ids, tuple(value.shape))
+        if shape is None:
+            raise PlanError(f"'{node.name}': the removed operand '{t.name}' keeps channels "
+                            "in no regular layout")
+        if shape[d] == 0:
+            continue
+        name = next(f"slim_zeros_{i}" for i in range(len(tensors) + len(gm._modules))
+                    if not hasattr(gm, f"slim_zeros_{i}"))
+        gm.add_submodule(name, ZeroChannels(d, int(shape[d])))
+        with gm.graph.inserting_before(node):
+            out.append(gm.graph.call_module(name, (live[0],)))
+    return out
 
 
 # --------------------------------------------------------------------------- 3. rewrites
@@ -393,4 +444,4 @@ def _check_shapes(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) -
                             f"the plan says {want}")
 
 
-__all__ = ["slim", "ScatterChannels", "GatherChannels"]
+__all__ = ["slim", "ScatterChannels", "GatherChannels", "ZeroChannels"]
