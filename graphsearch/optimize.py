@@ -229,7 +229,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     for w in analysis_warnings:
         if ckpt.is_main():
             print(f"warning: {w}", file=sys.stderr)
-    on_main(lambda: _check_exportable(graph, loaded.model, x))
+    if graph.value_reads:  # the same on every rank
+        on_main(lambda: _check_exportable(graph, loaded.model, x))
     base = graph.baseline
     constraints = []
     if config.flops:
