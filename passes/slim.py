@@ -3,7 +3,8 @@
 Steps, on a deep copy of the traced model (the original is never touched):
 1. slice every parameter and buffer along the dims the analysis bound to channels;
 2. remove the branches whose groups keep nothing: a residual add becomes its other operand,
-   a concat loses that input, and the dead nodes go;
+   a concat loses that input (or, where the plan still keeps its channels because an add
+   after the concat produces them too, gets zeros in their place), and the dead nodes go;
 3. walk the graph and fix what still names a width, as each node's rule says (`Rule.fix`:
    module attributes such as `in_channels`, `groups` of a grouped conv, `normalized_shape`,
    pruned attention modules; `Rule.slim`: literal sizes of shape ops such as view, reshape,
