@@ -34,6 +34,11 @@ def _inspect(args) -> int:
             raise UserError(str(exc)) from exc
     notes = loaded.notes + [str(w.message) for w in caught
                             if str(w.message).startswith("graphsearch")]
+    for who in sorted(set(graph.value_reads.values())):
+        notes.append(f"{who} reads tensor values (item(), int(), float(), bool() or "
+                     "an `if` on a tensor): shapes come from one real forward pass; "
+                     "`optimize` checks first that such a model still exports to ONNX and "
+                     ".pt2 (write data-dependent code with tensor ops, e.g. torch.where)")
     if args.json:
         out = graph.to_dict()
         out["model"] = loaded.source
@@ -53,7 +58,8 @@ def _inspect(args) -> int:
           f"width 0, {s['prunable_channels']:,} prunable channels)")
     print(format_share(graph))
     if s["shape_mode"] != "meta":
-        print("shapes     from one real forward pass (some op has no meta kernel)")
+        print("shapes     from one real forward pass (some op has no meta kernel or reads "
+              "tensor values)")
     return 0
 
 
@@ -170,7 +176,9 @@ def _round_to(text: str):
 def _export(args) -> int:
     from .analysis import analyze
     from .graph import PlanError
+    from .optimize import value_reads_error
     from .target import Plan
+    from .trace import TraceFailure
 
     from graphsearch.passes.export import export_onnx
     from graphsearch.passes.latency import latency
@@ -195,7 +203,10 @@ def _export(args) -> int:
             from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = analyze(loaded.model, loaded.example_inputs)
+        try:
+            graph = analyze(loaded.model, loaded.example_inputs)
+        except TraceFailure as exc:
+            raise UserError(str(exc)) from exc
         try:
             module = slim(graph, keep)
         except PlanError as exc:
@@ -203,9 +214,14 @@ def _export(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         x = loaded.example_inputs
-        export_onnx(module, x, out / "model.onnx")
-        save_portable(module, x, out / "model.pt2")
-        export_onnx(loaded.model.eval(), x, out / "baseline.onnx")
+        try:
+            export_onnx(module, x, out / "model.onnx")
+            save_portable(module, x, out / "model.pt2")
+            export_onnx(loaded.model.eval(), x, out / "baseline.onnx")
+        except Exception as exc:  # noqa: BLE001 - a model that reads tensor values: say so
+            if not graph.value_reads:
+                raise
+            raise value_reads_error(graph, exc) from exc
         before = latency(out / "baseline.onnx", threads=args.threads)
         after = latency(out / "model.onnx", threads=args.threads)
     b, c = graph.baseline, graph.cost(keep)

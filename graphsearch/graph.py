@@ -130,6 +130,7 @@ class ChannelGraph:
         self.module = traced.module
         self.values = traced.values
         self.untraceable = traced.untraceable
+        self.value_reads = traced.value_reads  # node -> who reads tensor values (trace.py)
         self.shape_mode = traced.shape_mode
         self.nodes = infos
         self.rules = rules if rules is not None else ctx.rules
@@ -775,6 +776,7 @@ class ChannelGraph:
             **c.as_dict(),
             "shape_mode": self.shape_mode,
             "untraceable": dict(self.untraceable),
+            "value_reads": sorted(set(self.value_reads.values())),
         }
 
     def to_dict(self) -> dict:

@@ -229,6 +229,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     for w in analysis_warnings:
         if ckpt.is_main():
             print(f"warning: {w}", file=sys.stderr)
+    if graph.value_reads:  # the same on every rank
+        on_main(lambda: _check_exportable(graph, loaded.model, x))
     base = graph.baseline
     constraints = []
     if config.flops:
@@ -285,6 +287,40 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))
     return run
+
+
+def _check_exportable(graph: ChannelGraph, model: torch.nn.Module, x: tuple) -> None:
+    """A model whose forward reads tensor values into Python (`if x.sum().item() > 0`, the
+    analysis notes where) is exported once now, before any training: model.onnx and
+    model.pt2 record one path through the forward, which such code may leave. If either
+    export fails, a UserError says which module reads values and what to do."""
+    if not graph.value_reads:
+        return
+    import tempfile
+
+    from graphsearch.passes.export import export_onnx
+    from graphsearch.passes.save import save_portable
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            export_onnx(model, x, Path(tmp) / "model.onnx")
+            save_portable(model, x, Path(tmp) / "model.pt2")
+        except Exception as exc:  # noqa: BLE001 - whatever the exporter says, in one line
+            raise value_reads_error(graph, exc) from exc
+
+
+def value_reads_error(graph: ChannelGraph, exc: BaseException) -> UserError:
+    """The UserError for an export of a model whose forward reads tensor values that failed
+    with `exc`: which modules read values, and what to do."""
+    who = "; ".join(sorted(set(graph.value_reads.values())))
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return UserError(
+        f"{who} reads tensor values (item(), int(), float(), bool() or an `if` on a tensor), "
+        "so the model cannot be exported to model.onnx / model.pt2, which follow one path "
+        f"through it ({type(exc).__name__}: {first}). Write that code with tensor ops "
+        "(torch.where(condition, a, b) for a branch, tensors instead of Python numbers), or "
+        "move it out of the model")
 
 
 def _count_classes(dataset, limit: int = 2048) -> int:

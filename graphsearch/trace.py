@@ -3,7 +3,9 @@
 Shapes are propagated on meta tensors (no memory, no arithmetic), so analysing a large model
 costs no real forward pass. A submodule that fx cannot trace becomes a leaf, with a warning
 naming it, instead of a crash; if a leaf cannot run on meta tensors either, the shapes come
-from one real forward pass and `Traced.shape_mode` says so.
+from one real forward pass and `Traced.shape_mode` says so. That pass also notes every node
+that reads a tensor's value into Python (`item()`, `int()`, `float()`, `bool()`, an `if` on a
+tensor: no meta tensor has a value): `Traced.value_reads`, which an export cannot follow.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 
@@ -143,6 +146,9 @@ class Traced:
     values: dict[str, Any]
     untraceable: dict[str, str] = field(default_factory=dict)
     shape_mode: str = "meta"
+    # node name -> who, in words ("submodule 'gate' (Gate)"): reads a tensor's value into
+    # Python during the forward (found by the real pass only; none when shapes are "meta")
+    value_reads: dict[str, str] = field(default_factory=dict)
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
@@ -164,9 +170,10 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
             graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001
             raise TraceFailure(
-                f"torch.fx could not trace {type(model).__name__}: {exc}. Move data-dependent "
-                "Python control flow into a submodule (it will be kept as an opaque leaf) or "
-                "make the forward traceable."
+                f"torch.fx could not trace {type(model).__name__}: {exc}. Write data-dependent "
+                "Python control flow with tensor ops (torch.where(condition, a, b)), or move "
+                "it into a submodule (kept as an opaque leaf: its channels are not pruned, "
+                "and optimize exports the model only if the exporters can follow it)."
             ) from exc
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         if tracer.untraceable:
@@ -179,14 +186,28 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "it is kept as an opaque leaf and the channels it touches are not pruned.",
                 stacklevel=2,
             )
+    reads: dict[str, str] = {}
     try:
         values = propagate_shapes(gm, example_inputs, rules)
         mode = "meta"
-    except Exception:  # noqa: BLE001 - some ops have no meta kernel: pay one real pass
-        with torch.no_grad():
-            values = _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
+    except Exception as meta_exc:  # noqa: BLE001 - some ops have no meta kernel, or a
+        # module reads tensor values (`if x.sum().item() > 0`): one real pass, noting who
+        try:
+            with torch.no_grad():
+                values = _propagate(gm, tuple(example_inputs), record_as_meta=True,
+                                    rules=rules, reads=reads)
+            failed = getattr(meta_exc, "graphsearch_node", None)
+            if failed is not None and failed not in reads and \
+                    any(k in str(meta_exc) for k in _VALUE_ON_META):  # tolist(), numpy()
+                reads[failed] = _who(gm, next(n for n in gm.graph.nodes if n.name == failed))
+        except Exception as exc:  # noqa: BLE001 - the model does not run on its inputs
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise TraceFailure(
+                f"{type(model).__name__} does not run on its example inputs "
+                f"({type(exc).__name__}: {first}); check example_inputs() or INPUT_SHAPE "
+                "in model.py") from exc
         mode = "real"
-    return Traced(gm, values, untraceable, mode)
+    return Traced(gm, values, untraceable, mode, reads)
 
 
 def _to_meta(x: Any) -> Any:
@@ -221,10 +242,37 @@ class _Holder(torch.nn.Module):
         return _propagate(self.gm, args, record_as_meta=False, rules=self.rules)
 
 
+class _ValueReads(TorchDispatchMode):
+    """Notes a read of a tensor's value into Python: `item()`, `int()`, `float()`, `bool()`
+    and an `if` on a tensor all reach `aten._local_scalar_dense` (`tolist()` does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hit = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.hit = True
+        return func(*args, **(kwargs or {}))
+
+
+# what torch says when a value is read from a meta tensor
+_VALUE_ON_META = ("cannot be called on meta tensors", "Cannot copy out of meta tensor")
+
+
+def _who(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"submodule '{n.target}' ({type(gm.get_submodule(n.target)).__name__})"
+    what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.target)
+    return f"node '{n.name}' ({what}) of the model's forward"
+
+
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, record_as_meta: bool, rules=None) -> None:
+    def __init__(self, gm: fx.GraphModule, record_as_meta: bool, rules=None,
+                 reads: dict | None = None) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.record_as_meta = record_as_meta
+        self.reads = reads  # filled with the nodes that read tensor values (real runs)
         self.recorded: dict[str, Any] = {}
         # Modules whose output has their input's shape (the rule says so): on meta tensors
         # their (sometimes slow, decomposed) kernels are skipped.
@@ -244,14 +292,25 @@ class _Recorder(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        if self.reads is not None and n.op in ("call_module", "call_function", "call_method"):
+            with _ValueReads() as mode:
+                out = super().run_node(n)
+            if mode.hit:
+                self.reads[n.name] = _who(self.module, n)
+        else:
+            try:
+                out = super().run_node(n)
+            except Exception as exc:
+                if not hasattr(exc, "graphsearch_node"):  # the node the meta pass failed at
+                    exc.graphsearch_node = n.name
+                raise
         self.recorded[n.name] = tree_map(_to_meta, out) if self.record_as_meta else out
         return out
 
 
-def _propagate(gm: fx.GraphModule, args: tuple, record_as_meta: bool, rules=None
-               ) -> dict[str, Any]:
-    rec = _Recorder(gm, record_as_meta, rules)
+def _propagate(gm: fx.GraphModule, args: tuple, record_as_meta: bool, rules=None,
+               reads: dict | None = None) -> dict[str, Any]:
+    rec = _Recorder(gm, record_as_meta, rules, reads)
     rec.run(*args)
     return rec.recorded
 

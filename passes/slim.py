@@ -3,7 +3,8 @@
 Steps, on a deep copy of the traced model (the original is never touched):
 1. slice every parameter and buffer along the dims the analysis bound to channels;
 2. remove the branches whose groups keep nothing: a residual add becomes its other operand,
-   a concat loses that input, and the dead nodes go;
+   a concat loses that input (or, where the plan still keeps its channels because an add
+   after the concat produces them too, gets zeros in their place), and the dead nodes go;
 3. walk the graph and fix what still names a width, as each node's rule says (`Rule.fix`:
    module attributes such as `in_channels`, `groups` of a grouped conv, `normalized_shape`,
    pruned attention modules; `Rule.slim`: literal sizes of shape ops such as view, reshape,
@@ -66,6 +67,21 @@ class GatherChannels(nn.Module):
         for i, d in enumerate(self.dims):
             x = torch.index_select(x, d, getattr(self, f"index{i}"))
         return x
+
+
+class ZeroChannels(nn.Module):
+    """The zeros a removed concat branch leaves where its channels are still kept (they are
+    also produced elsewhere, e.g. by a residual add on the concat's output): the shape of
+    the live concat operand `ref`, with `size` along the concat dim `dim`."""
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        self.dim, self.size = dim, size
+
+    def forward(self, ref):
+        shape = list(ref.shape)
+        shape[self.dim] = self.size
+        return ref.new_zeros(shape)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -190,7 +206,7 @@ def _remove_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) ->
             gone.add(node.name)
         elif kind == "cat":
             tensors = node.args[0] if node.args else node.kwargs["tensors"]
-            kept = [t for t in tensors if not (isinstance(t, fx.Node) and t.name in gone)]
+            kept = _cat_without_dead(gm, graph, plan, node, list(tensors), gone)
             if node.args:
                 node.args = (kept, *node.args[1:])
             else:
@@ -203,6 +219,42 @@ def _remove_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) ->
                 raise PlanError(f"removed node '{node.name}' is still used by "
                                 f"{[u.name for u in node.users]}")
             gm.graph.erase_node(node)
+
+
+def _cat_without_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan,
+                      node: fx.Node, tensors: list, gone: set) -> list:
+    """The operands of concat `node` once its removed ones are gone. A removed operand
+    whose channels the plan still keeps (a residual add after the concat produces them
+    too: the mask reference computes zeros there) becomes zeros of its slim width; one
+    that keeps none of them leaves the concat."""
+    live = [t for t in tensors if not (isinstance(t, fx.Node) and t.name in gone)]
+    if not live:
+        return live
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = []
+    for t in tensors:
+        if not (isinstance(t, fx.Node) and t.name in gone):
+            out.append(t)
+            continue
+        info, value = graph.info(t.name), graph.values.get(t.name)
+        if info is None or not isinstance(info.ids, torch.Tensor) or \
+                not isinstance(value, torch.Tensor):
+            continue
+        d = dim % value.dim()
+        if not bool(plan.kept(info.ids).any()):
+            continue
+        shape = plan.slim_shape(info.ids, tuple(value.shape))
+        if shape is None:
+            raise PlanError(f"'{node.name}': the removed operand '{t.name}' keeps channels "
+                            "in no regular layout")
+        if shape[d] == 0:
+            continue
+        name = next(f"slim_zeros_{i}" for i in range(len(tensors) + len(gm._modules))
+                    if not hasattr(gm, f"slim_zeros_{i}"))
+        gm.add_submodule(name, ZeroChannels(d, int(shape[d])))
+        with gm.graph.inserting_before(node):
+            out.append(gm.graph.call_module(name, (live[0],)))
+    return out
 
 
 # --------------------------------------------------------------------------- 3. rewrites
@@ -436,4 +488,4 @@ def _check_shapes(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) -
                             f"the plan says {want}")
 
 
-__all__ = ["slim", "unslim_state", "ScatterChannels", "GatherChannels"]
+__all__ = ["slim", "unslim_state", "ScatterChannels", "GatherChannels", "ZeroChannels"]

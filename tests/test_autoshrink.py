@@ -17,6 +17,7 @@ from graphsearch.data import load_dataset
 from graphsearch.evaluator import CandidateEvaluator, EvalResult, channel_order, keep_of_widths
 from graphsearch.methods.autoshrink import AutoShrink, apply_edge, draw, shrink_score
 from graphsearch.methods.base import SearchContext
+from graphsearch.passes.mask import mask, verify
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
 
@@ -119,17 +120,22 @@ def test_a_step_never_removes_an_identity_path_or_disconnects_the_output(which, 
             assert reaches_input(small)  # the output is still computed from the input
 
 
-@pytest.mark.xfail(strict=True, reason="passes/slim.py: removing a concat branch whose "
-                   "channels also flow through a residual add builds a model that does not run "
-                   "(the cost model accepts the plan); reported, not this module's to fix")
 def test_slim_removes_a_concat_branch_feeding_a_residual_add():
+    # Regression: slim dropped the removed branch from the concat although the residual
+    # add's r2 still produces its channels (the cost model keeps them), so r1 got 16 of its
+    # 24 input channels. They stay as zeros: slim == mask, params == the cost model's.
     torch.manual_seed(0)
     model = Branches(residual=True).eval()
     graph = analyze(model, X32)
     c = next(g for g in graph.prunable_groups if g.members[0].startswith("c1.weight"))
-    graph.cost({c.id: []})  # the cost model accepts it
+    cost = graph.cost({c.id: []})  # the cost model accepts it
     small = slim(graph, {c.id: []}, model.state_dict())
-    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    x = torch.randn(2, 3, 32, 32)
+    v = verify(small, mask(graph, {c.id: []}), (x,))
+    assert v.ok, v.message
+    assert small(x).shape == (2, 4)
+    assert sum(p.numel() for p in small.parameters()) == cost.params < graph.baseline.params
+    assert not hasattr(small, "c1") and not hasattr(small, "c2") and small.r1.in_channels == 24
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

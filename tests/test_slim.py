@@ -267,6 +267,49 @@ def test_concat_branch_removed_and_others_pruned():
     assert s.post.in_channels == 5
 
 
+class ConcatThenResidual(nn.Module):
+    """Two concat branches whose concat is the stream of a residual block: the block's
+    second conv also produces every concat channel, so removing branch b (b1 keeps
+    nothing) leaves its channels in place, as zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 4, 1)
+        self.a = conv(4, 3, 1)
+        self.b1 = conv(4, 2, 1)
+        self.b2 = conv(2, 3, 1)
+        self.r1 = conv(6, 2, 1)
+        self.r2 = conv(2, 6, 1)
+        self.head = Head(6)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([self.a(x), self.b2(F.relu(self.b1(x)))], 1)
+        return self.head(y + self.r2(F.relu(self.r1(y))))
+
+
+def test_concat_branch_removed_under_a_residual_add():
+    # Regression: slim dropped the removed operand from the concat, so the concat lost 3
+    # channels that r1, r2, the add and the head still had (the model did not run, the
+    # cost model accepted the plan). They stay, as zeros, exactly as in the mask reference.
+    g = graphsearch.analyze(ConcatThenResidual().eval(), (torch.randn(1, 3, 8, 8),))
+    b1, cat = group(g, "b1.weight[out]"), group(g, "a.weight[out]")
+    assert b1.removable and not cat.removable
+    _, s = check_plan(ConcatThenResidual(), (3, 8, 8), {b1.id: []})
+    assert not {"b1", "b2"} & module_targets(s)
+    assert s.r1.in_channels == 6 and s.r2.out_channels == 6 and s.head.fc.in_features == 6
+    # ...together with pruning the concat's channels: the zeros keep only the kept ones
+    # of the removed branch (concat channels 3, 4, 5 -> 4 kept).
+    _, s = check_plan(ConcatThenResidual(), (3, 8, 8), {b1.id: [], cat.id: [0, 2, 4]})
+    assert s.r1.in_channels == 3 and s.head.fc.in_features == 3
+    zeros = [m for n, m in s.named_children() if n.startswith("slim_zeros")]
+    assert [z.size for z in zeros] == [1]
+    # ...and when the plan drops every channel of the removed branch, it leaves the concat.
+    _, s = check_plan(ConcatThenResidual(), (3, 8, 8), {b1.id: [], cat.id: [0, 2]})
+    assert not [n for n, _ in s.named_children() if n.startswith("slim_zeros")]
+    assert s.r1.in_channels == 2
+
+
 class BranchesThenMix(nn.Module):
     """Concat of a plain conv and a two-conv branch, then an op that ties the concat's
     channels to new ones: a depthwise conv, or an SE gate whose fc2 produces a channel for
