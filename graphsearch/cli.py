@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--latency-batch", type=int, default=_default("latency_batch"),
                      help="the report times batch 1 and this batch size (default: %(default)s)")
     opt.add_argument("--workers", type=int, default=_default("workers"),
-                     help="candidate evaluations at once on this machine (autoshrink, "
+                     help="candidate evaluations at once on this machine (gensynth, autoshrink, "
                           "submodular, esnac): worker processes of one torch thread each "
                           "(default: one per core; 1: in-process); same result for any count")
     opt.add_argument("--ray", metavar="auto|ADDRESS", default=_default("ray"),
