@@ -224,9 +224,14 @@ def method_evidence(method: str, info: dict) -> str | None:
                     f"{i.get('zeros_cost_ratio', float('nan')):.3f} of the target. Of the "
                     f"{i.get('plan_dropped', 0)} channels the plan drops, "
                     f"{i.get('plan_dropped_exact_zeros', 0)} "
-                    f"({_pct(i.get('plan_dropped_zero_share'))}) are exact zeros; "
-                    f"{i.get('revived', 0)} zeroed channels are kept and restart from their "
-                    "initial weights.")
+                    f"({_pct(i.get('plan_dropped_zero_share'))}) are exact zeros. "
+                    + (f"{i.get('deaths_deferred', 0)} deaths waited for the strength "
+                       "schedule's path (at most as many per step as the path allows). "
+                       if "deaths_deferred" in i else "")
+                    + ("The plan's channels restart from the baseline's weights (refit)."
+                       if i.get("refit") else
+                       f"{i.get('revived', 0)} zeroed channels are kept and restart from their "
+                       "initial weights."))
             if i["zeros"] == 0:
                 text += (" WARNING: no channel reached zero, so the plan is the ranking of "
                          "the shrunk norms (close to magnitude's), not the penalty's choice.")
@@ -239,7 +244,9 @@ def method_evidence(method: str, info: dict) -> str | None:
                     f"(|gamma| <= {i['threshold']:g}); the alive widths cost "
                     f"{i.get('alive_cost_ratio', float('nan')):.3f} of the target. Alive widths "
                     f"before expand (group: width): {widths}. The expand step (one multiplier) "
-                    f"added {_pct(i.get('expand_added_flops_share'))} of the final FLOPs.")
+                    f"added {_pct(i.get('expand_added_flops_share'))} of the final FLOPs."
+                    + (" The plan's channels restart from the baseline's weights (refit)."
+                       if i.get("refit") else ""))
             if i.get("warning"):
                 text += " WARNING: " + i["warning"] + "."
             return text
@@ -266,7 +273,6 @@ def method_evidence(method: str, info: dict) -> str | None:
     except (KeyError, TypeError, ValueError):
         return None
     return None
-
 
 
 def cap_deaths(graph: ChannelGraph, ev, ratio, alive: Mapping[int, np.ndarray],
