@@ -165,17 +165,18 @@ def test_concentrated_norms_die_no_faster_than_the_path(planted, tmp_path, metho
     assert len(proposal.plan.keep[g1]) == 13
 
 
-def test_group_lasso_refit_restarts_the_plan_from_the_baseline(planted, tmp_path):
+@pytest.mark.parametrize("method", ["group-lasso", "morphnet"])
+def test_refit_restarts_the_plan_from_the_baseline(planted, tmp_path, method):
     """The fine-tuning starts from the baseline's weights on the penalty's support (refit),
     not from the shrunk survivors: the returned weights are the baseline's, and the choice
     is still the penalty's (the useless channels dropped)."""
     model, graph, data, g1, target = planted
-    proposal = GroupLasso().search(make_ctx(planted, tmp_path, epochs=10.0))
+    cls = GroupLasso if method == "group-lasso" else MorphNet
+    proposal = cls().search(make_ctx(planted, tmp_path, epochs=10.0))
     for k, v in model.state_dict().items():
         assert torch.equal(proposal.state_dict[k], v), k
     assert kept_useless(proposal.plan, g1) == 0
-    shrunk = GroupLasso().search(make_ctx(planted, tmp_path / "n", {"refit": False},
-                                          epochs=10.0))
+    shrunk = cls().search(make_ctx(planted, tmp_path / "n", {"refit": False}, epochs=10.0))
     assert not torch.equal(shrunk.state_dict["b1.weight"], model.b1.weight)
 
 
