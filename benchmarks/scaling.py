@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", help="baseline state dict (default: the untrained model; "
                                       "the timing does not depend on the weights)")
     ap.add_argument("--method", default="autoshrink", choices=["autoshrink", "submodular",
-                                                                 "esnac"])
+                                                                 "esnac", "gensynth"])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--max-train", type=int, default=5000)
     ap.add_argument("--val-fraction", type=float, default=0.02,
@@ -62,10 +62,12 @@ def main(argv=None) -> int:
     data = _limit_training(data, args.max_train, 0)
     graph = analyze(loaded.model, loaded.example_inputs)
     method = METHODS[args.method]
-    settings = {**method.defaults, "candidate_steps": args.candidate_steps,
+    settings = {**method.defaults,
+                **({} if args.method == "gensynth" else {"candidate_steps": args.candidate_steps}),
                 **({"max_steps": 2} if args.method == "autoshrink" else {}),
                 **({"steps": 1, "init": 4, "kernels": 4} if args.method == "esnac" else {}),
                 **({"max_evaluations": 12} if args.method == "submodular" else {}),
+                **({"cycles": 2, "children": 4} if args.method == "gensynth" else {}),
                 **_parse_settings(args.set)}
     rows = []
     for n in args.workers:
@@ -96,8 +98,10 @@ def main(argv=None) -> int:
         "",
         f"Data: {args.data}, first {args.max_train} training images, validation fraction "
         f"{args.val_fraction} ({len(data.val)} images score every candidate); "
-        f"{args.candidate_steps} fine-tune steps of batch {args.batch_size} per candidate; "
-        f"settings {', '.join(f'{k}={v}' for k, v in settings.items())}. Machine: "
+        + (f"{args.candidate_steps} fine-tune steps of batch {args.batch_size} per candidate; "
+           if args.method != "gensynth" else "one epoch of training split over the children "
+           f"(batch {args.batch_size}); ")
+        + f"settings {', '.join(f'{k}={v}' for k, v in settings.items())}. Machine: "
         f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch "
         f"{torch.__version__}; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
