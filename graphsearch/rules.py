@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -768,6 +769,10 @@ def layout(ctx, node):
     """Shape ops move channel identities around: run the same op on the ids themselves."""
     if node.target is operator.getitem and not isinstance(ctx.value(node.args[0]), torch.Tensor):
         return ctx.ids(node.args[0])[node.args[1]]  # picking from a tuple of outputs
+    if node.target in (operator.getitem, torch.index_select, "index_select"):
+        out = ctx.index_by_tensor(node)
+        if out is not None:
+            return out
     return ctx.run_on_ids(node)
 
 
@@ -1011,8 +1016,12 @@ def _rewrite_getitem(rw, node, state):
             if not len(hit):
                 return False
             item = int(hit[0])
+        elif isinstance(item, fx.Node) and isinstance(rw.value(item), torch.Tensor):
+            if s is not None or rw.value(item).dtype == torch.bool:
+                return False  # positions picked from a pruned dim: only the full layout knows
+            # an index tensor on a dim the plan keeps whole (a position-bias lookup): as is
         elif not isinstance(item, (int, slice)):
-            return False  # a tensor index: only the full layout knows
+            return False
         new.append(item)
         d += 1
     node.args = (x, tuple(new) if len(new) != 1 else new[0])

@@ -10,6 +10,8 @@ tensor: no meta tensor has a value): `Traced.value_reads`, which an export canno
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -167,7 +169,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
     else:
         tracer = _LeafFallbackTracer(rules)
         try:
-            graph = tracer.trace(model)
+            with _attributes_restored(model):
+                graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001
             raise TraceFailure(
                 f"torch.fx could not trace {type(model).__name__}: {exc}. Write data-dependent "
@@ -208,6 +211,35 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "in model.py") from exc
         mode = "real"
     return Traced(gm, values, untraceable, mode, reads)
+
+
+_MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: torch.nn.Module):
+    """Undo what tracing wrote into the modules' plain attributes. A module that caches a
+    computed tensor (LeViT's attention-bias cache: `self.cache[key] = table[:, idx]`) stores
+    an fx Proxy there while traced; left in place, the next trace of the same model would
+    read it back: a node of the old graph (fx: "referenced nonexistent value")."""
+    saved = []
+    for m in model.modules():
+        attrs = {k: (v, copy.copy(v) if type(v) in (dict, list, set) else None)
+                 for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        saved.append((m, attrs))
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k in [k for k, v in m.__dict__.items() if k not in attrs and
+                      isinstance(v, fx.Proxy)]:
+                del m.__dict__[k]  # a traced value kept by the module (fx's own new
+                # attributes, constants such as `_tensor_constant0`, are real tensors: kept)
+            for k, (v, contents) in attrs.items():
+                if contents is not None:  # the same container, with its old contents
+                    v.clear()
+                    v.update(contents) if isinstance(v, (dict, set)) else v.extend(contents)
+                m.__dict__[k] = v
 
 
 def _to_meta(x: Any) -> Any:
