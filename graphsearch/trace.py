@@ -67,6 +67,94 @@ class _LeafFallbackTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
 
 
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_UNKNOWN = object()
+
+
+class _ShapeSpecialisingTracer(_LeafFallbackTracer):
+    """The fallback tracer that also runs the model on its example inputs while it traces, so
+    that every proxy has a value, and follows a Python condition on sizes (MobileViT: `if
+    new_h != H: interpolate`) the way the example inputs go, instead of giving up on the
+    module. A condition on tensor *values* (`x.sum() > 0`, `x.item()`) still fails, and
+    that module stays a leaf. Values come from a copy of the model (a batch norm in train
+    mode updates its statistics there, not in the user's model)."""
+
+    def __init__(self, rules, example_inputs: tuple, model: torch.nn.Module) -> None:
+        super().__init__(rules)
+        self.inputs = list(example_inputs)
+        self.copy = copy.deepcopy(model)
+        self.values: dict[fx.Node, Any] = {}
+        self.from_data: set[fx.Node] = set()  # Python numbers read from tensor values
+        self.specialised: dict[str, int] = {}  # module -> conditions on sizes followed
+
+    def _value(self, a):
+        if isinstance(a, fx.Proxy):
+            return self.values.get(a.node, _UNKNOWN)
+        if isinstance(a, (tuple, list)):
+            return type(a)(self._value(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self._value(x) for k, x in a.items()}
+        if isinstance(a, slice):
+            return slice(self._value(a.start), self._value(a.stop), self._value(a.step))
+        return a
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+        proxies = [a for a in flat if isinstance(a, fx.Proxy)]
+        try:
+            a, kw = self._value(args), self._value(kwargs)
+            if any(v is _UNKNOWN for v in torch.utils._pytree.tree_flatten((a, kw))[0]):
+                raise LookupError
+            with torch.no_grad(), self._computing():
+                if kind == "placeholder":
+                    value = self.inputs.pop(0) if self.inputs else _UNKNOWN
+                elif kind == "get_attr":
+                    value = functools.reduce(getattr, target.split("."), self.copy)
+                elif kind == "call_module":
+                    value = self.copy.get_submodule(target)(*a, **kw)
+                elif kind == "call_method":
+                    value = getattr(a[0], target)(*a[1:], **kw)
+                else:
+                    value = target(*a, **kw)
+        except Exception:  # noqa: BLE001 - no value: a condition on it fails as in fx
+            value = _UNKNOWN
+        node = proxy.node
+        self.values[node] = value
+        if not isinstance(value, torch.Tensor):
+            shape_query = (kind == "call_method" and target in _SHAPE_METHODS) or \
+                (target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or target is len
+            for p in proxies:
+                if p.node in self.from_data or (
+                        isinstance(self.values.get(p.node), torch.Tensor) and not shape_query):
+                    self.from_data.add(node)
+        return proxy
+
+    @contextlib.contextmanager
+    def _computing(self):
+        self.computing = True
+        try:
+            yield
+        finally:
+            self.computing = False
+
+    def call_module(self, m, forward, args, kwargs):
+        if getattr(self, "computing", False):  # a value, computed by the model's copy: while
+            return forward(*args, **kwargs)  # fx traces, every module call comes here
+        return super().call_module(m, forward, args, kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.values.get(obj.node, _UNKNOWN)
+        if obj.node in self.from_data or not isinstance(value, (bool, int, float)):
+            return super().to_bool(obj)
+        where = next(reversed(self.module_stack.keys()), "") if self.module_stack else ""
+        self.specialised[where] = self.specialised.get(where, 0) + 1
+        return bool(value)
+
+
 # torch.nn's transformer layers: their forward picks a fused fast path with Python checks
 # on the input that fx cannot trace (the whole layer would be one opaque leaf). Traced
 # through the same computation written plainly (torch's own slow path), their attention,
@@ -178,11 +266,19 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "it into a submodule (kept as an opaque leaf: its channels are not pruned, "
                 "and optimize exports the model only if the exporters can follow it)."
             ) from exc
+        if any("control flow" in why for why in tracer.untraceable.values()):
+            graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
             gm.recompile()
         untraceable = tracer.untraceable
+        for name, count in getattr(tracer, "specialised", {}).items():
+            warnings.warn(
+                f"graphsearch: {count} Python condition(s) on tensor sizes in "
+                f"{repr(name) if name else 'the forward'} follow the branch the example inputs "
+                "take; the analysis and the slim model hold for inputs of those sizes.",
+                stacklevel=2)
         for name, why in untraceable.items():
             warnings.warn(
                 f"graphsearch: submodule '{name}' could not be traced by torch.fx ({why}); "
@@ -211,6 +307,22 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "in model.py") from exc
         mode = "real"
     return Traced(gm, values, untraceable, mode, reads)
+
+
+def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
+    """A submodule failed on Python control flow: trace again with the example inputs'
+    values at hand, following conditions on sizes. Kept only if fewer modules stay leaves."""
+    retracer = _ShapeSpecialisingTracer(rules, tuple(example_inputs), model)
+    try:
+        with _attributes_restored(model):
+            regraph = retracer.trace(model)
+    except Exception:  # noqa: BLE001 - keep the first trace
+        return graph, tracer
+    finally:
+        retracer.copy = retracer.values = None  # a model's worth of tensors
+    if len(retracer.untraceable) < len(tracer.untraceable):
+        return regraph, retracer
+    return graph, tracer
 
 
 _MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")

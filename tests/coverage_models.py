@@ -204,6 +204,88 @@ class TinyShuffleNet(nn.Module):
         return self.head(self.units(self.stem(x)).mean((2, 3)))
 
 
+class CachedBiasAttention(nn.Module):
+    """LeViT-style attention: a learned bias per head and relative offset, gathered by an
+    index buffer, and cached in a plain dict attribute in eval mode."""
+
+    def __init__(self, dim, heads, key_dim, res):
+        super().__init__()
+        self.heads, self.key_dim, self.scale = heads, key_dim, key_dim ** -0.5
+        self.qkv = nn.Linear(dim, heads * key_dim * 3)
+        self.proj = nn.Linear(heads * key_dim, dim)
+        pts = [(i, j) for i in range(res) for j in range(res)]
+        offsets = sorted({(abs(a[0] - b[0]), abs(a[1] - b[1])) for a in pts for b in pts})
+        idx = [[offsets.index((abs(a[0] - b[0]), abs(a[1] - b[1]))) for b in pts] for a in pts]
+        self.attention_biases = nn.Parameter(torch.randn(heads, len(offsets)) * 0.1)
+        self.register_buffer("bias_idxs", torch.tensor(idx), persistent=False)
+        self.bias_cache = {}
+
+    def biases(self, device):
+        if self.training:
+            return self.attention_biases[:, self.bias_idxs]
+        if str(device) not in self.bias_cache:
+            self.bias_cache[str(device)] = self.attention_biases[:, self.bias_idxs]
+        return self.bias_cache[str(device)]
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.heads, -1).split([self.key_dim] * 3, dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.biases(x.device)
+        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+class TinyLeViT(nn.Module):
+    def __init__(self, dim=8, classes=3, res=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, 2)
+        self.attn = CachedBiasAttention(dim, 2, 4, res)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+class WindowBiasAttention(nn.Module):
+    """Swin-style relative position bias: `table[index.view(-1)]`, one column per head,
+    `index` a buffer of offsets between the tokens of a window (or `index_select`)."""
+
+    def __init__(self, dim, heads, window, use_index_select=False):
+        super().__init__()
+        self.heads, self.use_index_select = heads, use_index_select
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.1)
+        ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+        pos = torch.stack([ys.flatten(), xs.flatten()])  # (2, tokens)
+        rel = (pos[:, :, None] - pos[:, None, :]) + window - 1
+        self.register_buffer("index", rel[0] * (2 * window - 1) + rel[1], persistent=False)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.use_index_select:
+            bias = torch.index_select(self.table, 0, self.index.view(-1))
+        else:
+            bias = self.table[self.index.view(-1)]
+        bias = bias.view(N, N, -1).permute(2, 0, 1).contiguous()
+        attn = (q @ k.transpose(-2, -1)) * 0.5 + bias.unsqueeze(0)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class TinySwin(nn.Module):
+    def __init__(self, dim=8, classes=3, use_index_select=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, 2)
+        self.attn = WindowBiasAttention(dim, 2, 2, use_index_select)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # one 2x2 window
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head((x + self.attn(x)).mean(1))
+
+
 MODELS = {
     # name: (builder, example-inputs builder)
     "functional_net": (FunctionalNet, lambda: (torch.randn(2, 3, 8, 8),)),
@@ -213,4 +295,6 @@ MODELS = {
     "with_opaque": (WithOpaque, lambda: (torch.randn(2, 12),)),
     "embedding_mlp": (EmbeddingMLP, lambda: (torch.randint(0, 50, (2, 7)),)),
     "tiny_shufflenet": (TinyShuffleNet, lambda: (torch.randn(2, 3, 8, 8),)),
+    "tiny_levit": (TinyLeViT, lambda: (torch.randn(2, 3, 6, 6),)),
+    "tiny_swin": (TinySwin, lambda: (torch.randn(2, 3, 4, 4),)),
 }

@@ -244,3 +244,34 @@ def test_tokens_folded_into_the_batch_dim_are_costed():
     model, x = Windows().eval(), (torch.randn(2, 4, 4, 4),)
     g = analyze(model, x)
     assert g.baseline.macs == real_macs(model, x)
+
+
+def test_a_module_caching_a_traced_value_is_analysed_twice():
+    """LeViT-style: in eval mode the attention caches `biases[:, idx]` in a dict attribute.
+    Tracing stored an fx Proxy there; the next analysis of the same model read it back (fx:
+    "Node add referenced nonexistent value"). The attribute is restored after tracing."""
+    model, x = build("tiny_levit")
+    analyze(model, x)
+    assert model.attn.bias_cache == {}
+    g = check_all(model, x)  # the second analysis of the same model
+    heads = next(grp for grp in g.groups if any(m.startswith("attn.attention_biases") for m in grp.members))
+    assert heads.prunable and heads.size == 2
+    assert g.mac_share()["share"] == 1.0
+    model(*x)
+    assert set(model.attn.bias_cache) == {"cpu"}  # the model's own cache still works
+
+
+@pytest.mark.parametrize("use_index_select", [False, True])
+def test_a_relative_position_bias_lookup_follows_the_heads(use_index_select):
+    """Swin-style `table[index.view(-1)]` (an integer index tensor over positions, values
+    not known on meta tensors) used to be run on channel ids as if they were indices
+    (IndexError), fixing the head count; the table's columns are the heads."""
+    torch.manual_seed(0)
+    model, x = cm.TinySwin(use_index_select=use_index_select).eval(), (torch.randn(2, 3, 4, 4),)
+    g = check_all(model, x)
+    assert [grp.prunable for grp in g.groups] == [False, True, True, False]  # in, width, heads, out
+    heads = next(grp for grp in g.groups if any(m.startswith("attn.table") for m in grp.members))
+    assert heads.prunable and heads.size == 2 and g.mac_share()["share"] == 1.0
+    small = slim(g, {heads.id: [1]})
+    assert small.attn.table.shape == (9, 1)
+    assert verify(small, mask(g, {heads.id: [1]}), x, rtol=1e-4)
