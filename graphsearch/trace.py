@@ -82,7 +82,8 @@ class _ShapeSpecialisingTracer(_LeafFallbackTracer):
 
     def __init__(self, rules, example_inputs: tuple, model: torch.nn.Module) -> None:
         super().__init__(rules)
-        self.inputs = list(example_inputs)
+        self.inputs = [tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, a)
+                       for a in example_inputs]  # an in-place op must not reach the user's
         self.copy = copy.deepcopy(model)
         self.values: dict[fx.Node, Any] = {}
         self.from_data: set[fx.Node] = set()  # Python numbers read from tensor values

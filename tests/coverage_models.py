@@ -4,6 +4,8 @@ benchmarks/coverage.py."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -286,6 +288,59 @@ class TinySwin(nn.Module):
         return self.head((x + self.attn(x)).mean(1))
 
 
+class MobileViTStyleBlock(nn.Module):
+    """MobileViT-style block: local convs, unfold into patches, a transformer over patches,
+    fold back, fuse with the input. A Python `if` on sizes resizes a map that the patch size
+    does not divide (plain fx cannot trace it: the block used to be one opaque leaf)."""
+
+    def __init__(self, c, dim, heads=2, patch=2):
+        super().__init__()
+        self.patch = patch
+        self.local = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                   nn.SiLU(), nn.Conv2d(c, dim, 1, bias=False))
+        self.n1, self.attn = nn.LayerNorm(dim), QkvAttention(dim, heads)
+        self.n2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), \
+            nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Sequential(nn.Conv2d(dim, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.fusion = nn.Conv2d(2 * c, c, 3, padding=1)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.local(x)
+        p = self.patch
+        B, C, H, W = x.shape
+        new_h, new_w = math.ceil(H / p) * p, math.ceil(W / p) * p
+        resized = False
+        if new_h != H or new_w != W:
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            resized = True
+        nh, nw = new_h // p, new_w // p
+        # (B, C, H, W) -> (B * p * p, patches, C)
+        x = x.reshape(B * C * nh, p, nw, p).transpose(1, 2)
+        x = x.reshape(B, C, nh * nw, p * p).transpose(1, 3).reshape(B * p * p, nh * nw, -1)
+        x = x + self.attn(self.n1(x))
+        x = x + self.fc2(F.silu(self.fc1(self.n2(x))))
+        x = self.norm(x)
+        x = x.contiguous().view(B, p * p, nh * nw, -1)
+        x = x.transpose(1, 3).reshape(B * C * nh, nw, p, p)
+        x = x.transpose(1, 2).reshape(B, C, nh * p, nw * p)
+        if resized:
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+        return self.fusion(torch.cat((shortcut, self.proj(x)), dim=1))
+
+
+class TinyMobileViT(nn.Module):
+    def __init__(self, c=6, dim=8, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.SiLU())
+        self.block = MobileViTStyleBlock(c, dim)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
 MODELS = {
     # name: (builder, example-inputs builder)
     "functional_net": (FunctionalNet, lambda: (torch.randn(2, 3, 8, 8),)),
@@ -297,4 +352,5 @@ MODELS = {
     "tiny_shufflenet": (TinyShuffleNet, lambda: (torch.randn(2, 3, 8, 8),)),
     "tiny_levit": (TinyLeViT, lambda: (torch.randn(2, 3, 6, 6),)),
     "tiny_swin": (TinySwin, lambda: (torch.randn(2, 3, 4, 4),)),
+    "tiny_mobilevit": (TinyMobileViT, lambda: (torch.randn(2, 3, 8, 8),)),
 }

@@ -275,3 +275,49 @@ def test_a_relative_position_bias_lookup_follows_the_heads(use_index_select):
     small = slim(g, {heads.id: [1]})
     assert small.attn.table.shape == (9, 1)
     assert verify(small, mask(g, {heads.id: [1]}), x, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [8, 10])  # 10: a 5x5 map, resized to 6x6 and back
+def test_a_condition_on_sizes_follows_the_example_inputs(size):
+    """MobileViT-style block with `if new_h != H: interpolate`: fx alone cannot trace the
+    `if` (the block was one opaque leaf, 23.6% of mobilevit_xxs prunable); traced again with
+    the example's sizes at hand, its convs, attention heads and MLP prune."""
+    torch.manual_seed(0)
+    model, x = cm.TinyMobileViT().eval(), (torch.randn(2, 3, size, size),)
+    with pytest.warns(UserWarning, match="condition.*on tensor sizes in 'block'"):
+        g = check_all(model, x)
+    assert g.summary()["untraceable"] == {}
+    assert ("interpolate" in str(g.module.code)) == (size == 10)
+    assert g.mac_share()["share"] == 1.0
+    members = {m for grp in g.prunable_groups for m in grp.members}
+    for name in ("block.local.0.weight[out]", "block.fc1.weight[out]", "block.proj.0.weight[out]",
+                 "block.fusion.weight[out]"):
+        assert name in members
+    assert any(m.startswith("block.attn.qkv.weight[out]") for m in members)
+
+
+def test_a_condition_on_tensor_values_is_not_specialised():
+    """Only sizes are followed: `if x.abs().sum().item() > 0` reads a value, and the module
+    stays an opaque leaf (a trace following the example's branch would be wrong elsewhere)."""
+
+    class ValueGate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[-1] == 4 and x.abs().sum().item() > 0:
+                return self.fc(x)
+            return x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gate, self.b = torch.nn.Linear(3, 4), ValueGate(), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.gate(self.a(x)))
+
+    with pytest.warns(UserWarning, match="submodule 'gate' could not be traced"):
+        g = analyze(Net().eval(), (torch.randn(2, 3),))
+    assert [n.target for n in g.module.graph.nodes if n.op == "call_module"] == ["a", "gate", "b"]
