@@ -270,6 +270,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if _fuse_weight_standardisation(gm):
+            gm.recompile()
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
             gm.recompile()
@@ -324,6 +326,77 @@ def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
     if len(retracer.untraceable) < len(tracer.untraceable):
         return regraph, retracer
     return graph, tracer
+
+
+_CONVS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+_CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
+
+
+def _fuse_weight_standardisation(gm: fx.GraphModule) -> int:
+    """Weight-standardised convolutions (BiT's StdConv2d, NF-Nets' ScaledStdConv2d) compute
+    their weight in forward: `F.batch_norm(w.reshape(1, out, -1), None, None, gain,
+    training=True)`, reshaped back, into `F.conv2d`. Each such chain on a parameter becomes
+    one `rules.standardised_conv` node, whose rule knows the parameter's channels (the chain
+    alone is a computed weight: nothing around it pruned). Returns how many were fused."""
+    from .rules import standardised_conv
+
+    fused = 0
+    for conv in list(gm.graph.nodes):
+        if conv.op != "call_function" or conv.target not in _CONVS:
+            continue
+        found = _standardised_weight(gm, conv.args[1] if len(conv.args) > 1 else
+                                     conv.kwargs.get("weight"))
+        if found is None:
+            continue
+        param, gain, eps = found
+        rest = [conv.args[i] if len(conv.args) > i else
+                conv.kwargs.get(("bias", "stride", "padding", "dilation", "groups")[i - 2],
+                                _CONV_DEFAULTS[i - 2]) for i in range(2, 7)]
+        with gm.graph.inserting_before(conv):
+            new = gm.graph.call_function(
+                standardised_conv, (conv.args[0], param, rest[0], gain, eps, *rest[1:]))
+        conv.replace_all_uses_with(new)
+        gm.graph.erase_node(conv)
+        fused += 1
+    if fused:
+        gm.graph.eliminate_dead_code()
+    return fused
+
+
+def _standardised_weight(gm, w):
+    """(parameter node, gain node or None, eps) if `w` is a standardised parameter."""
+    def method(n, *names):
+        return isinstance(n, fx.Node) and n.op == "call_method" and n.target in names
+
+    if not method(w, "reshape_as", "view_as") or len(w.users) != 1:
+        return None
+    bn = w.args[0]
+    if not (isinstance(bn, fx.Node) and bn.op == "call_function" and
+            bn.target is torch.nn.functional.batch_norm and len(bn.users) == 1):
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    a = dict(zip(names, bn.args))
+    a.update(bn.kwargs)
+    flat = a.get("input")
+    if a.get("running_mean") is not None or a.get("running_var") is not None or \
+            a.get("bias") is not None or a.get("training") is not True or \
+            not method(flat, "reshape", "view") or len(flat.users) != 1:
+        return None
+    param = flat.args[0]
+    sizes = flat.args[1] if len(flat.args) == 2 and isinstance(flat.args[1], (tuple, list)) \
+        else flat.args[1:]
+    if not (isinstance(param, fx.Node) and param.op == "get_attr" and
+            isinstance(w.args[1], fx.Node) and w.args[1].target == param.target):
+        return None
+    try:
+        value = functools.reduce(getattr, param.target.split("."), gm)
+    except AttributeError:
+        return None
+    if not isinstance(value, torch.nn.Parameter) or value.dim() < 3 or \
+            tuple(sizes) != (1, value.shape[0], -1):
+        return None
+    return param, a.get("weight"), a.get("eps", 1e-5)
 
 
 _MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
