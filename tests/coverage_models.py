@@ -341,6 +341,78 @@ class TinyMobileViT(nn.Module):
         return self.head(self.block(self.stem(x)).mean((2, 3)))
 
 
+class StdConv2d(nn.Conv2d):
+    """BiT-style weight standardisation: each output row of the weight standardised over
+    (in, kh, kw) by F.batch_norm in training mode, then F.conv2d."""
+
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """NF-Net-style scaled weight standardisation: a learned gain per output channel times a
+    fixed scale (fan-in ** -0.5) as the batch norm's weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True,
+                         momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class TinyBiT(nn.Module):
+    """Pre-activation ResNet with standardised convs (BiT): padded stem, one bottleneck
+    with a projection shortcut, group norms."""
+
+    def __init__(self, c=8, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(StdConv2d(3, c, 3, 2, bias=False), nn.ConstantPad2d(1, 0.0),
+                                  nn.MaxPool2d(3, 2))
+        self.n1, self.conv1 = nn.GroupNorm(2, c), StdConv2d(c, c // 2, 1, bias=False)
+        self.n2, self.conv2 = nn.GroupNorm(2, c // 2), StdConv2d(c // 2, c // 2, 3, padding=1,
+                                                                  bias=False)
+        self.n3, self.conv3 = nn.GroupNorm(2, c // 2), StdConv2d(c // 2, 2 * c, 1, bias=False)
+        self.down = StdConv2d(c, 2 * c, 1, bias=False)
+        self.norm, self.head = nn.GroupNorm(2, 2 * c), nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        pre = F.relu(self.n1(x))
+        y = self.conv1(pre)
+        y = self.conv2(F.relu(self.n2(y)))
+        y = self.conv3(F.relu(self.n3(y)))
+        x = y + self.down(pre)
+        return self.head(F.relu(self.norm(x)).mean((2, 3)))
+
+
+class TinyNFNet(nn.Module):
+    """Normaliser-free blocks: scaled standardised convs (one grouped), no norm layers."""
+
+    def __init__(self, c=8, classes=3):
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, c, 3, 2, 1)
+        self.conv1 = ScaledStdConv2d(c, c, 1)
+        self.conv2 = ScaledStdConv2d(c, c, 3, padding=1, groups=2)
+        self.conv3 = ScaledStdConv2d(c, c, 1)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        y = self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
+        return self.head((x + 0.2 * y).mean((2, 3)))
+
+
 MODELS = {
     # name: (builder, example-inputs builder)
     "functional_net": (FunctionalNet, lambda: (torch.randn(2, 3, 8, 8),)),
@@ -353,4 +425,6 @@ MODELS = {
     "tiny_levit": (TinyLeViT, lambda: (torch.randn(2, 3, 6, 6),)),
     "tiny_swin": (TinySwin, lambda: (torch.randn(2, 3, 4, 4),)),
     "tiny_mobilevit": (TinyMobileViT, lambda: (torch.randn(2, 3, 8, 8),)),
+    "tiny_bit": (TinyBiT, lambda: (torch.randn(2, 3, 16, 16),)),
+    "tiny_nfnet": (TinyNFNet, lambda: (torch.randn(2, 3, 8, 8),)),
 }

@@ -321,3 +321,45 @@ def test_a_condition_on_tensor_values_is_not_specialised():
     with pytest.warns(UserWarning, match="submodule 'gate' could not be traced"):
         g = analyze(Net().eval(), (torch.randn(2, 3),))
     assert [n.target for n in g.module.graph.nodes if n.op == "call_module"] == ["a", "gate", "b"]
+
+
+@pytest.mark.parametrize("name", ["tiny_bit", "tiny_nfnet"])
+def test_weight_standardised_convs_prune(name):
+    """BiT's StdConv2d / NF-Nets' ScaledStdConv2d standardise each output row of the weight
+    in forward (F.batch_norm over weight.reshape(1, out, -1)): the chain is one
+    standardised-conv node whose rule binds the parameter (nothing pruned before: a computed
+    weight). Output rows are independent; pruned inputs: slim and the mask reference both
+    standardise over the kept inputs."""
+    model, x = build(name)
+    g = check_all(model, x)
+    assert g.mac_share()["share"] == 1.0
+    assert all(grp.prunable for grp in g.groups[1:-1])
+    assert len(names(g, "standardised_conv_rule")) == (5 if name == "tiny_bit" else 4)
+    # a plan pruning conv1's outputs only (units of 2 channels by the group norm, of 4 by the
+    # grouped conv2): a standardised conv after it (conv2, conv3) re-standardises its rows
+    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[out]")
+                                              for m in grp.members))
+    keep = {grp.id: [1]}
+    small = slim(g, keep)
+    assert verify(small, mask(g, keep), x, rtol=1e-4)
+    if name == "tiny_bit":
+        assert small.conv2.weight.shape[:2] == (4, 2)
+    else:
+        assert small.conv1.gain.shape[0] == 4 and small.conv2.weight.shape[:2] == (4, 4)
+        assert small.conv3.weight.shape[:2] == (8, 4)
+
+
+def test_a_zero_mask_is_not_the_standardised_reference():
+    """Zeroing dropped input channels is not what the slim model computes (the statistics of
+    each row change): the mask reference takes them over the kept inputs; a plain zero mask
+    would disagree with slim."""
+    model, x = build("tiny_bit")
+    g = analyze(model, x)
+    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[out]")
+                                              for m in grp.members))
+    keep = {grp.id: [1]}
+    small, ref = slim(g, keep), mask(g, keep)
+    assert verify(small, ref, x, rtol=1e-4)
+    plain = mask(g, keep)
+    plain._runners.clear()  # zeros only
+    assert not verify(small, plain, x, rtol=1e-4)
