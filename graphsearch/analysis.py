@@ -416,10 +416,10 @@ class Context:
         if not dims:
             return None
         for d in dims:
-            if ids.size(d) > 1:
-                self.tie_along(ids, d)
-                ids = self.find_ids(ids.contiguous())
-            ids = ids.narrow(d, 0, 1)
+            if ids.size(d) > 1:  # every entry along d tied to one (NO_ATOM, a constant, not)
+                one = ids.amax(d, keepdim=True).expand_as(ids)
+                self.atoms.union(ids.numpy(), one.contiguous().numpy())
+                ids = self.find_ids(ids.contiguous()).amax(d, keepdim=True)
         ids = ids.expand(*[1 if d in dims else s for d, s in enumerate(shape)])
         if items is None:
             out = torch.index_select(ids, dims[0],

@@ -6,6 +6,13 @@ naming it, instead of a crash; if a leaf cannot run on meta tensors either, the 
 from one real forward pass and `Traced.shape_mode` says so. That pass also notes every node
 that reads a tensor's value into Python (`item()`, `int()`, `float()`, `bool()`, an `if` on a
 tensor: no meta tensor has a value): `Traced.value_reads`, which an export cannot follow.
+
+A submodule that fails on a Python condition is traced once more with the example inputs'
+values at hand: a condition on sizes (`if H % patch: interpolate`) follows the branch the
+example takes (with a warning: the graph holds for inputs of those sizes); one on tensor
+values still makes a leaf. Tracing leaves no fx value behind in the modules' attributes (a
+cache filled while traced), and a weight-standardised convolution's chain becomes one
+`rules.standardised_conv` node.
 """
 
 from __future__ import annotations
