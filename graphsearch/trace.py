@@ -284,6 +284,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
             gm.recompile()
         untraceable = tracer.untraceable
         for name, count in getattr(tracer, "specialised", {}).items():
+            if any(name == u or name.startswith(u + ".") for u in tracer.untraceable):
+                continue  # the module failed later on anyway: it is a leaf
             warnings.warn(
                 f"graphsearch: {count} Python condition(s) on tensor sizes in "
                 f"{repr(name) if name else 'the forward'} follow the branch the example inputs "
