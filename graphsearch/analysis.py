@@ -377,7 +377,7 @@ class Context:
         position-bias lookup: `table[index]`): the index holds positions, whose values meta
         tensors do not have. Along each dim it indexes, x's entries are tied into one unit,
         so that whichever positions it picks carry the same channels; then the op reads
-        position 0. None if no integer tensor indexes x (a boolean mask is not followed)."""
+        position 0. None if no tensor indexes x; a boolean mask is refused."""
         x = node.args[0]
         shape = self.shape(x)
         ids = self.ids(x)
@@ -397,8 +397,8 @@ class Context:
         if node.target is operator.getitem:
             items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(tensor_index(i) is not None and tensor_index(i).dtype == torch.bool
-                   for i in items):
-                return None
+                   for i in items):  # which positions it keeps depends on values
+                raise NotImplementedError("a boolean mask index is not followed")
             consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
             dims, d = [], 0
             for i in items:

@@ -363,3 +363,21 @@ def test_a_zero_mask_is_not_the_standardised_reference():
     plain = mask(g, keep)
     plain._runners.clear()  # zeros only
     assert not verify(small, plain, x, rtol=1e-4)
+
+
+def test_a_boolean_mask_index_is_refused_with_a_reason():
+    """Indexing with a boolean mask keeps positions chosen by values: not followed (the
+    layout rule used to index the channel ids with the mask's own ids)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+            self.register_buffer("keep", torch.tensor([True, False, True, True]))
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, self.keep].sum(1, keepdim=True).expand(-1, 4))
+
+    g = analyze(Net().eval(), (torch.randn(2, 3),))
+    grp = next(grp for grp in g.groups if "a.weight[out]" in grp.members)
+    assert not grp.prunable and "boolean mask" in grp.reason
