@@ -608,10 +608,32 @@ def standardised_conv_rule(ctx, node):
         return unsupported(ctx, node, why="a standardised convolution on a computed weight, "
                                           "bias or groups")
     out = _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups)
+    # Scaling a row before standardisation changes nothing: the rows are no "out" slice that
+    # a gate folds into or a norm penalty shrinks; the gain is the layer's gamma.
+    ctx.bind(wname, 0, out, role="std_out")
     if gain is not None:
         ctx.tie(ctx.line(ctx.ids(gain), 0, gain), out)
         out = ctx.find(out)
+        gname = _scaled_parameter(ctx, gain)
+        if gname is not None and ctx.shape(gain)[0] == len(out):
+            ctx.bind(gname, 0, out, role="gamma")
     return ctx.channel_ids(out, node)
+
+
+def _scaled_parameter(ctx, n):
+    """The parameter behind `(p * constant).view(-1)` (NF-Nets' gain times a fixed scale)."""
+    while isinstance(n, fx.Node) and ctx.param_name(n) is None:
+        nodes = [a for a in n.args if isinstance(a, fx.Node)]
+        numbers = [a for a in n.args if not isinstance(a, fx.Node)]
+        scale = n.target in (operator.mul, operator.truediv, "mul", "div") and \
+            all(isinstance(a, (int, float)) for a in numbers)
+        shape = n.op == "call_method" and n.target in ("view", "reshape", "flatten")
+        if len(nodes) != 1 or not (scale or shape):
+            return None
+        n = nodes[0]
+    name = ctx.param_name(n)
+    shape = ctx.shape(n) if name is not None else ()
+    return name if shape and math.prod(shape) == shape[0] else None  # one value per row
 
 
 def _fix_embedding(rw, node, m) -> None:

@@ -337,7 +337,7 @@ def test_weight_standardised_convs_prune(name):
     assert len(names(g, "standardised_conv_rule")) == (5 if name == "tiny_bit" else 4)
     # a plan pruning conv1's outputs only (units of 2 channels by the group norm, of 4 by the
     # grouped conv2): a standardised conv after it (conv2, conv3) re-standardises its rows
-    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[out]")
+    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[std_out]")
                                               for m in grp.members))
     keep = {grp.id: [1]}
     small = slim(g, keep)
@@ -355,7 +355,7 @@ def test_a_zero_mask_is_not_the_standardised_reference():
     would disagree with slim."""
     model, x = build("tiny_bit")
     g = analyze(model, x)
-    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[out]")
+    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[std_out]")
                                               for m in grp.members))
     keep = {grp.id: [1]}
     small, ref = slim(g, keep), mask(g, keep)
@@ -381,3 +381,25 @@ def test_a_boolean_mask_index_is_refused_with_a_reason():
     g = analyze(Net().eval(), (torch.randn(2, 3),))
     grp = next(grp for grp in g.groups if "a.weight[out]" in grp.members)
     assert not grp.prunable and "boolean mask" in grp.reason
+
+
+@pytest.mark.parametrize("name", ["tiny_bit", "tiny_nfnet"])
+def test_gates_fold_exactly_into_standardised_convs(name):
+    """A gate after a standardised conv cannot go into its weight rows (standardisation
+    cancels any row scale): the rule names the rows `std_out`, and NF's gain `gamma`, so
+    that folding a constant gate gives the gated model's output (or says it cannot)."""
+    import copy
+
+    model, x = build(name)
+    g = analyze(model, x)
+    torch.manual_seed(1)
+    values = {grp.id: torch.rand(grp.size) + 0.5 for grp in g.prunable_groups}
+    with torch.no_grad():
+        want = g.gated({gid: (lambda v=v: v) for gid, v in values.items()})(*x)
+        folded = copy.deepcopy(g.module)
+        unfolded = g.fold_gates(folded, values)
+        got = folded(*x)
+    if name == "tiny_nfnet":
+        assert unfolded == []  # the gain and the bias hold every gate
+    if not unfolded:
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
