@@ -324,14 +324,16 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
 def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
     """A submodule failed on Python control flow: trace again with the example inputs'
     values at hand, following conditions on sizes. Kept only if fewer modules stay leaves."""
-    retracer = _ShapeSpecialisingTracer(rules, tuple(example_inputs), model)
+    retracer = None
     try:
+        retracer = _ShapeSpecialisingTracer(rules, tuple(example_inputs), model)  # deep copy
         with _attributes_restored(model):
             regraph = retracer.trace(model)
     except Exception:  # noqa: BLE001 - keep the first trace
         return graph, tracer
     finally:
-        retracer.copy = retracer.values = None  # a model's worth of tensors
+        if retracer is not None:
+            retracer.copy = retracer.values = None  # a model's worth of tensors
     if len(retracer.untraceable) < len(tracer.untraceable):
         return regraph, retracer
     return graph, tracer
