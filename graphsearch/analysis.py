@@ -8,6 +8,7 @@ turns atoms into groups, members and a cost model.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,6 +371,64 @@ class Context:
         if isinstance(out, torch.Tensor):
             return compress(out)
         return tuple(compress(o) if isinstance(o, torch.Tensor) else o for o in out)
+
+    def index_by_tensor(self, node: fx.Node):
+        """`x[:, idx]` or `index_select(x, dim, idx)` with an integer index *tensor* (a relative
+        position-bias lookup: `table[index]`): the index holds positions, whose values meta
+        tensors do not have. Along each dim it indexes, x's entries are tied into one unit,
+        so that whichever positions it picks carry the same channels; then the op reads
+        position 0. None if no tensor indexes x; a boolean mask is refused."""
+        x = node.args[0]
+        shape = self.shape(x)
+        ids = self.ids(x)
+        ids = ids.reshape((1,) * (len(shape) - ids.dim()) + tuple(ids.shape))
+
+        def plain(a):  # an fx node that is no tensor: its value (a size read from a shape)
+            if isinstance(a, fx.Node):
+                return self.value(a)
+            if isinstance(a, slice):
+                return slice(plain(a.start), plain(a.stop), plain(a.step))
+            return a
+
+        def tensor_index(a):
+            v = self.value(a) if isinstance(a, fx.Node) else a
+            return v if isinstance(v, torch.Tensor) else None
+
+        if node.target is operator.getitem:
+            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if any(tensor_index(i) is not None and tensor_index(i).dtype == torch.bool
+                   for i in items):  # which positions it keeps depends on values
+                raise NotImplementedError("a boolean mask index is not followed")
+            consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+            dims, d = [], 0
+            for i in items:
+                if i is Ellipsis:
+                    d += len(shape) - consumed
+                elif i is not None:
+                    if tensor_index(i) is not None:
+                        dims.append(d)
+                    d += 1
+        else:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+            dims = [dim % len(shape)]
+            items = None
+            index = node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+        if not dims:
+            return None
+        for d in dims:
+            if ids.size(d) > 1:  # every entry along d tied to one (NO_ATOM, a constant, not)
+                one = ids.amax(d, keepdim=True).expand_as(ids)
+                self.atoms.union(ids.numpy(), one.contiguous().numpy())
+                ids = self.find_ids(ids.contiguous()).amax(d, keepdim=True)
+        ids = ids.expand(*[1 if d in dims else s for d, s in enumerate(shape)])
+        if items is None:
+            out = torch.index_select(ids, dims[0],
+                                     torch.zeros(tensor_index(index).shape, dtype=torch.long))
+        else:
+            new = tuple(torch.zeros(tensor_index(i).shape, dtype=torch.long)
+                        if tensor_index(i) is not None else plain(i) for i in items)
+            out = ids[new if isinstance(node.args[1], tuple) else new[0]]
+        return compress(out.contiguous())
 
     def opaque_output(self, node: fx.Node, reason: str):
         """Fresh, unprunable channels for the output(s) of an op the analysis cannot see into."""

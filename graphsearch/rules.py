@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -242,7 +243,8 @@ def prelu(ctx, node):
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool2d, nn.Upsample,
     nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d,
-    nn.ReplicationPad2d,
+    nn.ReplicationPad2d, nn.ConstantPad2d, nn.CircularPad2d, nn.ZeroPad3d, nn.ConstantPad3d,
+    nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
@@ -515,6 +517,11 @@ def functional_conv(ctx, node):
                                           "or re-parametrised): its channels are not followed")
     if (b is not None and bname is None) or not isinstance(groups, int):
         return unsupported(ctx, node, why="a convolution with a computed bias or groups")
+    return ctx.channel_ids(_conv_on_owned_weight(ctx, node, x, w, wname, bname, groups), node)
+
+
+def _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups):
+    """nn.Conv2d's rule for a functional conv on parameters: the output channels' atoms."""
     wshape = ctx.shape(w)
     line_in = ctx.line(ctx.ids(x), 1, x)
     out = ctx.fresh(wshape[0], "conv" if groups == 1 else "grouped_conv")
@@ -531,7 +538,102 @@ def functional_conv(ctx, node):
         ctx.macs(spatial * k, line_in, out)
     else:
         ctx.macs(spatial * k * wshape[1], out)
+    return out
+
+
+def standardised_conv(x, weight, bias=None, gain=None, eps=1e-5, stride=1, padding=0,
+                      dilation=1, groups=1):
+    """A convolution whose weight is standardised per output channel (zero mean, unit
+    variance over its inputs and kernel positions, times `gain`): weight-standardised
+    ResNets (BiT) and NF-Nets. The tracer puts it in place of the pattern those models write
+    (`F.batch_norm` over `weight.reshape(1, out, -1)` in training mode, then `F.conv2d`), so
+    that one rule sees the convolution and the parameter it owns."""
+    w = weight.reshape(weight.shape[0], -1)
+    mean = w.mean(1, keepdim=True)
+    w = (w - mean) * torch.rsqrt(((w - mean) ** 2).mean(1, keepdim=True) + eps)
+    if gain is not None:
+        w = w * gain.reshape(-1, 1)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return conv(x, w.reshape(weight.shape), bias, stride, padding, dilation, groups)
+
+
+def _fix_standardised_conv(rw, node, m) -> None:
+    """A grouped one's literal `groups` follows its slim output width (whole groups go)."""
+    groups = _arg(node, 8, "groups", 1)
+    if not isinstance(groups, int) or groups == 1:
+        return
+    new = groups * rw.slim_width(node, 1) // rw.shape(node)[1]
+    if len(node.args) > 8:
+        node.args = (*node.args[:8], new, *node.args[9:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new}
+
+
+def _mask_standardised_conv(graph, plan, node, info):
+    """Pruned inputs of a standardised conv: the slim model standardises each row over the
+    kept inputs (its weight has no others), and so does the reference."""
+    if _arg(node, 8, "groups", 1) != 1:
+        return None  # a grouped conv keeps or drops whole blocks: its rows stay whole
+    x = graph.info(node.args[0].name)
+    if x is None or not isinstance(x.ids, torch.Tensor) or x.ids.dim() < 2:
+        return None
+    line = x.ids.movedim(1, 0).reshape(x.ids.size(1), -1)[:, 0]
+    if not plan.changes(line):
+        return None
+    return _run_masked_standardised_conv, torch.from_numpy(
+        np.flatnonzero(plan.kept(line).numpy()))
+
+
+def _run_masked_standardised_conv(interp, n, kept):
+    args, kwargs = interp.fetch_args_kwargs_from_env(n)
+    x, weight = args[0], args[1]
+    if x.size(1) != weight.size(1) or len(kept) == weight.size(1):
+        return standardised_conv(*args, **kwargs)
+    return standardised_conv(x.index_select(1, kept), weight.index_select(1, kept), *args[2:],
+                             **kwargs)
+
+
+@register(standardised_conv, edge="mix", gate="producer", fix=_fix_standardised_conv,
+          mask=_mask_standardised_conv)
+def standardised_conv_rule(ctx, node):
+    """The conv rule on the parameter before standardisation; `gain` follows the output
+    channels. Rows are standardised one by one, so output channels prune exactly; pruned
+    inputs change each row's statistics: slim and the mask reference both take them over
+    the kept inputs (the pruned model is defined so)."""
+    x = node.args[0]
+    w, b, gain = _arg(node, 1, "weight"), _arg(node, 2, "bias"), _arg(node, 3, "gain")
+    groups = _arg(node, 8, "groups", 1)
+    wname, bname = ctx.param_name(w), ctx.param_name(b)
+    if wname is None or (b is not None and bname is None) or not isinstance(groups, int):
+        return unsupported(ctx, node, why="a standardised convolution on a computed weight, "
+                                          "bias or groups")
+    out = _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups)
+    # Scaling a row before standardisation changes nothing: the rows are no "out" slice that
+    # a gate folds into or a norm penalty shrinks; the gain is the layer's gamma.
+    ctx.bind(wname, 0, out, role="std_out")
+    if gain is not None:
+        ctx.tie(ctx.line(ctx.ids(gain), 0, gain), out)
+        out = ctx.find(out)
+        gname = _scaled_parameter(ctx, gain)
+        if gname is not None and ctx.shape(gain)[0] == len(out):
+            ctx.bind(gname, 0, out, role="gamma")
     return ctx.channel_ids(out, node)
+
+
+def _scaled_parameter(ctx, n):
+    """The parameter behind `(p * constant).view(-1)` (NF-Nets' gain times a fixed scale)."""
+    while isinstance(n, fx.Node) and ctx.param_name(n) is None:
+        nodes = [a for a in n.args if isinstance(a, fx.Node)]
+        numbers = [a for a in n.args if not isinstance(a, fx.Node)]
+        scale = n.target in (operator.mul, operator.truediv, "mul", "div") and \
+            all(isinstance(a, (int, float)) for a in numbers)
+        shape = n.op == "call_method" and n.target in ("view", "reshape", "flatten")
+        if len(nodes) != 1 or not (scale or shape):
+            return None
+        n = nodes[0]
+    name = ctx.param_name(n)
+    shape = ctx.shape(n) if name is not None else ()
+    return name if shape and math.prod(shape) == shape[0] else None  # one value per row
 
 
 def _fix_embedding(rw, node, m) -> None:
@@ -768,6 +870,10 @@ def layout(ctx, node):
     """Shape ops move channel identities around: run the same op on the ids themselves."""
     if node.target is operator.getitem and not isinstance(ctx.value(node.args[0]), torch.Tensor):
         return ctx.ids(node.args[0])[node.args[1]]  # picking from a tuple of outputs
+    if node.target in (operator.getitem, torch.index_select, "index_select"):
+        out = ctx.index_by_tensor(node)
+        if out is not None:
+            return out
     return ctx.run_on_ids(node)
 
 
@@ -1011,8 +1117,12 @@ def _rewrite_getitem(rw, node, state):
             if not len(hit):
                 return False
             item = int(hit[0])
+        elif isinstance(item, fx.Node) and isinstance(rw.value(item), torch.Tensor):
+            if s is not None or rw.value(item).dtype == torch.bool:
+                return False  # positions picked from a pruned dim: only the full layout knows
+            # an index tensor on a dim the plan keeps whole (a position-bias lookup): as is
         elif not isinstance(item, (int, slice)):
-            return False  # a tensor index: only the full layout knows
+            return False
         new.append(item)
         d += 1
     node.args = (x, tuple(new) if len(new) != 1 else new[0])

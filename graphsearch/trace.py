@@ -6,10 +6,19 @@ naming it, instead of a crash; if a leaf cannot run on meta tensors either, the 
 from one real forward pass and `Traced.shape_mode` says so. That pass also notes every node
 that reads a tensor's value into Python (`item()`, `int()`, `float()`, `bool()`, an `if` on a
 tensor: no meta tensor has a value): `Traced.value_reads`, which an export cannot follow.
+
+A submodule that fails on a Python condition is traced once more with the example inputs'
+values at hand: a condition on sizes (`if H % patch: interpolate`) follows the branch the
+example takes (with a warning: the graph holds for inputs of those sizes); one on tensor
+values still makes a leaf. Tracing leaves no fx value behind in the modules' attributes (a
+cache filled while traced), and a weight-standardised convolution's chain becomes one
+`rules.standardised_conv` node.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -63,6 +72,95 @@ class _LeafFallbackTracer(fx.Tracer):
                 self.graph.erase_node(self.graph._root.prev)  # its users, newer, went first
             self.untraceable[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             return super().call_module(m, forward, args, kwargs)
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_UNKNOWN = object()
+
+
+class _ShapeSpecialisingTracer(_LeafFallbackTracer):
+    """The fallback tracer that also runs the model on its example inputs while it traces, so
+    that every proxy has a value, and follows a Python condition on sizes (MobileViT: `if
+    new_h != H: interpolate`) the way the example inputs go, instead of giving up on the
+    module. A condition on tensor *values* (`x.sum() > 0`, `x.item()`) still fails, and
+    that module stays a leaf. Values come from a copy of the model (a batch norm in train
+    mode updates its statistics there, not in the user's model)."""
+
+    def __init__(self, rules, example_inputs: tuple, model: torch.nn.Module) -> None:
+        super().__init__(rules)
+        self.inputs = [tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, a)
+                       for a in example_inputs]  # an in-place op must not reach the user's
+        self.copy = copy.deepcopy(model)
+        self.values: dict[fx.Node, Any] = {}
+        self.from_data: set[fx.Node] = set()  # Python numbers read from tensor values
+        self.specialised: dict[str, int] = {}  # module -> conditions on sizes followed
+
+    def _value(self, a):
+        if isinstance(a, fx.Proxy):
+            return self.values.get(a.node, _UNKNOWN)
+        if isinstance(a, (tuple, list)):
+            return type(a)(self._value(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self._value(x) for k, x in a.items()}
+        if isinstance(a, slice):
+            return slice(self._value(a.start), self._value(a.stop), self._value(a.step))
+        return a
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+        proxies = [a for a in flat if isinstance(a, fx.Proxy)]
+        try:
+            a, kw = self._value(args), self._value(kwargs)
+            if any(v is _UNKNOWN for v in torch.utils._pytree.tree_flatten((a, kw))[0]):
+                raise LookupError
+            with torch.no_grad(), self._computing():
+                if kind == "placeholder":
+                    value = self.inputs.pop(0) if self.inputs else _UNKNOWN
+                elif kind == "get_attr":
+                    value = functools.reduce(getattr, target.split("."), self.copy)
+                elif kind == "call_module":
+                    value = self.copy.get_submodule(target)(*a, **kw)
+                elif kind == "call_method":
+                    value = getattr(a[0], target)(*a[1:], **kw)
+                else:
+                    value = target(*a, **kw)
+        except Exception:  # noqa: BLE001 - no value: a condition on it fails as in fx
+            value = _UNKNOWN
+        node = proxy.node
+        self.values[node] = value
+        if not isinstance(value, torch.Tensor):
+            shape_query = (kind == "call_method" and target in _SHAPE_METHODS) or \
+                (target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or target is len
+            for p in proxies:
+                if p.node in self.from_data or (
+                        isinstance(self.values.get(p.node), torch.Tensor) and not shape_query):
+                    self.from_data.add(node)
+        return proxy
+
+    @contextlib.contextmanager
+    def _computing(self):
+        self.computing = True
+        try:
+            yield
+        finally:
+            self.computing = False
+
+    def call_module(self, m, forward, args, kwargs):
+        if getattr(self, "computing", False):  # a value, computed by the model's copy: while
+            return forward(*args, **kwargs)  # fx traces, every module call comes here
+        return super().call_module(m, forward, args, kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.values.get(obj.node, _UNKNOWN)
+        if obj.node in self.from_data or not isinstance(value, (bool, int, float)):
+            return super().to_bool(obj)
+        where = next(reversed(self.module_stack.keys()), "") if self.module_stack else ""
+        self.specialised[where] = self.specialised.get(where, 0) + 1
+        return bool(value)
 
 
 # torch.nn's transformer layers: their forward picks a fused fast path with Python checks
@@ -167,7 +265,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
     else:
         tracer = _LeafFallbackTracer(rules)
         try:
-            graph = tracer.trace(model)
+            with _attributes_restored(model):
+                graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001
             raise TraceFailure(
                 f"torch.fx could not trace {type(model).__name__}: {exc}. Write data-dependent "
@@ -175,11 +274,23 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "it into a submodule (kept as an opaque leaf: its channels are not pruned, "
                 "and optimize exports the model only if the exporters can follow it)."
             ) from exc
+        if any("control flow" in why for why in tracer.untraceable.values()):
+            graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if _fuse_weight_standardisation(gm):
+            gm.recompile()
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
             gm.recompile()
         untraceable = tracer.untraceable
+        for name, count in getattr(tracer, "specialised", {}).items():
+            if any(name == u or name.startswith(u + ".") for u in tracer.untraceable):
+                continue  # the module failed later on anyway: it is a leaf
+            warnings.warn(
+                f"graphsearch: {count} Python condition(s) on tensor sizes in "
+                f"{repr(name) if name else 'the forward'} follow the branch the example inputs "
+                "take; the analysis and the slim model hold for inputs of those sizes.",
+                stacklevel=2)
         for name, why in untraceable.items():
             warnings.warn(
                 f"graphsearch: submodule '{name}' could not be traced by torch.fx ({why}); "
@@ -208,6 +319,124 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "in model.py") from exc
         mode = "real"
     return Traced(gm, values, untraceable, mode, reads)
+
+
+def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
+    """A submodule failed on Python control flow: trace again with the example inputs'
+    values at hand, following conditions on sizes. Kept only if fewer modules stay leaves."""
+    retracer = None
+    try:
+        retracer = _ShapeSpecialisingTracer(rules, tuple(example_inputs), model)  # deep copy
+        with _attributes_restored(model):
+            regraph = retracer.trace(model)
+    except Exception:  # noqa: BLE001 - keep the first trace
+        return graph, tracer
+    finally:
+        if retracer is not None:
+            retracer.copy = retracer.values = None  # a model's worth of tensors
+    if len(retracer.untraceable) < len(tracer.untraceable):
+        return regraph, retracer
+    return graph, tracer
+
+
+_CONVS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+_CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
+
+
+def _fuse_weight_standardisation(gm: fx.GraphModule) -> int:
+    """Weight-standardised convolutions (BiT's StdConv2d, NF-Nets' ScaledStdConv2d) compute
+    their weight in forward: `F.batch_norm(w.reshape(1, out, -1), None, None, gain,
+    training=True)`, reshaped back, into `F.conv2d`. Each such chain on a parameter becomes
+    one `rules.standardised_conv` node, whose rule knows the parameter's channels (the chain
+    alone is a computed weight: nothing around it pruned). Returns how many were fused."""
+    from .rules import standardised_conv
+
+    fused = 0
+    for conv in list(gm.graph.nodes):
+        if conv.op != "call_function" or conv.target not in _CONVS:
+            continue
+        found = _standardised_weight(gm, conv.args[1] if len(conv.args) > 1 else
+                                     conv.kwargs.get("weight"))
+        if found is None:
+            continue
+        param, gain, eps = found
+        rest = [conv.args[i] if len(conv.args) > i else
+                conv.kwargs.get(("bias", "stride", "padding", "dilation", "groups")[i - 2],
+                                _CONV_DEFAULTS[i - 2]) for i in range(2, 7)]
+        with gm.graph.inserting_before(conv):
+            new = gm.graph.call_function(
+                standardised_conv, (conv.args[0], param, rest[0], gain, eps, *rest[1:]))
+        conv.replace_all_uses_with(new)
+        gm.graph.erase_node(conv)
+        fused += 1
+    if fused:
+        gm.graph.eliminate_dead_code()
+    return fused
+
+
+def _standardised_weight(gm, w):
+    """(parameter node, gain node or None, eps) if `w` is a standardised parameter."""
+    def method(n, *names):
+        return isinstance(n, fx.Node) and n.op == "call_method" and n.target in names
+
+    if not method(w, "reshape_as", "view_as") or len(w.users) != 1:
+        return None
+    bn = w.args[0]
+    if not (isinstance(bn, fx.Node) and bn.op == "call_function" and
+            bn.target is torch.nn.functional.batch_norm and len(bn.users) == 1):
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    a = dict(zip(names, bn.args))
+    a.update(bn.kwargs)
+    flat = a.get("input")
+    if a.get("running_mean") is not None or a.get("running_var") is not None or \
+            a.get("bias") is not None or a.get("training") is not True or \
+            not method(flat, "reshape", "view") or len(flat.users) != 1:
+        return None
+    param = flat.args[0]
+    sizes = flat.args[1] if len(flat.args) == 2 and isinstance(flat.args[1], (tuple, list)) \
+        else flat.args[1:]
+    if not (isinstance(param, fx.Node) and param.op == "get_attr" and
+            isinstance(w.args[1], fx.Node) and w.args[1].target == param.target):
+        return None
+    try:
+        value = functools.reduce(getattr, param.target.split("."), gm)
+    except AttributeError:
+        return None
+    if not isinstance(value, torch.nn.Parameter) or value.dim() < 3 or \
+            tuple(sizes) != (1, value.shape[0], -1):
+        return None
+    return param, a.get("weight"), a.get("eps", 1e-5)
+
+
+_MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: torch.nn.Module):
+    """Undo what tracing wrote into the modules' plain attributes. A module that caches a
+    computed tensor (LeViT's attention-bias cache: `self.cache[key] = table[:, idx]`) stores
+    an fx Proxy there while traced; left in place, the next trace of the same model would
+    read it back: a node of the old graph (fx: "referenced nonexistent value")."""
+    saved = []
+    for m in model.modules():
+        attrs = {k: (v, copy.copy(v) if type(v) in (dict, list, set) else None)
+                 for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        saved.append((m, attrs))
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k in [k for k, v in m.__dict__.items() if k not in attrs and
+                      isinstance(v, fx.Proxy)]:
+                del m.__dict__[k]  # a traced value kept by the module (fx's own new
+                # attributes, constants such as `_tensor_constant0`, are real tensors: kept)
+            for k, (v, contents) in attrs.items():
+                if contents is not None:  # the same container, with its old contents
+                    v.clear()
+                    v.update(contents) if isinstance(v, (dict, set)) else v.extend(contents)
+                m.__dict__[k] = v
 
 
 def _to_meta(x: Any) -> Any:

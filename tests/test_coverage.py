@@ -244,3 +244,162 @@ def test_tokens_folded_into_the_batch_dim_are_costed():
     model, x = Windows().eval(), (torch.randn(2, 4, 4, 4),)
     g = analyze(model, x)
     assert g.baseline.macs == real_macs(model, x)
+
+
+def test_a_module_caching_a_traced_value_is_analysed_twice():
+    """LeViT-style: in eval mode the attention caches `biases[:, idx]` in a dict attribute.
+    Tracing stored an fx Proxy there; the next analysis of the same model read it back (fx:
+    "Node add referenced nonexistent value"). The attribute is restored after tracing."""
+    model, x = build("tiny_levit")
+    analyze(model, x)
+    assert model.attn.bias_cache == {}
+    g = check_all(model, x)  # the second analysis of the same model
+    heads = next(grp for grp in g.groups if any(m.startswith("attn.attention_biases") for m in grp.members))
+    assert heads.prunable and heads.size == 2
+    assert g.mac_share()["share"] == 1.0
+    model(*x)
+    assert set(model.attn.bias_cache) == {"cpu"}  # the model's own cache still works
+
+
+@pytest.mark.parametrize("use_index_select", [False, True])
+def test_a_relative_position_bias_lookup_follows_the_heads(use_index_select):
+    """Swin-style `table[index.view(-1)]` (an integer index tensor over positions, values
+    not known on meta tensors) used to be run on channel ids as if they were indices
+    (IndexError), fixing the head count; the table's columns are the heads."""
+    torch.manual_seed(0)
+    model, x = cm.TinySwin(use_index_select=use_index_select).eval(), (torch.randn(2, 3, 4, 4),)
+    g = check_all(model, x)
+    assert [grp.prunable for grp in g.groups] == [False, True, True, False]  # in, width, heads, out
+    heads = next(grp for grp in g.groups if any(m.startswith("attn.table") for m in grp.members))
+    assert heads.prunable and heads.size == 2 and g.mac_share()["share"] == 1.0
+    small = slim(g, {heads.id: [1]})
+    assert small.attn.table.shape == (9, 1)
+    assert verify(small, mask(g, {heads.id: [1]}), x, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [8, 10])  # 10: a 5x5 map, resized to 6x6 and back
+def test_a_condition_on_sizes_follows_the_example_inputs(size):
+    """MobileViT-style block with `if new_h != H: interpolate`: fx alone cannot trace the
+    `if` (the block was one opaque leaf, 23.6% of mobilevit_xxs prunable); traced again with
+    the example's sizes at hand, its convs, attention heads and MLP prune."""
+    torch.manual_seed(0)
+    model, x = cm.TinyMobileViT().eval(), (torch.randn(2, 3, size, size),)
+    with pytest.warns(UserWarning, match="condition.*on tensor sizes in 'block'"):
+        g = check_all(model, x)
+    assert g.summary()["untraceable"] == {}
+    assert ("interpolate" in str(g.module.code)) == (size == 10)
+    assert g.mac_share()["share"] == 1.0
+    members = {m for grp in g.prunable_groups for m in grp.members}
+    for name in ("block.local.0.weight[out]", "block.fc1.weight[out]", "block.proj.0.weight[out]",
+                 "block.fusion.weight[out]"):
+        assert name in members
+    assert any(m.startswith("block.attn.qkv.weight[out]") for m in members)
+
+
+def test_a_condition_on_tensor_values_is_not_specialised():
+    """Only sizes are followed: `if x.abs().sum().item() > 0` reads a value, and the module
+    stays an opaque leaf (a trace following the example's branch would be wrong elsewhere)."""
+
+    class ValueGate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[-1] == 4 and x.abs().sum().item() > 0:
+                return self.fc(x)
+            return x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gate, self.b = torch.nn.Linear(3, 4), ValueGate(), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.gate(self.a(x)))
+
+    with pytest.warns(UserWarning, match="submodule 'gate' could not be traced"):
+        g = analyze(Net().eval(), (torch.randn(2, 3),))
+    assert [n.target for n in g.module.graph.nodes if n.op == "call_module"] == ["a", "gate", "b"]
+
+
+@pytest.mark.parametrize("name", ["tiny_bit", "tiny_nfnet"])
+def test_weight_standardised_convs_prune(name):
+    """BiT's StdConv2d / NF-Nets' ScaledStdConv2d standardise each output row of the weight
+    in forward (F.batch_norm over weight.reshape(1, out, -1)): the chain is one
+    standardised-conv node whose rule binds the parameter (nothing pruned before: a computed
+    weight). Output rows are independent; pruned inputs: slim and the mask reference both
+    standardise over the kept inputs."""
+    model, x = build(name)
+    g = check_all(model, x)
+    assert g.mac_share()["share"] == 1.0
+    assert all(grp.prunable for grp in g.groups[1:-1])
+    assert len(names(g, "standardised_conv_rule")) == (5 if name == "tiny_bit" else 4)
+    # a plan pruning conv1's outputs only (units of 2 channels by the group norm, of 4 by the
+    # grouped conv2): a standardised conv after it (conv2, conv3) re-standardises its rows
+    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[std_out]")
+                                              for m in grp.members))
+    keep = {grp.id: [1]}
+    small = slim(g, keep)
+    assert verify(small, mask(g, keep), x, rtol=1e-4)
+    if name == "tiny_bit":
+        assert small.conv2.weight.shape[:2] == (4, 2)
+    else:
+        assert small.conv1.gain.shape[0] == 4 and small.conv2.weight.shape[:2] == (4, 4)
+        assert small.conv3.weight.shape[:2] == (8, 4)
+
+
+def test_a_zero_mask_is_not_the_standardised_reference():
+    """Zeroing dropped input channels is not what the slim model computes (the statistics of
+    each row change): the mask reference takes them over the kept inputs; a plain zero mask
+    would disagree with slim."""
+    model, x = build("tiny_bit")
+    g = analyze(model, x)
+    grp = next(grp for grp in g.groups if any(m.startswith("conv1.weight[std_out]")
+                                              for m in grp.members))
+    keep = {grp.id: [1]}
+    small, ref = slim(g, keep), mask(g, keep)
+    assert verify(small, ref, x, rtol=1e-4)
+    plain = mask(g, keep)
+    plain._runners.clear()  # zeros only
+    assert not verify(small, plain, x, rtol=1e-4)
+
+
+def test_a_boolean_mask_index_is_refused_with_a_reason():
+    """Indexing with a boolean mask keeps positions chosen by values: not followed (the
+    layout rule used to index the channel ids with the mask's own ids)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+            self.register_buffer("keep", torch.tensor([True, False, True, True]))
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, self.keep].sum(1, keepdim=True).expand(-1, 4))
+
+    g = analyze(Net().eval(), (torch.randn(2, 3),))
+    grp = next(grp for grp in g.groups if "a.weight[out]" in grp.members)
+    assert not grp.prunable and "boolean mask" in grp.reason
+
+
+@pytest.mark.parametrize("name", ["tiny_bit", "tiny_nfnet"])
+def test_gates_fold_exactly_into_standardised_convs(name):
+    """A gate after a standardised conv cannot go into its weight rows (standardisation
+    cancels any row scale): the rule names the rows `std_out`, and NF's gain `gamma`, so
+    that folding a constant gate gives the gated model's output (or says it cannot)."""
+    import copy
+
+    model, x = build(name)
+    g = analyze(model, x)
+    torch.manual_seed(1)
+    values = {grp.id: torch.rand(grp.size) + 0.5 for grp in g.prunable_groups}
+    with torch.no_grad():
+        want = g.gated({gid: (lambda v=v: v) for gid, v in values.items()})(*x)
+        folded = copy.deepcopy(g.module)
+        unfolded = g.fold_gates(folded, values)
+        got = folded(*x)
+    if name == "tiny_nfnet":
+        assert unfolded == []  # the gain and the bias hold every gate
+    if not unfolded:
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
