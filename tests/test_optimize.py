@@ -176,7 +176,7 @@ def test_corrupt_data_zip(model_py, tmp_path):
 
 
 GATED = TINY.replace("class Tiny(nn.Module):", '''class Gate(nn.Module):
-    def forward(self, x):  # Python control flow: fx cannot trace it
+    def forward(self, x):  # Python control flow on a size: specialised to the example's
         return x.relu() if x.shape[-1] % 2 == 0 else -x
 
 
@@ -186,14 +186,16 @@ class Tiny(nn.Module):''').replace(
     "return self.fc(x.mean((2, 3)))", "return self.fc(self.gate(x.mean((2, 3))))")
 
 
-def test_untraceable_submodule_is_shown_and_reported(tmp_path):
+def test_a_specialised_submodule_is_shown_and_reported(tmp_path):
+    # fx cannot trace the Python condition; the analysis follows the branch the example
+    # inputs take (trace.py) and says so: the warning must reach the user and the report
     path = tmp_path / "model.py"
     path.write_text(GATED)
     assert "self.gate(" in GATED
     out = tmp_path / "o"
     r = run_cli("optimize", path, "--flops", "0.6", "--out", out, *FAST)
     assert r.returncode == 0, r.stderr
-    words = "graphsearch: submodule 'gate' could not be traced by torch.fx"
+    words = "graphsearch: 1 Python condition(s) on tensor sizes in 'gate' follow the branch"
     assert f"warning: {words}" in r.stderr  # shown, even with --quiet
     report = json.loads((out / "report.json").read_text())
     assert [w[:len(words)] for w in report["analysis_warnings"]] == [words]
