@@ -243,7 +243,6 @@ def _show_progress(progress: bool, d: _Dist) -> bool:
 # Evaluation
 
 
-@torch.no_grad()
 def flush_denormals() -> None:
     """Flush subnormal floats to zero on CPU. A shrinking search (group lasso, MorphNet) drives
     weights and activations towards zero, and x86 arithmetic on subnormals is tens of times
@@ -253,6 +252,7 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
+@torch.no_grad()
 def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int = 256, *,
                      loss_fn: Callable | None = None, device: torch.device | str | None = None,
                      distributed: bool | None = None, num_workers: int = 0) -> EvalResult:

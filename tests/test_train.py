@@ -363,3 +363,19 @@ def test_ddp_two_processes_match_one(tmp_path):
     for h1, h2 in zip(result.history, ddp["history"]):
         assert h1["steps"] == h2["steps"]  # the same number of (global) steps
         assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
+
+
+def test_evaluation_builds_no_autograd_graph():
+    # Regression: a helper inserted above evaluate_metrics took its @torch.no_grad(), so every
+    # validation pass built an autograd graph (slower, more memory; torch warned on float()).
+    data = load_dataset("synthetic:8:2", image_size=8, cache_dir=False)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append(out.requires_grad)
+        return nn.functional.cross_entropy(out, y)
+
+    with torch.enable_grad():
+        evaluate_metrics(model, data.val or data.train, loss_fn=loss_fn, distributed=False)
+    assert seen and not any(seen)
