@@ -225,8 +225,8 @@ def method_evidence(method: str, info: dict) -> str | None:
                     f"{i.get('plan_dropped', 0)} channels the plan drops, "
                     f"{i.get('plan_dropped_exact_zeros', 0)} "
                     f"({_pct(i.get('plan_dropped_zero_share'))}) are exact zeros. "
-                    + (f"{i.get('deaths_deferred', 0)} deaths waited for the strength "
-                       "schedule's path (at most as many per step as the path allows). "
+                    + (f"Deaths were deferred {i.get('deaths_deferred', 0)} times (channel-"
+                       "steps) to keep to the strength schedule's path. "
                        if "deaths_deferred" in i else "")
                     + ("The plan's channels restart from the baseline's weights (refit)."
                        if i.get("refit") else

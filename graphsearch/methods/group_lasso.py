@@ -32,8 +32,8 @@ are concentrated dies all at once when the strength passes them (measured on CIF
 without the cap: nothing died for 48 steps, then one step zeroed 407 of 448 channels and the
 survivors' mean norm fell to 0.4% of its start; 17.6% top-1 after fine-tuning). So a step
 kills only as many of the channels it would zero as the path allows, deepest below the
-threshold first (`common.cap_deaths`); the others wait at a thousandth of their norm, first in
-line for the next step, and while deaths wait the strength eases off (divided by the growth
+threshold first (`common.cap_deaths`); the others wait at a thousandth of the threshold, first
+in line for the next step, and while deaths wait the strength eases off (divided by the growth
 factor). After the phase the plan's channels restart from the baseline's weights (`refit`,
 the relaxed lasso's debiasing): the penalty chose the support, but its shrinkage of the
 survivors is a bias, not information, and a short fine-tune cannot undo it.
