@@ -635,10 +635,7 @@ class CandidateEvaluator:
         try:
             return self._slim(keeps[i], state_dict)
         except PlanError as exc:
-            self.log(f"evaluator: plan {labels[i] or keys[i]} cannot be sliced ({exc}); "
-                     "scored NaN")
-            self._finish(i, keeps, keys, labels, {"accuracy": float("nan"), "seconds": 0.0,
-                                                  "error": str(exc)[:500]}, results)
+            self._fail(i, keeps, keys, labels, results, "sliced", exc)
             return None
 
     def _bind_or_fail(self, i, keeps, keys, labels, results, probe):
@@ -649,11 +646,14 @@ class CandidateEvaluator:
         try:
             return probe.bind(self.graph, keeps[i])
         except PlanError as exc:
-            self.log(f"evaluator: plan {labels[i] or keys[i]} cannot be probed ({exc}); "
-                     "scored NaN")
-            self._finish(i, keeps, keys, labels, {"accuracy": float("nan"), "seconds": 0.0,
-                                                  "error": str(exc)[:500]}, results)
+            self._fail(i, keeps, keys, labels, results, "probed", exc)
             return False
+
+    def _fail(self, i, keeps, keys, labels, results, what: str, exc: Exception) -> None:
+        """Record plan i as failed (scored NaN, the reason kept), and say so."""
+        self.log(f"evaluator: plan {labels[i] or keys[i]} cannot be {what} ({exc}); scored NaN")
+        self._finish(i, keeps, keys, labels, {"accuracy": float("nan"), "seconds": 0.0,
+                                              "error": str(exc)[:500]}, results)
 
     def _prepare(self, i, keeps, keys, labels, state_dict, results, want):
         """(slim module, bound probe) of plan i, or None when the plan failed."""
