@@ -154,4 +154,3 @@ def test_a_group_at_zero_stays_zero_and_is_reported_at_zero():
     assert g.removal(plan.keep).zero_groups >= {b.id}
     for gid in g.removal(plan.keep).zero_groups:
         assert plan.widths[gid] == 0
-
