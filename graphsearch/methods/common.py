@@ -275,6 +275,23 @@ def method_evidence(method: str, info: dict) -> str | None:
     return None
 
 
+def strength_path(ctx: SearchContext, settings: Mapping, steps: int):
+    """What group lasso's and MorphNet's growing strength share: the cost evaluator, the cost
+    ratio to the binding target, the full model's ratio, the reach window and the growth factor
+    per step (`growth`, or `max_growth` spread over `reach` of the steps)."""
+    from ..target import Evaluator
+
+    ev = Evaluator(ctx.graph, ctx.constraints, ctx.latency_model)
+
+    def ratio(values) -> float:
+        return max(values[c.metric] / c.limit for c in ctx.constraints)
+
+    reach = float(settings["reach"])
+    growth = float(settings["growth"]) if settings["growth"] is not None else \
+        float(settings["max_growth"]) ** (1.0 / max(1.0, reach * steps))
+    return ev, ratio, ratio(ev.measure({})), reach, growth
+
+
 def cap_deaths(graph: ChannelGraph, ev, ratio, alive: Mapping[int, np.ndarray],
                dying: Mapping[int, np.ndarray], urgency: Mapping[int, np.ndarray],
                floor: float) -> dict[int, np.ndarray]:

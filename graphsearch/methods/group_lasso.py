@@ -69,7 +69,7 @@ from .base import Method, Proposal, SearchContext
 from .common import (ROLES, _tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
                      cap_deaths,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
-                     scale_channels, zero_channels)
+                     scale_channels, strength_path, zero_channels)
 
 
 # --------------------------------------------------------------------------- the proximal step
@@ -148,8 +148,6 @@ class GroupLasso(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
-        from ..target import Evaluator
-
         s = {**self.defaults, **ctx.settings}
         mode = str(s["normalise"]).lower()
         if mode not in ("initial", "final", "none", "true", "false"):
@@ -175,15 +173,7 @@ class GroupLasso(Method):
             lam0 = float(s["shrink"]) * mean0 / max(lr * steps, 1e-12)  # sum_t lr_t = lr * steps
         weight = {gid: (float(n.double().mean()) / max(mean0, 1e-12)
                         if s["balance"] else 1.0) for gid, n in norms0.items()}
-        ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
-
-        def ratio(values) -> float:
-            return max(values[c.metric] / c.limit for c in ctx.constraints)
-
-        r0 = ratio(ev.measure({}))
-        reach = float(s["reach"])
-        growth = float(s["growth"]) if s["growth"] is not None else \
-            float(s["max_growth"]) ** (1.0 / max(1.0, reach * steps))
+        ev, ratio, r0, reach, growth = strength_path(ctx, s, steps)
         ctx.log(f"group-lasso: lambda {lam0:.4g} at the start "
                 f"({'fixed' if fixed else f'x{growth:g} per step while the zeros lag'}; mean "
                 f"initial channel norm {mean0:.4g}, {steps} steps at lr {lr:g})")

@@ -65,7 +65,7 @@ from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
 from .common import (added_share, alive_cost, budget_steps, cap_deaths, constant_schedule,
-                     dropped_channels, evaluate_plan, zero_channels)
+                     dropped_channels, evaluate_plan, strength_path, zero_channels)
 
 
 class FlopRegulariser:
@@ -214,8 +214,6 @@ class MorphNet(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
-        from ..target import Evaluator
-
         s = {**self.defaults, **ctx.settings}
         graph, model = ctx.graph, ctx.model
         reg = FlopRegulariser(graph, model, float(s["threshold"]), str(s["combine"]))
@@ -226,15 +224,7 @@ class MorphNet(Method):
         steps = budget_steps(ctx, epochs) if epochs > 0 else 0
         flops0 = float(graph.baseline.flops)
         gamma_names = {name for name, _, _ in reg.gammas}
-        ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
-
-        def ratio(values) -> float:
-            return max(values[c.metric] / c.limit for c in ctx.constraints)
-
-        r_full = ratio(ev.measure({}))
-        reach = float(s["reach"])
-        growth = float(s["growth"]) if s["growth"] is not None else \
-            float(s["max_growth"]) ** (1.0 / max(1.0, reach * steps))
+        ev, ratio, r_full, reach, growth = strength_path(ctx, s, steps)
         fixed = s["lambda"] is not None
         goal = float(s["shrink_to"])
         if not goal > 0:
