@@ -103,18 +103,11 @@ def _op_model(kind: str, c_in: int, c_out: int, hw: int, k: int = 3, stride: int
 def time_op(kind: str, c_in: int, c_out: int, hw: int, k: int = 3, stride: int = 1,
             depthwise: bool = False, threads: int = 1, repeats: int = 15, warmup: int = 3) -> float:
     """Median latency in ms of one layer alone in onnxruntime's CPU provider."""
-    import onnxruntime as ort
+    from .passes.latency import _session
 
     if c_in <= 0 or c_out <= 0:
         return 0.0
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(_op_model(kind, c_in, c_out, hw, k, stride, depthwise), options,
-                                providers=["CPUExecutionProvider"])
+    sess = _session(_op_model(kind, c_in, c_out, hw, k, stride, depthwise), threads)
     shape = [1, c_in] if kind == "linear" else [1, c_in, hw, hw]
     feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     for _ in range(warmup):

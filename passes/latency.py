@@ -62,7 +62,9 @@ class Latency:
                 f"batch {self.batch_size})")
 
 
-def _session(onnx_path: str | os.PathLike, threads: int):
+def _session(onnx_path: str | os.PathLike | bytes, threads: int):
+    """An onnxruntime CPU session, sequential, `threads` intra-op threads, full graph
+    optimisation: how every latency here is measured (a path, or a serialised model)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -71,7 +73,8 @@ def _session(onnx_path: str | os.PathLike, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _resolve_shapes(session, input_shapes, batch_size: int) -> list[tuple[int, ...]]:
