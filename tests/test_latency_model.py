@@ -188,6 +188,32 @@ def test_latency_target_with_params_lands_on_the_measurement(graph):
     assert first["measured_ms"] > lat.limit
 
 
+class NoisyRuntime(Runtime):
+    """Readings alternately 2% above and below the runtime's true latency: the size of the
+    run-to-run spread measured on sub-millisecond models (benchmarks/results/
+    latency_targets.md). Deterministic, so the test does not depend on the machine."""
+
+    def __call__(self, keep):
+        self.calls += 1
+        return self.model.predict(keep) * self.error * (1.02 if self.calls % 2 else 0.98)
+
+
+@pytest.mark.parametrize("error", [0.8, 1.0, 1.31])
+def test_latency_target_lands_with_a_margin_that_a_fresh_reading_keeps(graph, error):
+    # The bug: plans accepted on one reading just under the target read up to 1.8% above it
+    # when measured again. Accepted plans now sit 1-3% below on the mean of two readings.
+    model = tiny_model_with_runtime(graph, error)
+    model.measure_plan = NoisyRuntime(model, error)
+    base = model.predict({}) * error
+    lat = parse_constraint("latency", f"{0.5 * base}ms", base)
+    plan = land_on_target(graph, scores_from_widths(graph, {}), [lat], 1, model)
+    rounds = plan.achieved["latency_rounds"]
+    truth = model.predict(plan.keep) * error
+    assert 0.97 * lat.limit <= truth <= 0.99 * lat.limit, rounds
+    assert plan.achieved["latency"] == pytest.approx(truth)  # the mean of the two readings
+    assert "second_ms" in rounds[-1] and plan.achieved["latency_met"]
+
+
 def test_latency_target_that_cannot_be_measured_below_is_flagged(graph):
     model = tiny_model_with_runtime(graph, error=50.0)  # the runtime is far slower than modelled
     base = model.predict({})
