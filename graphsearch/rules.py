@@ -65,6 +65,8 @@ class Rule:
     `mask`  `(graph, plan, node, info) -> runner | None`: when zeroing dropped channels is
             not the slim model's computation (LayerNorm statistics, attention heads), a
             runner `(interp, node, keep) -> output` for the mask reference, with its keep.
+    `idempotent` f(f(x)) = f(x) for any of the rule's targets applied to another's output
+            (the slim pass drops the second: one op less at run time).
     """
 
     name: str
@@ -78,6 +80,7 @@ class Rule:
     flow: str = ""
     same_shape: bool = False
     mask: Callable | None = None
+    idempotent: bool = False
 
     @property
     def apply(self) -> Callable[..., Any]:  # the name the analysis used before
@@ -212,20 +215,28 @@ def methods(*names: str) -> tuple:
 
 
 @register(
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
+    F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
     F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
-    F.dropout2d, F.dropout3d, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
-    torch.neg, torch.clamp, torch.nn.functional.relu_, operator.neg, torch.square, torch.sqrt,
-    *methods("relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_",
+    F.dropout2d, F.dropout3d, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
+    torch.neg, torch.clamp, operator.neg, torch.square, torch.sqrt,
+    *methods("sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_",
              "contiguous", "float", "half", "double", "to", "type_as", "detach", "clone",
              "sqrt", "square", "pow", "sigmoid_", "hardtanh_", "type"),
     edge="identity", slim="free", flow="pass", same_shape=True,
 )
 def elementwise_unary(ctx, node):
     """Activations, dropout, casts: channel i out is channel i in."""
+    return ctx.ids(node.args[0])
+
+
+@register(nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, *methods("relu", "relu_"),
+          edge="identity", slim="free", flow="pass", same_shape=True, idempotent=True)
+def relu(ctx, node):
+    """ReLU: channel i out is channel i in. Idempotent: the slim pass drops a ReLU of a ReLU's
+    output, which a removed residual branch leaves (relu(x + branch) with x a ReLU output)."""
     return ctx.ids(node.args[0])
 
 

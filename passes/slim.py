@@ -5,6 +5,8 @@ Steps, on a deep copy of the traced model (the original is never touched):
 2. remove the branches whose groups keep nothing: a residual add becomes its other operand,
    a concat loses that input (or, where the plan still keeps its channels because an add
    after the concat produces them too, gets zeros in their place), and the dead nodes go;
+   an idempotent op now applied to its own kind's output (relu(x + branch) with the branch
+   gone and x a ReLU's output) is dropped (`Rule.idempotent`);
 3. walk the graph and fix what still names a width, as each node's rule says (`Rule.fix`:
    module attributes such as `in_channels`, `groups` of a grouped conv, `normalized_shape`,
    pruned attention modules; `Rule.slim`: literal sizes of shape ops such as view, reshape,
@@ -99,6 +101,7 @@ def slim(graph: ChannelGraph, keep: Keep | None, state_dict: dict | None = None
         gm.load_state_dict(state_dict)
     sliced = _slice_tensors(gm, graph, plan)
     _remove_dead(gm, graph, plan)
+    _drop_repeated(gm, graph)
     _Rewriter(gm, graph, plan, sliced).run()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -218,6 +221,24 @@ def _remove_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) ->
             if node.users:
                 raise PlanError(f"removed node '{node.name}' is still used by "
                                 f"{[u.name for u in node.users]}")
+            gm.graph.erase_node(node)
+
+
+def _drop_repeated(gm: fx.GraphModule, graph: ChannelGraph) -> None:
+    """An idempotent op (`Rule.idempotent`) applied to the output of an op of the same rule is
+    the identity: its uses read the first op's output. A removed residual branch leaves one
+    (relu(x + branch) becomes relu(x), x a ReLU's output); each is an op onnxruntime runs."""
+    for node in list(gm.graph.nodes):
+        rule = graph.rule(node.name) if node.op.startswith("call_") else None
+        if rule is None or not rule.idempotent or not node.args:
+            continue
+        src = node.args[0]
+        while isinstance(src, fx.Node) and src.op == "call_module" and \
+                isinstance(gm.get_submodule(src.target), nn.Identity) and src.args:
+            src = src.args[0]  # a shortcut written as nn.Identity()
+        if isinstance(src, fx.Node) and src.op.startswith("call_") and \
+                graph.rule(src.name) is rule:
+            node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
 
 

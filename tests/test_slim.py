@@ -906,3 +906,42 @@ def test_plan_error_cuts_output():
     slim(g, {a.id: []})  # one branch may go
     with pytest.raises(PlanError, match="cannot go to width 0"):
         slim(g, {a.id: [], b.id: []})
+
+
+class ReluAfterRemovedBranch(nn.Module):
+    """The CIFAR ResNet block pattern: x is a ReLU's output, the block computes
+    relu(x + branch(x)) in three spellings (F.relu, a shared nn.ReLU, Tensor.relu), the
+    second block's shortcut an nn.Identity() module as in the zoo's ResNets."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 4, 3)
+        self.act = nn.ReLU()
+        self.b1, self.b2 = conv(4, 4, 3), conv(4, 4, 3)
+        self.c1, self.c2 = conv(4, 4, 3), conv(4, 4, 3)
+        self.shortcut = nn.Identity()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.act(x + self.b2(F.relu(self.b1(x))))
+        x = (self.shortcut(x) + self.c2(self.act(self.c1(x)))).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_relu_of_a_relu_left_by_a_removed_branch_is_dropped():
+    # relu(x + branch) with the branch removed is relu(x), x a ReLU's output: the second
+    # ReLU is the identity and one more op for onnxruntime to run. slim == mask still holds.
+    g = graphsearch.analyze(ReluAfterRemovedBranch().eval(), (torch.randn(1, 3, 8, 8),))
+    b1, c1 = group(g, "b1.weight[out]"), group(g, "c1.weight[out]")
+
+    def relus(s):
+        return sum(getattr(n.target, "__name__", n.target) == "relu" or n.target == "act"
+                   for n in s.graph.nodes if n.op.startswith("call_"))
+
+    _, s = check_plan(ReluAfterRemovedBranch(), (3, 8, 8), {b1.id: [0]})
+    assert relus(s) == 5
+    _, s = check_plan(ReluAfterRemovedBranch(), (3, 8, 8), {b1.id: [], c1.id: []})
+    assert relus(s) == 1  # the stem's: both blocks' ReLUs read a ReLU's output
+    _, s = check_plan(ReluAfterRemovedBranch(), (3, 8, 8), {c1.id: []})
+    assert relus(s) == 3  # the stem's, b1's and the first block's
