@@ -198,17 +198,33 @@ class NoisyRuntime(Runtime):
         return self.model.predict(keep) * self.error * (1.02 if self.calls % 2 else 0.98)
 
 
-@pytest.mark.parametrize("error", [0.8, 1.0, 1.31])
+class OffsetRuntime(NoisyRuntime):
+    """The runtime costs a fixed 40% of the full model more than the model predicts (per-op
+    overheads a per-layer table misses): the model's error ratio grows as plans shrink, so a
+    correction by the error of plans far from the target misleads (a mean ratio did: ResNet-20
+    at 0.33 read 11-33% above the request in every round)."""
+
+    def truth(self, keep):
+        return self.model.predict(keep) + 0.4 * self.model.predict({})
+
+    def __call__(self, keep):
+        self.calls += 1
+        return self.truth(keep) * (1.02 if self.calls % 2 else 0.98)
+
+
+@pytest.mark.parametrize("error", [0.8, 1.0, 1.31, "offset"])
 def test_latency_target_lands_with_a_margin_that_a_fresh_reading_keeps(graph, error):
     # The bug: plans accepted on one reading just under the target read up to 1.8% above it
     # when measured again. Accepted plans now sit 1-3% below on the mean of two readings.
-    model = tiny_model_with_runtime(graph, error)
-    model.measure_plan = NoisyRuntime(model, error)
-    base = model.predict({}) * error
+    model = tiny_model_with_runtime(graph, 1.0)
+    runtime = OffsetRuntime(model, 1.0) if error == "offset" else NoisyRuntime(model, error)
+    model.measure_plan = runtime
+    truth_of = runtime.truth if error == "offset" else (lambda k: model.predict(k) * error)
+    base = truth_of({})
     lat = parse_constraint("latency", f"{0.5 * base}ms", base)
     plan = land_on_target(graph, scores_from_widths(graph, {}), [lat], 1, model)
     rounds = plan.achieved["latency_rounds"]
-    truth = model.predict(plan.keep) * error
+    truth = truth_of(plan.keep)
     assert 0.97 * lat.limit <= truth <= 0.99 * lat.limit, rounds
     assert plan.achieved["latency"] == pytest.approx(truth)  # the mean of the two readings
     assert "second_ms" in rounds[-1] and plan.achieved["latency_met"]
