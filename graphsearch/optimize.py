@@ -243,20 +243,7 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     round_to, choice = _resolve_round_to(config, log, state)
     # An unreachable target is refused now, before any training or any file is written
     # (a latency target alone has nothing to check before the latency model exists).
-    while constraints:
-        try:
-            land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
-            break
-        except UserError:
-            if choice is None or round_to == 1:
-                raise
-            # `auto` never makes a target unreachable: a smaller multiple, down to any width
-            round_to = max(1, round_to // 2)
-            choice = {**choice, "multiple": round_to, "reason": choice["reason"] + f"; the "
-                      f"targets are out of reach in multiples of {choice['multiple']} on this "
-                      f"model, so multiples of {round_to}"}
-            log(f"--round-to auto: the targets need finer widths on this model: multiples of "
-                f"{round_to}")
+    round_to, choice = fit_round_to(graph, constraints, round_to, choice, log)
     fresh = not state.exists()
     ckpt.barrier()  # every rank has looked at `out` before rank 0 creates anything in it
     if ckpt.is_main():
@@ -334,6 +321,34 @@ def _count_classes(dataset, limit: int = 2048) -> int:
             return 0
         top = max(top, int(y))
     return top + 1
+
+
+def fit_round_to(graph, constraints: list, round_to: int, choice: dict | None,
+                 log: Callable = lambda m: None) -> tuple[int, dict | None]:
+    """Check the targets are reachable in multiples of `round_to` (a `UserError` if not). For
+    `--round-to auto` (`choice` given) take a smaller multiple, down to any width, while the
+    targets are out of reach or land more than 1% below the binding one: `auto` never makes a
+    target unreachable, nor lands it far below. Probed with uniform widths, before any method
+    runs. Returns the multiple and the updated choice."""
+    while constraints:
+        try:
+            probe = land_on_target(graph, scores_from_widths(graph, {}), constraints, round_to)
+        except UserError:
+            if choice is None or round_to == 1:
+                raise
+            why = "out of reach"
+        else:
+            closeness = max(probe.achieved[c.metric] / c.limit for c in constraints)
+            if choice is None or round_to == 1 or closeness >= 0.99:
+                break
+            why = f"{1 - closeness:.1%} below the binding target (more than 1%)"
+        round_to = max(1, round_to // 2)
+        choice = {**choice, "multiple": round_to, "reason": choice["reason"] + f"; the "
+                  f"targets are {why} in multiples of {choice['multiple']} on this "
+                  f"model, so multiples of {round_to}"}
+        log(f"--round-to auto: the targets need finer widths on this model: multiples of "
+            f"{round_to}")
+    return round_to, choice
 
 
 def _resolve_round_to(config: OptimizeConfig, log: Callable,
