@@ -413,6 +413,8 @@ def _standardised_weight(gm, w):
 
 
 _MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
+_MODULE_INTERNALS_SET = frozenset(_MODULE_INTERNALS)
+_CONTAINERS = (dict, list, set)
 
 
 @contextlib.contextmanager
@@ -423,22 +425,25 @@ def _attributes_restored(model: torch.nn.Module):
     read it back: a node of the old graph (fx: "referenced nonexistent value")."""
     saved = []
     for m in model.modules():
-        attrs = {k: (v, copy.copy(v) if type(v) in (dict, list, set) else None)
-                 for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-        saved.append((m, attrs))
+        attrs = dict(m.__dict__)  # (a C-level copy: this runs for every module)
+        for k in _MODULE_INTERNALS:
+            attrs.pop(k, None)
+        contents = {k: v.copy() for k, v in attrs.items() if type(v) in _CONTAINERS}
+        saved.append((m, attrs, contents))
     try:
         yield
     finally:
-        for m, attrs in saved:
-            for k in [k for k, v in m.__dict__.items() if k not in attrs and
-                      isinstance(v, fx.Proxy)]:
-                del m.__dict__[k]  # a traced value kept by the module (fx's own new
+        for m, attrs, contents in saved:
+            d = m.__dict__
+            for k in [k for k in d.keys() - attrs.keys() - _MODULE_INTERNALS_SET
+                      if isinstance(d[k], fx.Proxy)]:
+                del d[k]  # a traced value kept by the module (fx's own new
                 # attributes, constants such as `_tensor_constant0`, are real tensors: kept)
-            for k, (v, contents) in attrs.items():
-                if contents is not None:  # the same container, with its old contents
-                    v.clear()
-                    v.update(contents) if isinstance(v, (dict, set)) else v.extend(contents)
-                m.__dict__[k] = v
+            for k, old in contents.items():  # the same container, with its old contents
+                v = attrs[k]
+                v.clear()
+                v.update(old) if isinstance(v, (dict, set)) else v.extend(old)
+            d.update(attrs)
 
 
 def _to_meta(x: Any) -> Any:
