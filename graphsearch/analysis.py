@@ -247,6 +247,11 @@ class Context:
         """MACs per sample of an op no rule sees into, counted for real (torch's FLOP counter
         on zeros of the recorded shapes: matmuls, convolutions, attention); 0 if it cannot
         run alone."""
+        if node.op == "call_function" and getattr(node.target, "__module__", None) in \
+                ("_operator", "operator") and all(
+                    _plain(self.value(a) if isinstance(a, fx.Node) else a)
+                    for a in _leaves((node.args, node.kwargs))):
+            return 0.0  # Python arithmetic on sizes (`c // groups`, `x.size()[0]`): no tensor
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -478,6 +483,22 @@ def _leaves(tree, out: list | None = None) -> list:
     else:
         out.extend(tree_leaves(tree))
     return out
+
+
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
+def _plain(v) -> bool:
+    """A Python number, string or None, or a tuple, list, torch.Size or slice of them: no
+    operator on such values computes on a tensor."""
+    t = type(v)
+    if t in _PLAIN:
+        return True
+    if t in (tuple, list, torch.Size):
+        return all(_plain(x) for x in v)
+    if t is slice:
+        return _plain(v.start) and _plain(v.stop) and _plain(v.step)
+    return False
 
 
 def _np(x) -> np.ndarray:
