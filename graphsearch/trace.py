@@ -701,7 +701,10 @@ class _MetaMemo:
 
     def __init__(self) -> None:
         self.seen: dict = {}
-        self.off = _global_hooks()
+        # off under global module hooks, or a torch function/dispatch mode (a user's
+        # counter, profiler): they may expect to see every call
+        self.off = _global_hooks() or torch._C._len_torch_function_stack() > 0 or \
+            torch._C._len_torch_dispatch_stack() > 0
 
     def run(self, op, fn, target, args, kwargs):
         if self.off:

@@ -103,3 +103,17 @@ def test_memo_keys_hold_configuration_arguments_and_hooks(monkeypatch):
     assert with_memo["a"][1] == (2, 4, 6, 6) and with_memo["b"][1] == (2, 4, 3, 3)
     assert with_memo["c"] == with_memo["a"]
     assert with_memo == _shapes(traced, (x,), False, monkeypatch)
+
+
+def test_memo_is_off_under_a_global_hook_or_a_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert not T._MetaMemo().off
+    with FlopCounterMode(display=False):
+        assert T._MetaMemo().off
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert T._MetaMemo().off
+    finally:
+        handle.remove()
+    assert not T._MetaMemo().off
