@@ -279,11 +279,11 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        if _fuse_weight_standardisation(gm):
-            gm.recompile()
+        fused = _fuse_weight_standardisation(gm)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
-            gm.recompile()
+        if fused or tracer.untraceable:
+            gm.recompile()  # once, for both changes
         untraceable = tracer.untraceable
         for name, count in getattr(tracer, "specialised", {}).items():
             if any(name == u or name.startswith(u + ".") for u in tracer.untraceable):
