@@ -146,7 +146,7 @@ class ChannelGraph:
         for g in self.groups:
             g.removable = (lambda gid=g.id: self._simulate(frozenset([gid]))[0]) \
                 if g.prunable else False
-        self.nx = self._build_nx()
+        self._nx: nx.MultiDiGraph | None = None  # built on first use (`nx`)
         self.baseline = self.cost()
 
     # ------------------------------------------------------------------ groups
@@ -776,6 +776,14 @@ class ChannelGraph:
     def locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index within group) of each atom of an ids array; -1 for no channel."""
         return self._locate(np.asarray(atoms, dtype=np.int64).reshape(-1))
+
+    @property
+    def nx(self) -> nx.MultiDiGraph:
+        """The fx nodes as a networkx graph: each node's rule, shape and groups; edges from
+        producer to consumer, with the rule's edge kind (built on first use)."""
+        if self._nx is None:
+            self._nx = self._build_nx()
+        return self._nx
 
     def _build_nx(self) -> nx.MultiDiGraph:
         g = nx.MultiDiGraph()
