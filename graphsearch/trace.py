@@ -602,7 +602,7 @@ def _pure_function(target) -> bool:
     if name.endswith("_") and not name.endswith("__"):  # torch.relu_, F.relu_ (in place)
         return False
     return target.__class__.__module__ == "_operator" or module == "_operator" or \
-        module == "operator" or module.startswith("torch") and \
+        module == "operator" or (module == "torch" or module.startswith("torch.")) and \
         not module.startswith("torch.fx") and not module.startswith("torch._dynamo")
 
 
