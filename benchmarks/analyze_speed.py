@@ -1,14 +1,17 @@
 """How fast is `graphsearch.analyze`, and how fast is its cost model, on every zoo model.
 
 For each model of ``graphsearch.zoo.MODELS``: the median wall time of ``analyze(model, inputs)``
-over 3 runs, against the median of 3 plain forward passes under ``torch.no_grad()`` at the same
-input (after 1 warm-up); their ratio; and cost-model throughput, ``g.cost(widths)`` per second
-over ~2000 calls, with random int widths for every prunable group (each in 1..size) and with
-random kept-index lists of the same widths. Plans are drawn before the clock starts. Threads:
-torch's default (``torch.get_num_threads()``). Prints a markdown table and writes it, with the
-command, date and versions, to ``benchmarks/results/analyze_speed.md``.
+over ``--runs`` calls (default 3), against the median of as many plain forward passes under
+``torch.no_grad()`` at the same input (after 1 warm-up); their ratio; the floor under the
+design, torch.fx's own trace (bare ``torch.fx.Tracer().trace(model)``, no GraphModule built, and
+``torch.fx.symbolic_trace(model)``, which builds one) against the same forward; and cost-model
+throughput, ``g.cost(widths)`` per second over ~2000 calls, with random int widths for every
+prunable group (each in 1..size) and with random kept-index lists of the same widths. Plans are
+drawn before the clock starts. Threads: ``torch.get_num_threads()`` (set OMP_NUM_THREADS to fix
+them). Prints a markdown table and writes it, with the command, date and versions, as a new
+section on top of ``benchmarks/results/analyze_speed.md`` (earlier sections are kept below).
 
-    python benchmarks/analyze_speed.py [--models resnet20 vit_tiny] [--calls 2000]
+    python benchmarks/analyze_speed.py [--models resnet20 vit_tiny] [--calls 2000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -53,14 +56,14 @@ def cost_rate(g, plans: list[dict]) -> float:
     return len(plans) / (time.perf_counter() - t0)
 
 
-def measure(name: str, calls: int, rng: np.random.Generator) -> dict:
+def measure(name: str, calls: int, rng: np.random.Generator, runs: int = 3) -> dict:
     model, inputs = zoo.build(name), zoo.example_inputs(name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a zoo model must trace without an opaque leaf
-        analyze_ms = median_ms(lambda: analyze(model, inputs), runs=3)
+        analyze_ms = median_ms(lambda: analyze(model, inputs), runs=runs)
         g = analyze(model, inputs)
     with torch.no_grad():
-        forward_ms = median_ms(lambda: model(*inputs), runs=3, warmup=1)
+        forward_ms = median_ms(lambda: model(*inputs), runs=runs, warmup=1)
     prunable = g.prunable_groups
     counts = [{grp.id: int(rng.integers(1, grp.size + 1)) for grp in prunable} for _ in range(calls)]
     # Random index lists can empty a node that a shuffle shares between groups (a plan the
@@ -77,10 +80,14 @@ def measure(name: str, calls: int, rng: np.random.Generator) -> dict:
             except PlanError:
                 redrawn += 1
         lists.append(kept)
+    # the floor under the design: torch.fx's own trace (after every analysis of this model)
+    tracer_ms = median_ms(lambda: torch.fx.Tracer().trace(model), runs=runs, warmup=1)
+    symbolic_ms = median_ms(lambda: torch.fx.symbolic_trace(model), runs=runs)
     s = g.summary()
     return {
         "model": name, "params": s["params"], "macs": s["macs"], "groups": s["groups"],
         "prunable": s["prunable"], "analyze_ms": analyze_ms, "forward_ms": forward_ms,
+        "tracer_ms": tracer_ms, "symbolic_ms": symbolic_ms,
         "count_rate": cost_rate(g, counts), "list_rate": cost_rate(g, lists), "redrawn": redrawn,
     }
 
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(zoo.MODELS), help="zoo model names (default: all)")
     parser.add_argument("--calls", type=int, default=2000, help="g.cost calls per model and plan kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timed calls per median (analyze, forward, fx trace)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analyze_speed.md")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in zoo.MODELS]
@@ -98,47 +107,62 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    now = _dt.datetime.now(_dt.timezone.utc)
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" \
+        if "OMP_NUM_THREADS" in os.environ else "default"
     header = [
-        "# Analysis and cost-model speed on the zoo",
+        f"## {now:%Y-%m-%d %H:%M} UTC (load average at start {load.split(' / ')[0]})",
         "",
         f"Command: `{command}`",
         "",
-        f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"Date: {now:%Y-%m-%d %H:%M} UTC",
         "",
         f"Versions: python {platform.python_version()}, torch {torch.__version__}, numpy "
         f"{np.__version__}; {platform.machine()} ({platform.system()}), {os.cpu_count()} CPUs, "
-        f"torch threads {torch.get_num_threads()} (default); load average at start {load} "
+        f"torch threads {torch.get_num_threads()} ({threads}); load average at start {load} "
         "(1 / 5 / 15 min; other jobs may share this machine)",
         "",
-        "analyze: median of 3 calls of `graphsearch.analyze(model, example_inputs)` (trace, meta "
-        "shapes, rules, groups, cost tables). forward: median of 3 eager `model(*inputs)` under "
+        f"analyze: median of {args.runs} calls of `graphsearch.analyze(model, example_inputs)` "
+        f"(trace, meta shapes, rules, groups, cost tables). forward: median of {args.runs} eager "
+        "`model(*inputs)` under "
         "`torch.no_grad()` after 1 warm-up, batch 1, the zoo input shape. Cost evals/s: "
         f"`g.cost(widths)` over {args.calls} pre-drawn plans, a random width in 1..size for every "
         "prunable group (counts), and the same widths as random kept-index lists (exact mode; a "
         "drawn list that the graph refuses, emptying a node shared through a shuffle, is drawn "
-        "again: `redrawn` counts those).",
+        f"again: `redrawn` counts those). fx floor: median of {args.runs} bare `torch.fx.Tracer()"
+        f".trace(model)` (no GraphModule) / of {args.runs} `torch.fx.symbolic_trace(model)` (with "
+        "one), and the "
+        "first against the forward pass: what any analysis built on torch.fx pays at least.",
         "",
         "| model | params (M) | MACs (G) | groups (prunable) | analyze ms | forward ms "
-        "| analyze / forward | cost evals/s (counts) | cost evals/s (index lists) | redrawn |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| analyze / forward | fx trace ms (bare / symbolic_trace) | fx trace / forward "
+        "| cost evals/s (counts) | cost evals/s (index lists) | redrawn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(header), flush=True)
     rng = np.random.default_rng(args.seed)
     rows = []
     for name in args.models:
-        r = measure(name, args.calls, rng)
+        r = measure(name, args.calls, rng, args.runs)
         row = (f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} "
                f"| {r['groups']} ({r['prunable']}) | {r['analyze_ms']:.0f} | {r['forward_ms']:.1f} "
-               f"| {r['analyze_ms'] / r['forward_ms']:.1f}x | {r['count_rate']:,.0f} "
+               f"| {r['analyze_ms'] / r['forward_ms']:.1f}x "
+               f"| {r['tracer_ms']:.1f} / {r['symbolic_ms']:.1f} "
+               f"| {r['tracer_ms'] / r['forward_ms']:.1f}x | {r['count_rate']:,.0f} "
                f"| {r['list_rate']:,.0f} | {r['redrawn']} |")
         rows.append(row)
         print(row, flush=True)
     end_load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    footer = ["", f"Load average at end: {end_load}. Forward passes use torch's default thread "
-              "pool: on a shared machine they are the noisiest column."]
+    footer = ["", f"Load average at end: {end_load}. Forward passes use torch's thread pool "
+              "as set above: on a shared machine they are the noisiest column."]
     print("\n".join(footer))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + rows + footer) + "\n")
+    title = "# Analysis and cost-model speed on the zoo"
+    earlier = args.out.read_text() if args.out.exists() else ""
+    if earlier.startswith(title):
+        earlier = earlier[len(title):].lstrip("\n")
+    section = "\n".join(header + rows + footer) + "\n"
+    args.out.write_text(f"{title}\n\n{section}" + (f"\n{earlier}" if earlier else ""))
     print(f"\nwritten to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import SUPPORTED_NODES, tree_leaves, tree_map
 
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
@@ -102,7 +102,7 @@ class Context:
         return None
 
     def tensor_args(self, node: fx.Node) -> list[fx.Node]:
-        flat, _ = tree_flatten((node.args, node.kwargs))
+        flat = _leaves((node.args, node.kwargs))
         return [a for a in flat if isinstance(a, fx.Node) and
                 isinstance(self.value(a), torch.Tensor)]
 
@@ -247,6 +247,11 @@ class Context:
         """MACs per sample of an op no rule sees into, counted for real (torch's FLOP counter
         on zeros of the recorded shapes: matmuls, convolutions, attention); 0 if it cannot
         run alone."""
+        if node.op == "call_function" and getattr(node.target, "__module__", None) in \
+                ("_operator", "operator") and all(
+                    _plain(self.value(a) if isinstance(a, fx.Node) else a)
+                    for a in _leaves((node.args, node.kwargs))):
+            return 0.0  # Python arithmetic on sizes (`c // groups`, `x.size()[0]`): no tensor
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -456,6 +461,46 @@ class Context:
         return make(v)
 
 
+_SEQUENCES = frozenset({tuple, list, fx.immutable_collections.immutable_list})
+_MAPPINGS = frozenset({dict, fx.immutable_collections.immutable_dict})
+_LEAVES = frozenset({fx.Node, int, float, bool, str, type(None), slice, type(Ellipsis),
+                     torch.dtype, torch.device, torch.memory_format, torch.layout})
+
+
+def _leaves(tree, out: list | None = None) -> list:
+    """`tree_flatten(tree)[0]` (the same leaves, in the same order), without building a spec:
+    the containers of fx arguments are walked here, anything else is left to pytree."""
+    out = [] if out is None else out
+    t = type(tree)
+    if t in _SEQUENCES and t in SUPPORTED_NODES:
+        for x in tree:
+            _leaves(x, out)
+    elif t in _MAPPINGS and t in SUPPORTED_NODES:
+        for x in tree.values():
+            _leaves(x, out)
+    elif t in _LEAVES and t not in SUPPORTED_NODES:
+        out.append(tree)
+    else:
+        out.extend(tree_leaves(tree))
+    return out
+
+
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
+def _plain(v) -> bool:
+    """A Python number, string or None, or a tuple, list, torch.Size or slice of them: no
+    operator on such values computes on a tensor."""
+    t = type(v)
+    if t in _PLAIN:
+        return True
+    if t in (tuple, list, torch.Size):
+        return all(_plain(x) for x in v)
+    if t is slice:
+        return _plain(v.start) and _plain(v.stop) and _plain(v.step)
+    return False
+
+
 def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.numpy()
@@ -499,7 +544,7 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
 def _producers(ctx: Context, node: fx.Node) -> list[str]:
     """Producers of tensor arguments, including tuples of tensors (chunk, split, attention):
     a getitem on a dead chunk dies with it."""
-    flat, _ = tree_flatten((node.args, node.kwargs))
+    flat = _leaves((node.args, node.kwargs))
     out = []
     for a in flat:
         if not isinstance(a, fx.Node) or a.op == "get_attr":

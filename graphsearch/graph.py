@@ -146,7 +146,7 @@ class ChannelGraph:
         for g in self.groups:
             g.removable = (lambda gid=g.id: self._simulate(frozenset([gid]))[0]) \
                 if g.prunable else False
-        self.nx = self._build_nx()
+        self._nx: nx.MultiDiGraph | None = None  # built on first use (`nx`)
         self.baseline = self.cost()
 
     # ------------------------------------------------------------------ groups
@@ -159,7 +159,7 @@ class ChannelGraph:
         # Two spaces are in one group when some class has atoms in both.
         a, b = atom_space, atom_space[root]
         m = max(len(ctx.spaces), 1)  # pairs encoded as one integer: a 1-d unique is fast
-        code = np.unique(a[a != b] * m + b[a != b])
+        code = _unique(a[a != b] * m + b[a != b])
         pairs = np.stack([code // m, code % m], axis=1)
         spaces = nx.Graph()
         spaces.add_nodes_from(range(len(ctx.spaces)))
@@ -168,7 +168,7 @@ class ChannelGraph:
         components = list(nx.connected_components(spaces))
         for c, members in enumerate(components):
             comp_of_space[list(members)] = c
-        classes = np.unique(root)  # sorted: a class is named by its oldest atom
+        classes = _unique(root)  # sorted: a class is named by its oldest atom
         class_comp = comp_of_space[atom_space[classes]]
         # Groups in order of their oldest channel; classes in order within a group.
         order = np.lexsort((classes, class_comp))
@@ -211,7 +211,7 @@ class ChannelGraph:
         made = np.array([sp.kind != "grouped_conv" and sp.node not in gates
                          for sp in ctx.spaces])[atom_space]
         k = max(len(self._space_nodes), 1)
-        code = np.unique(position[made] * k + space_node[atom_space][made])
+        code = _unique(position[made] * k + space_node[atom_space][made])
         self._pair_pos, self._pair_node = code // k, code % k
         self._members(ctx)
 
@@ -259,30 +259,43 @@ class ChannelGraph:
                 np.where(valid, self._atom_index[safe], -1))
 
     def _members(self, ctx: Context) -> None:
+        ranks = {name: len(p.shape) for name, p in
+                 self.module.named_parameters(remove_duplicate=False)}
+        lines: list[tuple[str, int | None, int, np.ndarray]] = []  # (name, dim, rank, line)
         for name, b in ctx.bindings.items():
-            rank = len(self.module.get_parameter(name).shape) if not b.is_buffer else 1
-            parts = [(d, line) for d, line in sorted(b.dims.items())]
+            rank = (ranks[name] if name in ranks else
+                    len(self.module.get_parameter(name).shape)) if not b.is_buffer else 1
+            lines += [(name, d, rank, line) for d, line in sorted(b.dims.items())]
             if b.ids is not None:
-                parts.append((None, b.ids.reshape(-1).numpy()))
-            for d, line in parts:
-                groups, _ = self._locate(line)
-                counts = np.bincount(groups[groups >= 0])
-                for gid in np.flatnonzero(counts).tolist():
-                    per_class = counts[gid] / self.groups[gid].size
-                    label = name
-                    if d is not None and rank > 1:
-                        label += f"[{b.roles.get(d, ('out', 'in')[d] if d < 2 else f'dim{d}')}]"
-                    if per_class > 1 and per_class == int(per_class):
-                        label += f" x{int(per_class)}"
-                    if label not in self.groups[gid].members:
-                        self.groups[gid].members.append(label)
-        for s in ctx.spaces:
-            if s.kind in ("input", "opaque", "pad"):
-                groups, _ = self._locate(s.atoms)
-                for gid in np.unique(groups[groups >= 0]).tolist():
-                    label = f"<{s.kind} {s.node}>"
-                    if label not in self.groups[gid].members:
-                        self.groups[gid].members.append(label)
+                lines.append((name, None, rank, b.ids.reshape(-1).numpy()))
+        spaces = [s for s in ctx.spaces if s.kind in ("input", "opaque", "pad")]
+        # One lookup for every line and space, split back by position.
+        arrays = [np.asarray(x[3], dtype=np.int64).reshape(-1) for x in lines] + \
+            [np.asarray(s.atoms, dtype=np.int64).reshape(-1) for s in spaces]
+        ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
+        located, _ = self._locate(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
+        pieces = np.split(located, ends[:-1]) if arrays else []
+        labels = [set(g.members) for g in self.groups]
+
+        def add(gid: int, label: str) -> None:
+            if label not in labels[gid]:
+                labels[gid].add(label)
+                self.groups[gid].members.append(label)
+
+        for (name, d, rank, _), groups in zip(lines, pieces):
+            counts = np.bincount(groups[groups >= 0])
+            for gid in np.flatnonzero(counts).tolist():
+                per_class = counts[gid] / self.groups[gid].size
+                label = name
+                if d is not None and rank > 1:
+                    default = ("out", "in")[d] if d < 2 else f"dim{d}"
+                    label += f"[{ctx.bindings[name].roles.get(d, default)}]"
+                if per_class > 1 and per_class == int(per_class):
+                    label += f" x{int(per_class)}"
+                add(gid, label)
+        for s, groups in zip(spaces, pieces[len(lines):]):
+            for gid in _unique(groups[groups >= 0]).tolist():
+                add(gid, f"<{s.kind} {s.node}>")
 
     # ------------------------------------------------------------------ cost tables
     def _build_cost_tables(self, ctx: Context) -> None:
@@ -314,21 +327,24 @@ class ChannelGraph:
             raise AssertionError("a cost term with more than two layouts")
 
         n_layouts, n_groups = len(layouts), len(self.groups)
-        self._M = np.zeros((n_layouts, n_groups))
-        self._c0 = np.zeros(n_layouts)
-        gi_parts, li_parts, w_parts = [], [], []
         self._group_offset = np.concatenate([[0], np.cumsum([g.size for g in self.groups])])
-        for li, (atoms, mult) in enumerate(layouts):
-            groups, index = self._locate(atoms)
-            valid = groups >= 0
-            self._c0[li] = mult * np.count_nonzero(~valid)
-            self._M[li] = mult * np.bincount(groups[valid], minlength=n_groups)
-            gi_parts.append(self._group_offset[groups[valid]] + index[valid])
-            li_parts.append(np.full(int(valid.sum()), li))
-            w_parts.append(np.full(int(valid.sum()), mult))
-        self._exact = (np.concatenate(gi_parts).astype(np.int64) if gi_parts else np.zeros(0, int),
-                       np.concatenate(li_parts).astype(np.int64) if li_parts else np.zeros(0, int),
-                       np.concatenate(w_parts) if w_parts else np.zeros(0))
+        # All layouts at once: each position's layout, group and index in the group.
+        mults = np.array([float(mult) for _, mult in layouts], dtype=float)
+        parts = [np.asarray(atoms, dtype=np.int64).reshape(-1) for atoms, _ in layouts]
+        lens = np.array([len(a) for a in parts], dtype=np.int64)
+        layout_of = np.repeat(np.arange(n_layouts, dtype=np.int64), lens)
+        groups, index = self._locate(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+        valid = groups >= 0
+        self._c0 = mults * np.bincount(layout_of[~valid], minlength=n_layouts)
+        per_group = np.bincount(layout_of[valid] * n_groups + groups[valid],
+                                minlength=n_layouts * n_groups).reshape(n_layouts, n_groups)
+        self._M = mults[:, None] * per_group
+        if n_layouts:
+            li = layout_of[valid]
+            self._exact = ((self._group_offset[groups[valid]] + index[valid]).astype(np.int64),
+                           li, mults[li])
+        else:
+            self._exact = (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
         one = n_layouts  # index of the constant 1 appended to the counts
         self._term_kind = np.array([t[0] == "macs" for t in terms])
         self._term_coeff = np.array([t[1] for t in terms], dtype=float)
@@ -350,26 +366,36 @@ class ChannelGraph:
             if s.kind == "heads":
                 g, _ = self._locate(s.atoms)
                 self._internal[s.node] = self._internal.get(s.node, frozenset()) | \
-                    frozenset(np.unique(g[g >= 0]).tolist())
+                    frozenset(_unique(g[g >= 0]).tolist())
         self._users: dict[str, list[str]] = {}
         for info in self.nodes:
             for src in info.inputs:
                 self._users.setdefault(src, []).append(info.name)
         self._node_groups: dict[str, frozenset] = {}
         self._node_other: dict[str, bool] = {}
-        for info in self.nodes:
-            flat = info.ids if isinstance(info.ids, tuple) else (info.ids,)
-            groups: set[int] = set()
-            other = False
-            for ids in flat:
-                if not isinstance(ids, torch.Tensor):
-                    other = True
-                    continue
-                g, _ = self._locate(ids.reshape(-1).numpy())
-                groups.update(np.unique(g[g >= 0]).tolist())
-                other = other or bool((g < 0).any())
-            self._node_groups[info.name] = frozenset(groups)
-            self._node_other[info.name] = other or not groups
+        # Every node's ids in one lookup: (node, its tensors' atoms), and what is no tensor.
+        owner, arrays, no_tensor = [], [], set()
+        for k, info in enumerate(self.nodes):
+            for ids in (info.ids if isinstance(info.ids, tuple) else (info.ids,)):
+                if isinstance(ids, torch.Tensor):
+                    owner.append(k)
+                    arrays.append(ids.reshape(-1).numpy())
+                else:
+                    no_tensor.add(k)
+        lens = np.array([len(a) for a in arrays], dtype=np.int64)
+        node_of = np.repeat(np.array(owner, dtype=np.int64), lens)
+        g, _ = self._locate(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
+        has = g >= 0
+        pairs = _unique(node_of[has] * (len(self.groups) + 1) + g[has])
+        node_groups: dict[int, list[int]] = {}
+        for k, gid in zip((pairs // (len(self.groups) + 1)).tolist(),
+                          (pairs % (len(self.groups) + 1)).tolist()):
+            node_groups.setdefault(k, []).append(gid)
+        other = set(_unique(node_of[~has]).tolist()) | no_tensor
+        for k, info in enumerate(self.nodes):
+            groups = frozenset(node_groups.get(k, ()))
+            self._node_groups[info.name] = groups
+            self._node_other[info.name] = k in other or not groups
 
     def _simulate(self, zero: frozenset, empty: frozenset = frozenset()
                   ) -> tuple[bool, frozenset, str]:
@@ -506,7 +532,7 @@ class ChannelGraph:
             if not isinstance(w, (int, np.integer)):
                 idx = np.asarray(list(w), dtype=np.int64)
                 if idx.size and (idx.min() < 0 or idx.max() >= g.size or
-                                 len(np.unique(idx)) != idx.size):
+                                 len(_unique(idx)) != idx.size):
                     raise PlanError(f"group {gid}: kept indices must be distinct, in 0..{g.size - 1}")
             if n == g.size:
                 continue
@@ -597,7 +623,7 @@ class ChannelGraph:
                     # the rule that bound it says its role (a norm's gamma, beta, statistics)
                     role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
                     groups, index = self._locate(line)
-                    for gid in np.unique(groups[groups >= 0]).tolist():
+                    for gid in _unique(groups[groups >= 0]).tolist():
                         at = np.flatnonzero(groups == gid)
                         self._tied[gid].append(TiedSlice(name, dim, at, index[at], role,
                                                          b.is_buffer))
@@ -751,6 +777,14 @@ class ChannelGraph:
         """(group id, index within group) of each atom of an ids array; -1 for no channel."""
         return self._locate(np.asarray(atoms, dtype=np.int64).reshape(-1))
 
+    @property
+    def nx(self) -> nx.MultiDiGraph:
+        """The fx nodes as a networkx graph: each node's rule, shape and groups; edges from
+        producer to consumer, with the rule's edge kind (built on first use)."""
+        if self._nx is None:
+            self._nx = self._build_nx()
+        return self._nx
+
     def _build_nx(self) -> nx.MultiDiGraph:
         g = nx.MultiDiGraph()
         kinds = {i.name: i for i in self.nodes}
@@ -784,6 +818,13 @@ class ChannelGraph:
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
+
+
+def _unique(x) -> np.ndarray:
+    """`np.unique(x)` by sorting (numpy's hash-based unique is several times slower on the
+    few-thousand-entry integer arrays of a graph)."""
+    s = np.sort(np.asarray(x).reshape(-1))
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
 
 
 def _width(w) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,11 +279,11 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        if _fuse_weight_standardisation(gm):
-            gm.recompile()
+        fused = _fuse_weight_standardisation(gm)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
-            gm.recompile()
+        if fused or tracer.untraceable:
+            gm.recompile()  # once, for both changes
         untraceable = tracer.untraceable
         for name, count in getattr(tracer, "specialised", {}).items():
             if any(name == u or name.startswith(u + ".") for u in tracer.untraceable):
@@ -411,6 +413,8 @@ def _standardised_weight(gm, w):
 
 
 _MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
+_MODULE_INTERNALS_SET = frozenset(_MODULE_INTERNALS)
+_CONTAINERS = (dict, list, set)
 
 
 @contextlib.contextmanager
@@ -421,22 +425,25 @@ def _attributes_restored(model: torch.nn.Module):
     read it back: a node of the old graph (fx: "referenced nonexistent value")."""
     saved = []
     for m in model.modules():
-        attrs = {k: (v, copy.copy(v) if type(v) in (dict, list, set) else None)
-                 for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-        saved.append((m, attrs))
+        attrs = dict(m.__dict__)  # (a C-level copy: this runs for every module)
+        for k in _MODULE_INTERNALS:
+            attrs.pop(k, None)
+        contents = {k: v.copy() for k, v in attrs.items() if type(v) in _CONTAINERS}
+        saved.append((m, attrs, contents))
     try:
         yield
     finally:
-        for m, attrs in saved:
-            for k in [k for k, v in m.__dict__.items() if k not in attrs and
-                      isinstance(v, fx.Proxy)]:
-                del m.__dict__[k]  # a traced value kept by the module (fx's own new
+        for m, attrs, contents in saved:
+            d = m.__dict__
+            for k in [k for k in d.keys() - attrs.keys() - _MODULE_INTERNALS_SET
+                      if isinstance(d[k], fx.Proxy)]:
+                del d[k]  # a traced value kept by the module (fx's own new
                 # attributes, constants such as `_tensor_constant0`, are real tensors: kept)
-            for k, (v, contents) in attrs.items():
-                if contents is not None:  # the same container, with its old contents
-                    v.clear()
-                    v.update(contents) if isinstance(v, (dict, set)) else v.extend(contents)
-                m.__dict__[k] = v
+            for k, old in contents.items():  # the same container, with its old contents
+                v = attrs[k]
+                v.clear()
+                v.update(old) if isinstance(v, (dict, set)) else v.extend(old)
+            d.update(attrs)
 
 
 def _to_meta(x: Any) -> Any:
@@ -503,6 +510,10 @@ class _Recorder(fx.Interpreter):
         self.record_as_meta = record_as_meta
         self.reads = reads  # filled with the nodes that read tensor values (real runs)
         self.recorded: dict[str, Any] = {}
+        # On meta tensors (not a real run), an op's output metadata is a function of its
+        # inputs' metadata: repeated blocks (a ResNet stage, a ViT's layers) run each kernel
+        # once per distinct call (see `_MetaMemo`).
+        self.memo = _MetaMemo() if not record_as_meta and reads is None else None
         # Modules whose output has their input's shape (the rule says so): on meta tensors
         # their (sometimes slow, decomposed) kernels are skipped.
         self.same_shape: set[str] = set()
@@ -518,7 +529,24 @@ class _Recorder(fx.Interpreter):
         if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
                 args[0].is_meta:
             return args[0]
+        if self.memo is not None and type(self.submodules[target]) in _PURE_MODULES:
+            return self.memo.run(("call_module", self.submodules[target]),
+                                 super().call_module, target, args, kwargs)
         return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if self.memo is not None and _pure_function(target):
+            return self.memo.run(("call_function", target), super().call_function, target,
+                                 args, kwargs)
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if self.memo is not None and isinstance(target, str) and not target.endswith("_") \
+                and args and type(args[0]) in _PLAIN_TENSORS and \
+                hasattr(torch.Tensor, target) and target not in _IMPURE_METHODS:
+            return self.memo.run(("call_method", target), super().call_method, target, args,
+                                 kwargs)
+        return super().call_method(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         if self.reads is not None and n.op in ("call_module", "call_function", "call_method"):
@@ -534,6 +562,169 @@ class _Recorder(fx.Interpreter):
                     exc.graphsearch_node = n.name
                 raise
         self.recorded[n.name] = tree_map(_to_meta, out) if self.record_as_meta else out
+        return out
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# ops that change their operands (or the state of the program) rather than only return values
+_MUTATING = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+             operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+             operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+             operator.irshift, operator.iconcat}
+_IMPURE_METHODS = {"copy_", "set_", "record_stream", "register_hook", "retain_grad",
+                   "backward", "tolist", "item", "numpy", "data_ptr", "untyped_storage",
+                   "storage"}
+# torch.nn modules whose forward is a pure function of their configuration, parameters and
+# inputs (no state written, no Python-side branching on values): the memo may reuse them
+_PURE_MODULES = {
+    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Linear,
+    torch.nn.MultiheadAttention, torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d,
+    torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool1d,
+    torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool1d,
+    torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d, torch.nn.Flatten,
+    torch.nn.Unflatten, torch.nn.Upsample, torch.nn.PixelShuffle,
+    torch.nn.PixelUnshuffle,
+}
+_HOOK_DICTS = frozenset({
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"})
+
+
+def _pure_function(target) -> bool:
+    """A function of torch (or Python's operator module) that only computes its result."""
+    if target in _MUTATING:
+        return False
+    name = getattr(target, "__name__", "")
+    module = getattr(target, "__module__", None) or ""
+    if name.endswith("_") and not name.endswith("__"):  # torch.relu_, F.relu_ (in place)
+        return False
+    return target.__class__.__module__ == "_operator" or module == "_operator" or \
+        module == "operator" or (module == "torch" or module.startswith("torch.")) and \
+        not module.startswith("torch.fx") and not module.startswith("torch._dynamo")
+
+
+class _Unkeyable(Exception):
+    """An argument whose output metadata may depend on more than what the key records."""
+
+
+_SCALARS = frozenset({bool, int, str, type(None), type(Ellipsis), torch.dtype, torch.device,
+                      torch.memory_format, torch.layout})
+_SEQUENCES = frozenset({tuple, list, torch.Size, fx.immutable_collections.immutable_list})
+_MAPPINGS = frozenset({dict, fx.immutable_collections.immutable_dict})
+
+
+def _key(a):
+    """A hashable key of an argument that determines an op's output metadata on meta
+    tensors; `_Unkeyable` if unsure."""
+    t = type(a)
+    if t in _SCALARS:
+        return (t, a)
+    if t in _PLAIN_TENSORS:
+        if not a.is_meta or a.requires_grad or a.is_conj() or a.is_neg() \
+                or a.layout != torch.strided:
+            raise _Unkeyable
+        return (t, tuple(a.shape), a.stride(), a.dtype, a.storage_offset())
+    if t in _SEQUENCES:
+        return (t, tuple([_key(x) for x in a]))
+    if t is float:
+        if a != a:  # nan: equal to nothing, keep it distinct from every other key
+            raise _Unkeyable
+        return (t, a, math.copysign(1.0, a))  # -0.0 is not 0.0 to every op
+    if t is slice:
+        return (t, _key(a.start), _key(a.stop), _key(a.step))
+    if t in _MAPPINGS:
+        return (t, tuple([(_key(k), _key(v)) for k, v in a.items()]))
+    raise _Unkeyable
+
+
+def _module_key(m: torch.nn.Module):
+    """The configuration, parameters and buffers of a torch.nn module and its children, or
+    `_Unkeyable` (a hook, an attribute the key cannot describe)."""
+    parts = [type(m)]
+    for name, v in m.__dict__.items():
+        if name[0] != "_" or name == "_qkv_same_embed_dim":
+            parts.append((name, _key(v)))
+        elif name in _HOOK_DICTS:
+            if v:
+                raise _Unkeyable
+        elif name == "_parameters" or name == "_buffers":
+            parts.append((name, tuple([(k, _key(t)) for k, t in v.items()])))
+        elif name == "_modules":
+            parts.append((name, tuple([(k, _module_key(c) if c is not None else None)
+                                       for k, c in v.items()])))
+        elif isinstance(v, (torch.Tensor, torch.nn.Module)):
+            raise _Unkeyable
+    return tuple(parts)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return any(getattr(_m, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+def _meta_out(out):
+    """A description of an op's output to rebuild it from (None: not rebuildable)."""
+    if type(out) is torch.Tensor:
+        if not out.is_meta or out.requires_grad or out.is_conj() or out.is_neg() or \
+                out.layout != torch.strided or out.storage_offset():
+            return None
+        return (tuple(out.shape), out.stride(), out.dtype)
+    if out is None:
+        return ()
+    if type(out) in (tuple, list):
+        parts = [_meta_out(o) for o in out]
+        return None if any(p is None for p in parts) or all(p == () for p in parts) \
+            else (type(out), parts)
+    return None
+
+
+def _rebuild(desc):
+    if desc == ():
+        return None
+    if type(desc[0]) is tuple:  # (shape, stride, dtype)
+        return torch.empty_strided(desc[0], desc[1], dtype=desc[2], device="meta")
+    return desc[0](_rebuild(d) for d in desc[1])
+
+
+class _MetaMemo:
+    """Output metadata of meta-tensor ops already run in this pass, by op and the metadata of
+    their arguments: a hit builds fresh meta tensors of the same shapes, strides and dtypes
+    instead of running the (often Python, decomposed) meta kernel again. Only ops that write
+    nothing (no in-place op, no module with hooks) and whose arguments are fully described
+    by the key (meta tensors, plain Python constants) are remembered."""
+
+    def __init__(self) -> None:
+        self.seen: dict = {}
+        # off under global module hooks, or a torch function/dispatch mode (a user's
+        # counter, profiler): they may expect to see every call
+        self.off = _global_hooks() or torch._C._len_torch_function_stack() > 0 or \
+            torch._C._len_torch_dispatch_stack() > 0
+
+    def run(self, op, fn, target, args, kwargs):
+        if self.off:
+            return fn(target, args, kwargs)
+        try:
+            if op[0] == "call_module":  # a module's key: its configuration and parameters
+                op = (op[0], _module_key(op[1]))
+            key = (op, _key(args), _key(kwargs))
+            desc = self.seen.get(key)
+        except Exception:  # noqa: BLE001 - unkeyable (or unhashable): run the kernel
+            return fn(target, args, kwargs)
+        if desc is not None:
+            return _rebuild(desc)
+        out = fn(target, args, kwargs)
+        try:
+            desc = _meta_out(out)
+        except Exception:  # noqa: BLE001 - an output the memo cannot describe
+            desc = None
+        if desc is not None and desc != ():  # a tensor, or a tuple holding one
+            self.seen[key] = desc
         return out
 
 
