@@ -346,15 +346,14 @@ def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarra
     """The target step for a latency target: land with the latency model, measure the slim
     model (`latency_model.measure_plan(keep) -> ms`), correct the model's aim by the measured
     error and land again (`_next_aim`), until the measurement is between `window` and
-    `margin` below the target (or another target binds first). A plan read within `noise` of that band is measured
-    a second time and its latency is the mean of the two: one reading of a sub-millisecond
-    model varies by about 2%, so a plan accepted just under the target on one reading could
-    read above it on the next; the margin and the second reading keep a fresh measurement
-    inside the window.
-    Returns the plan with the largest measured latency that fits (within the margin first);
-    with none that fits, the one measured fastest, its `achieved["latency"]` the measurement
-    (above the target: the run reports the miss). `achieved` records requested, predicted,
-    measured."""
+    `margin` below the target (or another target binds first). A plan read within `noise` of
+    that band is measured a second time and its latency is the mean of the two: one reading
+    of a sub-millisecond model varies by about 2%, so a plan accepted just under the target on
+    one reading could read above it on the next; the margin and the second reading keep a
+    fresh measurement inside the window. Returns the plan with the largest measured latency
+    that fits (within the margin first); with none that fits, the one measured fastest, its
+    `achieved["latency"]` the measurement (above the target: the run reports the miss).
+    `achieved` records requested, predicted, measured."""
     predictor = latency_model.predictor()
     measure = latency_model.measure_plan
     lat = next(c for c in constraints if c.metric == "latency")
