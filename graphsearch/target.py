@@ -423,9 +423,9 @@ def _next_aim(readings: list[tuple[float, float]], middle: float, low: float, hi
 
     Measured latency is close to a line in the aim near the target, but not through zero:
     the per-op costs a per-layer table misses make the model's error ratio grow as plans
-    shrink, so scaling the aim by one reading's ratio only goes part of the way (ResNet-20
-    at 0.33 still read 11% above after five rounds), and a ratio from plans far away
-    misleads. So: once an aim read below the band and a higher one above it, interpolate
+    shrink, so scaling the aim by one reading's ratio only goes part of the way, and a mean
+    ratio over plans far away misleads (ResNet-20 at 0.33 still read 11% above the request
+    after six rounds with one). So: once an aim read below the band and a higher one above it, interpolate
     between the closest such pair; else extrapolate the line through the two readings
     nearest the middle (a step of at most 2x); with one reading, scale by its ratio."""
     below = [r for r in readings if r[1] < low]
