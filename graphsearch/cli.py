@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .load import UserError, load_model
+from .train import RECIPES
 from .units import human
 
 DEFAULT_MODEL = "zoo:resnet32"
@@ -130,6 +131,7 @@ def _optimize(args) -> int:
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size,
+        finetune_recipe=args.finetune_recipe, distill=args.distill == "on",
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         threads=args.threads, latency_batch=args.latency_batch, max_train=args.max_train,
         workers=args.workers, ray=args.ray,
@@ -319,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=_default("lr"), help="baseline learning rate")
     opt.add_argument("--finetune-lr", type=float, default=_default("finetune_lr"),
                      help="learning rate of the search and fine-tuning")
+    opt.add_argument("--finetune-recipe", choices=sorted(RECIPES),
+                     default=_default("finetune_recipe"),
+                     help="optimizer and schedule of the final fine-tune (default: "
+                          "%(default)s; report.md describes it)")
+    opt.add_argument("--distill", choices=["on", "off"],
+                     default="on" if _default("distill") else "off",
+                     help="the final fine-tune distils from the baseline's logits "
+                          "(default: %(default)s; costs a forward pass of the baseline per "
+                          "step)")
     opt.add_argument("--batch-size", type=int, default=_default("batch_size"))
     opt.add_argument("--max-train", type=int, default=_default("max_train"), metavar="N",
                      help="train on N images of the training split drawn at random by "

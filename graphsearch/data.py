@@ -196,6 +196,15 @@ class ImageTensorDataset(Dataset):
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self) else 0
 
+    def subset(self, indices: Sequence[int]) -> "ImageTensorDataset":
+        """The images at `indices`, with this dataset's normalisation, augmentation and
+        hooks (the fast batch path included)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out = ImageTensorDataset(self.images[idx], self.labels[idx], self.mean, self.std,
+                                 augment=self.augment, pad=self.pad, flip=self.flip)
+        out.loss_fn, out.metric = self.loss_fn, self.metric
+        return out
+
     def augmentation_params(self, seed: int):
         """Per-image (dy, dx, flip) for the whole dataset, drawn from `seed` alone."""
         if self._aug_cache is not None and self._aug_cache[0] == seed:
@@ -448,6 +457,7 @@ def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1,
         "val_fraction": vf,
         "test_fraction": tf,
         "split_seed": int(seed),
+        "data_images": int(len(raw.labels)),
         "num_train": int(len(train_idx)),
         "num_val": int(len(val)),
         "num_test": int(len(test)) if test is not None else 0,

@@ -68,10 +68,17 @@ class EvalSettings:
     momentum: float = 0.9
     distill: bool = False  # logit-MSE distillation from the teacher instead of cross-entropy
     seed: int = 0
+    # adaptive BN: re-estimate the sliced model's BatchNorm statistics on this many training
+    # images before it trains or is scored (0: keep the inherited ones)
+    bn_images: int = 0
+    # score on this many validation samples, a fixed draw (0: the whole validation split)
+    val_samples: int = 0
 
     def __post_init__(self):
         if self.steps < 0:
             raise UserError(f"candidate training steps must be non-negative, got {self.steps}")
+        if self.bn_images < 0 or self.val_samples < 0:
+            raise UserError("candidate bn_images and val_samples must be non-negative")
         if self.optimizer not in ("sgd", "adam"):
             raise UserError(f"candidate optimizer {self.optimizer!r}: choose 'sgd' or 'adam'")
 
@@ -267,30 +274,16 @@ class _BoundGateResponses:
 # --------------------------------------------------------------------------- one evaluation
 
 
-class _Distill(nn.Module):
-    """Student and frozen teacher side by side: forward returns (student, teacher) logits, so
-    the training loop counts the student's accuracy and the loss compares the two."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module):
-        super().__init__()
-        self.student = student
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        self.training = mode
-        self.student.train(mode)
-        self.teacher.eval()
-        return self
-
-    def forward(self, x):
-        s = self.student(x)
-        s = s[0] if isinstance(s, (tuple, list)) else s
-        with torch.no_grad():
-            t = self.teacher(x)
-            t = t[0] if isinstance(t, (tuple, list)) else t
-        return s, t
+def validation_part(val, samples: int):
+    """`samples` of the validation split, the same ones for every candidate (a draw by a fixed
+    seed), or the whole split when `samples` is 0 or not smaller than it."""
+    if not samples or val is None or samples >= len(val):
+        return val
+    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:samples]
+    pick = pick.sort().values
+    if callable(getattr(val, "subset", None)):
+        return val.subset(pick.tolist())
+    return torch.utils.data.Subset(val, pick.tolist())
 
 
 def _distill_loss(out, y):
@@ -304,12 +297,14 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
     return its validation top-1 ("accuracy"), with `return_state` its trained state dict
     ("state"), with `probe` (a bound probe, see `Probe`) what the probe returns on the
     trained module ("probe"). Runs on one torch thread (restored afterwards)."""
-    from .train import evaluate, train
+    from .train import Distilled, evaluate, recalibrate_bn, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.time()
     try:
+        if settings.bn_images:
+            recalibrate_bn(module, data.train, settings.bn_images, settings.batch_size, seed)
         if settings.steps > 0:
             per_epoch = max(1, -(-len(data.train) // settings.batch_size))
             epochs = max(1, -(-settings.steps // per_epoch))
@@ -317,7 +312,7 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
             if settings.distill:
                 if teacher is None:
                     raise ValueError("distillation needs a teacher")
-                net, loss_fn = _Distill(module, teacher), _distill_loss
+                net, loss_fn = Distilled(module, teacher), _distill_loss
             if settings.optimizer == "adam":
                 def optimizer(m, lr=settings.lr, wd=settings.weight_decay):
                     return torch.optim.Adam([p for p in module.parameters() if p.requires_grad],
@@ -335,7 +330,8 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
                   checkpoint=None, desc="candidate", loss_fn=loss_fn, max_steps=settings.steps,
                   optimizer=optimizer, scheduler=scheduler, evaluate_every_epoch=False,
                   device="cpu")
-        acc = evaluate(module, data.val, distributed=False, device="cpu")
+        acc = evaluate(module, validation_part(data.val, settings.val_samples),
+                       distributed=False, device="cpu")
         out = {"accuracy": float(acc)}
         if return_state:
             out["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .graph import ChannelGraph
 from .load import UserError, load_model
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
+from .train import RECIPES, Distilled, soft_target_loss
 
 STATE = ".state"
 
@@ -53,6 +54,10 @@ class OptimizeConfig:
     finetune_epochs: int = 4
     lr: float = 0.05
     finetune_lr: float = 0.02
+    finetune_recipe: str = "sgd-cosine"  # a name in graphsearch.train.RECIPES
+    distill: bool = True  # the final fine-tune distils from the baseline's logits
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.9  # share of the distillation term (the rest: the task loss)
     batch_size: int = 128
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -560,6 +565,28 @@ def stage_slim(run: Run, proposal):
     return module, plan
 
 
+def finetune_recipe(run: Run) -> dict:
+    """What the final fine-tune runs: the recipe, the peak learning rate and whether it
+    distils from the baseline (for the log and the report)."""
+    cfg = run.config
+    if cfg.finetune_recipe not in RECIPES:
+        raise UserError(f"fine-tuning recipe {cfg.finetune_recipe!r}: choose one of "
+                        f"{', '.join(RECIPES)}")
+    recipe = RECIPES[cfg.finetune_recipe]
+    distill, why = bool(cfg.distill), ""
+    if distill and getattr(run.data.train, "loss_fn", None) is not None:
+        distill, why = False, "the model's own loss_fn replaces the class logits' loss"
+    text = (f"{recipe.name}: {recipe.describe()}, peak lr {cfg.finetune_lr:g}, batch "
+            f"{cfg.batch_size}; " + (
+                f"distilled from the baseline's logits (temperature {cfg.distill_temperature:g},"
+                f" weight {cfg.distill_weight:g} on the soft targets, "
+                f"{1 - cfg.distill_weight:g} on the labels)" if distill else
+                f"no distillation ({why or '--distill off'})"))
+    return {"name": recipe.name, "lr": cfg.finetune_lr, "distill": distill,
+            "temperature": cfg.distill_temperature if distill else None,
+            "distill_weight": cfg.distill_weight if distill else None, "text": text}
+
+
 def stage_finetune(run: Run, module) -> dict:
     from .train import evaluate, train
 
@@ -572,16 +599,22 @@ def stage_finetune(run: Run, module) -> dict:
     before = evaluate(module.eval(), run.data.val)
     t0 = time.time()
     result = None
+    recipe = finetune_recipe(run)
     if cfg.finetune_epochs > 0:
-        run.log(f"fine-tune: {cfg.finetune_epochs} epochs of the slim model")
-        result = train(module, run.data.for_search(), epochs=cfg.finetune_epochs,
-                       lr=cfg.finetune_lr,
+        run.log(f"fine-tune: {cfg.finetune_epochs} epochs of the slim model ({recipe['text']})")
+        net, loss_fn = module, None
+        if recipe["distill"]:
+            net = Distilled(module, _baseline_model(run))
+            loss_fn = soft_target_loss(cfg.distill_temperature, cfg.distill_weight)
+        result = train(net, run.data.for_search(), epochs=cfg.finetune_epochs,
+                       lr=cfg.finetune_lr, loss_fn=loss_fn,
                        batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
-                       checkpoint=run.state / "finetune.ckpt", desc="fine-tune")
+                       checkpoint=run.state / "finetune.ckpt", desc="fine-tune",
+                       **RECIPES[cfg.finetune_recipe].factories(cfg.finetune_lr))
     acc = evaluate(module.eval(), run.data.val)
     summary = {"accuracy": acc, "val_accuracy": acc, "accuracy_before_finetune": before,
                "epochs": cfg.finetune_epochs, "seconds": time.time() - t0,
-               "history": result.history if result else []}
+               "recipe": recipe, "history": result.history if result else []}
     ckpt.save_atomic({"state_dict": module.state_dict(), "summary": summary}, path)
     ckpt.barrier()
     run.log(f"result: {_metric(run)} {acc * 100:.2f}% (before fine-tuning {before * 100:.2f}%)")

@@ -70,6 +70,7 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "preprocessing": run.data.preprocessing,
         "outputs": {"onnx": "model.onnx", "portable": "model.pt2", "plot": "tradeoff.png"},
         "method_info": {k: v for k, v in proposal.info.items() if k not in ("settings",)},
+        "finetune_recipe": final.get("recipe"),
         "finetune_history": final.get("history", []),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")},
@@ -205,6 +206,10 @@ def markdown(r: dict) -> str:
         f"{r['epochs']['baseline']}, search {r['epochs']['search']}, fine-tuning "
         f"{r['epochs']['finetune']}.",
         "",
+        *([f"Fine-tuning recipe: {r['finetune_recipe']['text']}.", ""]
+          if r.get("finetune_recipe") else []),
+        f"Data: {_shares(r['splits'])}.",
+        "",
         f"Latency: median of {r['latency']['after']['repeats']} runs, batch "
         f"{r['latency']['after']['batch_size']}, {r['latency']['after']['threads']} thread(s) "
         "(more under Latency).",
@@ -251,8 +256,14 @@ def markdown(r: dict) -> str:
                   f"mean {p.get('mean')}, std {p.get('std')} (of the training split); "
                   f"augmentation: {p.get('augmentation')}; loss: {p.get('loss', 'cross-entropy')}"
                   f"; metric: {p.get('metric', 'top-1')}.", ""]
-    for role, sp in r.get("splits", {}).items():
-        lines.append(f"- {role}: {sp['images']} images, {sp['source']}; {sp['use']}")
+    splits = r.get("splits", {})
+    for role in ("train", "validation", "test"):
+        if role in splits:
+            sp = splits[role]
+            share = sp.get("share_of_data")
+            lines.append(f"- {role}: {sp['images']} images"
+                         + (f" ({share:.0%} of --data)" if share is not None else "")
+                         + f", {sp['source']}; {sp['use']}")
     if check.get("method"):
         lines += ["", f"Check that the held-out splits are unseen: {check['method']}"]
     if r.get("analysis_warnings"):
@@ -276,9 +287,28 @@ def _pts(a, b) -> str:
     return f"{(b - a) * 100:+.2f} pts"
 
 
+def _shares(splits: dict) -> str:
+    """How --data was shared out between the roles, in a sentence."""
+    total = splits.get("data_images")
+    parts = []
+    for role in ("train", "validation", "test"):
+        sp = splits[role]
+        n = sp.get("images") or 0
+        share = sp.get("share_of_data")
+        parts.append(f"{role} {n:,} images" + (
+            f" ({share:.0%} of --data)" if share is not None else f" ({sp.get('source')})"))
+    head = f"--data held {total:,} images: " if total else ""
+    return head + ", ".join(parts)
+
+
 def splits_summary(pre: dict) -> dict:
-    """The three data roles: how many images, where from, what each is used for."""
-    return {
+    """The three data roles: how many images, where from, what each is used for, and the
+    share of --data each one took (None for a role given as its own data)."""
+    total = pre.get("data_images")
+
+    def share(n, own: bool):
+        return None if own or not total else round((n or 0) / total, 4)
+    out = {
         "train": {"images": pre.get("num_train"),
                   "source": f"the rest of {pre.get('source')}",
                   "use": "fits the weights (baseline, search, fine-tuning)"},
@@ -289,6 +319,11 @@ def splits_summary(pre: dict) -> dict:
                  "use": "reported only (`test_accuracy`), evaluated once at the end; no "
                         "method sees it"},
     }
+    out["train"]["share_of_data"] = share(pre.get("num_train"), False)
+    out["validation"]["share_of_data"] = share(pre.get("num_val"), not pre.get("val_fraction"))
+    out["test"]["share_of_data"] = share(pre.get("num_test"), not pre.get("test_fraction"))
+    out["data_images"] = total
+    return out
 
 
 # A difference between two accuracies counts as real beyond this many standard errors.

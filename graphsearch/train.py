@@ -45,7 +45,8 @@ from . import checkpoint as ckpt
 from .load import UserError
 
 __all__ = ["TrainResult", "EvalResult", "train", "evaluate", "evaluate_metrics",
-           "distributed_context", "steps_per_epoch"]
+           "distributed_context", "steps_per_epoch", "Recipe", "RECIPES", "Distilled",
+           "soft_target_loss", "recalibrate_bn"]
 
 CHECKPOINT_FORMAT = "graphsearch-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -135,6 +136,144 @@ def _all_sum(values: list[float], d: _Dist, device: torch.device) -> list[float]
                      device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning recipes and distillation
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is fine-tuned: the optimizer and the learning-rate schedule around a peak
+    `lr` given to :meth:`factories`. One object, so that the pipeline, the benchmarks and the
+    report name the same thing."""
+
+    name: str
+    schedule: str = "cosine"  # "cosine": from lr to 0; "one-cycle": warm up, then cosine to 0
+    nesterov: bool = False
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_1d: bool = True  # weight decay on 1-D parameters too (norm gamma/beta, biases)
+    warmup: float = 0.0  # share of the steps spent warming up (one-cycle)
+
+    def describe(self) -> str:
+        sgd = f"SGD{' (Nesterov)' if self.nesterov else ''}, momentum {self.momentum:g}"
+        wd = f"weight decay {self.weight_decay:g}" + ("" if self.decay_1d else
+                                                       " (none on norms and biases)")
+        sched = ("cosine from the peak to 0" if self.schedule == "cosine" else
+                 f"one-cycle: linear warm-up over {self.warmup:.0%} of the steps from 1/25 of "
+                 "the peak, then cosine to 0")
+        return f"{sgd}, {wd}, {sched}"
+
+    def factories(self, lr: float) -> dict:
+        """`optimizer` and `scheduler` arguments of :func:`train` for this recipe."""
+        def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            decay = [p for n, p in params if self.decay_1d or p.ndim > 1]
+            rest = [p for n, p in params if not (self.decay_1d or p.ndim > 1)]
+            groups = [{"params": decay, "weight_decay": self.weight_decay}]
+            if rest:
+                groups.append({"params": rest, "weight_decay": 0.0})
+            return torch.optim.SGD(groups, lr=lr, momentum=self.momentum,
+                                   nesterov=self.nesterov)
+
+        def scheduler(opt: torch.optim.Optimizer, total: int):
+            up = int(total * self.warmup) if self.schedule == "one-cycle" else 0
+
+            def factor(s: int) -> float:
+                if s < up:
+                    return 1 / 25 + (1 - 1 / 25) * s / up
+                t = min(s - up, total - up) / max(total - up, 1)
+                return 0.5 * (1.0 + math.cos(math.pi * t))
+            return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": optimizer, "scheduler": scheduler}
+
+
+RECIPES = {
+    "sgd-cosine": Recipe("sgd-cosine"),
+    "one-cycle": Recipe("one-cycle", schedule="one-cycle", nesterov=True, warmup=0.15,
+                        decay_1d=False),
+}
+
+
+class Distilled(nn.Module):
+    """Student and frozen teacher side by side: forward returns (student, teacher) outputs,
+    so the training loop counts the student's accuracy (the first element) and the loss
+    compares the two. The teacher stays in eval mode and gets no gradient."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.student.train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x):
+        s = _logits(self.student(x))
+        with torch.no_grad():
+            t = _logits(self.teacher(x))
+        return s, t
+
+
+def soft_target_loss(temperature: float = 4.0, weight: float = 0.9) -> Callable:
+    """Knowledge distillation (Hinton et al. 2015) for a :class:`Distilled` output:
+    `weight * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - weight) * CE(s, y)`."""
+    t2 = temperature ** 2
+
+    def loss(out, y):
+        s, t = out
+        kl = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, dim=1),
+                                  nn.functional.log_softmax(t / temperature, dim=1),
+                                  reduction="batchmean", log_target=True)
+        if weight >= 1:
+            return t2 * kl
+        return weight * t2 * kl + (1 - weight) * nn.functional.cross_entropy(s, y)
+    return loss
+
+
+def recalibrate_bn(model: nn.Module, dataset, images: int, batch_size: int = 128,
+                   seed: int = 0) -> int:
+    """Re-estimate the BatchNorm running statistics of `model` from `images` training images
+    drawn by `seed` (no augmentation, exact averages over the batches), as adaptive BN does
+    for a pruned network (EagleEye, Li et al. 2020): a sliced network's inherited statistics
+    describe channels it no longer has. Returns the number of images used."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or images <= 0 or dataset is None or len(dataset) < 2:
+        return 0
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(len(dataset), generator=gen)[:images]
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    saved = [(m, m.momentum) for m in bns]
+    was = model.training
+    used = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        with torch.no_grad():
+            for chunk in idx.split(batch_size):
+                if len(chunk) < 2:
+                    continue
+                if callable(getattr(dataset, "get_batch", None)):
+                    x, _ = dataset.get_batch(chunk, augment=False, device=device)
+                else:
+                    x = torch.stack([dataset[int(i)][0] for i in chunk]).to(device)
+                model(x)
+                used += len(chunk)
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return used
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph
+from ..train import recalibrate_bn as recalibrate_bn_on
 from .base import SearchContext
 
 ROLES = ("out", "in", "gamma", "beta")
@@ -94,40 +95,11 @@ def dropped_channels(graph: ChannelGraph, keep: Mapping[int, list[int]]) -> dict
 @torch.no_grad()
 def recalibrate_bn(ctx: SearchContext, model: nn.Module, batches: int) -> int:
     """Re-estimate the BatchNorm running statistics of `model` from `batches` training batches
-    (no augmentation, exact averages). Needed after a search phase that moved the weights'
+    (`graphsearch.train.recalibrate_bn`). Needed after a search phase that moved the weights'
     scale faster than the running averages follow (a proximal shrink), and for channels
     revived from zero. Returns the number of images used."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    ds = getattr(ctx.data, "train", None)
-    if not bns or batches <= 0 or ds is None or len(ds) < 2:
-        return 0
-    gen = torch.Generator().manual_seed(int(ctx.seed))
-    idx = torch.randperm(len(ds), generator=gen)[: batches * ctx.batch_size]
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
-    saved = [(m, m.momentum) for m in bns]
-    was = model.training
-    used = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-        model.train()
-        for chunk in idx.split(ctx.batch_size):
-            if len(chunk) < 2:
-                continue
-            if callable(getattr(ds, "get_batch", None)):
-                x, _ = ds.get_batch(chunk, augment=False, device=device)
-            else:
-                x = torch.stack([ds[int(i)][0] for i in chunk]).to(device)
-            model(x)
-            used += len(chunk)
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        model.train(was)
-    return used
+    return recalibrate_bn_on(model, getattr(ctx.data, "train", None), batches * ctx.batch_size,
+                    ctx.batch_size, ctx.seed)
 
 
 def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,

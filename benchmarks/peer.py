@@ -1,0 +1,192 @@
+"""Torch-Pruning beside graphsearch from one converged baseline: plan x fine-tuning recipe.
+
+    python benchmarks/peer.py --weights benchmarks/weights/resnet20_cifar10.pt \
+        --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
+        --test /work/runs/cifar/test5k --epochs 10 --seeds 0 1 --out /work/runs/peer
+
+Plans (all at 1/3 of the baseline's MACs, widths in multiples of --round-to):
+- `graphsearch`: the `magnitude` method through the project's target step (a global ranking of
+  channels by the L2 norm of everything tied to them, each group's norms divided by their
+  mean), with the method's settings given by `--set`-style `graphsearch:key=value` variants;
+- `torch-pruning`: Torch-Pruning's `MetaPruner` with `GroupMagnitudeImportance(p=2)` (its
+  defaults: mean over the group, mean normalisation), global pruning, `round_to`, the final
+  linear layer ignored, iterative steps of --tp-step of the channels until the MACs are at or
+  under the target.
+
+Recipes (same epochs, same peak learning rate, same training images, batch 128):
+- `project`: what `graphsearch optimize` fine-tunes with (its `OptimizeConfig`'s recipe);
+- `peer`: SGD with Nesterov momentum 0.9, weight decay 5e-4, torch's `OneCycleLR`.
+
+Every plan is counted by graphsearch's cost model (the pruned module analysed afresh), so
+both sides are measured with one ruler. Top-1 on the test folder is reported; nothing is
+chosen on it. Each finished cell is saved as JSON under --out, so an interrupted run
+continues; `--table` prints the markdown table of every finished cell.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from graphsearch.analysis import analyze
+from graphsearch.data import load_dataset
+from graphsearch.methods import get_method
+from graphsearch.methods.base import SearchContext
+from graphsearch.passes.slim import slim
+from graphsearch.target import parse_constraint
+from graphsearch.train import evaluate, train
+from graphsearch.zoo import build, example_inputs
+
+
+def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, state: Path):
+    graph = analyze(model, example_inputs("resnet20"))
+    method = get_method("magnitude")
+    ctx = SearchContext(
+        graph=graph, model=copy.deepcopy(model), data=data.for_search(),
+        constraints=[parse_constraint("flops", str(flops), graph.baseline.flops)],
+        round_to=round_to, settings={**method.defaults, **settings}, epochs=0, lr=0.05,
+        batch_size=128, seed=0, state_dir=state, progress=False, log=lambda *_: None,
+        example_inputs=example_inputs("resnet20"))
+    proposal = method.search(ctx)
+    model.load_state_dict(proposal.state_dict)
+    return slim(graph, proposal.plan.keep)
+
+
+def torch_pruning_plan(model, flops: float, round_to: int, step: float):
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    x = example_inputs("resnet20")[0]
+    base, _ = tp.utils.count_ops_and_params(model, x)
+    steps = int(round(1 / step))
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=True, pruning_ratio=1.0, iterative_steps=steps, round_to=round_to,
+        ignored_layers=[model.fc])
+    for _ in range(steps):
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(model, x)
+        if macs <= flops * base:
+            break
+    return model
+
+
+def project_recipe(cfg):
+    """The optimizer and schedule that `graphsearch optimize` fine-tunes with: `train`'s
+    defaults (SGD, momentum 0.9, weight decay 5e-4, cosine to 0)."""
+    return {}
+
+
+def peer_recipe(lr: float):
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=5e-4)
+
+    def one_cycle(opt, total):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    return dict(optimizer=sgd, scheduler=one_cycle)
+
+
+def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
+    path = args.out / f"{plan}__{recipe}__s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model = copy.deepcopy(baseline)
+    if plan == "torch-pruning":
+        pruned = torch_pruning_plan(model, args.flops, args.round_to, args.tp_step)
+    else:
+        settings = dict(kv.split("=", 1) for kv in plan.split(":", 1)[1].split(",")) \
+            if ":" in plan else {}
+        settings = {k: json.loads(v) for k, v in settings.items()}
+        pruned = graphsearch_plan(model, data, args.flops, args.round_to, settings,
+                                  args.out / "state")
+    cost = analyze(pruned, example_inputs("resnet20")).baseline
+    base_cost = analyze(baseline, example_inputs("resnet20")).baseline
+    before = evaluate(pruned.eval(), data.test)
+    from graphsearch.optimize import OptimizeConfig
+
+    cfg = OptimizeConfig(model="resnet20")
+    lr = args.lr
+    kw = project_recipe(cfg) if recipe == "project" else peer_recipe(lr)
+    t0 = time.time()
+    train(pruned, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
+          progress=False, evaluate_every_epoch=False, **kw)
+    row = {"plan": plan, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
+           "macs_ratio": cost.macs / base_cost.macs, "macs": cost.macs, "params": cost.params,
+           "test_before": before, "val": evaluate(pruned.eval(), data.val),
+           "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
+           "load": os.getloadavg()[0], "train_images": len(data.train)}
+    path.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*__*__s*.json"))]
+    cells: dict[tuple, list] = {}
+    for r in rows:
+        cells.setdefault((r["plan"], r["recipe"], r["epochs"]), []).append(r)
+    lines = ["| plan | recipe | epochs | seeds | MACs ratio | params | test top-1 before "
+             "fine-tuning | test top-1 after: mean | min-max | val top-1 | s per run |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (plan, recipe, epochs), rs in sorted(cells.items(),
+                                             key=lambda kv: -statistics.mean(
+                                                 r["test"] for r in kv[1])):
+        t = [r["test"] * 100 for r in rs]
+        lines.append(
+            f"| {plan} | {recipe} | {epochs} | {','.join(str(r['seed']) for r in rs)} | "
+            f"{rs[0]['macs_ratio']:.4f} | {rs[0]['params']:,} | "
+            f"{statistics.mean(r['test_before'] for r in rs) * 100:.2f} | "
+            f"{statistics.mean(t):.2f} | {min(t):.2f}-{max(t):.2f} | "
+            f"{statistics.mean(r['val'] for r in rs) * 100:.2f} | "
+            f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path)
+    ap.add_argument("--train")
+    ap.add_argument("--val")
+    ap.add_argument("--test")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--flops", type=float, default=1 / 3)
+    ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--tp-step", type=float, default=0.01)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--plans", nargs="+", default=["graphsearch", "torch-pruning"])
+    ap.add_argument("--recipes", nargs="+", default=["project", "peer"])
+    ap.add_argument("--table", action="store_true", help="print the finished cells and exit")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print(table(args.out))
+        return 0
+    if not (args.weights and args.train and args.val and args.test):
+        sys.exit("--weights, --train, --val and --test are needed to run cells")
+    data = load_dataset(args.train, val_data=args.val, test_data=args.test, val_fraction=0.0)
+    baseline = build("resnet20")
+    baseline.load_state_dict(torch.load(args.weights))
+    print(f"baseline: test {evaluate(baseline.eval(), data.test):.2%}, "
+          f"val {evaluate(baseline.eval(), data.val):.2%}", flush=True)
+    for seed in args.seeds:
+        for plan in args.plans:
+            for recipe in args.recipes:
+                r = cell(args, data, baseline, plan, recipe, seed)
+                print(f"{plan:>28} {recipe:>8} s{seed}: MACs {r['macs_ratio']:.4f} params "
+                      f"{r['params']:,} test {r['test_before']:.2%} -> {r['test']:.2%} "
+                      f"({r['seconds']:.0f} s)", flush=True)
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

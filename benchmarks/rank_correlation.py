@@ -1,0 +1,220 @@
+"""How well does each cheap candidate score predict the accuracy a plan reaches after a real
+fine-tune? Kendall's tau and seconds per candidate, from one converged baseline.
+
+    python benchmarks/rank_correlation.py --weights benchmarks/weights/resnet20_cifar10.pt \
+        --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
+        --plans 30 --truth-epochs 2 --out /work/runs/rank
+
+Plans, all landed at --flops of the baseline's FLOPs by the project's target step (widths in
+multiples of --round-to): magnitude (normalised per group and not), uniform, and random ones:
+each group's channel scores (its magnitude order, or a random order) multiplied by a random
+group factor (log-uniform in [1/4, 4]), so the plans differ in which groups keep width.
+
+The truth: each plan's slim model fine-tuned for --truth-epochs on the training folder (or
+--truth-images of it) with the project's fine-tuning recipe (`graphsearch optimize`'s default),
+then top-1 on the validation folder. Decisions taken on this table (the evaluator's default
+score) use the validation folder only; the test folder is not read.
+
+Cheap scores: what a candidate evaluator can afford, each timed on one thread through the
+evaluator's own `run_candidate`: the sliced weights as they are; after adaptive BN (BatchNorm
+statistics re-estimated on N training images, EagleEye); after k fine-tuning steps without
+and with that recalibration; after k distilled steps (logit MSE to the baseline, as ESNAC's
+candidates); each scored on the whole validation folder and on a fixed 1,000 of it.
+Each plan's results are saved under --out as they finish (the run resumes); --table prints
+the table of what is finished.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graphsearch.analysis import analyze
+from graphsearch.data import load_dataset
+from graphsearch.evaluator import EvalSettings, run_candidate
+from graphsearch.optimize import OptimizeConfig
+from graphsearch.passes.slim import slim
+from graphsearch.target import land_on_target, parse_constraint, scores_from_widths
+from graphsearch.train import RECIPES, evaluate, train
+from graphsearch.zoo import build, example_inputs
+
+BATCH = 128
+
+
+def cheap_scores(val_full: int, k_small: int, k_large: int) -> dict[str, EvalSettings]:
+    out = {}
+    for tag, n in (("", 0), ("@1k", 1000)):
+        if n and n >= val_full:
+            continue
+        out[f"sliced{tag}"] = EvalSettings(steps=0, lr=0.02, batch_size=BATCH, val_samples=n)
+        for bn in (256, 1024):
+            out[f"adaptive-bn-{bn}{tag}"] = EvalSettings(steps=0, lr=0.02, batch_size=BATCH,
+                                                         bn_images=bn, val_samples=n)
+        for k in (k_small, k_large):
+            out[f"steps-{k}{tag}"] = EvalSettings(steps=k, lr=0.02, batch_size=BATCH,
+                                                  val_samples=n)
+            out[f"bn-256+steps-{k}{tag}"] = EvalSettings(steps=k, lr=0.02, batch_size=BATCH,
+                                                         bn_images=256, val_samples=n)
+            out[f"bn-256+distill-{k}{tag}"] = EvalSettings(
+                steps=k, lr=0.02, batch_size=BATCH, bn_images=256, distill=True,
+                val_samples=n)
+    return out
+
+
+def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
+    from graphsearch.methods.base import SearchContext  # the method's own channel norms
+
+    ctx = SearchContext(graph=graph, model=model, data=None, constraints=constraints,
+                        round_to=round_to, settings={}, epochs=0, lr=0.0, batch_size=BATCH,
+                        seed=0, state_dir=Path("."), progress=False)
+    with torch.no_grad():
+        norms = {g: v.double().numpy() for g, v in ctx.channel_norms().items()}
+    groups = [g.id for g in graph.prunable_groups if g.id in norms]
+    normed = {g: norms[g] / max(norms[g].mean(), 1e-12) for g in groups}
+    plans = {"magnitude": land_on_target(graph, normed, constraints, round_to),
+             "magnitude-raw": land_on_target(graph, norms, constraints, round_to),
+             "uniform": land_on_target(graph, scores_from_widths(graph, {}), constraints,
+                                       round_to)}
+    rng = np.random.default_rng(seed)
+    tries = 0
+    while len(plans) < n and tries < 20 * n:
+        tries += 1
+        random_order = tries % 2 == 0
+        scores = {}
+        for g in groups:
+            base = rng.random(len(normed[g])) if random_order else normed[g]
+            scores[g] = base * float(np.exp(rng.uniform(np.log(0.25), np.log(4))))
+        try:
+            plan = land_on_target(graph, scores, constraints, round_to)
+        except Exception:  # a draw the target step cannot land: draw again
+            continue
+        name = f"random-{'order' if random_order else 'magnitude'}-{tries}"
+        if all(plan.keep != p.keep for p in plans.values()):
+            plans[name] = plan
+    return plans
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b (ties counted on either side)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    conc = disc = ta = tb = 0
+    for i in range(len(a)):
+        da, db = np.sign(a[i + 1:] - a[i]), np.sign(b[i + 1:] - b[i])
+        conc += int(np.sum(da * db > 0))
+        disc += int(np.sum(da * db < 0))
+        ta += int(np.sum((da == 0) & (db != 0)))
+        tb += int(np.sum((db == 0) & (da != 0)))
+    denom = np.sqrt((conc + disc + ta) * (conc + disc + tb))
+    return float((conc - disc) / denom) if denom else float("nan")
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("plan-*.json"))]
+    rows = [r for r in rows if "truth" in r]
+    if len(rows) < 3:
+        return f"{len(rows)} plans finished: too few for a correlation"
+    truth = [r["truth"] for r in rows]
+    names = [k for k in rows[0]["scores"] if all(k in r["scores"] for r in rows)]
+    lines = [f"{len(rows)} plans; truth: top-1 on the validation folder after "
+             f"{rows[0]['truth_epochs']} epoch(s) of fine-tuning on {rows[0]['truth_images']:,}"
+             f" training images ({rows[0]['recipe']}), mean {np.mean(truth) * 100:.2f}%, "
+             f"range {min(truth) * 100:.2f}-{max(truth) * 100:.2f}%, "
+             f"{np.mean([r['truth_seconds'] for r in rows]):.0f} s per plan", "",
+             "| cheap score | Kendall tau | s per candidate | mean score |",
+             "|---|---:|---:|---:|"]
+    stats = []
+    for k in names:
+        s = [r["scores"][k]["accuracy"] for r in rows]
+        sec = np.mean([r["scores"][k]["seconds"] for r in rows])
+        stats.append((kendall_tau(s, truth), k, sec, np.mean(s)))
+    for tau, k, sec, mean in sorted(stats, reverse=True):
+        lines.append(f"| {k} | {tau:.3f} | {sec:.2f} | {mean * 100:.2f}% |")
+    lines += ["", "| plan | truth | params | " + " | ".join(
+        k for k in ("sliced", "adaptive-bn-1024", "bn-256+steps-100") if k in names) + " |"]
+    lines.append("|---|---:|---:|" + "---:|" * sum(
+        k in names for k in ("sliced", "adaptive-bn-1024", "bn-256+steps-100")))
+    for r in sorted(rows, key=lambda r: -r["truth"]):
+        lines.append(f"| {r['name']} | {r['truth'] * 100:.2f} | {r['params']:,} | " + " | ".join(
+            f"{r['scores'][k]['accuracy'] * 100:.2f}"
+            for k in ("sliced", "adaptive-bn-1024", "bn-256+steps-100") if k in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path)
+    ap.add_argument("--train")
+    ap.add_argument("--val")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--plans", type=int, default=30)
+    ap.add_argument("--flops", type=float, default=1 / 3)
+    ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--truth-epochs", type=int, default=2)
+    ap.add_argument("--truth-images", type=int, default=0, help="0: the whole training folder")
+    ap.add_argument("--steps", type=int, nargs=2, default=[20, 100], metavar=("K1", "K2"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print(table(args.out))
+        return 0
+    torch.set_num_threads(1)
+    data = load_dataset(args.train, val_data=args.val, val_fraction=0.0, test_fraction=0.0)
+    if args.truth_images:
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(
+            args.seed))[:args.truth_images]
+        truth_data = copy.copy(data)
+        truth_data.train = data.train.subset(pick.sort().values.tolist())
+    else:
+        truth_data = data
+    model = build("resnet20")
+    model.load_state_dict(torch.load(args.weights))
+    teacher = copy.deepcopy(model).eval()
+    graph = analyze(model, example_inputs("resnet20"))
+    constraints = [parse_constraint("flops", str(args.flops), graph.baseline.flops)]
+    plans = make_plans(graph, model, constraints, args.round_to, args.plans, args.seed)
+    scores = cheap_scores(len(data.val), *args.steps)
+    cfg = OptimizeConfig(model="resnet20")
+    recipe = RECIPES[cfg.finetune_recipe]
+    for i, (name, plan) in enumerate(plans.items()):
+        path = args.out / f"plan-{i:03d}.json"
+        row = json.loads(path.read_text()) if path.exists() else {
+            "name": name, "keep": {str(k): v for k, v in plan.keep.items()},
+            "widths": {str(k): v for k, v in plan.widths.items()},
+            "flops": plan.achieved["flops"], "params": int(plan.achieved["params"]),
+            "scores": {}}
+        for key, settings in scores.items():
+            if key in row["scores"]:
+                continue
+            module = slim(graph, plan.keep)
+            r = run_candidate(module, data.for_search(), settings, seed=args.seed,
+                              teacher=teacher)
+            row["scores"][key] = {"accuracy": r["accuracy"], "seconds": r["seconds"]}
+            path.write_text(json.dumps(row))
+        if "truth" not in row:
+            module = slim(graph, plan.keep)
+            t0 = time.time()
+            train(module, truth_data.for_search(), epochs=args.truth_epochs,
+                  lr=cfg.finetune_lr, batch_size=BATCH, seed=args.seed, progress=False,
+                  evaluate_every_epoch=False, **recipe.factories(cfg.finetune_lr))
+            row.update(truth=evaluate(module.eval(), data.val),
+                       truth_seconds=time.time() - t0, truth_epochs=args.truth_epochs,
+                       truth_images=len(truth_data.train), recipe=recipe.name,
+                       load=os.getloadavg()[0])
+            path.write_text(json.dumps(row))
+        print(f"{i:3d} {name:>28}: truth {row['truth']:.2%}  sliced "
+              f"{row['scores']['sliced']['accuracy']:.2%}  adaptive-bn-1024 "
+              f"{row['scores']['adaptive-bn-1024']['accuracy']:.2%}", flush=True)
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
