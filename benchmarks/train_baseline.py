@@ -1,6 +1,6 @@
 """Train the benchmarks' converged baseline: CIFAR ResNet-20 (or -32) on the training folder.
 
-    python benchmarks/train_baseline.py --model resnet20 --epochs 40 \
+    python benchmarks/train_baseline.py --model resnet20 --epochs 30 \
         --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
         --test /work/runs/cifar/test5k --out benchmarks/weights/resnet20_cifar10.pt
 
@@ -9,7 +9,8 @@ Recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, a one-cycl
 The validation folder is evaluated after every epoch (it only watches; nothing is chosen on
 it, the last epoch's weights are saved); the test folder once, at the end. The run checkpoints
 every epoch next to --out and resumes. Prints a line a epoch and a summary to paste into
-the results.
+the results. Without --val/--test, both are held out of --train exactly as `graphsearch
+optimize` holds them out by default (the demo's weights: `--train synthetic`).
 """
 from __future__ import annotations
 
@@ -48,13 +49,18 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", required=True)
-    ap.add_argument("--val", required=True)
-    ap.add_argument("--test", required=True)
+    ap.add_argument("--val", help="validation data (default: held out of --train as "
+                                   "`graphsearch optimize` does, by --seed)")
+    ap.add_argument("--test", help="test data (default: held out of --train likewise)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    data = load_dataset(args.train, val_data=args.val, test_data=args.test, val_fraction=0.0,
-                        seed=args.seed)
+    from graphsearch.optimize import OptimizeConfig
+
+    cfg = OptimizeConfig(model=args.model)  # the held-out shares `optimize` uses by default
+    data = load_dataset(args.train, val_data=args.val, test_data=args.test,
+                        val_fraction=0.0 if args.val else cfg.val_fraction,
+                        test_fraction=0.0 if args.test else cfg.test_fraction, seed=args.seed)
     torch.manual_seed(args.seed)
     model = build(args.model)
     wd = args.weight_decay
