@@ -104,6 +104,13 @@ def peer_recipe(lr: float):
     return dict(optimizer=sgd, scheduler=one_cycle)
 
 
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
     path = args.out / f"{plan}__{recipe}__s{seed}.json"
     if path.exists():
@@ -114,7 +121,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
     else:
         settings = dict(kv.split("=", 1) for kv in plan.split(":", 1)[1].split(",")) \
             if ":" in plan else {}
-        settings = {k: json.loads(v) for k, v in settings.items()}
+        settings = {k: _value(v) for k, v in settings.items()}
         pruned = graphsearch_plan(model, data, args.flops, args.round_to, settings,
                                   args.out / "state")
     cost = analyze(pruned, example_inputs("resnet20")).baseline
