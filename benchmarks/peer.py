@@ -14,8 +14,11 @@ Plans (all at 1/3 of the baseline's MACs, widths in multiples of --round-to):
   under the target.
 
 Recipes (same epochs, same peak learning rate, same training images, batch 128):
-- `project`: what `graphsearch optimize` fine-tunes with (its `OptimizeConfig`'s recipe);
-- `peer`: SGD with Nesterov momentum 0.9, weight decay 5e-4, torch's `OneCycleLR`.
+- `project`: what `graphsearch optimize` fine-tunes with by default (`OptimizeConfig`), or
+  any recipe of `graphsearch.train.RECIPES` by name (`sgd-cosine`, `one-cycle`);
+- `peer`: SGD with Nesterov momentum 0.9, weight decay 5e-4, torch's `OneCycleLR`;
+- any of them `+distill`: the pipeline's distillation from the unpruned baseline
+  (`Distilled`, `soft_target_loss` with `OptimizeConfig`'s temperature and weight).
 
 Every plan is counted by graphsearch's cost model (the pruned module analysed afresh), so
 both sides are measured with one ruler. Top-1 on the test folder is reported; nothing is
@@ -41,7 +44,7 @@ from graphsearch.methods import get_method
 from graphsearch.methods.base import SearchContext
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
-from graphsearch.train import evaluate, train
+from graphsearch.train import RECIPES, Distilled, evaluate, soft_target_loss, train
 from graphsearch.zoo import build, example_inputs
 
 
@@ -88,12 +91,6 @@ def torch_pruning_plan(model, flops: float, round_to: int, step: float):
     return best[1]
 
 
-def project_recipe(cfg):
-    """The optimizer and schedule that `graphsearch optimize` fine-tunes with: `train`'s
-    defaults (SGD, momentum 0.9, weight decay 5e-4, cosine to 0)."""
-    return {}
-
-
 def peer_recipe(lr: float):
     def sgd(m):
         return torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -131,11 +128,18 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
 
     cfg = OptimizeConfig(model="resnet20")
     lr = args.lr
-    kw = project_recipe(cfg) if recipe == "project" else peer_recipe(lr)
+    name, _, extra = recipe.partition("+")
+    kw = (peer_recipe(lr) if name == "peer" else
+          RECIPES[cfg.finetune_recipe if name == "project" else name].factories(lr))
+    net = pruned
+    if extra == "distill":  # the pipeline's distillation from the unpruned baseline
+        net = Distilled(pruned, copy.deepcopy(baseline))
+        kw["loss_fn"] = soft_target_loss(cfg.distill_temperature, cfg.distill_weight)
     t0 = time.time()
-    train(pruned, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
+    train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
           progress=False, evaluate_every_epoch=False, **kw)
     row = {"plan": plan, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
+           "recipe_name": cfg.finetune_recipe if name == "project" else name,
            "macs_ratio": cost.macs / base_cost.macs, "macs": cost.macs, "params": cost.params,
            "test_before": before, "val": evaluate(pruned.eval(), data.val),
            "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
