@@ -24,6 +24,7 @@ import torch
 
 from .analysis import Context, NodeInfo
 from .atoms import NO_ATOM
+from .errors import PlanError
 from .trace import Traced
 
 Widths = Mapping[int, "int | Sequence[int]"]
@@ -119,10 +120,6 @@ class ChannelMacTerm:
 
 
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
-
-
-class PlanError(ValueError):
-    """A plan (widths or kept indices) that the graph cannot realise."""
 
 
 class ChannelGraph:

@@ -30,11 +30,9 @@ from typing import Callable
 
 import torch
 
+from .errors import UserError
+
 DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
-
-
-class UserError(Exception):
-    """A problem with what the user gave us; the CLI prints it in one line, no traceback."""
 
 
 @dataclass

@@ -31,9 +31,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-
-class TraceFailure(RuntimeError):
-    """The model could not be traced at all; the message says what to do."""
+from .errors import TraceFailure
 
 
 class _LeafFallbackTracer(fx.Tracer):

@@ -76,49 +76,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphsearch.errors import ExportError, ExportMismatch
+
 __all__ = ["ExportResult", "ExportError", "ExportMismatch", "export_onnx", "check_onnx"]
 
 _EXPORTERS = ("auto", "torchscript", "dynamo")
 _BATCH_DIM_NAME = "batch"
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported to a valid, runnable ONNX file.
-
-    ``op`` names the operator the exporter choked on when it could be found in
-    the exporter's error (e.g. ``"aten::linalg_svd"``), else ``None``;
-    ``exporter`` is the exporter that failed last; ``log`` holds what the
-    exporter printed while it ran.
-    """
-
-    def __init__(self, message: str, *, op: str | None = None, exporter: str | None = None,
-                 log: str = "") -> None:
-        super().__init__(message)
-        self.op = op
-        self.exporter = exporter
-        self.log = log
-
-
-class ExportMismatch(ValueError):
-    """ONNX Runtime and eager torch disagree beyond the tolerance.
-
-    Attributes mirror the message: ``output_index``, ``output_name``,
-    ``batch_size``, ``max_abs_diff``, ``index`` (where the largest absolute
-    difference occurs, or ``None`` for a shape / count mismatch), ``rtol``,
-    ``atol``.
-    """
-
-    def __init__(self, message: str, *, output_index: int | None = None, output_name: str | None = None,
-                 batch_size: int | None = None, max_abs_diff: float = math.inf,
-                 index: tuple[int, ...] | None = None, rtol: float = 0.0, atol: float = 0.0) -> None:
-        super().__init__(message)
-        self.output_index = output_index
-        self.output_name = output_name
-        self.batch_size = batch_size
-        self.max_abs_diff = max_abs_diff
-        self.index = index
-        self.rtol = rtol
-        self.atol = atol
 
 
 @dataclass(frozen=True)
