@@ -29,7 +29,7 @@ def _inspect(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs)
+            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     notes = loaded.notes + [str(w.message) for w in caught
@@ -204,7 +204,7 @@ def _export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs)
+            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
         try:

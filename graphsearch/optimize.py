@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,11 +63,14 @@ class OptimizeConfig:
     progress: bool = True
     workers: int | None = None  # candidate evaluations at once (None: one per core)
     ray: str | None = None  # a Ray cluster for candidate evaluations ("auto" or an address)
+    # the analysis' rules (graphsearch.rules.Rules); None: model.py's `rules()`, else defaults
+    rules: Any = None
 
     def identity(self) -> dict:
         """What must match for a resume to be the same run."""
-        d = asdict(self)
-        for k in ("progress", "out", "workers", "ray"):  # where it runs is not what it does
+        d = asdict(replace(self, rules=None))
+        # where it runs is not what it does; rules are code, as model.py is
+        for k in ("progress", "out", "workers", "ray", "rules"):
             d.pop(k)
         return d
 
@@ -219,7 +222,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, x)
+            rules = config.rules if config.rules is not None else loaded.rules
+            graph = analyze(loaded.model, x, rules=rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     # What the analysis says about the model (e.g. each submodule fx cannot trace): shown

@@ -53,11 +53,12 @@ class SearchContext:
         return self.model_graph().gated(gates, owner)
 
     def model_graph(self) -> ChannelGraph:
-        """The channel graph of `self.model` (gate sites and folding live on the graph)."""
+        """The channel graph of `self.model`, analysed with the search graph's rules (a user's
+        rules for their own modules included)."""
         if self._model_graph is None:
             from ..analysis import analyze
 
-            self._model_graph = analyze(self.model, self.example_inputs)
+            self._model_graph = analyze(self.model, self.example_inputs, rules=self.graph.rules)
         return self._model_graph
 
     # ---- the shared target step
