@@ -235,7 +235,7 @@ class _BoundGateResponses:
         self.points, self.sizes, self.stimuli, self.chunk = points, sizes, stimuli, chunk
 
     def __call__(self, module: nn.Module) -> dict[int, np.ndarray]:
-        from graphsearch.passes.gates import _GateInterpreter
+        from graphsearch.passes.gates import GateInterpreter
 
         names = {n.name for n in module.graph.nodes}
         missing = sorted(set(self.points) - names)
@@ -249,7 +249,7 @@ class _BoundGateResponses:
             for x, y in self.stimuli:
                 grads = {gid: torch.zeros(n) for gid, n in self.sizes.items()}
                 for xb, yb in zip(x.split(self.chunk), y.split(self.chunk)):
-                    out = _GateInterpreter(module, self.points, gates).run(xb)
+                    out = GateInterpreter(module, self.points, gates).run(xb)
                     out = out[0] if isinstance(out, (tuple, list)) else out
                     loss = nn.functional.cross_entropy(out, yb, reduction="sum") / len(y)
                     got = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from .errors import TraceFailure
+from .rules import default_rules, standardised_conv
 
 
 class _LeafFallbackTracer(fx.Tracer):
@@ -255,8 +256,6 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
     `rules` (a `graphsearch.rules.Rules`) says which modules stay whole and which keep their
     input's shape (their meta kernels are skipped)."""
     if rules is None:
-        from .rules import default_rules
-
         rules = default_rules()
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
@@ -349,8 +348,6 @@ def _fuse_weight_standardisation(gm: fx.GraphModule) -> int:
     training=True)`, reshaped back, into `F.conv2d`. Each such chain on a parameter becomes
     one `rules.standardised_conv` node, whose rule knows the parameter's channels (the chain
     alone is a computed weight: nothing around it pruned). Returns how many were fused."""
-    from .rules import standardised_conv
-
     fused = 0
     for conv in list(gm.graph.nodes):
         if conv.op != "call_function" or conv.target not in _CONVS:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph, TiedSlice
+from ..passes.gates import gated
 from ..target import Constraint, Plan, land_on_target, scores_from_widths
 
 
@@ -50,7 +51,7 @@ class SearchContext:
         """`self.model` with every group's channels multiplied by `gates[g]()` where they are
         produced (after the norm that follows a conv/linear). Trains `self.model` in place,
         plus `owner`'s parameters (the gates')."""
-        return self.model_graph().gated(gates, owner)
+        return gated(self.model_graph(), gates, owner)
 
     def model_graph(self) -> ChannelGraph:
         """The channel graph of `self.model`, analysed with the search graph's rules (a user's

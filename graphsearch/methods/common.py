@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph
+from ..passes import gates as gate_pass
 from .base import SearchContext
 
 ROLES = ("out", "in", "gamma", "beta")
@@ -151,10 +152,11 @@ def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
 def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
                model: nn.Module | None = None) -> list[str]:
     """Multiply, in place, the parameters of `model` (default `ctx.model`) at each gate site
-    by the gate values (`ChannelGraph.fold_gates`), so that the plain model computes what
+    by the gate values (`passes.gates.fold_gates`), so that the plain model computes what
     `ctx.gated` computes with these constant gates. Returns the gate sites that hold no
     parameter to fold into; empty when the folding is exact."""
-    return ctx.model_graph().fold_gates(model if model is not None else ctx.model, values)
+    return gate_pass.fold_gates(ctx.model_graph(), model if model is not None else ctx.model,
+                                values)
 
 
 def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray],
