@@ -20,9 +20,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..graph import ChannelGraph
+from graphsearch.graph import ChannelGraph
 
-from .plan import Keep, ResolvedPlan, resolve
+from graphsearch.passes.plan import Keep, ResolvedPlan, resolve
 
 
 class MaskedModel(nn.Module):

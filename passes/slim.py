@@ -31,10 +31,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import ChannelGraph, PlanError
-from ..trace import propagate_shapes
-
-from .plan import Keep, ResolvedPlan, resolve
+from graphsearch.graph import ChannelGraph, PlanError
+from graphsearch.passes.plan import Keep, ResolvedPlan, resolve
+from graphsearch.trace import propagate_shapes
 
 
 # --------------------------------------------------------------------------- helper modules

@@ -93,3 +93,22 @@ def test_the_check_sees_an_upward_import(tmp_path):
     assert imports_of("graphsearch.graph", path, mods) == {"graphsearch.analysis"}
     order = import_order()
     assert layer_of("graphsearch.analysis", order) > layer_of("graphsearch.graph", order)
+
+
+def test_passes_submodules_are_not_shadowed_by_functions():
+    import graphsearch.passes
+    from graphsearch.passes.mask import mask
+    from graphsearch.passes.slim import slim, unslim_state
+
+    assert graphsearch.passes.slim.unslim_state is unslim_state
+    assert graphsearch.passes.slim.slim is slim and graphsearch.passes.mask.mask is mask
+    assert graphsearch.passes.latency.parse_latency("2ms") == 2.0
+
+
+def test_passes_import_the_project_absolutely():
+    """`from ..graph` reads wrong for a folder at the top of the repository."""
+    relative = [f"{path.name}: from {'.' * node.level}{node.module or ''}"
+                for path in (ROOT / "passes").glob("*.py")
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level]
+    assert relative == []

@@ -15,8 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphsearch import analyze
-from graphsearch.passes import mask, slim, verify
+from graphsearch.passes.mask import mask, verify
 from graphsearch.passes.gates import fold_gates, gated
+from graphsearch.passes.slim import slim
 
 sys.path.insert(0, str(Path(__file__).parent))
 import coverage_models as cm  # noqa: E402

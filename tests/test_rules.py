@@ -906,7 +906,8 @@ class WithUserBlock(nn.Module):
 
 
 def test_a_user_registered_rule_is_used_for_their_module():
-    from graphsearch.passes import mask, slim, verify
+    from graphsearch.passes.mask import mask, verify
+    from graphsearch.passes.slim import slim
     from graphsearch.rules import Rule, default_rules
 
     torch.manual_seed(0)
