@@ -19,8 +19,7 @@ from graphsearch.passes.mask import mask, verify
 from graphsearch.passes.gates import fold_gates, gated
 from graphsearch.passes.slim import slim
 
-sys.path.insert(0, str(Path(__file__).parent))
-import coverage_models as cm  # noqa: E402
+import coverage_models as cm
 
 
 def real_macs(model, inputs) -> float:
