@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .checkpoint import write_atomic
 from .load import UserError, load_model
 from .units import human
 
@@ -231,7 +232,7 @@ def _export(args) -> int:
              f"| ratio | {c.macs / b.macs:.3f} | {c.params / b.params:.3f} | "
              f"{after.median_ms / before.median_ms:.3f} |", "",
              f"latency: {after}"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'model.onnx'}, {out / 'model.pt2'}, {out / 'report.md'}")
     return 0

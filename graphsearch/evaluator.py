@@ -50,8 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import write_json
 from .graph import ChannelGraph, PlanError
 from .load import UserError
+from .train import steps_per_epoch
 
 CACHE_VERSION = 1
 
@@ -159,13 +161,6 @@ def _save_atomic(path: Path, obj) -> None:
     from .checkpoint import write_atomic
 
     write_atomic(path, _dumps(obj), every_rank=True)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    """The project's one atomic writer; on every process (workers are not torchrun ranks)."""
-    from .checkpoint import write_atomic
-
-    write_atomic(path, json.dumps(obj), every_rank=True)
 
 
 # --------------------------------------------------------------------------- probes
@@ -311,7 +306,7 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
     t0 = time.time()
     try:
         if settings.steps > 0:
-            per_epoch = max(1, -(-len(data.train) // settings.batch_size))
+            per_epoch = max(1, steps_per_epoch(len(data.train), settings.batch_size, None))
             epochs = max(1, -(-settings.steps // per_epoch))
             net, loss_fn = module, None
             if settings.distill:
@@ -613,7 +608,7 @@ class CandidateEvaluator:
                 _save_atomic(self._extras_path(keys[i]), extras)
             d = {k: getattr(r, k) for k in _JSON_FIELDS}
             d["keep"] = {str(g): v for g, v in r.keep.items()}
-            _write_json_atomic(path, d)
+            write_json(path, d, every_rank=True)  # workers are not torchrun ranks
         results[keys[i]] = r
         self.fresh += 1
         if self.on_result is not None:
@@ -761,7 +756,7 @@ def _teacher(graph: ChannelGraph, teacher_state) -> nn.Module:
 def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
     """Optimizer steps per candidate when the search budget `ctx.epochs` (epochs of the
     training split) is split over about `evaluations` candidate fine-tunes."""
-    per_epoch = max(1, -(-len(ctx.data.train) // ctx.batch_size))
+    per_epoch = max(1, steps_per_epoch(len(ctx.data.train), ctx.batch_size, None))
     return max(int(at_least), int(math.floor(ctx.epochs * per_epoch / max(evaluations, 1))))
 
 

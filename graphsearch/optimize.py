@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .graph import ChannelGraph
 from .load import UserError, load_model
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
+from .units import human
 
 STATE = ".state"
 
@@ -270,11 +271,11 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
             if out.exists() and not any(out.iterdir()):
                 out.rmdir()
         raise
-    _write_json(state / "config.json", config.identity())
+    ckpt.write_json(state / "config.json", config.identity(), indent=2)
     if run.round_to_choice is not None:
-        _write_json(state / "round_to.json", run.round_to_choice)
+        ckpt.write_json(state / "round_to.json", run.round_to_choice, indent=2)
     ckpt.barrier()
-    log(f"model {loaded.source}: {base.flops / 1e6:.2f} MFLOPs, {base.params:,} params, "
+    log(f"model {loaded.source}: {human(base.flops, 'FLOPs')}, {base.params:,} params, "
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))
     return run
@@ -394,10 +395,6 @@ def _limit_training(data, n: int, seed: int = 0):
         data.preprocessing = {**data.preprocessing, "num_train": n,
                               "max_train": n}
     return data
-
-
-def _write_json(path: Path, obj) -> None:
-    ckpt.write_atomic(path, json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------- latency
@@ -609,7 +606,7 @@ def stage_test(run: Run, module) -> dict:
         run.log(f"test split ({len(test)} samples, used only for this report): {_metric(run)} "
                 f"of the baseline "
                 f"{result['baseline'] * 100:.2f}%, result {result['result'] * 100:.2f}%")
-    _write_json(path, result)
+    ckpt.write_json(path, result, indent=2)
     ckpt.barrier()
     return result
 

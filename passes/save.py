@@ -19,7 +19,7 @@ and dropout is gone. torch does not support ``.eval()`` / ``.train()`` on it
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graphsearch.checkpoint import write_atomic
 from graphsearch.passes.export import (as_tuple, compare_outputs, eval_mode, flatten_outputs,
                                        quiet, resize_batch, to_numpy)
 
@@ -100,9 +101,9 @@ def save_portable(module: nn.Module, example_inputs: torch.Tensor | Sequence[tor
         if program is None:
             with quiet():
                 program = torch.export.export(module, args)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        torch.export.save(program, str(path))
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+        write_atomic(path, buf.getvalue(), every_rank=True)  # never a half-written model
         max_diff = _check(load_portable(path), module, [args], rtol, atol)
     return PortableInfo(path=path, dynamic_batch=dynamic, file_size=path.stat().st_size,
                         max_abs_diff=max_diff, note=note)

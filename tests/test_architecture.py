@@ -112,3 +112,15 @@ def test_passes_import_the_project_absolutely():
                 for node in ast.walk(ast.parse(path.read_text()))
                 if isinstance(node, ast.ImportFrom) and node.level]
     assert relative == []
+
+
+def test_every_file_the_tool_writes_goes_through_the_one_atomic_writer():
+    """checkpoint.py's writer (a temporary file renamed into place): no other module writes
+    a file itself. The ONNX exporter writes its own file (export.py checks it right after)."""
+    direct = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]|"
+                        r"json\.dump\(|torch\.save\((?!obj, (buf|f)\))|torch\.export\.save\("
+                        r"(?!program, buf\))|savefig\((?!buf)")
+    found = [f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+             for path in project_modules().values() if path.name != "checkpoint.py"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if direct.search(line)]
+    assert found == []
