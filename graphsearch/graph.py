@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import PlanError
-from .rules import Rule
+from .rules import DROPS_DEAD_OPERAND, Rule
 
 Widths = Mapping[int, "int | Sequence[int]"]
 
@@ -469,7 +469,7 @@ class ChannelGraph:
             kind = info.dead
             if kind == "pass":
                 is_dead = any(ins) or empty
-            elif kind in ("add", "sub", "cat"):
+            elif kind in DROPS_DEAD_OPERAND:
                 if kind == "sub" and ins[0] and not all(ins):
                     return False, frozenset(), f"'{info.name}' would lose its first operand"
                 is_dead = all(ins) or empty

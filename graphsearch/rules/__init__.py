@@ -23,8 +23,8 @@ from __future__ import annotations
 from . import attention, conv, elementwise, embedding, layout, linear, norm, pooling
 from .attention import PrunedMultiheadAttention, multihead_attention
 from .conv import standardised_conv
-from .registry import (FULL, Rule, RuleConflict, Rules, arg, methods, rule, target_name,
-                       unsupported)
+from .registry import (DROPS_DEAD_OPERAND, FULL, Rule, RuleConflict, Rules, arg, methods, rule,
+                       target_name, unsupported)
 
 FAMILIES = (elementwise, pooling, norm, conv, linear, attention, embedding, layout)
 
@@ -38,5 +38,5 @@ def default_rules() -> Rules:
 
 
 __all__ = ["Rule", "Rules", "RuleConflict", "default_rules", "rule", "methods", "arg",
-           "unsupported", "target_name", "FULL", "FAMILIES", "PrunedMultiheadAttention",
+           "unsupported", "target_name", "FULL", "DROPS_DEAD_OPERAND", "FAMILIES", "PrunedMultiheadAttention",
            "multihead_attention", "standardised_conv"]

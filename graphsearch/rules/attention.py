@@ -170,7 +170,7 @@ def _run_masked_attention(interp, n, head_keep):
 
 
 @rule(nn.MultiheadAttention, PrunedMultiheadAttention, name="multihead_attention", edge="heads",
-      fix=_fix_attention_any, mask=_mask_attention)
+      fix=_fix_attention_any, mask=_mask_attention, pure=True)
 def multihead_attention_rule(ctx, node):
     """nn.MultiheadAttention: embed dims of q/k/v inputs, heads inside, fresh output dims."""
     m = ctx.module  # nn.MultiheadAttention, or the PrunedMultiheadAttention slim makes of it

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import arg, rule, unsupported
+from .registry import arg, rule, set_arg, unsupported
 
 
 def _conv_module_macs(ctx, node, line_in, line_out, transposed: bool):
@@ -35,6 +35,36 @@ def _conv_module_macs(ctx, node, line_in, line_out, transposed: bool):
             ctx.macs(spatial * k * (m.in_channels // m.groups), line_out)
 
 
+def _conv_module(ctx, node, transposed: bool):
+    """nn.ConvNd and nn.ConvTransposeNd: fresh output channels, the input's channels bound
+    to the weight's other dim."""
+    m = ctx.module
+    x = node.args[0]
+    line_in = ctx.line(ctx.ids(x), 1, x)
+    # A grouped conv's outputs are tied to their inputs: "derived", not new channels.
+    kind = "conv_transpose" if transposed else "conv"
+    out = ctx.fresh(m.out_channels, kind if m.groups == 1 else "grouped_conv")
+    if m.groups > 1:
+        # Channel block k of the input feeds only output block k: tie each block into a unit
+        # (for a depthwise conv, input channel c is output channel c).
+        ctx.tie_group_blocks(line_in, out, m.groups)
+        out = ctx.find(out)
+        line_in = ctx.find(line_in)
+    weight = f"{node.target}.weight"
+    if transposed:  # weight is (in, out / groups, k...)
+        ctx.bind(weight, 0, line_in, role="in")
+        if m.groups == 1:
+            ctx.bind(weight, 1, out, role="out")
+    else:  # (out, in / groups, k...)
+        ctx.bind(weight, 0, out)
+        if m.groups == 1:
+            ctx.bind(weight, 1, line_in)
+    if m.bias is not None:
+        ctx.bind(f"{node.target}.bias", 0, out)
+    _conv_module_macs(ctx, node, line_in, out, transposed)
+    return ctx.channel_ids(out, node)
+
+
 def _fix_conv(rw, node, m: nn.modules.conv._ConvNd) -> None:
     old = rw.original(node.target)
     w = m.weight
@@ -46,60 +76,31 @@ def _fix_conv(rw, node, m: nn.modules.conv._ConvNd) -> None:
         m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
 
 
-@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, edge="mix", gate="producer",
-      fix=_fix_conv)
+@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, edge="mix", gate="producer", fix=_fix_conv, pure=True,
+      latency="conv")
 def conv(ctx, node):
-    m = ctx.module
-    x = node.args[0]
-    line_in = ctx.line(ctx.ids(x), 1, x)
-    # A grouped conv's outputs are tied to their inputs: "derived", not new channels.
-    out = ctx.fresh(m.out_channels, "conv" if m.groups == 1 else "grouped_conv")
-    if m.groups > 1:
-        # Channel block k of the input feeds only output block k: tie each block into a unit
-        # (for a depthwise conv, input channel c is output channel c).
-        ctx.tie_group_blocks(line_in, out, m.groups)
-        out = ctx.find(out)
-        line_in = ctx.find(line_in)
-    ctx.bind(f"{node.target}.weight", 0, out)
-    if m.groups == 1:
-        ctx.bind(f"{node.target}.weight", 1, line_in)
-    if m.bias is not None:
-        ctx.bind(f"{node.target}.bias", 0, out)
-    _conv_module_macs(ctx, node, line_in, out, transposed=False)
-    return ctx.channel_ids(out, node)
+    return _conv_module(ctx, node, transposed=False)
 
 
 @rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, edge="mix", gate="producer",
-      fix=_fix_conv)
+      fix=_fix_conv, pure=True)
 def conv_transpose(ctx, node):
-    m = ctx.module
-    x = node.args[0]
-    line_in = ctx.line(ctx.ids(x), 1, x)
-    out = ctx.fresh(m.out_channels, "conv_transpose" if m.groups == 1 else "grouped_conv")
-    if m.groups > 1:
-        ctx.tie_group_blocks(line_in, out, m.groups)
-        out = ctx.find(out)
-        line_in = ctx.find(line_in)
-    ctx.bind(f"{node.target}.weight", 0, line_in, role="in")  # weight is (in, out / groups, k...)
-    if m.groups == 1:
-        ctx.bind(f"{node.target}.weight", 1, out, role="out")
-    if m.bias is not None:
-        ctx.bind(f"{node.target}.bias", 0, out)
-    _conv_module_macs(ctx, node, line_in, out, transposed=True)
-    return ctx.channel_ids(out, node)
+    return _conv_module(ctx, node, transposed=True)
 
 
-def _fix_functional_conv(rw, node, m) -> None:
-    """A grouped F.conv2d's literal `groups` follows its slim output width (whole groups go)."""
-    groups = arg(node, 6, "groups", 1)
-    if not isinstance(groups, int) or groups == 1:
-        return
-    old = rw.shape(node)[1]
-    new = groups * rw.slim_width(node, 1) // old
-    if len(node.args) > 6:
-        node.args = (*node.args[:6], new, *node.args[7:])
-    else:
-        node.kwargs = {**node.kwargs, "groups": new}
+def _fix_groups_at(pos: int):
+    """The `fix` of a functional convolution whose literal `groups` is argument `pos`: it
+    follows the slim output width (a grouped conv loses whole groups)."""
+
+    def fix(rw, node, m) -> None:
+        groups = arg(node, pos, "groups", 1)
+        if isinstance(groups, int) and groups != 1:
+            set_arg(node, pos, "groups", groups * rw.slim_width(node, 1) // rw.shape(node)[1])
+
+    return fix
+
+
+_fix_functional_conv = _fix_groups_at(6)  # F.conv2d(x, weight, bias, stride, padding, ...)
 
 
 def _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups):
@@ -155,16 +156,7 @@ def standardised_conv(x, weight, bias=None, gain=None, eps=1e-5, stride=1, paddi
     return conv(x, w.reshape(weight.shape), bias, stride, padding, dilation, groups)
 
 
-def _fix_standardised_conv(rw, node, m) -> None:
-    """A grouped one's literal `groups` follows its slim output width (whole groups go)."""
-    groups = arg(node, 8, "groups", 1)
-    if not isinstance(groups, int) or groups == 1:
-        return
-    new = groups * rw.slim_width(node, 1) // rw.shape(node)[1]
-    if len(node.args) > 8:
-        node.args = (*node.args[:8], new, *node.args[9:])
-    else:
-        node.kwargs = {**node.kwargs, "groups": new}
+_fix_standardised_conv = _fix_groups_at(8)  # standardised_conv(x, weight, bias, gain, eps, ...)
 
 
 def _mask_standardised_conv(graph, plan, node, info):

@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import methods, rule
+from .registry import Rule, methods, rule
 
 
 @rule(
     nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
     F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
@@ -32,6 +32,12 @@ from .registry import methods, rule
 def elementwise_unary(ctx, node):
     """Activations, dropout, casts: channel i out is channel i in."""
     return ctx.ids(node.args[0])
+
+
+# nn.Identity: the same rule (and name) as the other unary ops, and it returns its input
+# unchanged, which the slim pass reads through (`Rule.identity`).
+identity = Rule("elementwise_unary", elementwise_unary.tie, edge="identity", slim="free",
+                flow="pass", same_shape=True, identity=True, targets=(nn.Identity,))
 
 
 @rule(nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, *methods("relu", "relu_"),
@@ -87,4 +93,4 @@ def softmax(ctx, node):
     return ids
 
 
-RULES = (elementwise_unary, relu, prelu, add, sub, multiply, softmax)
+RULES = (elementwise_unary, identity, relu, prelu, add, sub, multiply, softmax)

@@ -59,9 +59,10 @@ def layout(ctx, node):
 
 def _layout_rule(slim_kind, *targets) -> Rule:
     """`layout` for `targets`: one op family, whose members differ only in how slim treats
-    them (free, full layout, or a rewrite of their literal sizes)."""
+    them (free, full layout, or a rewrite of their literal sizes). Its modules (nn.Flatten,
+    nn.PixelShuffle, nn.Unflatten...) are pure functions of their configuration."""
     return Rule("layout", layout, edge="permutation", slim=slim_kind, flow="pass",
-                targets=targets)
+                pure=True, targets=targets)
 
 
 # Shape ops that commute with dropping channels: nothing in their arguments names a width.

@@ -35,7 +35,7 @@ def _fix_linear(rw, node, m: nn.Linear) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
-@rule(nn.Linear, edge="mix", gate="producer", fix=_fix_linear)
+@rule(nn.Linear, edge="mix", gate="producer", fix=_fix_linear, pure=True, latency="linear")
 def linear(ctx, node):
     m = ctx.module
     return _linear(ctx, node, node.args[0], m.out_features, f"{node.target}.weight",

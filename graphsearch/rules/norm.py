@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import rule, unsupported
+from .registry import arg, rule, set_arg, unsupported
 
 
 _NORM_ROLES = {"weight": "gamma", "bias": "beta", "running_mean": "statistic",
@@ -65,15 +65,9 @@ def _fix_functional_group_norm(rw, node) -> None:
     """F.group_norm's literal num_groups follows its input's slim channel count (the rule
     ties whole norm groups, so the group size is unchanged)."""
     x = node.args[0]
-    given = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
-    if not isinstance(given, int):
-        return
-    old = rw.shape(x)[1]
-    new = given * rw.slim_width(x, 1) // old
-    if len(node.args) > 1:
-        node.args = (x, new, *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "num_groups": new}
+    given = arg(node, 1, "num_groups")
+    if isinstance(given, int):
+        set_arg(node, 1, "num_groups", given * rw.slim_width(x, 1) // rw.shape(x)[1])
 
 
 def _fix_group_norm_any(rw, node, m) -> None:
@@ -120,16 +114,12 @@ def _fix_layer_norm(rw, node, m: nn.LayerNorm) -> None:
 def _fix_functional_layer_norm(rw, node) -> None:
     """F.layer_norm's literal normalized_shape follows its input's slim sizes."""
     x = node.args[0]
-    given = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    given = arg(node, 1, "normalized_shape")
     if given is None:
         return
     rank = len(rw.shape(x))
     k = 1 if isinstance(given, int) else len(given)
-    new = tuple(rw.slim_width(x, d) for d in range(rank - k, rank))
-    if len(node.args) > 1:
-        node.args = (x, new, *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "normalized_shape": new}
+    set_arg(node, 1, "normalized_shape", tuple(rw.slim_width(x, d) for d in range(rank - k, rank)))
 
 
 def _fix_layer_norm_any(rw, node, m) -> None:

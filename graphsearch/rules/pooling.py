@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import FULL, methods, rule, target_name
+from .registry import FULL, methods, rule, set_arg, target_name
 
 
 @rule(
@@ -24,7 +24,7 @@ from .registry import FULL, methods, rule, target_name
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
     F.upsample, torch.max_pool2d,
-    edge="identity",
+    edge="identity", pure=True,
 )
 def channelwise_spatial(ctx, node):
     """Pooling, interpolation, spatial padding: each channel maps to itself (dim 1)."""
@@ -32,7 +32,6 @@ def channelwise_spatial(ctx, node):
 
 
 def _rewrite_pad(rw, node, state):
-    x = node.args[0]
     pads = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
     if state == FULL:
         return None
@@ -51,10 +50,7 @@ def _rewrite_pad(rw, node, state):
             return False
         pads[2 * i] = int(np.count_nonzero(s < lo))
         pads[2 * i + 1] = int(np.count_nonzero(s >= shape_out[d] - hi))
-    if len(node.args) > 1:
-        node.args = (x, tuple(pads), *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "pad": tuple(pads)}
+    set_arg(node, 1, "pad", tuple(pads))
 
 
 @rule(F.pad, edge="offset", slim=_rewrite_pad)

@@ -63,6 +63,13 @@ class Rule:
             runner `(interp, node, keep) -> output` for the mask reference, with its keep.
     `idempotent` f(f(x)) = f(x) for any of the rule's targets applied to another's output
             (the slim pass drops the second: one op less at run time).
+    `pure`  a module target's forward is a function of its configuration, parameters and
+            inputs only (no state written, no branching on values): the meta shape pass may
+            reuse its output metadata for an equal call (`trace._MetaMemo`).
+    `identity` the op returns its input unchanged (nn.Identity): the slim pass looks through
+            it (an idempotent op after a shortcut written as one).
+    `latency` how the latency model times the op as a layer of its own: "conv" (a 2-d
+            convolution module), "linear" (a linear module), "" (with the other MAC terms).
     `targets` what the project registers the rule for (`default_rules`); a user's rule may
             leave it empty and name its targets in `Rules.extend`.
     """
@@ -79,10 +86,20 @@ class Rule:
     same_shape: bool = False
     mask: Callable | None = None
     idempotent: bool = False
+    pure: bool = False
+    identity: bool = False
+    latency: str = ""
     targets: tuple = field(default=(), compare=False)
 
     def role(self, attr: str) -> str | None:
         return self.roles.get(attr)
+
+    @property
+    def family(self) -> str:
+        """The op family of a project rule (its module in graphsearch.rules: "conv",
+        "linear", "norm", ...); "" for a rule defined elsewhere (a user's)."""
+        package, _, family = getattr(self.tie, "__module__", "").rpartition(".")
+        return family if package == __name__.rpartition(".")[0] else ""
 
 
 def rule(*targets: Any, **fields: Any) -> Callable[[Callable], Rule]:
@@ -105,6 +122,14 @@ def methods(*names: str) -> tuple:
 def arg(node, pos: int, key: str, default=None):
     """An fx node's argument by position, else by keyword, else `default`."""
     return node.args[pos] if len(node.args) > pos else node.kwargs.get(key, default)
+
+
+def set_arg(node, pos: int, key: str, value) -> None:
+    """Rewrite the argument `arg(node, pos, key)` reads, where the node gives it."""
+    if len(node.args) > pos:
+        node.args = (*node.args[:pos], value, *node.args[pos + 1:])
+    else:
+        node.kwargs = {**node.kwargs, key: value}
 
 
 class Rules:
