@@ -517,15 +517,16 @@ class _Recorder(fx.Interpreter):
         # Modules whose rule says they are pure (`Rule.pure`, for their own class): the memo
         # may reuse their output metadata.
         self.pure: set[str] = set()
-        if rules is not None:
-            for n in gm.graph.nodes:
-                if n.op == "call_module":
-                    m = self.submodules[n.target]
-                    found = rules.module_rule(m)
-                    if found is not None and found[0].same_shape and rules.keeps_whole(m):
-                        self.same_shape.add(n.target)
-                    if found is not None and found[0].pure and found[1] is type(m):
-                        self.pure.add(n.target)
+        known = rules if rules is not None else default_rules()
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                m = self.submodules[n.target]
+                found = known.module_rule(m)
+                if rules is not None and found is not None and found[0].same_shape and \
+                        rules.keeps_whole(m):
+                    self.same_shape.add(n.target)
+                if found is not None and found[0].pure and found[1] is type(m):
+                    self.pure.add(n.target)
 
     def call_module(self, target, args, kwargs):
         if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
