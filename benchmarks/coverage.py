@@ -48,7 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from graphsearch import analyze, zoo  # noqa: E402
 from graphsearch.load import load_model  # noqa: E402
-from graphsearch.passes import export_onnx, mask, slim, verify  # noqa: E402
+from graphsearch.passes import export_onnx  # noqa: E402
+from graphsearch.passes.mask import mask, verify  # noqa: E402
+from graphsearch.passes.slim import slim  # noqa: E402
 
 TIMM = [  # name, input size: small variants of the families public model zoos ship
     ("resnet18", 128), ("resnet50d", 128), ("seresnext26d_32x4d", 128), ("res2net50_14w_8s", 128),

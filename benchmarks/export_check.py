@@ -33,7 +33,8 @@ import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
 from graphsearch import zoo  # noqa: E402
-from graphsearch.passes import ExportError, ExportMismatch, export_onnx, latency  # noqa: E402
+from graphsearch.passes import ExportError, ExportMismatch, export_onnx  # noqa: E402
+from graphsearch.passes.latency import latency  # noqa: E402
 
 
 def torch_latency(model, inputs, *, threads: int, warmup: int, repeats: int) -> tuple[float, float, float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,49 +18,8 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_leaves, tree_map
 
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
+from .graph import Binding, ChannelGraph, MacTerm, NodeInfo, Space
 from .trace import Traced, trace
-
-
-@dataclass
-class Space:
-    """Atoms created together: a conv's output channels, a model input, padded channels."""
-
-    node: str
-    kind: str
-    atoms: np.ndarray
-
-
-@dataclass
-class Binding:
-    """How a parameter (or buffer) is sliced: per dimension, the atom of every index."""
-
-    name: str
-    is_buffer: bool
-    dims: dict[int, np.ndarray] = field(default_factory=dict)
-    roles: dict[int, str] = field(default_factory=dict)
-    ids: torch.Tensor | None = None  # a parameter used as an activation (class token, ...)
-    nodes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class MacTerm:
-    coeff: float
-    layouts: list[tuple[np.ndarray, float]]  # (atoms, multiplicity); MACs = coeff * prod(count)
-    node: str
-    why: str = ""  # an opaque op's MACs: why no plan changes them
-
-
-@dataclass
-class NodeInfo:
-    """What the analysis found at one fx node (also kept on the node: `node.meta["channels"]`)."""
-
-    name: str
-    rule: str  # the rule's name ("conv", "layout", ...; "unsupported", "input", "output")
-    edge: str
-    dead: str
-    inputs: list[str]  # producer nodes of tensor arguments, in argument order
-    ids: Any  # tensor, tuple of tensors, or None
-    op: R.Rule | None = None  # the rule itself (None for inputs, outputs, unsupported ops)
 
 
 class Context:
@@ -519,13 +477,11 @@ def compress(t: torch.Tensor) -> torch.Tensor:
 
 
 def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
-            ) -> "ChannelGraph":
+            ) -> ChannelGraph:
     """Trace `model` and build its channel graph: coupled channel groups and a cost model.
 
     `rules` (default: `graphsearch.rules.default_rules()`) says what each op ties, costs and
     how the passes rewrite it; extend a copy with rules for your own modules."""
-    from .graph import ChannelGraph
-
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     rules = rules if rules is not None else R.default_rules()

@@ -17,6 +17,7 @@ anything else means a checkpoint file cannot run code when it is read.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["save_atomic", "write_atomic", "load", "rank", "is_main", "barrier"]
+__all__ = ["save_atomic", "write_atomic", "write_json", "load", "rank", "is_main", "barrier"]
 
 
 # ---------------------------------------------------------------- processes under torchrun
@@ -71,6 +72,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *,
     """Write text (UTF-8) or bytes to `path` atomically, like :func:`save_atomic`."""
     blob = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     return _replace_atomic(Path(path), lambda f: f.write(blob), every_rank)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None,
+               default: Callable | None = None, every_rank: bool = False) -> Path:
+    """`obj` as JSON, written atomically like :func:`write_atomic` (state, caches, reports)."""
+    return write_atomic(path, json.dumps(obj, indent=indent, default=default),
+                        every_rank=every_rank)
 
 
 def _replace_atomic(path: Path, write: Callable, every_rank: bool) -> Path:

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .checkpoint import write_atomic
 from .load import UserError, load_model
 from .train import RECIPES
 from .units import human
@@ -30,7 +31,7 @@ def _inspect(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs)
+            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     notes = loaded.notes + [str(w.message) for w in caught
@@ -206,7 +207,7 @@ def _export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs)
+            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
         try:
@@ -233,7 +234,7 @@ def _export(args) -> int:
              f"| ratio | {c.macs / b.macs:.3f} | {c.params / b.params:.3f} | "
              f"{after.median_ms / before.median_ms:.3f} |", "",
              f"latency: {after}"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'model.onnx'}, {out / 'model.pt2'}, {out / 'report.md'}")
     return 0

@@ -50,8 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import write_json
 from .graph import ChannelGraph, PlanError
 from .load import UserError
+from .train import Distilled, evaluate, recalibrate_bn, steps_per_epoch, train
 
 CACHE_VERSION = 1
 
@@ -168,13 +170,6 @@ def _save_atomic(path: Path, obj) -> None:
     write_atomic(path, _dumps(obj), every_rank=True)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    """The project's one atomic writer; on every process (workers are not torchrun ranks)."""
-    from .checkpoint import write_atomic
-
-    write_atomic(path, json.dumps(obj), every_rank=True)
-
-
 # --------------------------------------------------------------------------- probes
 
 
@@ -242,7 +237,7 @@ class _BoundGateResponses:
         self.points, self.sizes, self.stimuli, self.chunk = points, sizes, stimuli, chunk
 
     def __call__(self, module: nn.Module) -> dict[int, np.ndarray]:
-        from graphsearch.passes.gates import _GateInterpreter
+        from graphsearch.passes.gates import GateInterpreter
 
         names = {n.name for n in module.graph.nodes}
         missing = sorted(set(self.points) - names)
@@ -256,7 +251,7 @@ class _BoundGateResponses:
             for x, y in self.stimuli:
                 grads = {gid: torch.zeros(n) for gid, n in self.sizes.items()}
                 for xb, yb in zip(x.split(self.chunk), y.split(self.chunk)):
-                    out = _GateInterpreter(module, self.points, gates).run(xb)
+                    out = GateInterpreter(module, self.points, gates).run(xb)
                     out = out[0] if isinstance(out, (tuple, list)) else out
                     loss = nn.functional.cross_entropy(out, yb, reduction="sum") / len(y)
                     got = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
@@ -297,8 +292,6 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
     return its validation top-1 ("accuracy"), with `return_state` its trained state dict
     ("state"), with `probe` (a bound probe, see `Probe`) what the probe returns on the
     trained module ("probe"). Runs on one torch thread (restored afterwards)."""
-    from .train import Distilled, evaluate, recalibrate_bn, train
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -306,7 +299,7 @@ def run_candidate(module: nn.Module, data, settings: EvalSettings, seed: int,
         if settings.bn_images:
             recalibrate_bn(module, data.train, settings.bn_images, settings.batch_size, seed)
         if settings.steps > 0:
-            per_epoch = max(1, -(-len(data.train) // settings.batch_size))
+            per_epoch = max(1, steps_per_epoch(len(data.train), settings.batch_size, None))
             epochs = max(1, -(-settings.steps // per_epoch))
             net, loss_fn = module, None
             if settings.distill:
@@ -609,7 +602,7 @@ class CandidateEvaluator:
                 _save_atomic(self._extras_path(keys[i]), extras)
             d = {k: getattr(r, k) for k in _JSON_FIELDS}
             d["keep"] = {str(g): v for g, v in r.keep.items()}
-            _write_json_atomic(path, d)
+            write_json(path, d, every_rank=True)  # workers are not torchrun ranks
         results[keys[i]] = r
         self.fresh += 1
         if self.on_result is not None:
@@ -757,7 +750,7 @@ def _teacher(graph: ChannelGraph, teacher_state) -> nn.Module:
 def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
     """Optimizer steps per candidate when the search budget `ctx.epochs` (epochs of the
     training split) is split over about `evaluations` candidate fine-tunes."""
-    per_epoch = max(1, -(-len(ctx.data.train) // ctx.batch_size))
+    per_epoch = max(1, steps_per_epoch(len(ctx.data.train), ctx.batch_size, None))
     return max(int(at_least), int(math.floor(ctx.epochs * per_epoch / max(evaluations, 1))))
 
 

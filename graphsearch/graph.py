@@ -16,17 +16,64 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
 import torch
 
-from .analysis import Context, NodeInfo
-from .atoms import NO_ATOM
-from .trace import Traced
+from .errors import PlanError
+from .rules import DROPS_DEAD_OPERAND, Rule
 
 Widths = Mapping[int, "int | Sequence[int]"]
+
+
+# ---------------------------------------------------------------------- what the analysis finds
+
+@dataclass
+class Space:
+    """Atoms created together: a conv's output channels, a model input, padded channels."""
+
+    node: str
+    kind: str
+    atoms: np.ndarray
+
+
+@dataclass
+class Binding:
+    """How a parameter (or buffer) is sliced: per dimension, the atom of every index."""
+
+    name: str
+    is_buffer: bool
+    dims: dict[int, np.ndarray] = field(default_factory=dict)
+    roles: dict[int, str] = field(default_factory=dict)
+    ids: torch.Tensor | None = None  # a parameter used as an activation (class token, ...)
+    nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MacTerm:
+    coeff: float
+    layouts: list[tuple[np.ndarray, float]]  # (atoms, multiplicity); MACs = coeff * prod(count)
+    node: str
+    why: str = ""  # an opaque op's MACs: why no plan changes them
+
+
+@dataclass
+class NodeInfo:
+    """What the analysis found at one fx node (also kept on the node: `node.meta["channels"]`)."""
+
+    name: str
+    rule: str  # the rule's name ("conv", "layout", ...; "unsupported", "input", "output")
+    edge: str
+    dead: str
+    inputs: list[str]  # producer nodes of tensor arguments, in argument order
+    ids: Any  # tensor, tuple of tensors, or None
+    op: Rule | None = None  # the rule itself (None for inputs, outputs, unsupported ops)
+
+
+
+# ---------------------------------------------------------------------- the graph
 
 
 @dataclass(frozen=True)
@@ -121,12 +168,12 @@ class ChannelMacTerm:
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
 
 
-class PlanError(ValueError):
-    """A plan (widths or kept indices) that the graph cannot realise."""
-
-
 class ChannelGraph:
-    def __init__(self, traced: Traced, ctx: Context, infos: list[NodeInfo], rules=None) -> None:
+    def __init__(self, traced: Any, ctx: Any, infos: list[NodeInfo], rules=None) -> None:
+        """Built by the analysis (`analysis.analyze`) from what it found: `traced` (the fx
+        module, every node's value on meta, untraceable submodules, value reads, shape mode),
+        `ctx` (its atoms, spaces, parameter bindings, MAC terms and rules) and `infos` (one
+        `NodeInfo` per fx node). The graph imports neither: it is the data they leave."""
         self.module = traced.module
         self.values = traced.values
         self.untraceable = traced.untraceable
@@ -150,7 +197,7 @@ class ChannelGraph:
         self.baseline = self.cost()
 
     # ------------------------------------------------------------------ groups
-    def _build_groups(self, ctx: Context) -> None:
+    def _build_groups(self, ctx) -> None:
         n = self._atoms.count
         root = self._atoms.find(np.arange(n))
         atom_space = np.zeros(n, dtype=np.int64)
@@ -258,7 +305,7 @@ class ChannelGraph:
         return (np.where(valid, self._atom_group[safe], -1),
                 np.where(valid, self._atom_index[safe], -1))
 
-    def _members(self, ctx: Context) -> None:
+    def _members(self, ctx) -> None:
         ranks = {name: len(p.shape) for name, p in
                  self.module.named_parameters(remove_duplicate=False)}
         lines: list[tuple[str, int | None, int, np.ndarray]] = []  # (name, dim, rank, line)
@@ -298,7 +345,7 @@ class ChannelGraph:
                 add(gid, f"<{s.kind} {s.node}>")
 
     # ------------------------------------------------------------------ cost tables
-    def _build_cost_tables(self, ctx: Context) -> None:
+    def _build_cost_tables(self, ctx) -> None:
         layouts: list[tuple[np.ndarray, float]] = []
         terms: list[tuple[str, float, list[int], list[str]]] = []
         self._term_why: list[str] = []
@@ -355,7 +402,7 @@ class ChannelGraph:
         self._params_coeff = np.where(self._term_kind, 0.0, self._term_coeff)
 
     # ------------------------------------------------------------------ dead branches
-    def _build_dead_tables(self, ctx: Context) -> None:
+    def _build_dead_tables(self, ctx) -> None:
         self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
         self._removal_cache: dict[tuple, tuple[frozenset, frozenset]] = {}
         self._positions: dict[str, np.ndarray] | None = None
@@ -422,7 +469,7 @@ class ChannelGraph:
             kind = info.dead
             if kind == "pass":
                 is_dead = any(ins) or empty
-            elif kind in ("add", "sub", "cat"):
+            elif kind in DROPS_DEAD_OPERAND:
                 if kind == "sub" and ins[0] and not all(ins):
                     return False, frozenset(), f"'{info.name}' would lose its first operand"
                 is_dead = all(ins) or empty
@@ -717,52 +764,6 @@ class ChannelGraph:
             groups, index = self.locate(ids.reshape(-1).numpy())
             sites[at] = (groups.reshape(tuple(ids.shape)), index.reshape(tuple(ids.shape)))
         return sites
-
-    def gated(self, gates, owner: torch.nn.Module | None = None) -> torch.nn.Module:
-        """The traced model with every gated group's channels multiplied by `gates[g]()` at
-        its gate sites (see `gate_sites`); shares this graph's parameters, and `owner`'s
-        (the module holding the gates) train with it."""
-        from .passes.gates import GatedModel
-
-        return GatedModel(self, gates, owner)
-
-    def fold_gates(self, model: torch.nn.Module, values: dict) -> list[str]:
-        """Multiply, in place, the parameters of `model` (this graph's architecture) that sit
-        at each gate site by the constant gate `values[g]` (a tensor over group g's channels):
-        a norm's gamma and beta where the gate follows a norm, else the producer's output rows
-        and bias. Returns the gate sites that hold no parameter to fold into (e.g. a norm
-        without affine); empty when the folding is exact."""
-        tied = self.tied_parameters()
-        params = dict(model.named_parameters())
-        factors: dict[tuple[str, int], torch.Tensor] = {}
-        unfolded = []
-        for node, (groups, _) in self.gate_sites().items():
-            hit = [int(g) for g in np.unique(groups) if int(g) in values]
-            if not hit:
-                continue
-            at = {name for name, b in self._bindings.items()
-                  if node in b.nodes and not b.is_buffer and name in params}
-            found = False
-            for gid in hit:
-                vec = values[gid].detach()
-                for s in tied[gid]:
-                    if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
-                        continue
-                    p = params[s.name]
-                    if (s.name, s.dim) not in factors:
-                        factors[(s.name, s.dim)] = torch.ones(p.shape[s.dim], dtype=p.dtype,
-                                                              device=p.device)
-                    factors[(s.name, s.dim)][torch.as_tensor(s.positions, device=p.device)] = \
-                        vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
-                    found = True
-            if not found:
-                unfolded.append(node)
-        with torch.no_grad():
-            for (name, dim), f in factors.items():
-                shape = [1] * params[name].dim()
-                shape[dim] = -1
-                params[name].mul_(f.view(shape))
-        return unfolded
 
     # ------------------------------------------------------------------ views
     @property

@@ -26,11 +26,13 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+
+from .checkpoint import write_json
 
 CANDIDATE_MULTIPLES = (1, 2, 4, 8, 16, 32)
 _PROBE_WIDTHS = tuple(range(32, 65))
@@ -210,11 +212,9 @@ def choose_round_to(threads: int = 1, use_cache: bool = True,
     choice = RoundToChoice(multiple, reason, gains, key, time.time() - t0)
     if use_cache:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**choice.to_dict(), "timings": {
-                k: {str(w): v for w, v in t.items()} for k, t in timings.items()}}, indent=1))
-            tmp.replace(path)
+            write_json(path, {**choice.to_dict(), "timings": {
+                k: {str(w): v for w, v in t.items()} for k, t in timings.items()}}, indent=1,
+                every_rank=True)
         except OSError:
             pass
     return choice
@@ -345,11 +345,12 @@ def _layers_of(graph) -> tuple[list[_Layer], list]:
                  np.asarray(lay.mult, dtype=float)) for lay in term.layouts]
         full = [float(c + m.sum()) for c, _, m in lays]
         node = nodes.get(term.nodes[0]) if term.nodes else None
-        mod = None
+        mod, kind = None, ""
         if node is not None and node.op == "call_module":
             mod = graph.module.get_submodule(node.target)
+            kind = getattr(graph.rule(node.name), "latency", "")  # the rule's latency kind
         sig = None
-        if isinstance(mod, torch.nn.Conv2d) and node.args:
+        if kind == "conv" and node.args:
             src = graph.values.get(getattr(node.args[0], "name", ""))
             if isinstance(src, torch.Tensor) and src.dim() == 4 and src.shape[2] == src.shape[3]:
                 hw = int(src.shape[2])
@@ -362,7 +363,7 @@ def _layers_of(graph) -> tuple[list[_Layer], list]:
                         lays = lays[:1]
                     sig = (f"conv|{mod.kernel_size[0]}|{mod.stride[0]}|{int(dw)}|{hw}|"
                            f"{mod.in_channels}|{mod.out_channels}")
-        elif isinstance(mod, torch.nn.Linear) and len(lays) == 2:
+        elif kind == "linear" and len(lays) == 2:
             if round(full[0]) == mod.out_features and mod.in_features != mod.out_features:
                 lays = lays[::-1]
             sig = f"linear|0|1|0|1|{mod.in_features}|{mod.out_features}"
@@ -478,10 +479,8 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
                  "distinct_layers": len(tables), "other_terms": len(others)}
     model.measure_plan = measure_plan
     if path is not None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"machine": key, "block": block, "layers": len(layers),
-                                   **model.to_dict()}, indent=1))
-        tmp.replace(path)
+        write_json(path, {"machine": key, "block": block, "layers": len(layers),
+                          **model.to_dict()}, indent=1, every_rank=True)
     log("latency model: held-out plans " + "; ".join(
         f"{c['plan']}: predicted {c['predicted_ms']:.3f} ms, measured {c['measured_ms']:.3f} ms "
         f"({c['error']:+.1%})" for c in checks))

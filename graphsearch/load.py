@@ -15,6 +15,9 @@
   - `evaluate(model, dataset)` -> float, higher is better (e.g. mean IoU, macro F1): the
     metric of every decision (on the validation split) and of the report (validation and
     test), in place of top-1. The model comes in eval mode, under torch.no_grad().
+- optionally `rules()` -> the rules for the model's own modules: a `graphsearch.rules.Rules`
+  (e.g. `default_rules().extend({MyBlock: rule})`), or a mapping `{MyBlock: rule}` that
+  extends the project's. `inspect`, `optimize` and every method's graph analyse with them.
 
 Instead of a path, `zoo:NAME` names a model of the built-in zoo (`graphsearch.zoo`).
 """
@@ -26,15 +29,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
+from .errors import UserError
+from .rules import Rules, default_rules
+
 DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
-
-
-class UserError(Exception):
-    """A problem with what the user gave us; the CLI prints it in one line, no traceback."""
 
 
 @dataclass
@@ -48,6 +50,7 @@ class LoadedModel:
     datasets: Callable | None = None  # model.py's hooks (see the module docstring)
     loss_fn: Callable | None = None
     evaluate: Callable | None = None
+    rules: Rules | None = None  # model.py's `rules()` (None: the project's defaults)
 
 
 def load_model(spec: str, weights: str | None = None) -> LoadedModel:
@@ -118,7 +121,8 @@ def _load_file(path: Path) -> LoadedModel:
                             f"{type(fn).__name__}")
         hooks[hook] = fn
     weights = getattr(module, "WEIGHTS", None)
-    loaded = LoadedModel(model, tuple(inputs), str(path), module, notes, **hooks)
+    loaded = LoadedModel(model, tuple(inputs), str(path), module, notes, **hooks,
+                         rules=_user_rules(module, path))
     if weights:
         _load_weights(model, (path.parent / weights))
         loaded.weights = str(path.parent / weights)
@@ -139,3 +143,22 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"weights '{path}' do not fit the model: {first}") from exc
+
+
+def _user_rules(module: ModuleType, path: Path) -> Rules | None:
+    """The registry of model.py's `rules()` hook, or None when it has none."""
+    hook = getattr(module, "rules", None)
+    if hook is None:
+        return None
+    if not callable(hook):
+        raise UserError(f"'rules' in '{path}' must be a function, not {type(hook).__name__}")
+    try:
+        given = hook()
+    except Exception as exc:  # noqa: BLE001 - any failure in user code becomes one line
+        raise UserError(f"rules() in '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(given, Rules):
+        return given
+    if isinstance(given, Mapping):
+        return default_rules().extend(given)
+    raise UserError(f"rules() in '{path}' must return a graphsearch.rules.Rules or a mapping "
+                    f"{{module type: Rule}}, not {type(given).__name__}")

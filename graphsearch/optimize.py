@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ from .graph import ChannelGraph
 from .load import UserError, load_model
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
 from .train import RECIPES, Distilled, soft_target_loss
+from .units import human
 
 STATE = ".state"
 
@@ -68,11 +69,14 @@ class OptimizeConfig:
     progress: bool = True
     workers: int | None = None  # candidate evaluations at once (None: one per core)
     ray: str | None = None  # a Ray cluster for candidate evaluations ("auto" or an address)
+    # the analysis' rules (graphsearch.rules.Rules); None: model.py's `rules()`, else defaults
+    rules: Any = None
 
     def identity(self) -> dict:
         """What must match for a resume to be the same run."""
-        d = asdict(self)
-        for k in ("progress", "out", "workers", "ray"):  # where it runs is not what it does
+        d = asdict(replace(self, rules=None))
+        # where it runs is not what it does; rules are code, as model.py is
+        for k in ("progress", "out", "workers", "ray", "rules"):
             d.pop(k)
         return d
 
@@ -224,7 +228,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, x)
+            rules = config.rules if config.rules is not None else loaded.rules
+            graph = analyze(loaded.model, x, rules=rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     # What the analysis says about the model (e.g. each submodule fx cannot trace): shown
@@ -271,11 +276,11 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
             if out.exists() and not any(out.iterdir()):
                 out.rmdir()
         raise
-    _write_json(state / "config.json", config.identity())
+    ckpt.write_json(state / "config.json", config.identity(), indent=2)
     if run.round_to_choice is not None:
-        _write_json(state / "round_to.json", run.round_to_choice)
+        ckpt.write_json(state / "round_to.json", run.round_to_choice, indent=2)
     ckpt.barrier()
-    log(f"model {loaded.source}: {base.flops / 1e6:.2f} MFLOPs, {base.params:,} params, "
+    log(f"model {loaded.source}: {human(base.flops, 'FLOPs')}, {base.params:,} params, "
         f"{len(graph.prunable_groups)} prunable groups; targets: "
         + "; ".join(c.describe() for c in constraints))
     return run
@@ -395,10 +400,6 @@ def _limit_training(data, n: int, seed: int = 0):
         data.preprocessing = {**data.preprocessing, "num_train": n,
                               "max_train": n}
     return data
-
-
-def _write_json(path: Path, obj) -> None:
-    ckpt.write_atomic(path, json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------- latency
@@ -638,7 +639,7 @@ def stage_test(run: Run, module) -> dict:
         run.log(f"test split ({len(test)} samples, used only for this report): {_metric(run)} "
                 f"of the baseline "
                 f"{result['baseline'] * 100:.2f}%, result {result['result'] * 100:.2f}%")
-    _write_json(path, result)
+    ckpt.write_json(path, result, indent=2)
     ckpt.barrier()
     return result
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from .graph import ChannelGraph, PlanError
 from .load import UserError
+from .units import human
 
 METRICS = ("flops", "params", "latency")
 UNITS = {"ms": "ms", "flops": "FLOPs", "params": "params"}
@@ -97,12 +98,8 @@ def parse_constraint(metric: str, text: str, baseline: float) -> Constraint:
 
 
 def _human(v: float, metric: str) -> str:
-    if metric == "latency":
-        return f"{v:.3f} ms"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.3f}{unit}"
-    return f"{v:.0f}"
+    """A target's figure in messages: the one formatter (`units.human`), a latency in ms."""
+    return human(v, "ms" if metric == "latency" else "")
 
 
 # --------------------------------------------------------------------------- the target step

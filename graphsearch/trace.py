@@ -31,9 +31,8 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-
-class TraceFailure(RuntimeError):
-    """The model could not be traced at all; the message says what to do."""
+from .errors import TraceFailure
+from .rules import default_rules, standardised_conv
 
 
 class _LeafFallbackTracer(fx.Tracer):
@@ -169,29 +168,34 @@ class _ShapeSpecialisingTracer(_LeafFallbackTracer):
 # on the input that fx cannot trace (the whole layer would be one opaque leaf). Traced
 # through the same computation written plainly (torch's own slow path), their attention,
 # norms and MLP are the modules the rules know.
+def _self_attention(m, x, mask, padding, causal):
+    """A transformer layer's self-attention block (torch's `_sa_block`)."""
+    x = m.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+                    is_causal=causal)[0]
+    return m.dropout1(x)
+
+
+def _feed_forward(m, x, dropout):
+    """A transformer layer's feed-forward block (torch's `_ff_block`)."""
+    return dropout(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+
 def _encoder_layer(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
     def sa(x):
-        x = m.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                        need_weights=False, is_causal=is_causal)[0]
-        return m.dropout1(x)
-
-    def ff(x):
-        return m.dropout2(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+        return _self_attention(m, x, src_mask, src_key_padding_mask, is_causal)
 
     x = src
     if m.norm_first:
         x = x + sa(m.norm1(x))
-        return x + ff(m.norm2(x))
+        return x + _feed_forward(m, m.norm2(x), m.dropout2)
     x = m.norm1(x + sa(x))
-    return m.norm2(x + ff(x))
+    return m.norm2(x + _feed_forward(m, x, m.dropout2))
 
 
 def _decoder_layer(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                    memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
     def sa(x):
-        x = m.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-                        is_causal=tgt_is_causal, need_weights=False)[0]
-        return m.dropout1(x)
+        return _self_attention(m, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
 
     def mha(x):
         x = m.multihead_attn(x, memory, memory, attn_mask=memory_mask,
@@ -199,17 +203,14 @@ def _decoder_layer(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padd
                              is_causal=memory_is_causal, need_weights=False)[0]
         return m.dropout2(x)
 
-    def ff(x):
-        return m.dropout3(m.linear2(m.dropout(m.activation(m.linear1(x)))))
-
     x = tgt
     if m.norm_first:
         x = x + sa(m.norm1(x))
         x = x + mha(m.norm2(x))
-        return x + ff(m.norm3(x))
+        return x + _feed_forward(m, m.norm3(x), m.dropout3)
     x = m.norm1(x + sa(x))
     x = m.norm2(x + mha(x))
-    return m.norm3(x + ff(x))
+    return m.norm3(x + _feed_forward(m, x, m.dropout3))
 
 
 def _encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
@@ -257,8 +258,6 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
     `rules` (a `graphsearch.rules.Rules`) says which modules stay whole and which keep their
     input's shape (their meta kernels are skipped)."""
     if rules is None:
-        from .rules import default_rules
-
         rules = default_rules()
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
@@ -351,8 +350,6 @@ def _fuse_weight_standardisation(gm: fx.GraphModule) -> int:
     training=True)`, reshaped back, into `F.conv2d`. Each such chain on a parameter becomes
     one `rules.standardised_conv` node, whose rule knows the parameter's channels (the chain
     alone is a computed weight: nothing around it pruned). Returns how many were fused."""
-    from .rules import standardised_conv
-
     fused = 0
     for conv in list(gm.graph.nodes):
         if conv.op != "call_function" or conv.target not in _CONVS:
@@ -517,19 +514,25 @@ class _Recorder(fx.Interpreter):
         # Modules whose output has their input's shape (the rule says so): on meta tensors
         # their (sometimes slow, decomposed) kernels are skipped.
         self.same_shape: set[str] = set()
-        if rules is not None:
-            for n in gm.graph.nodes:
-                if n.op == "call_module":
-                    found = rules.module_rule(self.submodules[n.target])
-                    if found is not None and found[0].same_shape and \
-                            rules.keeps_whole(self.submodules[n.target]):
-                        self.same_shape.add(n.target)
+        # Modules whose rule says they are pure (`Rule.pure`, for their own class): the memo
+        # may reuse their output metadata.
+        self.pure: set[str] = set()
+        known = rules if rules is not None else default_rules()
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                m = self.submodules[n.target]
+                found = known.module_rule(m)
+                if rules is not None and found is not None and found[0].same_shape and \
+                        rules.keeps_whole(m):
+                    self.same_shape.add(n.target)
+                if found is not None and found[0].pure and found[1] is type(m):
+                    self.pure.add(n.target)
 
     def call_module(self, target, args, kwargs):
         if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
                 args[0].is_meta:
             return args[0]
-        if self.memo is not None and type(self.submodules[target]) in _PURE_MODULES:
+        if self.memo is not None and target in self.pure:
             return self.memo.run(("call_module", self.submodules[target]),
                                  super().call_module, target, args, kwargs)
         return super().call_module(target, args, kwargs)
@@ -574,18 +577,6 @@ _MUTATING = {operator.setitem, operator.delitem, operator.iadd, operator.isub, o
 _IMPURE_METHODS = {"copy_", "set_", "record_stream", "register_hook", "retain_grad",
                    "backward", "tolist", "item", "numpy", "data_ptr", "untyped_storage",
                    "storage"}
-# torch.nn modules whose forward is a pure function of their configuration, parameters and
-# inputs (no state written, no Python-side branching on values): the memo may reuse them
-_PURE_MODULES = {
-    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
-    torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Linear,
-    torch.nn.MultiheadAttention, torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d,
-    torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool1d,
-    torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool1d,
-    torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d, torch.nn.Flatten,
-    torch.nn.Unflatten, torch.nn.Upsample, torch.nn.PixelShuffle,
-    torch.nn.PixelUnshuffle,
-}
 _HOOK_DICTS = frozenset({
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",

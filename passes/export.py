@@ -5,7 +5,7 @@ dynamic batch dimension, runs ``onnx.checker.check_model`` on the file, then
 runs it in onnxruntime (CPUExecutionProvider) on the example inputs *and* on a
 batch of a different size and compares every output with eager torch. A
 disagreement beyond ``atol + rtol * max|torch|`` (per output; see
-:func:`_compare_outputs`) raises :class:`ExportMismatch`;
+:func:`compare_outputs`) raises :class:`ExportMismatch`;
 anything that keeps a checked file from being produced raises
 :class:`ExportError`.
 
@@ -76,49 +76,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphsearch.errors import ExportError, ExportMismatch
+
 __all__ = ["ExportResult", "ExportError", "ExportMismatch", "export_onnx", "check_onnx"]
 
 _EXPORTERS = ("auto", "torchscript", "dynamo")
 _BATCH_DIM_NAME = "batch"
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported to a valid, runnable ONNX file.
-
-    ``op`` names the operator the exporter choked on when it could be found in
-    the exporter's error (e.g. ``"aten::linalg_svd"``), else ``None``;
-    ``exporter`` is the exporter that failed last; ``log`` holds what the
-    exporter printed while it ran.
-    """
-
-    def __init__(self, message: str, *, op: str | None = None, exporter: str | None = None,
-                 log: str = "") -> None:
-        super().__init__(message)
-        self.op = op
-        self.exporter = exporter
-        self.log = log
-
-
-class ExportMismatch(ValueError):
-    """ONNX Runtime and eager torch disagree beyond the tolerance.
-
-    Attributes mirror the message: ``output_index``, ``output_name``,
-    ``batch_size``, ``max_abs_diff``, ``index`` (where the largest absolute
-    difference occurs, or ``None`` for a shape / count mismatch), ``rtol``,
-    ``atol``.
-    """
-
-    def __init__(self, message: str, *, output_index: int | None = None, output_name: str | None = None,
-                 batch_size: int | None = None, max_abs_diff: float = math.inf,
-                 index: tuple[int, ...] | None = None, rtol: float = 0.0, atol: float = 0.0) -> None:
-        super().__init__(message)
-        self.output_index = output_index
-        self.output_name = output_name
-        self.batch_size = batch_size
-        self.max_abs_diff = max_abs_diff
-        self.index = index
-        self.rtol = rtol
-        self.atol = atol
 
 
 @dataclass(frozen=True)
@@ -149,7 +112,7 @@ class ExportResult:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, restoring each one's flag afterwards."""
     flags = [(m, m.training) for m in module.modules()]
     try:
@@ -168,7 +131,7 @@ class _Captured:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[_Captured]:
+def quiet() -> Iterator[_Captured]:
     """Swallow warnings, ``torch.onnx`` / ``onnxscript`` logging and everything
     written to stdout / stderr (Python and C++ alike) while the block runs."""
     captured = _Captured()
@@ -252,7 +215,7 @@ def _first_lines(text: str, lines: int = 2, limit: int = 400) -> str:
     return _short(" ".join(kept), limit)
 
 
-def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not args:
         raise ValueError("example_inputs is empty; pass a tensor or a tuple of tensors")
@@ -262,19 +225,19 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return args
 
 
-def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten_outputs(o)]
+        return [t for o in out for t in flatten_outputs(o)]
     if isinstance(out, dict):
-        return [t for o in out.values() for t in _flatten_outputs(o)]
+        return [t for o in out.values() for t in flatten_outputs(o)]
     if out is None:
         return []
     raise TypeError(f"cannot export a model output of type {type(out).__name__}")
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().resolve_conj().resolve_neg().numpy()
 
 
@@ -293,7 +256,7 @@ def _dynamic_inputs(args: tuple[torch.Tensor, ...], dynamic_batch: bool | Sequen
     return indices
 
 
-def _resize_batch(args: tuple[torch.Tensor, ...], dynamic: tuple[int, ...], batch: int,
+def resize_batch(args: tuple[torch.Tensor, ...], dynamic: tuple[int, ...], batch: int,
                   seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Inputs of batch ``batch`` made from the example rows (cycled), with a
     little noise on floating inputs so that the rows differ."""
@@ -339,7 +302,7 @@ def _export_dynamo(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
     if dynamic:
         # torch.export specialises size-1 dims, so trace with a batch of at least 2.
         if args[dynamic[0]].shape[0] < 2:
-            args = _resize_batch(args, dynamic, 2)
+            args = resize_batch(args, dynamic, 2)
         batch = torch.export.Dim(_BATCH_DIM_NAME, min=1)
         dynamic_shapes = tuple({0: batch} if i in dynamic else None for i in range(len(args)))
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -357,7 +320,7 @@ def _run_exporter(exporter: str, module: nn.Module, args: tuple[torch.Tensor, ..
                   opset: int | None, input_names: tuple[str, ...], output_names: tuple[str, ...],
                   dynamic: tuple[int, ...], outputs: list[torch.Tensor]) -> None:
     """Write ``path`` with ``exporter``; raises :class:`ExportError` on failure."""
-    with _quiet() as log:
+    with quiet() as log:
         try:
             _EXPORTER_FUNCS[exporter](module, args, path, opset, input_names, output_names, dynamic, outputs)
         except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
@@ -409,7 +372,7 @@ def _run_onnx(session, input_names: tuple[str, ...], args: tuple[torch.Tensor, .
     for inp in session.get_inputs():
         if inp.name not in feeds_by_name:
             raise ExportError(f"the ONNX model has an input {inp.name!r} that is not one of {list(input_names)}")
-        feeds[inp.name] = _numpy(feeds_by_name[inp.name])
+        feeds[inp.name] = to_numpy(feeds_by_name[inp.name])
     return session.run(None, feeds)
 
 
@@ -417,7 +380,7 @@ def _fmt_index(index: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(i) for i in index) + ")" if index else "()"
 
 
-def _compare_outputs(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray], *, rtol: float, atol: float,
+def compare_outputs(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray], *, rtol: float, atol: float,
                      output_names: Sequence[str] | None = None, batch_size: int | None = None) -> float:
     """Largest ``|actual - expected|`` over all outputs.
 
@@ -522,7 +485,7 @@ def export_onnx(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
     rows plus a little noise.
 
     Every output must satisfy ``max |onnx - torch| <= atol + rtol * max |torch|``
-    (see :func:`_compare_outputs` for why the relative part uses the output's
+    (see :func:`compare_outputs` for why the relative part uses the output's
     largest magnitude), else :class:`ExportMismatch` is raised naming the
     output, the largest absolute difference, where it occurs and the tolerance. Exporter failures, checker
     failures and files onnxruntime cannot load or run raise
@@ -530,14 +493,14 @@ def export_onnx(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
     """
     if exporter not in _EXPORTERS:
         raise ValueError(f"exporter must be one of {_EXPORTERS}, got {exporter!r}")
-    args = _as_tuple(example_inputs)
+    args = as_tuple(example_inputs)
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = _dynamic_inputs(args, dynamic_batch)
 
-    with _eval_mode(module):
+    with eval_mode(module):
         with torch.no_grad():
-            ref = _flatten_outputs(module(*args))
+            ref = flatten_outputs(module(*args))
         if not ref:
             raise ValueError("the model returns no tensors; nothing to export")
         in_names = tuple(input_names) if input_names is not None else _default_names("input", len(args))
@@ -553,12 +516,12 @@ def export_onnx(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
             other = check_batch_size if check_batch_size != check_batches[0][0] else check_batch_size - 1
             if other < 1:
                 other = check_batch_size + 1
-            check_batches.append((other, _resize_batch(args, dynamic, other, seed=1)))
+            check_batches.append((other, resize_batch(args, dynamic, other, seed=1)))
         expected = []
         with torch.no_grad():
             for batch, batch_args in check_batches:
-                outs = ref if batch_args is args else _flatten_outputs(module(*batch_args))
-                expected.append([_numpy(o) for o in outs])
+                outs = ref if batch_args is args else flatten_outputs(module(*batch_args))
+                expected.append([to_numpy(o) for o in outs])
 
         order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
         errors: list[ExportError] = []
@@ -599,7 +562,7 @@ def export_onnx(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
                     "constant batch size)") if batch_args is not args else ""
             raise ExportError(f"onnxruntime failed to run {path.name} at batch {batch}{hint}: "
                               f"{_short(str(exc))}", exporter=used) from exc
-        max_diff = max(max_diff, _compare_outputs(exp, actual, rtol=rtol, atol=atol,
+        max_diff = max(max_diff, compare_outputs(exp, actual, rtol=rtol, atol=atol,
                                                   output_names=out_names, batch_size=batch))
 
     return ExportResult(path=path, opset=written_opset, input_names=in_names, output_names=out_names,

@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph import ChannelGraph
+from graphsearch.graph import ChannelGraph
+
 
 def gate_points(graph: ChannelGraph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """fx node -> (group of every output position, index in group) where gates apply."""
@@ -42,10 +43,10 @@ class GatedModel(nn.Module):
 
     def forward(self, *args):
         values = {gid: fn() for gid, fn in self.gates.items()}
-        return _GateInterpreter(self.gm, self._points, values).run(*args)
+        return GateInterpreter(self.gm, self._points, values).run(*args)
 
 
-class _GateInterpreter(fx.Interpreter):
+class GateInterpreter(fx.Interpreter):
     def __init__(self, gm, points, values) -> None:
         super().__init__(gm)
         self.points = points
@@ -72,7 +73,49 @@ class _GateInterpreter(fx.Interpreter):
 
 def gated(graph: ChannelGraph, gates: Mapping[int, Callable[[], torch.Tensor]],
           owner: nn.Module | None = None) -> GatedModel:
+    """The traced model with every gated group's channels multiplied by `gates[g]()` at its
+    gate sites (`ChannelGraph.gate_sites`); shares the graph's parameters, and `owner`'s (the
+    module holding the gates) train with it."""
     return GatedModel(graph, gates, owner)
 
 
-__all__ = ["gated", "GatedModel", "gate_points"]
+def fold_gates(graph: ChannelGraph, model: nn.Module, values: dict) -> list[str]:
+    """Multiply, in place, the parameters of `model` (the graph's architecture) that sit at
+    each gate site by the constant gate `values[g]` (a tensor over group g's channels): a
+    norm's gamma and beta where the gate follows a norm, else the producer's output rows and
+    bias. Returns the gate sites that hold no parameter to fold into (e.g. a norm without
+    affine); empty when the folding is exact."""
+    tied = graph.tied_parameters()
+    params = dict(model.named_parameters())
+    factors: dict[tuple[str, int], torch.Tensor] = {}
+    unfolded = []
+    for node, (groups, _) in graph.gate_sites().items():
+        hit = [int(g) for g in np.unique(groups) if int(g) in values]
+        if not hit:
+            continue
+        at = {name for name, b in graph.bindings.items()
+              if node in b.nodes and not b.is_buffer and name in params}
+        found = False
+        for gid in hit:
+            vec = values[gid].detach()
+            for s in tied[gid]:
+                if s.name not in at or s.is_buffer or s.role not in ("out", "gamma", "beta"):
+                    continue
+                p = params[s.name]
+                if (s.name, s.dim) not in factors:
+                    factors[(s.name, s.dim)] = torch.ones(p.shape[s.dim], dtype=p.dtype,
+                                                          device=p.device)
+                factors[(s.name, s.dim)][torch.as_tensor(s.positions, device=p.device)] = \
+                    vec.to(p.device, p.dtype)[torch.as_tensor(s.channels, device=p.device)]
+                found = True
+        if not found:
+            unfolded.append(node)
+    with torch.no_grad():
+        for (name, dim), f in factors.items():
+            shape = [1] * params[name].dim()
+            shape[dim] = -1
+            params[name].mul_(f.view(shape))
+    return unfolded
+
+
+__all__ = ["gated", "fold_gates", "GatedModel", "GateInterpreter", "gate_points"]

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..graph import ChannelGraph
+from graphsearch.graph import ChannelGraph
 
-from .plan import Keep, ResolvedPlan, resolve
+from graphsearch.passes.plan import Keep, ResolvedPlan, resolve
 
 
 class MaskedModel(nn.Module):

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..graph import ChannelGraph, PlanError
+from graphsearch.graph import ChannelGraph, PlanError
 
 Keep = Mapping[int, Sequence[int]]
 

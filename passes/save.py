@@ -19,7 +19,7 @@ and dropout is gone. torch does not support ``.eval()`` / ``.train()`` on it
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import _as_tuple, _compare_outputs, _eval_mode, _flatten_outputs, _numpy, _quiet, _resize_batch
+from graphsearch.checkpoint import write_atomic
+from graphsearch.passes.export import (as_tuple, compare_outputs, eval_mode, flatten_outputs,
+                                       quiet, resize_batch, to_numpy)
 
 __all__ = ["PortableInfo", "save_portable", "load_portable"]
 
@@ -53,9 +55,9 @@ def _check(program_module, module: nn.Module, batches, rtol: float, atol: float)
     worst = 0.0
     with torch.no_grad():
         for batch_args in batches:
-            expected = [_numpy(t) for t in _flatten_outputs(module(*batch_args))]
-            actual = [_numpy(t) for t in _flatten_outputs(program_module(*batch_args))]
-            worst = max(worst, _compare_outputs(expected, actual, rtol=rtol, atol=atol,
+            expected = [to_numpy(t) for t in flatten_outputs(module(*batch_args))]
+            actual = [to_numpy(t) for t in flatten_outputs(program_module(*batch_args))]
+            worst = max(worst, compare_outputs(expected, actual, rtol=rtol, atol=atol,
                                                 batch_size=batch_args[0].shape[0] if batch_args[0].dim() else None))
     return worst
 
@@ -71,24 +73,24 @@ def save_portable(module: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     against eager torch (``max |saved - torch| <= atol + rtol * max |torch|``, else
     :class:`passes.export.ExportMismatch`).
     """
-    args = _as_tuple(example_inputs)
+    args = as_tuple(example_inputs)
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     note = ""
     program = None
     dynamic = False
-    with _eval_mode(module):
+    with eval_mode(module):
         if dynamic_batch and args[0].dim() >= 1:
             batch = args[0].shape[0]
             dyn = tuple(i for i, a in enumerate(args) if a.dim() >= 1 and a.shape[0] == batch)
-            trace_args = _resize_batch(args, dyn, 2) if batch < 2 else args
+            trace_args = resize_batch(args, dyn, 2) if batch < 2 else args
             dim = torch.export.Dim("batch", min=1)
             shapes = tuple({0: dim} if i in dyn else None for i in range(len(args)))
             other = 3 if batch != 3 else 2
             try:
-                with _quiet():
+                with quiet():
                     program = torch.export.export(module, trace_args, dynamic_shapes=shapes)
-                _check(program.module(), module, [args, _resize_batch(args, dyn, other, seed=1)], rtol, atol)
+                _check(program.module(), module, [args, resize_batch(args, dyn, other, seed=1)], rtol, atol)
                 dynamic = True
             except Exception as exc:  # noqa: BLE001 - any failure means: fall back to static shapes
                 program = None
@@ -97,11 +99,11 @@ def save_portable(module: nn.Module, example_inputs: torch.Tensor | Sequence[tor
         elif dynamic_batch:
             note = "the first input has no batch dimension; saved with static shapes"
         if program is None:
-            with _quiet():
+            with quiet():
                 program = torch.export.export(module, args)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        torch.export.save(program, str(path))
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+        write_atomic(path, buf.getvalue(), every_rank=True)  # never a half-written model
         max_diff = _check(load_portable(path), module, [args], rtol, atol)
     return PortableInfo(path=path, dynamic_batch=dynamic, file_size=path.stat().st_size,
                         max_abs_diff=max_diff, note=note)

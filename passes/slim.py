@@ -31,10 +31,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import ChannelGraph, PlanError
-from ..trace import propagate_shapes
-
-from .plan import Keep, ResolvedPlan, resolve
+from graphsearch.graph import ChannelGraph, PlanError
+from graphsearch.passes.plan import Keep, ResolvedPlan, resolve
+from graphsearch.trace import propagate_shapes
 
 
 # --------------------------------------------------------------------------- helper modules
@@ -233,8 +232,8 @@ def _drop_repeated(gm: fx.GraphModule, graph: ChannelGraph) -> None:
         if rule is None or not rule.idempotent or not node.args:
             continue
         src = node.args[0]
-        while isinstance(src, fx.Node) and src.op == "call_module" and \
-                isinstance(gm.get_submodule(src.target), nn.Identity) and src.args:
+        while isinstance(src, fx.Node) and src.op.startswith("call_") and src.args and \
+                getattr(graph.rule(src.name), "identity", False):
             src = src.args[0]  # a shortcut written as nn.Identity()
         if isinstance(src, fx.Node) and src.op.startswith("call_") and \
                 graph.rule(src.name) is rule:

@@ -42,3 +42,33 @@ def trained(one_thread):
     model = Tiny()
     train(model, data, epochs=1, lr=0.05, batch_size=50, progress=False)
     return model, analyze(model, (torch.zeros(1, 3, 16, 16),)), data
+
+
+def _train_tiny(cls):
+    from graphsearch.analysis import analyze
+    from graphsearch.data import load_dataset
+    from graphsearch.train import train
+
+    data = load_dataset("synthetic:400:4", image_size=16, cache_dir=False)
+    torch.manual_seed(0)
+    model = cls()
+    train(model, data, epochs=2, lr=0.05, batch_size=50, progress=False)
+    return model, analyze(model, (torch.zeros(1, 3, 16, 16),)), data
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(one_thread):
+    """The tiny test model trained two epochs on 400 synthetic 16x16 images of 4 classes:
+    (model, its channel graph, the data), for the regularising methods' end-to-end tests."""
+    from tiny_model import Tiny
+
+    return _train_tiny(Tiny)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_hidden(one_thread):
+    """`trained_tiny` with a hidden linear layer without a norm (its gate sits right after
+    the producer): variational dropout's and generative synthesis' tests."""
+    from tiny_model import TinyHidden
+
+    return _train_tiny(TinyHidden)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import collections
 import operator
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +18,7 @@ from graphsearch.analysis import Context, _leaves
 from graphsearch.graph import _unique
 from graphsearch.trace import trace
 
-sys.path.insert(0, str(Path(__file__).parent))
-import coverage_models as cm  # noqa: E402
+import coverage_models as cm
 
 
 def _same(a: list, b: list) -> bool:

@@ -12,6 +12,7 @@ from graphsearch.data import load_dataset
 from graphsearch.evaluator import (CandidateEvaluator, EvalSettings, GateResponses, plan_key,
                                    plan_seed, run_candidate)
 from graphsearch.load import UserError
+from graphsearch.passes.gates import gated
 from graphsearch.passes.slim import slim, unslim_state
 from graphsearch.train import train
 from tiny_model import Tiny
@@ -166,7 +167,7 @@ def gated_responses(graph, keep, stim):
     gates = {g.id: torch.zeros(g.size).index_fill_(
         0, torch.tensor(keep.get(g.id, range(g.size))), 1.0).requires_grad_(True)
         for g in graph.prunable_groups}
-    net = graph.gated({gid: (lambda t=t: t) for gid, t in gates.items()})
+    net = gated(graph, {gid: (lambda t=t: t) for gid, t in gates.items()})
     was = graph.module.training
     graph.module.eval()
     acc = {gid: torch.zeros_like(t) for gid, t in gates.items()}

@@ -17,8 +17,9 @@ from torch.nn import functional as F
 
 import graphsearch
 from graphsearch import passes
-from graphsearch.passes import (ExportError, ExportMismatch, Latency, export_onnx, latency, load_portable, parse_latency,
+from graphsearch.passes import (ExportError, ExportMismatch, Latency, export_onnx, load_portable, parse_latency,
                     save_portable)
+from graphsearch.passes.latency import latency
 from graphsearch.passes import export as export_mod
 
 # --------------------------------------------------------------------------- tiny models
@@ -220,7 +221,7 @@ def test_compare_outputs_names_largest_difference():
     actual[1][2, 1] += 0.25
     actual[1][0, 3] += 0.01
     with pytest.raises(ExportMismatch) as info:
-        export_mod._compare_outputs(expected, actual, rtol=1e-4, atol=1e-5, output_names=["a", "b"], batch_size=3)
+        export_mod.compare_outputs(expected, actual, rtol=1e-4, atol=1e-5, output_names=["a", "b"], batch_size=3)
     err = info.value
     assert isinstance(err, ValueError)
     assert err.output_index == 1 and err.index == (2, 1) and err.batch_size == 3
@@ -231,31 +232,31 @@ def test_compare_outputs_names_largest_difference():
     assert "(2 of 12 elements exceed it)" in msg
     # within tolerance: returns the largest difference
     actual[1] = expected[1] + 1e-6
-    assert export_mod._compare_outputs(expected, actual, rtol=1e-4, atol=1e-5) == pytest.approx(1e-6, rel=0.1)
+    assert export_mod.compare_outputs(expected, actual, rtol=1e-4, atol=1e-5) == pytest.approx(1e-6, rel=0.1)
 
 
 def test_compare_outputs_tolerance_scales_with_output_magnitude():
     """float32 error follows the output's scale: ~0 elements of a ~6e6 output may be off by a few units."""
     expected = np.array([5.8e6, -3.1e6, 0.5], np.float32)
     actual = expected + np.array([0.5, -1.0, 3.0], np.float32)
-    assert export_mod._compare_outputs([expected], [actual], rtol=1e-4, atol=1e-5) == pytest.approx(3.0)
+    assert export_mod.compare_outputs([expected], [actual], rtol=1e-4, atol=1e-5) == pytest.approx(3.0)
     actual[2] += 1000.0  # beyond 1e-4 * 5.8e6 = 580
     with pytest.raises(ExportMismatch, match=r"at index \(2\)"):
-        export_mod._compare_outputs([expected], [actual], rtol=1e-4, atol=1e-5)
+        export_mod.compare_outputs([expected], [actual], rtol=1e-4, atol=1e-5)
 
 
 def test_compare_outputs_shape_nan_and_count():
     e = np.ones((2, 2), np.float32)
     with pytest.raises(ExportMismatch, match="shape"):
-        export_mod._compare_outputs([e], [np.ones((3, 2), np.float32)], rtol=0, atol=0)
+        export_mod.compare_outputs([e], [np.ones((3, 2), np.float32)], rtol=0, atol=0)
     with pytest.raises(ExportMismatch, match="2 outputs"):
-        export_mod._compare_outputs([e], [e, e], rtol=0, atol=0)
+        export_mod.compare_outputs([e], [e, e], rtol=0, atol=0)
     bad = e.copy()
     bad[1, 0] = np.nan
     with pytest.raises(ExportMismatch, match=r"inf at index \(1, 0\)"):
-        export_mod._compare_outputs([e], [bad], rtol=1e-4, atol=1e-5)
+        export_mod.compare_outputs([e], [bad], rtol=1e-4, atol=1e-5)
     both = np.array([np.nan, 1.0])
-    assert export_mod._compare_outputs([both], [both.copy()], rtol=0, atol=0) == 0.0
+    assert export_mod.compare_outputs([both], [both.copy()], rtol=0, atol=0) == 0.0
 
 
 def test_export_mismatch_end_to_end(tmp_path, monkeypatch):

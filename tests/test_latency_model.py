@@ -5,21 +5,19 @@ the test checks wiring; synthetic timings stand in where a test checks a decisio
 test says why."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 import graphsearch.latency_model as lm  # noqa: E402
 from graphsearch.analysis import analyze  # noqa: E402
 from graphsearch.load import UserError  # noqa: E402
 from graphsearch.target import (Constraint, land_on_target, parse_constraint,  # noqa: E402
                                 scores_from_widths)
-from tiny_model import Tiny  # noqa: E402
+from tiny_model import Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

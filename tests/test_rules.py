@@ -906,7 +906,8 @@ class WithUserBlock(nn.Module):
 
 
 def test_a_user_registered_rule_is_used_for_their_module():
-    from graphsearch.passes import mask, slim, verify
+    from graphsearch.passes.mask import mask, verify
+    from graphsearch.passes.slim import slim
     from graphsearch.rules import Rule, default_rules
 
     torch.manual_seed(0)
@@ -966,3 +967,40 @@ def test_a_subclass_that_keeps_forward_gets_its_base_rule():
     g = run(Net(), 1, 2, 8, 8)
     assert [i.rule for i in g.nodes if i.name in ("conv1", "conv2")] == ["conv", "conv"]
     assert group(g, "conv1.weight[out]").prunable
+
+
+# --------------------------------------------------------------------------- the families
+
+
+def test_default_rules_are_built_fresh_from_the_families():
+    from graphsearch import rules as R
+
+    a, b = R.default_rules(), R.default_rules()
+    assert a is not b and a.get(nn.Conv2d) is b.get(nn.Conv2d)  # rules are shared constants
+    a.extend({ChannelScale: R.Rule("channel_scale", channel_scale)})
+    assert ChannelScale not in b and ChannelScale not in R.default_rules()
+    for family in R.FAMILIES:
+        short = family.__name__.rpartition(".")[2]
+        for r in family.RULES:
+            assert r.targets and r.family == short, r.name
+            assert all(a.get(t) is r for t in r.targets)
+    # the attention module a slim model holds is analysed like the one it replaces
+    assert a.get(R.PrunedMultiheadAttention) is a.get(nn.MultiheadAttention)
+
+
+def test_what_other_modules_decided_by_type_is_a_rule_field():
+    from graphsearch.rules import DROPS_DEAD_OPERAND, Rule, default_rules
+
+    rules = default_rules()
+    assert rules.get(nn.Conv2d).latency == "conv" and rules.get(nn.Linear).latency == "linear"
+    assert rules.get(nn.ConvTranspose2d).latency == "" and rules.get(F.linear).latency == ""
+    assert rules.get(nn.Identity).identity and not rules.get(nn.ReLU).identity
+    assert rules.get(nn.Identity).name == rules.get(nn.GELU).name == "elementwise_unary"
+    for cls in (nn.Conv2d, nn.ConvTranspose1d, nn.Linear, nn.MultiheadAttention, nn.MaxPool2d,
+                nn.AdaptiveAvgPool2d, nn.Upsample, nn.Flatten, nn.Unflatten, nn.PixelShuffle):
+        assert rules.get(cls).pure, cls
+    assert not rules.get(nn.BatchNorm2d).pure  # train mode writes its running statistics
+    # ESNAC's "is it a convolution" is the family, not a substring of a rule's name
+    assert {r.family for r in (rules.get(nn.Conv2d), rules.get(F.conv2d))} == {"conv"}
+    assert Rule("my_conv_block", channel_scale).family == ""
+    assert rules.get(operator.add).dead in DROPS_DEAD_OPERAND

@@ -3,8 +3,6 @@ metadata (trace._MetaMemo): the shapes it records must be those of running every
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,7 @@ from torch import nn
 from graphsearch import trace as T
 from graphsearch import zoo
 
-sys.path.insert(0, str(Path(__file__).parent))
-import coverage_models as cm  # noqa: E402
+import coverage_models as cm
 
 
 def _sig(v):

@@ -31,12 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import write_json
 from ..evaluator import (EvalSettings, channel_order, importance_of, keep_of_widths,
                          make_evaluator, steps_for)
 from ..graph import PlanError
 from ..load import UserError
 from ..target import Evaluator
 from .base import Method, Proposal, SearchContext
+from ..units import human
 
 
 def shrink_score(accuracy: float, macs: float, weight: float = 0.1) -> float:
@@ -203,10 +205,10 @@ class AutoShrink(Method):
                                             "score": sc, "flops": r.flops}
                                            for e, r, sc in zip(cs, res, scores)],
                             "widths": {str(g): v for g, v in w.items()}})
-                _write_atomic(path, {"fingerprint": fingerprint, "log": log})
+                write_json(path, {"fingerprint": fingerprint, "log": log}, every_rank=True)
                 ctx.log(f"autoshrink: step {step + 1}: removed {cs[best][0]} of group "
                         f"{cs[best][1]} (top-1 {100 * res[best].accuracy:.1f}%, "
-                        f"{res[best].flops / 1e6:.3f} MFLOPs, score {scores[best]:.4f})")
+                        f"{human(res[best].flops, 'FLOPs')}, score {scores[best]:.4f})")
             fresh, cached = ev.fresh, ev.cached
         plan = ctx.land_widths(w, importance_of(order))
         if log and not self._lands(plan, ctx):
@@ -214,7 +216,7 @@ class AutoShrink(Method):
             # removed edges at 0: land from the snapshot before it, scaled down to the target
             plan = ctx.land_widths(prev, importance_of(order))
         ctx.log(f"autoshrink: {len(log)} steps ({fresh} evaluations run now, {cached} from the "
-                f"cache); landed at {plan.achieved['flops'] / 1e6:.3f} MFLOPs")
+                f"cache); landed at {human(plan.achieved['flops'], 'FLOPs')}")
         info = {"steps": log, "candidate_steps": settings.steps, "evaluations_run": fresh,
                 "evaluations_cached": cached, "channel_blocks": str(s["blocks"])}
         return Proposal(plan, base_state, info)
@@ -229,11 +231,6 @@ class AutoShrink(Method):
         """The removal to apply: the best score, the first drawn among equals."""
         return int(np.argmax(scores))
 
-
-def _write_atomic(path: Path, obj) -> None:
-    from ..evaluator import _write_json_atomic
-
-    _write_json_atomic(path, obj)
 
 
 __all__ = ["AutoShrink", "shrink_score", "edges", "apply_edge", "legal", "draw"]

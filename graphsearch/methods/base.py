@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph, TiedSlice
+from ..passes.gates import gated
 from ..target import Constraint, Plan, land_on_target, scores_from_widths
+from ..train import steps_per_epoch, train
 
 
 @dataclass
@@ -50,14 +52,15 @@ class SearchContext:
         """`self.model` with every group's channels multiplied by `gates[g]()` where they are
         produced (after the norm that follows a conv/linear). Trains `self.model` in place,
         plus `owner`'s parameters (the gates')."""
-        return self.model_graph().gated(gates, owner)
+        return gated(self.model_graph(), gates, owner)
 
     def model_graph(self) -> ChannelGraph:
-        """The channel graph of `self.model` (gate sites and folding live on the graph)."""
+        """The channel graph of `self.model`, analysed with the search graph's rules (a user's
+        rules for their own modules included)."""
         if self._model_graph is None:
             from ..analysis import analyze
 
-            self._model_graph = analyze(self.model, self.example_inputs)
+            self._model_graph = analyze(self.model, self.example_inputs, rules=self.graph.rules)
         return self._model_graph
 
     # ---- the shared target step
@@ -110,17 +113,20 @@ class SearchContext:
         return out
 
     # ---- training
+    def budget_steps(self, epochs: float) -> int:
+        """Optimizer steps that `self.train(model, epochs, ...)` takes (its `max_steps`): the
+        trainer's own count of an epoch (`train.steps_per_epoch`), times `epochs`."""
+        per_epoch = max(1, steps_per_epoch(len(self.data.train), self.batch_size, None))
+        return max(1, int(round(epochs * per_epoch)))
+
     def train(self, model: nn.Module, epochs: float, name: str, **kwargs):
         """Train with the run's data and settings, checkpointed under `name` (resumable)."""
-        from ..train import steps_per_epoch as epoch_steps, train
-
-        steps_per_epoch = max(1, epoch_steps(len(self.data.train), self.batch_size, None))
         whole = max(1, int(np.ceil(epochs)))
         kwargs.setdefault("lr", self.lr)
         return train(model, self.data, epochs=whole, batch_size=self.batch_size,
                      seed=self.seed, progress=self.progress,
                      checkpoint=self.state_dir / f"{name}.ckpt", desc=name,
-                     max_steps=max(1, int(round(epochs * steps_per_epoch))), **kwargs)
+                     max_steps=self.budget_steps(epochs), **kwargs)
 
     def evaluate(self, model: nn.Module) -> float:
         from ..train import evaluate

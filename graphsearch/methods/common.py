@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph
+from ..passes import gates as gate_pass
 from ..train import recalibrate_bn as recalibrate_bn_on
 from .base import SearchContext
+from ..units import human
 
 ROLES = ("out", "in", "gamma", "beta")
 
@@ -26,8 +28,7 @@ ROLES = ("out", "in", "gamma", "beta")
 
 def budget_steps(ctx: SearchContext, epochs: float) -> int:
     """Optimizer steps that `ctx.train(model, epochs, ...)` takes (its `max_steps`)."""
-    steps_per_epoch = max(1, -(-len(ctx.data.train) // ctx.batch_size))
-    return max(1, int(round(epochs * steps_per_epoch)))
+    return ctx.budget_steps(epochs)
 
 
 def constant_schedule(opt: torch.optim.Optimizer, total_steps: int):
@@ -35,7 +36,7 @@ def constant_schedule(opt: torch.optim.Optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _tied_by_param(graph: ChannelGraph, model: nn.Module, roles=ROLES):
+def tied_by_param(graph: ChannelGraph, model: nn.Module, roles=ROLES):
     """Per prunable group, its (parameter, dim, positions, channels) slices with those roles."""
     params = dict(model.named_parameters())
     out: dict[int, list[tuple[str, torch.Tensor, int, torch.Tensor, torch.Tensor]]] = {}
@@ -57,7 +58,7 @@ def scale_channels(graph: ChannelGraph, model: nn.Module, factors: Mapping[int, 
     """Multiply every tied slice of channel c of group g by `factors[g][c]`, in place; where
     a factor is 0, also zero the optimizer's momentum there (dead stays dead)."""
     mults: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for gid, slices in _tied_by_param(graph, model, roles).items():
+    for gid, slices in tied_by_param(graph, model, roles).items():
         if gid not in factors:
             continue
         f = factors[gid]
@@ -123,10 +124,11 @@ def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
 def fold_gates(ctx: SearchContext, values: dict[int, torch.Tensor],
                model: nn.Module | None = None) -> list[str]:
     """Multiply, in place, the parameters of `model` (default `ctx.model`) at each gate site
-    by the gate values (`ChannelGraph.fold_gates`), so that the plain model computes what
+    by the gate values (`passes.gates.fold_gates`), so that the plain model computes what
     `ctx.gated` computes with these constant gates. Returns the gate sites that hold no
     parameter to fold into; empty when the folding is exact."""
-    return ctx.model_graph().fold_gates(model if model is not None else ctx.model, values)
+    return gate_pass.fold_gates(ctx.model_graph(), model if model is not None else ctx.model,
+                                values)
 
 
 def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray],
@@ -192,7 +194,7 @@ def method_evidence(method: str, info: dict) -> str | None:
             text = (f"The sparsity phase ({i['steps']} proximal steps, lambda "
                     f"{i['lambda']:.3g} -> {i.get('lambda_final', i['lambda']):.3g}) left "
                     f"{i['zeros']} of {i['channels']} channels exactly zero, worth "
-                    f"{i.get('zeros_flops', 0) / 1e6:.2f} MFLOPs; without them the model costs "
+                    f"{human(i.get('zeros_flops', 0), 'FLOPs')}; without them the model costs "
                     f"{i.get('zeros_cost_ratio', float('nan')):.3f} of the target. Of the "
                     f"{i.get('plan_dropped', 0)} channels the plan drops, "
                     f"{i.get('plan_dropped_exact_zeros', 0)} "

@@ -43,12 +43,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..evaluator import (EvalSettings, _write_json_atomic, channel_order, importance_of,
+from ..checkpoint import write_json
+from ..evaluator import (EvalSettings, channel_order, importance_of,
                          keep_of_widths, make_evaluator, steps_for)
 from ..graph import PlanError
 from ..load import UserError
 from ..target import Evaluator
 from .base import Method, Proposal, SearchContext
+from ..units import human
 
 LENGTH2 = 0.01  # the kernel's squared length scale: exp(-d^2 / (2 * 0.01))
 NOISE = 0.05
@@ -161,12 +163,11 @@ class Features:
         for i, t in enumerate(self.terms):
             for node in t.nodes:
                 node_term.setdefault(node, i)
-        rules = {name: str(data.get("rule", "")) for name, data in graph.nx.nodes(data=True)}
         self.static = np.zeros((n, 6))
         for i, t in enumerate(self.terms):
-            rule = " ".join(rules.get(node, "") for node in t.nodes).lower()
             depthwise = len(t.layouts) == 1
-            conv = "conv" in rule and not depthwise
+            conv = not depthwise and any(getattr(graph.rule(node), "family", "") == "conv"
+                                         for node in t.nodes)
             self.static[i, 0 if conv else 1 if depthwise else 2] = 1.0
             self.static[i, 3] = math.log1p(t.coeff) / 10.0
             # where the input comes from: the nearest producing layers upstream
@@ -323,8 +324,8 @@ class ESNAC(Method):
                                                "label": f"esnac {r.label}"})
 
             def save(step):
-                _write_json_atomic(path, {"fingerprint": fingerprint, "steps_done": step,
-                                          "history": history})
+                write_json(path, {"fingerprint": fingerprint, "steps_done": step,
+                                  "history": history}, every_rank=True)
 
             if done_steps == 0:
                 run(pool(0, n_init), 0)
@@ -341,7 +342,7 @@ class ESNAC(Method):
                 if best is not None:
                     ctx.log(f"esnac: step {step}/{n_steps}: best reward {best['reward']:.4f} "
                             f"(top-1 {100 * best['accuracy']:.1f}%, "
-                            f"{best['flops'] / 1e6:.3f} MFLOPs)")
+                            f"{human(best['flops'], 'FLOPs')})")
             fresh, cached = ev.fresh, ev.cached
         if not history:
             raise UserError("esnac: no candidate could be evaluated")
@@ -350,7 +351,7 @@ class ESNAC(Method):
         plan = ctx.land_widths(widths, importance_of(order), revive=True)
         ctx.log(f"esnac: best reward {best['reward']:.4f} at step {best['step']} "
                 f"({fresh} evaluations run now, {cached} from the cache); landed at "
-                f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
+                f"{human(plan.achieved['flops'], 'FLOPs')}")
         info = {"history": history, "teacher_accuracy": acc_t, "best": best,
                 "candidate_steps": settings.steps, "evaluations_run": fresh,
                 "evaluations_cached": cached}

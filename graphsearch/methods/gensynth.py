@@ -83,6 +83,7 @@ from ..target import Evaluator, allowed_widths
 from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
 from .common import added_share, fold_gates
+from ..units import human
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
 CHECKPOINT_VERSION = 2  # 2: children trained as slim models by the candidate evaluator
@@ -381,7 +382,7 @@ class GenerativeSynthesis(Method):
                 "evaluations_cached": cached, "evaluator": backend}
         ctx.log(f"gensynth: {len(log)} cycles; parent top-1 {100 * parent_acc:.2f}% at cost "
                 f"ratio {ratio(parent_values):.3f}; landed at "
-                f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
+                f"{human(plan.achieved['flops'], 'FLOPs')}")
         return Proposal(plan, _clone(ctx.model.state_dict()), info)
 
     # ---- helpers

@@ -66,7 +66,7 @@ from torch import nn
 
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
-from .common import (ROLES, _tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
+from .common import (ROLES, tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
                      cap_deaths,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
@@ -112,7 +112,7 @@ def revive(graph: ChannelGraph, model: nn.Module, initial: Mapping[str, torch.Te
     alive_now = torch.cat([n[n > 0].double() for n in norms.values()])
     alive_before = torch.cat([norms0[g][n > 0].double() for g, n in norms.items()])
     scale = float(alive_now.mean() / alive_before.mean()) if alive_now.numel() else 1.0
-    for gid, slices in _tied_by_param(graph, model).items():
+    for gid, slices in tied_by_param(graph, model).items():
         if gid not in dead:
             continue
         for name, p, dim, pos, ch in slices:

@@ -25,19 +25,20 @@
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
+from ..checkpoint import write_json
 from ..evaluator import (EvalSettings, channel_order, importance_of, keep_of_widths,
                          make_evaluator, steps_for)
 from ..graph import PlanError
 from ..load import UserError
 from ..target import Evaluator, legal_zeros
 from .base import Method, Proposal, SearchContext
+from ..units import human
 
 
 # --------------------------------------------------------------------------- lazy greedy
@@ -256,15 +257,15 @@ class Submodular(Method):
                                                              widths_of(S).items()},
                                **(measure(S) or {}), "evaluations_so_far": F.calls})
                 ctx.log(f"submodular: pass '{name}': {len(added)} elements added, F = "
-                        f"{100 * value:.2f}% at {measure(S)['flops'] / 1e6:.3f} MFLOPs")
-                state_path.write_text(json.dumps({"passes": passes}, indent=1))
+                        f"{100 * value:.2f}% at {human(measure(S)['flops'], 'FLOPs')}")
+                write_json(state_path, {"passes": passes}, indent=1, every_rank=True)
             fresh, cached = ev.fresh, ev.cached
         best = max(range(len(passes)), key=lambda i: (passes[i]["accuracy"], -i))
         widths = {int(g): int(w) for g, w in passes[best]["widths"].items()}
         plan = ctx.land_widths(widths, importance_of(order), revive=True)
         ctx.log(f"submodular: best pass '{passes[best]['pass']}' ({F.calls} distinct "
                 f"evaluations, {fresh} run now, {cached} from the cache); landed at "
-                f"{plan.achieved['flops'] / 1e6:.3f} MFLOPs")
+                f"{human(plan.achieved['flops'], 'FLOPs')}")
         info = {"passes": passes, "best_pass": passes[best]["pass"], "evaluations": F.calls,
                 "evaluations_run": fresh, "evaluations_cached": cached,
                 "candidate_steps": settings.steps, "increments": K}

@@ -193,8 +193,7 @@ class VariationalDropout(Method):
         if s["per_sample"]:
             net = PerSample(net, gates)
         n_train = len(ctx.data.train)
-        steps_per_epoch = max(1, -(-n_train // ctx.batch_size))
-        total = max(1, int(round(ctx.epochs * steps_per_epoch)))
+        total = ctx.budget_steps(ctx.epochs)
 
         def extra_loss(_model):
             beta = kl_beta(int(gates.step), total, s["warmup_start"], s["warmup_end"])

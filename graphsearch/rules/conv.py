@@ -1,0 +1,229 @@
+"""Convolutions: nn.ConvNd, transposed, functional, and weight-standardised ones.
+
+A convolution produces fresh channels (its output rows); a grouped one ties input block k to
+output block k, so whole groups are pruned together.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import arg, rule, set_arg, unsupported
+
+
+def _conv_module_macs(ctx, node, line_in, line_out, transposed: bool):
+    m = ctx.module
+    out_shape = ctx.shape(node)
+    in_shape = ctx.shape(node.args[0])
+    spatial = math.prod(in_shape[2:]) if transposed else math.prod(out_shape[2:])
+    k = math.prod(m.kernel_size)
+    if m.groups == 1:
+        ctx.macs(spatial * k, line_in, line_out)
+    else:
+        # Grouped: each output channel reads (in / groups) inputs (a transposed conv: each
+        # input channel writes (out / groups) outputs); groups are pruned whole.
+        if transposed:
+            ctx.macs(spatial * k * (m.out_channels // m.groups), line_in)
+        else:
+            ctx.macs(spatial * k * (m.in_channels // m.groups), line_out)
+
+
+def _conv_module(ctx, node, transposed: bool):
+    """nn.ConvNd and nn.ConvTransposeNd: fresh output channels, the input's channels bound
+    to the weight's other dim."""
+    m = ctx.module
+    x = node.args[0]
+    line_in = ctx.line(ctx.ids(x), 1, x)
+    # A grouped conv's outputs are tied to their inputs: "derived", not new channels.
+    kind = "conv_transpose" if transposed else "conv"
+    out = ctx.fresh(m.out_channels, kind if m.groups == 1 else "grouped_conv")
+    if m.groups > 1:
+        # Channel block k of the input feeds only output block k: tie each block into a unit
+        # (for a depthwise conv, input channel c is output channel c).
+        ctx.tie_group_blocks(line_in, out, m.groups)
+        out = ctx.find(out)
+        line_in = ctx.find(line_in)
+    weight = f"{node.target}.weight"
+    if transposed:  # weight is (in, out / groups, k...)
+        ctx.bind(weight, 0, line_in, role="in")
+        if m.groups == 1:
+            ctx.bind(weight, 1, out, role="out")
+    else:  # (out, in / groups, k...)
+        ctx.bind(weight, 0, out)
+        if m.groups == 1:
+            ctx.bind(weight, 1, line_in)
+    if m.bias is not None:
+        ctx.bind(f"{node.target}.bias", 0, out)
+    _conv_module_macs(ctx, node, line_in, out, transposed)
+    return ctx.channel_ids(out, node)
+
+
+def _fix_conv(rw, node, m: nn.modules.conv._ConvNd) -> None:
+    old = rw.original(node.target)
+    w = m.weight
+    if m.transposed:  # (in, out / groups, k...)
+        m.groups = old.groups * w.shape[0] // old.in_channels if old.groups > 1 else 1
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    else:  # (out, in / groups, k...)
+        m.groups = old.groups * w.shape[0] // old.out_channels if old.groups > 1 else 1
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, edge="mix", gate="producer", fix=_fix_conv, pure=True,
+      latency="conv")
+def conv(ctx, node):
+    return _conv_module(ctx, node, transposed=False)
+
+
+@rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, edge="mix", gate="producer",
+      fix=_fix_conv, pure=True)
+def conv_transpose(ctx, node):
+    return _conv_module(ctx, node, transposed=True)
+
+
+def _fix_groups_at(pos: int):
+    """The `fix` of a functional convolution whose literal `groups` is argument `pos`: it
+    follows the slim output width (a grouped conv loses whole groups)."""
+
+    def fix(rw, node, m) -> None:
+        groups = arg(node, pos, "groups", 1)
+        if isinstance(groups, int) and groups != 1:
+            set_arg(node, pos, "groups", groups * rw.slim_width(node, 1) // rw.shape(node)[1])
+
+    return fix
+
+
+_fix_functional_conv = _fix_groups_at(6)  # F.conv2d(x, weight, bias, stride, padding, ...)
+
+
+def _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups):
+    """nn.Conv2d's rule for a functional conv on parameters: the output channels' atoms."""
+    wshape = ctx.shape(w)
+    line_in = ctx.line(ctx.ids(x), 1, x)
+    out = ctx.fresh(wshape[0], "conv" if groups == 1 else "grouped_conv")
+    if groups > 1:
+        ctx.tie_group_blocks(line_in, out, groups)
+        out, line_in = ctx.find(out), ctx.find(line_in)
+    ctx.bind(wname, 0, out)
+    if groups == 1:
+        ctx.bind(wname, 1, line_in)
+    if bname:
+        ctx.bind(bname, 0, out)
+    spatial, k = math.prod(ctx.shape(node)[2:]), math.prod(wshape[2:])
+    if groups == 1:
+        ctx.macs(spatial * k, line_in, out)
+    else:
+        ctx.macs(spatial * k * wshape[1], out)
+    return out
+
+
+@rule(F.conv1d, F.conv2d, F.conv3d, edge="mix", gate="producer", fix=_fix_functional_conv)
+def functional_conv(ctx, node):
+    """F.conv2d on a weight the model owns (a conv subclass with its own forward): the rule
+    of nn.Conv2d. A computed weight (standardised, re-parametrised) is not followed."""
+    x = node.args[0]
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    wname, bname = ctx.param_name(w), ctx.param_name(b)
+    if wname is None:
+        return unsupported(ctx, node, why="a convolution with a computed weight (standardised "
+                                          "or re-parametrised): its channels are not followed")
+    if (b is not None and bname is None) or not isinstance(groups, int):
+        return unsupported(ctx, node, why="a convolution with a computed bias or groups")
+    return ctx.channel_ids(_conv_on_owned_weight(ctx, node, x, w, wname, bname, groups), node)
+
+
+def standardised_conv(x, weight, bias=None, gain=None, eps=1e-5, stride=1, padding=0,
+                      dilation=1, groups=1):
+    """A convolution whose weight is standardised per output channel (zero mean, unit
+    variance over its inputs and kernel positions, times `gain`): weight-standardised
+    ResNets (BiT) and NF-Nets. The tracer puts it in place of the pattern those models write
+    (`F.batch_norm` over `weight.reshape(1, out, -1)` in training mode, then `F.conv2d`), so
+    that one rule sees the convolution and the parameter it owns."""
+    w = weight.reshape(weight.shape[0], -1)
+    mean = w.mean(1, keepdim=True)
+    w = (w - mean) * torch.rsqrt(((w - mean) ** 2).mean(1, keepdim=True) + eps)
+    if gain is not None:
+        w = w * gain.reshape(-1, 1)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return conv(x, w.reshape(weight.shape), bias, stride, padding, dilation, groups)
+
+
+_fix_standardised_conv = _fix_groups_at(8)  # standardised_conv(x, weight, bias, gain, eps, ...)
+
+
+def _mask_standardised_conv(graph, plan, node, info):
+    """Pruned inputs of a standardised conv: the slim model standardises each row over the
+    kept inputs (its weight has no others), and so does the reference."""
+    if arg(node, 8, "groups", 1) != 1:
+        return None  # a grouped conv keeps or drops whole blocks: its rows stay whole
+    x = graph.info(node.args[0].name)
+    if x is None or not isinstance(x.ids, torch.Tensor) or x.ids.dim() < 2:
+        return None
+    line = x.ids.movedim(1, 0).reshape(x.ids.size(1), -1)[:, 0]
+    if not plan.changes(line):
+        return None
+    return _run_masked_standardised_conv, torch.from_numpy(
+        np.flatnonzero(plan.kept(line).numpy()))
+
+
+def _run_masked_standardised_conv(interp, n, kept):
+    args, kwargs = interp.fetch_args_kwargs_from_env(n)
+    x, weight = args[0], args[1]
+    if x.size(1) != weight.size(1) or len(kept) == weight.size(1):
+        return standardised_conv(*args, **kwargs)
+    return standardised_conv(x.index_select(1, kept), weight.index_select(1, kept), *args[2:],
+                             **kwargs)
+
+
+def _scaled_parameter(ctx, n):
+    """The parameter behind `(p * constant).view(-1)` (NF-Nets' gain times a fixed scale)."""
+    while isinstance(n, fx.Node) and ctx.param_name(n) is None:
+        nodes = [a for a in n.args if isinstance(a, fx.Node)]
+        numbers = [a for a in n.args if not isinstance(a, fx.Node)]
+        scale = n.target in (operator.mul, operator.truediv, "mul", "div") and \
+            all(isinstance(a, (int, float)) for a in numbers)
+        shape = n.op == "call_method" and n.target in ("view", "reshape", "flatten")
+        if len(nodes) != 1 or not (scale or shape):
+            return None
+        n = nodes[0]
+    name = ctx.param_name(n)
+    shape = ctx.shape(n) if name is not None else ()
+    return name if shape and math.prod(shape) == shape[0] else None  # one value per row
+
+
+@rule(standardised_conv, edge="mix", gate="producer", fix=_fix_standardised_conv,
+      mask=_mask_standardised_conv)
+def standardised_conv_rule(ctx, node):
+    """The conv rule on the parameter before standardisation; `gain` follows the output
+    channels. Rows are standardised one by one, so output channels prune exactly; pruned
+    inputs change each row's statistics: slim and the mask reference both take them over
+    the kept inputs (the pruned model is defined so)."""
+    x = node.args[0]
+    w, b, gain = arg(node, 1, "weight"), arg(node, 2, "bias"), arg(node, 3, "gain")
+    groups = arg(node, 8, "groups", 1)
+    wname, bname = ctx.param_name(w), ctx.param_name(b)
+    if wname is None or (b is not None and bname is None) or not isinstance(groups, int):
+        return unsupported(ctx, node, why="a standardised convolution on a computed weight, "
+                                          "bias or groups")
+    out = _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups)
+    # Scaling a row before standardisation changes nothing: the rows are no "out" slice that
+    # a gate folds into or a norm penalty shrinks; the gain is the layer's gamma.
+    ctx.bind(wname, 0, out, role="std_out")
+    if gain is not None:
+        ctx.tie(ctx.line(ctx.ids(gain), 0, gain), out)
+        out = ctx.find(out)
+        gname = _scaled_parameter(ctx, gain)
+        if gname is not None and ctx.shape(gain)[0] == len(out):
+            ctx.bind(gname, 0, out, role="gamma")
+    return ctx.channel_ids(out, node)
+
+
+RULES = (conv, conv_transpose, functional_conv, standardised_conv_rule)

@@ -1,0 +1,96 @@
+"""Element-wise ops: activations, casts, dropout, arithmetic merges, softmax.
+
+Channel i of the output is channel i of the input (`edge="identity"`); a merge of several
+operands (add, multiply) ties the positions that meet. What a merge does with an operand
+that a plan removes is its `dead` field: a residual add drops it, a product cannot lose one.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import Rule, methods, rule
+
+
+@rule(
+    nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
+    F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
+    torch.neg, torch.clamp, operator.neg, torch.square, torch.sqrt,
+    *methods("sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_",
+             "contiguous", "float", "half", "double", "to", "type_as", "detach", "clone",
+             "sqrt", "square", "pow", "sigmoid_", "hardtanh_", "type"),
+    edge="identity", slim="free", flow="pass", same_shape=True,
+)
+def elementwise_unary(ctx, node):
+    """Activations, dropout, casts: channel i out is channel i in."""
+    return ctx.ids(node.args[0])
+
+
+# nn.Identity: the same rule (and name) as the other unary ops, and it returns its input
+# unchanged, which the slim pass reads through (`Rule.identity`).
+identity = Rule("elementwise_unary", elementwise_unary.tie, edge="identity", slim="free",
+                flow="pass", same_shape=True, identity=True, targets=(nn.Identity,))
+
+
+@rule(nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, *methods("relu", "relu_"),
+      edge="identity", slim="free", flow="pass", same_shape=True, idempotent=True)
+def relu(ctx, node):
+    """ReLU: channel i out is channel i in. Idempotent: the slim pass drops a ReLU of a ReLU's
+    output, which a removed residual branch leaves (relu(x + branch) with x a ReLU output)."""
+    return ctx.ids(node.args[0])
+
+
+def _fix_prelu(rw, node, m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+@rule(nn.PReLU, edge="identity", fix=_fix_prelu)
+def prelu(ctx, node):
+    x = ctx.ids(node.args[0])
+    m = ctx.module
+    if m.num_parameters > 1:
+        ctx.bind(f"{node.target}.weight", 0, ctx.line(x, 1, node.args[0]))
+    return x
+
+
+@rule(operator.add, torch.add, *methods("add", "add_", "__add__", "__radd__"),
+      edge="identity", dead="add", flow="pass")
+def add(ctx, node):
+    return ctx.elementwise(node)
+
+
+@rule(operator.sub, torch.sub, *methods("sub", "sub_"), edge="identity", dead="sub", flow="pass")
+def sub(ctx, node):
+    return ctx.elementwise(node)
+
+
+@rule(operator.mul, torch.mul, operator.truediv, torch.div, torch.where, torch.maximum,
+      torch.minimum, *methods("mul", "mul_", "div", "div_", "__mul__", "__rmul__",
+                                  "__truediv__", "masked_fill", "expand_as"),
+      edge="identity", dead="block", flow="scale")
+def multiply(ctx, node):
+    """Broadcasting multiply: an SE gate (B, C, 1, 1) ties its C channels to the feature map."""
+    return ctx.elementwise(node)
+
+
+@rule(F.softmax, F.log_softmax, torch.softmax, nn.Softmax, nn.LogSoftmax,
+      *methods("softmax", "log_softmax"), edge="identity")
+def softmax(ctx, node):
+    x = node.args[0]
+    ids = ctx.ids(x)
+    dim = ctx.module.dim if ctx.module is not None else (
+        node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    if dim is None or ids.size(dim) > 1:
+        ctx.fix(ids, f"softmax over channels at '{node.name}'")
+    return ids
+
+
+RULES = (elementwise_unary, identity, relu, prelu, add, sub, multiply, softmax)

@@ -1,0 +1,291 @@
+"""Layout and shape ops: concat, stack, view/reshape, permute, split, slicing, size queries.
+
+They move channel identities around: the rule runs the same op on the ids themselves. How
+the slim pass treats each is its `slim` field: "free" (nothing in its arguments names a
+width), "full" (it runs on the original layout), or a rewrite of its literal sizes below.
+The rewrites run inside the slim pass (`passes/slim.py`) on the copy being slimmed, through
+the rewriter's small API (`rw.shape`, `rw.value`, `rw.selection`, `rw.input_selection`,
+`rw.out_sizes`, `rw.slim_width`); `state` is FULL when the op runs on the original layout
+(its literal sizes then stay as they are).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import PlanError
+from .registry import FULL, Rule, arg, methods, rule, unsupported
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, edge="offset", dead="cat", slim="free")
+def cat(ctx, node):
+    tensors = list(node.args[0] if node.args else node.kwargs["tensors"])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(ctx.shape(tensors[0]))
+    dim = dim % rank
+    ids = [ctx.ids(t) for t in tensors]
+    shapes = [ctx.shape(t) for t in tensors]
+    if not any(i.size(dim) > 1 for i in ids) and any(s[dim] > 1 for s in shapes):
+        # A concat along tokens or positions (a class token): the channels must line up.
+        return ctx.elementwise(node, operands=tensors)
+    if all(i.size(d) == 1 for i in ids for d in range(rank) if d != dim):
+        # Only the concat dim carries identity: lay the atoms side by side, no materialising.
+        return torch.cat([i.expand(*[s[d] if d == dim else 1 for d in range(rank)])
+                          for i, s in zip(ids, shapes)], dim)
+    return ctx.run_on_ids(node)
+
+
+@rule(torch.stack, edge="offset", dead="block", slim="free")
+def stack(ctx, node):
+    return ctx.run_on_ids(node)
+
+
+def layout(ctx, node):
+    """Shape ops move channel identities around: run the same op on the ids themselves."""
+    if node.target is operator.getitem and not isinstance(ctx.value(node.args[0]), torch.Tensor):
+        return ctx.ids(node.args[0])[node.args[1]]  # picking from a tuple of outputs
+    if node.target in (operator.getitem, torch.index_select, "index_select"):
+        out = ctx.index_by_tensor(node)
+        if out is not None:
+            return out
+    return ctx.run_on_ids(node)
+
+
+def _layout_rule(slim_kind, *targets) -> Rule:
+    """`layout` for `targets`: one op family, whose members differ only in how slim treats
+    them (free, full layout, or a rewrite of their literal sizes). Its modules (nn.Flatten,
+    nn.PixelShuffle, nn.Unflatten...) are pure functions of their configuration."""
+    return Rule("layout", layout, edge="permutation", slim=slim_kind, flow="pass",
+                pure=True, targets=targets)
+
+
+# Shape ops that commute with dropping channels: nothing in their arguments names a width.
+FREE_LAYOUT = _layout_rule(
+    "free", torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.swapaxes, torch.movedim, torch.flip, F.pixel_shuffle, F.pixel_unshuffle, torch.tile,
+    nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle,
+    *methods("flatten", "permute", "transpose", "squeeze", "unsqueeze", "swapaxes", "movedim",
+             "flip", "t", "mT", "repeat", "tile", "view_as", "reshape_as"))
+# Shape ops that move channel positions in a way only the full layout expresses, and those
+# with no rewrite of their own.
+FULL_LAYOUT = _layout_rule(
+    FULL, torch.roll, torch.channel_shuffle, torch.native_channel_shuffle, torch.index_select,
+    torch.repeat_interleave, torch.tensor_split, nn.ChannelShuffle, nn.Unflatten,
+    *methods("roll", "index_select", "repeat_interleave", "tensor_split"))
+
+
+@rule(*methods("size", "dim", "numel"), getattr, edge="none")
+def shape_query(ctx, node):
+    if isinstance(ctx.value(node), torch.Tensor):
+        # A tensor attribute (x.mT, x.T, x.data) carries channels: keep following them.
+        attr = node.args[1]
+        if attr not in ("T", "mT", "data", "real"):
+            return unsupported(ctx, node, why=f"tensor attribute .{attr}")
+        return ctx.run_on_ids(node)
+    return None
+
+
+def _set_shape_args(node: fx.Node, start: int, sizes: list) -> None:
+    """Write `sizes` (None: leave) into the shape arguments from position `start` on."""
+    args = list(node.args)
+    packed = len(args) == start + 1 and isinstance(args[start], (tuple, list))
+    shape = list(args[start]) if packed else args[start:]
+    if len(shape) != len(sizes):
+        raise PlanError(f"'{node.name}': unexpected shape arguments")
+    for d, s in enumerate(sizes):
+        if s is not None and not (isinstance(shape[d], int) and shape[d] == -1):
+            shape[d] = s
+    node.args = tuple(args[:start]) + ((tuple(shape),) if packed else tuple(shape))
+
+
+def _rewrite_view(rw, node, state) -> None:
+    if node.op == "call_function" or len(node.args) < 2:  # torch.reshape(x, shape)
+        shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        if shape_arg is None:
+            return False
+        new = list(shape_arg)
+        for d, s in enumerate(rw.out_sizes(node, state)):
+            if s is not None and not (isinstance(new[d], int) and new[d] == -1):
+                new[d] = s
+        node.args = (node.args[0], tuple(new), *node.args[2:])
+        return None
+    _set_shape_args(node, 1, rw.out_sizes(node, state))
+
+
+VIEW = _layout_rule(_rewrite_view, torch.reshape, *methods("view", "reshape"))
+
+
+def _rewrite_expand(rw, node, state) -> None:
+    _set_shape_args(node, 1, rw.out_sizes(node, state))
+
+
+EXPAND = _layout_rule(_rewrite_expand, *methods("expand"))
+
+
+def _rewrite_unflatten(rw, node, state):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    sizes = list(node.args[2] if len(node.args) > 2 else node.kwargs["sizes"])
+    out = rw.out_sizes(node, state)
+    rank_in = len(rw.shape(node.args[0]))
+    dim = dim % rank_in
+    for k in range(len(sizes)):
+        s = out[dim + k]
+        if s is not None and sizes[k] != -1:
+            sizes[k] = s
+    args = list(node.args) + [None] * (3 - len(node.args))
+    args[1], args[2] = dim, tuple(sizes)
+    node.args = tuple(args[:3])
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "sizes")}
+
+
+UNFLATTEN = _layout_rule(_rewrite_unflatten, torch.unflatten, *methods("unflatten"))
+
+
+def _piece_counts(rw, node, dim: int, sizes: list[int], state) -> list[int] | None:
+    sel = rw.input_selection(node, dim)
+    if state == FULL or sel is None:
+        return sizes
+    bounds = np.cumsum([0] + list(sizes))
+    return [int(np.count_nonzero((sel >= lo) & (sel < hi))) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _split_args(node):
+    x = node.args[0]
+    size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+        "split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get("split_sizes")))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return x, size_arg, dim
+
+
+def _retarget_split(node, x, counts, dim) -> None:
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args = (x, list(counts), dim)
+    node.kwargs = {}
+
+
+def _rewrite_split(rw, node, state):
+    x, size_arg, dim = _split_args(node)
+    total = rw.shape(x)[dim]
+    if isinstance(size_arg, int):
+        sizes = [min(size_arg, total - s) for s in range(0, total, size_arg)]
+    elif isinstance(size_arg, (list, tuple)) and all(isinstance(s, int) for s in size_arg):
+        sizes = list(size_arg)
+    else:
+        return False
+    counts = _piece_counts(rw, node, dim, sizes, state)
+    _retarget_split(node, x, counts, dim)
+
+
+SPLIT = _layout_rule(_rewrite_split, torch.split, *methods("split", "split_with_sizes"))
+
+
+def _rewrite_chunk(rw, node, state):
+    x = node.args[0]
+    chunks = node.args[1] if len(node.args) > 1 else node.kwargs["chunks"]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    total = rw.shape(x)[dim]
+    step = -(-total // chunks)
+    sizes = [min(step, total - s) for s in range(0, total, step)]
+    _retarget_split(node, x, _piece_counts(rw, node, dim, sizes, state), dim)
+
+
+CHUNK = _layout_rule(_rewrite_chunk, torch.chunk, *methods("chunk"))
+
+
+def _rewrite_getitem(rw, node, state):
+    x, index = node.args
+    if state == FULL or not isinstance(rw.value(x), torch.Tensor):  # or a tuple's element
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    shape = rw.shape(x)
+    sel = rw.selection(x)
+    if sel is None:
+        return False
+    n_consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    new, d = [], 0
+    for item in index:
+        if item is Ellipsis:
+            new.append(item)
+            d += len(shape) - n_consumed
+            continue
+        if item is None:
+            new.append(item)
+            continue
+        s = sel[d] if d < len(sel) else None
+        if isinstance(item, slice) and s is not None:
+            start, stop, step = item.indices(shape[d])
+            if step != 1:
+                return False
+            item = slice(int(np.count_nonzero(s < start)), int(np.count_nonzero(s < stop)))
+        elif isinstance(item, int) and s is not None:
+            pos = item % shape[d]
+            hit = np.flatnonzero(s == pos)
+            if not len(hit):
+                return False
+            item = int(hit[0])
+        elif isinstance(item, fx.Node) and isinstance(rw.value(item), torch.Tensor):
+            if s is not None or rw.value(item).dtype == torch.bool:
+                return False  # positions picked from a pruned dim: only the full layout knows
+            # an index tensor on a dim the plan keeps whole (a position-bias lookup): as is
+        elif not isinstance(item, (int, slice)):
+            return False
+        new.append(item)
+        d += 1
+    node.args = (x, tuple(new) if len(new) != 1 else new[0])
+    return None
+
+
+GETITEM = _layout_rule(_rewrite_getitem, operator.getitem)
+
+
+def _rewrite_unbind(rw, node, state):
+    """unbind along a dim the plan keeps whole (q, k, v of a qkv projection) is unchanged;
+    along a pruned dim the pieces would no longer be the same ones."""
+    dim = arg(node, 1, "dim", 0)
+    if state == FULL:
+        return None
+    return None if rw.input_selection(node, dim) is None else False
+
+
+UNBIND = _layout_rule(_rewrite_unbind, torch.unbind, *methods("unbind"))
+
+
+def _rewrite_narrow(rw, node, state):
+    x, dim, start, length = (list(node.args) + [None] * 4)[:4]
+    if state == FULL or not all(isinstance(v, int) for v in (dim, start, length)):
+        return None if state == FULL else False
+    s = rw.input_selection(node, dim)
+    if s is not None:
+        start, length = (int(np.count_nonzero(s < start)),
+                         int(np.count_nonzero((s >= start) & (s < start + length))))
+    node.args = (x, dim, start, length)
+
+
+NARROW = _layout_rule(_rewrite_narrow, torch.narrow, *methods("narrow"))
+
+
+def _rewrite_select(rw, node, state):
+    x, dim, index = node.args[:3]
+    if state == FULL:
+        return None
+    s = rw.input_selection(node, dim)
+    if s is not None:
+        hit = np.flatnonzero(s == index % rw.shape(x)[dim])
+        if not len(hit):
+            return False
+        node.args = (x, dim, int(hit[0]))
+
+
+SELECT = _layout_rule(_rewrite_select, torch.select, *methods("select"))
+
+
+RULES = (cat, stack, shape_query, FREE_LAYOUT, FULL_LAYOUT, VIEW, EXPAND, UNFLATTEN, SPLIT, CHUNK, GETITEM, NARROW, UNBIND, SELECT)

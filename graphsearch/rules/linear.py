@@ -1,0 +1,98 @@
+"""Linear layers and matrix products between activations.
+
+A linear layer produces fresh channels along the last dim; a matmul between activations
+ties the contracted entries pairwise (attention scores, attention times values).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..atoms import NO_ATOM
+from .registry import methods, rule, unsupported
+
+
+def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
+    line_in = ctx.line(ctx.ids(x), -1, x)
+    out = ctx.fresh(out_features, "linear")
+    ctx.bind(wname, weight_dims[0], out, role="out")  # roles: x @ W has W as (in, out)
+    ctx.bind(wname, weight_dims[1], line_in, role="in")
+    if bname:
+        ctx.bind(bname, 0, out)
+    # rows per sample: tokens, also where they are folded into dim 0 (windows of a Swin
+    # block) or lead it (a sequence-first layout)
+    rows = math.prod(ctx.shape(node)[:-1]) / ctx.batch
+    ctx.macs(rows, line_in, out)
+    return ctx.channel_ids(out, node, dim=-1)
+
+
+def _fix_linear(rw, node, m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+@rule(nn.Linear, edge="mix", gate="producer", fix=_fix_linear, pure=True, latency="linear")
+def linear(ctx, node):
+    m = ctx.module
+    return _linear(ctx, node, node.args[0], m.out_features, f"{node.target}.weight",
+                   f"{node.target}.bias" if m.bias is not None else None)
+
+
+@rule(F.linear, edge="mix", gate="producer")
+def functional_linear(ctx, node):
+    w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    wname, bname = ctx.param_name(w), ctx.param_name(b)
+    if wname is None:
+        return unsupported(ctx, node, why="F.linear with a computed weight")
+    return _linear(ctx, node, node.args[0], ctx.shape(w)[0], wname, bname)
+
+
+def _identity_outside(ctx, ids, dim):
+    """The identity an operand passes to the output once `dim` is contracted away."""
+    if all(ids.size(d) == 1 for d in range(ids.dim()) if d != ids.dim() + dim):
+        return torch.full((1,) * ids.dim(), NO_ATOM, dtype=torch.int64)
+    ctx.tie_along(ids, dim)
+    return ctx.find_ids(ids.narrow(dim, 0, 1))
+
+
+@rule(torch.matmul, operator.matmul, torch.bmm, *methods("matmul", "bmm"), edge="mix",
+      dead="block", gate="producer")
+def matmul(ctx, node):
+    """a @ b between activations (attention scores, attention @ values).
+
+    The contracted entries are tied pairwise. An operand whose identity also varies outside
+    the contracted dim (heads) is tied along it, so that its head survives into the output.
+    """
+    a, b = node.args[0], node.args[1]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        return unsupported(ctx, node, why="matmul with a vector operand")
+    if ctx.param_name(b) is not None and len(sb) == 2:
+        # x @ W with a parameter W of shape (in, out): a linear layer without transpose.
+        return _linear(ctx, node, a, sb[-1], ctx.param_name(b), None, weight_dims=(1, 0))
+    ia, ib = ctx.ids(a), ctx.ids(b)
+    ctx.tie(ia.unsqueeze(-1), ib.unsqueeze(-3))  # a[..., m, k] ~ b[..., k, n]
+    ia, ib = ctx.find_ids(ia), ctx.find_ids(ib)
+    lead = ctx.shape(node)[0] / ctx.batch  # dim 0 per sample (windows x batch: > 1)
+    a_rows = _identity_outside(ctx, ia, -1)      # (..., M, 1)
+    b_cols = _identity_outside(ctx, ib, -2)      # (..., 1, N)
+    if ctx.varies_along(a_rows, -2) and ctx.varies_along(b_cols, -1):
+        return unsupported(ctx, node, why="matmul whose rows and columns both carry channels")
+    if ib.size(-1) == 1:  # b's columns carry no channel: every a element meets N of them
+        ctx.macs(sb[-1] * lead, (ia, sa[1:]))
+    elif all(ib.size(d) == 1 for d in range(ib.dim() - 1)):  # only b's columns carry channels
+        ctx.macs(lead, (ia, sa[1:]), ctx.line(ib, -1, b))
+    else:
+        # b's identity varies beyond its columns (attention @ v, heads x head_dim): every b
+        # element meets M rows of a, whose identity is tied into b's. (A line of b's columns
+        # would tie the heads together.)
+        ctx.macs(sa[-2] * lead, (ib, sb[1:]))
+    return ctx.combine(a_rows, b_cols)
+
+
+RULES = (linear, functional_linear, matmul)

@@ -1,0 +1,123 @@
+"""Group lasso: joint channel norms, the proximal step, dead channels staying dead, revived
+channels, and the method end to end on a tiny model."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from graphsearch.analysis import analyze
+from graphsearch.load import UserError
+from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, zero_channels
+from graphsearch.target import legal_zeros
+from hand_models import X8, TwoConv, ctx_for, end_to_end, hidden_group, randomise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_joint_norm_gathers_producer_norm_and_consumer(tmp_path):
+    model = randomise(TwoConv())
+    graph = analyze(model, X8)
+    ctx = ctx_for(model, graph, tmp_path)
+    g4 = hidden_group(graph, 4)
+    got = ctx.channel_norms()[g4].detach()
+    for c in range(4):
+        by_hand = (model.c1.weight[c].pow(2).sum() + model.b1.weight[c] ** 2
+                   + model.b1.bias[c] ** 2 + model.c2.weight[:, c].pow(2).sum()).sqrt()
+        assert float(got[c]) == pytest.approx(float(by_hand.detach()), rel=1e-6)
+
+
+def test_proximal_step_shrinks_by_the_threshold_and_zeroes_small_channels(tmp_path):
+    model = randomise(TwoConv())
+    graph = analyze(model, X8)
+    ctx = ctx_for(model, graph, tmp_path)
+    g4, g5 = hidden_group(graph, 4), hidden_group(graph, 5)
+    with torch.no_grad():
+        before = {g: n.clone() for g, n in ctx.channel_norms().items()}
+    w1, w2 = model.c1.weight.detach().clone(), model.c2.weight.detach().clone()
+    gamma = model.b1.weight.detach().clone()
+    # a threshold between the 2nd and 3rd smallest norms of the 4-group: two of them zeroed
+    b4 = before[g4].sort().values
+    t = float(b4[1] + b4[2]) / 2
+    factors = proximal_step(ctx, model, t)
+    for g in (g4, g5):  # factor = max(0, 1 - t / ||theta_c||), from the norms before the step
+        expected = (1 - t / before[g].double()).clamp_min(0)
+        assert torch.allclose(factors[g].double(), expected, atol=1e-6)
+    f4, f5 = factors[g4], factors[g5]
+    # every tied slice of a channel scaled by its factor; where two groups meet (conv2's
+    # weight: rows of the 5-group, columns of the 4-group) by the product of both
+    assert torch.allclose(model.c1.weight, w1 * f4.view(-1, 1, 1, 1), atol=1e-6)
+    assert torch.allclose(model.b1.weight, gamma * f4, atol=1e-6)
+    assert torch.allclose(model.c2.weight, w2 * f5.view(-1, 1, 1, 1) * f4.view(1, -1, 1, 1),
+                          atol=1e-6)
+    with torch.no_grad():
+        after = ctx.channel_norms()[g4]
+    assert int((after == 0).sum()) == 2 and int((f4 == 0).sum()) == 2
+    # a channel that was not zeroed lost at least the threshold from its own (unshared) part
+    for c in np.flatnonzero(f4.numpy() > 0):
+        assert float(after[c]) <= float(before[g4][c]) - t + 1e-5
+
+
+def test_dead_channels_stay_dead_under_momentum(tmp_path):
+    model = randomise(TwoConv())
+    graph = analyze(model, X8)
+    g4 = hidden_group(graph, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()  # momentum buffers now hold nonzero entries everywhere
+    zero_channels(graph, model, {g4: np.array([1])}, opt)
+    assert float(model.c1.weight.detach()[1].abs().sum()) == 0.0
+    assert float(model.c2.weight.detach()[:, 1].abs().sum()) == 0.0
+    assert float(opt.state[model.c1.weight]["momentum_buffer"][1].abs().sum()) == 0.0
+    assert float(opt.state[model.c1.weight]["momentum_buffer"][0].abs().sum()) > 0.0
+
+
+def test_revive_restarts_kept_zero_channels_at_the_survivors_scale(tmp_path):
+    model = randomise(TwoConv())
+    graph = analyze(model, X8)
+    ctx = ctx_for(model, graph, tmp_path)
+    g4 = hidden_group(graph, 4)
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    norms0 = {k: v.detach().clone() for k, v in ctx.channel_norms().items()}
+    with torch.no_grad():
+        zero_channels(graph, model, {g4: np.array([0, 1])})
+        for p in model.parameters():
+            p.mul_(0.5)  # the survivors shrank to half
+    with torch.no_grad():
+        norms = ctx.channel_norms()
+    n = revive(graph, model, initial, norms0, norms, {g4: [0, 2, 3]})  # channel 1 stays dropped
+    assert n == 1
+    # the scale: mean norm of the channels still alive over their mean initial norm (below
+    # 0.5 here: zeroing the 4-group's channels also took conv2's columns from the 5-group)
+    alive_now = torch.cat([v[v > 0] for v in norms.values()]).double()
+    alive_then = torch.cat([norms0[g][v > 0] for g, v in norms.items()]).double()
+    scale = float(alive_now.mean() / alive_then.mean())
+    assert 0.3 < scale < 0.5
+    assert torch.allclose(model.c1.weight[0], initial["c1.weight"][0] * scale, atol=1e-6)
+    assert torch.allclose(model.c2.weight[:, 0], initial["c2.weight"][:, 0] * scale, atol=1e-6)
+    assert float(model.c1.weight.detach()[1].abs().sum()) == 0.0
+
+
+def test_legal_zeros_keeps_one_channel_where_a_group_cannot_vanish():
+    model = TwoConv()
+    graph = analyze(model, X8)
+    g4 = hidden_group(graph, 4)
+    # a chain's only path: width 0 would disconnect the output
+    assert legal_zeros(graph, {g4: 0})[g4] == 1
+
+
+def test_end_to_end_on_a_tiny_model(trained_tiny, tmp_path):
+    # a strong shrink, so that the proximal steps reach exact zeros in 24 steps
+    method = GroupLasso()
+    proposal, _ = end_to_end(method, trained_tiny, tmp_path, {**method.defaults, "shrink": 1.0})
+    assert proposal.info["zeros"] > 0  # exact zeros from the proximal steps
+
+
+def test_group_lasso_refuses_an_unknown_normalisation(trained_tiny, tmp_path):
+    model, graph, data = trained_tiny
+    m = GroupLasso()
+    ctx = ctx_for(copy.deepcopy(model), graph, tmp_path, data,
+                  settings={**m.defaults, "normalise": "bogus"}, epochs=0.0)
+    with pytest.raises(UserError, match="normalise"):
+        m.search(ctx)

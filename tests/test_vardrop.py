@@ -1,0 +1,136 @@
+"""Variational dropout: the mathematics on hand-sized numbers, weight folding, and the method
+end to end on a tiny model and tiny data."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from graphsearch.methods.vardrop import (K1, K2, K3, VariationalDropout, VDGates,
+                                         clip_log_alpha, dropped_mask, fold_gates, kl, kl_beta,
+                                         log_alpha_of)
+from graphsearch.passes.slim import slim
+from hand_models import check_plan, make_ctx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- VD mathematics
+
+
+def hand_kl(la):
+    neg = K1 / (1 + math.exp(-(K2 + K3 * la))) - 0.5 * math.log(1 + math.exp(-la)) - K1
+    return -neg
+
+
+def test_constants():
+    assert (K1, K2, K3) == (0.63576, 1.87320, 1.48695)
+
+
+@pytest.mark.parametrize("la, expected", [(-8.0, 4.635899), (0.0, 0.431239), (3.0, 0.025420),
+                                          (8.0, 0.000168)])
+def test_kl_at_known_log_alphas(la, expected):
+    got = float(kl(torch.tensor(la, dtype=torch.float64)))
+    assert got == pytest.approx(hand_kl(la), abs=1e-9)
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_decreases_with_log_alpha():
+    la = torch.linspace(-8, 8, 101, dtype=torch.float64)
+    v = kl(la)
+    assert bool((v[1:] < v[:-1]).all()) and bool((v > 0).all())
+
+
+def test_log_alpha_clipping_and_straight_through():
+    theta = torch.tensor([1.0, 1.0, 1.0, 0.01])
+    ls2 = torch.tensor([-10.0, 0.0, 20.0, -4.0], requires_grad=True)
+    la = log_alpha_of(theta, ls2).detach()
+    assert la.tolist() == pytest.approx([-8.0, 0.0, 8.0, -4.0 - 2 * math.log(0.01)],
+                                        abs=1e-5)
+    assert float(la.max()) <= 8 and float(la.min()) >= -8
+    # a hard clamp has no gradient at the initial log alpha = -10; straight-through has
+    (g_hard,) = torch.autograd.grad(kl(clip_log_alpha(ls2[:1] - 0.0)).sum(), ls2)
+    assert float(g_hard[0]) == 0.0
+    st = clip_log_alpha(ls2[:1] - 0.0, straight_through=True)
+    assert float(st.detach()) == -8.0
+    (g_st,) = torch.autograd.grad(kl(st).sum(), ls2)
+    assert float(g_st[0]) < 0  # the KL pushes log sigma^2 (so alpha) up
+    # the gates start at log alpha -10 -> clipped to -8
+    gates = VDGates({0: 3})
+    assert gates.log_alpha(0).tolist() == [-8.0, -8.0, -8.0]
+    assert gates.log_alpha(0, clip=False).tolist() == [-10.0, -10.0, -10.0]
+
+
+def test_drop_rule():
+    la = torch.tensor([-8.0, 2.99, 3.0, 5.0, 12.0])
+    assert dropped_mask(la).tolist() == [False, False, True, True, True]
+    assert dropped_mask(la, threshold=6.0).tolist() == [False, False, False, False, True]
+
+
+def test_kl_warmup():
+    assert kl_beta(0, 100) == 0.0
+    assert kl_beta(15, 100) == 0.0
+    assert kl_beta(60, 100) == 1.0
+    assert kl_beta(100, 100) == 1.0
+    assert kl_beta(75, 200) == pytest.approx(0.5)  # halfway between 30 and 120
+
+
+def test_gates_sample_in_training_and_use_means_in_eval():
+    gates = VDGates({0: 4}, log_sigma2_init=0.0)
+    gates.theta["0"].data = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    gates.eval()
+    assert gates.sample(0).tolist() == [1.0, 2.0, 3.0, 4.0]
+    gates.train()
+    torch.manual_seed(0)
+    assert gates.sample(0).tolist() != [1.0, 2.0, 3.0, 4.0]
+
+
+def test_folding_reproduces_the_gated_model(trained_tiny_hidden, tmp_path):
+    ctx = make_ctx(trained_tiny_hidden, tmp_path)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial norm statistics
+        for m in ctx.model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    groups = ctx.graph.prunable_groups
+    assert {g.id for g in groups} == {1, 2, 3}
+    theta = {g.id: torch.rand(g.size) * 2 - 0.5 for g in groups}  # some negative
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        gated = ctx.gated({gid: (lambda t=t: t) for gid, t in theta.items()}).eval()
+        want = gated(x)
+        plain = ctx.model.eval()(x)
+    assert not torch.allclose(plain, want, atol=1e-3)
+    assert fold_gates(ctx, theta) == []  # every gate point had parameters
+    with torch.no_grad():
+        got = ctx.model.eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # zero gates fold to removal: the slim model equals the gated model
+    ctx2 = make_ctx(trained_tiny_hidden, tmp_path)
+    keep = {1: [0, 2, 3, 7, 9, 15], 2: list(range(0, 32, 3)), 3: [1, 4, 5, 20]}
+    mask = {g: torch.zeros(ctx2.graph.groups[g].size).index_fill_(0, torch.tensor(v), 1.0)
+            * theta[g] for g, v in keep.items()}
+    with torch.no_grad():
+        want = ctx2.gated({g: (lambda t=t: t) for g, t in mask.items()}).eval()(x)
+    fold_gates(ctx2, mask)
+    small = slim(ctx2.graph, keep, ctx2.model.state_dict()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_vardrop_end_to_end(trained_tiny_hidden, tmp_path):
+    ctx = make_ctx(trained_tiny_hidden, tmp_path, epochs=1.0)
+    method = VariationalDropout()
+    ctx.settings = dict(method.defaults)
+    proposal = method.search(ctx)
+    check_plan(ctx, proposal, 1)
+    info = proposal.info
+    assert set(info["dropped_per_group"]) == {"1", "2", "3"}
+    assert sum(info["log_alpha_histogram"]["counts"]) == info["channels_total"] == 72
+    assert info["unfolded_gate_points"] == []
+    # the returned weights are the gated model's at the means: the plain model runs them
+    full = slim(ctx.graph, {}, proposal.state_dict).eval()
+    with torch.no_grad():
+        assert bool(torch.isfinite(full(torch.randn(2, 3, 16, 16))).all())
