@@ -82,8 +82,10 @@ class RemovedBranch(nn.Module):
         shape = list(self.shape)
         if self.batch_from_input and ref is not None and ref.dim() > 0 and shape:
             shape[0] = ref.shape[0]
-        return torch.zeros(shape, dtype=self.dtype,
-                           device=ref.device if ref is not None else None)
+        # the input's float type (a model cast with .half() after pruning), else the analysed
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() and \
+            self.dtype.is_floating_point else self.dtype
+        return torch.zeros(shape, dtype=dtype, device=ref.device if ref is not None else None)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, was={self.was}"
@@ -110,13 +112,14 @@ class PruneResult:
 def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = None,
           rtol: float = 1e-4) -> PruneResult:
     """Edit `model` (the module `graph` was analysed from) to the keep plan `keep` (group id
-    -> kept channel indices; groups not named keep all). Returns what changed. `inputs`: the
-    inputs the edited model is checked on against the slim module (default: random ones of
-    the analysed shapes)."""
+    -> kept channel indices, groups not named keep all; or a `graphsearch.target.Plan`).
+    Returns what changed. `inputs`: the inputs the edited model is checked on against the
+    slim module (default: random ones of the analysed shapes)."""
     from .passes.mask import verify
     from .passes.plan import resolve
     from .passes.slim import slim
 
+    keep = getattr(keep, "keep", keep)  # a Plan: its kept channels
     plan = resolve(graph, keep)
     base_params = _count(model)
     untraced = base_params - graph.baseline.params

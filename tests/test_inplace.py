@@ -172,6 +172,8 @@ def test_removed_branch_costs_nothing():
     assert nparams(model) == g.cost(keep).params == (3 * 3 * 9 + 3) + (3 * 3 + 3)
     model(torch.randn(5, 3, 8, 8))  # the hook moved with the branch's place: it sees zeros
     assert hook_outputs[-1].shape == (5, 3, 8, 8) and not hook_outputs[-1].any()
+    out = model.double()(torch.randn(2, 3, 8, 8, dtype=torch.float64))  # zeros follow the cast
+    assert out.dtype == torch.float64 and hook_outputs[-1].dtype == torch.float64
 
 
 class LiteralFlatten(nn.Module):
