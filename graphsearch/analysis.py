@@ -210,6 +210,10 @@ class Context:
                     _plain(self.value(a) if isinstance(a, fx.Node) else a)
                     for a in _leaves((node.args, node.kwargs))):
             return 0.0  # Python arithmetic on sizes (`c // groups`, `x.size()[0]`): no tensor
+        from .trace import REAL_MACS
+
+        if REAL_MACS in node.meta:  # it reads values: zeros may not take the example's branch
+            return node.meta[REAL_MACS] / max(self.batch, 1)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 

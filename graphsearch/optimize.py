@@ -28,7 +28,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .graph import ChannelGraph
-from .load import UserError, load_model
+from .load import LoadedModel, UserError, load_model
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
 from .train import RECIPES, Distilled, soft_target_loss
 from .units import human
@@ -103,14 +103,17 @@ class Run:
     round_to_choice: dict | None = None  # what --round-to auto measured and chose
 
 
-def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print) -> dict:
-    """Run the pipeline; returns the report (on every rank under torchrun)."""
+def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print,
+             loaded: LoadedModel | None = None, outcome: dict | None = None) -> dict:
+    """Run the pipeline; returns the report (on every rank under torchrun). `loaded`: a model
+    in memory instead of `config.model`'s file (`graphsearch.api`), which also receives in
+    `outcome` the run, the plan and the fine-tuned slim module."""
     from .train import distributed_context
 
     distributed_context()  # under torchrun: join the process group before any file is touched
     if not ckpt.is_main():
         log = _silent
-    run = prepare(config, resume, log)
+    run = prepare(config, resume, log, loaded)
     baseline = stage_baseline(run)
     proposal = stage_search(run)
     slim_model, plan = stage_slim(run, proposal)
@@ -124,6 +127,8 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     report = on_main(lambda: write_reports(run, baseline, proposal, plan, final, exported))
     for line in report.get("failed_targets", []):
         log(f"FAILED TARGET: {line}")
+    if outcome is not None:
+        outcome.update(run=run, plan=plan, slim=slim_model)
     return report
 
 
@@ -165,7 +170,8 @@ def on_main(fn: Callable):
 # --------------------------------------------------------------------------- preparation
 
 
-def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
+def prepare(config: OptimizeConfig, resume: bool, log: Callable,
+            loaded: LoadedModel | None = None) -> Run:
     from .analysis import analyze
     from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
@@ -189,7 +195,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable) -> Run:
                             f"({', '.join(diff)}); repeat them or choose another --out")
 
     torch.manual_seed(config.seed)
-    loaded = load_model(config.model, config.weights)
+    if loaded is None:
+        loaded = load_model(config.model, config.weights)
     own_data = loaded.datasets is not None and config.data is None
     if own_data:
         if config.val_data or config.test_data:

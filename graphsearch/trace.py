@@ -489,6 +489,17 @@ class _ValueReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# node.meta key: MACs of a module that reads tensor values, counted in the real pass on the
+# example inputs (all samples); the analysis's cost of an opaque leaf uses it
+REAL_MACS = "graphsearch_real_macs"
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
 # what torch says when a value is read from a meta tensor
 _VALUE_ON_META = ("cannot be called on meta tensors", "Cannot copy out of meta tensor")
 
@@ -553,10 +564,14 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if self.reads is not None and n.op in ("call_module", "call_function", "call_method"):
-            with _ValueReads() as mode:
+            counter = _flop_counter() if n.op == "call_module" else contextlib.nullcontext()
+            with counter, _ValueReads() as mode:
                 out = super().run_node(n)
             if mode.hit:
                 self.reads[n.name] = _who(self.module, n)
+                if n.op == "call_module":  # the branch the example takes, counted for real
+                    n.meta[REAL_MACS] = counter.get_total_flops() / 2  # (zeros may take
+                    # another: `if x.mean() > 0: return x + self.conv(x)`)
         else:
             try:
                 out = super().run_node(n)

@@ -171,3 +171,56 @@ def test_export_and_top_level_reads_are_one_line_errors(write_model, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1].startswith("graphsearch: error: " + expected)
     assert "torch.where" in r.stderr
+
+
+class _GatedConv(nn.Module):
+    """The issue's block: its conv runs only when the input's mean is positive, so a count on
+    zeros (what the analysis runs an opaque op on) misses it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return x + self.conv(x)
+        return x
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.gate = _GatedConv(32)
+        self.head = nn.Conv2d(32, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.gate(torch.relu(self.stem(x)))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_opaque_module_that_reads_values_is_costed_on_the_examples_branch(batch):
+    """Counted for real in the real pass on the example inputs: the cost model's MACs equal
+    torch's FLOP counter on the model, and the unprunable share says what a plan cannot
+    change (the issue: 5.6 M MACs and 84% prunable before, 15.0 M and 31% in truth)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _Gated().eval()
+    x = torch.randn(batch, 3, 32, 32)
+    g = graphsearch.analyze(model, (x,))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert g.cost().macs == counter.get_total_flops() // 2 // batch == 15_040_672
+    share = g.mac_share()
+    assert share["share"] == pytest.approx(4_718_752 / 15_040_672)
+    assert "'gate' is opaque" in share["reasons"][0][0]
+    # the gate's conv (32 -> 32, 3x3, 32x32) and the stem, whose channels enter the gate
+    assert share["reasons"][0][1] == 32 * 32 * 9 * 32 * 32 + 3 * 9 * 32 * 32 * 32
+    stem = next(grp for grp in g.groups if "stem.weight[out]" in grp.members)
+    assert not stem.prunable
+    # a plan changes what it can: half the head's channels halve its conv and the linear
+    head = next(grp for grp in g.groups if "head.weight[out]" in grp.members)
+    assert g.cost().macs - g.cost({head.id: head.size // 2}).macs == \
+        (32 * 9 * 16 * 32 * 32 + 16 * 10) // 2
