@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -354,9 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the run like Ctrl-C does (workers ended, the --out lock
+    freed, finished stages kept), where Python's default would end the process at once."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = args.run(args)
     except UserError as exc:
@@ -365,9 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         if is_main():  # under torchrun every rank raises the same error: say it once
             print(f"graphsearch: error: {exc}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("graphsearch: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        hint = ("; finished stages are kept: continue with --resume"
+                if args.command == "optimize" else "")
+        print(f"graphsearch: {what}{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     _leave_process_group()
     return code
 

@@ -38,6 +38,9 @@ import io
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -368,10 +371,49 @@ def _unpack(out: dict) -> dict:
 _WORKER_DATA = None
 
 
-def _init_worker(data) -> None:
+def _init_worker(data, parent: int | None = None) -> None:
     global _WORKER_DATA
+    if parent is not None:
+        die_with_parent(parent)
+    # Ctrl-C in a terminal reaches the whole process group: the driver handles it (and ends
+    # its workers); a worker printing its own KeyboardInterrupt traceback would only add noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _WORKER_DATA = data
+
+
+PARENT_POLL_S = 0.5  # how often a worker's watchdog looks for its driver
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when process `parent` (the driver that started it) ends, however it
+    ends (SIGTERM, SIGINT, kill -9): a worker never outlives its search.
+
+    On Linux the kernel does it: `prctl(PR_SET_PDEATHSIG, SIGKILL)` asks for SIGKILL when the
+    parent dies (strictly: when the parent's thread that started this process ends). A daemon
+    thread also polls the parent pid every PARENT_POLL_S seconds and exits when this process
+    has been handed to another parent (the portable fallback, and a second line on Linux).
+    If the parent is gone already, exit now."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl here: the watchdog alone
+            pass
+    if os.getppid() != parent:  # died before the request above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="graphsearch-watch-parent",
+                     daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _worker_task(module_blob: bytes, teacher_blob: bytes | None, settings: dict, seed: int,
@@ -554,15 +596,33 @@ class CandidateEvaluator:
                 _save_atomic(path, extras)
 
     def close(self) -> None:
+        """Let the workers finish and end them (a search done)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def terminate(self) -> None:
+        """End the local workers now, evaluations in flight abandoned (an interrupted
+        search: those are not cached and run again on --resume)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.join(timeout=5)
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
 
     # ---- internals
     @staticmethod
@@ -710,9 +770,9 @@ class CandidateEvaluator:
                     self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
             except BaseException:
-                if self._pool is not None:
-                    for f in list(futures):
-                        f.cancel()
+                # interrupted (SIGINT, SIGTERM via the CLI, an error in a callback): the
+                # workers stop with the search instead of finishing work nobody collects
+                self.terminate()
                 raise
         raise RuntimeError(f"evaluator: worker processes kept dying; {len(pending)} "
                            "evaluation(s) not done")
@@ -721,7 +781,8 @@ class CandidateEvaluator:
         if self._pool is None:
             ctx = torch.multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                             initializer=_init_worker, initargs=(self.data,))
+                                             initializer=_init_worker,
+                                             initargs=(self.data, os.getpid()))
         return self._pool
 
     def _run_ray(self, todo, keeps, keys, labels, state_dict, teacher_blob, settings, seeds,
