@@ -98,3 +98,225 @@ def test_no_local_worker_outlives_its_driver(sig, tmp_path):
         for p in workers + _children(proc.pid):
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- bad input
+
+TINY = (TESTS / "tiny_model.py").read_text()
+FAST = ["--data", "synthetic:240:4", "--baseline-epochs", "1", "--finetune-epochs", "1",
+        "--search-epochs", "0.5", "--batch-size", "60", "--round-to", "4", "--quiet"]
+
+
+def _one_line_error(capsys, code: int) -> str:
+    """The CLI's error: exit status 2, exactly one 'graphsearch: error' line, no traceback."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("graphsearch: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def model_py(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("GRAPHSEARCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.py"
+    path.write_text(TINY)
+    return path
+
+
+def _image_folder(root: Path, modes: dict, size=(16, 16), per_class: int = 6) -> Path:
+    """An ImageFolder of two classes: RGB images plus one image of each extra mode."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+        for name, make in modes.items():
+            make(rng).save(root / c / name)
+    return root
+
+
+def test_mixed_image_modes_become_rgb_and_are_noted(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from graphsearch.data import load_dataset
+
+    g16 = np.full((16, 16), 40000, dtype=np.uint16)  # 16-bit gray: 40000 / 257 = 155.6
+    modes = {
+        "gray.png": lambda r: Image.fromarray(r.integers(0, 256, (16, 16), dtype=np.uint8)),
+        "rgba.png": lambda r: Image.fromarray(r.integers(0, 256, (16, 16, 4), dtype=np.uint8)),
+        "palette.png": lambda r: Image.fromarray(
+            r.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P"),
+        "gray16.png": lambda r: Image.fromarray(g16),
+        "cmyk.jpg": lambda r: Image.fromarray(
+            r.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("CMYK"),
+    }
+    root = _image_folder(tmp_path / "data", modes)
+    raw = load_dataset(str(root), val_fraction=0.2, test_fraction=0.0, cache_dir=False)
+    assert raw.input_shape == (3, 16, 16)
+    note = [n for n in raw.notes if n.startswith("converted to RGB")]
+    assert len(note) == 1 and "2 L images" in note[0] and "2 RGBA images" in note[0] \
+        and "2 P images" in note[0] and "2 I;16 images" in note[0] and "alpha" in note[0]
+    # 16-bit gray is scaled onto 8 bits, not clipped to white (Pillow's convert("RGB"))
+    from graphsearch.data import _to_rgb
+
+    assert np.asarray(_to_rgb(Image.fromarray(g16))).max() == 156
+
+
+def test_mixed_image_sizes_one_line(model_py, tmp_path, capsys):
+    from PIL import Image
+
+    from graphsearch.cli import main
+
+    root = _image_folder(tmp_path / "data", {
+        "big.png": lambda r: Image.new("RGB", (24, 20), (1, 2, 3))})
+    code = main(["optimize", str(model_py), "--data", str(root), "--out",
+                 str(tmp_path / "out"), *FAST[2:]])
+    line = _one_line_error(capsys, code)
+    assert "images differ in size" in line and "24x20" in line and "resize" in line
+    assert not (tmp_path / "out").exists()  # nothing left behind
+
+
+def test_a_model_head_smaller_than_the_class_count_one_line(model_py, tmp_path, capsys):
+    from graphsearch.cli import main
+
+    # tiny_model.py has 4 outputs; this data has 10 classes
+    code = main(["optimize", str(model_py), "--out", str(tmp_path / "out"),
+                 "--data", "synthetic:200:10", *FAST[2:]])
+    line = _one_line_error(capsys, code)
+    assert "outputs (1, 4)" in line and "10 classes" in line and "10 outputs" in line
+
+
+def test_a_label_outside_the_head_late_in_user_data_one_line(tmp_path, capsys, one_thread,
+                                                              monkeypatch):
+    # datasets() of model.py whose labels fit the head for the first 2,048 images (what the
+    # start-up check reads) and not after: the training step says so in one line
+    from graphsearch.cli import main
+
+    monkeypatch.setenv("GRAPHSEARCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.py"
+    path.write_text(TINY + textwrap.dedent("""
+
+        def datasets():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2100, 3, 16, 16, generator=g)
+            y = torch.arange(2100) % 4
+            y[2090] = 7  # outside the 4 outputs
+            val = torch.utils.data.TensorDataset(x[:40], y[:40])
+            return {"train": torch.utils.data.TensorDataset(x, y), "val": val, "test": val}
+        """))
+    code = main(["optimize", str(path), "--out", str(tmp_path / "out"), "--method", "uniform",
+                 "--baseline-epochs", "1", "--batch-size", "700", "--round-to", "4",
+                 "--quiet"])
+    line = _one_line_error(capsys, code)
+    assert "label 7 is outside the 4 classes" in line and "outputs" in line
+
+
+# --------------------------------------------------------------------------- writing fails
+
+
+def _tmp_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*.tmp"))
+
+
+def test_an_out_below_a_file_one_line(model_py, tmp_path, capsys):
+    from graphsearch.cli import main
+
+    (tmp_path / "file.txt").write_text("mine")
+    code = main(["optimize", str(model_py), "--out", str(tmp_path / "file.txt" / "out"),
+                 *FAST])
+    line = _one_line_error(capsys, code)
+    assert "cannot write" in line and "choose another --out" in line
+    assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no write reaches: a read-only tmpfs when this process may mount (root), else
+    a folder without write permission (which root would ignore)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                           capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("root without mount: no way to make a folder read-only")
+        yield folder
+        subprocess.run(["umount", str(folder)], capture_output=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def test_a_read_only_out_one_line(model_py, read_only_folder, capsys):
+    from graphsearch.cli import main
+
+    code = main(["optimize", str(model_py), "--out", str(read_only_folder / "out"), *FAST])
+    line = _one_line_error(capsys, code)
+    assert "cannot write" in line and str(read_only_folder) in line
+    assert "choose another --out" in line
+
+
+def _disk_full_at(monkeypatch, name: str):
+    """Writes of files called `name` fail with ENOSPC half-way, through the real atomic
+    writer (its temporary file is half written when the error comes)."""
+    import errno
+    import io
+
+    from graphsearch import checkpoint as ckpt
+
+    real = ckpt._replace_atomic
+
+    def replace(path, write, every_rank):
+        if Path(path).name != name:
+            return real(path, write, every_rank)
+
+        def half(f):
+            buf = io.BytesIO()
+            write(buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real(path, half, every_rank)
+
+    monkeypatch.setattr(ckpt, "_replace_atomic", replace)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes(model_py, tmp_path, capsys,
+                                                                    monkeypatch):
+    from graphsearch import checkpoint as ckpt
+    from graphsearch.cli import main
+
+    out = tmp_path / "out"
+    args = ["optimize", str(model_py), "--method", "uniform", "--out", str(out), *FAST]
+    real = ckpt._replace_atomic
+    # 1. the disk fills while the search's checkpoint is written
+    _disk_full_at(monkeypatch, "proposal.pt")
+    line = _one_line_error(capsys, main(args))
+    assert "cannot write" in line and "proposal.pt" in line and "No space left" in line
+    assert "--resume" in line
+    state = out / ".state"
+    baseline = ckpt.load(state / "baseline.pt")  # the last good checkpoint, intact
+    stamp = (state / "baseline.pt").stat().st_mtime_ns
+    assert not (state / "proposal.pt").exists() and _tmp_files(out) == []
+    assert not (out / ".lock").exists()
+    # 2. then while the report is written
+    monkeypatch.setattr(ckpt, "_replace_atomic", real)
+    _disk_full_at(monkeypatch, "report.json")
+    line = _one_line_error(capsys, main(args + ["--resume"]))
+    assert "report.json" in line and "No space left" in line
+    assert not (out / "report.json").exists() and _tmp_files(out) == []
+    assert (state / "proposal.pt").exists() and (state / "final.pt").exists()
+    # 3. space again: --resume finishes from the checkpoints, the baseline not retrained
+    monkeypatch.setattr(ckpt, "_replace_atomic", real)
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    assert (out / "report.json").exists() and (out / "report.md").exists()
+    assert (state / "baseline.pt").stat().st_mtime_ns == stamp
+    assert ckpt.load(state / "baseline.pt")["summary"] == baseline["summary"]
+    assert _tmp_files(out) == [] and not (out / ".lock").exists()
