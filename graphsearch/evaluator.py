@@ -57,6 +57,7 @@ from .graph import ChannelGraph, PlanError
 from .load import UserError
 
 CACHE_VERSION = 1
+STATS_FILE = "stats.json"  # an evaluator's counts, written next to its cache (not an entry)
 
 
 @dataclass(frozen=True)
@@ -492,6 +493,7 @@ class CandidateEvaluator:
     data_tag: str = ""
     fresh: int = 0  # evaluations run (not read from the cache) by this evaluator
     cached: int = 0  # evaluations read back from the cache
+    retried: int = 0  # evaluations run again because their worker process or Ray node died
     _pool: object = field(default=None, repr=False)
     _ray_fn: object = field(default=None, repr=False)
     _ray_data: object = field(default=None, repr=False)
@@ -576,6 +578,7 @@ class CandidateEvaluator:
                 teacher = _teacher(self.graph, teacher_state)
                 teacher_blob = _dumps(teacher)
             self._run(todo, keeps, keys, labels, state_dict, teacher_blob, results, want)
+        self._save_stats()
         return [self._relabel(results[key], labels[i]) for i, key in enumerate(keys)]
 
     def discard_states(self, results: Sequence[EvalResult]) -> None:
@@ -764,6 +767,7 @@ class CandidateEvaluator:
                 return
             except BrokenProcessPool:
                 # a worker died (killed, out of memory): start a fresh pool, rerun the rest
+                self.retried += len(pending)
                 self.log(f"evaluator: a worker process was lost; retrying {len(pending)} "
                          f"evaluation(s) (attempt {attempt + 1} of {self.max_retries})")
                 if self._pool is not None:
@@ -789,26 +793,58 @@ class CandidateEvaluator:
                  results, want) -> None:
         ray = import_ray()
         if self._ray_fn is None:
-            self._ray_fn = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_task)
+            # Retried here, not by Ray: the driver counts what a lost worker or node cost.
+            self._ray_fn = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
             self._ray_data = ray.put(self.data)
-        refs = {}
+        refs, blobs, tries = {}, {}, {}
+
+        def submit(i):
+            refs[self._ray_fn.remote(self._ray_data, *blobs[i])] = i
+
         for i in todo:
             prepared = self._prepare(i, keeps, keys, labels, state_dict, results, want)
             if prepared is not None:
                 module, bound = prepared
-                refs[self._ray_fn.remote(self._ray_data, _dumps(module), teacher_blob,
-                                         settings, seeds[i], want.state,
-                                         None if bound is None else _dumps(bound))] = i
+                blobs[i] = (_dumps(module), teacher_blob, settings, seeds[i], want.state,
+                            None if bound is None else _dumps(bound))
+                tries[i] = 0
+                submit(i)
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
                 for ref in done:
                     i = refs.pop(ref)
-                    self._finish(i, keeps, keys, labels, ray.get(ref), results)
+                    try:
+                        out = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # the evaluation itself failed
+                        raise exc.as_instanceof_cause() from None
+                    except ray.exceptions.RayError as exc:  # its worker or node was lost
+                        tries[i] += 1
+                        if tries[i] > self.max_retries:
+                            raise RuntimeError(f"evaluator: plan {labels[i] or keys[i]} lost "
+                                               f"its Ray worker {tries[i]} times ({exc})") from exc
+                        self.retried += 1
+                        self._save_stats()
+                        self.log(f"evaluator: a Ray worker or node was lost ("
+                                 f"{type(exc).__name__}); retrying plan {labels[i] or keys[i]} "
+                                 f"(attempt {tries[i]} of {self.max_retries})")
+                        submit(i)
+                        continue
+                    self._finish(i, keeps, keys, labels, out, results)
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
             raise
+        finally:
+            self._save_stats()
+
+    def _save_stats(self) -> None:
+        """This process's counts (run, read back from the cache, retried) next to the cache,
+        for the report: what a resumed or disturbed search really spent."""
+        if self.cache_dir is not None:
+            _write_json_atomic(self.cache_dir / STATS_FILE,
+                               {"fresh": self.fresh, "cached": self.cached,
+                                "retried": self.retried, "backend": self.backend})
 
 
 def _teacher(graph: ChannelGraph, teacher_state) -> nn.Module:

@@ -76,6 +76,7 @@ def write_reports(run, baseline: dict, proposal, plan, final: dict, exported: di
         "notes": run.notes,
         "analysis_warnings": list(getattr(run, "warnings", [])),
     }
+    report["evaluations"] = evaluation_stats(getattr(run, "state", None))
     report["latency"]["warnings"] = latency_warnings(report)
     report["failed_targets"] = _failed_targets(report)
     out = run.out
@@ -94,6 +95,27 @@ def _latency_model_info(run, plan) -> dict:
     return {"requested_ms": a.get("latency_target_ms"), "predicted_ms": a.get(
         "latency_predicted"), "measured_in_search_ms": a.get("latency"),
         "rounds": a.get("latency_rounds", []), "fit": getattr(model, "fit", None)}
+
+
+def evaluation_stats(state) -> dict:
+    """What the search's candidate evaluator(s) spent in this process, summed over the
+    `stats.json` files next to their caches: evaluations run, read back from the cache
+    (finished before an interruption), and retried after a lost worker process or Ray node.
+    Empty for methods without an evaluator."""
+    total: dict = {}
+    if state is None:
+        return total
+    from .evaluator import STATS_FILE
+
+    for f in sorted(Path(state).glob(f"evals-*/{STATS_FILE}")):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for k in ("fresh", "cached", "retried"):
+            total[k] = total.get(k, 0) + int(d.get(k, 0))
+        total["backend"] = d.get("backend", "")
+    return total
 
 
 def _latency_ratio(before: dict, after: dict) -> float:
@@ -267,7 +289,8 @@ def markdown(r: dict) -> str:
         f"Before fine-tuning the slim model scored {s['accuracy_before_finetune'] * 100:.2f}%. "
         f"Search took {r['search_seconds'] or 0:.1f} s; epochs: baseline "
         f"{r['epochs']['baseline']}, search {r['epochs']['search']}, fine-tuning "
-        f"{r['epochs']['finetune']}.",
+        f"{r['epochs']['finetune']}."
+        + _evaluations_line(r.get("evaluations") or {}),
         "",
         f"Latency: median of {r['latency']['after']['repeats']} runs, batch "
         f"{r['latency']['after']['batch_size']}, {r['latency']['after']['threads']} thread(s) "
@@ -324,6 +347,14 @@ def markdown(r: dict) -> str:
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _evaluations_line(e: dict) -> str:
+    if not e:
+        return ""
+    return (f" Candidate evaluations ({e.get('backend')}): {e.get('fresh', 0)} run, "
+            f"{e.get('cached', 0)} read back from the cache (finished before an "
+            f"interruption), {e.get('retried', 0)} retried after a lost worker or node.")
 
 
 def _metric(r: dict) -> str:

@@ -320,3 +320,107 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes(model_py, tmp
     assert (state / "baseline.pt").stat().st_mtime_ns == stamp
     assert ckpt.load(state / "baseline.pt")["summary"] == baseline["summary"]
     assert _tmp_files(out) == [] and not (out / ".lock").exists()
+
+
+# --------------------------------------------------------------------------- one run per --out
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-m", "graphsearch.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(cond, seconds: float, proc=None) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if cond():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+@linux_only
+def test_a_second_run_on_the_same_out_is_refused_and_sigterm_ends_the_first(model_py, tmp_path,
+                                                                              capsys):
+    from graphsearch.cli import main
+
+    out = tmp_path / "out"
+    args = ["optimize", model_py, "--method", "autoshrink", "--workers", "2", "--out", out,
+            *FAST, "--search-epochs", "20"]
+    first = _cli(*args, env={"GRAPHSEARCH_CACHE": str(tmp_path / "cache")})
+    evals = out / ".state" / "evals-autoshrink"
+    workers = []
+    try:
+        # the first run is inside its search, its two workers started (long evaluations)
+        def spawned():
+            return [p for p in _children(first.pid)
+                    if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+        assert _wait_for(lambda: evals.exists() and len(spawned()) >= 2, 400, first), \
+            first.stderr.read() if first.poll() is not None else "no workers in time"
+        time.sleep(2.0)
+        assert (out / ".lock").read_text().split()[0] == str(first.pid)
+        workers = _children(first.pid)
+        # the second run on the same --out is refused, nothing of the first's touched
+        before = sorted(p.name for p in (out / ".state").iterdir())
+        line = _one_line_error(capsys, main([str(a) for a in args]))
+        assert f"in use by another graphsearch run (process {first.pid}" in line
+        assert "choose another --out" in line
+        line = _one_line_error(capsys, main([str(a) for a in args] + ["--resume"]))
+        assert "in use" in line
+        assert sorted(p.name for p in (out / ".state").iterdir()) == before
+        # SIGTERM: one line, exit 143, the lock freed, no worker left, nothing half-written
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 143
+        err = first.stderr.read()
+        assert "Traceback" not in err and "terminated (SIGTERM)" in err and "--resume" in err
+        assert not (out / ".lock").exists()
+        assert _wait_gone(workers, 8.0) == []
+        assert _tmp_files(out) == [] and (out / ".state" / "baseline.pt").exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for p in workers:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from graphsearch.checkpoint import hold_folder
+    with hold_folder(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from graphsearch.checkpoint import FolderBusy, hold_folder
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match=f"process {holder.pid} holds"):
+            with hold_folder(out):
+                pass
+    finally:
+        holder.kill()  # kill -9: the lock file stays behind, naming a dead process
+        holder.wait()
+    assert (out / ".lock").read_text().split()[0] == str(holder.pid)
+    with hold_folder(out):
+        assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+    assert out.exists() and list(out.iterdir()) == []  # the lock went, the folder stays
+    # a lock file whose pid is not even a number is taken over too
+    (out / ".lock").write_text("garbage")
+    with hold_folder(out):
+        pass
+    assert list(out.iterdir()) == []
+    # a folder the holder made and left empty goes with its lock
+    with hold_folder(tmp_path / "new"):
+        assert (tmp_path / "new" / ".lock").exists()
+    assert not (tmp_path / "new").exists()
