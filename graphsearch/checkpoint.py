@@ -187,6 +187,8 @@ def hold_folder(folder: str | os.PathLike, *, enabled: bool = True) -> Iterator[
         yield folder
         return
     lock = folder / LOCK_NAME
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another --out")
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
