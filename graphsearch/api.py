@@ -33,6 +33,8 @@ from torch import nn
 
 from .inplace import InPlaceError, PruneResult, prune
 from .load import LoadedModel, UserError
+from .optimize import OptimizeConfig, optimize as run_pipeline
+from .passes.mask import verify
 
 _OUTPUTS = ("model.onnx", "model.pt2", "report.json", "report.md")
 
@@ -80,7 +82,6 @@ def optimize(model: nn.Module, example_inputs, *, train=None, val=None, test=Non
     search_epochs, finetune_epochs, lr, finetune_lr, batch_size, max_train, workers, ...).
     Progress goes to stderr as the CLI's does (`progress=False`: silent).
     """
-    from .optimize import OptimizeConfig, optimize as run_pipeline
 
     if not isinstance(model, nn.Module):
         raise UserError(f"optimize: the model is a {type(model).__name__}, not a "
@@ -136,7 +137,6 @@ def _prune_to_result(model: nn.Module, run, plan, slim_module, result: OptimizeR
                      log: Callable) -> None:
     """Prune the user's model to the plan, then give it the fine-tuned slim weights; checked
     against the slim module on the example inputs."""
-    from .passes.mask import verify
 
     try:
         result.pruned = prune(model, run.graph, plan.keep, inputs=run.example_inputs)

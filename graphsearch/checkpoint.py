@@ -10,6 +10,14 @@ truncated mix, and a resumed run can trust whatever it finds.
 state, reports, plots) goes through this one writer. Under `torchrun` only rank 0 writes;
 `is_main` and `barrier` let callers keep the other ranks waiting until a file is there.
 
+A write that the file system refuses (disk full, quota, read-only, no permission) raises
+`WriteError`: a `UserError` (the CLI prints one line and exits 2) that is still an `OSError`
+(callers that tolerate a failed write, such as the data cache, go on catching it).
+
+`hold_folder` makes one run at a time own an output folder: a lock file `FOLDER/.lock` that
+holds the owner's pid, taken atomically (an exclusive `flock`, which the kernel frees when the
+owner dies in any way), freed at exit; a lock file left by a dead process is taken over.
+
 `load` reads such a file back onto the CPU with `weights_only=True`: checkpoints written by
 `graphsearch.train` hold only tensors, numbers, strings and containers of them, and refusing
 anything else means a checkpoint file cannot run code when it is read.
@@ -17,15 +25,50 @@ anything else means a checkpoint file cannot run code when it is read.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["save_atomic", "write_atomic", "write_json", "load", "rank", "is_main", "barrier"]
+from .errors import UserError
+
+__all__ = ["save_atomic", "write_atomic", "write_json", "load", "rank", "is_main", "barrier",
+           "WriteError", "hold_folder", "FolderBusy"]
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written for a reason of the machine, not of graphsearch: the
+    message names the file, the reason and what to do."""
+
+
+class FolderBusy(UserError):
+    """Another live process holds the output folder."""
+
+
+# The errors a user fixes (space, quota, permissions, a read-only or missing folder).
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG}
+
+
+def _write_error(path: Path, exc: OSError) -> OSError:
+    """`exc` (raised writing `path`) as a WriteError when the user can fix it, else as is."""
+    if exc.errno not in _USER_ERRNOS:
+        return exc
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        todo = (f"free space on the disk of {path.parent} (or choose another --out); the files "
+                "already there are intact, and --resume continues from the last finished stage")
+    else:
+        todo = (f"make {path.parent} writable or choose another --out; the files already "
+                "there are intact")
+    err = WriteError(exc.errno, f"cannot write {path}: {reason}; {todo}")
+    err.filename = str(path)
+    return err
 
 
 # ---------------------------------------------------------------- processes under torchrun
@@ -84,8 +127,11 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None,
 def _replace_atomic(path: Path, write: Callable, every_rank: bool) -> Path:
     if not every_rank and not is_main():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         # mkstemp makes the file private (0600); give it the mode an ordinary new file (or
         # the file it replaces) would have.
@@ -99,15 +145,138 @@ def _replace_atomic(path: Path, write: Callable, every_rank: bool) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # BaseException: a KeyboardInterrupt mid-write must not leave the temporary behind.
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise _write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+# ---------------------------------------------------------------- one run per folder
+
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> int:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, *, enabled: bool = True) -> Iterator[Path]:
+    """Own `folder` for the duration of the `with` block (created if missing): one process at
+    a time. A second process gets `FolderBusy` naming the holder's pid; a lock file left by a
+    dead process (kill -9, power cut) is taken over. On exit the lock file goes, and so does
+    the folder if this call created it and it is empty. `enabled=False` does nothing (the
+    other ranks under torchrun)."""
+    folder = Path(folder)
+    if not enabled:
+        yield folder
+        return
+    lock = folder / LOCK_NAME
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another --out")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _take_lock(lock)
+    except OSError as exc:
+        if created:
+            _remove_empty(folder)
+        raise _write_error(lock, exc) from exc
+    except BaseException:
+        if created:
+            _remove_empty(folder)
+        raise
+    try:
+        yield folder
+    finally:
+        try:
+            lock.unlink()  # while still held: nobody can take a lock that is going away
+        except OSError:
+            pass
+        os.close(fd)
+        if created:
+            _remove_empty(folder)
+
+
+def _take_lock(lock: Path) -> int:
+    """Open and lock `lock` (our pid written in it); the open descriptor holds the lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: an exclusive create, a dead owner's file replaced
+        return _take_lock_by_create(lock)
+    for _ in range(10):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            _busy(lock, _lock_owner(lock))
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us may have removed the file between our open and our lock:
+        # then we hold a lock on a file nobody else sees; open the one now at the path.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, f"cannot take the lock {lock}")
+
+
+def _take_lock_by_create(lock: Path) -> int:
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if _pid_alive(owner) and owner != os.getpid():
+                _busy(lock, owner)
+            lock.unlink(missing_ok=True)  # a dead process's lock
+            continue
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise OSError(errno.EAGAIN, f"cannot take the lock {lock}")
+
+
+def _busy(lock: Path, owner: int):
+    who = f"process {owner}" if owner else "another process"
+    raise FolderBusy(f"{lock.parent} is in use by another graphsearch run ({who} holds "
+                     f"{lock}); wait for it to end, or choose another --out")
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only if empty
+    except OSError:
+        pass
 
 
 def load(path: str | os.PathLike, *, weights_only: bool = True) -> Any:

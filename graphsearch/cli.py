@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -154,7 +156,8 @@ def _optimize(args) -> int:
         print(f"{name:<9} test {pct(x.get('test_accuracy'))}  val {pct(x['accuracy'])}  "
               f"{x['flops'] / 1e6:9.2f} MFLOPs  {x['params']:>11,} params  "
               f"{x['latency_ms']:.3f} ms")
-    for w in report.get("split_check", {}).get("warnings", []):
+    for w in (report.get("split_check", {}).get("warnings", [])
+              + report.get("latency", {}).get("warnings", [])):
         print(f"warning: {w}", file=sys.stderr)
     print(f"report: {Path(args.out) / 'report.md'}")
     for line in report.get("failed_targets", []):
@@ -184,7 +187,7 @@ def _export(args) -> int:
     from .trace import TraceFailure
 
     from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency
+    from graphsearch.passes.latency import latency_pair
     from graphsearch.passes.save import save_portable
     from graphsearch.passes.slim import slim
 
@@ -225,15 +228,22 @@ def _export(args) -> int:
             if not graph.value_reads:
                 raise
             raise value_reads_error(graph, exc) from exc
-        before = latency(out / "baseline.onnx", threads=args.threads)
-        after = latency(out / "model.onnx", threads=args.threads)
+        # interleaved (before, after, before, ...): both under the same load
+        before, after, ratio = latency_pair(out / "baseline.onnx", out / "model.onnx",
+                                            threads=args.threads)
     b, c = graph.baseline, graph.cost(keep)
+    pair = after.pair
     lines = ["| | MACs | params | latency (ms) |", "|---|---|---|---|",
              f"| before | {b.macs:,} | {b.params:,} | {before.median_ms:.3f} |",
              f"| after | {c.macs:,} | {c.params:,} | {after.median_ms:.3f} |",
              f"| ratio | {c.macs / b.macs:.3f} | {c.params / b.params:.3f} | "
-             f"{after.median_ms / before.median_ms:.3f} |", "",
-             f"latency: {after}"]
+             f"{ratio:.3f} (p10-p90 {pair['ratio_p10']:.3f}-{pair['ratio_p90']:.3f}) |", "",
+             f"latency: {after}; timed interleaved with the baseline, load "
+             + ("n/a" if after.load_per_cpu is None else f"{after.load_per_cpu:.2f}")
+             + " per CPU"]
+    if pair["warning"]:
+        lines += ["", f"**Warning:** {pair['warning']}"]
+        print(f"warning: {pair['warning']}", file=sys.stderr)
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'model.onnx'}, {out / 'model.pt2'}, {out / 'report.md'}")
@@ -366,9 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the run like Ctrl-C does (workers ended, the --out lock
+    freed, finished stages kept), where Python's default would end the process at once."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = args.run(args)
     except UserError as exc:
@@ -377,9 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         if is_main():  # under torchrun every rank raises the same error: say it once
             print(f"graphsearch: error: {exc}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("graphsearch: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        hint = ("; finished stages are kept: continue with --resume"
+                if args.command == "optimize" else "")
+        print(f"graphsearch: {what}{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     _leave_process_group()
     return code
 

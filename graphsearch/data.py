@@ -91,7 +91,7 @@ SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "v
 SYNTHETIC_DEFAULT_IMAGES = 5000
 SYNTHETIC_DEFAULT_CLASSES = 10
 # Bump when the cached content changes meaning (decoding, resizing, layout detection).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -937,12 +937,17 @@ def _decode_imagefolder(container: _Container, size) -> RawImages:
     pairs.sort(key=lambda cf: (cf[0], cf[1]))
     index = {c: i for i, c in enumerate(class_names)}
     labels = torch.tensor([index[c] for c, _ in pairs], dtype=torch.long)
-    images = _decode_images(container, [f for _, f in pairs], size)
+    images = _decode_images(container, [f for _, f in pairs], size, notes)
     return RawImages(images, labels, class_names, str(container.path), "imagefolder", notes)
 
 
-def _decode_images(container: _Container, names: list[str], size) -> torch.Tensor:
+def _decode_images(container: _Container, names: list[str], size,
+                   notes: list[str] | None = None) -> torch.Tensor:
     """Decode `names` (in this order) into one uint8 (N, 3, H, W) tensor.
+
+    Every image becomes 8-bit RGB: grayscale, palette, CMYK and alpha images as Pillow
+    converts them (an alpha channel is dropped), 16-bit and 32-bit grayscale scaled to 8 bits
+    (Pillow's own conversion would clip them to white); how many of each is added to `notes`.
 
     Serial on purpose: for CIFAR-sized images Pillow's per-image overhead dominates and
     threads only add GIL contention (measured), and processes would copy every image twice.
@@ -952,11 +957,13 @@ def _decode_images(container: _Container, names: list[str], size) -> torch.Tenso
     position = {n: i for i, n in enumerate(names)}
     out: np.ndarray | None = None
     first = None
+    converted: dict[str, int] = {}
     for name, blob in container.read(names):
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 if im.mode != "RGB":  # convert() copies even when nothing changes
-                    im = im.convert("RGB")
+                    converted[im.mode] = converted.get(im.mode, 0) + 1
+                    im = _to_rgb(im)
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 arr = np.asarray(im)
@@ -971,9 +978,35 @@ def _decode_images(container: _Container, names: list[str], size) -> torch.Tenso
             raise UserError(
                 f"images differ in size: {container.where(first)} is "
                 f"{out.shape[2]}x{out.shape[1]} but {container.where(name)} is "
-                f"{arr.shape[1]}x{arr.shape[0]}; pass image_size to resize them all")
+                f"{arr.shape[1]}x{arr.shape[0]}; all images of a data set must have one size: "
+                "resize them to one (e.g. the model's input size) before the run, or from "
+                "Python give load_dataset(..., image_size=(H, W))")
         out[position[name]] = arr
+    if converted and notes is not None:
+        notes.append("converted to RGB: " + ", ".join(
+            f"{n} {mode} image{'s' if n > 1 else ''}" for mode, n in sorted(converted.items()))
+            + (" (alpha dropped)" if any("A" in m or m == "P" for m in converted) else "")
+            + (" (16/32-bit scaled to 8-bit)" if any(m.startswith(("I", "F"))
+                                                      for m in converted) else ""))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_rgb(im):
+    """An image of any Pillow mode as 8-bit RGB; high-bit-depth grayscale ("I;16", "I", "F")
+    scaled to 0..255 rather than clipped."""
+    from PIL import Image
+
+    if im.mode.startswith(("I;16", "I", "F")):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0  # 16-bit range onto 8 bits
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0  # floats in [0, 1]
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([a] * 3, axis=-1), "RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow's advice for palettes with transparency
+    return im.convert("RGB")
 
 
 class _SafeUnpickler(pickle.Unpickler):

@@ -38,6 +38,9 @@ import io
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -56,6 +59,7 @@ from .load import UserError
 from .train import Distilled, evaluate, recalibrate_bn, steps_per_epoch, train
 
 CACHE_VERSION = 1
+STATS_FILE = "stats.json"  # an evaluator's counts, written next to its cache (not an entry)
 
 
 @dataclass(frozen=True)
@@ -357,10 +361,49 @@ def _unpack(out: dict) -> dict:
 _WORKER_DATA = None
 
 
-def _init_worker(data) -> None:
+def _init_worker(data, parent: int | None = None) -> None:
     global _WORKER_DATA
+    if parent is not None:
+        die_with_parent(parent)
+    # Ctrl-C in a terminal reaches the whole process group: the driver handles it (and ends
+    # its workers); a worker printing its own KeyboardInterrupt traceback would only add noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _WORKER_DATA = data
+
+
+PARENT_POLL_S = 0.5  # how often a worker's watchdog looks for its driver
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when process `parent` (the driver that started it) ends, however it
+    ends (SIGTERM, SIGINT, kill -9): a worker never outlives its search.
+
+    On Linux the kernel does it: `prctl(PR_SET_PDEATHSIG, SIGKILL)` asks for SIGKILL when the
+    parent dies (strictly: when the parent's thread that started this process ends). A daemon
+    thread also polls the parent pid every PARENT_POLL_S seconds and exits when this process
+    has been handed to another parent (the portable fallback, and a second line on Linux).
+    If the parent is gone already, exit now."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl here: the watchdog alone
+            pass
+    if os.getppid() != parent:  # died before the request above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="graphsearch-watch-parent",
+                     daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _worker_task(module_blob: bytes, teacher_blob: bytes | None, settings: dict, seed: int,
@@ -439,6 +482,7 @@ class CandidateEvaluator:
     data_tag: str = ""
     fresh: int = 0  # evaluations run (not read from the cache) by this evaluator
     cached: int = 0  # evaluations read back from the cache
+    retried: int = 0  # evaluations run again because their worker process or Ray node died
     _pool: object = field(default=None, repr=False)
     _ray_fn: object = field(default=None, repr=False)
     _ray_data: object = field(default=None, repr=False)
@@ -523,6 +567,7 @@ class CandidateEvaluator:
                 teacher = _teacher(self.graph, teacher_state)
                 teacher_blob = _dumps(teacher)
             self._run(todo, keeps, keys, labels, state_dict, teacher_blob, results, want)
+        self._save_stats()
         return [self._relabel(results[key], labels[i]) for i, key in enumerate(keys)]
 
     def discard_states(self, results: Sequence[EvalResult]) -> None:
@@ -543,15 +588,33 @@ class CandidateEvaluator:
                 _save_atomic(path, extras)
 
     def close(self) -> None:
+        """Let the workers finish and end them (a search done)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def terminate(self) -> None:
+        """End the local workers now, evaluations in flight abandoned (an interrupted
+        search: those are not cached and run again on --resume)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.join(timeout=5)
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
 
     # ---- internals
     @staticmethod
@@ -693,15 +756,16 @@ class CandidateEvaluator:
                 return
             except BrokenProcessPool:
                 # a worker died (killed, out of memory): start a fresh pool, rerun the rest
+                self.retried += len(pending)
                 self.log(f"evaluator: a worker process was lost; retrying {len(pending)} "
                          f"evaluation(s) (attempt {attempt + 1} of {self.max_retries})")
                 if self._pool is not None:
                     self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
             except BaseException:
-                if self._pool is not None:
-                    for f in list(futures):
-                        f.cancel()
+                # interrupted (SIGINT, SIGTERM via the CLI, an error in a callback): the
+                # workers stop with the search instead of finishing work nobody collects
+                self.terminate()
                 raise
         raise RuntimeError(f"evaluator: worker processes kept dying; {len(pending)} "
                            "evaluation(s) not done")
@@ -710,33 +774,66 @@ class CandidateEvaluator:
         if self._pool is None:
             ctx = torch.multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                             initializer=_init_worker, initargs=(self.data,))
+                                             initializer=_init_worker,
+                                             initargs=(self.data, os.getpid()))
         return self._pool
 
     def _run_ray(self, todo, keeps, keys, labels, state_dict, teacher_blob, settings, seeds,
                  results, want) -> None:
         ray = import_ray()
         if self._ray_fn is None:
-            self._ray_fn = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_task)
+            # Retried here, not by Ray: the driver counts what a lost worker or node cost.
+            self._ray_fn = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
             self._ray_data = ray.put(self.data)
-        refs = {}
+        refs, blobs, tries = {}, {}, {}
+
+        def submit(i):
+            refs[self._ray_fn.remote(self._ray_data, *blobs[i])] = i
+
         for i in todo:
             prepared = self._prepare(i, keeps, keys, labels, state_dict, results, want)
             if prepared is not None:
                 module, bound = prepared
-                refs[self._ray_fn.remote(self._ray_data, _dumps(module), teacher_blob,
-                                         settings, seeds[i], want.state,
-                                         None if bound is None else _dumps(bound))] = i
+                blobs[i] = (_dumps(module), teacher_blob, settings, seeds[i], want.state,
+                            None if bound is None else _dumps(bound))
+                tries[i] = 0
+                submit(i)
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
                 for ref in done:
                     i = refs.pop(ref)
-                    self._finish(i, keeps, keys, labels, ray.get(ref), results)
+                    try:
+                        out = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # the evaluation itself failed
+                        raise exc.as_instanceof_cause() from None
+                    except ray.exceptions.RayError as exc:  # its worker or node was lost
+                        tries[i] += 1
+                        if tries[i] > self.max_retries:
+                            raise RuntimeError(f"evaluator: plan {labels[i] or keys[i]} lost "
+                                               f"its Ray worker {tries[i]} times ({exc})") from exc
+                        self.retried += 1
+                        self._save_stats()
+                        self.log(f"evaluator: a Ray worker or node was lost ("
+                                 f"{type(exc).__name__}); retrying plan {labels[i] or keys[i]} "
+                                 f"(attempt {tries[i]} of {self.max_retries})")
+                        submit(i)
+                        continue
+                    self._finish(i, keeps, keys, labels, out, results)
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
             raise
+        finally:
+            self._save_stats()
+
+    def _save_stats(self) -> None:
+        """This process's counts (run, read back from the cache, retried) next to the cache,
+        for the report: what a resumed or disturbed search really spent."""
+        if self.cache_dir is not None:
+            _write_json_atomic(self.cache_dir / STATS_FILE,
+                               {"fresh": self.fresh, "cached": self.cached,
+                                "retried": self.retried, "backend": self.backend})
 
 
 def _teacher(graph: ChannelGraph, teacher_state) -> nn.Module:

@@ -47,6 +47,9 @@ from torch.utils._pytree import tree_flatten
 
 from .graph import ChannelGraph
 from .load import UserError
+from .passes.mask import verify
+from .passes.plan import resolve
+from .passes.slim import slim
 
 _SIMPLE = (int, float, bool, str, tuple, list, torch.Size, type(None))
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -115,10 +118,6 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
     -> kept channel indices, groups not named keep all; or a `graphsearch.target.Plan`).
     Returns what changed. `inputs`: the inputs the edited model is checked on against the
     slim module (default: random ones of the analysed shapes)."""
-    from .passes.mask import verify
-    from .passes.plan import resolve
-    from .passes.slim import slim
-
     keep = getattr(keep, "keep", keep)  # a Plan: its kept channels
     plan = resolve(graph, keep)
     base_params = _count(model)

@@ -113,6 +113,13 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     distributed_context()  # under torchrun: join the process group before any file is touched
     if not ckpt.is_main():
         log = _silent
+    # one run per --out at a time: a second one is refused while this one holds it
+    with ckpt.hold_folder(config.out, enabled=ckpt.is_main()):
+        return _pipeline(config, resume, log, loaded, outcome)
+
+
+def _pipeline(config: OptimizeConfig, resume: bool, log: Callable,
+              loaded: LoadedModel | None, outcome: dict | None) -> dict:
     run = prepare(config, resume, log, loaded)
     baseline = stage_baseline(run)
     proposal = stage_search(run)

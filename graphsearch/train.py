@@ -359,7 +359,15 @@ def _logits(out):
 
 
 def _default_loss(out, y):
-    return nn.functional.cross_entropy(_logits(out), y)
+    logits = _logits(out)
+    if not y.is_floating_point() and y.numel() and logits.dim() >= 2:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= logits.shape[1]:  # cross-entropy would fail with a traceback
+            raise UserError(f"a label {lo if lo < 0 else hi} is outside the {logits.shape[1]} "
+                            f"classes of the model's output {tuple(logits.shape)}: build the "
+                            "model with as many outputs as the data has classes (labels 0 to "
+                            "classes-1), or fix the labels of datasets() in model.py")
+    return nn.functional.cross_entropy(logits, y)
 
 
 def _correct(out, y) -> int:

@@ -22,7 +22,53 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Latency", "latency", "latency_pair", "parse_latency"]
+__all__ = ["Latency", "latency", "latency_pair", "parse_latency", "pair_reliability",
+           "machine_load"]
+
+# A ratio of two interleaved timings is flagged unreliable when its per-pair ratios spread
+# wider than this (p90 - p10 over the median), or when the machine's load average exceeds its
+# CPU count (timed runs then wait for a core, unevenly).
+RATIO_SPREAD_LIMIT = 0.5
+LOAD_PER_CPU_LIMIT = 1.0
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average per CPU this process may use (None where unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return load / max(cpus, 1)
+
+
+def pair_reliability(ratios: Sequence[float], load_per_cpu: float | None) -> dict:
+    """How far the median of per-pair latency ratios (b / a, interleaved runs) can be
+    trusted: its p10 and p90, the relative spread (p90 - p10) / median, and a warning when the
+    spread exceeds RATIO_SPREAD_LIMIT or the load per CPU exceeds LOAD_PER_CPU_LIMIT."""
+    r = np.asarray(ratios, dtype=np.float64)
+    median = float(np.median(r))
+    p10, p90 = float(np.percentile(r, 10)), float(np.percentile(r, 90))
+    spread = (p90 - p10) / median if median > 0 else float("inf")
+    why = []
+    if spread > RATIO_SPREAD_LIMIT:
+        why.append(f"the per-run ratios spread from {p10:.2f} to {p90:.2f} "
+                   f"({spread:.0%} of the median, limit {RATIO_SPREAD_LIMIT:.0%})")
+    if load_per_cpu is not None and load_per_cpu > LOAD_PER_CPU_LIMIT:
+        why.append(f"the machine was busy (load average {load_per_cpu:.2f} per CPU, "
+                   f"limit {LOAD_PER_CPU_LIMIT:.2f})")
+    warning = ""
+    if why:
+        warning = (f"latency ratio {median:.3f} is unreliable: " + " and ".join(why)
+                   + "; measure again on a quiet machine (e.g. `graphsearch export` with the "
+                   "report's plan) before relying on it")
+    return {"ratio": median, "ratio_p10": p10, "ratio_p90": p90, "spread": spread,
+            "pairs": int(r.size), "load_per_cpu": load_per_cpu, "reliable": not why,
+            "warning": warning}
+
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -55,6 +101,11 @@ class Latency:
     batch_size: int
     providers: tuple[str, ...]
     input_shapes: tuple[tuple[int, ...], ...] = field(default=())
+    # the machine's 1-minute load average per CPU when the timing ended (None: unknown)
+    load_per_cpu: float | None = None
+    # on the second model of `latency_pair`: how far its ratio to the first can be trusted
+    # (ratio, ratio_p10, ratio_p90, spread, reliable, warning; see `pair_reliability`)
+    pair: dict | None = None
 
     def __str__(self) -> str:
         return (f"{_fmt(self.median_ms)} ms (p10 {_fmt(self.p10_ms)}, p90 {_fmt(self.p90_ms)}; "
@@ -149,7 +200,8 @@ def latency(onnx_path: str | os.PathLike, *, input_shapes: Mapping[str, Sequence
     return Latency(
         median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90)),
         mean_ms=float(ms.mean()), std_ms=float(ms.std()), repeats=len(ms), threads=threads,
-        batch_size=int(batch), providers=tuple(session.get_providers()), input_shapes=tuple(shapes))
+        batch_size=int(batch), providers=tuple(session.get_providers()), input_shapes=tuple(shapes),
+        load_per_cpu=machine_load())
 
 
 def _random_feeds(session, shapes, seed: int) -> dict:
@@ -188,21 +240,27 @@ def latency_pair(a: str | os.PathLike, b: str | os.PathLike, *, batch_size: int 
         for (session, _), feed in zip(sessions, feeds):
             session.run(None, feed)
     times = [[], []]
-    for _ in range(repeats):
-        for i, ((session, _), feed) in enumerate(zip(sessions, feeds)):
+    for k in range(repeats):
+        # alternate which model goes first, so neither always runs on a cache the other warmed
+        order = (0, 1) if k % 2 == 0 else (1, 0)
+        for i in order:
+            session, _ = sessions[i]
             t0 = time.perf_counter_ns()
-            session.run(None, feed)
+            session.run(None, feeds[i])
             times[i].append(time.perf_counter_ns() - t0)
+    load = machine_load()
+    ratios = np.asarray(times[1], dtype=float) / np.asarray(times[0], dtype=float)
+    trust = pair_reliability(ratios, load)
     out = []
-    for (session, shapes), t in zip(sessions, times):
+    for (session, shapes), t, pair in zip(sessions, times, (None, trust)):
         ms = np.asarray(t, dtype=np.float64) / 1e6
         out.append(Latency(
             median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
             p90_ms=float(np.percentile(ms, 90)), mean_ms=float(ms.mean()), std_ms=float(ms.std()),
             repeats=len(ms), threads=threads, batch_size=int(shapes[0][0]) if shapes and shapes[0] else 1,
-            providers=tuple(session.get_providers()), input_shapes=tuple(shapes)))
-    ratio = float(np.median(np.asarray(times[1], dtype=float) / np.asarray(times[0], dtype=float)))
-    return out[0], out[1], ratio
+            providers=tuple(session.get_providers()), input_shapes=tuple(shapes),
+            load_per_cpu=load, pair=pair))
+    return out[0], out[1], trust["ratio"]
 
 
 _UNITS_MS = {"ms": 1.0, "msec": 1.0, "s": 1000.0, "sec": 1000.0, "us": 1e-3, "\u00b5s": 1e-3, "\u03bcs": 1e-3}

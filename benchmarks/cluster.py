@@ -1,0 +1,263 @@
+"""A multi-node Ray cluster on one machine: a search that loses a worker node, and a driver
+killed with kill -9 and resumed.
+
+Starts a head and two worker nodes with `ray start` on 127.0.0.1 (one CPU each, their own
+temporary folder; only this cluster's processes are ever stopped, by pid, never `ray stop`,
+which would stop every Ray on the machine), then runs `graphsearch optimize --ray ADDRESS`
+on the tests' tiny model three times:
+
+1. undisturbed: the reference plan;
+2. a worker node lost: once some evaluations have finished, the raylet of one worker node is
+   killed (SIGKILL; the node and its workers die with it); the search must finish with the
+   reference plan, its report counting the evaluations retried;
+3. the driver killed: once some evaluations have finished, the driver gets kill -9; no task
+   of it may keep running on the cluster; `--resume` must finish with the reference plan,
+   reading back the finished evaluations (report: read back from the cache) rather than
+   running them again.
+
+Prints a markdown table (and writes it with `--out-md`): run, nodes, fault, evaluations run /
+read back / retried, wall time, plan equal to the reference.
+
+    .venv/bin/python benchmarks/cluster.py [--method autoshrink] [--out-md FILE] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ROOT / "tests" / "tiny_model.py"
+SEARCH = ["--data", "synthetic:240:4", "--baseline-epochs", "1", "--finetune-epochs", "0",
+          "--search-epochs", "1", "--batch-size", "60", "--round-to", "4", "--flops", "0.4",
+          "--latency-batch", "1", "--quiet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_with(text: str) -> list[int]:
+    """Pids whose command line holds `text` (this cluster's processes name its temp folder)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Cluster:
+    """A head and `workers` worker nodes started with `ray start` on 127.0.0.1."""
+
+    def __init__(self, workers: int = 2, cpus: int = 1):
+        self.tmp = Path(tempfile.mkdtemp(prefix="gs-ray-", dir="/tmp"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                  "--disable-usage-stats"]
+        self.worker_ports = []
+        try:
+            self._ray(["start", "--head", "--port", str(self.port), "--temp-dir",
+                       str(self.tmp), "--include-dashboard", "false", *common])
+            for _ in range(workers):
+                nm = free_port()
+                self._ray(["start", "--address", self.address, "--node-manager-port", str(nm),
+                           *common])
+                self.worker_ports.append(nm)
+        except BaseException:
+            self.stop()  # a node that failed to start leaves nothing behind
+            raise
+        self.nodes = 1 + workers
+
+    def _ray(self, args):
+        r = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True,
+                           env=self.env, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+
+    def raylet_of(self, node_manager_port: int) -> int:
+        pids = [p for p in processes_with(f"--node_manager_port={node_manager_port}")
+                if b"raylet" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]]
+        if len(pids) != 1:
+            raise RuntimeError(f"raylet of port {node_manager_port}: found {pids}")
+        return pids[0]
+
+    def kill_worker_node(self, index: int = 0) -> None:
+        os.kill(self.raylet_of(self.worker_ports[index]), signal.SIGKILL)
+
+    def task_processes(self) -> list[int]:
+        """Ray workers running one of graphsearch's evaluations right now."""
+        return [p for p in processes_with("ray::")
+                if b"_ray_task" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    def stop(self) -> None:
+        """Stop this cluster's processes (by pid: the ones naming its temp folder or port)."""
+        pids = set(processes_with(str(self.tmp))) | set(processes_with(f":{self.port}"))
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.2)
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def optimize(args, out: Path, *extra) -> subprocess.Popen:
+    cmd = [str(BIN / "graphsearch"), "optimize", str(TINY), "--method", args.method,
+           "--ray", args.address, "--out", str(out), *SEARCH, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRAPHSEARCH_CACHE": str(out.parent / "cache")}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def finished_evaluations(out: Path, method: str) -> int:
+    folder = out / ".state" / f"evals-{method}"
+    return len([p for p in folder.glob("*.json") if p.name != "stats.json"]) \
+        if folder.exists() else 0
+
+
+def wait_for_evaluations(proc, out: Path, method: str, n: int, timeout: float = 900) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        k = finished_evaluations(out, method)
+        if k >= n:
+            return k
+        if proc.poll() is not None:
+            raise RuntimeError(f"the run ended before {n} evaluations: {proc.stderr.read()}")
+        time.sleep(0.2)
+    raise RuntimeError(f"fewer than {n} evaluations after {timeout} s")
+
+
+def finish(proc, timeout: float = 1800) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def run_all(args) -> list[dict]:
+    work = Path(args.keep or tempfile.mkdtemp(prefix="gs-cluster-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t = time.time()
+    cluster = Cluster(workers=2)
+    args.address = cluster.address
+    rows.append({"run": "cluster start", "seconds": time.time() - t})
+    try:
+        # 1. undisturbed
+        t = time.time()
+        code, err = finish(optimize(args, work / "reference"))
+        assert code == 0, err
+        ref = report_of(work / "reference")
+        rows.append({"run": "undisturbed", "fault": "none", "seconds": time.time() - t,
+                     "evaluations": ref.get("evaluations", {}), "equal": True})
+        # 2. a worker node lost mid-batch
+        t = time.time()
+        proc = optimize(args, work / "node-lost")
+        done = wait_for_evaluations(proc, work / "node-lost", args.method, args.after)
+        cluster.kill_worker_node(0)
+        code, err = finish(proc)
+        assert code == 0, err
+        rep = report_of(work / "node-lost")
+        rows.append({"run": "worker node lost", "seconds": time.time() - t,
+                     "fault": f"raylet of worker node 1 killed (SIGKILL) after {done} "
+                              "evaluations", "evaluations": rep.get("evaluations", {}),
+                     "equal": rep["keep"] == ref["keep"]})
+        # 3. driver killed with kill -9, then --resume (2 nodes left)
+        t = time.time()
+        proc = optimize(args, work / "driver-killed")
+        done = wait_for_evaluations(proc, work / "driver-killed", args.method, args.after)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_at = time.time()
+        while cluster.task_processes() and time.time() - killed_at < 30:
+            time.sleep(0.2)
+        orphan_s = time.time() - killed_at
+        left = cluster.task_processes()
+        before = finished_evaluations(work / "driver-killed", args.method)
+        code, err = finish(optimize(args, work / "driver-killed", "--resume"))
+        assert code == 0, err
+        rep = report_of(work / "driver-killed")
+        rows.append({"run": "driver kill -9, --resume", "seconds": time.time() - t,
+                     "fault": f"driver killed (SIGKILL) after {done} evaluations; "
+                              f"{len(left)} task process(es) left after {orphan_s:.1f} s; "
+                              f"{before} finished evaluations on disk",
+                     "evaluations": rep.get("evaluations", {}),
+                     "equal": rep["keep"] == ref["keep"], "finished_before": before,
+                     "orphans": len(left)})
+    finally:
+        cluster.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def table(rows, args) -> str:
+    load = os.getloadavg()[0]
+    lines = [f"# Multi-node Ray cluster on one machine ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+             "",
+             f"Command: `.venv/bin/python benchmarks/cluster.py --method {args.method} "
+             f"--after {args.after}`; a head and 2 worker nodes (`ray start`, 127.0.0.1, one "
+             f"CPU each, 3 nodes); `optimize --ray` of `tests/tiny_model.py` with "
+             f"{args.method} ({' '.join(SEARCH)}). Machine: {os.cpu_count()} CPUs, load "
+             f"average {load:.1f} at the end (shared with other jobs).", "",
+             "| run | fault | evaluations run | read back | retried | wall s | plan equal |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r.get("evaluations", {})
+        lines.append(f"| {r['run']} | {r.get('fault', '')} | {e.get('fresh', '')} | "
+                     f"{e.get('cached', '')} | {e.get('retried', '')} | {r['seconds']:.0f} | "
+                     f"{'' if 'equal' not in r else 'yes' if r['equal'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="autoshrink")
+    p.add_argument("--after", type=int, default=3, help="finished evaluations before a fault")
+    p.add_argument("--out-md", help="also write the table here")
+    p.add_argument("--keep", help="keep the runs' folders here")
+    args = p.parse_args()
+    rows = run_all(args)
+    text = table(rows, args)
+    print(text)
+    if args.out_md:
+        Path(args.out_md).write_text(text)
+    ok = all(r.get("equal", True) for r in rows) and all(not r.get("orphans") for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
