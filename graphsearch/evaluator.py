@@ -831,9 +831,9 @@ class CandidateEvaluator:
         """This process's counts (run, read back from the cache, retried) next to the cache,
         for the report: what a resumed or disturbed search really spent."""
         if self.cache_dir is not None:
-            _write_json_atomic(self.cache_dir / STATS_FILE,
-                               {"fresh": self.fresh, "cached": self.cached,
-                                "retried": self.retried, "backend": self.backend})
+            write_json(self.cache_dir / STATS_FILE,
+                       {"fresh": self.fresh, "cached": self.cached, "retried": self.retried,
+                        "backend": self.backend}, every_rank=True)
 
 
 def _teacher(graph: ChannelGraph, teacher_state) -> nn.Module:
