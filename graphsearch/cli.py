@@ -183,7 +183,6 @@ def _export(args) -> int:
     from .analysis import analyze
     from .graph import PlanError
     from .optimize import value_reads_error
-    from .target import Plan
     from .trace import TraceFailure
 
     from graphsearch.passes.export import export_onnx

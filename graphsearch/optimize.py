@@ -673,7 +673,7 @@ def _baseline_model(run: Run) -> torch.nn.Module:
 
 def _export(run: Run, module) -> dict:
     from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency, latency_pair
+    from graphsearch.passes.latency import latency_pair
     from graphsearch.passes.save import save_portable
 
     module = module.eval()

@@ -2,7 +2,6 @@
 fixed validation part."""
 
 import copy
-import math
 
 import pytest
 import torch
