@@ -134,7 +134,7 @@ def _optimize(args) -> int:
         out=args.out, seed=args.seed, baseline_epochs=args.baseline_epochs,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size,
-        finetune_recipe=args.finetune_recipe, distill=args.distill == "on",
+        finetune_recipe=args.finetune_recipe, distill=args.distill,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         threads=args.threads, latency_batch=args.latency_batch, max_train=args.max_train,
         workers=args.workers, ray=args.ray,
@@ -249,6 +249,12 @@ def _export(args) -> int:
     return 0
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: say on or off")
+    return text == "on"
+
+
 def _default(name: str):
     """The default of an `optimize` option: OptimizeConfig's, the one source."""
     from .optimize import OptimizeConfig
@@ -335,11 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=_default("finetune_recipe"),
                      help="optimizer and schedule of the final fine-tune (default: "
                           "%(default)s; report.md describes it)")
-    opt.add_argument("--distill", choices=["on", "off"],
-                     default="on" if _default("distill") else "off",
+    opt.add_argument("--distill", type=_on_off, metavar="on|off", default=_default("distill"),
                      help="the final fine-tune distils from the baseline's logits "
-                          "(default: %(default)s; costs a forward pass of the baseline per "
-                          "step)")
+                          "(default: on; costs a forward pass of the baseline per step)")
     opt.add_argument("--batch-size", type=int, default=_default("batch_size"))
     opt.add_argument("--max-train", type=int, default=_default("max_train"), metavar="N",
                      help="train on N images of the training split drawn at random by "
