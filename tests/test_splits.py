@@ -127,7 +127,8 @@ def test_saved_report_says_which_split(tmp_path, recorded):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["baseline"]["test_accuracy"] == report["baseline"]["test_accuracy"]
     assert "| | top-1 test | top-1 validation |" in md
-    assert "- test: 24 images, 0.1 of each class of synthetic:240:4, held out by seed 0" in md
+    assert ("- test: 24 images (10% of --data), 0.1 of each class of synthetic:240:4, "
+            "held out by seed 0") in md
     assert "Check that the held-out splits are unseen" in md
     _check_baseline_onnx(tmp_path)  # the same run: baseline.onnx has the baseline's weights
 
