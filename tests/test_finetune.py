@@ -7,24 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from graphsearch.analysis import analyze
-from graphsearch.data import load_dataset
 from graphsearch.evaluator import EvalSettings, run_candidate, validation_part
 from graphsearch.passes.slim import slim
 from graphsearch.train import RECIPES, Distilled, recalibrate_bn, soft_target_loss, train
-from tiny_model import Tiny
 
 X = (torch.zeros(1, 3, 16, 16),)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(one_thread):
-    data = load_dataset("synthetic:200:4", image_size=16, cache_dir=False)
-    torch.manual_seed(0)
-    model = Tiny()
-    train(model, data, epochs=1, lr=0.05, batch_size=50, progress=False)
-    return model, analyze(model, X), data
+def setup(trained):
+    return trained  # conftest's tiny model, trained one epoch: (model, graph, data)
 
 
 def lrs(recipe, total=20, lr=0.1):
