@@ -19,7 +19,8 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_leaves, tree_map
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
 from .graph import Binding, ChannelGraph, MacTerm, NodeInfo, Space
-from .trace import Traced, trace
+from .export_trace import trace_model
+from .trace import Traced
 
 
 class Context:
@@ -31,8 +32,9 @@ class Context:
         self.gm = traced.module
         self.atoms = AtomTable()
         self.modules = dict(self.gm.named_modules())
-        self.params = dict(self.gm.named_parameters())
-        self.buffers = dict(self.gm.named_buffers())
+        # every name of a tied weight (an exported graph may read it by either)
+        self.params = dict(self.gm.named_parameters(remove_duplicate=False))
+        self.buffers = dict(self.gm.named_buffers(remove_duplicate=False))
         self.node_ids: dict[str, Any] = {}
         self.spaces: list[Space] = []
         self.bindings: dict[str, Binding] = {}
@@ -309,8 +311,9 @@ class Context:
         out = torch.where(ta >= 0, ta, tb)
         return compress(self.find_ids(out.contiguous()))
 
-    def run_on_ids(self, node: fx.Node):
-        """Apply a layout op (view, permute, cat, split, slicing...) to the ids themselves."""
+    def run_on_ids(self, node: fx.Node, fn=None):
+        """Apply a layout op (view, permute, cat, split, slicing...) to the ids themselves;
+        `fn`: the function to run instead of the node's own (ATen's view: a reshape)."""
 
         def sub(a):
             if isinstance(a, fx.Node):
@@ -328,7 +331,9 @@ class Context:
             return a
 
         args, kwargs = sub(node.args), sub(node.kwargs)
-        if node.op == "call_function":
+        if fn is not None:
+            out = fn(*args, **kwargs)
+        elif node.op == "call_function":
             out = node.target(*args, **kwargs)
         elif node.op == "call_method":
             name = {"view": "reshape", "view_as": "reshape_as"}.get(node.target, node.target)
@@ -489,7 +494,7 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     rules = rules if rules is not None else R.default_rules()
-    traced = trace(model, tuple(example_inputs), rules)
+    traced = trace_model(model, tuple(example_inputs), rules)
     ctx = Context(traced, rules)
     infos: list[NodeInfo] = []
     for node in traced.module.graph.nodes:
@@ -498,6 +503,9 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
         info = _apply(ctx, node, traced)
         node.meta["channels"] = info
         infos.append(info)
+    ctx.node = None
+    for constrain in traced.constraints:  # widths a config must be able to state
+        constrain(ctx)
     return ChannelGraph(traced, ctx, infos, rules)
 
 

@@ -358,8 +358,11 @@ class ChannelGraph:
             idx = [add_layout(a, m) for a, m in t.layouts]
             terms.append(("macs", t.coeff, idx, [t.node]))
             self._term_why.append(t.why)
+        aliases: dict[int, list[str]] = {}  # a tied weight's names (a graph reads either)
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
         for name, p in self.module.named_parameters():
-            b = ctx.bindings.get(name)
+            b = next((ctx.bindings[n] for n in aliases[id(p)] if n in ctx.bindings), None)
             if b is None:
                 terms.append(("params", float(p.numel()), [], []))
             elif b.ids is not None:

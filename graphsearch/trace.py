@@ -250,6 +250,12 @@ class Traced:
     # node name -> who, in words ("submodule 'gate' (Gate)"): reads a tensor's value into
     # Python during the forward (found by the real pass only; none when shapes are "meta")
     value_reads: dict[str, str] = field(default_factory=dict)
+    front_end: str = "fx"  # or "export" (graphsearch.export_trace: a graph of ATen ops)
+    # why the batch is fixed in the graph ("" where it is not: fx, or a dynamic export)
+    static_batch: str = ""
+    # `(ctx) -> None` run after the rules, before the groups form (a Hugging Face config's
+    # widths: graphsearch.hf.config_ties)
+    constraints: list = field(default_factory=list)
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:

@@ -12,6 +12,7 @@ by side (tie and cost, slim rewrite, mask reference, gate site, parameter roles)
     attention    scaled dot-product and multi-head attention (+ PrunedMultiheadAttention)
     embedding    embedding tables
     layout       concat, stack, view / reshape, permute, split, slicing, size queries
+    aten         the ATen overloads of a `torch.export` graph (mostly the rules above)
 
 Adding an op is adding one rule to its family's `RULES`. `default_rules()` builds a fresh
 registry from the families on every call (no module-level registry: nothing another module
@@ -20,13 +21,13 @@ mutates); a user extends the one they pass to `analyze` with `rules.extend({MyBl
 
 from __future__ import annotations
 
-from . import attention, conv, elementwise, embedding, layout, linear, norm, pooling
+from . import aten, attention, conv, elementwise, embedding, layout, linear, norm, pooling
 from .attention import PrunedMultiheadAttention, multihead_attention
 from .conv import standardised_conv
 from .registry import (DROPS_DEAD_OPERAND, FULL, Rule, RuleConflict, Rules, arg, methods, rule,
                        target_name, unsupported)
 
-FAMILIES = (elementwise, pooling, norm, conv, linear, attention, embedding, layout)
+FAMILIES = (elementwise, pooling, norm, conv, linear, attention, embedding, layout, aten)
 
 
 def default_rules() -> Rules:

@@ -31,6 +31,9 @@ def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
     return ctx.channel_ids(out, node, dim=-1)
 
 
+linear_on = _linear  # for another family's linear layer (aten.addmm)
+
+
 def _fix_linear(rw, node, m: nn.Linear) -> None:
     m.out_features, m.in_features = m.weight.shape
 

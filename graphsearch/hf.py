@@ -1,0 +1,232 @@
+"""Hugging Face `transformers` models: which widths their config governs, and the config a
+pruned one needs.
+
+A `PreTrainedModel` is rebuilt from its config by `from_pretrained`, so a pruned model must
+keep every parameter's shape a function of its config. This module asks the model's own
+class which parameter dims each width field governs (`hidden_size`, `intermediate_size`,
+`num_attention_heads`, `num_key_value_heads`): it builds the class on the meta device from
+the config with one field doubled and notes the dims that changed. The analysis then ties
+(`config_ties`) every dim a field governs to one of them, index by index, so that any plan
+keeps widths the config can state: uniform across layers (these configs hold one number per
+field), hidden channels in whole heads where the head size is derived from the hidden size
+(BERT, GPT-2, ViT: `head_dim = hidden_size / num_attention_heads`), and a channel dim no
+field governs (or several do) is not pruned. Attention heads are units already (the
+attention rule ties each head's dims), and grouped-query attention's query heads are tied
+to their key/value head by the graph (`repeat_kv`), so `num_key_value_heads` and the query
+groups stay consistent; rotary embeddings and causal masks carry no channels.
+
+After slimming, `pretrained_edits` gives the new config values and the plain attributes
+(`split_size`, `num_heads`, `all_head_size`, ...) that the class built from that config has,
+to be set on the user's modules (see `graphsearch.inplace`).
+
+`transformers` is optional: nothing here imports it; a model is a `PreTrainedModel` only if
+`transformers` was imported by whoever built it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# the config fields that set parameter widths, in the order they are probed
+WIDTH_FIELDS = ("hidden_size", "intermediate_size", "n_inner", "num_attention_heads",
+                "num_key_value_heads")
+# a field some configs leave None and derive in the model (GPT-2's MLP: 4 * hidden_size):
+# written out before probing, so that the hidden size does not govern the MLP's width
+_DERIVED = {"n_inner": lambda c: 4 * c.hidden_size}
+_SIMPLE = (int, float, bool, str, tuple, type(None))
+
+
+def is_pretrained(model) -> bool:
+    """A `transformers.PreTrainedModel` (without importing transformers)."""
+    tf = sys.modules.get("transformers")
+    base = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    return base is not None and isinstance(model, base)
+
+
+def call_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments for tracing and checking a Hugging Face model: no key/value cache
+    (an object export cannot return) and plain tuples as outputs where the forward names
+    them (its output class is a pytree of tensors anyway)."""
+    if not is_pretrained(model):
+        return {}
+    params = inspect.signature(model.forward).parameters
+    kwargs = {}
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    if "return_dict" in params:  # (not through **kwargs: export cannot take a constant there)
+        kwargs["return_dict"] = False
+    return kwargs
+
+
+def _config_value(config, name: str):
+    try:
+        return getattr(config, name)
+    except AttributeError:
+        return None
+
+
+def _explicit(config):
+    """A copy of `config` with the derived width fields written out."""
+    config = copy.deepcopy(config)
+    for name, derive in _DERIVED.items():
+        if hasattr(config, name) and getattr(config, name) is None:
+            setattr(config, name, derive(config))
+    return config
+
+
+def _shapes(model: nn.Module, config) -> dict[str, tuple]:
+    """Parameter and buffer shapes of `type(model)` built from `config` on the meta device."""
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+
+@dataclass
+class Governed:
+    """Which config field sets each parameter dim's width: (name, dim) -> fields."""
+
+    fields: dict[tuple[str, int], set] = field(default_factory=dict)
+    values: dict[str, int] = field(default_factory=dict)  # the fields' values as analysed
+
+
+def governed_dims(model: nn.Module) -> Governed:
+    """Probe `type(model)` with each width field doubled; the dims that changed are that
+    field's. A field the class refuses doubled (heads not dividing the hidden size) governs
+    nothing of its own."""
+    base = _explicit(model.config)
+    ref = _shapes(model, base)
+    out = Governed()
+    for name in WIDTH_FIELDS:
+        value = _config_value(base, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            continue
+        out.values[name] = value
+        probe = copy.deepcopy(base)
+        setattr(probe, name, 2 * value)
+        try:
+            shapes = _shapes(model, probe)
+        except Exception:  # noqa: BLE001 - an invalid combination: the field follows another
+            continue
+        for key, shape in ref.items():
+            other = shapes.get(key)
+            if other is None or len(other) != len(shape):
+                continue
+            for d, (a, b) in enumerate(zip(shape, other)):
+                if a != b:
+                    out.fields.setdefault((key, d), set()).add(name)
+    return out
+
+
+def config_ties(model: nn.Module):
+    """The analysis constraint of a Hugging Face model: `(ctx) -> None`, run after its rules
+    (see the module docstring)."""
+    governed = governed_dims(model)
+
+    def constrain(ctx) -> None:
+        lines: dict[str, list] = {}
+        for name, b in ctx.bindings.items():
+            for d, atoms in b.dims.items():
+                fields = governed.fields.get((name, d), set())
+                if len(fields) != 1:
+                    why = "no config field states" if not fields else \
+                        f"several config fields ({', '.join(sorted(fields))}) state"
+                    ctx.fix(atoms, f"{why} the width of {name}[dim {d}]: a pruned "
+                                   f"{type(model).__name__} would not load from its config")
+                    continue
+                lines.setdefault(next(iter(fields)), []).append((name, d, atoms))
+        for fname, found in lines.items():
+            base = min(len(a) for _, _, a in found)
+            rep = next(a for _, _, a in found if len(a) == base)
+            for name, d, atoms in found:
+                if len(atoms) % base:
+                    ctx.fix(atoms, f"{name}[dim {d}] is no multiple of {fname}'s width")
+                    continue
+                for row in np.asarray(atoms).reshape(-1, base):
+                    ctx.atoms.union(row, rep)
+
+    constrain.governed = governed
+    return constrain
+
+
+@dataclass
+class PretrainedEdits:
+    """What a pruned Hugging Face model changes besides its tensors."""
+
+    config: dict[str, tuple] = field(default_factory=dict)  # field -> (old, new)
+    attributes: dict[str, tuple] = field(default_factory=dict)  # "module.attr" -> (old, new)
+
+
+def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> PretrainedEdits:
+    """The config values and module attributes of `model` pruned to the tensors of
+    `slim_state` (name -> tensor, the slim module's): each width field scaled as the dims it
+    governs were; a head count that governs no dim of its own follows the hidden size (the
+    head size stays). The class built from the new config must have exactly the slim shapes;
+    otherwise `UserError`."""
+    config = model.config
+    new = dict(governed.values)
+    scale: dict[str, tuple] = {}
+    for (name, d), fields in governed.fields.items():
+        if len(fields) != 1 or name not in slim_state:
+            continue
+        fname = next(iter(fields))
+        old_len = tuple(model.state_dict()[name].shape)[d] if name in model.state_dict() \
+            else None
+        if old_len:
+            scale.setdefault(fname, (old_len, slim_state[name].shape[d]))
+    for fname, (old_len, new_len) in scale.items():
+        new[fname] = _exact(governed.values[fname] * new_len, old_len, fname)
+    for fname, follows in (("num_attention_heads", "hidden_size"),
+                           ("num_key_value_heads", "num_attention_heads")):
+        if fname in governed.values and fname not in scale and follows in new:
+            new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
+                                fname)
+    edits = PretrainedEdits()
+    for fname, value in new.items():
+        old = _config_value(config, fname)  # None where the model derives it: written out
+        if value != old:
+            edits.config[fname] = (old, value)
+    target = _explicit(config)
+    for fname, (_, value) in edits.config.items():
+        setattr(target, fname, value)
+    with torch.device("meta"):
+        skeleton = type(model)(target)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for name, t in slim_state.items():
+        if name in shapes and shapes[name] != tuple(t.shape):
+            raise UserError(
+                f"in-place pruning: {type(model).__name__} built from the pruned config "
+                f"({', '.join(f'{k}={v[1]}' for k, v in edits.config.items())}) has "
+                f"{name} of shape {shapes[name]}, the plan gives {tuple(t.shape)}: the config "
+                "cannot state this plan; use passes.slim's module")
+    mine = dict(model.named_modules())
+    for path, sm in skeleton.named_modules():
+        m = mine.get(path)
+        if m is None or type(m) is not type(sm):
+            continue
+        for k, v in vars(sm).items():
+            if k.startswith("_") or k == "training" or not isinstance(v, _SIMPLE):
+                continue
+            old = vars(m).get(k, v)
+            if old != v and isinstance(old, type(v)):
+                edits.attributes[f"{path}.{k}" if path else k] = (old, v)
+    return edits
+
+
+def _exact(num: int, den: int, fname: str) -> int:
+    if num % den:
+        raise UserError(f"in-place pruning: the plan leaves {fname} at {num / den:g}, not a "
+                        "whole number; use passes.slim's module")
+    return num // den
+
+
+__all__ = ["is_pretrained", "call_kwargs", "config_ties", "governed_dims", "pretrained_edits",
+           "PretrainedEdits", "WIDTH_FIELDS"]
