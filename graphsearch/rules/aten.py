@@ -57,7 +57,7 @@ CONV = _same(conv.functional_conv, *_overloads(aten.conv1d, aten.conv2d, aten.co
 LAYER_NORM = _same(norm.layer_norm, *_overloads(aten.layer_norm))
 GROUP_NORM = _same(norm.group_norm, *_overloads(aten.group_norm))
 SDPA = _same(attention.sdpa, *_overloads(aten.scaled_dot_product_attention))
-REDUCE = _same(pooling.reduce, *_overloads(aten.mean, aten.sum, aten.amax, aten.amin))
+REDUCE = _same(pooling.reduce, *_overloads(aten.sum, aten.amax, aten.amin))
 SPATIAL = _same(pooling.channelwise_spatial, *_overloads(
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d,
     aten.upsample_nearest2d, aten.upsample_bilinear2d))
@@ -102,6 +102,47 @@ def _rewrite_slice(rw, node, state):
 
 SLICE = Rule("layout", layout.layout, edge="permutation", slim=_rewrite_slice, flow="pass",
              pure=True, targets=tuple(_overloads(aten.slice)))
+
+
+def _mean_dims(ctx, node) -> list[int]:
+    rank = len(ctx.shape(node.args[0]))
+    dims = arg(node, 1, "dim")
+    dims = range(rank) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+    return sorted({d % rank for d in dims})
+
+
+def _mask_channel_mean(graph, plan, node, info):
+    """The reference's mean over a pruned channel dim counts the kept channels only."""
+    ids = graph.info(node.args[0].name).ids
+    if not isinstance(ids, torch.Tensor) or not plan.changes(ids):
+        return None
+    return _run_channel_mean, plan.kept(ids).float()
+
+
+def _run_channel_mean(interp, n, keep):
+    args, kwargs = interp.fetch_args_kwargs_from_env(n)
+    x = args[0]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = [d % x.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else (args[1],))]
+    keep = keep.reshape((1,) * (x.dim() - keep.dim()) + tuple(keep.shape)).to(x.dtype)
+    return (x * keep).sum(dims, keepdim=keepdim) / keep.expand_as(x).sum(dims, keepdim=keepdim)
+
+
+@rule(*_overloads(aten.mean), edge="identity", mask=_mask_channel_mean)
+def channel_mean(ctx, node):
+    """A mean over the channel dim (an RMSNorm's statistic, which an export leaves as its
+    ATen ops): the slim model averages its kept channels, the mask reference too (`mask`),
+    so the channels stay prunable. Over other dims, or over channels that vary along
+    another dim as well (heads x head_dim), it is `pooling.reduce`."""
+    ids = ctx.ids(node.args[0])
+    if ids is None or arg(node, 1, "dim") is None:
+        return pooling.reduce.tie(ctx, node)
+    dims = _mean_dims(ctx, node)
+    offset = len(ctx.shape(node.args[0])) - ids.dim()
+    varying = [d + offset for d in range(ids.dim()) if ids.size(d) > 1]
+    if len(dims) == 1 and varying == dims:
+        return ctx.no_channels(node)
+    return pooling.reduce.tie(ctx, node)
 
 
 @rule(*_overloads(aten.embedding), edge="mix", gate="producer",
@@ -156,5 +197,5 @@ COMPARE = _same(elementwise.multiply, *_overloads(
 
 RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
          GROUP_NORM, SDPA, REDUCE, SPATIAL, CAT, STACK, FREE, EXPAND, SPLIT, CHUNK, UNBIND,
-         SELECT, NARROW, VIEW, SLICE, aten_embedding, aten_addmm, aten_size, aten_check,
+         SELECT, NARROW, VIEW, SLICE, channel_mean, aten_embedding, aten_addmm, aten_size, aten_check,
          aten_factory, COMPARE)
