@@ -179,6 +179,8 @@ class ChannelGraph:
         self.untraceable = traced.untraceable
         self.value_reads = traced.value_reads  # node -> who reads tensor values (trace.py)
         self.shape_mode = traced.shape_mode
+        self.front_end = traced.front_end  # "fx" or "export" (graphsearch.export_trace)
+        self.static_batch = traced.static_batch  # why the graph fixes the batch ("" if not)
         self.nodes = infos
         self.rules = rules if rules is not None else ctx.rules
         self._info = {i.name: i for i in infos}
