@@ -57,8 +57,11 @@ def export_trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> T
     static_batch = ""
     if len(batch_sizes) != 1:
         static_batch = "the inputs share no batch dimension"
-    elif batch_sizes == {1}:
-        static_batch = "the example inputs hold one sample (give two or more for a dynamic batch)"
+    traced_args = args
+    if batch_sizes == {1}:  # export fixes a batch of one: trace two samples (the sizes
+        # it computes from the batch become symbolic), record the shapes of the example's one
+        traced_args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim()
+                            else a for a in args)
     was_training = model.training
     model.eval()
     try:
@@ -73,10 +76,11 @@ def export_trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> T
                     return type(a)(dim0(v) for v in a)
                 return {0: batch} if isinstance(a, torch.Tensor) and a.dim() else None
 
-            bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+            bound = inspect.signature(model.forward).bind_partial(*traced_args,
+                                                                  **kwargs).arguments
             spec = tuple(dim0(a) for a in bound.values())
             try:
-                program = _export(model, args, kwargs, spec)
+                program = _export(model, traced_args, kwargs, spec)
             except Exception as exc:  # noqa: BLE001 - the batch is fixed somewhere: static
                 static_batch = f"torch.export with a dynamic batch: {_first_line(exc)}"
         if program is None:
@@ -130,9 +134,10 @@ def _plain_module(program, model: torch.nn.Module) -> fx.GraphModule:
         flat = (flat,)
     out.args = (tuple(a for a in flat if isinstance(a, fx.Node)),)
     graph.eliminate_dead_code()
-    gm.recompile()
-    gm.meta["graphsearch_model_class"] = type(model).__name__
-    return gm
+    # a plain GraphModule (the exported one refuses train() and eval())
+    plain = fx.GraphModule(gm, graph, type(model).__name__)
+    plain.meta["graphsearch_model_class"] = type(model).__name__
+    return plain
 
 
 __all__ = ["trace_model", "export_trace"]

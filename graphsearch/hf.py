@@ -67,6 +67,18 @@ def call_kwargs(model: nn.Module) -> dict:
     return kwargs
 
 
+class Called(nn.Module):
+    """`model` called with `call_kwargs(model)`, as the graph was traced (a Hugging Face
+    model without its key/value cache); any other model as it is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.kwargs = model, call_kwargs(model)
+
+    def forward(self, *args):
+        return self.model(*args, **self.kwargs)
+
+
 def _config_value(config, name: str):
     try:
         return getattr(config, name)
@@ -228,5 +240,5 @@ def _exact(num: int, den: int, fname: str) -> int:
     return num // den
 
 
-__all__ = ["is_pretrained", "call_kwargs", "config_ties", "governed_dims", "pretrained_edits",
+__all__ = ["is_pretrained", "call_kwargs", "Called", "config_ties", "governed_dims", "pretrained_edits",
            "PretrainedEdits", "WIDTH_FIELDS"]

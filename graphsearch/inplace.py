@@ -159,8 +159,7 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
             result.replaced[path] = f"RemovedBranch (zeros {stand_in.shape}: the plan removes it)"
         model.eval()
         try:
-            check = verify(_Called(model, hf.call_kwargs(model)), _Constant(want), inputs,
-                           rtol=rtol)
+            check = verify(hf.Called(model), _Constant(want), inputs, rtol=rtol)
         except Exception as exc:  # noqa: BLE001 - the user's forward does not run as edited
             raise InPlaceError(
                 f"in-place pruning: {type(model).__name__}'s forward does not run once its "
@@ -432,18 +431,6 @@ class _Undo:
             else:
                 setattr(step[1], step[2], step[3])
         self.steps.clear()
-
-
-class _Called(nn.Module):
-    """The user's model called with fixed keyword arguments (a Hugging Face model: no
-    key/value cache), as the graph was traced."""
-
-    def __init__(self, model: nn.Module, kwargs: dict) -> None:
-        super().__init__()
-        self.model, self.kwargs = model, kwargs
-
-    def forward(self, *args):
-        return self.model(*args, **self.kwargs)
 
 
 class _Constant(nn.Module):

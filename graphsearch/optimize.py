@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .graph import ChannelGraph
 from .load import LoadedModel, UserError, load_model
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
-from .train import RECIPES, Distilled, soft_target_loss
+from .train import RECIPES, Distilled, logits_of, soft_target_loss
 from .units import human
 
 STATE = ".state"
@@ -227,7 +227,7 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
     if loaded.loss_fn is None:  # cross-entropy on class logits: check the output fits
         with torch.no_grad():
             logits = loaded.model.eval()(*x)
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        logits = logits_of(logits)
         if own_data:
             classes = _count_classes(data.train)
             if logits.dim() != 2 or not classes or logits.shape[1] < classes:
@@ -679,11 +679,12 @@ def _export(run: Run, module) -> dict:
     module = module.eval()
     out = run.out
     onnx_path = out / "model.onnx"
-    export_onnx(module, run.example_inputs, onnx_path)
-    saved = save_portable(module, run.example_inputs, out / "model.pt2")
+    dynamic = not run.graph.static_batch  # a graph with the batch written in: static files
+    export_onnx(module, run.example_inputs, onnx_path, dynamic_batch=dynamic)
+    saved = save_portable(module, run.example_inputs, out / "model.pt2", dynamic_batch=dynamic)
     base_onnx = run.state / "baseline.onnx"
     if not base_onnx.exists():
-        export_onnx(_baseline_model(run), run.example_inputs, base_onnx)
+        export_onnx(_baseline_model(run), run.example_inputs, base_onnx, dynamic_batch=dynamic)
     threads = run.config.threads
     before, after, _ = latency_pair(base_onnx, onnx_path, threads=threads, repeats=30)
     batch = max(1, int(run.config.latency_batch or 1))

@@ -215,9 +215,9 @@ class Distilled(nn.Module):
         return self
 
     def forward(self, x):
-        s = _logits(self.student(x))
+        s = logits_of(self.student(x))
         with torch.no_grad():
-            t = _logits(self.teacher(x))
+            t = logits_of(self.teacher(x))
         return s, t
 
 
@@ -351,15 +351,18 @@ class _Loader:
             yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
 
 
-def _logits(out):
-    # Models with auxiliary heads return tuples; the first element is the main output.
+def logits_of(out):
+    """The class logits of a model's output: the first element of a tuple (auxiliary heads,
+    an exported graph's outputs), `logits` of a Hugging Face output."""
     if isinstance(out, (tuple, list)):
         return out[0]
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
     return out
 
 
 def _default_loss(out, y):
-    logits = _logits(out)
+    logits = logits_of(out)
     if not y.is_floating_point() and y.numel() and logits.dim() >= 2:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= logits.shape[1]:  # cross-entropy would fail with a traceback
@@ -371,7 +374,7 @@ def _default_loss(out, y):
 
 
 def _correct(out, y) -> int:
-    logits = _logits(out)
+    logits = logits_of(out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or y.dim() != 1:
         return 0
     return int((logits.argmax(1) == y).sum())
