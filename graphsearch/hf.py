@@ -29,6 +29,7 @@ import copy
 import inspect
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +37,17 @@ from torch import nn
 
 from .errors import UserError
 
-# the config fields that set parameter widths, in the order they are probed
-WIDTH_FIELDS = ("hidden_size", "intermediate_size", "n_inner", "num_attention_heads",
-                "num_key_value_heads")
+# the config fields probed as widths: those whose name says so (an int, or each int of a
+# list: a CNN's `hidden_sizes` per stage), less those that size positions, vocabularies,
+# layers or kernels (which change no channel dim anyway, but cost a probe each)
+# (a head's own width, `head_dim`, is no field to prune: heads are the attention's units)
+_WIDTH_WORDS = ("hidden", "intermediate", "heads", "embed", "inner", "width", "ffn",
+                "d_model", "d_ff", "n_embd", "n_head", "filters", "neck", "channels", "dim",
+                "size")
+_NOT_WIDTH = ("vocab", "position", "layers", "max_", "image_size", "patch_size", "num_labels",
+              "kernel", "stride", "window", "bucket", "length", "_len", "num_channels",
+              "chunk", "sample", "pad", "token", "mel", "rate", "depth", "range", "eps",
+              "head_dim", "d_kv", "head_size", "rotary")
 # a field some configs leave None and derive in the model (GPT-2's MLP: 4 * hidden_size):
 # written out before probing, so that the hidden size does not govern the MLP's width
 _DERIVED = {"n_inner": lambda c: 4 * c.hidden_size}
@@ -79,11 +88,43 @@ class Called(nn.Module):
         return self.model(*args, **self.kwargs)
 
 
-def _config_value(config, name: str):
+def _config_value(config, key: str):
+    """A field's value; `key` "name" or "name[i]" (an element of a list field)."""
+    name, _, index = key.partition("[")
     try:
-        return getattr(config, name)
+        value = getattr(config, name)
     except AttributeError:
         return None
+    return value[int(index[:-1])] if index else value
+
+
+def _set_config_value(config, key: str, value) -> None:
+    name, _, index = key.partition("[")
+    if index:
+        items = list(getattr(config, name))
+        items[int(index[:-1])] = value
+        value = type(getattr(config, name))(items)
+    setattr(config, name, value)
+
+
+def width_fields(config) -> list[str]:
+    """The keys of the config's width fields ("hidden_size", "hidden_sizes[2]", ...)."""
+    names = set(config.to_dict()) - set(getattr(config, "attribute_map", {}))  # no aliases
+    keys = []
+    for name in sorted(names):
+        low = name.lower()
+        if not any(w in low for w in _WIDTH_WORDS) or any(w in low for w in _NOT_WIDTH):
+            continue
+        value = _config_value(config, name)
+        if _is_width(value):
+            keys.append(name)
+        elif isinstance(value, (list, tuple)) and value and all(_is_width(v) for v in value):
+            keys += [f"{name}[{i}]" for i in range(len(value))]
+    return keys
+
+
+def _is_width(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _explicit(config):
@@ -108,6 +149,7 @@ class Governed:
 
     fields: dict[tuple[str, int], set] = field(default_factory=dict)
     values: dict[str, int] = field(default_factory=dict)  # the fields' values as analysed
+    # fields keyed "name" or "name[i]" (see `width_fields`)
 
 
 def governed_dims(model: nn.Module) -> Governed:
@@ -117,13 +159,11 @@ def governed_dims(model: nn.Module) -> Governed:
     base = _explicit(model.config)
     ref = _shapes(model, base)
     out = Governed()
-    for name in WIDTH_FIELDS:
+    for name in width_fields(base):
         value = _config_value(base, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            continue
         out.values[name] = value
         probe = copy.deepcopy(base)
-        setattr(probe, name, 2 * value)
+        _set_config_value(probe, name, 2 * value)
         try:
             shapes = _shapes(model, probe)
         except Exception:  # noqa: BLE001 - an invalid combination: the field follows another
@@ -157,13 +197,25 @@ def config_ties(model: nn.Module):
                 lines.setdefault(next(iter(fields)), []).append((name, d, atoms))
         for fname, found in lines.items():
             base = min(len(a) for _, _, a in found)
-            rep = next(a for _, _, a in found if len(a) == base)
+            rep = np.asarray(next(a for _, _, a in found if len(a) == base))
             for name, d, atoms in found:
-                if len(atoms) % base:
-                    ctx.fix(atoms, f"{name}[dim {d}] is no multiple of {fname}'s width")
+                atoms = np.asarray(atoms)
+                if len(atoms) == base:
+                    ctx.atoms.union(atoms, rep)
                     continue
-                for row in np.asarray(atoms).reshape(-1, base):
-                    ctx.atoms.union(row, rep)
+                # a fused projection (q, k and v of every head in one weight): its units
+                # (heads, tied by the attention) in order, each tied to its share of the
+                # field's width, whatever the layout: (3, heads, hd) or (heads, 3, hd)
+                classes = ctx.find(atoms)
+                units = list(dict.fromkeys(classes.tolist()))
+                if len(atoms) % base or base % len(units):
+                    ctx.fix(atoms, f"{name}[dim {d}] does not split into {fname}'s width")
+                    continue
+                share = base // len(units)
+                for k, unit in enumerate(units):
+                    ctx.atoms.union(atoms[classes == unit],
+                                    np.resize(rep[k * share:(k + 1) * share],
+                                              int((classes == unit).sum())))
 
     constrain.governed = governed
     return constrain
@@ -173,7 +225,8 @@ def config_ties(model: nn.Module):
 class PretrainedEdits:
     """What a pruned Hugging Face model changes besides its tensors."""
 
-    config: dict[str, tuple] = field(default_factory=dict)  # field -> (old, new)
+    config: dict[str, tuple] = field(default_factory=dict)  # field (or "name[i]") -> (old, new)
+    assign: dict[str, Any] = field(default_factory=dict)  # config attribute -> its new value
     attributes: dict[str, tuple] = field(default_factory=dict)  # "module.attr" -> (old, new)
 
 
@@ -196,8 +249,9 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
             scale.setdefault(fname, (old_len, slim_state[name].shape[d]))
     for fname, (old_len, new_len) in scale.items():
         new[fname] = _exact(governed.values[fname] * new_len, old_len, fname)
-    for fname, follows in (("num_attention_heads", "hidden_size"),
-                           ("num_key_value_heads", "num_attention_heads")):
+    alias = getattr(config, "attribute_map", {})  # the standard names of this config's fields
+    for fname, follows in ((alias.get(a, a), alias.get(b, b)) for a, b in (
+            ("num_attention_heads", "hidden_size"), ("num_key_value_heads", "num_attention_heads"))):
         if fname in governed.values and fname not in scale and follows in new:
             new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
                                 fname)
@@ -208,7 +262,10 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
             edits.config[fname] = (old, value)
     target = _explicit(config)
     for fname, (_, value) in edits.config.items():
-        setattr(target, fname, value)
+        _set_config_value(target, fname, value)
+    for fname in edits.config:
+        name = fname.partition("[")[0]
+        edits.assign[name] = getattr(target, name)
     with torch.device("meta"):
         skeleton = type(model)(target)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -240,5 +297,5 @@ def _exact(num: int, den: int, fname: str) -> int:
     return num // den
 
 
-__all__ = ["is_pretrained", "call_kwargs", "Called", "config_ties", "governed_dims", "pretrained_edits",
-           "PretrainedEdits", "WIDTH_FIELDS"]
+__all__ = ["is_pretrained", "call_kwargs", "Called", "config_ties", "governed_dims",
+           "pretrained_edits", "PretrainedEdits", "width_fields"]

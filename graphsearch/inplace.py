@@ -151,9 +151,11 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
             owner, _, attr = path.rpartition(".")
             undo.set(_get(model, owner), attr, new)
             result.attributes[path] = (old, new)
-        for name, (old, new) in (pretrained.config.items() if pretrained else ()):
-            undo.set(model.config, name, new)
-            result.attributes[f"config.{name}"] = (old, new)
+        if pretrained is not None:
+            for name, value in pretrained.assign.items():
+                undo.set(model.config, name, value)
+            for name, (old, new) in pretrained.config.items():
+                result.attributes[f"config.{name}"] = (old, new)
         for path, stand_in in removed.items():
             undo.replace(model, path, stand_in)
             result.replaced[path] = f"RemovedBranch (zeros {stand_in.shape}: the plan removes it)"

@@ -85,8 +85,7 @@ VIEW = dataclasses.replace(layout.VIEW, tie=_view,
 
 def _rewrite_slice(rw, node, state):
     """aten.slice(x, dim, start, end, step): start and end count the kept channels."""
-    x, dim, start, end, step = (list(node.args) + [0, None, None, 1])[:5] if len(node.args) > 1 \
-        else (node.args[0], 0, None, None, 1)
+    x, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
     if state == FULL:
         return None
     s = rw.input_selection(node, dim)
