@@ -348,6 +348,20 @@ def hf_table(rows: list[dict], command: str, load0: str, load1: str) -> list[str
     return lines
 
 
+def write_section(path: Path, lines: list[str]) -> None:
+    """Replace the section that starts with `lines[0]` (up to the next one of its level) in
+    `path`, or append it."""
+    old = path.read_text().splitlines() if path.exists() else []
+    head = lines[0]
+    if head in old:
+        start = old.index(head)
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+        new = old[:start] + lines + ([""] if end < len(old) else []) + old[end:]
+    else:
+        new = old + ([""] if old else []) + lines
+    path.write_text("\n".join(new) + "\n")
+
+
 def share_text(r) -> str:
     return f"{100 * r['share']:.1f}%" if "share" in r else ""
 
@@ -364,7 +378,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hf", action="store_true",
                         help="only transformers' models (benchmarks/hf_models.py)")
     parser.add_argument("--hf-out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "coverage_hf.md")
+                        default=ROOT / "benchmarks" / "results" / "coverage.md",
+                        help="the file whose '## transformers' section the table replaces "
+                             "(appended where there is none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python " + " ".join(shlex.quote(a) for a in
@@ -387,7 +403,7 @@ def main(argv=None) -> int:
         load1 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         lines = hf_table(rows, command, load0, load1)
         args.hf_out.parent.mkdir(parents=True, exist_ok=True)
-        args.hf_out.write_text("\n".join(lines) + "\n")
+        write_section(args.hf_out, lines)
         print("\n".join(lines))
         return 0
     rows = []

@@ -85,6 +85,8 @@ class Context:
         v = self.value(arg)
         if not isinstance(v, torch.Tensor):
             return None
+        if not (v.is_floating_point() or v.is_complex()):  # indices (position ids): no channels
+            return torch.full((1,) * v.dim(), NO_ATOM)
         shape = tuple(v.shape)
         compressed = tuple(s if s > 1 else 1 for s in shape)
         atoms = self.atoms.fresh(math.prod(compressed))

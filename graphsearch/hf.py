@@ -52,6 +52,8 @@ _NOT_WIDTH = ("vocab", "position", "layers", "max_", "image_size", "patch_size",
 # written out before probing, so that the hidden size does not govern the MLP's width
 _DERIVED = {"n_inner": lambda c: 4 * c.hidden_size}
 _SIMPLE = (int, float, bool, str, tuple, type(None))
+# the fields that size attention (standard names; a config's attribute_map translates them)
+_ATTENTION_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads")
 
 
 def is_pretrained(model) -> bool:
@@ -183,11 +185,19 @@ def config_ties(model: nn.Module):
     (see the module docstring)."""
     governed = governed_dims(model)
 
+    alias = getattr(model.config, "attribute_map", {})
+    attention = {alias.get(f, f) for f in _ATTENTION_FIELDS}
+
     def constrain(ctx) -> None:
         lines: dict[str, list] = {}
         for name, b in ctx.bindings.items():
             for d, atoms in b.dims.items():
                 fields = governed.fields.get((name, d), set())
+                if len(fields) > 1 and fields <= attention:
+                    # key/value heads of a head size derived from the hidden size (Qwen2:
+                    # kv_heads * hidden / heads): whole heads, tied to their query group
+                    # and the query heads to the hidden size's blocks: it follows them
+                    continue
                 if len(fields) != 1:
                     why = "no config field states" if not fields else \
                         f"several config fields ({', '.join(sorted(fields))}) state"

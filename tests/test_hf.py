@@ -184,5 +184,23 @@ def test_the_package_does_not_need_transformers():
             "g = graphsearch.analyze(m, (torch.randn(2, 4),)); assert g.front_end == 'fx'; "
             "graphsearch.prune(m, g, {g.prunable_groups[0].id: [0, 1]}); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's Hugging Face example, as written (in a temporary folder)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- test_hf: the README example -->", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = [p for p in printed if not p.startswith("[")]  # ([torch.onnx]'s progress)
+    assert printed[0].startswith("OptimizeResult(magnitude:"), printed
+    assert "in_place=True" in printed[0], printed
+    assert printed[1:] == ["True 24 3 34", "True"]  # pruned in place; reloaded the same
+    assert (tmp_path / "bert-pruned" / "config.json").exists()

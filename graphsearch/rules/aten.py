@@ -131,17 +131,24 @@ def _run_channel_mean(interp, n, keep):
 def channel_mean(ctx, node):
     """A mean over the channel dim (an RMSNorm's statistic, which an export leaves as its
     ATen ops): the slim model averages its kept channels, the mask reference too (`mask`),
-    so the channels stay prunable. Over other dims, or over channels that vary along
-    another dim as well (heads x head_dim), it is `pooling.reduce`."""
+    so the channels stay prunable; over a head's dims (heads x head_dim) the head's dims are
+    tied into one unit. Over other dims, it is `pooling.reduce`."""
     ids = ctx.ids(node.args[0])
     if ids is None or arg(node, 1, "dim") is None:
         return pooling.reduce.tie(ctx, node)
     dims = _mean_dims(ctx, node)
-    offset = len(ctx.shape(node.args[0])) - ids.dim()
-    varying = [d + offset for d in range(ids.dim()) if ids.size(d) > 1]
-    if len(dims) == 1 and varying == dims:
+    rank = len(ctx.shape(node.args[0]))
+    ids = ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape))
+    varying = [d for d in range(rank) if ids.size(d) > 1]
+    if len(dims) != 1 or dims[0] not in varying:
+        return pooling.reduce.tie(ctx, node)
+    if varying == dims:
         return ctx.no_channels(node)
-    return pooling.reduce.tie(ctx, node)
+    # a statistic per head (Qwen3's query norm over head_dim): the head's dims are one unit,
+    # the output carries the head
+    ctx.tie_along(ids, dims[0])
+    out = ctx.find_ids(ids.narrow(dims[0], 0, 1).contiguous())
+    return out if arg(node, 2, "keepdim", False) else out.squeeze(dims[0])
 
 
 @rule(*_overloads(aten.embedding), edge="mix", gate="producer",
