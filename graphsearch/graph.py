@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import PlanError
-from .rules import DROPS_DEAD_OPERAND, Rule
+from .rules import DeadInput, Rule
 
 Widths = Mapping[int, "int | Sequence[int]"]
 
@@ -66,7 +66,7 @@ class NodeInfo:
     name: str
     rule: str  # the rule's name ("conv", "layout", ...; "unsupported", "input", "output")
     edge: str
-    dead: str
+    dead: DeadInput  # what a removed input means (the rule's; PASS or BLOCK without one)
     inputs: list[str]  # producer nodes of tensor arguments, in argument order
     ids: Any  # tensor, tuple of tensors, or None
     op: Rule | None = None  # the rule itself (None for inputs, outputs, unsupported ops)
@@ -466,18 +466,18 @@ class ChannelGraph:
             empty = info.name in empty_nodes or \
                 (not self._node_other[info.name] and touched[info.name] <= zero) or \
                 bool(internal and internal <= zero)
-            kind = info.dead
-            if kind == "pass":
-                is_dead = any(ins) or empty
-            elif kind in DROPS_DEAD_OPERAND:
-                if kind == "sub" and ins[0] and not all(ins):
+            meaning = info.dead  # what the op's rule says a removed input means
+            if meaning.drops:
+                if meaning.first_stays and ins[0] and not all(ins):
                     return False, frozenset(), f"'{info.name}' would lose its first operand"
                 is_dead = all(ins) or empty
-            else:  # block
+            elif meaning.blocks:
                 if any(ins):
                     what = "the model output" if info.rule == "output" else f"'{info.name}'"
                     return False, frozenset(), f"{what} would lose an input"
                 is_dead = empty
+            else:
+                is_dead = any(ins) or empty
             if is_dead:
                 dead.add(info.name)
         # What is left feeding only removed nodes is unused, and goes with them.
