@@ -1020,6 +1020,10 @@ def test_what_other_modules_decided_by_type_is_a_rule_field():
     assert not rules.pure_call("call_method", "item") and not rules.pure_call("call_method", "add_")
     assert rules.traced_as(nn.TransformerEncoderLayer(8, 2)) is not None
     assert rules.get(F.conv2d).fuse is not None and rules.get(nn.Conv2d).fuse is None
+    # adaptive BN's modules: those whose rule has running statistics, and that track them
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False),
+                        nn.SyncBatchNorm(4), nn.GroupNorm(2, 4), nn.LayerNorm(4))
+    assert rules.with_running_statistics(net) == [net[0], net[2]]
 
 
 class _ValueGated(nn.Module):

@@ -262,6 +262,19 @@ class Rules:
         cls = found[1]
         return cls is type(module) or type(module).forward is cls.forward
 
+    def with_running_statistics(self, model: nn.Module) -> list[nn.Module]:
+        """Modules of `model` that keep running statistics: their rule gives attributes the
+        role "statistic" (a batch norm's running mean and variance) and they hold tensors
+        there (a batch norm that tracks them). Adaptive BN re-estimates these."""
+        found = []
+        for m in model.modules():
+            rule = self.module_rule(m)
+            stats = [a for a, role in rule[0].roles.items() if role == "statistic"] \
+                if rule is not None else []
+            if stats and all(isinstance(getattr(m, a, None), torch.Tensor) for a in stats):
+                found.append(m)
+        return found
+
     def traced_as(self, module: nn.Module) -> Callable | None:
         """The plain function the tracer follows instead of this module's forward (its own
         class's rule says `trace_as`), or None."""
