@@ -1,8 +1,8 @@
 """Analysis: walk the traced graph once, applying each node's rule to channel ids.
 
 The `Context` is the small API that rules use (ids of an argument, tie, bind a parameter
-dimension, count MACs). `analyze` runs the rules and hands the result to `ChannelGraph`, which
-turns atoms into groups, members and a cost model.
+dimension, count MACs). `analyze` runs the rules and hands the result to `build.build_graph`,
+which turns atoms into groups, members and a cost model: a `graph.ChannelGraph`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_leaves, tree_map
 
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
+from .build import build_graph
 from .graph import Binding, ChannelGraph, MacTerm, NodeInfo, Space
 from .trace import Traced, trace
 
@@ -442,7 +443,7 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
         info = _apply(ctx, node, traced)
         node.meta["channels"] = info
         infos.append(info)
-    return ChannelGraph(traced, ctx, infos, rules)
+    return build_graph(traced, ctx, infos, rules)
 
 
 def _producers(ctx: Context, node: fx.Node) -> list[str]:
