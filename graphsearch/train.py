@@ -43,6 +43,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint as ckpt
 from .load import UserError
+from .rules import Rules, default_rules
 
 __all__ = ["TrainResult", "EvalResult", "train", "evaluate", "evaluate_metrics",
            "distributed_context", "steps_per_epoch", "Recipe", "RECIPES", "Distilled",
@@ -238,13 +239,14 @@ def soft_target_loss(temperature: float = 4.0, weight: float = 0.9) -> Callable:
 
 
 def recalibrate_bn(model: nn.Module, dataset, images: int, batch_size: int = 128,
-                   seed: int = 0) -> int:
+                   seed: int = 0, rules: Rules | None = None) -> int:
     """Re-estimate the BatchNorm running statistics of `model` from `images` training images
     drawn by `seed` (no augmentation, exact averages over the batches), as adaptive BN does
     for a pruned network (EagleEye, Li et al. 2020): a sliced network's inherited statistics
-    describe channels it no longer has. Returns the number of images used."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    describe channels it no longer has. The modules are those whose rule (in `rules`,
+    default the project's) has running statistics. Returns the number of images used."""
+    rules = rules if rules is not None else default_rules()
+    bns = [m for m in rules.with_running_statistics(model) if hasattr(m, "reset_running_stats")]
     if not bns or images <= 0 or dataset is None or len(dataset) < 2:
         return 0
     gen = torch.Generator().manual_seed(int(seed))

@@ -100,7 +100,7 @@ def recalibrate_bn(ctx: SearchContext, model: nn.Module, batches: int) -> int:
     scale faster than the running averages follow (a proximal shrink), and for channels
     revived from zero. Returns the number of images used."""
     return recalibrate_bn_on(model, getattr(ctx.data, "train", None), batches * ctx.batch_size,
-                    ctx.batch_size, ctx.seed)
+                             ctx.batch_size, ctx.seed, rules=ctx.graph.rules)
 
 
 def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
