@@ -512,9 +512,7 @@ def _probe_split(dataset, per_class: int, seed: int):
     rest_idx = rest.nonzero().flatten()
     if isinstance(dataset, ImageTensorDataset):
         x, y = dataset.get_batch(probe_idx, augment=False)
-        held = ImageTensorDataset(dataset.images[rest_idx], dataset.labels[rest_idx],
-                                  dataset.mean, dataset.std, augment=dataset.augment,
-                                  pad=dataset.pad, flip=dataset.flip)
+        held = dataset.subset(rest_idx.tolist())
     else:
         items = [dataset[int(i)] for i in probe_idx]
         x = torch.stack([torch.as_tensor(a) for a, _ in items]) if items else torch.zeros(0)
