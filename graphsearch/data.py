@@ -115,6 +115,9 @@ class RawImages:
     mapped: MappedFile | None = None  # `images` maps this file (see `MappedFile`)
 
 
+_MAPS: dict = {}  # (path, shape) -> this process's mapping of a MappedFile
+
+
 @dataclass(frozen=True)
 class MappedFile:
     """Decoded uint8 images (N, C, H, W) in a raw file, row after row, that the search and
@@ -126,6 +129,13 @@ class MappedFile:
     shape: tuple
 
     def open(self) -> torch.Tensor:
+        """The images, mapped once per process (the splits of one file share the mapping)."""
+        key = (self.path, tuple(self.shape))
+        if key not in _MAPS:
+            _MAPS[key] = self._map()
+        return _MAPS[key]
+
+    def _map(self) -> torch.Tensor:
         if not os.path.exists(self.path):
             import socket
 

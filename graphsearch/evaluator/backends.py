@@ -57,14 +57,16 @@ Done = Callable[[Task, dict], None]
 
 
 def wire(task: Task, batch: Batch) -> tuple:
-    """A task as the arguments of `execute` (bytes and plain values: picklable anywhere)."""
+    """A task as the arguments of `candidate_task` (bytes and plain values: picklable
+    anywhere)."""
     return (dumps(task.module), batch.teacher, asdict(batch.settings), task.seed,
             batch.return_state, None if task.probe is None else dumps(task.probe))
 
 
-def execute(data, module_blob: bytes, teacher_blob: bytes | None, settings: dict, seed: int,
-            return_state: bool = False, probe_blob: bytes | None = None) -> dict:
-    """A task, in a worker process or a Ray task: `run_candidate` on its arguments."""
+def candidate_task(data, module_blob: bytes, teacher_blob: bytes | None, settings: dict,
+                   seed: int, return_state: bool = False, probe_blob: bytes | None = None) -> dict:
+    """A task, in a worker process or a Ray task (whose process title names it:
+    `ray::candidate_task`): `run_candidate` on its arguments."""
     crash_if_asked()
     torch.set_num_threads(1)
     teacher = loads(teacher_blob) if teacher_blob is not None else None
@@ -223,7 +225,7 @@ def _init_worker(data, parent: int | None = None) -> None:
 
 
 def _worker_task(*args) -> dict:
-    return execute(_WORKER_DATA, *args)
+    return candidate_task(_WORKER_DATA, *args)
 
 
 PARENT_POLL_S = 0.5  # how often a worker's watchdog looks for its driver
@@ -300,7 +302,7 @@ class RayCluster(Backend):
     def run(self, tasks, batch, done):
         ray = import_ray()
         if self._fn is None:
-            self._fn = ray.remote(num_cpus=1, max_retries=0)(execute)
+            self._fn = ray.remote(num_cpus=1, max_retries=0)(candidate_task)
             self._data_ref = ray.put(self.data)
         refs: dict = {}
         args: dict[int, tuple] = {}
