@@ -44,12 +44,12 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_json
-from ..evaluator import (EvalSettings, channel_order, importance_of,
-                         keep_of_widths, make_evaluator, steps_for)
+from ..evaluator import EvalSettings
 from ..graph import PlanError
 from ..load import UserError
-from ..target import Evaluator
+from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
+from .common import channel_order, importance_of, keep_of_widths, make_evaluator, steps_for
 from ..units import human
 
 LENGTH2 = 0.01  # the kernel's squared length scale: exp(-d^2 / (2 * 0.01))
@@ -249,12 +249,12 @@ class ESNAC(Method):
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)
-        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+        meter = CostMeter(graph, ctx.constraints, ctx.latency_model)
         metric = ctx.constraints[0].metric
         teacher_cost = {"flops": float(graph.baseline.flops),
                         "params": float(graph.baseline.params)}.get(metric)
         if teacher_cost is None:  # latency: the fitted model's value at the baseline
-            teacher_cost = measure_ev.measure({})[metric]
+            teacher_cost = meter.measure({})[metric]
         feats = Features(graph)
 
         def keep_of(w):
@@ -262,7 +262,7 @@ class ESNAC(Method):
 
         def feasible(w) -> bool:
             try:
-                return measure_ev.feasible(measure_ev.measure(keep_of(w)))
+                return meter.feasible(meter.measure(keep_of(w)))
             except PlanError:
                 return False
 
@@ -313,7 +313,7 @@ class ESNAC(Method):
                     if not math.isfinite(r.accuracy):
                         continue
                     cost_s = r.flops if metric == "flops" else r.params if metric == "params" \
-                        else measure_ev.measure(r.keep)[metric]
+                        else meter.measure(r.keep)[metric]
                     R = reward(cost_s, teacher_cost, r.accuracy, acc_t)
                     history.append({"step": step, "widths": {str(g): v for g, v in w.items()},
                                     "accuracy": r.accuracy, "flops": r.flops,

@@ -75,14 +75,14 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..evaluator import EvalSettings, GateResponses, make_evaluator
+from ..evaluator import EvalSettings, GateResponses
 from ..graph import PlanError
 from ..load import UserError
 from ..passes.slim import unslim_state
-from ..target import Evaluator, allowed_widths
+from ..target import CostMeter, allowed_widths
 from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
-from .common import added_share, fold_gates
+from .common import added_share, fold_gates, make_evaluator
 from ..units import human
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
@@ -195,7 +195,7 @@ class GenerativeSynthesis(Method):
             raise UserError("gensynth: cycles and children must be at least 1")
         eta = float(s["eta"])
         groups = ctx.graph.prunable_groups
-        ev = Evaluator(ctx.graph, ctx.constraints, ctx.latency_model)
+        ev = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)
         path = Path(ctx.state_dir) / "gensynth.pt"
         fingerprint = {
             "version": CHECKPOINT_VERSION,
@@ -512,9 +512,7 @@ def _probe_split(dataset, per_class: int, seed: int):
     rest_idx = rest.nonzero().flatten()
     if isinstance(dataset, ImageTensorDataset):
         x, y = dataset.get_batch(probe_idx, augment=False)
-        held = ImageTensorDataset(dataset.images[rest_idx], dataset.labels[rest_idx],
-                                  dataset.mean, dataset.std, augment=dataset.augment,
-                                  pad=dataset.pad, flip=dataset.flip)
+        held = dataset.subset(rest_idx.tolist())
     else:
         items = [dataset[int(i)] for i in probe_idx]
         x = torch.stack([torch.as_tensor(a) for a, _ in items]) if items else torch.zeros(0)
