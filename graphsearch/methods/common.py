@@ -37,6 +37,22 @@ def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
     return max(int(at_least), int(math.floor(ctx.epochs * per_epoch / max(evaluations, 1))))
 
 
+# How every search built on the candidate evaluator scores a candidate, besides its training
+# steps (each method's `--set`): adaptive BN (BatchNorm statistics re-estimated on this many
+# training images before the candidate trains or is scored, EagleEye) and the validation
+# samples it is scored on (a fixed draw; 0: the whole split). The defaults are the cheap score
+# that ranked plans best for its cost in benchmarks/results/rank_correlation.md.
+CANDIDATE_SCORING = {"candidate_bn_images": 0, "candidate_val_samples": 0}
+
+
+def candidate_scoring(settings: Mapping) -> dict:
+    """`EvalSettings` keywords for the candidate score from a method's merged settings."""
+    return {"bn_images": int(settings.get("candidate_bn_images",
+                                          CANDIDATE_SCORING["candidate_bn_images"])),
+            "val_samples": int(settings.get("candidate_val_samples",
+                                            CANDIDATE_SCORING["candidate_val_samples"]))}
+
+
 def make_evaluator(ctx, settings: EvalSettings, name: str, data=None,
                    data_tag: str = "") -> CandidateEvaluator:
     """The evaluator of a search: the backend from the context (`ctx.workers`, `ctx.ray`),
