@@ -55,7 +55,7 @@ class OptimizeConfig:
     finetune_epochs: int = 4
     lr: float = 0.05
     finetune_lr: float = 0.02
-    finetune_recipe: str = "sgd-cosine"  # a name in graphsearch.train.RECIPES
+    finetune_recipe: str = "nesterov-one-cycle"  # a name in graphsearch.train.RECIPES
     distill: bool = True  # the final fine-tune distils from the baseline's logits
     distill_temperature: float = 4.0
     distill_weight: float = 0.9  # share of the distillation term (the rest: the task loss)
