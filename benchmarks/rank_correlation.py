@@ -125,21 +125,24 @@ def table(out: Path) -> str:
     if len(rows) < 3:
         return f"{len(rows)} plans finished: too few for a correlation"
     truth = [r["truth"] for r in rows]
-    names = [k for k in rows[0]["scores"] if all(k in r["scores"] for r in rows)]
+    names = list(dict.fromkeys(k for r in rows for k in r["scores"]))
     lines = [f"{len(rows)} plans; truth: top-1 on the validation folder after "
              f"{rows[0]['truth_epochs']} epoch(s) of fine-tuning on {rows[0]['truth_images']:,}"
              f" training images ({rows[0]['recipe']}), mean {np.mean(truth) * 100:.2f}%, "
              f"range {min(truth) * 100:.2f}-{max(truth) * 100:.2f}%, "
              f"{np.mean([r['truth_seconds'] for r in rows]):.0f} s per plan", "",
-             "| cheap score | Kendall tau | s per candidate | mean score |",
-             "|---|---:|---:|---:|"]
+             "| cheap score | plans | Kendall tau | s per candidate | mean score |",
+             "|---|---:|---:|---:|---:|"]
     stats = []
-    for k in names:
-        s = [r["scores"][k]["accuracy"] for r in rows]
-        sec = np.mean([r["scores"][k]["seconds"] for r in rows])
-        stats.append((kendall_tau(s, truth), k, sec, np.mean(s)))
-    for tau, k, sec, mean in sorted(stats, reverse=True):
-        lines.append(f"| {k} | {tau:.3f} | {sec:.2f} | {mean * 100:.2f}% |")
+    for k in names:  # each score over the plans it was run on
+        have = [r for r in rows if k in r["scores"]]
+        s = [r["scores"][k]["accuracy"] for r in have]
+        sec = np.mean([r["scores"][k]["seconds"] for r in have])
+        stats.append((kendall_tau(s, [r["truth"] for r in have]), k, sec, np.mean(s),
+                      len(have)))
+    for tau, k, sec, mean, n in sorted(stats, key=lambda t: (-t[4], -t[0])):
+        lines.append(f"| {k} | {n} | {tau:.3f} | {sec:.2f} | {mean * 100:.2f}% |")
+    names = [k for k in names if all(k in r["scores"] for r in rows)]
     lines += ["", "| plan | truth | params | " + " | ".join(
         k for k in PER_PLAN if k in names) + " |"]
     lines.append("|---|---:|---:|" + "---:|" * sum(
