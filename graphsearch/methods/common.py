@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..graph import ChannelGraph
+from ..target import Evaluator, allowed_widths
 from ..passes import gates as gate_pass
 from ..train import recalibrate_bn as recalibrate_bn_on
 from .base import SearchContext
@@ -158,8 +160,6 @@ def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray
 def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict:
     """The cost of keeping only the `alive` channels (a group left empty that the graph
     cannot remove, or under its minimum width, is counted at its smallest allowed width)."""
-    from ..graph import PlanError
-    from ..target import allowed_widths
 
     keep = {}
     for g in graph.prunable_groups:
@@ -253,7 +253,6 @@ def strength_path(ctx: SearchContext, settings: Mapping, steps: int):
     """What group lasso's and MorphNet's growing strength share: the cost evaluator, the cost
     ratio to the binding target, the full model's ratio, the reach window and the growth factor
     per step (`growth`, or `max_growth` spread over `reach` of the steps)."""
-    from ..target import Evaluator
 
     ev = Evaluator(ctx.graph, ctx.constraints, ctx.latency_model)
 
