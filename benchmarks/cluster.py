@@ -73,32 +73,87 @@ def alive(pid: int) -> bool:
 class Cluster:
     """A head and `workers` worker nodes started with `ray start` on 127.0.0.1."""
 
-    def __init__(self, workers: int = 2, cpus: int = 1):
+    # A loaded machine: `ray start` waits a fixed 30 s for its raylet to register (then
+    # gives up: "The current node timed out during startup"), so a failed start is retried;
+    # and the cluster's own timeouts are made generous (worker registration, GCS requests,
+    # health checks: a busy node is not taken for a dead one; a killed one is, within ~30 s).
+    ATTEMPTS = 4
+    SLOW_MACHINE = {"RAY_worker_register_timeout_seconds": "600",
+                    "RAY_gcs_server_request_timeout_seconds": "300",
+                    "RAY_gcs_rpc_server_reconnect_timeout_s": "300",
+                    "RAY_health_check_initial_delay_ms": "10000",
+                    "RAY_health_check_period_ms": "3000",
+                    "RAY_health_check_timeout_ms": "10000",
+                    "RAY_health_check_failure_threshold": "10"}
+
+    def __init__(self, workers: int = 2, cpus: int = 1, log=print):
         self.tmp = Path(tempfile.mkdtemp(prefix="gs-ray-", dir="/tmp"))
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+                    **self.SLOW_MACHINE}
+        self.log, self.attempts = log, []
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
                   "--disable-usage-stats"]
         self.worker_ports = []
+        self.port = 0
         try:
-            self._ray(["start", "--head", "--port", str(self.port), "--temp-dir",
-                       str(self.tmp), "--include-dashboard", "false", *common])
-            for _ in range(workers):
-                nm = free_port()
-                self._ray(["start", "--address", self.address, "--node-manager-port", str(nm),
-                           *common])
-                self.worker_ports.append(nm)
+            for attempt in range(self.ATTEMPTS):
+                self.port = free_port()
+                self.address = f"127.0.0.1:{self.port}"
+                if self._ray(["start", "--head", "--port", str(self.port), "--temp-dir",
+                              str(self.tmp), "--include-dashboard", "false", *common],
+                             "head", attempt, f":{self.port}"):
+                    break
+            else:
+                raise RuntimeError(f"the head did not start in {self.ATTEMPTS} attempts")
+            for w in range(workers):
+                for attempt in range(self.ATTEMPTS):
+                    nm = free_port()
+                    if self._ray(["start", "--address", self.address, "--node-manager-port",
+                                  str(nm), *common], f"worker {w + 1}", attempt,
+                                 f"--node_manager_port={nm}"):
+                        self.worker_ports.append(nm)
+                        break
+                else:
+                    raise RuntimeError(f"worker node {w + 1} did not start in {self.ATTEMPTS} "
+                                       "attempts")
         except BaseException:
             self.stop()  # a node that failed to start leaves nothing behind
             raise
         self.nodes = 1 + workers
 
-    def _ray(self, args):
+    def _ray(self, args, what: str, attempt: int, marker: str) -> bool:
+        """Run `ray ARGS`; on failure, end what it started (the processes naming `marker`),
+        record why, and return False."""
+        t = time.time()
         r = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True,
-                           env=self.env, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"ray {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+                           env=self.env, timeout=600)
+        took = time.time() - t
+        if r.returncode == 0:
+            self.attempts.append(f"{what}: started in {took:.0f} s (attempt {attempt + 1})")
+            self.log(self.attempts[-1])
+            return True
+        why = next((ln.strip() for ln in (r.stdout + r.stderr).splitlines()
+                    if "timed out" in ln or "Error" in ln or "error" in ln), "no reason given")
+        self.attempts.append(f"{what}: attempt {attempt + 1} failed after {took:.0f} s "
+                             f"({why[:200]})")
+        self.log(self.attempts[-1])
+        self._end(processes_with(marker))
+        time.sleep(5)
+        return False
+
+    @staticmethod
+    def _end(pids) -> None:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.2)
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
 
     def raylet_of(self, node_manager_port: int) -> int:
         pids = [p for p in processes_with(f"--node_manager_port={node_manager_port}")
@@ -113,29 +168,22 @@ class Cluster:
     def task_processes(self) -> list[int]:
         """Ray workers running one of graphsearch's evaluations right now."""
         return [p for p in processes_with("ray::")
-                if b"_ray_task" in Path(f"/proc/{p}/cmdline").read_bytes()]
+                if b"candidate_task" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
     def stop(self) -> None:
         """Stop this cluster's processes (by pid: the ones naming its temp folder or port)."""
-        pids = set(processes_with(str(self.tmp))) | set(processes_with(f":{self.port}"))
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while time.time() < deadline and any(alive(p) for p in pids):
-            time.sleep(0.2)
-        for p in pids:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        pids = set(processes_with(str(self.tmp)))
+        if self.port:
+            pids |= set(processes_with(f":{self.port}"))
+        self._end(pids)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def optimize(args, out: Path, *extra) -> subprocess.Popen:
     cmd = [str(BIN / "graphsearch"), "optimize", str(TINY), "--method", args.method,
            "--ray", args.address, "--out", str(out), *SEARCH, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRAPHSEARCH_CACHE": str(out.parent / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRAPHSEARCH_CACHE": str(out.parent / "cache"),
+           **Cluster.SLOW_MACHINE}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
 
@@ -172,9 +220,10 @@ def run_all(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     t = time.time()
-    cluster = Cluster(workers=2)
+    cluster = Cluster(workers=2, log=lambda m: print(m, file=sys.stderr, flush=True))
     args.address = cluster.address
-    rows.append({"run": "cluster start", "seconds": time.time() - t})
+    rows.append({"run": "cluster start", "seconds": time.time() - t,
+                 "fault": "; ".join(cluster.attempts)})
     try:
         # 1. undisturbed
         t = time.time()
@@ -250,7 +299,11 @@ def main():
     p.add_argument("--out-md", help="also write the table here")
     p.add_argument("--keep", help="keep the runs' folders here")
     args = p.parse_args()
-    rows = run_all(args)
+    try:
+        rows = run_all(args)
+    except Exception as exc:  # noqa: BLE001 (say exactly what happened, in the table too)
+        rows = [{"run": "FAILED", "fault": f"{type(exc).__name__}: "
+                 + " ".join(str(exc).split())[:1500], "seconds": 0.0, "equal": False}]
     text = table(rows, args)
     print(text)
     if args.out_md:

@@ -37,8 +37,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["save_atomic", "write_atomic", "write_json", "load", "rank", "is_main", "barrier",
-           "WriteError", "hold_folder", "FolderBusy"]
+__all__ = ["save_atomic", "write_atomic", "write_json", "write_streamed", "load", "rank",
+           "is_main", "barrier", "WriteError", "hold_folder", "FolderBusy"]
 
 
 class WriteError(UserError, OSError):
@@ -122,6 +122,14 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None,
     """`obj` as JSON, written atomically like :func:`write_atomic` (state, caches, reports)."""
     return write_atomic(path, json.dumps(obj, indent=indent, default=default),
                         every_rank=every_rank)
+
+
+def write_streamed(path: str | os.PathLike, write: Callable, *,
+                   every_rank: bool = False) -> Path:
+    """`write(f)` fills an open binary file (in order, or by seeking, truncating, mapping it)
+    that becomes `path` atomically, like :func:`write_atomic`: for content too large to hold
+    in memory (the decoded images of a large data set)."""
+    return _replace_atomic(Path(path), write, every_rank)
 
 
 def _replace_atomic(path: Path, write: Callable, every_rank: bool) -> Path:

@@ -140,7 +140,7 @@ def _optimize(args) -> int:
         finetune_recipe=args.finetune_recipe, distill=args.distill,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         threads=args.threads, latency_batch=args.latency_batch, max_train=args.max_train,
-        workers=args.workers, ray=args.ray,
+        workers=args.workers, ray=args.ray, shared_data=args.shared_data,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
@@ -354,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluate candidates on a Ray cluster instead ('auto': the cluster "
                           "this machine joined; or HOST:PORT); needs pip install "
                           "'graphsearch[ray]'")
+    opt.add_argument("--shared-data", metavar="DIR", default=_default("shared_data"),
+                     help="decode --data once into DIR, a folder every worker and Ray node "
+                          "sees, and let them memory-map it there instead of receiving "
+                          "copies (default: done in the data cache when the decoded images "
+                          "pass 2 GiB)")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
     opt.add_argument("--quiet", action="store_true", help="no progress output")

@@ -77,6 +77,10 @@ class OptimizeConfig:
     progress: bool = True
     workers: int | None = None  # candidate evaluations at once (None: one per core)
     ray: str | None = None  # a Ray cluster for candidate evaluations ("auto" or an address)
+    # decode --data once into this folder (one every worker and node sees) and let workers
+    # memory-map it there instead of receiving copies; None: the data cache, mapped above
+    # data.MAP_ABOVE_BYTES
+    shared_data: str | None = None
     # the analysis' rules (graphsearch.rules.Rules); None: model.py's `rules()`, else defaults
     rules: Any = None
 
@@ -219,7 +223,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
     else:
         data = load_dataset(config.data, val_fraction=config.val_fraction,
                             test_fraction=config.test_fraction, seed=config.seed,
-                            val_data=config.val_data, test_data=config.test_data)
+                            val_data=config.val_data, test_data=config.test_data,
+                            cache_dir=config.shared_data,
+                            mapped=True if config.shared_data else None)
     if config.max_train:
         data = _limit_training(data, config.max_train, config.seed)
     attach_hooks(data, loaded.loss_fn, loaded.evaluate)
@@ -401,19 +407,13 @@ def _resolve_round_to(config: OptimizeConfig, log: Callable,
 def _limit_training(data, n: int, seed: int = 0):
     """Keep `n` training images drawn at random by `seed` (the files may be sorted by
     class)."""
-    from .data import ImageTensorDataset
-
     if n < 1:
         raise UserError(f"--max-train {n}: give a positive number of images")
     t = data.train
     if n < len(t):
         pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(seed))[:n]
         pick = pick.sort().values
-        if isinstance(t, ImageTensorDataset):
-            data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
-                                            augment=t.augment, pad=t.pad, flip=t.flip)
-        else:
-            data.train = t.subset(pick.tolist())
+        data.train = t.subset(pick.tolist())
         data.preprocessing = {**data.preprocessing, "num_train": n,
                               "max_train": n}
     return data
