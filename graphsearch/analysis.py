@@ -19,7 +19,7 @@ from . import rules as R
 from .atoms import NO_ATOM, AtomTable
 from .build import build_graph
 from .graph import Binding, ChannelGraph, MacTerm, NodeInfo, Space
-from .trace import Traced, trace
+from .trace import REAL_MACS, Traced, trace
 
 
 class Context:
@@ -214,8 +214,6 @@ class Context:
                 _plain(self.value(a) if isinstance(a, fx.Node) else a)
                 for a in _leaves((node.args, node.kwargs))):
             return 0.0  # no tensor in, none computed (`c // groups` on sizes): no MACs
-        from .trace import REAL_MACS
-
         if REAL_MACS in node.meta:  # it reads values: zeros may not take the example's branch
             return node.meta[REAL_MACS] / max(self.batch, 1)
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..evaluator import CandidateEvaluator, EvalSettings
 from ..graph import ChannelGraph
+from ..target import CostMeter, allowed_widths
 from ..passes import gates as gate_pass
 from ..train import recalibrate_bn as recalibrate_bn_on
 from ..train import steps_per_epoch
@@ -231,8 +233,6 @@ def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray
 def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict:
     """The cost of keeping only the `alive` channels (a group left empty that the graph
     cannot remove, or under its minimum width, is counted at its smallest allowed width)."""
-    from ..graph import PlanError
-    from ..target import allowed_widths
 
     keep = {}
     for g in graph.prunable_groups:
@@ -326,8 +326,6 @@ def strength_path(ctx: SearchContext, settings: Mapping, steps: int):
     """What group lasso's and MorphNet's growing strength share: the cost evaluator, the cost
     ratio to the binding target, the full model's ratio, the reach window and the growth factor
     per step (`growth`, or `max_growth` spread over `reach` of the steps)."""
-    from ..target import CostMeter
-
     ev = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)
 
     def ratio(values) -> float:

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..evaluator import EvalSettings, GateResponses
+from ..evaluator import EvalSettings, GateResponses, weights_digest
 from ..graph import PlanError
 from ..load import UserError
 from ..passes.slim import unslim_state
@@ -524,7 +524,6 @@ def _probe_split(dataset, per_class: int, seed: int):
 
 
 def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
-    from ..evaluator import weights_digest
 
     return weights_digest({"x": x, "y": y})[:16]
 
