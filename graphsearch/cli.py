@@ -26,14 +26,14 @@ DEFAULT_OPTIMIZE_MODEL = "examples/cifar_resnet20.py"
 
 
 def _inspect(args) -> int:
-    from .analysis import analyze
+    from .graph_cache import analyze_cached
     from .trace import TraceFailure
 
     loaded = load_model(args.model, args.weights)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
+            graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     notes = loaded.notes + [str(w.message) for w in caught
@@ -180,7 +180,7 @@ def _round_to(text: str):
 
 
 def _export(args) -> int:
-    from .analysis import analyze
+    from .graph_cache import analyze_cached
     from .graph import PlanError
     from .optimize import value_reads_error
     from .trace import TraceFailure
@@ -209,7 +209,7 @@ def _export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
+            graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
         try:

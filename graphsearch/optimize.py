@@ -183,7 +183,7 @@ def on_main(fn: Callable):
 
 def prepare(config: OptimizeConfig, resume: bool, log: Callable,
             loaded: LoadedModel | None = None) -> Run:
-    from .analysis import analyze
+    from .graph_cache import analyze_cached
     from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
     from .trace import TraceFailure
@@ -249,7 +249,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
         warnings.simplefilter("always")
         try:
             rules = config.rules if config.rules is not None else loaded.rules
-            graph = analyze(loaded.model, x, rules=rules)
+            graph, cached = analyze_cached(loaded.model, x, rules=rules)
+            if cached:
+                log("analysis: read from the cache (same model code, shapes and rules)")
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     # What the analysis says about the model (e.g. each submodule fx cannot trace): shown
