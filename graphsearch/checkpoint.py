@@ -38,7 +38,7 @@ import torch
 from .errors import UserError
 
 __all__ = ["save_atomic", "write_atomic", "write_json", "write_streamed", "load", "rank",
-           "is_main", "barrier", "WriteError", "hold_folder", "FolderBusy"]
+           "cache_root", "is_main", "barrier", "WriteError", "hold_folder", "FolderBusy"]
 
 
 class WriteError(UserError, OSError):
@@ -94,6 +94,16 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def cache_root() -> Path:
+    """The folder of graphsearch's caches (decoded data, analyses): ``$GRAPHSEARCH_CACHE``
+    or ``$XDG_CACHE_HOME/graphsearch`` (``~/.cache/graphsearch``)."""
+    env = os.environ.get("GRAPHSEARCH_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "graphsearch"
 
 
 # ---------------------------------------------------------------- the one atomic writer

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import optimize as pipeline  # its `optimize` looked up at call time (tests stand in)
-from .analysis import analyze
+from .graph_cache import analyze_cached
 from .checkpoint import is_main, write_atomic
 from .errors import PlanError, TraceFailure
 from .load import UserError, load_model
@@ -37,7 +37,7 @@ def _inspect(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
+            graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     notes = loaded.notes + [str(w.message) for w in caught
@@ -203,7 +203,7 @@ def _export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
+            graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
         try:

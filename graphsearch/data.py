@@ -1246,11 +1246,7 @@ def _resize(images: torch.Tensor, size, chunk: int = 2048) -> torch.Tensor:
 def default_cache_dir() -> Path:
     """``$GRAPHSEARCH_CACHE`` or ``$XDG_CACHE_HOME/graphsearch`` (``~/.cache/graphsearch``),
     plus ``/datasets``."""
-    env = os.environ.get("GRAPHSEARCH_CACHE")
-    if env:
-        return Path(env).expanduser() / "datasets"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "graphsearch" / "datasets"
+    return checkpoint.cache_root() / "datasets"
 
 
 def _resolve_cache_dir(cache_dir) -> Path | None:

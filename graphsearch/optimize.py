@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
-from .analysis import analyze
+from .graph_cache import analyze_cached
 from .errors import TraceFailure
 from .graph import ChannelGraph
 from .load import LoadedModel, UserError, load_model
@@ -254,7 +254,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
         warnings.simplefilter("always")
         try:
             rules = config.rules if config.rules is not None else loaded.rules
-            graph = analyze(loaded.model, x, rules=rules)
+            graph, cached = analyze_cached(loaded.model, x, rules=rules)
+            if cached:
+                log("analysis: read from the cache (same model code, shapes and rules)")
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     # What the analysis says about the model (e.g. each submodule fx cannot trace): shown
