@@ -37,8 +37,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["save_atomic", "write_atomic", "write_json", "load", "rank", "is_main", "barrier",
-           "WriteError", "hold_folder", "FolderBusy"]
+__all__ = ["save_atomic", "write_atomic", "write_json", "write_streamed", "load", "rank",
+           "cache_root", "is_main", "barrier", "WriteError", "hold_folder", "FolderBusy"]
 
 
 class WriteError(UserError, OSError):
@@ -96,6 +96,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cache_root() -> Path:
+    """The folder of graphsearch's caches (decoded data, analyses): ``$GRAPHSEARCH_CACHE``
+    or ``$XDG_CACHE_HOME/graphsearch`` (``~/.cache/graphsearch``)."""
+    env = os.environ.get("GRAPHSEARCH_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "graphsearch"
+
+
 # ---------------------------------------------------------------- the one atomic writer
 
 
@@ -122,6 +132,14 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None,
     """`obj` as JSON, written atomically like :func:`write_atomic` (state, caches, reports)."""
     return write_atomic(path, json.dumps(obj, indent=indent, default=default),
                         every_rank=every_rank)
+
+
+def write_streamed(path: str | os.PathLike, write: Callable, *,
+                   every_rank: bool = False) -> Path:
+    """`write(f)` fills an open binary file (in order, or by seeking, truncating, mapping it)
+    that becomes `path` atomically, like :func:`write_atomic`: for content too large to hold
+    in memory (the decoded images of a large data set)."""
+    return _replace_atomic(Path(path), write, every_rank)
 
 
 def _replace_atomic(path: Path, write: Callable, every_rank: bool) -> Path:

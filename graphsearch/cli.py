@@ -14,8 +14,16 @@ import threading
 import warnings
 from pathlib import Path
 
-from .checkpoint import write_atomic
+from . import optimize as pipeline  # its `optimize` looked up at call time (tests stand in)
+from .graph_cache import analyze_cached
+from .checkpoint import is_main, write_atomic
+from .errors import PlanError, TraceFailure
 from .load import UserError, load_model
+from .optimize import OptimizeConfig, value_reads_error
+from .passes.export import export_onnx
+from .passes.latency import latency_pair
+from .passes.save import save_portable
+from .passes.slim import slim
 from .train import RECIPES
 from .units import human
 
@@ -23,17 +31,13 @@ DEFAULT_MODEL = "zoo:resnet32"
 DEFAULT_OPTIMIZE_MODEL = "examples/cifar_resnet20.py"
 
 
-
-
 def _inspect(args) -> int:
-    from .analysis import analyze
-    from .trace import TraceFailure
 
     loaded = load_model(args.model, args.weights)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
+            graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     notes = loaded.notes + [str(w.message) for w in caught
@@ -113,7 +117,6 @@ def _parse_settings(items: list[str]) -> dict:
 
 def _optimize(args) -> int:
     from .methods import METHODS
-    from .optimize import OptimizeConfig, optimize
 
     settings = _parse_settings(args.set)
     method = METHODS.get(args.method)
@@ -137,13 +140,12 @@ def _optimize(args) -> int:
         finetune_recipe=args.finetune_recipe, distill=args.distill,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         threads=args.threads, latency_batch=args.latency_batch, max_train=args.max_train,
-        workers=args.workers, ray=args.ray,
+        workers=args.workers, ray=args.ray, shared_data=args.shared_data,
         settings=settings, progress=not args.quiet)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = optimize(config, resume=args.resume, log=log)
-    from .checkpoint import is_main
+        report = pipeline.optimize(config, resume=args.resume, log=log)
 
     if not is_main():
         return 0  # under torchrun rank 0 speaks for all
@@ -180,15 +182,7 @@ def _round_to(text: str):
 
 
 def _export(args) -> int:
-    from .analysis import analyze
-    from .graph import PlanError
-    from .optimize import value_reads_error
-    from .trace import TraceFailure
 
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency_pair
-    from graphsearch.passes.save import save_portable
-    from graphsearch.passes.slim import slim
 
     loaded = load_model(args.model, args.weights)
     try:
@@ -209,7 +203,7 @@ def _export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            graph = analyze(loaded.model, loaded.example_inputs, rules=loaded.rules)
+            graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
         try:
@@ -257,7 +251,6 @@ def _on_off(text: str) -> bool:
 
 def _default(name: str):
     """The default of an `optimize` option: OptimizeConfig's, the one source."""
-    from .optimize import OptimizeConfig
 
     return OptimizeConfig.__dataclass_fields__[name].default
 
@@ -361,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluate candidates on a Ray cluster instead ('auto': the cluster "
                           "this machine joined; or HOST:PORT); needs pip install "
                           "'graphsearch[ray]'")
+    opt.add_argument("--shared-data", metavar="DIR", default=_default("shared_data"),
+                     help="decode --data once into DIR, a folder every worker and Ray node "
+                          "sees, and let them memory-map it there instead of receiving "
+                          "copies (default: done in the data cache when the decoded images "
+                          "pass 2 GiB)")
     opt.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="a method setting, e.g. --set lambda=3e-3 (repeatable)")
     opt.add_argument("--quiet", action="store_true", help="no progress output")
@@ -397,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.run(args)
     except UserError as exc:
-        from .checkpoint import is_main
 
         if is_main():  # under torchrun every rank raises the same error: say it once
             print(f"graphsearch: error: {exc}", file=sys.stderr)

@@ -92,6 +92,10 @@ SYNTHETIC_DEFAULT_IMAGES = 5000
 SYNTHETIC_DEFAULT_CLASSES = 10
 # Bump when the cached content changes meaning (decoding, resizing, layout detection).
 CACHE_VERSION = 2
+# Decoded data above this size is memory-mapped from the decode cache by default (`mapped`):
+# never held in the search's memory, never shipped to workers (they map the same file).
+MAP_ABOVE_BYTES = 2 * 2 ** 30
+MEAN_STD_SAMPLE = 50_000  # mapped data: mean and std from this many training images at most
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +112,38 @@ class RawImages:
     source: str  # what was read, for messages and the preprocessing record
     format: str  # "synthetic", "imagefolder", "cifar"
     notes: list[str] = field(default_factory=list)
+    mapped: MappedFile | None = None  # `images` maps this file (see `MappedFile`)
+
+
+_MAPS: dict = {}  # (path, shape) -> this process's mapping of a MappedFile
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """Decoded uint8 images (N, C, H, W) in a raw file, row after row, that the search and
+    its workers memory-map: the operating system reads the pages a batch touches (shared
+    between the processes of a machine), nobody holds or ships a copy. On several machines
+    the file must be on a file system they all see (`--shared-data DIR`)."""
+
+    path: str
+    shape: tuple
+
+    def open(self) -> torch.Tensor:
+        """The images, mapped once per process (the splits of one file share the mapping)."""
+        key = (self.path, tuple(self.shape))
+        if key not in _MAPS:
+            _MAPS[key] = self._map()
+        return _MAPS[key]
+
+    def _map(self) -> torch.Tensor:
+        if not os.path.exists(self.path):
+            import socket
+
+            raise UserError(f"the decoded data {self.path} is not visible on {socket.gethostname()}: "
+                            "put it on a file system every worker sees (--shared-data DIR)")
+        n = math.prod(self.shape)
+        return torch.from_file(self.path, shared=False, size=n, dtype=torch.uint8).view(
+            *self.shape)
 
 
 @dataclass
@@ -165,12 +201,17 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
                  std: Sequence[float], *, augment: bool = False, pad: int | None = None,
-                 flip: bool = True):
+                 flip: bool = True, rows: torch.Tensor | None = None,
+                 mapped: MappedFile | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
-        if labels.shape != (images.shape[0],):
+        n = images.shape[0] if rows is None else len(rows)
+        if labels.shape != (n,):
             raise ValueError("labels must have shape (N,)")
         self.images = images
+        # `rows`: this dataset's images are images[rows] (a view of mapped data, no copy)
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        self.mapped = mapped  # pickled by reference: workers map the file themselves
         self.labels = labels.long()
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
@@ -185,7 +226,19 @@ class ImageTensorDataset(Dataset):
         self._aug_cache: tuple | None = None  # (seed, dy, dx, flip)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.labels.shape[0]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_device_cache"] = state["_aug_cache"] = None  # caches, rebuilt where used
+        if self.mapped is not None:
+            state["images"] = None  # the path travels, not the pixels
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.mapped is not None:
+            self.images = self.mapped.open()
 
     def __getitem__(self, index: int):
         idx = torch.tensor([int(index)])
@@ -200,8 +253,13 @@ class ImageTensorDataset(Dataset):
         """The images at `indices`, with this dataset's normalisation, augmentation and
         hooks (the fast batch path included)."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        out = ImageTensorDataset(self.images[idx], self.labels[idx], self.mean, self.std,
-                                 augment=self.augment, pad=self.pad, flip=self.flip)
+        if self.rows is not None:  # a view: the same images, fewer rows
+            out = ImageTensorDataset(self.images, self.labels[idx], self.mean, self.std,
+                                     augment=self.augment, pad=self.pad, flip=self.flip,
+                                     rows=self.rows[idx], mapped=self.mapped)
+        else:
+            out = ImageTensorDataset(self.images[idx], self.labels[idx], self.mean, self.std,
+                                     augment=self.augment, pad=self.pad, flip=self.flip)
         out.loss_fn, out.metric = self.loss_fn, self.metric
         return out
 
@@ -229,8 +287,10 @@ class ImageTensorDataset(Dataset):
         indices = torch.as_tensor(indices, dtype=torch.long)
         augment = self.augment if augment is None else augment
         images, scale, shift = self._on(device)
-        dev_idx = indices.to(images.device)
-        x = images[dev_idx]
+        src = indices if self.rows is None else self.rows[indices]
+        x = images[src.to(images.device)]
+        if device is not None and x.device != torch.device(device):
+            x = x.to(device)  # mapped data: gathered on the CPU, then moved
         if augment and (self.pad > 0 or self.flip):
             if aug_seed is None:
                 n = len(indices)
@@ -247,6 +307,9 @@ class ImageTensorDataset(Dataset):
     def _on(self, device):
         if device is None or torch.device(device) == self.images.device:
             return self.images, self._scale, self._shift
+        if self.mapped is not None:  # no device copy of a whole mapped data set
+            device = torch.device(device)
+            return self.images, self._scale.to(device), self._shift.to(device)
         device = torch.device(device)
         if self._device_cache is None or self._device_cache[0] != device:
             self._device_cache = (device, self.images.to(device), self._scale.to(device),
@@ -377,7 +440,7 @@ def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1,
                  test_data: str | os.PathLike | None = None,
                  image_size: int | Sequence[int] | None = None,
                  cache_dir: str | os.PathLike | bool | None = None,
-                 augment: bool = True) -> DataBundle:
+                 augment: bool = True, mapped: bool | None = None) -> DataBundle:
     """Load `spec` (see the module docstring) into training, validation and test splits.
 
     Test: all of `test_data` if given, else `test_fraction` of every class of `spec` held out
@@ -390,7 +453,9 @@ def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1,
     of `spec`; synthetic ones are drawn with seeds of their own, so they never repeat a
     training image. `image_size` (int or (H, W)) resizes all images; without it, all images
     of `spec` must share one size. `cache_dir=False` disables the decode cache.
-    `augment=False` turns off the training augmentation.
+    `augment=False` turns off the training augmentation. `mapped` (see `load_images`): the
+    splits of `spec` are views of the memory-mapped decode cache, pickled as its path, so
+    that workers read the images from the file instead of receiving them.
     """
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= float(f) < 1.0:
@@ -404,13 +469,32 @@ def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1,
     _refuse_same_source(spec, test_data, "--test-data")
     if val_data is not None and test_data is not None:
         _refuse_same_source(val_data, test_data, "--test-data", other="--val-data")
-    raw = load_images(spec, seed=seed, image_size=image_size, cache_dir=cache_dir)
+    raw = load_images(spec, seed=seed, image_size=image_size, cache_dir=cache_dir,
+                      mapped=mapped)
     train_idx, val_idx, test_idx = split_roles(raw.labels, vf, tf, seed, len(raw.class_names))
-    train_images = raw.images[train_idx]
-    mean, std = channel_mean_std(train_images)
+    notes = list(raw.notes)
+    if raw.mapped is not None:
+        sample = train_idx
+        if len(train_idx) > MEAN_STD_SAMPLE:
+            g = torch.Generator().manual_seed(int(seed))
+            sample = train_idx[torch.randperm(len(train_idx), generator=g)[:MEAN_STD_SAMPLE]]
+            sample = sample.sort().values
+            notes.append(f"mean and std from {MEAN_STD_SAMPLE} training images drawn by seed "
+                         f"{seed}")
+        mean, std = channel_mean_std(raw.images, sample)
+    else:
+        mean, std = channel_mean_std(raw.images[train_idx])
     pad = default_pad(raw.images.shape[-2:])
     c, h, w = raw.images.shape[1:]
-    notes = list(raw.notes)
+
+    def part(idx, augment_it):
+        """The images of `raw` at `idx`: a view of mapped data, else a copy."""
+        if raw.mapped is not None:
+            return ImageTensorDataset(raw.images, raw.labels[idx], mean, std,
+                                      augment=augment_it, pad=pad, rows=idx,
+                                      mapped=raw.mapped)
+        return ImageTensorDataset(raw.images[idx], raw.labels[idx], mean, std,
+                                  augment=augment_it, pad=pad)
 
     def own(role_spec, flag, role_index):
         images, labels, source, more = _load_role(role_spec, flag, raw, seed, role_index,
@@ -418,27 +502,31 @@ def load_dataset(spec: str | os.PathLike | None, *, val_fraction: float = 0.1,
         notes.extend(more)
         return images, labels, source
 
+    def loaded(images, labels):
+        return ImageTensorDataset(images, labels, mean, std, augment=False, pad=pad)
+
     if val_data is not None:
-        val_images, val_labels, val_source = own(val_data, "--val-data", 1)
+        *val_arrays, val_source = own(val_data, "--val-data", 1)
+        val = loaded(*val_arrays)
     else:
-        val_images, val_labels = raw.images[val_idx], raw.labels[val_idx]
+        val = part(val_idx, False)
         val_source = (f"{vf:g} of each class of {raw.source}, held out by seed {seed}"
                       if len(val_idx) else "none")
+    test = None
     if test_data is not None:
-        test_images, test_labels, test_source = own(test_data, "--test-data", 2)
+        *test_arrays, test_source = own(test_data, "--test-data", 2)
+        test = loaded(*test_arrays)
     elif len(test_idx):
-        test_images, test_labels = raw.images[test_idx], raw.labels[test_idx]
+        test = part(test_idx, False)
         test_source = f"{tf:g} of each class of {raw.source}, held out by seed {seed}"
     else:
-        test_images = test_labels = None
         test_source = "none"
-    train = ImageTensorDataset(train_images, raw.labels[train_idx], mean, std,
-                               augment=augment, pad=pad)
-    val = ImageTensorDataset(val_images, val_labels, mean, std, augment=False, pad=pad)
-    test = (ImageTensorDataset(test_images, test_labels, mean, std, augment=False, pad=pad)
-            if test_images is not None else None)
+    train = part(train_idx, augment)
+    if raw.mapped is not None:
+        notes.append(f"images memory-mapped from {raw.mapped.path} (workers read them there; "
+                     "no check for copies between the splits)")
     for role, ds in (("validation", val), ("test", test)):
-        if ds is not None and len(ds):
+        if raw.mapped is None and ds is not None and len(ds):
             dup = _duplicates(train.images, ds.images)
             if dup:
                 notes.append(f"{dup} of the {len(ds)} {role} images are exact copies of "
@@ -544,12 +632,27 @@ def _duplicates(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def load_images(spec: str | os.PathLike | None, *, seed: int = 0,
                 image_size: int | Sequence[int] | None = None,
-                cache_dir: str | os.PathLike | bool | None = None) -> RawImages:
-    """Decode `spec` into a :class:`RawImages` (cached for files and folders)."""
+                cache_dir: str | os.PathLike | bool | None = None,
+                mapped: bool | None = None) -> RawImages:
+    """Decode `spec` into a :class:`RawImages` (cached for files and folders).
+
+    `mapped=True`: decode into the cache folder as one raw file, streamed (one image in
+    memory at a time), and memory-map it (`RawImages.mapped`); a synthetic set is generated
+    in chunks into it (other draws than the in-memory set of the same spec). `False`: hold
+    the images in memory. `None` (default): mapped when the decoded images would take more
+    than MAP_ABOVE_BYTES and there is a cache folder."""
     size = _parse_size(image_size)
+    folder = _resolve_cache_dir(cache_dir)
+    if mapped and folder is None:
+        raise UserError("memory-mapped data is decoded into the cache folder: give one "
+                        "(--shared-data DIR) instead of disabling the cache")
     if spec is None or (isinstance(spec, str) and spec.split(":", 1)[0] == "synthetic"):
         n, k = _parse_synthetic(spec)
-        images, labels = synthetic_images(n, k, size or (32, 32), seed=seed)
+        hw = size or (32, 32)
+        if mapped or (mapped is None and folder is not None
+                      and n * 3 * hw[0] * hw[1] > MAP_ABOVE_BYTES):
+            return _mapped_synthetic(n, k, hw, seed, folder)
+        images, labels = synthetic_images(n, k, hw, seed=seed)
         return RawImages(images, labels, [f"class_{i}" for i in range(k)],
                          f"synthetic:{n}:{k}", "synthetic")
     path = Path(spec).expanduser()
@@ -557,7 +660,9 @@ def load_images(spec: str | os.PathLike | None, *, seed: int = 0,
         raise UserError(f"data '{spec}' does not exist; pass an ImageFolder (folder, .zip or "
                         ".tar.gz with one subfolder per class), CIFAR python batches, or "
                         "'synthetic' for built-in synthetic data")
-    folder = _resolve_cache_dir(cache_dir)
+    if mapped or (mapped is None and folder is not None
+                  and _decoded_bytes(path, size) > MAP_ABOVE_BYTES):
+        return _mapped_source(path, size, folder)
     cache_file = _cache_file(folder, path, size) if folder is not None else None
     if cache_file is not None and cache_file.exists():
         raw = _read_cache(cache_file)
@@ -631,19 +736,30 @@ def split_roles(labels: torch.Tensor, val_fraction: float, test_fraction: float,
     return train, val, test
 
 
-def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale.
+def channel_mean_std(images: torch.Tensor, rows: torch.Tensor | None = None,
+                     chunk_bytes: int = 64 * 2 ** 20) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (of `images[rows]` when `rows` is given) on
+    the [0, 1] scale.
 
     Computed from a 256-bin histogram per channel: exact, and ~10x faster than summing a
-    float copy (0.25 s instead of 2 s for CIFAR-10's training split).
+    float copy (0.25 s instead of 2 s for CIFAR-10's training split); `rows` are read
+    `chunk_bytes` at a time (mapped data is never read into memory whole).
     """
-    n, c = images.shape[:2]
+    c = images.shape[1]
+    n = images.shape[0] if rows is None else len(rows)
+    chunk = max(1, chunk_bytes // max(1, math.prod(images.shape[1:])))
     if n == 0:
         return [0.5] * c, [0.25] * c
     values = torch.arange(256, dtype=torch.float64) / 255.0
+    hists = torch.zeros(c, 256, dtype=torch.float64)
+    parts = [images] if rows is None else (images[rows[i:i + chunk]]
+                                          for i in range(0, n, chunk))
+    for part in parts:
+        for ch in range(c):
+            hists[ch] += torch.bincount(part[:, ch].reshape(-1), minlength=256).to(torch.float64)
     means, stds = [], []
     for ch in range(c):
-        hist = torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64)
+        hist = hists[ch]
         total = hist.sum()
         mean = (hist * values).sum() / total
         var = (hist * (values - mean) ** 2).sum() / total
@@ -862,7 +978,7 @@ def _open_container(path: Path) -> _Container:
 _CIFAR10_BATCH = re.compile(r"(^|/)data_batch_(\d+)$")
 
 
-def _decode_container(container: _Container, size) -> RawImages:
+def _decode_container(container: _Container, size, rows_into=None) -> RawImages:
     names = container.names
     batches = [n for n in names if _CIFAR10_BATCH.search(n)]
     if batches:
@@ -871,7 +987,7 @@ def _decode_container(container: _Container, size) -> RawImages:
     by_base = {n.rsplit("/", 1)[-1]: n for n in names}
     if "train" in by_base and "meta" in by_base and not _image_names(names):
         return _decode_cifar(container, [by_base["train"]], "meta", size)
-    return _decode_imagefolder(container, size)
+    return _decode_imagefolder(container, size, rows_into)
 
 
 def _batch_number(name: str) -> int:
@@ -889,7 +1005,7 @@ def _image_names(names: Iterable[str]) -> list[str]:
     return out
 
 
-def _decode_imagefolder(container: _Container, size) -> RawImages:
+def _decode_imagefolder(container: _Container, size, rows_into=None) -> RawImages:
     files = _image_names(container.names)
     where = f"'{container.path}'"
     if not files:
@@ -937,13 +1053,15 @@ def _decode_imagefolder(container: _Container, size) -> RawImages:
     pairs.sort(key=lambda cf: (cf[0], cf[1]))
     index = {c: i for i, c in enumerate(class_names)}
     labels = torch.tensor([index[c] for c, _ in pairs], dtype=torch.long)
-    images = _decode_images(container, [f for _, f in pairs], size, notes)
+    images = _decode_images(container, [f for _, f in pairs], size, notes, rows_into)
     return RawImages(images, labels, class_names, str(container.path), "imagefolder", notes)
 
 
 def _decode_images(container: _Container, names: list[str], size,
-                   notes: list[str] | None = None) -> torch.Tensor:
-    """Decode `names` (in this order) into one uint8 (N, 3, H, W) tensor.
+                   notes: list[str] | None = None, rows_into=None) -> torch.Tensor | None:
+    """Decode `names` (in this order) into one uint8 (N, 3, H, W) tensor; with `rows_into`
+    (a function of the shape (N, 3, H, W) returning a `_RowWriter`), into that instead, one
+    image at a time, and return None.
 
     Every image becomes 8-bit RGB: grayscale, palette, CMYK and alpha images as Pillow
     converts them (an alpha channel is dropped), 16-bit and 32-bit grayscale scaled to 8 bits
@@ -972,7 +1090,9 @@ def _decode_images(container: _Container, names: list[str], size,
             raise UserError(f"cannot decode image {container.where(name)} ({exc}); remove or "
                             "replace that file") from exc
         if out is None:
-            out = np.empty((len(names),) + arr.shape, dtype=np.uint8)
+            out = (np.empty((len(names),) + arr.shape, dtype=np.uint8) if rows_into is None
+                   else _Shaped(rows_into((len(names), arr.shape[2], *arr.shape[:2])),
+                                (len(names),) + arr.shape))
             first = name
         elif arr.shape != out.shape[1:]:
             raise UserError(
@@ -988,7 +1108,32 @@ def _decode_images(container: _Container, names: list[str], size,
             + (" (alpha dropped)" if any("A" in m or m == "P" for m in converted) else "")
             + (" (16/32-bit scaled to 8-bit)" if any(m.startswith(("I", "F"))
                                                       for m in converted) else ""))
+    if rows_into is not None:
+        return None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+class _RowWriter:
+    """Writes image i (a (C, H, W) uint8 array) at its place in an open file of N images."""
+
+    def __init__(self, f, shape):
+        self.f, self.shape = f, tuple(shape)
+        self.row = math.prod(self.shape[1:])
+        f.truncate(self.shape[0] * self.row)
+
+    def __setitem__(self, i: int, chw: np.ndarray) -> None:
+        self.f.seek(int(i) * self.row)
+        self.f.write(np.ascontiguousarray(chw, dtype=np.uint8).tobytes())
+
+
+class _Shaped:
+    """`_decode_images`' target when it streams: HWC images in, CHW rows out."""
+
+    def __init__(self, writer: _RowWriter, shape_hwc):
+        self.writer, self.shape = writer, shape_hwc
+
+    def __setitem__(self, i, hwc):
+        self.writer[i] = np.asarray(hwc).transpose(2, 0, 1)
 
 
 def _to_rgb(im):
@@ -1101,11 +1246,7 @@ def _resize(images: torch.Tensor, size, chunk: int = 2048) -> torch.Tensor:
 def default_cache_dir() -> Path:
     """``$GRAPHSEARCH_CACHE`` or ``$XDG_CACHE_HOME/graphsearch`` (``~/.cache/graphsearch``),
     plus ``/datasets``."""
-    env = os.environ.get("GRAPHSEARCH_CACHE")
-    if env:
-        return Path(env).expanduser() / "datasets"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "graphsearch" / "datasets"
+    return checkpoint.cache_root() / "datasets"
 
 
 def _resolve_cache_dir(cache_dir) -> Path | None:
@@ -1176,3 +1317,124 @@ def _write_cache(file: Path, raw: RawImages) -> None:
                 old.unlink()
             except OSError:
                 pass
+
+
+# --------------------------------------------------------------------------------------------
+# Mapped data: the decode cache as one raw file that the search and its workers map
+
+
+def _decoded_bytes(path: Path, size) -> int:
+    """About how many bytes `path` takes decoded: its images times one image's size (the
+    first image's, without `size`); 0 for CIFAR batches (small by nature)."""
+    with _open_container(path) as container:
+        names = _image_names(container.names)
+        if not names:
+            return 0
+        if size is None:
+            from PIL import Image
+
+            _, blob = next(iter(container.read(names[:1])))
+            try:
+                with Image.open(io.BytesIO(blob)) as im:
+                    size = (im.size[1], im.size[0])
+            except Exception:  # noqa: BLE001 (the decoder will name the bad file)
+                return 0
+        return len(names) * 3 * int(size[0]) * int(size[1])
+
+
+def _mapped_names(key_file: Path) -> tuple[Path, Path]:
+    """(raw images, meta) files of a mapped cache entry, named apart from the in-memory
+    entries of the same source (`_write_cache` prunes those by prefix)."""
+    stem, rest = key_file.stem.split("-", 1) if "-" in key_file.stem else (key_file.stem, "")
+    base = f"{stem}.mapped-{rest}"
+    return key_file.with_name(base + ".u8"), key_file.with_name(base + ".pt")
+
+
+def _read_mapped(raw_file: Path, meta_file: Path) -> RawImages | None:
+    if not (raw_file.exists() and meta_file.exists()):
+        return None
+    try:
+        d = checkpoint.load(meta_file)
+        shape = tuple(int(v) for v in d["shape"])
+        if raw_file.stat().st_size != math.prod(shape) or len(d["labels"]) != shape[0]:
+            raise ValueError("the raw file does not hold the images its entry names")
+        mapped = MappedFile(str(raw_file), shape)
+        return RawImages(mapped.open(), d["labels"], list(d["class_names"]), d["source"],
+                         d["format"], list(d["notes"]), mapped)
+    except Exception as exc:  # noqa: BLE001 - a bad cache entry is rebuilt, never fatal
+        warnings.warn(f"ignoring unreadable data cache {meta_file}: {exc}", stacklevel=3)
+        return None
+
+
+def _write_mapped(raw_file: Path, meta_file: Path, fill) -> RawImages:
+    """`fill(f)` writes the images row by row into the open file f and returns (a RawImages
+    with the labels and names, its images unused; the shape (N, C, H, W)). The raw file is
+    written first, then the entry that names it; then it is mapped."""
+    made = {}
+
+    def write(f):
+        made["raw"], made["shape"] = fill(f)
+
+    try:
+        checkpoint.write_streamed(raw_file, write, every_rank=True)
+        raw = made["raw"]
+        checkpoint.save_atomic({"shape": [int(v) for v in made["shape"]], "labels": raw.labels,
+                                "class_names": raw.class_names, "source": raw.source,
+                                "format": raw.format, "notes": raw.notes,
+                                "created": time.time()}, meta_file, every_rank=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the decoded data to {raw_file.parent} ({exc}); give "
+                        "--shared-data a writable folder with room for it") from exc
+    out = _read_mapped(raw_file, meta_file)
+    if out is None:
+        raise UserError(f"the decoded data in {raw_file} cannot be read back")
+    return out
+
+
+def _mapped_source(path: Path, size, folder: Path) -> RawImages:
+    """The images of a file or folder, decoded once into the cache (streamed), mapped."""
+    raw_file, meta_file = _mapped_names(_cache_file(folder, path, size))
+    raw = _read_mapped(raw_file, meta_file)
+    if raw is not None:
+        raw.notes.append(f"decoded images read from cache {raw_file}")
+        return raw
+
+    def fill(f):
+        shape = {}
+
+        def rows_into(s):
+            shape["s"] = s
+            return _RowWriter(f, s)
+
+        with _open_container(path) as container:
+            raw = _decode_container(container, size, rows_into)
+        if raw.images is not None:  # decoded in memory (CIFAR batches): write it out
+            f.write(raw.images.contiguous().numpy().tobytes())
+            shape["s"] = tuple(raw.images.shape)
+        return raw, shape["s"]
+
+    return _write_mapped(raw_file, meta_file, fill)
+
+
+def _mapped_synthetic(n: int, k: int, hw, seed: int, folder: Path,
+                      chunk: int = 1000) -> RawImages:
+    """`synthetic:N:K` generated `chunk` images at a time into the cache, mapped."""
+    name = f"synthetic.mapped-{n}-{k}-{hw[0]}x{hw[1]}-seed{seed}-v{CACHE_VERSION}"
+    raw_file, meta_file = folder / f"{name}.u8", folder / f"{name}.pt"
+    raw = _read_mapped(raw_file, meta_file)
+    if raw is not None:
+        return raw
+
+    def fill(f):
+        labels = []
+        for i, start in enumerate(range(0, n, chunk)):
+            images, lab = synthetic_images(min(chunk, n - start), k, hw,
+                                           seed=int(seed) * 1_000_003 + i)
+            f.write(images.numpy().tobytes())
+            labels.append(lab)
+        raw = RawImages(None, torch.cat(labels), [f"class_{i}" for i in range(k)],
+                        f"synthetic:{n}:{k}", "synthetic",
+                        [f"synthetic images generated in chunks of {chunk}"])
+        return raw, (n, 3, int(hw[0]), int(hw[1]))
+
+    return _write_mapped(raw_file, meta_file, fill)

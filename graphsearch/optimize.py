@@ -27,10 +27,18 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from .graph_cache import analyze_cached
+from .errors import TraceFailure
 from .graph import ChannelGraph
 from .load import LoadedModel, UserError, load_model
+from .passes.export import export_onnx
+from .passes.latency import latency_pair
+from .passes.mask import mask, verify
+from .passes.save import save_portable
+from .passes.slim import slim
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
-from .train import RECIPES, Distilled, logits_of, soft_target_loss
+from .train import (RECIPES, Distilled, distributed_context, evaluate, logits_of,
+                    soft_target_loss, train)
 from .units import human
 
 STATE = ".state"
@@ -55,7 +63,7 @@ class OptimizeConfig:
     finetune_epochs: int = 4
     lr: float = 0.05
     finetune_lr: float = 0.02
-    finetune_recipe: str = "sgd-cosine"  # a name in graphsearch.train.RECIPES
+    finetune_recipe: str = "nesterov-one-cycle"  # a name in graphsearch.train.RECIPES
     distill: bool = True  # the final fine-tune distils from the baseline's logits
     distill_temperature: float = 4.0
     distill_weight: float = 0.9  # share of the distillation term (the rest: the task loss)
@@ -69,6 +77,10 @@ class OptimizeConfig:
     progress: bool = True
     workers: int | None = None  # candidate evaluations at once (None: one per core)
     ray: str | None = None  # a Ray cluster for candidate evaluations ("auto" or an address)
+    # decode --data once into this folder (one every worker and node sees) and let workers
+    # memory-map it there instead of receiving copies; None: the data cache, mapped above
+    # data.MAP_ABOVE_BYTES
+    shared_data: str | None = None
     # the analysis' rules (graphsearch.rules.Rules); None: model.py's `rules()`, else defaults
     rules: Any = None
 
@@ -108,7 +120,6 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     """Run the pipeline; returns the report (on every rank under torchrun). `loaded`: a model
     in memory instead of `config.model`'s file (`graphsearch.api`), which also receives in
     `outcome` the run, the plan and the fine-tuned slim module."""
-    from .train import distributed_context
 
     distributed_context()  # under torchrun: join the process group before any file is touched
     if not ckpt.is_main():
@@ -179,10 +190,8 @@ def on_main(fn: Callable):
 
 def prepare(config: OptimizeConfig, resume: bool, log: Callable,
             loaded: LoadedModel | None = None) -> Run:
-    from .analysis import analyze
     from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
-    from .trace import TraceFailure
 
     get_method(config.method)  # an unknown method fails before any work
     if config.round_to != "auto" and (not isinstance(config.round_to, int)
@@ -214,7 +223,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
     else:
         data = load_dataset(config.data, val_fraction=config.val_fraction,
                             test_fraction=config.test_fraction, seed=config.seed,
-                            val_data=config.val_data, test_data=config.test_data)
+                            val_data=config.val_data, test_data=config.test_data,
+                            cache_dir=config.shared_data,
+                            mapped=True if config.shared_data else None)
     if config.max_train:
         data = _limit_training(data, config.max_train, config.seed)
     attach_hooks(data, loaded.loss_fn, loaded.evaluate)
@@ -243,7 +254,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
         warnings.simplefilter("always")
         try:
             rules = config.rules if config.rules is not None else loaded.rules
-            graph = analyze(loaded.model, x, rules=rules)
+            graph, cached = analyze_cached(loaded.model, x, rules=rules)
+            if cached:
+                log("analysis: read from the cache (same model code, shapes and rules)")
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
     # What the analysis says about the model (e.g. each submodule fx cannot trace): shown
@@ -309,8 +322,6 @@ def _check_exportable(graph: ChannelGraph, model: torch.nn.Module, x: tuple) -> 
         return
     import tempfile
 
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.save import save_portable
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -398,19 +409,13 @@ def _resolve_round_to(config: OptimizeConfig, log: Callable,
 def _limit_training(data, n: int, seed: int = 0):
     """Keep `n` training images drawn at random by `seed` (the files may be sorted by
     class)."""
-    from .data import ImageTensorDataset
-
     if n < 1:
         raise UserError(f"--max-train {n}: give a positive number of images")
     t = data.train
     if n < len(t):
         pick = torch.randperm(len(t), generator=torch.Generator().manual_seed(seed))[:n]
         pick = pick.sort().values
-        if isinstance(t, ImageTensorDataset):
-            data.train = ImageTensorDataset(t.images[pick], t.labels[pick], t.mean, t.std,
-                                            augment=t.augment, pad=t.pad, flip=t.flip)
-        else:
-            data.train = t.subset(pick.tolist())
+        data.train = t.subset(pick.tolist())
         data.preprocessing = {**data.preprocessing, "num_train": n,
                               "max_train": n}
     return data
@@ -456,7 +461,6 @@ def _check_latency_floor(run: Run, lat: Constraint) -> None:
 
 def stage_baseline(run: Run) -> dict:
     """The trained baseline: given weights, or trained here (checkpointed)."""
-    from .train import evaluate
 
     path = run.state / "baseline.pt"
     cfg = run.config
@@ -468,7 +472,6 @@ def stage_baseline(run: Run) -> dict:
     epochs = 0
     if run.weights is None:
         run.log(f"baseline: no trained weights given, training {cfg.baseline_epochs} epochs")
-        from .train import train
 
         train(run.model, run.data.for_search(), epochs=cfg.baseline_epochs, lr=cfg.lr,
               batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
@@ -496,7 +499,6 @@ def _train_side_accuracy(run: Run) -> tuple[float, int]:
     mode, no augmentation), on a sample by seed as large as the validation split (at least
     500 images, at most the whole training split): the reference of the report's check that
     the held-out splits really are unseen."""
-    from .train import evaluate
 
     t = run.data.train
     n = min(len(t), max(len(run.data.val), 500))
@@ -562,8 +564,6 @@ def stage_search(run: Run):
 
 
 def stage_slim(run: Run, proposal):
-    from graphsearch.passes.mask import mask, verify
-    from graphsearch.passes.slim import slim
 
     run.model.load_state_dict(proposal.state_dict)
     plan = proposal.plan
@@ -603,7 +603,6 @@ def finetune_recipe(run: Run) -> dict:
 
 
 def stage_finetune(run: Run, module) -> dict:
-    from .train import evaluate, train
 
     cfg = run.config
     path = run.state / "final.pt"
@@ -639,7 +638,6 @@ def stage_finetune(run: Run, module) -> dict:
 def stage_test(run: Run, module) -> dict:
     """Top-1 of the baseline and of the fine-tuned result on the test split: measured once,
     after every decision, and only reported (None for both when there is no test split)."""
-    from .train import evaluate
 
     path = run.state / "test.json"
     if path.exists():
@@ -672,9 +670,6 @@ def _baseline_model(run: Run) -> torch.nn.Module:
 
 
 def _export(run: Run, module) -> dict:
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency_pair
-    from graphsearch.passes.save import save_portable
 
     module = module.eval()
     out = run.out

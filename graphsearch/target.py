@@ -106,9 +106,11 @@ def _human(v: float, metric: str) -> str:
 
 
 @dataclass
-class Evaluator:
-    """Measures a plan against the constraints with the graph's cost model; latency comes
-    from `latency_model(cost) -> ms` (a cheap fitted model) when a latency target is set."""
+class CostMeter:
+    """Measures a plan's cost (FLOPs, MACs, params with the graph's cost model; latency from
+    `latency_model(cost) -> ms`, a cheap fitted model, when a latency target is set) and
+    checks it against the constraints. (Not the candidate evaluator, which trains and scores
+    plans: `evaluator.CandidateEvaluator`.)"""
 
     graph: ChannelGraph
     constraints: list[Constraint]
@@ -177,7 +179,7 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
             any(c.metric == "latency" for c in constraints):
         return land_on_measured_latency(graph, scores, constraints, round_to, latency_model,
                                         max_evaluations)
-    ev = Evaluator(graph, constraints, latency_model)
+    ev = CostMeter(graph, constraints, latency_model)
     groups = [g for g in graph.prunable_groups if g.id in scores]
     order = {g.id: np.argsort(-np.asarray(scores[g.id], dtype=float), kind="stable")
              for g in groups}
@@ -371,7 +373,7 @@ def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarra
             # there (the model can be off; the measurement decides)
             allowed = {g.id: allowed_widths(g.size, g.min_width, round_to)
                        for g in graph.prunable_groups if g.id in scores}
-            floor = floor_cost(graph, Evaluator(graph, [], predictor), allowed)["latency"]
+            floor = floor_cost(graph, CostMeter(graph, [], predictor), allowed)["latency"]
             if aim >= floor * (1 + 1e-3) or at_floor:
                 if best is not None or fastest is not None:
                     break
@@ -450,7 +452,7 @@ def _closer(ms: float, than: float, mark: float) -> bool:
     return ms > than if ms <= mark else ms < than
 
 
-def floor_cost(graph: ChannelGraph, ev: Evaluator, allowed: Mapping[int, np.ndarray]
+def floor_cost(graph: ChannelGraph, ev: CostMeter, allowed: Mapping[int, np.ndarray]
                ) -> dict[str, float]:
     """What the model costs with every prunable group at its smallest allowed width (counts,
     not indices: a floor, so branch removals that the model forbids are retried at 1)."""
@@ -488,4 +490,4 @@ REVIVE_OFFSET = 1e9
 
 
 __all__ = ["Constraint", "Plan", "parse_constraint", "land_on_target", "scores_from_widths",
-           "allowed_widths", "Evaluator", "METRICS", "land_on_measured_latency"]
+           "allowed_widths", "CostMeter", "METRICS", "land_on_measured_latency"]

@@ -14,7 +14,8 @@ from torch import nn
 from graphsearch import zoo
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
-from graphsearch.evaluator import CandidateEvaluator, EvalResult, channel_order, keep_of_widths
+from graphsearch.evaluator import CandidateEvaluator, EvalResult
+from graphsearch.methods.common import channel_order, keep_of_widths
 from graphsearch.methods.autoshrink import AutoShrink, apply_edge, draw, shrink_score
 from graphsearch.methods.base import SearchContext
 from graphsearch.passes.mask import mask, verify

@@ -74,7 +74,7 @@ def test_one_and_two_local_workers_give_identical_scores(setup):
     one = [r.accuracy for r in ev1.evaluate(plans(graph), model.state_dict())]
     with CandidateEvaluator(graph, data, SETTINGS, cache_dir=None, workers=2) as ev2:
         two = [r.accuracy for r in ev2.evaluate(plans(graph), model.state_dict())]
-        assert ev2._pool is not None  # it really ran in worker processes
+        assert ev2.runs_on.pool is not None  # it really ran in worker processes
     assert one == two
 
 

@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 
 from graphsearch.analysis import analyze
 from graphsearch.data import DataBundle
-from graphsearch.evaluator import steps_for
+from graphsearch.methods.common import steps_for
 from graphsearch.methods.base import SearchContext
 from graphsearch.methods.common import budget_steps
 from graphsearch.train import steps_per_epoch, train

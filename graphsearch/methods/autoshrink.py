@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import write_json
-from ..evaluator import (EvalSettings, channel_order, importance_of, keep_of_widths,
-                         make_evaluator, steps_for)
+from ..evaluator import EvalSettings
 from ..graph import PlanError
 from ..load import UserError
-from ..target import Evaluator
+from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
+from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
+                     keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 
@@ -105,6 +106,7 @@ class AutoShrink(Method):
         "candidate_steps": None,  # fine-tune steps per candidate (None: from the budget)
         "max_steps": 200,  # shrink steps at most
         "optimizer": "sgd",
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -121,7 +123,7 @@ class AutoShrink(Method):
         order = channel_order(ctx)
         block = {g.id: max(1, math.ceil(float(s["block"]) * g.size)) for g in groups}
         n_branches = sum(g.removable for g in groups)
-        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+        meter = CostMeter(graph, ctx.constraints, ctx.latency_model)
 
         def keep_of(w):
             return keep_of_widths(graph, order, w)
@@ -135,7 +137,7 @@ class AutoShrink(Method):
             return {gid: (0 if gid in zero else v) for gid, v in w.items()}
 
         def done(w):
-            return measure_ev.feasible(measure_ev.measure(keep_of(w)))
+            return meter.feasible(meter.measure(keep_of(w)))
 
         start = {g.id: g.size for g in groups}
         # ---- budget: the number of steps from a cost-only dry run (median MACs drop)
@@ -144,14 +146,15 @@ class AutoShrink(Method):
             cs = candidates(w, est)
             if not cs:
                 break
-            drops = sorted((measure_ev.measure(keep_of(apply_edge(graph, w, e, block)))["macs"],
+            drops = sorted((meter.measure(keep_of(apply_edge(graph, w, e, block)))["macs"],
                             i) for i, e in enumerate(cs))
             w = settle(apply_edge(graph, w, cs[drops[len(drops) // 2][1]], block))
             est += 1
         settings = EvalSettings(
             steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
             else steps_for(ctx, max(1, est) * k),
-            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed)
+            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
+            **candidate_scoring(s))
 
         # ---- resume
         path = Path(ctx.state_dir) / "autoshrink.json"

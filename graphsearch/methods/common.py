@@ -1,7 +1,9 @@
 """Helpers shared by several search methods (one module, so that no method imports another).
 
 Channel-level operations on a model through the channel graph (scale, zero, the tied slices
-of a group), the budget in optimizer steps, BatchNorm re-estimation, a plan's accuracy with
+of a group), the budget in optimizer steps (per candidate: `steps_for`), the candidate
+evaluator of a search (`make_evaluator`) and the channel order the evaluator-based methods
+add and drop channels in (`channel_order`, `keep_of_widths`, `importance_of`), BatchNorm re-estimation, a plan's accuracy with
 its dropped channels zeroed, folding per-channel gate values into the weights, and the share
 of a plan's FLOPs that the shared target step added on top of a method's own choice.
 """
@@ -9,21 +11,94 @@ of a plan's FLOPs that the shared target step added on top of a method's own cho
 from __future__ import annotations
 
 import copy
+import math
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import PlanError
+from ..evaluator import CandidateEvaluator, EvalSettings
 from ..graph import ChannelGraph
+from ..target import CostMeter, allowed_widths
 from ..passes import gates as gate_pass
 from ..train import recalibrate_bn as recalibrate_bn_on
+from ..train import steps_per_epoch
 from .base import SearchContext
 from ..units import human
 
 ROLES = ("out", "in", "gamma", "beta")
 
 
+def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
+    """Optimizer steps per candidate when the search budget `ctx.epochs` (epochs of the
+    training split) is split over about `evaluations` candidate fine-tunes."""
+    per_epoch = max(1, steps_per_epoch(len(ctx.data.train), ctx.batch_size, None))
+    return max(int(at_least), int(math.floor(ctx.epochs * per_epoch / max(evaluations, 1))))
+
+
+# How every search built on the candidate evaluator scores a candidate, besides its training
+# steps (each method's `--set`): adaptive BN (BatchNorm statistics re-estimated on this many
+# training images before the candidate trains or is scored, EagleEye) and the validation
+# samples it is scored on (a fixed draw; 0: the whole split). The defaults are the cheap score
+# that ranked plans best for its cost in benchmarks/results/rank_correlation.md.
+CANDIDATE_SCORING = {"candidate_bn_images": 256, "candidate_val_samples": 1000}
+
+
+def candidate_scoring(settings: Mapping) -> dict:
+    """`EvalSettings` keywords for the candidate score from a method's merged settings."""
+    return {"bn_images": int(settings.get("candidate_bn_images",
+                                          CANDIDATE_SCORING["candidate_bn_images"])),
+            "val_samples": int(settings.get("candidate_val_samples",
+                                            CANDIDATE_SCORING["candidate_val_samples"]))}
+
+
+def make_evaluator(ctx, settings: EvalSettings, name: str, data=None,
+                   data_tag: str = "") -> CandidateEvaluator:
+    """The evaluator of a search: the backend from the context (`ctx.workers`, `ctx.ray`),
+    the cache in `ctx.state_dir / f"evals-{name}"`; `data` (default `ctx.data`): another
+    split to train and score on, named by `data_tag` in the cache key."""
+    return CandidateEvaluator(ctx.graph, ctx.data if data is None else data, settings,
+                              cache_dir=Path(ctx.state_dir) / f"evals-{name}",
+                              workers=getattr(ctx, "workers", 1), ray=getattr(ctx, "ray", None),
+                              log=ctx.log, on_result=getattr(ctx, "on_result", None),
+                              data_tag=data_tag)
+
+
+def channel_order(ctx) -> dict[int, np.ndarray]:
+    """Per prunable group, its channels from the strongest to the weakest by the L2 norm of
+    everything tied to them in the baseline (ties by index): the order in which the search
+    methods built on the evaluator add or drop a group's channels."""
+    with torch.no_grad():
+        norms = ctx.channel_norms()
+    out = {}
+    for g in ctx.graph.prunable_groups:
+        n = norms[g.id].double().cpu().numpy() if g.id in norms else np.zeros(g.size)
+        out[g.id] = np.lexsort((np.arange(g.size), -n))
+    return out
+
+
+def keep_of_widths(graph: ChannelGraph, order: Mapping[int, np.ndarray],
+                   widths: Mapping[int, int]) -> dict[int, list[int]]:
+    """The plan keeping the first `widths[g]` channels of `order[g]` (changed groups only)."""
+    keep = {}
+    for gid, w in widths.items():
+        size = graph.groups[gid].size
+        if int(w) < size:
+            keep[int(gid)] = sorted(int(i) for i in order[gid][:int(w)])
+    return keep
+
+
+def importance_of(order: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Scores whose descending order is `order` (for `ctx.land_widths`)."""
+    out = {}
+    for gid, o in order.items():
+        s = np.empty(len(o))
+        s[np.asarray(o)] = -np.arange(len(o), dtype=float)
+        out[gid] = s
+    return out
 
 
 def budget_steps(ctx: SearchContext, epochs: float) -> int:
@@ -100,7 +175,7 @@ def recalibrate_bn(ctx: SearchContext, model: nn.Module, batches: int) -> int:
     scale faster than the running averages follow (a proximal shrink), and for channels
     revived from zero. Returns the number of images used."""
     return recalibrate_bn_on(model, getattr(ctx.data, "train", None), batches * ctx.batch_size,
-                    ctx.batch_size, ctx.seed)
+                             ctx.batch_size, ctx.seed, rules=ctx.graph.rules)
 
 
 def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
@@ -158,8 +233,6 @@ def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray
 def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict:
     """The cost of keeping only the `alive` channels (a group left empty that the graph
     cannot remove, or under its minimum width, is counted at its smallest allowed width)."""
-    from ..graph import PlanError
-    from ..target import allowed_widths
 
     keep = {}
     for g in graph.prunable_groups:
@@ -253,9 +326,7 @@ def strength_path(ctx: SearchContext, settings: Mapping, steps: int):
     """What group lasso's and MorphNet's growing strength share: the cost evaluator, the cost
     ratio to the binding target, the full model's ratio, the reach window and the growth factor
     per step (`growth`, or `max_growth` spread over `reach` of the steps)."""
-    from ..target import Evaluator
-
-    ev = Evaluator(ctx.graph, ctx.constraints, ctx.latency_model)
+    ev = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)
 
     def ratio(values) -> float:
         return max(values[c.metric] / c.limit for c in ctx.constraints)

@@ -44,12 +44,13 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_json
-from ..evaluator import (EvalSettings, channel_order, importance_of,
-                         keep_of_widths, make_evaluator, steps_for)
+from ..evaluator import EvalSettings
 from ..graph import PlanError
 from ..load import UserError
-from ..target import Evaluator
+from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
+from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
+                     keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 LENGTH2 = 0.01  # the kernel's squared length scale: exp(-d^2 / (2 * 0.01))
@@ -237,6 +238,7 @@ class ESNAC(Method):
         "fit_steps": 100,
         "candidate_steps": None,  # distillation steps per candidate (None: from the budget)
         "candidate_lr": 1e-3,
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -249,12 +251,12 @@ class ESNAC(Method):
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)
-        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+        meter = CostMeter(graph, ctx.constraints, ctx.latency_model)
         metric = ctx.constraints[0].metric
         teacher_cost = {"flops": float(graph.baseline.flops),
                         "params": float(graph.baseline.params)}.get(metric)
         if teacher_cost is None:  # latency: the fitted model's value at the baseline
-            teacher_cost = measure_ev.measure({})[metric]
+            teacher_cost = meter.measure({})[metric]
         feats = Features(graph)
 
         def keep_of(w):
@@ -262,7 +264,7 @@ class ESNAC(Method):
 
         def feasible(w) -> bool:
             try:
-                return measure_ev.feasible(measure_ev.measure(keep_of(w)))
+                return meter.feasible(meter.measure(keep_of(w)))
             except PlanError:
                 return False
 
@@ -285,7 +287,7 @@ class ESNAC(Method):
             steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
             else steps_for(ctx, n_init + n_steps * n_kernels),
             lr=float(s["candidate_lr"]), batch_size=ctx.batch_size, optimizer="adam",
-            weight_decay=0.0, distill=True, seed=ctx.seed)
+            weight_decay=0.0, distill=True, seed=ctx.seed, **candidate_scoring(s))
         teacher = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         acc_t = ctx.evaluate(ctx.model)
         path = Path(ctx.state_dir) / "esnac.json"
@@ -313,7 +315,7 @@ class ESNAC(Method):
                     if not math.isfinite(r.accuracy):
                         continue
                     cost_s = r.flops if metric == "flops" else r.params if metric == "params" \
-                        else measure_ev.measure(r.keep)[metric]
+                        else meter.measure(r.keep)[metric]
                     R = reward(cost_s, teacher_cost, r.accuracy, acc_t)
                     history.append({"step": step, "widths": {str(g): v for g, v in w.items()},
                                     "accuracy": r.accuracy, "flops": r.flops,

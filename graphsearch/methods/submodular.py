@@ -32,12 +32,13 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from ..checkpoint import write_json
-from ..evaluator import (EvalSettings, channel_order, importance_of, keep_of_widths,
-                         make_evaluator, steps_for)
+from ..evaluator import EvalSettings
 from ..graph import PlanError
 from ..load import UserError
-from ..target import Evaluator, legal_zeros
+from ..target import CostMeter, legal_zeros
 from .base import Method, Proposal, SearchContext
+from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
+                     keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 
@@ -153,6 +154,7 @@ class Submodular(Method):
         "candidate_steps": None,  # fine-tune steps per candidate (None: from the budget)
         "max_evaluations": None,  # per pass; then stale keys are trusted (None: no cap)
         "optimizer": "sgd",
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -163,7 +165,7 @@ class Submodular(Method):
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)
-        measure_ev = Evaluator(graph, ctx.constraints, ctx.latency_model)
+        meter = CostMeter(graph, ctx.constraints, ctx.latency_model)
         # the seed (one increment per group) must fit: finer increments until it does
         while True:
             seed_w = {g.id: 0 if g.removable else max(1, math.ceil(g.size / K)) for g in groups}
@@ -173,7 +175,7 @@ class Submodular(Method):
                                   for g in groups},
                                  keep_of=lambda w: keep_of_widths(graph, order, w))
             try:
-                fits_seed = measure_ev.feasible(measure_ev.measure(
+                fits_seed = meter.feasible(meter.measure(
                     keep_of_widths(graph, order, seed_w)))
             except PlanError:
                 fits_seed = False
@@ -203,14 +205,14 @@ class Submodular(Method):
         def measure(S: frozenset):
             if S not in costs:
                 try:
-                    costs[S] = measure_ev.measure(keep_of(S))
+                    costs[S] = meter.measure(keep_of(S))
                 except PlanError:
                     costs[S] = None
             return costs[S]
 
         def fits(S: frozenset) -> bool:
             v = measure(S)
-            return v is not None and measure_ev.feasible(v)
+            return v is not None and meter.feasible(v)
 
         def eligible(e, S) -> bool:
             gid, k = e
@@ -223,7 +225,8 @@ class Submodular(Method):
         settings = EvalSettings(
             steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
             else steps_for(ctx, 2 * max(len(elements), 1)),
-            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed)
+            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
+            **candidate_scoring(s))
         state_path = Path(ctx.state_dir) / "submodular.json"
         base_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         with make_evaluator(ctx, settings, self.name) as ev:

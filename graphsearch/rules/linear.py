@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..atoms import NO_ATOM
-from .registry import methods, rule, unsupported
+from .registry import BLOCK, methods, rule, unsupported
 
 
 def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
@@ -64,7 +64,7 @@ def _identity_outside(ctx, ids, dim):
 
 
 @rule(torch.matmul, operator.matmul, torch.bmm, *methods("matmul", "bmm"), edge="mix",
-      dead="block", gate="producer")
+      dead=BLOCK, gate="producer")
 def matmul(ctx, node):
     """a @ b between activations (attention scores, attention @ values).
 
