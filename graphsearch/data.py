@@ -228,17 +228,24 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 (N, C, H, W); mapped data is mapped on first use (in a worker: by the task
+        that needs it, so a worker that cannot see the file fails that task in one line)."""
+        if self._images is None and self.mapped is not None:
+            self._images = self.mapped.open()
+        return self._images
+
+    @images.setter
+    def images(self, value: torch.Tensor | None) -> None:
+        self._images = value
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_device_cache"] = state["_aug_cache"] = None  # caches, rebuilt where used
         if self.mapped is not None:
-            state["images"] = None  # the path travels, not the pixels
+            state["_images"] = None  # the path travels, not the pixels
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.mapped is not None:
-            self.images = self.mapped.open()
 
     def __getitem__(self, index: int):
         idx = torch.tensor([int(index)])

@@ -66,8 +66,9 @@ def test_a_mapped_split_travels_as_its_path(tmp_path):
     # a worker that cannot see the file says so in one line
     moved = copy.copy(big.train)
     moved.mapped = dataclasses.replace(moved.mapped, path=str(tmp_path / "elsewhere.u8"))
+    there = pickle.loads(pickle.dumps(moved))  # opened where it is used, not on arrival
     with pytest.raises(UserError, match="--shared-data"):
-        pickle.loads(pickle.dumps(moved))
+        there.get_batch(idx)
 
 
 def test_above_the_size_mapping_is_the_default(tmp_path, monkeypatch):
