@@ -16,7 +16,10 @@ example's batch written in) cannot be exported so; it is exported with static sh
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import warnings
 
 import torch
@@ -105,11 +108,26 @@ def export_trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> T
                   constraints=constraints)
 
 
+# torch.export logs what it could not follow (a graph dump, symbolic-shape warnings) on these
+# loggers; a failure is reported once, in the TraceFailure's one line, so they stay quiet
+_QUIET = ("torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental",
+          "torch._subclasses", "torch._functorch")
+
+
 def _export(model, args, kwargs, dynamic_shapes):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
-                                   strict=False)
+    loggers = [logging.getLogger(name) for name in _QUIET]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        # a failed export also prints its partial graph straight to sys.stderr
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, args, kwargs=kwargs,
+                                       dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _plain_module(program, model: torch.nn.Module) -> fx.GraphModule:
