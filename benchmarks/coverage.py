@@ -400,10 +400,10 @@ def main(argv=None) -> int:
                 row = {"model": name, "note": "crashed: " + traceback.format_exc(limit=1)[-100:]}
             rows.append(row)
             print(row, flush=True)
-        load1 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-        lines = hf_table(rows, command, load0, load1)
-        args.hf_out.parent.mkdir(parents=True, exist_ok=True)
-        write_section(args.hf_out, lines)
+            load1 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+            lines = hf_table(rows, command, load0, load1)  # written as it goes: a slow
+            args.hf_out.parent.mkdir(parents=True, exist_ok=True)  # machine leaves the
+            write_section(args.hf_out, lines)  # models done so far
         print("\n".join(lines))
         return 0
     rows = []
