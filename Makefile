@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,ray]'
+	$(BIN)/pip install -q -e '.[test,ray,hf]'
 	touch $@
 
 # A bundled CIFAR ResNet-20 on the built-in synthetic data, pruned to 1/3 of its FLOPs, from

@@ -12,11 +12,20 @@ installed in this environment, a list of its model definitions built without wei
   and check: slim == mask (`verify`, rtol 1e-4), slim params == `graph.cost(plan).params`,
   and the slim model exported to ONNX matches torch in onnxruntime (`export_onnx`).
 
+With `--hf` (the `graphsearch[hf]` extra installed), popular `transformers` classes built
+from tiny configs (`benchmarks/hf_models.py`: text, vision, audio) are checked further, into
+a `transformers` table (`--hf-out`): the random 50% plan's MACs as a share of the model's
+(goal: at most 0.6), slim == mask, params == cost, the model pruned in place
+(`graphsearch.prune`: weights, attributes and config) == slim, `save_pretrained` then
+`from_pretrained` == the pruned model, `generate()` on the causal LMs, and the slim model in
+ONNX (dynamic batch, checked at batch 3).
+
 `timm` needs torchvision, which this project does not install: its imports are satisfied by an
 empty stand-in module (`--timm`; only the data transforms import it, no model uses it). timm
 is never a dependency of graphsearch: `pip install --no-deps timm` into the venv to run it.
 
     python benchmarks/coverage.py [--timm] [--models NAME ...] [--out PATH]
+    python benchmarks/coverage.py --hf [--models NAME ...] [--hf-out PATH]
 """
 
 from __future__ import annotations
@@ -208,6 +217,151 @@ def check(name: str, build) -> dict:
     return row
 
 
+def check_hf(name: str) -> dict:
+    """The coverage checks, and those of a Hugging Face model pruned in place."""
+    import hf_models
+
+    from graphsearch import hf, prune
+
+    row = {"model": name}
+    torch.manual_seed(0)
+    try:
+        model, inputs, kind = hf_models.build(name)
+        row["class"] = type(model).__name__
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = analyze(model, inputs)
+        row["analyze_s"] = time.perf_counter() - t0
+        row["front_end"] = g.front_end + (" (static batch)" if g.static_batch else "")
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"analysis failed: {short(exc)}"
+        return row
+    share = g.mac_share(top=1)
+    s = g.summary()
+    row.update(groups=s["groups"], prunable=s["prunable"], share=share["share"],
+               why=share["reasons"][0][0] if share["reasons"] else "")
+    called = hf.Called(model)
+    try:
+        real = real_macs(called, inputs)
+        row["macs_ok"] = abs(g.baseline.macs - real) <= 1e-6 * max(real, 1) + 1
+        row["macs_rel"] = (g.baseline.macs - real) / max(real, 1)
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"FLOP count failed: {short(exc)}"
+    keep = half_plan(g)
+    if not keep:
+        row["note"] = row.get("note") or "nothing prunable"
+        return row
+    row["half_macs"] = g.cost(keep).macs / g.baseline.macs
+    x3 = hf_models.inputs(kind, batch=3, seed=1)
+    try:
+        small = slim(g, keep).eval()
+        v = verify(small, mask(g, keep), x3, rtol=1e-4)
+        row["slim_ok"] = bool(v)
+        if not v:
+            row["note"] = v.message
+        row["params_ok"] = sum(p.numel() for p in small.parameters()) == g.cost(keep).params
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"slim: {short(exc)}"
+        return row
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(small, inputs, Path(tmp) / "m.onnx")
+        row["onnx_ok"] = True
+    except Exception as exc:  # noqa: BLE001
+        row["onnx_ok"] = False
+        row["note"] = row.get("note") or f"onnx: {short(exc)}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prune(model, g, keep)
+        row["inplace_ok"] = bool(verify(called, small, x3, rtol=1e-4))
+    except Exception as exc:  # noqa: BLE001
+        row["inplace_ok"] = False
+        row["note"] = row.get("note") or f"in place: {short(exc)}"
+        return row
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp)
+            loaded = type(model).from_pretrained(tmp).eval()
+        row["reload_ok"] = bool(verify(hf.Called(loaded), called, x3, rtol=1e-5))
+        if model.can_generate():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = model.generate(x3[0], max_new_tokens=3, do_sample=False,
+                                     pad_token_id=0)
+            row["generate_ok"] = tuple(out.shape) == (3, x3[0].shape[1] + 3)
+    except Exception as exc:  # noqa: BLE001
+        row.setdefault("reload_ok", False)
+        row["note"] = row.get("note") or f"save/load/generate: {short(exc)}"
+    return row
+
+
+def hf_table(rows: list[dict], command: str, load0: str, load1: str) -> list[str]:
+    import transformers
+
+    lines = [
+        "## transformers",
+        "",
+        f"Command: `{command}` (transformers {transformers.__version__}, torch "
+        f"{torch.__version__}, 1 torch thread; load average {load0} at start, {load1} at end: "
+        "other sessions were running, times are noisy).",
+        "",
+        "Every model is built from a tiny config (random weights) and analysed through the "
+        "torch.export front end (batch 2, dynamic). 50% plan: the MACs left by a random plan "
+        "keeping half of every prunable group (goal: at most 0.6). The checks run on a batch "
+        "of 3: slim == mask (rtol 1e-4), slim params == cost, in place: the model pruned by "
+        "`graphsearch.prune` (weights, attributes, config) equals slim, reload: "
+        "`save_pretrained` then `from_pretrained` equals it, generate: `generate()` runs "
+        "(causal LMs), ONNX: the slim model in onnxruntime at batch 2 and 3.",
+        "",
+        "| model | class | groups (prunable) | prunable MACs | MACs = real | 50% plan | "
+        "slim == mask | params = cost | in place | reload | generate | ONNX | analyze | "
+        "note: first failure, else the top reason MACs are not prunable |",
+        "|---|---|---:|---:|---|---:|---|---|---|---|---|---|---:|---|",
+    ]
+    for r in rows:
+        macs = mark(r.get("macs_ok"))
+        if r.get("macs_ok") is False:
+            macs += f" ({100 * r['macs_rel']:+.2f}%)"
+        half = f"{r['half_macs']:.2f}" if "half_macs" in r else ""
+        note = r.get("note") or (r.get("why") or "")
+        lines.append(
+            f"| {r['model']} | {r.get('class', '')} | {r.get('groups', '')} "
+            f"({r.get('prunable', '')}) | {share_text(r)} | {macs} | {half} | "
+            f"{mark(r.get('slim_ok'))} | {mark(r.get('params_ok'))} | "
+            f"{mark(r.get('inplace_ok'))} | {mark(r.get('reload_ok'))} | "
+            f"{mark(r.get('generate_ok'))} | {mark(r.get('onnx_ok'))} | "
+            f"{r['analyze_s']:.1f} s | {note.replace('|', '/')[:160]} |"
+            if "analyze_s" in r else
+            f"| {r['model']} | {r.get('class', '')} | | | | | | | | | | | | "
+            f"{note.replace('|', '/')[:160]} |")
+    keys = ("slim_ok", "params_ok", "inplace_ok", "reload_ok", "onnx_ok")
+    good = [r for r in rows if r.get("half_macs", 1) <= 0.6 and all(r.get(k) for k in keys)
+            and r.get("generate_ok", True)]
+    lines += ["", f"{len(good)} of {len(rows)} models: a random 50% plan leaves at most 0.6 "
+              "of the MACs and every check passed; "
+              f"{sum(1 for r in rows if r.get('macs_ok') is False)} report MACs that the real "
+              "count contradicts."]
+    return lines
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    """Replace the section that starts with `lines[0]` (up to the next one of its level) in
+    `path`, or append it."""
+    old = path.read_text().splitlines() if path.exists() else []
+    head = lines[0]
+    if head in old:
+        start = old.index(head)
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+        new = old[:start] + lines + ([""] if end < len(old) else []) + old[end:]
+    else:
+        new = old + ([""] if old else []) + lines
+    path.write_text("\n".join(new) + "\n")
+
+
 def share_text(r) -> str:
     return f"{100 * r['share']:.1f}%" if "share" in r else ""
 
@@ -221,11 +375,37 @@ def main(argv=None) -> int:
     parser.add_argument("--timm", action="store_true", help="add timm's models (installed)")
     parser.add_argument("--models", nargs="*", help="only these names")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "coverage.md")
+    parser.add_argument("--hf", action="store_true",
+                        help="only transformers' models (benchmarks/hf_models.py)")
+    parser.add_argument("--hf-out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "coverage.md",
+                        help="the file whose '## transformers' section the table replaces "
+                             "(appended where there is none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python " + " ".join(shlex.quote(a) for a in
                                    [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     load0 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    if args.hf:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import hf_models
+
+        rows = []
+        for name in hf_models.MODELS:
+            if args.models and name not in args.models:
+                continue
+            try:
+                row = check_hf(name)
+            except Exception:  # noqa: BLE001
+                row = {"model": name, "note": "crashed: " + traceback.format_exc(limit=1)[-100:]}
+            rows.append(row)
+            print(row, flush=True)
+        load1 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        lines = hf_table(rows, command, load0, load1)
+        args.hf_out.parent.mkdir(parents=True, exist_ok=True)
+        write_section(args.hf_out, lines)
+        print("\n".join(lines))
+        return 0
     rows = []
     for name, source, build in model_list(args.timm):
         if args.models and name not in args.models:

@@ -15,7 +15,8 @@ Plans (all at 1/3 of the baseline's MACs, widths in multiples of --round-to):
 
 Recipes (same epochs, same peak learning rate, same training images, batch 128):
 - `project`: what `graphsearch optimize` fine-tunes with by default (`OptimizeConfig`), or
-  any recipe of `graphsearch.train.RECIPES` by name (`sgd-cosine`, `one-cycle`);
+  any recipe of `graphsearch.train.RECIPES` by name (`nesterov-one-cycle`, `sgd-cosine`,
+  `one-cycle`); the table names the recipe `project` stood for when the cell ran;
 - `peer`: SGD with Nesterov momentum 0.9, weight decay 5e-4, torch's `OneCycleLR`;
 - any of them `+distill`: the pipeline's distillation from the unpruned baseline
   (`Distilled`, `soft_target_loss` with `OptimizeConfig`'s temperature and weight).
@@ -152,7 +153,9 @@ def table(out: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*__*__s*.json"))]
     cells: dict[tuple, list] = {}
     for r in rows:
-        cells.setdefault((r["plan"], r["recipe"], r["epochs"]), []).append(r)
+        recipe = r["recipe"] if r["recipe"].split("+")[0] != "project" else \
+            r["recipe"].replace("project", f"project ({r['recipe_name']})", 1)
+        cells.setdefault((r["plan"], recipe, r["epochs"]), []).append(r)
     lines = ["| plan | recipe | epochs | seeds | MACs ratio | params | test top-1 before "
              "fine-tuning | test top-1 after: mean | min-max | val top-1 | s per run |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]

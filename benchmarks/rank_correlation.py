@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from graphsearch.train import RECIPES, evaluate, train
 from graphsearch.zoo import build, example_inputs
 
 BATCH = 128
+PER_PLAN = ("sliced", "adaptive-bn-256", "bn-256+steps-30")  # per-plan columns
 
 
 def cheap_scores(k_small: int, k_large: int) -> dict[str, EvalSettings]:
@@ -123,29 +125,32 @@ def table(out: Path) -> str:
     if len(rows) < 3:
         return f"{len(rows)} plans finished: too few for a correlation"
     truth = [r["truth"] for r in rows]
-    names = [k for k in rows[0]["scores"] if all(k in r["scores"] for r in rows)]
+    names = list(dict.fromkeys(k for r in rows for k in r["scores"]))
     lines = [f"{len(rows)} plans; truth: top-1 on the validation folder after "
              f"{rows[0]['truth_epochs']} epoch(s) of fine-tuning on {rows[0]['truth_images']:,}"
              f" training images ({rows[0]['recipe']}), mean {np.mean(truth) * 100:.2f}%, "
              f"range {min(truth) * 100:.2f}-{max(truth) * 100:.2f}%, "
              f"{np.mean([r['truth_seconds'] for r in rows]):.0f} s per plan", "",
-             "| cheap score | Kendall tau | s per candidate | mean score |",
-             "|---|---:|---:|---:|"]
+             "| cheap score | plans | Kendall tau | s per candidate | mean score |",
+             "|---|---:|---:|---:|---:|"]
     stats = []
-    for k in names:
-        s = [r["scores"][k]["accuracy"] for r in rows]
-        sec = np.mean([r["scores"][k]["seconds"] for r in rows])
-        stats.append((kendall_tau(s, truth), k, sec, np.mean(s)))
-    for tau, k, sec, mean in sorted(stats, reverse=True):
-        lines.append(f"| {k} | {tau:.3f} | {sec:.2f} | {mean * 100:.2f}% |")
+    for k in names:  # each score over the plans it was run on
+        have = [r for r in rows if k in r["scores"]]
+        s = [r["scores"][k]["accuracy"] for r in have]
+        sec = np.mean([r["scores"][k]["seconds"] for r in have])
+        stats.append((kendall_tau(s, [r["truth"] for r in have]), k, sec, np.mean(s),
+                      len(have)))
+    for tau, k, sec, mean, n in sorted(stats, key=lambda t: (-t[4], -t[0])):
+        lines.append(f"| {k} | {n} | {tau:.3f} | {sec:.2f} | {mean * 100:.2f}% |")
+    names = [k for k in names if all(k in r["scores"] for r in rows)]
     lines += ["", "| plan | truth | params | " + " | ".join(
-        k for k in ("sliced", "adaptive-bn-1024", "bn-256+steps-100") if k in names) + " |"]
+        k for k in PER_PLAN if k in names) + " |"]
     lines.append("|---|---:|---:|" + "---:|" * sum(
-        k in names for k in ("sliced", "adaptive-bn-1024", "bn-256+steps-100")))
+        k in names for k in PER_PLAN))
     for r in sorted(rows, key=lambda r: -r["truth"]):
         lines.append(f"| {r['name']} | {r['truth'] * 100:.2f} | {r['params']:,} | " + " | ".join(
             f"{r['scores'][k]['accuracy'] * 100:.2f}"
-            for k in ("sliced", "adaptive-bn-1024", "bn-256+steps-100") if k in names) + " |")
+            for k in PER_PLAN if k in names) + " |")
     return "\n".join(lines)
 
 
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--truth-images", type=int, default=0, help="0: the whole training folder")
     ap.add_argument("--steps", type=int, nargs=2, default=[30, 100], metavar=("K1", "K2"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scores", nargs="+", metavar="NAME",
+                    help="only these cheap scores (names as in the table; default: all)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +191,11 @@ def main(argv=None) -> int:
     constraints = [parse_constraint("flops", str(args.flops), graph.baseline.flops)]
     plans = make_plans(graph, model, constraints, args.round_to, args.plans, args.seed)
     scores = cheap_scores(*args.steps)
+    if args.scores:
+        unknown = sorted(set(args.scores) - set(scores))
+        if unknown:
+            sys.exit(f"unknown --scores {unknown}; choose from {sorted(scores)}")
+        scores = {k: v for k, v in scores.items() if k in args.scores}
     part = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[:1000]
     part = part.sort().values.numpy()  # the evaluator's fixed part (validation_part)
     cfg = OptimizeConfig(model="resnet20")
@@ -223,9 +235,8 @@ def main(argv=None) -> int:
                        truth_images=len(truth_data.train), recipe=recipe.name,
                        load=os.getloadavg()[0])
             path.write_text(json.dumps(row))
-        print(f"{i:3d} {name:>28}: truth {row['truth']:.2%}  sliced "
-              f"{row['scores']['sliced']['accuracy']:.2%}  adaptive-bn-1024 "
-              f"{row['scores']['adaptive-bn-1024']['accuracy']:.2%}", flush=True)
+        print(f"{i:3d} {name:>28}: truth {row['truth']:.2%}  " + "  ".join(
+            f"{k} {row['scores'][k]['accuracy']:.2%}" for k in scores), flush=True)
     print(table(args.out))
     return 0
 

@@ -1,14 +1,13 @@
 """Analysis: walk the traced graph once, applying each node's rule to channel ids.
 
 The `Context` is the small API that rules use (ids of an argument, tie, bind a parameter
-dimension, count MACs). `analyze` runs the rules and hands the result to `ChannelGraph`, which
-turns atoms into groups, members and a cost model.
+dimension, count MACs). `analyze` runs the rules and hands the result to `build.build_graph`,
+which turns atoms into groups, members and a cost model: a `graph.ChannelGraph`.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,10 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_leaves, tree_map
 
 from . import rules as R
 from .atoms import NO_ATOM, AtomTable
+from .build import build_graph
 from .graph import Binding, ChannelGraph, MacTerm, NodeInfo, Space
-from .trace import Traced, trace
+from .export_trace import trace_model
+from .trace import REAL_MACS, Traced
 
 
 class Context:
@@ -31,8 +32,9 @@ class Context:
         self.gm = traced.module
         self.atoms = AtomTable()
         self.modules = dict(self.gm.named_modules())
-        self.params = dict(self.gm.named_parameters())
-        self.buffers = dict(self.gm.named_buffers())
+        # every name of a tied weight (an exported graph may read it by either)
+        self.params = dict(self.gm.named_parameters(remove_duplicate=False))
+        self.buffers = dict(self.gm.named_buffers(remove_duplicate=False))
         self.node_ids: dict[str, Any] = {}
         self.spaces: list[Space] = []
         self.bindings: dict[str, Binding] = {}
@@ -83,6 +85,8 @@ class Context:
         v = self.value(arg)
         if not isinstance(v, torch.Tensor):
             return None
+        if not (v.is_floating_point() or v.is_complex()):  # indices (position ids): no channels
+            return torch.full((1,) * v.dim(), NO_ATOM)
         shape = tuple(v.shape)
         compressed = tuple(s if s > 1 else 1 for s in shape)
         atoms = self.atoms.fresh(math.prod(compressed))
@@ -136,6 +140,11 @@ class Context:
         rows = np.concatenate([_np(line_in).reshape(groups, -1),
                                _np(line_out).reshape(groups, -1)], axis=1)
         self.atoms.union(rows[:, :-1], rows[:, 1:])
+
+    @staticmethod
+    def compress(ids: torch.Tensor) -> torch.Tensor:
+        """Canonical ids (see `compress`)."""
+        return compress(ids)
 
     @staticmethod
     def repeat(atoms, times: int) -> np.ndarray:
@@ -205,13 +214,10 @@ class Context:
         """MACs per sample of an op no rule sees into, counted for real (torch's FLOP counter
         on zeros of the recorded shapes: matmuls, convolutions, attention); 0 if it cannot
         run alone."""
-        if node.op == "call_function" and getattr(node.target, "__module__", None) in \
-                ("_operator", "operator") and all(
-                    _plain(self.value(a) if isinstance(a, fx.Node) else a)
-                    for a in _leaves((node.args, node.kwargs))):
-            return 0.0  # Python arithmetic on sizes (`c // groups`, `x.size()[0]`): no tensor
-        from .trace import REAL_MACS
-
+        if node.op != "call_module" and all(
+                _plain(self.value(a) if isinstance(a, fx.Node) else a)
+                for a in _leaves((node.args, node.kwargs))):
+            return 0.0  # no tensor in, none computed (`c // groups` on sizes): no MACs
         if REAL_MACS in node.meta:  # it reads values: zeros may not take the example's branch
             return node.meta[REAL_MACS] / max(self.batch, 1)
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -309,8 +315,10 @@ class Context:
         out = torch.where(ta >= 0, ta, tb)
         return compress(self.find_ids(out.contiguous()))
 
-    def run_on_ids(self, node: fx.Node):
-        """Apply a layout op (view, permute, cat, split, slicing...) to the ids themselves."""
+    def run_on_ids(self, node: fx.Node, method: str | None = None, fn=None):
+        """Apply a layout op (view, permute, cat, split, slicing...) to the ids themselves;
+        `method`: the tensor method to call instead of a call_method node's own; `fn`: the
+        function to run instead of a call_function node's own (ATen's view: a reshape)."""
 
         def sub(a):
             if isinstance(a, fx.Node):
@@ -328,74 +336,17 @@ class Context:
             return a
 
         args, kwargs = sub(node.args), sub(node.kwargs)
-        if node.op == "call_function":
+        if fn is not None:
+            out = fn(*args, **kwargs)
+        elif node.op == "call_function":
             out = node.target(*args, **kwargs)
         elif node.op == "call_method":
-            name = {"view": "reshape", "view_as": "reshape_as"}.get(node.target, node.target)
-            out = getattr(args[0], name)(*args[1:], **kwargs)
+            out = getattr(args[0], method or node.target)(*args[1:], **kwargs)
         else:
             out = self.module(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             return compress(out)
         return tuple(compress(o) if isinstance(o, torch.Tensor) else o for o in out)
-
-    def index_by_tensor(self, node: fx.Node):
-        """`x[:, idx]` or `index_select(x, dim, idx)` with an integer index *tensor* (a relative
-        position-bias lookup: `table[index]`): the index holds positions, whose values meta
-        tensors do not have. Along each dim it indexes, x's entries are tied into one unit,
-        so that whichever positions it picks carry the same channels; then the op reads
-        position 0. None if no tensor indexes x; a boolean mask is refused."""
-        x = node.args[0]
-        shape = self.shape(x)
-        ids = self.ids(x)
-        ids = ids.reshape((1,) * (len(shape) - ids.dim()) + tuple(ids.shape))
-
-        def plain(a):  # an fx node that is no tensor: its value (a size read from a shape)
-            if isinstance(a, fx.Node):
-                return self.value(a)
-            if isinstance(a, slice):
-                return slice(plain(a.start), plain(a.stop), plain(a.step))
-            return a
-
-        def tensor_index(a):
-            v = self.value(a) if isinstance(a, fx.Node) else a
-            return v if isinstance(v, torch.Tensor) else None
-
-        if node.target is operator.getitem:
-            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-            if any(tensor_index(i) is not None and tensor_index(i).dtype == torch.bool
-                   for i in items):  # which positions it keeps depends on values
-                raise NotImplementedError("a boolean mask index is not followed")
-            consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
-            dims, d = [], 0
-            for i in items:
-                if i is Ellipsis:
-                    d += len(shape) - consumed
-                elif i is not None:
-                    if tensor_index(i) is not None:
-                        dims.append(d)
-                    d += 1
-        else:
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-            dims = [dim % len(shape)]
-            items = None
-            index = node.args[2] if len(node.args) > 2 else node.kwargs["index"]
-        if not dims:
-            return None
-        for d in dims:
-            if ids.size(d) > 1:  # every entry along d tied to one (NO_ATOM, a constant, not)
-                one = ids.amax(d, keepdim=True).expand_as(ids)
-                self.atoms.union(ids.numpy(), one.contiguous().numpy())
-                ids = self.find_ids(ids.contiguous()).amax(d, keepdim=True)
-        ids = ids.expand(*[1 if d in dims else s for d, s in enumerate(shape)])
-        if items is None:
-            out = torch.index_select(ids, dims[0],
-                                     torch.zeros(tensor_index(index).shape, dtype=torch.long))
-        else:
-            new = tuple(torch.zeros(tensor_index(i).shape, dtype=torch.long)
-                        if tensor_index(i) is not None else plain(i) for i in items)
-            out = ids[new if isinstance(node.args[1], tuple) else new[0]]
-        return compress(out.contiguous())
 
     def opaque_output(self, node: fx.Node, reason: str):
         """Fresh, unprunable channels for the output(s) of an op the analysis cannot see into."""
@@ -451,8 +402,7 @@ _PLAIN = frozenset({int, float, bool, str, type(None)})
 
 
 def _plain(v) -> bool:
-    """A Python number, string or None, or a tuple, list, torch.Size or slice of them: no
-    operator on such values computes on a tensor."""
+    """A Python number, string or None, or a tuple, list, torch.Size or slice of them."""
     t = type(v)
     if t in _PLAIN:
         return True
@@ -489,7 +439,7 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     rules = rules if rules is not None else R.default_rules()
-    traced = trace(model, tuple(example_inputs), rules)
+    traced = trace_model(model, tuple(example_inputs), rules)
     ctx = Context(traced, rules)
     infos: list[NodeInfo] = []
     for node in traced.module.graph.nodes:
@@ -498,7 +448,10 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
         info = _apply(ctx, node, traced)
         node.meta["channels"] = info
         infos.append(info)
-    return ChannelGraph(traced, ctx, infos, rules)
+    ctx.node = None
+    for constrain in traced.constraints:  # widths a config must be able to state
+        constrain(ctx)
+    return build_graph(traced, ctx, infos, rules)
 
 
 def _producers(ctx: Context, node: fx.Node) -> list[str]:
@@ -527,13 +480,13 @@ def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
                 torch.from_numpy(ctx.fresh(1, "input")).reshape(())
             ctx.fix(ids, f"model input '{node.name}'")
         ctx.node_ids[node.name] = ids
-        return NodeInfo(node.name, "input", "none", "pass", [], ids)
+        return NodeInfo(node.name, "input", "none", R.PASS, [], ids)
     if node.op == "get_attr":
-        return NodeInfo(node.name, "parameter", "none", "pass", [], None)
+        return NodeInfo(node.name, "parameter", "none", R.PASS, [], None)
     if node.op == "output":
         for a in ctx.tensor_args(node):
             ctx.fix(ctx.ids(a), "model output")
-        return NodeInfo(node.name, "output", "none", "block", inputs, None)
+        return NodeInfo(node.name, "output", "none", R.BLOCK, inputs, None)
     rule = ctx.rules.rule_for(node, ctx.module)
     ctx.rule = rule
     if rule is None:
@@ -541,14 +494,14 @@ def _apply(ctx: Context, node: fx.Node, traced: Traced) -> NodeInfo:
         if node.op == "call_module" and node.target in traced.untraceable:
             why = f"submodule '{node.target}' is opaque (fx: {traced.untraceable[node.target]})"
         ids = R.unsupported(ctx, node, why)
-        name, edge, dead = "unsupported", "stop", "block"
+        name, edge, dead = "unsupported", "stop", R.BLOCK
     else:
         try:
             ids = rule.tie(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot cope stops propagation
             ids = R.unsupported(ctx, node, f"rule '{rule.name}' could not handle it "
                                            f"({type(exc).__name__}: {exc})")
-            name, edge, dead, rule = "unsupported", "stop", "block", None
+            name, edge, dead, rule = "unsupported", "stop", R.BLOCK, None
         else:
             name, edge, dead = rule.name, rule.edge, rule.dead
     ctx.node_ids[node.name] = ids

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import hf
 from .inplace import InPlaceError, PruneResult, prune
 from .load import LoadedModel, UserError
 from .optimize import OptimizeConfig, optimize as run_pipeline
@@ -145,7 +146,8 @@ def _prune_to_result(model: nn.Module, run, plan, slim_module, result: OptimizeR
         warnings.warn(f"graphsearch: {exc}; result.model is the slim fx module", stacklevel=3)
         return
     state = slim_module.state_dict()
-    mine = model.state_dict()
+    mine = {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}  # (non-persistent ones too)
     extra = sorted(set(state) - set(mine))
     if extra:
         raise RuntimeError(f"graphsearch bug: the slim module has tensors the model pruned in "
@@ -153,7 +155,7 @@ def _prune_to_result(model: nn.Module, run, plan, slim_module, result: OptimizeR
     model.load_state_dict(state, strict=False)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    check = verify(model, slim_module.eval(), run.example_inputs, rtol=1e-4)
+    check = verify(hf.Called(model), slim_module.eval(), run.example_inputs, rtol=1e-4)
     for m, mode in modes:
         m.training = mode
     if not check.ok:

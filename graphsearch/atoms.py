@@ -14,6 +14,13 @@ import numpy as np
 NO_ATOM = -1  # a position that carries no channel identity (a scalar, a constant)
 
 
+def sorted_unique(x) -> np.ndarray:
+    """`np.unique(x)` by sorting (numpy's hash-based unique is several times slower on the
+    few-thousand-entry integer arrays of a graph)."""
+    s = np.sort(np.asarray(x).reshape(-1))
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
 class AtomTable:
     def __init__(self) -> None:
         self._parent = np.zeros(1024, dtype=np.int64)

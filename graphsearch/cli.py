@@ -14,8 +14,16 @@ import threading
 import warnings
 from pathlib import Path
 
-from .checkpoint import write_atomic
+from . import optimize as pipeline  # its `optimize` looked up at call time (tests stand in)
+from .graph_cache import analyze_cached
+from .checkpoint import is_main, write_atomic
+from .errors import PlanError, TraceFailure
 from .load import UserError, load_model
+from .optimize import OptimizeConfig, value_reads_error
+from .passes.export import export_onnx
+from .passes.latency import latency_pair
+from .passes.save import save_portable
+from .passes.slim import slim
 from .train import RECIPES
 from .units import human
 
@@ -23,11 +31,7 @@ DEFAULT_MODEL = "zoo:resnet32"
 DEFAULT_OPTIMIZE_MODEL = "examples/cifar_resnet20.py"
 
 
-
-
 def _inspect(args) -> int:
-    from .graph_cache import analyze_cached
-    from .trace import TraceFailure
 
     loaded = load_model(args.model, args.weights)
     with warnings.catch_warnings(record=True) as caught:
@@ -113,7 +117,6 @@ def _parse_settings(items: list[str]) -> dict:
 
 def _optimize(args) -> int:
     from .methods import METHODS
-    from .optimize import OptimizeConfig, optimize
 
     settings = _parse_settings(args.set)
     method = METHODS.get(args.method)
@@ -142,8 +145,7 @@ def _optimize(args) -> int:
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = optimize(config, resume=args.resume, log=log)
-    from .checkpoint import is_main
+        report = pipeline.optimize(config, resume=args.resume, log=log)
 
     if not is_main():
         return 0  # under torchrun rank 0 speaks for all
@@ -180,15 +182,7 @@ def _round_to(text: str):
 
 
 def _export(args) -> int:
-    from .graph_cache import analyze_cached
-    from .graph import PlanError
-    from .optimize import value_reads_error
-    from .trace import TraceFailure
 
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency_pair
-    from graphsearch.passes.save import save_portable
-    from graphsearch.passes.slim import slim
 
     loaded = load_model(args.model, args.weights)
     try:
@@ -257,7 +251,6 @@ def _on_off(text: str) -> bool:
 
 def _default(name: str):
     """The default of an `optimize` option: OptimizeConfig's, the one source."""
-    from .optimize import OptimizeConfig
 
     return OptimizeConfig.__dataclass_fields__[name].default
 
@@ -402,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.run(args)
     except UserError as exc:
-        from .checkpoint import is_main
 
         if is_main():  # under torchrun every rank raises the same error: say it once
             print(f"graphsearch: error: {exc}", file=sys.stderr)

@@ -1,10 +1,11 @@
-"""The channel graph: coupled channel groups, their members, and the cost model.
+"""The channel graph: coupled channel groups, their members, and the cost model, as data
+and the queries on it (costs, removed branches, tied parameters, gate sites).
 
-Built from the analysis (`analysis.py`): atoms that ended up tied form *classes* (a channel a
-plan keeps or drops); classes that some op created together (the output channels of one conv)
-form a *group*, which networkx finds as the connected components of the channel spaces that
-share classes. A group's index `i` is its i-th class in order of creation, so for a plain conv
-group index `i` is output channel `i`.
+Built by `build.build_graph` from what the analysis found (`analysis.py`): atoms that ended
+up tied form *classes* (a channel a plan keeps or drops); classes that some op created
+together (the output channels of one conv) form a *group*. A group's index `i` is its i-th
+class in order of creation, so for a plain conv group index `i` is output channel `i`. This
+module imports neither the analysis nor the builder.
 
 The cost model is bilinear in the group widths: every MAC or parameter term is a coefficient
 times the kept positions of at most two *layouts* (a weight's input line, a conv's output
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
 import torch
 
+from .atoms import sorted_unique
 from .errors import PlanError
-from .rules import DROPS_DEAD_OPERAND, Rule
+from .rules import DeadInput, Rule
 
 Widths = Mapping[int, "int | Sequence[int]"]
 
@@ -50,6 +52,11 @@ class Binding:
     ids: torch.Tensor | None = None  # a parameter used as an activation (class token, ...)
     nodes: list[str] = field(default_factory=list)
 
+    def role(self, dim: int) -> str:
+        """What dimension `dim` is to its channels: the binding rule's role ("gamma",
+        "statistic"...), else "out" for dim 0, "in" for dim 1."""
+        return self.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
+
 
 @dataclass
 class MacTerm:
@@ -66,7 +73,7 @@ class NodeInfo:
     name: str
     rule: str  # the rule's name ("conv", "layout", ...; "unsupported", "input", "output")
     edge: str
-    dead: str
+    dead: DeadInput  # what a removed input means (the rule's; PASS or BLOCK without one)
     inputs: list[str]  # producer nodes of tensor arguments, in argument order
     ids: Any  # tensor, tuple of tensors, or None
     op: Rule | None = None  # the rule itself (None for inputs, outputs, unsupported ops)
@@ -165,285 +172,112 @@ class ChannelMacTerm:
     nodes: tuple[str, ...]
 
 
+@dataclass
+class GroupIndex:
+    """Where every atom and channel position lives. A channel *position* is a group's offset
+    plus the channel's index in the group; `pair_pos`/`pair_node` list (position, node) for
+    the nodes that really produce each position (indices into `space_nodes`)."""
+
+    groups: list[ChannelGroup]
+    atom_group: np.ndarray  # per atom: its group (-1: none)
+    atom_index: np.ndarray  # per atom: its index in the group
+    sizes: np.ndarray
+    group_offset: np.ndarray  # len(groups) + 1
+    position_group: np.ndarray
+    space_nodes: list[str]
+    pair_pos: np.ndarray
+    pair_node: np.ndarray
+
+    def locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group id, index in group) of each atom; group -1 where there is no atom."""
+        atoms = np.asarray(atoms, dtype=np.int64)
+        valid = atoms >= 0
+        safe = np.where(valid, atoms, 0)
+        return (np.where(valid, self.atom_group[safe], -1),
+                np.where(valid, self.atom_index[safe], -1))
+
+
+@dataclass
+class CostTables:
+    """The cost model: term k costs `coeff[k] * count[a[k]] * count[b[k]]`, a layout's count
+    being `c0 + M @ fractions` (index len(c0): the constant 1); `exact` = (position, layout,
+    multiplicity) of every owned position, for kept-index plans."""
+
+    c0: np.ndarray
+    M: np.ndarray
+    exact: tuple[np.ndarray, np.ndarray, np.ndarray]
+    term_kind: np.ndarray  # True: a MAC term, False: parameters
+    term_coeff: np.ndarray
+    term_a: np.ndarray
+    term_b: np.ndarray
+    term_nodes: list[list[str]]
+    term_why: list[str]  # an opaque op's MACs: why no plan changes them
+    macs_coeff: np.ndarray
+    params_coeff: np.ndarray
+
+
+@dataclass
+class BranchTables:
+    """What the dead-branch simulation reads per fx node."""
+
+    internal: dict[str, frozenset]  # groups an op keeps inside (attention heads)
+    users: dict[str, list[str]]
+    node_groups: dict[str, frozenset]  # groups in the node's output
+    node_other: dict[str, bool]  # it carries something no group owns (or nothing)
+
+
 _NO_REMOVAL = Removal(frozenset(), frozenset(), None)
 
 
 class ChannelGraph:
-    def __init__(self, traced: Any, ctx: Any, infos: list[NodeInfo], rules=None) -> None:
-        """Built by the analysis (`analysis.analyze`) from what it found: `traced` (the fx
-        module, every node's value on meta, untraceable submodules, value reads, shape mode),
-        `ctx` (its atoms, spaces, parameter bindings, MAC terms and rules) and `infos` (one
-        `NodeInfo` per fx node). The graph imports neither: it is the data they leave."""
-        self.module = traced.module
-        self.values = traced.values
-        self.untraceable = traced.untraceable
-        self.value_reads = traced.value_reads  # node -> who reads tensor values (trace.py)
-        self.shape_mode = traced.shape_mode
-        self.nodes = infos
-        self.rules = rules if rules is not None else ctx.rules
-        self._info = {i.name: i for i in infos}
-        self._atoms = ctx.atoms
-        self._bindings = ctx.bindings
-        self._spaces_by_node: dict[str, list] = {}
-        for space in ctx.spaces:
-            self._spaces_by_node.setdefault(space.node, []).append(space)
-        self._build_groups(ctx)
-        self._build_cost_tables(ctx)
-        self._build_dead_tables(ctx)
+    def __init__(self, *, module: Any, values: dict, untraceable: dict, value_reads: dict,
+                 shape_mode: str, front_end: str, static_batch: str, nodes: list[NodeInfo],
+                 rules: Any, bindings: dict,
+                 spaces_by_node: dict[str, list[Space]], index: GroupIndex,
+                 costs: CostTables, branches: BranchTables) -> None:
+        """The data `build.build_graph` leaves: the traced module, every node's value on meta,
+        untraceable submodules, value reads and shape mode (`trace.Traced`); what the
+        analysis found per node and per parameter; the groups, cost and branch tables."""
+        self.module = module
+        self.values = values
+        self.untraceable = untraceable
+        self.value_reads = value_reads  # node -> who reads tensor values (trace.py)
+        self.shape_mode = shape_mode
+        self.front_end = front_end  # "fx" or "export" (graphsearch.export_trace)
+        self.static_batch = static_batch  # why the graph fixes the batch ("" if not)
+        self.nodes = nodes
+        self.rules = rules
+        self._info = {i.name: i for i in nodes}
+        self._bindings = bindings
+        self._spaces_by_node = spaces_by_node
+        self._index = index
+        self.groups: list[ChannelGroup] = index.groups
+        self._sizes, self._group_offset = index.sizes, index.group_offset
+        self._position_group, self._space_nodes = index.position_group, index.space_nodes
+        self._pair_pos, self._pair_node = index.pair_pos, index.pair_node
+        c = costs
+        self._c0, self._M, self._exact, self._term_why = c.c0, c.M, c.exact, c.term_why
+        self._term_kind, self._term_coeff, self._term_nodes = c.term_kind, c.term_coeff, \
+            c.term_nodes
+        self._term_a, self._term_b = c.term_a, c.term_b
+        self._macs_coeff, self._params_coeff = c.macs_coeff, c.params_coeff
+        self._internal, self._users = branches.internal, branches.users
+        self._node_groups, self._node_other = branches.node_groups, branches.node_other
+        # caches of the queries
+        self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
+        self._removal_cache: dict[tuple, Removal] = {}
+        self._positions: dict[str, np.ndarray] | None = None
+        self._tied: dict[int, list[TiedSlice]] | None = None
         for g in self.groups:
             g.removable = (lambda gid=g.id: self._simulate(frozenset([gid]))[0]) \
                 if g.prunable else False
         self._nx: nx.MultiDiGraph | None = None  # built on first use (`nx`)
         self.baseline = self.cost()
 
-    # ------------------------------------------------------------------ groups
-    def _build_groups(self, ctx) -> None:
-        n = self._atoms.count
-        root = self._atoms.find(np.arange(n))
-        atom_space = np.zeros(n, dtype=np.int64)
-        for i, sp in enumerate(ctx.spaces):
-            atom_space[sp.atoms] = i
-        # Two spaces are in one group when some class has atoms in both.
-        a, b = atom_space, atom_space[root]
-        m = max(len(ctx.spaces), 1)  # pairs encoded as one integer: a 1-d unique is fast
-        code = _unique(a[a != b] * m + b[a != b])
-        pairs = np.stack([code // m, code % m], axis=1)
-        spaces = nx.Graph()
-        spaces.add_nodes_from(range(len(ctx.spaces)))
-        spaces.add_edges_from(map(tuple, pairs.tolist()))
-        comp_of_space = np.zeros(len(ctx.spaces), dtype=np.int64)
-        components = list(nx.connected_components(spaces))
-        for c, members in enumerate(components):
-            comp_of_space[list(members)] = c
-        classes = _unique(root)  # sorted: a class is named by its oldest atom
-        class_comp = comp_of_space[atom_space[classes]]
-        # Groups in order of their oldest channel; classes in order within a group.
-        order = np.lexsort((classes, class_comp))
-        classes, class_comp = classes[order], class_comp[order]
-        starts = np.flatnonzero(np.r_[True, class_comp[1:] != class_comp[:-1]])
-        bounds = list(zip(starts, np.r_[starts[1:], len(classes)]))
-        bounds.sort(key=lambda se: classes[se[0]])
-        fixed = self._atoms.fixed_reasons()
-
-        self._atom_group = np.full(n, -1, dtype=np.int64)
-        self._atom_index = np.full(n, -1, dtype=np.int64)
-        class_group = np.zeros(n, dtype=np.int64)
-        class_index = np.zeros(n, dtype=np.int64)
-        self.groups: list[ChannelGroup] = []
-        for gid, (s0, s1) in enumerate(bounds):
-            cls = classes[s0:s1]
-            class_group[cls] = gid
-            class_index[cls] = np.arange(len(cls))
-            reasons: list[str] = []
-            for c in set(cls.tolist()) & fixed.keys():
-                reasons += [r for r in fixed[c] if r not in reasons]
-            comp = class_comp[s0]
-            names = list(dict.fromkeys(ctx.spaces[i].node for i in sorted(components[comp])))
-            self.groups.append(ChannelGroup(
-                id=gid, size=len(cls), prunable=not reasons,
-                reason=_summarise(sorted(reasons)), members=[], spaces=names, classes=cls))
-        self._atom_group = class_group[root]
-        self._atom_index = class_index[root]
-        # Channel positions (group offset + index) and the nodes that produce each of them.
-        self._sizes = np.array([g.size for g in self.groups], dtype=np.int64)
-        self._group_offset = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
-        self._position_group = np.repeat(np.arange(len(self.groups)), self._sizes)
-        self._space_nodes = list(dict.fromkeys(sp.node for sp in ctx.spaces))
-        node_id = {name: i for i, name in enumerate(self._space_nodes)}
-        space_node = np.array([node_id[sp.node] for sp in ctx.spaces], dtype=np.int64)
-        position = self._group_offset[self._atom_group] + self._atom_index
-        # A grouped conv's output channel is its input channel carried on, not a new one; a
-        # gate (an SE block's last layer) only scales channels that something else produces.
-        gates = self._gate_producers()
-        made = np.array([sp.kind != "grouped_conv" and sp.node not in gates
-                         for sp in ctx.spaces])[atom_space]
-        k = max(len(self._space_nodes), 1)
-        code = _unique(position[made] * k + space_node[atom_space][made])
-        self._pair_pos, self._pair_node = code // k, code % k
-        self._members(ctx)
-
-    def _gate_producers(self) -> set[str]:
-        """Nodes whose output reaches the rest of the model only as a factor of a product of
-        two tensors (through activations, scalar arithmetic and reshapes): the fc2 of a
-        squeeze-excitation gate. A product's channel exists only where its other factor's
-        does, so a gate never keeps a channel alive whose real producers were removed."""
-        users: dict[str, list[NodeInfo]] = {}
-        for info in self.nodes:
-            for name in dict.fromkeys(info.inputs):
-                users.setdefault(name, []).append(info)
-        memo: dict[str, bool] = {}
-
-        def numel(name: str) -> int:
-            v = self.values.get(name)
-            return int(v.numel()) if isinstance(v, torch.Tensor) else -1
-
-        def scales(u: NodeInfo, name: str) -> bool:
-            # a product where this operand is broadcast over the other (B,C,1,1 x B,C,H,W),
-            # not a gated linear unit, whose two factors are both real producers
-            others = [i for i in dict.fromkeys(u.inputs) if i != name]
-            return u.op is not None and u.op.flow == "scale" and bool(others) and \
-                0 <= numel(name) < min(numel(i) for i in others)
-
-        def only_gates(name: str) -> bool:
-            if name not in memo:
-                memo[name] = False  # a cycle (none in fx) or no users: not a gate
-                outs = users.get(name, [])
-                memo[name] = bool(outs) and all(
-                    scales(u, name)
-                    or (u.op is not None and u.op.flow in ("pass", "scale") and
-                        len(set(u.inputs)) == 1 and only_gates(u.name))
-                    for u in outs)
-            return memo[name]
-
-        return {name for name in self._spaces_by_node if only_gates(name)}
-
     def _locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(group id, index in group) of each atom; group -1 where there is no atom."""
-        atoms = np.asarray(atoms, dtype=np.int64)
-        valid = atoms >= 0
-        safe = np.where(valid, atoms, 0)
-        return (np.where(valid, self._atom_group[safe], -1),
-                np.where(valid, self._atom_index[safe], -1))
-
-    def _members(self, ctx) -> None:
-        ranks = {name: len(p.shape) for name, p in
-                 self.module.named_parameters(remove_duplicate=False)}
-        lines: list[tuple[str, int | None, int, np.ndarray]] = []  # (name, dim, rank, line)
-        for name, b in ctx.bindings.items():
-            rank = (ranks[name] if name in ranks else
-                    len(self.module.get_parameter(name).shape)) if not b.is_buffer else 1
-            lines += [(name, d, rank, line) for d, line in sorted(b.dims.items())]
-            if b.ids is not None:
-                lines.append((name, None, rank, b.ids.reshape(-1).numpy()))
-        spaces = [s for s in ctx.spaces if s.kind in ("input", "opaque", "pad")]
-        # One lookup for every line and space, split back by position.
-        arrays = [np.asarray(x[3], dtype=np.int64).reshape(-1) for x in lines] + \
-            [np.asarray(s.atoms, dtype=np.int64).reshape(-1) for s in spaces]
-        ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
-        located, _ = self._locate(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
-        pieces = np.split(located, ends[:-1]) if arrays else []
-        labels = [set(g.members) for g in self.groups]
-
-        def add(gid: int, label: str) -> None:
-            if label not in labels[gid]:
-                labels[gid].add(label)
-                self.groups[gid].members.append(label)
-
-        for (name, d, rank, _), groups in zip(lines, pieces):
-            counts = np.bincount(groups[groups >= 0])
-            for gid in np.flatnonzero(counts).tolist():
-                per_class = counts[gid] / self.groups[gid].size
-                label = name
-                if d is not None and rank > 1:
-                    default = ("out", "in")[d] if d < 2 else f"dim{d}"
-                    label += f"[{ctx.bindings[name].roles.get(d, default)}]"
-                if per_class > 1 and per_class == int(per_class):
-                    label += f" x{int(per_class)}"
-                add(gid, label)
-        for s, groups in zip(spaces, pieces[len(lines):]):
-            for gid in _unique(groups[groups >= 0]).tolist():
-                add(gid, f"<{s.kind} {s.node}>")
-
-    # ------------------------------------------------------------------ cost tables
-    def _build_cost_tables(self, ctx) -> None:
-        layouts: list[tuple[np.ndarray, float]] = []
-        terms: list[tuple[str, float, list[int], list[str]]] = []
-        self._term_why: list[str] = []
-
-        def add_layout(atoms: np.ndarray, mult: float) -> int:
-            layouts.append((atoms, mult))
-            return len(layouts) - 1
-
-        for t in ctx.macs_terms:
-            idx = [add_layout(a, m) for a, m in t.layouts]
-            terms.append(("macs", t.coeff, idx, [t.node]))
-            self._term_why.append(t.why)
-        for name, p in self.module.named_parameters():
-            b = ctx.bindings.get(name)
-            if b is None:
-                terms.append(("params", float(p.numel()), [], []))
-            elif b.ids is not None:
-                idx = add_layout(b.ids.reshape(-1).numpy(), p.numel() / b.ids.numel())
-                terms.append(("params", 1.0, [idx], b.nodes))
-            else:
-                lines = [b.dims[d] for d in sorted(b.dims)]
-                coeff = p.numel() / np.prod([len(x) for x in lines])
-                terms.append(("params", float(coeff), [add_layout(x, 1.0) for x in lines],
-                              b.nodes))
-        if any(len(t[2]) > 2 for t in terms):
-            raise AssertionError("a cost term with more than two layouts")
-
-        n_layouts, n_groups = len(layouts), len(self.groups)
-        self._group_offset = np.concatenate([[0], np.cumsum([g.size for g in self.groups])])
-        # All layouts at once: each position's layout, group and index in the group.
-        mults = np.array([float(mult) for _, mult in layouts], dtype=float)
-        parts = [np.asarray(atoms, dtype=np.int64).reshape(-1) for atoms, _ in layouts]
-        lens = np.array([len(a) for a in parts], dtype=np.int64)
-        layout_of = np.repeat(np.arange(n_layouts, dtype=np.int64), lens)
-        groups, index = self._locate(np.concatenate(parts) if parts else np.zeros(0, np.int64))
-        valid = groups >= 0
-        self._c0 = mults * np.bincount(layout_of[~valid], minlength=n_layouts)
-        per_group = np.bincount(layout_of[valid] * n_groups + groups[valid],
-                                minlength=n_layouts * n_groups).reshape(n_layouts, n_groups)
-        self._M = mults[:, None] * per_group
-        if n_layouts:
-            li = layout_of[valid]
-            self._exact = ((self._group_offset[groups[valid]] + index[valid]).astype(np.int64),
-                           li, mults[li])
-        else:
-            self._exact = (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
-        one = n_layouts  # index of the constant 1 appended to the counts
-        self._term_kind = np.array([t[0] == "macs" for t in terms])
-        self._term_coeff = np.array([t[1] for t in terms], dtype=float)
-        self._term_a = np.array([t[2][0] if len(t[2]) > 0 else one for t in terms], dtype=int)
-        self._term_b = np.array([t[2][1] if len(t[2]) > 1 else one for t in terms], dtype=int)
-        self._term_nodes = [t[3] for t in terms]
-        self._macs_coeff = np.where(self._term_kind, self._term_coeff, 0.0)
-        self._params_coeff = np.where(self._term_kind, 0.0, self._term_coeff)
+        return self._index.locate(atoms)
 
     # ------------------------------------------------------------------ dead branches
-    def _build_dead_tables(self, ctx) -> None:
-        self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
-        self._removal_cache: dict[tuple, tuple[frozenset, frozenset]] = {}
-        self._positions: dict[str, np.ndarray] | None = None
-        self._tied: dict[int, list[TiedSlice]] | None = None
-        # Channels an op keeps inside (attention heads): with none left, the op is gone.
-        self._internal: dict[str, frozenset] = {}
-        for s in ctx.spaces:
-            if s.kind == "heads":
-                g, _ = self._locate(s.atoms)
-                self._internal[s.node] = self._internal.get(s.node, frozenset()) | \
-                    frozenset(_unique(g[g >= 0]).tolist())
-        self._users: dict[str, list[str]] = {}
-        for info in self.nodes:
-            for src in info.inputs:
-                self._users.setdefault(src, []).append(info.name)
-        self._node_groups: dict[str, frozenset] = {}
-        self._node_other: dict[str, bool] = {}
-        # Every node's ids in one lookup: (node, its tensors' atoms), and what is no tensor.
-        owner, arrays, no_tensor = [], [], set()
-        for k, info in enumerate(self.nodes):
-            for ids in (info.ids if isinstance(info.ids, tuple) else (info.ids,)):
-                if isinstance(ids, torch.Tensor):
-                    owner.append(k)
-                    arrays.append(ids.reshape(-1).numpy())
-                else:
-                    no_tensor.add(k)
-        lens = np.array([len(a) for a in arrays], dtype=np.int64)
-        node_of = np.repeat(np.array(owner, dtype=np.int64), lens)
-        g, _ = self._locate(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
-        has = g >= 0
-        pairs = _unique(node_of[has] * (len(self.groups) + 1) + g[has])
-        node_groups: dict[int, list[int]] = {}
-        for k, gid in zip((pairs // (len(self.groups) + 1)).tolist(),
-                          (pairs % (len(self.groups) + 1)).tolist()):
-            node_groups.setdefault(k, []).append(gid)
-        other = set(_unique(node_of[~has]).tolist()) | no_tensor
-        for k, info in enumerate(self.nodes):
-            groups = frozenset(node_groups.get(k, ()))
-            self._node_groups[info.name] = groups
-            self._node_other[info.name] = k in other or not groups
-
     def _simulate(self, zero: frozenset, empty: frozenset = frozenset()
                   ) -> tuple[bool, frozenset, str]:
         """Which nodes die when the groups in `zero` keep no channel and the nodes in `empty`
@@ -466,18 +300,18 @@ class ChannelGraph:
             empty = info.name in empty_nodes or \
                 (not self._node_other[info.name] and touched[info.name] <= zero) or \
                 bool(internal and internal <= zero)
-            kind = info.dead
-            if kind == "pass":
-                is_dead = any(ins) or empty
-            elif kind in DROPS_DEAD_OPERAND:
-                if kind == "sub" and ins[0] and not all(ins):
+            meaning = info.dead  # what the op's rule says a removed input means
+            if meaning.drops:
+                if meaning.first_stays and ins[0] and not all(ins):
                     return False, frozenset(), f"'{info.name}' would lose its first operand"
                 is_dead = all(ins) or empty
-            else:  # block
+            elif meaning.blocks:
                 if any(ins):
                     what = "the model output" if info.rule == "output" else f"'{info.name}'"
                     return False, frozenset(), f"{what} would lose an input"
                 is_dead = empty
+            else:
+                is_dead = any(ins) or empty
             if is_dead:
                 dead.add(info.name)
         # What is left feeding only removed nodes is unused, and goes with them.
@@ -579,7 +413,7 @@ class ChannelGraph:
             if not isinstance(w, (int, np.integer)):
                 idx = np.asarray(list(w), dtype=np.int64)
                 if idx.size and (idx.min() < 0 or idx.max() >= g.size or
-                                 len(_unique(idx)) != idx.size):
+                                 len(sorted_unique(idx)) != idx.size):
                     raise PlanError(f"group {gid}: kept indices must be distinct, in 0..{g.size - 1}")
             if n == g.size:
                 continue
@@ -668,9 +502,9 @@ class ChannelGraph:
             for name, b in self._bindings.items():
                 for dim, line in sorted(b.dims.items()):
                     # the rule that bound it says its role (a norm's gamma, beta, statistics)
-                    role = b.roles.get(dim, ("out", "in")[dim] if dim < 2 else f"dim{dim}")
+                    role = b.role(dim)
                     groups, index = self._locate(line)
-                    for gid in _unique(groups[groups >= 0]).tolist():
+                    for gid in sorted_unique(groups[groups >= 0]).tolist():
                         at = np.flatnonzero(groups == gid)
                         self._tied[gid].append(TiedSlice(name, dim, at, index[at], role,
                                                          b.is_buffer))
@@ -821,20 +655,5 @@ class ChannelGraph:
         return json.dumps(self.to_dict(), **kw)
 
 
-def _unique(x) -> np.ndarray:
-    """`np.unique(x)` by sorting (numpy's hash-based unique is several times slower on the
-    few-thousand-entry integer arrays of a graph)."""
-    s = np.sort(np.asarray(x).reshape(-1))
-    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
-
-
 def _width(w) -> int:
     return int(w) if isinstance(w, (int, np.integer)) else len(list(w))
-
-
-def _summarise(reasons: Iterable[str], limit: int = 3) -> str:
-    reasons = list(reasons)
-    text = "; ".join(reasons[:limit])
-    if len(reasons) > limit:
-        text += f"; and {len(reasons) - limit} more"
-    return text

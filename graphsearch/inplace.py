@@ -45,6 +45,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from . import hf
 from .graph import ChannelGraph
 from .load import UserError
 from .passes.mask import verify
@@ -126,7 +127,14 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
     _check_same_model(model, original)
     slim_gm = slim(graph, keep)
     _refuse_rewrites(graph, plan, original, slim_gm)
-    attributes = _attribute_edits(graph, plan, model, original, slim_gm)
+    pretrained = None
+    if hf.is_pretrained(model):  # its config states every width; the class has the attributes
+        used = {n.target for n in slim_gm.graph.nodes if n.op == "get_attr"}
+        pretrained = hf.pretrained_edits(model, hf.governed_dims(model),
+                                         {name: _get(slim_gm, name) for name in used})
+        attributes = pretrained.attributes
+    else:
+        attributes = _attribute_edits(graph, plan, model, original, slim_gm)
     removed = _removed_modules(graph, plan, original)
     inputs = tuple(inputs) if inputs is not None else _random_inputs(graph)
     modes = [(m, m.training) for m in model.modules()]
@@ -143,12 +151,17 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
             owner, _, attr = path.rpartition(".")
             undo.set(_get(model, owner), attr, new)
             result.attributes[path] = (old, new)
+        if pretrained is not None:
+            for name, value in pretrained.assign.items():
+                undo.set(model.config, name, value)
+            for name, (old, new) in pretrained.config.items():
+                result.attributes[f"config.{name}"] = (old, new)
         for path, stand_in in removed.items():
             undo.replace(model, path, stand_in)
             result.replaced[path] = f"RemovedBranch (zeros {stand_in.shape}: the plan removes it)"
         model.eval()
         try:
-            check = verify(model, _Constant(want), inputs, rtol=rtol)
+            check = verify(hf.Called(model), _Constant(want), inputs, rtol=rtol)
         except Exception as exc:  # noqa: BLE001 - the user's forward does not run as edited
             raise InPlaceError(
                 f"in-place pruning: {type(model).__name__}'s forward does not run once its "

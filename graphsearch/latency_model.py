@@ -33,6 +33,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .checkpoint import write_json
+from .passes.export import export_onnx
+from .passes.latency import latency, latency_pair, onnx_session
+from .passes.slim import slim
+from .target import allowed_widths
 
 CANDIDATE_MULTIPLES = (1, 2, 4, 8, 16, 32)
 _PROBE_WIDTHS = tuple(range(32, 65))
@@ -105,11 +109,10 @@ def _op_model(kind: str, c_in: int, c_out: int, hw: int, k: int = 3, stride: int
 def time_op(kind: str, c_in: int, c_out: int, hw: int, k: int = 3, stride: int = 1,
             depthwise: bool = False, threads: int = 1, repeats: int = 15, warmup: int = 3) -> float:
     """Median latency in ms of one layer alone in onnxruntime's CPU provider."""
-    from .passes.latency import _session
 
     if c_in <= 0 or c_out <= 0:
         return 0.0
-    sess = _session(_op_model(kind, c_in, c_out, hw, k, stride, depthwise), threads)
+    sess = onnx_session(_op_model(kind, c_in, c_out, hw, k, stride, depthwise), threads)
     shape = [1, c_in] if kind == "linear" else [1, c_in, hw, hw]
     feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     for _ in range(warmup):
@@ -490,7 +493,6 @@ def build_latency_model(graph, measure_plan: Callable[[Mapping], float], block: 
 def latency_floor(graph, model: LatencyModel, round_to: int) -> tuple[float, dict]:
     """The measured latency of the model with every prunable group at its smallest nonzero
     allowed width: the fastest a latency target can reach (up to removable branches)."""
-    from .target import allowed_widths
 
     keep = {}
     for g in graph.prunable_groups:
@@ -508,9 +510,6 @@ def onnx_measurer(graph, example_inputs, threads: int = 1, repeats: int = 30,
     with the baseline (`latency_pair`) and its latency given as the median per-pair ratio times
     the baseline's first measurement: on a machine shared with other jobs the ratio holds when
     absolute timings drift."""
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency, latency_pair
-    from graphsearch.passes.slim import slim
 
     folder = Path(tempfile.mkdtemp(prefix="latency-", dir=workdir))
     base = folder / "baseline.onnx"

@@ -27,10 +27,18 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from .graph_cache import analyze_cached
+from .errors import TraceFailure
 from .graph import ChannelGraph
 from .load import LoadedModel, UserError, load_model
+from .passes.export import export_onnx
+from .passes.latency import latency_pair
+from .passes.mask import mask, verify
+from .passes.save import save_portable
+from .passes.slim import slim
 from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
-from .train import RECIPES, Distilled, soft_target_loss
+from .train import (RECIPES, Distilled, distributed_context, evaluate, logits_of,
+                    soft_target_loss, train)
 from .units import human
 
 STATE = ".state"
@@ -55,7 +63,7 @@ class OptimizeConfig:
     finetune_epochs: int = 4
     lr: float = 0.05
     finetune_lr: float = 0.02
-    finetune_recipe: str = "sgd-cosine"  # a name in graphsearch.train.RECIPES
+    finetune_recipe: str = "nesterov-one-cycle"  # a name in graphsearch.train.RECIPES
     distill: bool = True  # the final fine-tune distils from the baseline's logits
     distill_temperature: float = 4.0
     distill_weight: float = 0.9  # share of the distillation term (the rest: the task loss)
@@ -112,7 +120,6 @@ def optimize(config: OptimizeConfig, resume: bool = False, log: Callable = print
     """Run the pipeline; returns the report (on every rank under torchrun). `loaded`: a model
     in memory instead of `config.model`'s file (`graphsearch.api`), which also receives in
     `outcome` the run, the plan and the fine-tuned slim module."""
-    from .train import distributed_context
 
     distributed_context()  # under torchrun: join the process group before any file is touched
     if not ckpt.is_main():
@@ -183,10 +190,8 @@ def on_main(fn: Callable):
 
 def prepare(config: OptimizeConfig, resume: bool, log: Callable,
             loaded: LoadedModel | None = None) -> Run:
-    from .graph_cache import analyze_cached
     from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
-    from .trace import TraceFailure
 
     get_method(config.method)  # an unknown method fails before any work
     if config.round_to != "auto" and (not isinstance(config.round_to, int)
@@ -233,7 +238,7 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
     if loaded.loss_fn is None:  # cross-entropy on class logits: check the output fits
         with torch.no_grad():
             logits = loaded.model.eval()(*x)
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        logits = logits_of(logits)
         if own_data:
             classes = _count_classes(data.train)
             if logits.dim() != 2 or not classes or logits.shape[1] < classes:
@@ -317,8 +322,6 @@ def _check_exportable(graph: ChannelGraph, model: torch.nn.Module, x: tuple) -> 
         return
     import tempfile
 
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.save import save_portable
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -458,7 +461,6 @@ def _check_latency_floor(run: Run, lat: Constraint) -> None:
 
 def stage_baseline(run: Run) -> dict:
     """The trained baseline: given weights, or trained here (checkpointed)."""
-    from .train import evaluate
 
     path = run.state / "baseline.pt"
     cfg = run.config
@@ -470,7 +472,6 @@ def stage_baseline(run: Run) -> dict:
     epochs = 0
     if run.weights is None:
         run.log(f"baseline: no trained weights given, training {cfg.baseline_epochs} epochs")
-        from .train import train
 
         train(run.model, run.data.for_search(), epochs=cfg.baseline_epochs, lr=cfg.lr,
               batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
@@ -498,7 +499,6 @@ def _train_side_accuracy(run: Run) -> tuple[float, int]:
     mode, no augmentation), on a sample by seed as large as the validation split (at least
     500 images, at most the whole training split): the reference of the report's check that
     the held-out splits really are unseen."""
-    from .train import evaluate
 
     t = run.data.train
     n = min(len(t), max(len(run.data.val), 500))
@@ -564,8 +564,6 @@ def stage_search(run: Run):
 
 
 def stage_slim(run: Run, proposal):
-    from graphsearch.passes.mask import mask, verify
-    from graphsearch.passes.slim import slim
 
     run.model.load_state_dict(proposal.state_dict)
     plan = proposal.plan
@@ -605,7 +603,6 @@ def finetune_recipe(run: Run) -> dict:
 
 
 def stage_finetune(run: Run, module) -> dict:
-    from .train import evaluate, train
 
     cfg = run.config
     path = run.state / "final.pt"
@@ -641,7 +638,6 @@ def stage_finetune(run: Run, module) -> dict:
 def stage_test(run: Run, module) -> dict:
     """Top-1 of the baseline and of the fine-tuned result on the test split: measured once,
     after every decision, and only reported (None for both when there is no test split)."""
-    from .train import evaluate
 
     path = run.state / "test.json"
     if path.exists():
@@ -674,18 +670,16 @@ def _baseline_model(run: Run) -> torch.nn.Module:
 
 
 def _export(run: Run, module) -> dict:
-    from graphsearch.passes.export import export_onnx
-    from graphsearch.passes.latency import latency_pair
-    from graphsearch.passes.save import save_portable
 
     module = module.eval()
     out = run.out
     onnx_path = out / "model.onnx"
-    export_onnx(module, run.example_inputs, onnx_path)
-    saved = save_portable(module, run.example_inputs, out / "model.pt2")
+    dynamic = not run.graph.static_batch  # a graph with the batch written in: static files
+    export_onnx(module, run.example_inputs, onnx_path, dynamic_batch=dynamic)
+    saved = save_portable(module, run.example_inputs, out / "model.pt2", dynamic_batch=dynamic)
     base_onnx = run.state / "baseline.onnx"
     if not base_onnx.exists():
-        export_onnx(_baseline_model(run), run.example_inputs, base_onnx)
+        export_onnx(_baseline_model(run), run.example_inputs, base_onnx, dynamic_batch=dynamic)
     threads = run.config.threads
     before, after, _ = latency_pair(base_onnx, onnx_path, threads=threads, repeats=30)
     batch = max(1, int(run.config.latency_batch or 1))

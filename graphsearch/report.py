@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import write_atomic
+from .evaluator import STATS_FILE
+from .methods.common import method_evidence
 from .units import human
 
 
@@ -106,7 +108,6 @@ def evaluation_stats(state) -> dict:
     total: dict = {}
     if state is None:
         return total
-    from .evaluator import STATS_FILE
 
     for f in sorted(Path(state).glob(f"evals-*/{STATS_FILE}")):
         try:
@@ -319,7 +320,6 @@ def markdown(r: dict) -> str:
                if k not in ("seconds", "candidates") and isinstance(v, (int, float, str, bool))}
     if details or r["settings"]:
         lines += ["", f"## {r['method']}: settings and figures", ""]
-        from .methods.common import method_evidence
 
         evidence = method_evidence(r["method"], r["method_info"])
         if evidence:

@@ -11,8 +11,8 @@ A submodule that fails on a Python condition is traced once more with the exampl
 values at hand: a condition on sizes (`if H % patch: interpolate`) follows the branch the
 example takes (with a warning: the graph holds for inputs of those sizes); one on tensor
 values still makes a leaf. Tracing leaves no fx value behind in the modules' attributes (a
-cache filled while traced), and a weight-standardised convolution's chain becomes one
-`rules.standardised_conv` node.
+cache filled while traced), and a rule may rewrite its node's neighbourhood first
+(`Rule.fuse`: a weight-standardised convolution's chain becomes one node).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import contextlib
 import copy
 import functools
 import math
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,30 +31,31 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from .errors import TraceFailure
-from .rules import default_rules, standardised_conv
+from .rules import default_rules
 
 
 class _LeafFallbackTracer(fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
     def __init__(self, rules=None) -> None:
-        super().__init__()
+        super().__init__()  # (fx builds one without arguments when it copies a GraphModule)
         self.untraceable: dict[str, str] = {}
-        self.rules = rules
+        self.rules = rules if rules is not None else default_rules()
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.untraceable:
             return True
-        if type(m) in _TRACED_THROUGH:
+        if self.rules.traced_as(m) is not None:
             return False
         # A module whose rule applies to it whole (a user's registered block, a subclass of a
         # known module that keeps its forward) stays one node, so that the rule sees it.
         return super().is_leaf_module(m, qualname) or \
-            (self.rules is not None and qualname != "" and self.rules.keeps_whole(m))
+            (qualname != "" and self.rules.keeps_whole(m))
 
     def call_module(self, m, forward, args, kwargs):
-        if type(m) in _TRACED_THROUGH and self.path_of_module(m) not in self.untraceable:
-            forward = functools.partial(_TRACED_THROUGH[type(m)], m)
+        plain = self.rules.traced_as(m)
+        if plain is not None and self.path_of_module(m) not in self.untraceable:
+            forward = functools.partial(plain, m)
         stack_before = list(self.module_stack.keys())
         last_before = self.graph._root.prev  # the graph's last node before this call
         try:
@@ -75,8 +75,6 @@ class _LeafFallbackTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
 
 
-_SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _UNKNOWN = object()
 
 
@@ -134,8 +132,7 @@ class _ShapeSpecialisingTracer(_LeafFallbackTracer):
         node = proxy.node
         self.values[node] = value
         if not isinstance(value, torch.Tensor):
-            shape_query = (kind == "call_method" and target in _SHAPE_METHODS) or \
-                (target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or target is len
+            shape_query = self.rules.reads_metadata(kind, target, args)
             for p in proxies:
                 if p.node in self.from_data or (
                         isinstance(self.values.get(p.node), torch.Tensor) and not shape_query):
@@ -164,82 +161,6 @@ class _ShapeSpecialisingTracer(_LeafFallbackTracer):
         return bool(value)
 
 
-# torch.nn's transformer layers: their forward picks a fused fast path with Python checks
-# on the input that fx cannot trace (the whole layer would be one opaque leaf). Traced
-# through the same computation written plainly (torch's own slow path), their attention,
-# norms and MLP are the modules the rules know.
-def _self_attention(m, x, mask, padding, causal):
-    """A transformer layer's self-attention block (torch's `_sa_block`)."""
-    x = m.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False,
-                    is_causal=causal)[0]
-    return m.dropout1(x)
-
-
-def _feed_forward(m, x, dropout):
-    """A transformer layer's feed-forward block (torch's `_ff_block`)."""
-    return dropout(m.linear2(m.dropout(m.activation(m.linear1(x)))))
-
-
-def _encoder_layer(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-    def sa(x):
-        return _self_attention(m, x, src_mask, src_key_padding_mask, is_causal)
-
-    x = src
-    if m.norm_first:
-        x = x + sa(m.norm1(x))
-        return x + _feed_forward(m, m.norm2(x), m.dropout2)
-    x = m.norm1(x + sa(x))
-    return m.norm2(x + _feed_forward(m, x, m.dropout2))
-
-
-def _decoder_layer(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
-    def sa(x):
-        return _self_attention(m, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-
-    def mha(x):
-        x = m.multihead_attn(x, memory, memory, attn_mask=memory_mask,
-                             key_padding_mask=memory_key_padding_mask,
-                             is_causal=memory_is_causal, need_weights=False)[0]
-        return m.dropout2(x)
-
-    x = tgt
-    if m.norm_first:
-        x = x + sa(m.norm1(x))
-        x = x + mha(m.norm2(x))
-        return x + _feed_forward(m, m.norm3(x), m.dropout3)
-    x = m.norm1(x + sa(x))
-    x = m.norm2(x + mha(x))
-    return m.norm3(x + _feed_forward(m, x, m.dropout3))
-
-
-def _encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
-    x = src
-    for layer in m.layers:
-        x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
-                  is_causal=bool(is_causal))
-    return m.norm(x) if m.norm is not None else x
-
-
-def _decoder(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
-    x = tgt
-    for layer in m.layers:
-        x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                  tgt_key_padding_mask=tgt_key_padding_mask,
-                  memory_key_padding_mask=memory_key_padding_mask,
-                  tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
-    return m.norm(x) if m.norm is not None else x
-
-
-_TRACED_THROUGH = {
-    torch.nn.TransformerEncoderLayer: _encoder_layer,
-    torch.nn.TransformerDecoderLayer: _decoder_layer,
-    torch.nn.TransformerEncoder: _encoder,
-    torch.nn.TransformerDecoder: _decoder,
-}
-
-
 @dataclass
 class Traced:
     module: fx.GraphModule
@@ -250,6 +171,12 @@ class Traced:
     # node name -> who, in words ("submodule 'gate' (Gate)"): reads a tensor's value into
     # Python during the forward (found by the real pass only; none when shapes are "meta")
     value_reads: dict[str, str] = field(default_factory=dict)
+    front_end: str = "fx"  # or "export" (graphsearch.export_trace: a graph of ATen ops)
+    # why the batch is fixed in the graph ("" where it is not: fx, or a dynamic export)
+    static_batch: str = ""
+    # `(ctx) -> None` run after the rules, before the groups form (a Hugging Face config's
+    # widths: graphsearch.hf.config_ties)
+    constraints: list = field(default_factory=list)
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
@@ -278,7 +205,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        fused = _fuse_weight_standardisation(gm)
+        fused = _fuse(gm, rules)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
         if fused or tracer.untraceable:
@@ -340,73 +267,21 @@ def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
     return graph, tracer
 
 
-_CONVS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
-_CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
-
-
-def _fuse_weight_standardisation(gm: fx.GraphModule) -> int:
-    """Weight-standardised convolutions (BiT's StdConv2d, NF-Nets' ScaledStdConv2d) compute
-    their weight in forward: `F.batch_norm(w.reshape(1, out, -1), None, None, gain,
-    training=True)`, reshaped back, into `F.conv2d`. Each such chain on a parameter becomes
-    one `rules.standardised_conv` node, whose rule knows the parameter's channels (the chain
-    alone is a computed weight: nothing around it pruned). Returns how many were fused."""
+def _fuse(gm: fx.GraphModule, rules) -> int:
+    """Apply each node's rule's `fuse` rewrite (a weight-standardised convolution's chain
+    becomes one node); returns how many nodes were rewritten."""
     fused = 0
-    for conv in list(gm.graph.nodes):
-        if conv.op != "call_function" or conv.target not in _CONVS:
-            continue
-        found = _standardised_weight(gm, conv.args[1] if len(conv.args) > 1 else
-                                     conv.kwargs.get("weight"))
-        if found is None:
-            continue
-        param, gain, eps = found
-        rest = [conv.args[i] if len(conv.args) > i else
-                conv.kwargs.get(("bias", "stride", "padding", "dilation", "groups")[i - 2],
-                                _CONV_DEFAULTS[i - 2]) for i in range(2, 7)]
-        with gm.graph.inserting_before(conv):
-            new = gm.graph.call_function(
-                standardised_conv, (conv.args[0], param, rest[0], gain, eps, *rest[1:]))
-        conv.replace_all_uses_with(new)
-        gm.graph.erase_node(conv)
-        fused += 1
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node._erased:
+            continue  # erased by an earlier rewrite
+        rule = rules.rule_for(node, modules.get(node.target) if node.op == "call_module"
+                              else None)
+        if rule is not None and rule.fuse is not None and rule.fuse(gm, node):
+            fused += 1
     if fused:
         gm.graph.eliminate_dead_code()
     return fused
-
-
-def _standardised_weight(gm, w):
-    """(parameter node, gain node or None, eps) if `w` is a standardised parameter."""
-    def method(n, *names):
-        return isinstance(n, fx.Node) and n.op == "call_method" and n.target in names
-
-    if not method(w, "reshape_as", "view_as") or len(w.users) != 1:
-        return None
-    bn = w.args[0]
-    if not (isinstance(bn, fx.Node) and bn.op == "call_function" and
-            bn.target is torch.nn.functional.batch_norm and len(bn.users) == 1):
-        return None
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-             "eps")
-    a = dict(zip(names, bn.args))
-    a.update(bn.kwargs)
-    flat = a.get("input")
-    if a.get("running_mean") is not None or a.get("running_var") is not None or \
-            a.get("bias") is not None or a.get("training") is not True or \
-            not method(flat, "reshape", "view") or len(flat.users) != 1:
-        return None
-    param = flat.args[0]
-    sizes = flat.args[1] if len(flat.args) == 2 and isinstance(flat.args[1], (tuple, list)) \
-        else flat.args[1:]
-    if not (isinstance(param, fx.Node) and param.op == "get_attr" and
-            isinstance(w.args[1], fx.Node) and w.args[1].target == param.target):
-        return None
-    try:
-        value = functools.reduce(getattr, param.target.split("."), gm)
-    except AttributeError:
-        return None
-    if not isinstance(value, torch.nn.Parameter) or value.dim() < 3 or \
-            tuple(sizes) != (1, value.shape[0], -1):
-        return None
-    return param, a.get("weight"), a.get("eps", 1e-5)
 
 
 _MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
@@ -526,9 +401,9 @@ class _Recorder(fx.Interpreter):
         # their (sometimes slow, decomposed) kernels are skipped.
         self.same_shape: set[str] = set()
         # Modules whose rule says they are pure (`Rule.pure`, for their own class): the memo
-        # may reuse their output metadata.
+        # may reuse their output metadata; functions and methods as `Rules.pure_call` says.
         self.pure: set[str] = set()
-        known = rules if rules is not None else default_rules()
+        self.known = known = rules if rules is not None else default_rules()
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 m = self.submodules[n.target]
@@ -536,7 +411,7 @@ class _Recorder(fx.Interpreter):
                 if rules is not None and found is not None and found[0].same_shape and \
                         rules.keeps_whole(m):
                     self.same_shape.add(n.target)
-                if found is not None and found[0].pure and found[1] is type(m):
+                if known.pure_module(m):
                     self.pure.add(n.target)
 
     def call_module(self, target, args, kwargs):
@@ -549,15 +424,14 @@ class _Recorder(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
-        if self.memo is not None and _pure_function(target):
+        if self.memo is not None and self.known.pure_call("call_function", target):
             return self.memo.run(("call_function", target), super().call_function, target,
                                  args, kwargs)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
-        if self.memo is not None and isinstance(target, str) and not target.endswith("_") \
-                and args and type(args[0]) in _PLAIN_TENSORS and \
-                hasattr(torch.Tensor, target) and target not in _IMPURE_METHODS:
+        if self.memo is not None and args and type(args[0]) in _PLAIN_TENSORS and \
+                self.known.pure_call("call_method", target):
             return self.memo.run(("call_method", target), super().call_method, target, args,
                                  kwargs)
         return super().call_method(target, args, kwargs)
@@ -584,32 +458,11 @@ class _Recorder(fx.Interpreter):
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-# ops that change their operands (or the state of the program) rather than only return values
-_MUTATING = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
-             operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
-             operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-             operator.irshift, operator.iconcat}
-_IMPURE_METHODS = {"copy_", "set_", "record_stream", "register_hook", "retain_grad",
-                   "backward", "tolist", "item", "numpy", "data_ptr", "untyped_storage",
-                   "storage"}
 _HOOK_DICTS = frozenset({
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
     "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"})
-
-
-def _pure_function(target) -> bool:
-    """A function of torch (or Python's operator module) that only computes its result."""
-    if target in _MUTATING:
-        return False
-    name = getattr(target, "__name__", "")
-    module = getattr(target, "__module__", None) or ""
-    if name.endswith("_") and not name.endswith("__"):  # torch.relu_, F.relu_ (in place)
-        return False
-    return target.__class__.__module__ == "_operator" or module == "_operator" or \
-        module == "operator" or (module == "torch" or module.startswith("torch.")) and \
-        not module.startswith("torch.fx") and not module.startswith("torch._dynamo")
 
 
 class _Unkeyable(Exception):

@@ -43,7 +43,9 @@ them, so the choice came down to the remaining differences:
 
 So ``exporter="auto"`` (the default) uses the TorchScript exporter and falls
 back to the dynamo exporter only when the TorchScript exporter raises (e.g. an
-operator it has no symbolic for); ``exporter="torchscript"`` or
+operator it has no symbolic for); a graph that ``torch.export`` made (its sizes
+read by ``aten.sym_size`` nodes, which TorchScript tracing turns into constants)
+goes to the dynamo exporter first; ``exporter="torchscript"`` or
 ``exporter="dynamo"`` pin one. :attr:`ExportResult.exporter` says which one
 wrote the file. With ``opset=None`` the exporter's default opset is used (20 in
 torch 2.13 for both) and the opset actually written is reported. An explicit
@@ -316,6 +318,14 @@ def _export_dynamo(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
 _EXPORTER_FUNCS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
 
 
+def _symbolic_sizes(module: nn.Module) -> bool:
+    """A graph that reads sizes with `aten.sym_size` (a `torch.export` graph: its batch is a
+    symbol) rather than with `Tensor.size()` calls, which the TorchScript exporter records."""
+    graph = getattr(module, "graph", None)
+    return graph is not None and any(
+        n.op == "call_function" and n.target is torch.ops.aten.sym_size.int for n in graph.nodes)
+
+
 def _run_exporter(exporter: str, module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                   opset: int | None, input_names: tuple[str, ...], output_names: tuple[str, ...],
                   dynamic: tuple[int, ...], outputs: list[torch.Tensor]) -> None:
@@ -524,6 +534,8 @@ def export_onnx(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
                 expected.append([to_numpy(o) for o in outs])
 
         order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+        if exporter == "auto" and _symbolic_sizes(module):
+            order.reverse()  # the TorchScript exporter would write those sizes as constants
         errors: list[ExportError] = []
         used = None
         for name in order:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Latency", "latency", "latency_pair", "parse_latency", "pair_reliability",
-           "machine_load"]
+__all__ = ["Latency", "latency", "latency_pair", "onnx_session", "parse_latency",
+           "pair_reliability", "machine_load"]
 
 # A ratio of two interleaved timings is flagged unreliable when its per-pair ratios spread
 # wider than this (p90 - p10 over the median), or when the machine's load average exceeds its
@@ -113,7 +113,7 @@ class Latency:
                 f"batch {self.batch_size})")
 
 
-def _session(onnx_path: str | os.PathLike | bytes, threads: int):
+def onnx_session(onnx_path: str | os.PathLike | bytes, threads: int):
     """An onnxruntime CPU session, sequential, `threads` intra-op threads, full graph
     optimisation: how every latency here is measured (a path, or a serialised model)."""
     import onnxruntime as ort
@@ -182,7 +182,7 @@ def latency(onnx_path: str | os.PathLike, *, input_shapes: Mapping[str, Sequence
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if repeats < 1 or warmup < 0 or min_time_s < 0:
         raise ValueError(f"need repeats >= 1, warmup >= 0, min_time_s >= 0; got {repeats}, {warmup}, {min_time_s}")
-    session = _session(onnx_path, threads)
+    session = onnx_session(onnx_path, threads)
     shapes = _resolve_shapes(session, input_shapes, batch_size)
     feeds = _random_feeds(session, shapes, seed)
 
@@ -231,7 +231,7 @@ def latency_pair(a: str | os.PathLike, b: str | os.PathLike, *, batch_size: int 
 
     sessions, feeds = [], []
     for path in (a, b):
-        session = _session(path, threads)
+        session = onnx_session(path, threads)
         shapes = _resolve_shapes(session, None, batch_size)
         feed = _random_feeds(session, shapes, seed)
         sessions.append((session, shapes))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphsearch.graph import ChannelGraph, PlanError
+from graphsearch.rules.layout import ZeroChannels
 from graphsearch.passes.plan import Keep, ResolvedPlan, resolve
 from graphsearch.trace import propagate_shapes
 
@@ -68,21 +69,6 @@ class GatherChannels(nn.Module):
         for i, d in enumerate(self.dims):
             x = torch.index_select(x, d, getattr(self, f"index{i}"))
         return x
-
-
-class ZeroChannels(nn.Module):
-    """The zeros a removed concat branch leaves where its channels are still kept (they are
-    also produced elsewhere, e.g. by a residual add on the concat's output): the shape of
-    the live concat operand `ref`, with `size` along the concat dim `dim`."""
-
-    def __init__(self, dim: int, size: int) -> None:
-        super().__init__()
-        self.dim, self.size = dim, size
-
-    def forward(self, ref):
-        shape = list(ref.shape)
-        shape[self.dim] = self.size
-        return ref.new_zeros(shape)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -199,22 +185,10 @@ def _remove_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan) ->
         dead_inputs = [a for a in node.all_input_nodes if a.name in gone]
         if not dead_inputs:
             continue
-        kind = graph.info(node.name).dead
-        if kind in ("add", "sub"):
-            alive = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.name not in gone]
-            if len(alive) != 1 or (kind == "sub" and alive[0] is not node.args[0]):
-                raise PlanError(f"'{node.name}' cannot drop its removed operand")
-            node.replace_all_uses_with(alive[0])
-            gone.add(node.name)
-        elif kind == "cat":
-            tensors = node.args[0] if node.args else node.kwargs["tensors"]
-            kept = _cat_without_dead(gm, graph, plan, node, list(tensors), gone)
-            if node.args:
-                node.args = (kept, *node.args[1:])
-            else:
-                node.kwargs = {**node.kwargs, "tensors": kept}
-        else:
+        dead = graph.info(node.name).dead  # the rule's: a residual add, a concat drop it
+        if dead.rewrite is None:
             raise PlanError(f"'{node.name}' reads the removed '{dead_inputs[0].name}'")
+        dead.rewrite(gm, graph, plan, node, gone)
     for node in reversed(list(gm.graph.nodes)):
         if node.name in gone:
             if node.users:
@@ -239,42 +213,6 @@ def _drop_repeated(gm: fx.GraphModule, graph: ChannelGraph) -> None:
                 graph.rule(src.name) is rule:
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
-
-
-def _cat_without_dead(gm: fx.GraphModule, graph: ChannelGraph, plan: ResolvedPlan,
-                      node: fx.Node, tensors: list, gone: set) -> list:
-    """The operands of concat `node` once its removed ones are gone. A removed operand
-    whose channels the plan still keeps (a residual add after the concat produces them
-    too: the mask reference computes zeros there) becomes zeros of its slim width; one
-    that keeps none of them leaves the concat."""
-    live = [t for t in tensors if not (isinstance(t, fx.Node) and t.name in gone)]
-    if not live:
-        return live
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    out = []
-    for t in tensors:
-        if not (isinstance(t, fx.Node) and t.name in gone):
-            out.append(t)
-            continue
-        info, value = graph.info(t.name), graph.values.get(t.name)
-        if info is None or not isinstance(info.ids, torch.Tensor) or \
-                not isinstance(value, torch.Tensor):
-            continue
-        d = dim % value.dim()
-        if not bool(plan.kept(info.ids).any()):
-            continue
-        shape = plan.slim_shape(info.ids, tuple(value.shape))
-        if shape is None:
-            raise PlanError(f"'{node.name}': the removed operand '{t.name}' keeps channels "
-                            "in no regular layout")
-        if shape[d] == 0:
-            continue
-        name = next(f"slim_zeros_{i}" for i in range(len(tensors) + len(gm._modules))
-                    if not hasattr(gm, f"slim_zeros_{i}"))
-        gm.add_submodule(name, ZeroChannels(d, int(shape[d])))
-        with gm.graph.inserting_before(node):
-            out.append(gm.graph.call_module(name, (live[0],)))
-    return out
 
 
 # --------------------------------------------------------------------------- 3. rewrites

@@ -53,6 +53,29 @@ def test_one_cycle_recipe_warms_up_then_decays_with_nesterov_and_no_decay_on_1d_
     assert decays == {0.0}
 
 
+
+def test_default_recipe_is_the_peers_exactly():
+    """The default (`nesterov-one-cycle`) is benchmarks/peer.py's `peer` recipe, ahead of
+    sgd-cosine on the same plan on validation: the same learning rates and momenta at every step, Nesterov,
+    weight decay 5e-4 on every parameter."""
+    from graphsearch.optimize import OptimizeConfig
+
+    assert OptimizeConfig(model="x").finetune_recipe == "nesterov-one-cycle"
+    out, opt = lrs(RECIPES["nesterov-one-cycle"], total=50)
+    m = nn.Linear(2, 2)
+    ref = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=0.1, total_steps=50)
+    want = []
+    for _ in range(50):
+        want.append(ref.param_groups[0]["lr"])
+        ref.step()
+        sched.step()
+    assert out == pytest.approx(want)
+    assert out[0] == pytest.approx(0.1 / 25) and max(out) == pytest.approx(0.1)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["nesterov"]
+    assert opt.param_groups[0]["weight_decay"] == 5e-4
+
 def test_soft_target_loss_is_zero_when_the_student_is_the_teacher_and_weighs_the_labels():
     torch.manual_seed(0)
     t = torch.randn(8, 5)

@@ -45,7 +45,7 @@ class Clock:
 def fake_pair(monkeypatch, load, machine_load=0.2, repeats=40):
     clock = Clock(load)
     sessions = {"a.onnx": FakeSession("a", 2.0, clock), "b.onnx": FakeSession("b", 1.0, clock)}
-    monkeypatch.setattr(lat_mod, "_session", lambda path, threads: sessions[str(path)])
+    monkeypatch.setattr(lat_mod, "onnx_session", lambda path, threads: sessions[str(path)])
     monkeypatch.setattr(lat_mod.time, "perf_counter_ns", clock)
     monkeypatch.setattr(lat_mod, "machine_load", lambda: machine_load)
     return clock, latency_pair("a.onnx", "b.onnx", warmup=0, repeats=repeats)
@@ -61,7 +61,7 @@ def test_interleaved_pairs_keep_the_ratio_through_a_load_burst(monkeypatch):
 
     clock = Clock(load)
     sessions = {"a.onnx": FakeSession("a", 2.0, clock), "b.onnx": FakeSession("b", 1.0, clock)}
-    monkeypatch.setattr(lat_mod, "_session", lambda path, threads: sessions[str(path)])
+    monkeypatch.setattr(lat_mod, "onnx_session", lambda path, threads: sessions[str(path)])
     monkeypatch.setattr(lat_mod.time, "perf_counter_ns", clock)
     monkeypatch.setattr(lat_mod, "machine_load", lambda: 0.1)
     a, b, ratio = latency_pair("a.onnx", "b.onnx", warmup=0, repeats=40)

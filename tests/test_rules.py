@@ -982,14 +982,23 @@ def test_default_rules_are_built_fresh_from_the_families():
     for family in R.FAMILIES:
         short = family.__name__.rpartition(".")[2]
         for r in family.RULES:
-            assert r.targets and r.family == short, r.name
+            # an ATen overload with a torch function's arguments has that function's rule,
+            # and so its family (aten.conv2d is a convolution to the methods)
+            assert r.targets and r.family in ((short,) if short != "aten" else
+                                              [f.__name__.rpartition(".")[2]
+                                               for f in R.FAMILIES]), r.name
             assert all(a.get(t) is r for t in r.targets)
+    aten = torch.ops.aten
+    assert a.get(aten.conv2d.default).family == "conv"
+    assert a.get(aten.linear.default).tie is a.get(F.linear).tie
+    assert a.get(aten.embedding.default).family == "aten"  # its own: the table comes first
     # the attention module a slim model holds is analysed like the one it replaces
     assert a.get(R.PrunedMultiheadAttention) is a.get(nn.MultiheadAttention)
 
 
 def test_what_other_modules_decided_by_type_is_a_rule_field():
-    from graphsearch.rules import DROPS_DEAD_OPERAND, Rule, default_rules
+    from graphsearch import rules as R
+    from graphsearch.rules import Rule, default_rules
 
     rules = default_rules()
     assert rules.get(nn.Conv2d).latency == "conv" and rules.get(nn.Linear).latency == "linear"
@@ -1003,4 +1012,55 @@ def test_what_other_modules_decided_by_type_is_a_rule_field():
     # ESNAC's "is it a convolution" is the family, not a substring of a rule's name
     assert {r.family for r in (rules.get(nn.Conv2d), rules.get(F.conv2d))} == {"conv"}
     assert Rule("my_conv_block", channel_scale).family == ""
-    assert rules.get(operator.add).dead in DROPS_DEAD_OPERAND
+    assert Rule("aten_conv", channel_scale, family="conv").family == "conv"  # another front end
+    # what a removed input means: the rule's, with slim's rewrite beside it
+    assert rules.get(operator.add).dead is R.ADD and rules.get(torch.cat).dead is R.CAT
+    assert R.SUB.drops and R.SUB.first_stays and R.CAT.rewrite is not None
+    assert rules.get(operator.mul).dead is R.BLOCK and rules.get(nn.Conv2d).dead is R.PASS
+    # the tracer's questions: a shape query, a pure call, a module traced through, a fusion
+    assert rules.reads_metadata("call_method", "size", (None,))
+    assert rules.reads_metadata("call_function", getattr, (None, "shape"))
+    assert not rules.reads_metadata("call_function", getattr, (None, "data"))
+    assert not rules.reads_metadata("call_method", "sum", (None,))
+    assert rules.pure_call("call_function", torch.relu) and rules.pure_call("call_method", "view")
+    assert not rules.pure_call("call_function", operator.setitem)
+    assert not rules.pure_call("call_function", torch.relu_)
+    assert not rules.pure_call("call_method", "item") and not rules.pure_call("call_method", "add_")
+    assert rules.traced_as(nn.TransformerEncoderLayer(8, 2)) is not None
+    assert rules.get(F.conv2d).fuse is not None and rules.get(nn.Conv2d).fuse is None
+    # adaptive BN's modules: those whose rule has running statistics, and that track them
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False),
+                        nn.SyncBatchNorm(4), nn.GroupNorm(2, 4), nn.LayerNorm(4))
+    assert rules.with_running_statistics(net) == [net[0], net[2]]
+
+
+class _ValueGated(nn.Module):
+    """A block whose forward fx cannot trace (a condition on a tensor's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.b(torch.relu(self.a(x)))
+        return x
+
+
+def test_a_rule_may_have_the_tracer_follow_a_plain_forward():
+    """`Rule.trace_as` (torch's transformer layers): a block fx cannot trace is followed
+    through the plain computation its rule gives, so its inner conv's channels prune; without
+    it the block is an opaque leaf."""
+    from graphsearch import rules as R
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 1), _ValueGated(), nn.Conv2d(4, 2, 1))
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="could not be traced"):
+        opaque = analyze(model(), (x,))
+    assert "1" in opaque.untraceable and len(opaque.prunable_groups) == 0
+    rules = R.default_rules().extend({_ValueGated: R.Rule(
+        "value_gated", R.unsupported, trace_as=lambda m, x: m.b(torch.relu(m.a(x))))})
+    g = analyze(model(), (x,), rules)
+    assert g.untraceable == {} and [grp.size for grp in g.prunable_groups] == [4, 6, 4]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from .autoshrink import AutoShrink
 from .base import Method, Proposal, SearchContext
 from .esnac import ESNAC
@@ -20,7 +21,6 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(name: str) -> Method:
-    from ..load import UserError
 
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")

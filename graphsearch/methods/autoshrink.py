@@ -37,7 +37,8 @@ from ..graph import PlanError
 from ..load import UserError
 from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
-from .common import channel_order, importance_of, keep_of_widths, make_evaluator, steps_for
+from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
+                     keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 
@@ -105,6 +106,7 @@ class AutoShrink(Method):
         "candidate_steps": None,  # fine-tune steps per candidate (None: from the budget)
         "max_steps": 200,  # shrink steps at most
         "optimizer": "sgd",
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -151,7 +153,8 @@ class AutoShrink(Method):
         settings = EvalSettings(
             steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
             else steps_for(ctx, max(1, est) * k),
-            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed)
+            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
+            **candidate_scoring(s))
 
         # ---- resume
         path = Path(ctx.state_dir) / "autoshrink.json"

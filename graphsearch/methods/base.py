@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..analysis import analyze
+from ..errors import UserError
 from ..graph import ChannelGraph, TiedSlice
 from ..passes.gates import gated
 from ..target import Constraint, Plan, land_on_target, scores_from_widths
-from ..train import steps_per_epoch, train
+from ..train import evaluate, steps_per_epoch, train
 
 
 @dataclass
@@ -58,7 +60,6 @@ class SearchContext:
         """The channel graph of `self.model`, analysed with the search graph's rules (a user's
         rules for their own modules included)."""
         if self._model_graph is None:
-            from ..analysis import analyze
 
             self._model_graph = analyze(self.model, self.example_inputs, rules=self.graph.rules)
         return self._model_graph
@@ -74,7 +75,6 @@ class SearchContext:
         """One bisected multiplier on `widths`; groups at 0 stay at 0 unless `revive`, or
         unless no plan meets the targets with them at 0 (then they come back, last, and the
         log says so)."""
-        from ..load import UserError
 
         try:
             return self.land(scores_from_widths(self.graph, widths, importance, revive))
@@ -129,7 +129,6 @@ class SearchContext:
                      max_steps=self.budget_steps(epochs), **kwargs)
 
     def evaluate(self, model: nn.Module) -> float:
-        from ..train import evaluate
 
         return evaluate(model, self.data.val)
 

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..evaluator import CandidateEvaluator, EvalSettings
 from ..graph import ChannelGraph
+from ..target import CostMeter, allowed_widths
 from ..passes import gates as gate_pass
 from ..train import recalibrate_bn as recalibrate_bn_on
 from ..train import steps_per_epoch
@@ -35,6 +37,22 @@ def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
     training split) is split over about `evaluations` candidate fine-tunes."""
     per_epoch = max(1, steps_per_epoch(len(ctx.data.train), ctx.batch_size, None))
     return max(int(at_least), int(math.floor(ctx.epochs * per_epoch / max(evaluations, 1))))
+
+
+# How every search built on the candidate evaluator scores a candidate, besides its training
+# steps (each method's `--set`): adaptive BN (BatchNorm statistics re-estimated on this many
+# training images before the candidate trains or is scored, EagleEye) and the validation
+# samples it is scored on (a fixed draw; 0: the whole split). The defaults are the cheap score
+# that ranked plans best for its cost in benchmarks/results/rank_correlation.md.
+CANDIDATE_SCORING = {"candidate_bn_images": 256, "candidate_val_samples": 1000}
+
+
+def candidate_scoring(settings: Mapping) -> dict:
+    """`EvalSettings` keywords for the candidate score from a method's merged settings."""
+    return {"bn_images": int(settings.get("candidate_bn_images",
+                                          CANDIDATE_SCORING["candidate_bn_images"])),
+            "val_samples": int(settings.get("candidate_val_samples",
+                                            CANDIDATE_SCORING["candidate_val_samples"]))}
 
 
 def make_evaluator(ctx, settings: EvalSettings, name: str, data=None,
@@ -157,7 +175,7 @@ def recalibrate_bn(ctx: SearchContext, model: nn.Module, batches: int) -> int:
     scale faster than the running averages follow (a proximal shrink), and for channels
     revived from zero. Returns the number of images used."""
     return recalibrate_bn_on(model, getattr(ctx.data, "train", None), batches * ctx.batch_size,
-                    ctx.batch_size, ctx.seed)
+                             ctx.batch_size, ctx.seed, rules=ctx.graph.rules)
 
 
 def evaluate_plan(ctx: SearchContext, model: nn.Module, plan, label: str,
@@ -215,8 +233,6 @@ def added_share(graph: ChannelGraph, chosen: Mapping[int, list[int] | np.ndarray
 def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev) -> dict:
     """The cost of keeping only the `alive` channels (a group left empty that the graph
     cannot remove, or under its minimum width, is counted at its smallest allowed width)."""
-    from ..graph import PlanError
-    from ..target import allowed_widths
 
     keep = {}
     for g in graph.prunable_groups:
@@ -310,8 +326,6 @@ def strength_path(ctx: SearchContext, settings: Mapping, steps: int):
     """What group lasso's and MorphNet's growing strength share: the cost evaluator, the cost
     ratio to the binding target, the full model's ratio, the reach window and the growth factor
     per step (`growth`, or `max_growth` spread over `reach` of the steps)."""
-    from ..target import CostMeter
-
     ev = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)
 
     def ratio(values) -> float:

@@ -49,7 +49,8 @@ from ..graph import PlanError
 from ..load import UserError
 from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
-from .common import channel_order, importance_of, keep_of_widths, make_evaluator, steps_for
+from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
+                     keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 LENGTH2 = 0.01  # the kernel's squared length scale: exp(-d^2 / (2 * 0.01))
@@ -237,6 +238,7 @@ class ESNAC(Method):
         "fit_steps": 100,
         "candidate_steps": None,  # distillation steps per candidate (None: from the budget)
         "candidate_lr": 1e-3,
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -285,7 +287,7 @@ class ESNAC(Method):
             steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
             else steps_for(ctx, n_init + n_steps * n_kernels),
             lr=float(s["candidate_lr"]), batch_size=ctx.batch_size, optimizer="adam",
-            weight_decay=0.0, distill=True, seed=ctx.seed)
+            weight_decay=0.0, distill=True, seed=ctx.seed, **candidate_scoring(s))
         teacher = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         acc_t = ctx.evaluate(ctx.model)
         path = Path(ctx.state_dir) / "esnac.json"

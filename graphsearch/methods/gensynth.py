@@ -75,14 +75,15 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..evaluator import EvalSettings, GateResponses
+from ..evaluator import EvalSettings, GateResponses, weights_digest
 from ..graph import PlanError
 from ..load import UserError
 from ..passes.slim import unslim_state
 from ..target import CostMeter, allowed_widths
 from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
-from .common import added_share, fold_gates, make_evaluator
+from .common import (CANDIDATE_SCORING, added_share, candidate_scoring, fold_gates,
+                     make_evaluator)
 from ..units import human
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
@@ -186,6 +187,7 @@ class GenerativeSynthesis(Method):
         "probe_classes": 16,
         "cost_draws": 16,  # Monte Carlo syntheses per F when bisecting F
         "land_final": True,  # final-cycle children are landed on the target (docstring)
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -213,7 +215,7 @@ class GenerativeSynthesis(Method):
         child_steps = max(1, int(round(child_epochs * steps_per_epoch(len(held),
                                                                       ctx.batch_size, 1))))
         settings = EvalSettings(steps=child_steps, lr=ctx.lr, batch_size=ctx.batch_size,
-                                optimizer="sgd", seed=ctx.seed)
+                                optimizer="sgd", seed=ctx.seed, **candidate_scoring(s))
         # children train on the training split minus the probe images (named in the key)
         ev_data = SimpleNamespace(train=held, val=ctx.data.val)
         data_tag = "train minus the probe images " + _digest(probe_x, probe_y)
@@ -522,7 +524,6 @@ def _probe_split(dataset, per_class: int, seed: int):
 
 
 def _digest(x: torch.Tensor, y: torch.Tensor) -> str:
-    from ..evaluator import weights_digest
 
     return weights_digest({"x": x, "y": y})[:16]
 

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
 from .common import (ROLES, tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
@@ -151,7 +152,6 @@ class GroupLasso(Method):
         s = {**self.defaults, **ctx.settings}
         mode = str(s["normalise"]).lower()
         if mode not in ("initial", "final", "none", "true", "false"):
-            from ..load import UserError
 
             raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
                             "or none")

@@ -37,7 +37,8 @@ from ..graph import PlanError
 from ..load import UserError
 from ..target import CostMeter, legal_zeros
 from .base import Method, Proposal, SearchContext
-from .common import channel_order, importance_of, keep_of_widths, make_evaluator, steps_for
+from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
+                     keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 
@@ -153,6 +154,7 @@ class Submodular(Method):
         "candidate_steps": None,  # fine-tune steps per candidate (None: from the budget)
         "max_evaluations": None,  # per pass; then stale keys are trusted (None: no cap)
         "optimizer": "sgd",
+        **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -223,7 +225,8 @@ class Submodular(Method):
         settings = EvalSettings(
             steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
             else steps_for(ctx, 2 * max(len(elements), 1)),
-            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed)
+            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
+            **candidate_scoring(s))
         state_path = Path(ctx.state_dir) / "submodular.json"
         base_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         with make_evaluator(ctx, settings, self.name) as ev:

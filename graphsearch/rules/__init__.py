@@ -12,6 +12,8 @@ by side (tie and cost, slim rewrite, mask reference, gate site, parameter roles)
     attention    scaled dot-product and multi-head attention (+ PrunedMultiheadAttention)
     embedding    embedding tables
     layout       concat, stack, view / reshape, permute, split, slicing, size queries
+    aten         the ATen overloads of a `torch.export` graph (mostly the rules above)
+    transformer  torch.nn's transformer layers, traced through their plain computation
 
 Adding an op is adding one rule to its family's `RULES`. `default_rules()` builds a fresh
 registry from the families on every call (no module-level registry: nothing another module
@@ -20,13 +22,17 @@ mutates); a user extends the one they pass to `analyze` with `rules.extend({MyBl
 
 from __future__ import annotations
 
-from . import attention, conv, elementwise, embedding, layout, linear, norm, pooling
+from . import (aten, attention, conv, elementwise, embedding, layout, linear, norm, pooling,
+               transformer)
 from .attention import PrunedMultiheadAttention, multihead_attention
 from .conv import standardised_conv
-from .registry import (DROPS_DEAD_OPERAND, FULL, Rule, RuleConflict, Rules, arg, methods, rule,
-                       target_name, unsupported)
+from .elementwise import ADD, SUB
+from .layout import CAT
+from .registry import (BLOCK, FULL, PASS, DeadInput, Rule, RuleConflict, Rules, arg, methods,
+                       rule, target_name, unsupported)
 
-FAMILIES = (elementwise, pooling, norm, conv, linear, attention, embedding, layout)
+FAMILIES = (elementwise, pooling, norm, conv, linear, attention, embedding, layout, transformer,
+            aten)
 
 
 def default_rules() -> Rules:
@@ -38,5 +44,5 @@ def default_rules() -> Rules:
 
 
 __all__ = ["Rule", "Rules", "RuleConflict", "default_rules", "rule", "methods", "arg",
-           "unsupported", "target_name", "FULL", "DROPS_DEAD_OPERAND", "FAMILIES", "PrunedMultiheadAttention",
-           "multihead_attention", "standardised_conv"]
+           "unsupported", "target_name", "FULL", "DeadInput", "PASS", "BLOCK", "ADD", "SUB", "CAT",
+           "FAMILIES", "PrunedMultiheadAttention", "multihead_attention", "standardised_conv"]

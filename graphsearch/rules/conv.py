@@ -6,6 +6,7 @@ output block k, so whole groups are pruned together.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -124,7 +125,69 @@ def _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups):
     return out
 
 
-@rule(F.conv1d, F.conv2d, F.conv3d, edge="mix", gate="producer", fix=_fix_functional_conv)
+_CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
+
+
+def _fuse_standardised_weight(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    """The tracer's rewrite at a functional conv (`Rule.fuse`): weight-standardised
+    convolutions (BiT's StdConv2d, NF-Nets' ScaledStdConv2d) compute their weight in forward,
+    `F.batch_norm(w.reshape(1, out, -1), None, None, gain, training=True)` reshaped back,
+    into `F.conv2d`. Such a chain on a parameter becomes one `standardised_conv` node, whose
+    rule knows the parameter's channels (the chain alone is a computed weight: nothing
+    around it pruned). True if it rewrote `conv`."""
+    found = _standardised_weight(gm, arg(conv, 1, "weight"))
+    if found is None:
+        return False
+    param, gain, eps = found
+    rest = [conv.args[i] if len(conv.args) > i else
+            conv.kwargs.get(("bias", "stride", "padding", "dilation", "groups")[i - 2],
+                            _CONV_DEFAULTS[i - 2]) for i in range(2, 7)]
+    with gm.graph.inserting_before(conv):
+        new = gm.graph.call_function(
+            standardised_conv, (conv.args[0], param, rest[0], gain, eps, *rest[1:]))
+    conv.replace_all_uses_with(new)
+    gm.graph.erase_node(conv)
+    return True
+
+
+def _standardised_weight(gm, w):
+    """(parameter node, gain node or None, eps) if `w` is a standardised parameter."""
+    def method(n, *names):
+        return isinstance(n, fx.Node) and n.op == "call_method" and n.target in names
+
+    if not method(w, "reshape_as", "view_as") or len(w.users) != 1:
+        return None
+    bn = w.args[0]
+    if not (isinstance(bn, fx.Node) and bn.op == "call_function" and
+            bn.target is torch.nn.functional.batch_norm and len(bn.users) == 1):
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    a = dict(zip(names, bn.args))
+    a.update(bn.kwargs)
+    flat = a.get("input")
+    if a.get("running_mean") is not None or a.get("running_var") is not None or \
+            a.get("bias") is not None or a.get("training") is not True or \
+            not method(flat, "reshape", "view") or len(flat.users) != 1:
+        return None
+    param = flat.args[0]
+    sizes = flat.args[1] if len(flat.args) == 2 and isinstance(flat.args[1], (tuple, list)) \
+        else flat.args[1:]
+    if not (isinstance(param, fx.Node) and param.op == "get_attr" and
+            isinstance(w.args[1], fx.Node) and w.args[1].target == param.target):
+        return None
+    try:
+        value = functools.reduce(getattr, param.target.split("."), gm)
+    except AttributeError:
+        return None
+    if not isinstance(value, torch.nn.Parameter) or value.dim() < 3 or \
+            tuple(sizes) != (1, value.shape[0], -1):
+        return None
+    return param, a.get("weight"), a.get("eps", 1e-5)
+
+
+@rule(F.conv1d, F.conv2d, F.conv3d, edge="mix", gate="producer", fix=_fix_functional_conv,
+      fuse=_fuse_standardised_weight)
 def functional_conv(ctx, node):
     """F.conv2d on a weight the model owns (a conv subclass with its own forward): the rule
     of nn.Conv2d. A computed weight (standardised, re-parametrised) is not followed."""

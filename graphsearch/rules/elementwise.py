@@ -10,10 +10,12 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import Rule, methods, rule
+from ..errors import PlanError
+from .registry import BLOCK, DeadInput, Rule, methods, rule
 
 
 @rule(
@@ -61,13 +63,27 @@ def prelu(ctx, node):
     return x
 
 
+def _keep_live_operand(gm, graph, plan, node, gone) -> None:
+    """Slim: an add (or sub) whose other operand was removed becomes its live operand."""
+    alive = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.name not in gone]
+    if len(alive) != 1 or (graph.rule(node.name).dead.first_stays and
+                           alive[0] is not node.args[0]):
+        raise PlanError(f"'{node.name}' cannot drop its removed operand")
+    node.replace_all_uses_with(alive[0])
+    gone.add(node.name)
+
+
+ADD = DeadInput("add", drops=True, rewrite=_keep_live_operand)
+SUB = DeadInput("sub", drops=True, first_stays=True, rewrite=_keep_live_operand)
+
+
 @rule(operator.add, torch.add, *methods("add", "add_", "__add__", "__radd__"),
-      edge="identity", dead="add", flow="pass")
+      edge="identity", dead=ADD, flow="pass")
 def add(ctx, node):
     return ctx.elementwise(node)
 
 
-@rule(operator.sub, torch.sub, *methods("sub", "sub_"), edge="identity", dead="sub", flow="pass")
+@rule(operator.sub, torch.sub, *methods("sub", "sub_"), edge="identity", dead=SUB, flow="pass")
 def sub(ctx, node):
     return ctx.elementwise(node)
 
@@ -75,7 +91,7 @@ def sub(ctx, node):
 @rule(operator.mul, torch.mul, operator.truediv, torch.div, torch.where, torch.maximum,
       torch.minimum, *methods("mul", "mul_", "div", "div_", "__mul__", "__rmul__",
                                   "__truediv__", "masked_fill", "expand_as"),
-      edge="identity", dead="block", flow="scale")
+      edge="identity", dead=BLOCK, flow="scale")
 def multiply(ctx, node):
     """Broadcasting multiply: an SE gate (B, C, 1, 1) ties its C channels to the feature map."""
     return ctx.elementwise(node)

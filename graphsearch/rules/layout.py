@@ -20,10 +20,74 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PlanError
-from .registry import FULL, Rule, arg, methods, rule, unsupported
+from .registry import BLOCK, FULL, DeadInput, Rule, arg, methods, rule, unsupported
 
 
-@rule(torch.cat, torch.concat, torch.concatenate, edge="offset", dead="cat", slim="free")
+class ZeroChannels(nn.Module):
+    """The zeros a removed concat branch leaves where its channels are still kept (they are
+    also produced elsewhere, e.g. by a residual add on the concat's output): the shape of
+    the live concat operand `ref`, with `size` along the concat dim `dim`."""
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        self.dim, self.size = dim, size
+
+    def forward(self, ref):
+        shape = list(ref.shape)
+        shape[self.dim] = self.size
+        return ref.new_zeros(shape)
+
+
+def _cat_operands_left(gm: fx.GraphModule, graph, plan, node: fx.Node, tensors: list,
+                       gone: set) -> list:
+    """The operands of concat `node` once its removed ones are gone. A removed operand
+    whose channels the plan still keeps (a residual add after the concat produces them
+    too: the mask reference computes zeros there) becomes zeros of its slim width; one
+    that keeps none of them leaves the concat."""
+    live = [t for t in tensors if not (isinstance(t, fx.Node) and t.name in gone)]
+    if not live:
+        return live
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = []
+    for t in tensors:
+        if not (isinstance(t, fx.Node) and t.name in gone):
+            out.append(t)
+            continue
+        info, value = graph.info(t.name), graph.values.get(t.name)
+        if info is None or not isinstance(info.ids, torch.Tensor) or \
+                not isinstance(value, torch.Tensor):
+            continue
+        d = dim % value.dim()
+        if not bool(plan.kept(info.ids).any()):
+            continue
+        shape = plan.slim_shape(info.ids, tuple(value.shape))
+        if shape is None:
+            raise PlanError(f"'{node.name}': the removed operand '{t.name}' keeps channels "
+                            "in no regular layout")
+        if shape[d] == 0:
+            continue
+        name = next(f"slim_zeros_{i}" for i in range(len(tensors) + len(gm._modules))
+                    if not hasattr(gm, f"slim_zeros_{i}"))
+        gm.add_submodule(name, ZeroChannels(d, int(shape[d])))
+        with gm.graph.inserting_before(node):
+            out.append(gm.graph.call_module(name, (live[0],)))
+    return out
+
+
+def _cat_without_removed(gm, graph, plan, node: fx.Node, gone: set) -> None:
+    """Slim: a concat whose removed operands leave it (`CAT.rewrite`)."""
+    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    kept = _cat_operands_left(gm, graph, plan, node, list(tensors), gone)
+    if node.args:
+        node.args = (kept, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, "tensors": kept}
+
+
+CAT = DeadInput("cat", drops=True, rewrite=_cat_without_removed)
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, edge="offset", dead=CAT, slim="free")
 def cat(ctx, node):
     tensors = list(node.args[0] if node.args else node.kwargs["tensors"])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -41,9 +105,72 @@ def cat(ctx, node):
     return ctx.run_on_ids(node)
 
 
-@rule(torch.stack, edge="offset", dead="block", slim="free")
+@rule(torch.stack, edge="offset", dead=BLOCK, slim="free")
 def stack(ctx, node):
     return ctx.run_on_ids(node)
+
+
+def _index_by_tensor(ctx, node: fx.Node):
+    """`x[:, idx]` or `index_select(x, dim, idx)` with an integer index *tensor* (a relative
+    position-bias lookup: `table[index]`): the index holds positions, whose values meta
+    tensors do not have. Along each dim it indexes, x's entries are tied into one unit,
+    so that whichever positions it picks carry the same channels; then the op reads
+    position 0. None if no tensor indexes x; a boolean mask is refused."""
+    x = node.args[0]
+    shape = ctx.shape(x)
+    ids = ctx.ids(x)
+    ids = ids.reshape((1,) * (len(shape) - ids.dim()) + tuple(ids.shape))
+
+    def plain(a):  # an fx node that is no tensor: its value (a size read from a shape)
+        if isinstance(a, fx.Node):
+            return ctx.value(a)
+        if isinstance(a, slice):
+            return slice(plain(a.start), plain(a.stop), plain(a.step))
+        return a
+
+    def tensor_index(a):
+        v = ctx.value(a) if isinstance(a, fx.Node) else a
+        return v if isinstance(v, torch.Tensor) else None
+
+    if node.target is operator.getitem:
+        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(tensor_index(i) is not None and tensor_index(i).dtype == torch.bool
+               for i in items):  # which positions it keeps depends on values
+            raise NotImplementedError("a boolean mask index is not followed")
+        consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+        dims, d = [], 0
+        for i in items:
+            if i is Ellipsis:
+                d += len(shape) - consumed
+            elif i is not None:
+                if tensor_index(i) is not None:
+                    dims.append(d)
+                d += 1
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        dims = [dim % len(shape)]
+        items = None
+        index = node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+    if not dims:
+        return None
+    for d in dims:
+        if ids.size(d) > 1:  # every entry along d tied to one (NO_ATOM, a constant, not)
+            one = ids.amax(d, keepdim=True).expand_as(ids)
+            ctx.tie(ids, one.contiguous())
+            ids = ctx.find_ids(ids.contiguous()).amax(d, keepdim=True)
+    ids = ids.expand(*[1 if d in dims else s for d, s in enumerate(shape)])
+    if items is None:
+        out = torch.index_select(ids, dims[0],
+                                 torch.zeros(tensor_index(index).shape, dtype=torch.long))
+    else:
+        new = tuple(torch.zeros(tensor_index(i).shape, dtype=torch.long)
+                    if tensor_index(i) is not None else plain(i) for i in items)
+        out = ids[new if isinstance(node.args[1], tuple) else new[0]]
+    return ctx.compress(out.contiguous())
+
+
+# a view of the ids (expanded: stride 0 where constant) may need a copy
+_AS_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
 
 
 def layout(ctx, node):
@@ -51,10 +178,11 @@ def layout(ctx, node):
     if node.target is operator.getitem and not isinstance(ctx.value(node.args[0]), torch.Tensor):
         return ctx.ids(node.args[0])[node.args[1]]  # picking from a tuple of outputs
     if node.target in (operator.getitem, torch.index_select, "index_select"):
-        out = ctx.index_by_tensor(node)
+        out = _index_by_tensor(ctx, node)
         if out is not None:
             return out
-    return ctx.run_on_ids(node)
+    return ctx.run_on_ids(node, _AS_RESHAPE.get(node.target) if node.op == "call_method"
+                          else None)
 
 
 def _layout_rule(slim_kind, *targets) -> Rule:
@@ -80,7 +208,16 @@ FULL_LAYOUT = _layout_rule(
     *methods("roll", "index_select", "repeat_interleave", "tensor_split"))
 
 
-@rule(*methods("size", "dim", "numel"), getattr, edge="none")
+# attributes of a tensor that are metadata, not values computed from its data
+SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+def _reads_metadata(target, args) -> bool:
+    return target is not getattr or (len(args) > 1 and args[1] in SHAPE_ATTRIBUTES)
+
+
+@rule(*methods("size", "dim", "numel", "__len__"), getattr, len, edge="none",
+      metadata=_reads_metadata)
 def shape_query(ctx, node):
     if isinstance(ctx.value(node), torch.Tensor):
         # A tensor attribute (x.mT, x.T, x.data) carries channels: keep following them.

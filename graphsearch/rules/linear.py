@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..atoms import NO_ATOM
-from .registry import methods, rule, unsupported
+from .registry import BLOCK, methods, rule, unsupported
 
 
 def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
@@ -29,6 +29,9 @@ def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
     rows = math.prod(ctx.shape(node)[:-1]) / ctx.batch
     ctx.macs(rows, line_in, out)
     return ctx.channel_ids(out, node, dim=-1)
+
+
+linear_on = _linear  # for another family's linear layer (aten.addmm)
 
 
 def _fix_linear(rw, node, m: nn.Linear) -> None:
@@ -61,7 +64,7 @@ def _identity_outside(ctx, ids, dim):
 
 
 @rule(torch.matmul, operator.matmul, torch.bmm, *methods("matmul", "bmm"), edge="mix",
-      dead="block", gate="producer")
+      dead=BLOCK, gate="producer")
 def matmul(ctx, node):
     """a @ b between activations (attention scores, attention @ values).
 

@@ -12,13 +12,12 @@ parameter dimensions with `ctx.bind`, and record MACs with `ctx.macs`.
 An op with no rule is handled by `unsupported`: it stops propagation and marks every channel
 it touches as not prunable, with the reason.
 
-`dead` says what the op does when an input loses all its channels (a branch at width 0):
-  "pass"  - the output dies with it (unary ops, shape ops, conv/linear: a conv of nothing is
-            a constant, which the removed branch takes with it);
-  "add"   - the dead operand is dropped and the others flow on (residual add);
-  "sub"   - as "add", but the first operand (the one subtracted from) cannot go;
-  "cat"   - the dead operand's channels leave the concat;
-  "block" - the op cannot lose an input (multiply by a gate, attention, model output).
+`dead` says what the op does when an input loses all its channels (a branch at width 0), a
+`DeadInput`: `PASS` (the output dies with it: unary ops, shape ops, conv/linear: a conv of
+nothing is a constant, which the removed branch takes with it), `BLOCK` (the op cannot lose
+an input: multiply by a gate, matmul, model output), or one that drops the removed operand
+and lives on with the others (`elementwise.ADD`, `elementwise.SUB`, `layout.CAT`), with the
+slim pass's rewrite of the op once it is gone.
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import operator
+
+import torch
 import torch.nn as nn
 
 from ..errors import RuleConflict
@@ -33,8 +35,40 @@ from ..errors import RuleConflict
 # The slim pass's name for an op that runs on the original (full) layout (see passes/slim.py).
 FULL = "full"
 
-# `dead` kinds whose op drops a removed operand and lives on with the others
-DROPS_DEAD_OPERAND = ("add", "sub", "cat")
+# Calls that write (their operands, or the program's state) or read values rather than only
+# return a result: the meta shape pass never reuses their output (`Rules.pure`).
+WRITING_FUNCTIONS = frozenset({
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+    operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.iconcat})
+IMPURE_METHODS = frozenset({
+    "copy_", "set_", "record_stream", "register_hook", "retain_grad", "backward", "tolist",
+    "item", "numpy", "data_ptr", "untyped_storage", "storage"})
+
+
+@dataclass(frozen=True)
+class DeadInput:
+    """What an op does when one of its inputs is removed (a branch whose channels all go).
+
+    `drops`  the removed operand is dropped and the others flow on (a residual add, a
+             concat): the op dies only with all its inputs. Otherwise it dies with any one
+             (`PASS`), or cannot lose one at all (`blocks`: `BLOCK`).
+    `first_stays` a dropping op whose first operand cannot go (`a - b`: b may, a not).
+    `rewrite` `(gm, graph, plan, node, gone)`: how the slim pass rewrites a dropping op once
+             its removed operands (fx nodes named in `gone`) are gone; an op that itself
+             goes (an add becomes its live operand) adds its name to `gone`.
+    """
+
+    name: str
+    drops: bool = False
+    first_stays: bool = False
+    blocks: bool = False
+    rewrite: Callable | None = None
+
+
+PASS = DeadInput("pass")
+BLOCK = DeadInput("block", blocks=True)
 
 
 @dataclass(frozen=True)
@@ -44,7 +78,7 @@ class Rule:
     `tie`   (ctx, node) -> channel ids of the output; ties atoms, binds parameter dims and
             records MACs (`ctx.macs`): what the op ties and what it costs.
     `edge`  how channel indices map from inputs to output (networkx edge label).
-    `dead`  what the op does when an input loses all its channels (module docstring).
+    `dead`  what the op does when an input loses all its channels (a `DeadInput`).
     `slim`  how the slim pass treats it as a shape op: "free" (commutes with dropping
             channels), "full" (runs on the original layout, see passes/slim.py), a rewrite
             function `(rw, node, state) -> False | None` fixing its literal sizes, or None
@@ -70,6 +104,20 @@ class Rule:
             it (an idempotent op after a shortcut written as one).
     `latency` how the latency model times the op as a layer of its own: "conv" (a 2-d
             convolution module), "linear" (a linear module), "" (with the other MAC terms).
+    `trace_as` a plain function `(module, *args, **kwargs)` that the tracer follows in place
+            of the module's forward (for its own class only): the module is never a node, so
+            the rule has no tie of its own (torch's transformer layers, whose fused fast path
+            fx cannot trace).
+    `fuse`  `(gm, node) -> bool`: a rewrite the tracer applies at each of the rule's nodes
+            before shapes are propagated, True if it rewrote (a weight-standardised
+            convolution's chain on its parameter becomes one `standardised_conv` node).
+    `metadata` `(target, args) -> bool`: the call returns only its tensor's metadata (sizes,
+            rank, dtype, device), never a value computed from the data: the tracer may
+            follow a Python condition on it (`if x.size(1) != c`).
+    `family` the op family: "conv", "linear", "norm", "attention"... (a project rule's
+            defaults to its module in graphsearch.rules; "" for a user's that sets none). A
+            method reads a layer's kind here (ESNAC: convolution or not), so a rule of
+            another front end (an ATen convolution) sets the family of the op it stands for.
     `targets` what the project registers the rule for (`default_rules`); a user's rule may
             leave it empty and name its targets in `Rules.extend`.
     """
@@ -77,7 +125,7 @@ class Rule:
     name: str
     tie: Callable[..., Any]
     edge: str = "identity"
-    dead: str = "pass"
+    dead: DeadInput = PASS
     slim: Any = None
     fix: Callable | None = None
     gate: str | None = None
@@ -89,17 +137,20 @@ class Rule:
     pure: bool = False
     identity: bool = False
     latency: str = ""
+    trace_as: Callable | None = None
+    fuse: Callable | None = None
+    metadata: Callable | None = None
+    family: str = ""
     targets: tuple = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.family:  # a project rule's family: the module of its tie
+            package, _, family = getattr(self.tie, "__module__", "").rpartition(".")
+            if package == __name__.rpartition(".")[0] and family != "registry":
+                object.__setattr__(self, "family", family)
 
     def role(self, attr: str) -> str | None:
         return self.roles.get(attr)
-
-    @property
-    def family(self) -> str:
-        """The op family of a project rule (its module in graphsearch.rules: "conv",
-        "linear", "norm", ...); "" for a rule defined elsewhere (a user's)."""
-        package, _, family = getattr(self.tie, "__module__", "").rpartition(".")
-        return family if package == __name__.rpartition(".")[0] else ""
 
 
 def rule(*targets: Any, **fields: Any) -> Callable[[Callable], Rule]:
@@ -206,20 +257,77 @@ class Rules:
         """Should the tracer keep this module as a leaf? Yes when its rule applies to it: its
         class has one, or it subclasses a class with one without changing `forward`."""
         found = self.module_rule(module)
-        if found is None:
+        if found is None or found[0].trace_as is not None:
             return False
         cls = found[1]
         return cls is type(module) or type(module).forward is cls.forward
 
+    def with_running_statistics(self, model: nn.Module) -> list[nn.Module]:
+        """Modules of `model` that keep running statistics: their rule gives attributes the
+        role "statistic" (a batch norm's running mean and variance) and they hold tensors
+        there (a batch norm that tracks them). Adaptive BN re-estimates these."""
+        found = []
+        for m in model.modules():
+            rule = self.module_rule(m)
+            stats = [a for a, role in rule[0].roles.items() if role == "statistic"] \
+                if rule is not None else []
+            if stats and all(isinstance(getattr(m, a, None), torch.Tensor) for a in stats):
+                found.append(m)
+        return found
+
+    def traced_as(self, module: nn.Module) -> Callable | None:
+        """The plain function the tracer follows instead of this module's forward (its own
+        class's rule says `trace_as`), or None."""
+        rule = self._table.get(type(module))
+        return rule.trace_as if rule is not None else None
+
     def rule_for(self, node, module: nn.Module | None) -> Rule | None:
         if node.op == "call_module":
             found = self.module_rule(module)
-            return found[0] if found is not None else None
-        if node.op == "call_method":
-            return self._table.get(("method", node.target))
-        if node.op == "call_function":
-            return self._table.get(node.target)
+            # a module traced through (`trace_as`) is a node only where fx failed: opaque
+            return found[0] if found is not None and found[0].trace_as is None else None
+        return self.call_rule(node.op, node.target)
+
+    def call_rule(self, op: str, target: Any) -> Rule | None:
+        """The rule of a function call (`op` "call_function") or a tensor method call
+        ("call_method", `target` its name); None for anything else."""
+        try:
+            if op == "call_method":
+                return self._table.get(("method", target))
+            if op == "call_function":
+                return self._table.get(target)
+        except TypeError:  # an unhashable callable
+            pass
         return None
+
+    def reads_metadata(self, op: str, target: Any, args: tuple) -> bool:
+        """Does this call return only a tensor's metadata (its rule's `metadata`)?"""
+        rule = self.call_rule(op, target)
+        return rule is not None and rule.metadata is not None and rule.metadata(target, args)
+
+    def pure_module(self, module: nn.Module) -> bool:
+        """Is the module's forward a function of its configuration, parameters and inputs
+        (its own class's rule says `pure`)?"""
+        found = self.module_rule(module)
+        return found is not None and found[0].pure and found[1] is type(module)
+
+    @staticmethod
+    def pure_call(op: str, target: Any) -> bool:
+        """Does a call of torch (or of Python's operator module) only compute its result?
+        Not when it works in place (a trailing underscore, an augmented assignment), writes
+        an item, reads values into Python or touches autograd's state (`IMPURE_METHODS`)."""
+        if op == "call_method":
+            return isinstance(target, str) and not target.endswith("_") and \
+                hasattr(torch.Tensor, target) and target not in IMPURE_METHODS
+        if target in WRITING_FUNCTIONS:
+            return False
+        name = getattr(target, "__name__", "")
+        module = getattr(target, "__module__", None) or ""
+        if name.endswith("_") and not name.endswith("__"):  # torch.relu_, F.relu_ (in place)
+            return False
+        return target.__class__.__module__ == "_operator" or module == "_operator" or \
+            module == "operator" or (module == "torch" or module.startswith("torch.")) and \
+            not module.startswith("torch.fx") and not module.startswith("torch._dynamo")
 
 
 def describe(target: Any) -> str:

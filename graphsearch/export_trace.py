@@ -1,0 +1,143 @@
+"""The second front end: `torch.export` for models torch.fx cannot trace.
+
+`trace_model` is what the analysis calls: torch.fx first (`trace.trace`: readable node
+names, modules kept whole), and `torch.export` for a Hugging Face `PreTrainedModel` (whose
+forward fx cannot follow: `**kwargs` signatures, mask builders, output classes) or a model
+fx fails on. An exported graph is a plain `fx.GraphModule` of ATen ops (`rules/aten.py`)
+whose parameters keep the names of the model's state dict (`get_attr` nodes), and every node
+records the modules around it (`nn_module_stack`), so the slim pass, the mask reference and
+in-place pruning read it as they read an fx trace.
+
+The batch dimension is exported dynamic (`torch.export.Dim`): sizes computed from it are
+`aten.sym_size` nodes, not literals. A model whose code fixes the batch (a reshape with the
+example's batch written in) cannot be exported so; it is exported with static shapes and
+`Traced.static_batch` says why: an ONNX file of it must not claim a dynamic batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+import torch.fx as fx
+
+from . import hf
+from .errors import TraceFailure
+from .trace import Traced, propagate_shapes, trace
+
+
+def trace_model(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
+    """fx where it can trace the model, torch.export where it cannot (or for a Hugging
+    Face model)."""
+    if isinstance(model, fx.GraphModule) or not hf.is_pretrained(model):
+        try:
+            return trace(model, example_inputs, rules)
+        except TraceFailure as fx_failure:
+            try:
+                return export_trace(model, example_inputs, rules)
+            except TraceFailure as exc:
+                raise TraceFailure(f"{fx_failure} (torch.export could not trace it either: "
+                                   f"{exc})") from fx_failure
+    return export_trace(model, example_inputs, rules)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def export_trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
+    """`torch.export` `model` (dynamic batch where the model allows it) into a Traced."""
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    args = tuple(example_inputs)
+    kwargs = hf.call_kwargs(model)
+    batch_sizes = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()}
+    static_batch = ""
+    if len(batch_sizes) != 1:
+        static_batch = "the inputs share no batch dimension"
+    traced_args = args
+    if batch_sizes == {1}:  # export fixes a batch of one: trace two samples (the sizes
+        # it computes from the batch become symbolic), record the shapes of the example's one
+        traced_args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim()
+                            else a for a in args)
+    was_training = model.training
+    model.eval()
+    try:
+        program = None
+        if not static_batch:
+            batch = torch.export.Dim("batch")
+
+            def dim0(a):
+                if isinstance(a, dict):
+                    return {k: dim0(v) for k, v in a.items()}
+                if isinstance(a, (tuple, list)):
+                    return type(a)(dim0(v) for v in a)
+                return {0: batch} if isinstance(a, torch.Tensor) and a.dim() else None
+
+            bound = inspect.signature(model.forward).bind_partial(*traced_args,
+                                                                  **kwargs).arguments
+            spec = tuple(dim0(a) for a in bound.values())
+            try:
+                program = _export(model, traced_args, kwargs, spec)
+            except Exception as exc:  # noqa: BLE001 - the batch is fixed somewhere: static
+                static_batch = f"torch.export with a dynamic batch: {_first_line(exc)}"
+        if program is None:
+            try:
+                program = _export(model, args, kwargs, None)
+            except Exception as exc:  # noqa: BLE001
+                raise TraceFailure(f"torch.export could not trace {type(model).__name__}: "
+                                   f"{_first_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+    gm = _plain_module(program, model)
+    if static_batch:
+        warnings.warn(f"graphsearch: {type(model).__name__} is traced with its batch fixed at "
+                      f"the example's ({static_batch}); its exports have a static batch.",
+                      stacklevel=2)
+    try:
+        values, mode = propagate_shapes(gm, args, rules), "meta"
+    except Exception:  # noqa: BLE001 - an op without a meta kernel (a copy to the cpu)
+        values, mode = propagate_shapes(gm, args, rules, real=True), "real"
+    constraints = [hf.config_ties(model)] if hf.is_pretrained(model) else []
+    return Traced(gm, values, shape_mode=mode, front_end="export", static_batch=static_batch,
+                  constraints=constraints)
+
+
+def _export(model, args, kwargs, dynamic_shapes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                                   strict=False)
+
+
+def _plain_module(program, model: torch.nn.Module) -> fx.GraphModule:
+    """The exported program as a plain GraphModule: parameters as attributes under their
+    state-dict names, tensor inputs only (export's own input guard and the keyword
+    constants dropped), a flat tuple of tensors out."""
+    gm = program.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not node.users and \
+                not isinstance(node.meta.get("val"), torch.Tensor):
+            graph.erase_node(node)
+    graph.set_codegen(fx.graph.CodeGen())
+    out = next(n for n in graph.nodes if n.op == "output")
+    flat = out.args[0]
+    if not isinstance(flat, (tuple, list)):
+        flat = (flat,)
+    out.args = (tuple(a for a in flat if isinstance(a, fx.Node)),)
+    graph.eliminate_dead_code()
+    # a plain GraphModule (the exported one refuses train() and eval())
+    plain = fx.GraphModule(gm, graph, type(model).__name__)
+    plain.meta["graphsearch_model_class"] = type(model).__name__
+    return plain
+
+
+__all__ = ["trace_model", "export_trace"]

@@ -1,0 +1,207 @@
+"""ATen ops: the graph `torch.export` produces (`graphsearch.export_trace`).
+
+An exported graph calls ATen overloads (`aten.linear.default`, `aten.view.default`, ...)
+where an fx trace calls torch functions, methods and modules. Most overloads take the same
+arguments in the same positions as the torch function of another family: their rule here
+is that family's rule, with every field the same (`dataclasses.replace(rule, targets=...)`:
+one rule still owns what the op ties, costs, how slim rewrites it, its gate site and
+parameter roles). The few whose arguments differ (`aten.embedding` takes the table first,
+`aten.addmm` is a linear layer with its bias first, `aten.view` of expanded ids is a
+reshape, `aten.slice` names its dim) have a small rule of their own below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from . import attention, conv, elementwise, embedding, layout, linear, norm, pooling
+from .registry import FULL, Rule, arg, rule, unsupported
+
+aten = torch.ops.aten
+
+
+def _same(rule_: Rule, *targets) -> Rule:
+    """`rule_` itself (same tie, same fields) for the ATen overloads `targets`."""
+    return dataclasses.replace(rule_, targets=tuple(targets))
+
+
+def _overloads(*packets) -> list:
+    """Every overload of each ATen op packet (`aten.add` -> add.Tensor, add.Scalar, ...)."""
+    out = []
+    for p in packets:
+        out += [getattr(p, name) for name in p.overloads()]
+    return out
+
+
+UNARY = _same(elementwise.elementwise_unary, *_overloads(
+    aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.neg, aten.rsqrt, aten.sqrt, aten.exp,
+    aten.abs, aten.pow, aten.clamp, aten.to, aten.clone, aten.dropout, aten.alias,
+    aten.detach, aten.contiguous, aten.type_as, aten.hardtanh, aten.elu, aten.leaky_relu,
+    aten.mish, aten.hardswish, aten.hardsigmoid, aten.softplus, aten.square, aten.erf,
+    aten.log, aten.reciprocal, aten.sin, aten.cos, aten.native_dropout, aten.lift_fresh_copy,
+    aten._to_copy, aten.feature_dropout))
+RELU = _same(elementwise.relu, *_overloads(aten.relu))
+ADD = _same(elementwise.add, *_overloads(aten.add))
+SUB = _same(elementwise.sub, *_overloads(aten.sub, aten.rsub))
+MULTIPLY = _same(elementwise.multiply, *_overloads(
+    aten.mul, aten.div, aten.where, aten.maximum, aten.minimum, aten.masked_fill,
+    aten.expand_as))
+SOFTMAX = _same(elementwise.softmax, *_overloads(aten.softmax, aten._softmax, aten.log_softmax,
+                                                 aten._log_softmax))
+LINEAR = _same(linear.functional_linear, *_overloads(aten.linear))
+MATMUL = _same(linear.matmul, *_overloads(aten.matmul, aten.bmm, aten.mm))
+CONV = _same(conv.functional_conv, *_overloads(aten.conv1d, aten.conv2d, aten.conv3d))
+LAYER_NORM = _same(norm.layer_norm, *_overloads(aten.layer_norm))
+GROUP_NORM = _same(norm.group_norm, *_overloads(aten.group_norm))
+SDPA = _same(attention.sdpa, *_overloads(aten.scaled_dot_product_attention))
+REDUCE = _same(pooling.reduce, *_overloads(aten.sum, aten.amax, aten.amin))
+SPATIAL = _same(pooling.channelwise_spatial, *_overloads(
+    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d,
+    aten.upsample_nearest2d, aten.upsample_bilinear2d))
+CAT = _same(layout.cat, *_overloads(aten.cat))
+STACK = _same(layout.stack, *_overloads(aten.stack))
+FREE = _same(layout.FREE_LAYOUT, *_overloads(
+    aten.transpose, aten.permute, aten.unsqueeze, aten.squeeze, aten.flatten, aten.t,
+    aten.movedim, aten.swapaxes, aten.flip))
+EXPAND = _same(layout.EXPAND, *_overloads(aten.expand))
+SPLIT = _same(layout.SPLIT, *_overloads(aten.split, aten.split_with_sizes))
+CHUNK = _same(layout.CHUNK, *_overloads(aten.chunk))
+UNBIND = _same(layout.UNBIND, *_overloads(aten.unbind))
+SELECT = _same(layout.SELECT, *_overloads(aten.select))
+NARROW = _same(layout.NARROW, *_overloads(aten.narrow))
+
+
+def _view(ctx, node):
+    """aten.view / reshape: the same op on the (expanded, not viewable) ids is a reshape."""
+    return ctx.run_on_ids(node, fn=torch.reshape)
+
+
+VIEW = dataclasses.replace(layout.VIEW, tie=_view,
+                           targets=tuple(_overloads(aten.view, aten.reshape, aten._unsafe_view)))
+
+
+def _rewrite_slice(rw, node, state):
+    """aten.slice(x, dim, start, end, step): start and end count the kept channels."""
+    x, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    if state == FULL:
+        return None
+    s = rw.input_selection(node, dim)
+    if s is None:
+        return None  # a dim the plan keeps whole (tokens, positions)
+    size = rw.shape(x)[dim]
+    lo, hi, st = slice(start, end, step).indices(size)
+    if st != 1:
+        return False
+    node.args = (x, dim, int(np.count_nonzero(s < lo)), int(np.count_nonzero(s < hi)))
+    return None
+
+
+SLICE = Rule("layout", layout.layout, edge="permutation", slim=_rewrite_slice, flow="pass",
+             pure=True, targets=tuple(_overloads(aten.slice)))
+
+
+def _mean_dims(ctx, node) -> list[int]:
+    rank = len(ctx.shape(node.args[0]))
+    dims = arg(node, 1, "dim")
+    dims = range(rank) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+    return sorted({d % rank for d in dims})
+
+
+def _mask_channel_mean(graph, plan, node, info):
+    """The reference's mean over a pruned channel dim counts the kept channels only."""
+    ids = graph.info(node.args[0].name).ids
+    if not isinstance(ids, torch.Tensor) or not plan.changes(ids):
+        return None
+    return _run_channel_mean, plan.kept(ids).float()
+
+
+def _run_channel_mean(interp, n, keep):
+    args, kwargs = interp.fetch_args_kwargs_from_env(n)
+    x = args[0]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = [d % x.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else (args[1],))]
+    keep = keep.reshape((1,) * (x.dim() - keep.dim()) + tuple(keep.shape)).to(x.dtype)
+    return (x * keep).sum(dims, keepdim=keepdim) / keep.expand_as(x).sum(dims, keepdim=keepdim)
+
+
+@rule(*_overloads(aten.mean), edge="identity", mask=_mask_channel_mean)
+def channel_mean(ctx, node):
+    """A mean over the channel dim (an RMSNorm's statistic, which an export leaves as its
+    ATen ops): the slim model averages its kept channels, the mask reference too (`mask`),
+    so the channels stay prunable; over a head's dims (heads x head_dim) the head's dims are
+    tied into one unit. Over other dims, it is `pooling.reduce`."""
+    ids = ctx.ids(node.args[0])
+    if ids is None or arg(node, 1, "dim") is None:
+        return pooling.reduce.tie(ctx, node)
+    dims = _mean_dims(ctx, node)
+    rank = len(ctx.shape(node.args[0]))
+    ids = ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape))
+    varying = [d for d in range(rank) if ids.size(d) > 1]
+    if len(dims) != 1 or dims[0] not in varying:
+        return pooling.reduce.tie(ctx, node)
+    if varying == dims:
+        return ctx.no_channels(node)
+    # a statistic per head (Qwen3's query norm over head_dim): the head's dims are one unit,
+    # the output carries the head
+    ctx.tie_along(ids, dims[0])
+    out = ctx.find_ids(ids.narrow(dims[0], 0, 1).contiguous())
+    return out if arg(node, 2, "keepdim", False) else out.squeeze(dims[0])
+
+
+@rule(*_overloads(aten.embedding), edge="mix", gate="producer",
+      fix=embedding.embedding.fix)
+def aten_embedding(ctx, node):
+    """aten.embedding(weight, indices): nn.Embedding's rule with the table first."""
+    wname = ctx.param_name(node.args[0])
+    if wname is None:
+        return unsupported(ctx, node, why="an embedding with a computed table")
+    out = ctx.fresh(ctx.shape(node.args[0])[1], "embedding")
+    ctx.bind(wname, 1, out, role="out")
+    return ctx.channel_ids(out, node, dim=-1)
+
+
+@rule(*_overloads(aten.addmm), edge="mix", gate="producer")
+def aten_addmm(ctx, node):
+    """aten.addmm(bias, x, W): x @ W + bias with W (in, out) owned by the model (a
+    Hugging Face Conv1D): a linear layer."""
+    b, x, w = node.args[:3]
+    wname, bname = ctx.param_name(w), ctx.param_name(b)
+    if wname is None or (b is not None and bname is None):
+        return unsupported(ctx, node, why="addmm with a computed weight or bias")
+    return linear.linear_on(ctx, node, x, ctx.shape(w)[1], wname, bname, weight_dims=(1, 0))
+
+
+@rule(*_overloads(aten.sym_size, aten.sym_numel, aten.sym_stride), edge="none")
+def aten_size(ctx, node):
+    """A size read (a symbolic batch): no channels."""
+    return None
+
+
+@rule(*_overloads(aten._assert_tensor_metadata, aten._assert_scalar,
+                  aten.sym_constrain_range_for_size), edge="none")
+def aten_check(ctx, node):
+    """A check export records (dtype, device, a size's range): it computes nothing."""
+    return None
+
+
+@rule(*_overloads(aten.arange, aten.ones, aten.zeros, aten.full, aten.new_ones,
+                  aten.new_zeros, aten.new_full, aten.empty, aten.ones_like, aten.zeros_like,
+                  aten.full_like, aten.scalar_tensor), edge="none")
+def aten_factory(ctx, node):
+    """A tensor made from sizes (positions, a mask's ones): no channels of the model."""
+    v = ctx.value(node)
+    return ctx.no_channels(node) if isinstance(v, torch.Tensor) else None
+
+
+COMPARE = _same(elementwise.multiply, *_overloads(
+    aten.eq, aten.ne, aten.le, aten.lt, aten.ge, aten.gt, aten.__and__, aten.__or__,
+    aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.logical_not, aten.logical_and,
+    aten.logical_or))
+
+RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
+         GROUP_NORM, SDPA, REDUCE, SPATIAL, CAT, STACK, FREE, EXPAND, SPLIT, CHUNK, UNBIND,
+         SELECT, NARROW, VIEW, SLICE, channel_mean, aten_embedding, aten_addmm, aten_size, aten_check,
+         aten_factory, COMPARE)

@@ -1,0 +1,206 @@
+"""Hugging Face `transformers` models (the `graphsearch[hf]` extra): analysed through the
+torch.export front end, pruned by half, and pruned in place with a truthful config.
+
+Each model is built from a tiny config (random weights, nothing downloaded) and checked
+against the contract on a fresh batch-3 input (the analysis saw batch 2: the exported batch
+is dynamic): slim == mask, parameters == cost, in place == slim, the class built from the
+pruned config has the pruned shapes, `save_pretrained` / `from_pretrained` gives the same
+outputs, and `generate()` runs on the causal LMs.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed: `pip install -e '.[hf]'` (make "
+                           "install does) to run the Hugging Face tests")
+
+import graphsearch  # noqa: E402
+from graphsearch import hf  # noqa: E402
+from graphsearch.export_trace import export_trace  # noqa: E402
+from graphsearch.passes.mask import mask, verify  # noqa: E402
+from graphsearch.passes.slim import slim  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 100
+
+
+def _tokens(batch: int, seed: int = 0) -> tuple:
+    return (torch.randint(0, VOCAB, (batch, 8), generator=torch.Generator().manual_seed(seed)),)
+
+
+def bert():
+    c = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=64, num_labels=3)
+    return transformers.BertForSequenceClassification(c), _tokens
+
+
+def gpt2():
+    c = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                n_positions=64, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(c), _tokens
+
+
+def llama():  # grouped-query attention: 4 query heads share 2 key/value heads
+    c = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(c), _tokens
+
+
+def vit():
+    c = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_labels=5)
+
+    def images(batch, seed=0):
+        return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
+
+    return transformers.ViTForImageClassification(c), images
+
+
+MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit}
+# what the analysis may prune: the config fields whose widths a plan changes
+PRUNED_FIELDS = {
+    "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "gpt2": {"hidden_size", "num_attention_heads", "n_inner"},
+    "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
+    "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
+}
+
+
+def _half(g, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    return {grp.id: sorted(rng.sample(range(grp.size), max(1, grp.size // 2)))
+            for grp in g.prunable_groups}
+
+
+def _nparams(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class _Call(nn.Module):
+    def __init__(self, model, kwargs):
+        super().__init__()
+        self.model, self.kwargs = model, kwargs
+
+    def forward(self, *args):
+        return self.model(*args, **self.kwargs)
+
+
+def _shapes(m: nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pruned_by_half_in_place_with_a_truthful_config(name, tmp_path):
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    model.eval()
+    cls, before = type(model), copy.deepcopy(model.config)
+    g = graphsearch.analyze(model, inputs(2))
+    assert g.front_end == "export" and g.static_batch == ""
+    keep = _half(g)
+    cost = g.cost(keep)
+    assert cost.macs <= 0.6 * g.baseline.macs  # a random 50% plan leaves at most 0.6
+    x = inputs(3, seed=1)  # another batch size than the analysed one: the batch is dynamic
+    s = slim(g, keep).eval()
+    v = verify(s, mask(g, keep), x, rtol=1e-4)
+    assert v.ok, v.message
+    assert _nparams(s) == cost.params
+
+    fired = []
+    model.register_forward_hook(lambda *a: fired.append(1))
+    result = graphsearch.prune(model, g, keep)
+    assert type(model) is cls and fired  # its class, and its hooks
+    kwargs = hf.call_kwargs(model)
+    v = verify(_Call(model, kwargs), s, x)
+    assert v.ok, v.message
+    assert _nparams(model) == cost.params == result.params
+
+    # the config tells the truth: the class built from it has the pruned shapes
+    fields = PRUNED_FIELDS[name]
+    assert {f for f in fields if getattr(model.config, f) != getattr(before, f)} == fields
+    for f in fields:
+        setattr(before, f, getattr(model.config, f))
+    assert before.to_dict() == model.config.to_dict()  # nothing else changed
+    with torch.device("meta"):
+        rebuilt = cls(copy.deepcopy(model.config))
+    assert _shapes(rebuilt) == _shapes(model)
+    if name == "llama":  # grouped-query attention: the query groups keep their size
+        c = model.config
+        assert c.num_attention_heads // c.num_key_value_heads == 2
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.out_features == c.num_attention_heads * c.head_dim
+        assert attn.k_proj.out_features == c.num_key_value_heads * c.head_dim
+        assert model.model.layers[1].mlp.gate_proj.out_features == c.intermediate_size
+
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = cls.from_pretrained(tmp_path).eval()
+    v = verify(_Call(loaded, kwargs), _Call(model, kwargs), x, rtol=1e-6)
+    assert v.ok, v.message
+    if model.can_generate():
+        out = model.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        again = loaded.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert out.shape == (3, 11) and torch.equal(out, again)
+
+
+def test_a_batch_the_code_fixes_is_exported_static_and_said_so():
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.fc(x).reshape(2, -1)  # the example's batch, written in
+
+    x = (torch.randn(2, 4),)
+    with pytest.warns(UserWarning, match="batch fixed"):
+        traced = export_trace(FixedBatch(), x)
+    assert "dynamic batch" in traced.static_batch
+    dynamic = export_trace(nn.Linear(4, 6), x)
+    assert dynamic.static_batch == ""
+    assert dynamic.module(torch.randn(5, 4))[0].shape == (5, 6)
+
+
+def test_the_package_does_not_need_transformers():
+    code = ("import sys; import graphsearch, torch; assert 'transformers' not in sys.modules; "
+            "sys.modules['transformers'] = None; from graphsearch import hf; "
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)); "
+            "assert not hf.is_pretrained(m) and hf.call_kwargs(m) == {}; "
+            "g = graphsearch.analyze(m, (torch.randn(2, 4),)); assert g.front_end == 'fx'; "
+            "graphsearch.prune(m, g, {g.prunable_groups[0].id: [0, 1]}); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's Hugging Face example, as written (in a temporary folder)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- test_hf: the README example -->", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = [p for p in printed if not p.startswith("[")]  # ([torch.onnx]'s progress)
+    assert printed[0].startswith("OptimizeResult(magnitude:"), printed
+    assert "in_place=True" in printed[0], printed
+    assert printed[1:] == ["True 24 3 34", "True"]  # pruned in place; reloaded the same
+    assert (tmp_path / "bert-pruned" / "config.json").exists()
