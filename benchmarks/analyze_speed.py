@@ -23,6 +23,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -92,6 +93,99 @@ def measure(name: str, calls: int, rng: np.random.Generator, runs: int = 3) -> d
     }
 
 
+# --------------------------------------------------------------------------- against a peer
+
+PEER_MODELS = {  # torchvision builder -> input size (the eight models of issue 21)
+    "resnet50": 224, "inception_v3": 299, "densenet121": 224, "mobilenet_v2": 224,
+    "efficientnet_b0": 224, "convnext_tiny": 224, "regnet_y_1_6gf": 224, "vit_b_16": 224}
+
+
+def torchvision_models():
+    """torchvision's model builders. Its C extension does not load against this torch build
+    (`operator torchvision::nms does not exist`); the model definitions are plain Python, so
+    the package is imported without its __init__ (which loads the extension)."""
+    import importlib.util
+    import types
+
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        if spec is None:
+            raise SystemExit("--peer needs torchvision: pip install --no-deps torchvision")
+        pkg = types.ModuleType("torchvision")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torchvision"] = pkg
+    import torchvision.models
+
+    return torchvision.models
+
+
+def measure_peer(name: str, runs: int, folder: Path) -> dict:
+    """analyze, Torch-Pruning's DependencyGraph().build_dependency and the analysis cache's
+    hit on one model, interleaved (A B C A B C ...) so that a change of load hits all three."""
+    import torch_pruning as tp
+
+    from graphsearch.graph_cache import analyze_cached
+
+    models = torchvision_models()
+    model = getattr(models, name)().eval()
+    x = (torch.randn(1, 3, PEER_MODELS[name], PEER_MODELS[name]),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = analyze(model, x)  # warm-up; and the groups for the table
+        tp.DependencyGraph().build_dependency(model, example_inputs=x[0])
+        analyze_cached(model, x, folder=folder)  # writes the entry
+        steps = {"analyze": lambda: analyze(model, x),
+                 "peer": lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x[0]),
+                 "cached": lambda: analyze_cached(model, x, folder=folder)}
+        times = {k: [] for k in steps}
+        for _ in range(runs):
+            for k, fn in steps.items():
+                t0 = time.perf_counter()
+                out = fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+                if k == "cached" and not out[1]:
+                    raise RuntimeError(f"{name}: the analysis cache missed")
+    s = g.summary()
+    return {"model": name, "params": s["params"], "groups": s["groups"],
+            "prunable": s["prunable"], **{k: statistics.median(v) for k, v in times.items()},
+            "spread": {k: (min(v), max(v)) for k, v in times.items()}}
+
+
+def peer_section(args) -> list[str]:
+    import torch_pruning as tp
+
+    folder = Path(tempfile.mkdtemp(prefix="gs-analysis-cache-"))
+    rows, ratios = [], {"analyze": [], "cached": []}
+    for name in args.peer_models:
+        r = measure_peer(name, args.runs, folder)
+        for k in ratios:
+            ratios[k].append(r[k] / r["peer"])
+        rows.append(f"| {name} | {r['params'] / 1e6:.1f} | {r['groups']} ({r['prunable']}) "
+                    f"| {r['peer']:.0f} ({r['spread']['peer'][0]:.0f}-{r['spread']['peer'][1]:.0f}) "
+                    f"| {r['analyze']:.0f} ({r['spread']['analyze'][0]:.0f}-"
+                    f"{r['spread']['analyze'][1]:.0f}) | {r['analyze'] / r['peer']:.2f}x "
+                    f"| {r['cached']:.0f} ({r['spread']['cached'][0]:.0f}-"
+                    f"{r['spread']['cached'][1]:.0f}) | {r['cached'] / r['peer']:.2f}x |")
+        print(rows[-1], flush=True)
+    geo = {k: float(np.exp(np.mean(np.log(v)))) for k, v in ratios.items()}
+    import torchvision  # noqa: F401 (the version of the definitions)
+
+    head = [
+        f"Torch-Pruning {tp.__version__}: `tp.DependencyGraph().build_dependency(model, "
+        "example_inputs=x)` against `graphsearch.analyze(model, (x,))` and the analysis "
+        "cache's hit (`graph_cache.analyze_cached`: the key, the entry read and bound to the "
+        f"model), on torchvision's definitions (random weights, eval mode, batch 1, 224x224; "
+        f"Inception-v3 299x299). Median of {args.runs} rounds, the three interleaved in each "
+        "round (min-max in brackets), after one warm-up of each.", "",
+        "| model | params (M) | groups (prunable) | Torch-Pruning ms | analyze ms "
+        "| analyze / peer | cached ms | cached / peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    foot = ["", f"Geometric mean over the {len(rows)} models: analyze / peer "
+            f"{geo['analyze']:.2f}x, cached / peer {geo['cached']:.2f}x (goal of issue 21: "
+            "analysis at most 0.5x the peer)."]
+    return head + rows + foot
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(zoo.MODELS), help="zoo model names (default: all)")
@@ -100,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3,
                         help="timed calls per median (analyze, forward, fx trace)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analyze_speed.md")
+    parser.add_argument("--peer", action="store_true",
+                        help="instead: torchvision's eight models of issue 21 against "
+                             "Torch-Pruning's dependency graph, with the analysis cache's time")
+    parser.add_argument("--peer-models", nargs="*", default=list(PEER_MODELS))
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in zoo.MODELS]
     if unknown:
@@ -139,10 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         "| cost evals/s (counts) | cost evals/s (index lists) | redrawn |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    print("\n".join(header), flush=True)
+    if args.peer:  # the common lines (title, command, versions, load), then the peer's table
+        print("\n".join(header[:8]), flush=True)
+        header = header[:8] + peer_section(args)
+    else:
+        print("\n".join(header), flush=True)
     rng = np.random.default_rng(args.seed)
     rows = []
-    for name in args.models:
+    for name in [] if args.peer else args.models:
         r = measure(name, args.calls, rng, args.runs)
         row = (f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} "
                f"| {r['groups']} ({r['prunable']}) | {r['analyze_ms']:.0f} | {r['forward_ms']:.1f} "
@@ -153,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(row, flush=True)
     end_load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    footer = ["", f"Load average at end: {end_load}. Forward passes use torch's thread pool "
-              "as set above: on a shared machine they are the noisiest column."]
+    footer = ["", f"Load average at end: {end_load}." + ("" if args.peer else
+              " Forward passes use torch's thread pool as set above: on a shared machine they "
+              "are the noisiest column.")]
     print("\n".join(footer))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = "# Analysis and cost-model speed on the zoo"
