@@ -84,7 +84,13 @@ def analyze_cached(model: nn.Module, example_inputs, rules: Rules | None = None,
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     try:
-        checkpoint.write_atomic(path, _dump(graph, said, model, rules))
+        blob = _dump(graph, said, model, rules)
+    except Exception:  # noqa: BLE001 - pickling raises PicklingError, TypeError, RuntimeError
+        # a graph that holds objects pickle cannot write (one torch.export traced keeps
+        # pybind11 functions) is not cached: each run analyses it again, nothing is wrong
+        return graph, False
+    try:
+        checkpoint.write_atomic(path, blob)
     except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs only time
         warnings.warn(f"graphsearch: the analysis cache was not written ({exc})", stacklevel=2)
     return graph, False
