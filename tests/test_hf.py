@@ -199,7 +199,9 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     printed = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-    printed = [p for p in printed if not p.startswith("[")]  # ([torch.onnx]'s progress)
+    # ([torch.onnx]'s progress; the analysis cache's warning that an exported graph does
+    # not pickle: it is analysed again on a resume)
+    printed = [p for p in printed if not p.startswith(("[", "warning:"))]
     assert printed[0].startswith("OptimizeResult(magnitude:"), printed
     assert "in_place=True" in printed[0], printed
     assert printed[1:] == ["True 24 3 34", "True"]  # pruned in place; reloaded the same
