@@ -161,7 +161,8 @@ class Recipe:
     warmup: float = 0.0  # share of the steps spent warming up (one-cycle)
 
     def describe(self) -> str:
-        sgd = f"SGD{' (Nesterov)' if self.nesterov else ''}, momentum {self.momentum:g}"
+        sgd = f"SGD{' (Nesterov)' if self.nesterov else ''}" + (
+            "" if self.schedule == "torch-one-cycle" else f", momentum {self.momentum:g}")
         wd = f"weight decay {self.weight_decay:g}" + ("" if self.decay_1d else
                                                        " (none on norms and biases)")
         sched = {"cosine": "cosine from the peak to 0",
