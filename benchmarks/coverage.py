@@ -158,6 +158,24 @@ def short(exc: BaseException) -> str:
     return text.replace("|", "/")[:110]
 
 
+def _slim_checks(g, keep, inputs, row: dict, train: bool = True):
+    """Slim `keep`, record slim == mask and parameters == cost in `row`; the slim module, or
+    None (the failure noted in `row`)."""
+    try:
+        small = slim(g, keep)
+        if not train:
+            small.eval()
+        v = verify(small, mask(g, keep), inputs, rtol=1e-4)
+        row["slim_ok"] = bool(v)
+        if not v:
+            row["note"] = v.message
+        row["params_ok"] = sum(p.numel() for p in small.parameters()) == g.cost(keep).params
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"slim: {short(exc)}"
+        return None
+    return small
+
+
 def check(name: str, build) -> dict:
     row = {"model": name}
     torch.manual_seed(0)
@@ -196,15 +214,8 @@ def check(name: str, build) -> dict:
     if not keep:
         row["note"] = row.get("note") or "nothing prunable"
         return row
-    try:
-        small = slim(g, keep)
-        v = verify(small, mask(g, keep), inputs, rtol=1e-4)
-        row["slim_ok"] = bool(v)
-        if not v:
-            row["note"] = v.message
-        row["params_ok"] = sum(p.numel() for p in small.parameters()) == g.cost(keep).params
-    except Exception as exc:  # noqa: BLE001
-        row["note"] = f"slim: {short(exc)}"
+    small = _slim_checks(g, keep, inputs, row)
+    if small is None:
         return row
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -254,15 +265,8 @@ def check_hf(name: str) -> dict:
         return row
     row["half_macs"] = g.cost(keep).macs / g.baseline.macs
     x3 = hf_models.inputs(kind, batch=3, seed=1)
-    try:
-        small = slim(g, keep).eval()
-        v = verify(small, mask(g, keep), x3, rtol=1e-4)
-        row["slim_ok"] = bool(v)
-        if not v:
-            row["note"] = v.message
-        row["params_ok"] = sum(p.numel() for p in small.parameters()) == g.cost(keep).params
-    except Exception as exc:  # noqa: BLE001
-        row["note"] = f"slim: {short(exc)}"
+    small = _slim_checks(g, keep, x3, row, train=False)
+    if small is None:
         return row
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
