@@ -53,7 +53,7 @@ def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, s
     graph = analyze(model, example_inputs("resnet20"))
     method = get_method("magnitude")
     ctx = SearchContext(
-        graph=graph, model=copy.deepcopy(model), data=data.for_search(),
+        graph=graph, model=copy.deepcopy(model), data=data.for_search() if data is not None else None,
         constraints=[parse_constraint("flops", str(flops), graph.baseline.flops)],
         round_to=round_to, settings={**method.defaults, **settings}, epochs=0, lr=0.05,
         batch_size=128, seed=0, state_dir=state, progress=False, log=lambda *_: None,

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -63,3 +64,77 @@ def test_flops_normalisation_ranks_the_expensive_groups_channels_last(tmp_path):
 def test_bad_normalise_is_refused(tmp_path):
     with pytest.raises(UserError, match="normalise"):
         Magnitude().search(context("bogus", tmp_path)[1])
+
+
+# ---- schedule=iterative: Torch-Pruning's iterative global pruning in the limit of small steps
+
+class Twins(nn.Module):
+    """Two groups of 16 channels that cost the same: convs a and b side by side, concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).mean((2, 3)))
+
+
+def widths_of(graph, plan):
+    return [len(plan.keep.get(g.id, range(g.size))) for g in graph.prunable_groups]
+
+
+def test_iterative_prunes_the_group_whose_weakest_channel_is_weakest():
+    """Group a has one dead channel among equal ones, group b a weak half (normalised 0.5)
+    and a strong half. One block of 8 has to go. One global cut keeps a (its dead channel
+    alone does not empty a block) and takes b's weak half; the iterative schedule, like the
+    peer's, takes the block of the group with the weakest channel: a."""
+    from graphsearch.methods.magnitude import removal_order
+    from graphsearch.target import land_on_target
+
+    graph = analyze(Twins(), X)
+    a, b = [g.id for g in graph.prunable_groups]
+    norm_a = torch.ones(16).double()
+    norm_a[5] = 0.01
+    norm_b = torch.tensor([0.5] * 8 + [1.5] * 8).double()
+    scores = {a: (norm_a / norm_a.mean()).numpy(), b: (norm_b / norm_b.mean()).numpy()}
+    target = [Constraint("flops", 0.75 * graph.baseline.flops, "0.75")]
+    assert widths_of(graph, land_on_target(graph, scores, target, 8)) == [16, 8]
+    order = removal_order(graph, scores, 8)
+    plan = land_on_target(graph, order, target, 8)
+    assert widths_of(graph, plan) == [8, 16]
+    assert 5 not in plan.keep[a]  # the dead channel goes with a's weakest block
+
+
+def test_removal_order_renormalises_a_group_over_what_it_has_left():
+    """a: blocks of 8 at 0.2, 1.0, 1.8; b: 0.5, 0.95, 1.55 (both mean 1). a's weakest goes
+    first, then b's; renormalised over its 16 channels left, a's next block scores
+    1.0 / 1.4 = 0.71, under b's 0.95 / 1.25 = 0.76, so a goes again. Without the
+    renormalisation b (0.95 < 1.0) would go third."""
+    from types import SimpleNamespace
+
+    from graphsearch.methods.magnitude import removal_order
+
+    graph = SimpleNamespace(prunable_groups=[SimpleNamespace(id=i, size=24, min_width=0)
+                                             for i in (0, 1)])
+    a = np.repeat([0.2, 1.0, 1.8], 8)
+    b = np.repeat([0.5, 0.95, 1.55], 8)
+
+    def steps(renormalise):
+        order = removal_order(graph, {0: a, 1: b}, 8, renormalise=renormalise)
+        return [int(order[0][0]), int(order[1][0]), int(order[0][8]), int(order[1][8])]
+
+    # removal step of a's first block, b's first block, a's second block, b's second block
+    assert steps(True) == [1, 2, 3, 4]  # the floor (8) leaves a third block each
+    assert steps(False) == [1, 2, 4, 3]
+    full = removal_order(graph, {0: a, 1: b}, 8)
+    # never under the smallest nonzero width: each group's last block is never removed
+    assert (full[0][16:] > 4).all() and (full[1][16:] > 4).all()
+
+
+def test_bad_schedule_is_refused(tmp_path):
+    _, ctx = context("mean", tmp_path)
+    ctx.settings["schedule"] = "sometimes"
+    with pytest.raises(UserError, match="schedule"):
+        Magnitude().search(ctx)

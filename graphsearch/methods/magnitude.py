@@ -10,6 +10,15 @@ consumers' input columns. `normalise` puts groups of different fan-in on one sca
   channel);
 - `none`: raw norms.
 `--set normalise=true/false` (older runs) read as `mean`/`none`.
+
+`schedule` says how the normalised scores become a plan:
+- `one-shot`: one global cut in the scores as normalised on the whole model;
+- `iterative`: Torch-Pruning's iterative global pruning in the limit of small steps. Blocks of
+  `--round-to` channels are removed one at a time, always from the group whose weakest
+  remaining channel scores lowest, and after each removal that group's scores are normalised
+  again over the channels it has left (its mean rises, so a group that starts to lose
+  channels keeps losing them, as in the peer); no group goes under its smallest nonzero width
+  (the peer never removes a whole branch). The removal order is what the target step cuts.
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ import numpy as np
 import torch
 
 from ..load import UserError
+from ..target import allowed_widths
 from .base import Method, Proposal, SearchContext
 
 NORMALISE = ("mean", "flops", "none")
+SCHEDULES = ("one-shot", "iterative")
 
 
 def channel_flops(graph) -> dict[int, float]:
@@ -39,12 +50,19 @@ class Magnitude(Method):
                "(normalised per group)")
     cost = "no search: one pass over the weights, then the fine-tuning"
     trains = False
-    defaults = {"normalise": "mean"}
+    defaults = {"normalise": "mean", "schedule": "one-shot"}
 
     def search(self, ctx: SearchContext) -> Proposal:
         scores, how = self.scores(ctx)
+        schedule = ctx.settings.get("schedule", "one-shot")
+        if schedule not in SCHEDULES:
+            raise UserError(f"magnitude: schedule={schedule!r}: choose one of "
+                            f"{', '.join(SCHEDULES)}")
+        if schedule == "iterative":
+            scores = removal_order(ctx.graph, scores, ctx.round_to,
+                                   renormalise=how in ("mean", "flops"))
         plan = ctx.land(scores)
-        return Proposal(plan, ctx.model.state_dict(), {"normalise": how})
+        return Proposal(plan, ctx.model.state_dict(), {"normalise": how, "schedule": schedule})
 
     def scores(self, ctx: SearchContext) -> tuple[dict[int, np.ndarray], str]:
         """Per prunable group, its channels' scores (higher: kept first), and the
@@ -67,3 +85,67 @@ class Magnitude(Method):
                 n = n * (mean_cost / cost[gid])
             scores[gid] = n.cpu().numpy()
         return scores, how
+
+
+def removal_order(graph, scores: dict[int, np.ndarray], round_to: int,
+                  renormalise: bool = True) -> dict[int, np.ndarray]:
+    """Scores that put channels in the order iterative global pruning removes them (module
+    docstring, `iterative`): a channel removed at step t scores t plus a fraction below 1
+    (its score then, squashed into [0, 1)), one never removed scores the step count plus 1
+    plus that fraction. `scores` are normalised per group (by its mean) when given;
+    with `renormalise` each group is normalised again over its remaining channels after
+    each of its removals."""
+    step = max(int(round_to), 1)
+    raw = {gid: np.asarray(s, dtype=float) for gid, s in scores.items()}
+    # each group's scale as given (mean 1 when normalised), so the `flops` factor survives
+    scale = {gid: float(s.mean()) if len(s) else 1.0 for gid, s in raw.items()}
+    alive = {gid: np.ones(len(s), dtype=bool) for gid, s in raw.items()}
+    floor = {}
+    for g in graph.prunable_groups:
+        if g.id in raw:
+            nonzero = [w for w in allowed_widths(g.size, g.min_width, step) if w > 0]
+            floor[g.id] = nonzero[0] if nonzero else g.size
+
+    def current(gid: int) -> np.ndarray:
+        s = raw[gid]
+        if not renormalise:
+            return s
+        mean = float(s[alive[gid]].mean()) if alive[gid].any() else 1.0
+        return s * (scale[gid] / max(mean, 1e-12))
+
+    removed_at = {gid: np.zeros(len(s)) for gid, s in raw.items()}
+    frac = {gid: np.zeros(len(s)) for gid, s in raw.items()}
+    t = 0
+    while True:
+        best = None
+        for gid in raw:
+            idx = np.flatnonzero(alive[gid])
+            n_left = len(idx)
+            # the next allowed width below the current one, not under the floor
+            target = (n_left - 1) // step * step
+            if target < floor.get(gid, n_left):
+                continue
+            s = current(gid)[idx]
+            weakest = float(s.min())
+            if best is None or weakest < best[0]:
+                best = (weakest, gid, idx[np.argsort(s, kind="stable")[:n_left - target]], s)
+        if best is None:
+            break
+        t += 1
+        _, gid, block, _ = best
+        now = current(gid)
+        removed_at[gid][block] = t
+        frac[gid][block] = squash(now[block])
+        alive[gid][block] = False
+    out = {}
+    for gid in raw:
+        last = current(gid)
+        left = alive[gid]
+        out[gid] = np.where(left, t + 1 + squash(last), removed_at[gid] + frac[gid])
+    return out
+
+
+def squash(s: np.ndarray) -> np.ndarray:
+    """A score (>= 0) mapped into [0, 1), order kept."""
+    s = np.maximum(np.asarray(s, dtype=float), 0.0)
+    return s / (1.0 + s)
