@@ -50,11 +50,11 @@ class Magnitude(Method):
                "(normalised per group)")
     cost = "no search: one pass over the weights, then the fine-tuning"
     trains = False
-    defaults = {"normalise": "mean", "schedule": "one-shot"}
+    defaults = {"normalise": "mean", "schedule": "iterative"}
 
     def search(self, ctx: SearchContext) -> Proposal:
         scores, how = self.scores(ctx)
-        schedule = ctx.settings.get("schedule", "one-shot")
+        schedule = ctx.settings.get("schedule", "iterative")
         if schedule not in SCHEDULES:
             raise UserError(f"magnitude: schedule={schedule!r}: choose one of "
                             f"{', '.join(SCHEDULES)}")
