@@ -213,19 +213,23 @@ def config_ties(model: nn.Module):
                 if len(atoms) == base:
                     ctx.atoms.union(atoms, rep)
                     continue
+                classes = ctx.find(atoms)
+                if np.isin(classes, ctx.find(rep)).all():
+                    continue  # tied already (the bias of a weight done before)
                 # a fused projection (q, k and v of every head in one weight): its units
                 # (heads, tied by the attention) in order, each tied to its share of the
-                # field's width, whatever the layout: (3, heads, hd) or (heads, 3, hd)
-                classes = ctx.find(atoms)
+                # field's width, whatever the layout: (3, heads, hd) or (heads, 3, hd); a
+                # width that is a multiple of the field's (ConvNeXt's MLP: 4 x hidden, no
+                # field of its own): as many units to each of the field's channels
                 units = list(dict.fromkeys(classes.tolist()))
-                if len(atoms) % base or base % len(units):
+                if len(atoms) % base or (base % len(units) and len(units) % base):
                     ctx.fix(atoms, f"{name}[dim {d}] does not split into {fname}'s width")
                     continue
-                share = base // len(units)
+                share, per = max(1, base // len(units)), max(1, len(units) // base)
                 for k, unit in enumerate(units):
+                    at = (k // per) * share
                     ctx.atoms.union(atoms[classes == unit],
-                                    np.resize(rep[k * share:(k + 1) * share],
-                                              int((classes == unit).sum())))
+                                    np.resize(rep[at:at + share], int((classes == unit).sum())))
 
     constrain.governed = governed
     return constrain

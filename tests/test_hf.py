@@ -39,6 +39,10 @@ def _tokens(batch: int, seed: int = 0) -> tuple:
     return (torch.randint(0, VOCAB, (batch, 8), generator=torch.Generator().manual_seed(seed)),)
 
 
+def _images(batch, seed=0):
+    return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
+
+
 def bert():
     c = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                 num_attention_heads=4, intermediate_size=64,
@@ -63,20 +67,31 @@ def llama():  # grouped-query attention: 4 query heads share 2 key/value heads
 def vit():
     c = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=64, num_labels=5)
-
-    def images(batch, seed=0):
-        return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
-
-    return transformers.ViTForImageClassification(c), images
+    return transformers.ViTForImageClassification(c), _images
 
 
-MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit}
+def resnet():  # aten.batch_norm, an in-place residual add; bottlenecks a quarter as wide
+    c = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                  num_labels=5)
+    return transformers.ResNetForImageClassification(c), _images
+
+
+def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a global mean
+    c = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                    num_labels=5)
+    return transformers.ConvNextForImageClassification(c), _images
+
+
+MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "resnet": resnet,
+          "convnext": convnext}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
     "gpt2": {"hidden_size", "num_attention_heads", "n_inner"},
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "resnet": {"embedding_size", "hidden_sizes"},
+    "convnext": {"hidden_sizes"},
 }
 
 
