@@ -306,6 +306,37 @@ def test_scaled_dot_product_attention_heads():
     assert_cost(g, {1: 5, heads.id: 1}, _attention_macs(4, 5, 1, 4), SDPA(dim=5, heads=1))
 
 
+class BatchTimesHeads(nn.Module):
+    """DeBERTa's attention: the heads folded into the batch dim, `(batch * heads, t, hd)`."""
+
+    def __init__(self, dim=8, heads=2, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, t = x.shape[:2]
+        q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2).reshape(-1, t, self.head_dim)
+                   for f in (self.q, self.k, self.v))
+        a = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        return self.proj(a.view(b, self.heads, t, -1).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_heads_folded_into_the_batch_follow_the_batch_in_the_reference():
+    from graphsearch.passes.mask import mask, verify
+    from graphsearch.passes.slim import slim
+
+    torch.manual_seed(0)
+    g = run(BatchTimesHeads(), 2, 4, 6)  # analysed at batch 2, checked at batch 3
+    heads = group(g, "q.weight[out] x4")
+    keep = {heads.id: [1]}
+    v = verify(slim(g, keep), mask(g, keep), (torch.randn(3, 4, 6),))
+    assert v.ok, v.message
+
+
 # --------------------------------------------------------------------------- norms
 
 
