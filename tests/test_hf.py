@@ -50,6 +50,13 @@ def bert():
     return transformers.BertForSequenceClassification(c), _tokens
 
 
+def deberta_v2():  # heads folded into the batch dim; a constant made in forward (the scale)
+    c = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, num_labels=3)
+    return transformers.DebertaV2ForSequenceClassification(c), _tokens
+
+
 def gpt2():
     c = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                 n_positions=64, bos_token_id=0, eos_token_id=0)
@@ -82,11 +89,13 @@ def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a
     return transformers.ConvNextForImageClassification(c), _images
 
 
-MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "resnet": resnet,
+MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "vit": vit, "resnet": resnet,
           "convnext": convnext}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "deberta-v2": {"hidden_size", "num_attention_heads", "intermediate_size",
+                   "pooler_hidden_size"},  # (its pooler reads the hidden states: as wide)
     "gpt2": {"hidden_size", "num_attention_heads", "n_inner"},
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},

@@ -38,10 +38,10 @@ def _overloads(*packets) -> list:
 
 UNARY = _same(elementwise.elementwise_unary, *_overloads(
     aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.neg, aten.rsqrt, aten.sqrt, aten.exp,
-    aten.abs, aten.pow, aten.clamp, aten.to, aten.clone, aten.dropout, aten.alias,
-    aten.detach, aten.contiguous, aten.type_as, aten.hardtanh, aten.elu, aten.leaky_relu,
-    aten.mish, aten.hardswish, aten.hardsigmoid, aten.softplus, aten.square, aten.erf,
-    aten.log, aten.reciprocal, aten.sin, aten.cos, aten.native_dropout, aten.lift_fresh_copy,
+    aten.abs, aten.pow, aten.clamp, aten.to, aten.clone, aten.dropout, aten.alias, aten.detach,
+    aten.detach_, aten.contiguous, aten.type_as, aten.hardtanh, aten.elu, aten.leaky_relu,
+    aten.mish, aten.hardswish, aten.hardsigmoid, aten.softplus, aten.square, aten.erf, aten.log,
+    aten.reciprocal, aten.sin, aten.cos, aten.native_dropout, aten.lift_fresh_copy,
     aten._to_copy, aten.feature_dropout))
 RELU = _same(elementwise.relu, *_overloads(aten.relu, aten.relu_))
 # the in-place forms (`x += residual` in a forward) as the fx front end's `add_` methods
