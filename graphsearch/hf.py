@@ -145,6 +145,16 @@ def _shapes(model: nn.Module, config) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
 
+def _computed_values(model: nn.Module, config) -> dict[str, float]:
+    """The float attributes of the modules of `type(model)` built from `config` (meta
+    device): values its forward computes with that its config sets (Gemma's embedding scale,
+    sqrt(hidden_size), which `from_pretrained` recomputes: it is no saved tensor)."""
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    return {f"{path}.{k}" if path else k: v for path, m in skeleton.named_modules()
+            for k, v in vars(m).items() if type(v) is float}
+
+
 @dataclass
 class Governed:
     """Which config field sets each parameter dim's width: (name, dim) -> fields."""
@@ -152,6 +162,8 @@ class Governed:
     fields: dict[tuple[str, int], set] = field(default_factory=dict)
     values: dict[str, int] = field(default_factory=dict)  # the fields' values as analysed
     # fields keyed "name" or "name[i]" (see `width_fields`)
+    # field -> the computed values (`_computed_values`) it sets besides widths
+    sets_values: dict[str, list] = field(default_factory=dict)
 
 
 def governed_dims(model: nn.Module) -> Governed:
@@ -177,6 +189,36 @@ def governed_dims(model: nn.Module) -> Governed:
             for d, (a, b) in enumerate(zip(shape, other)):
                 if a != b:
                     out.fields.setdefault((key, d), set()).add(name)
+    out.sets_values = _fields_setting_values(model, base, list(out.values))
+    return out
+
+
+def _fields_setting_values(model: nn.Module, base, names: list[str]) -> dict[str, list]:
+    """The width fields whose value the model also computes with (`_computed_values`), found
+    by doubling every field at once (so that a head size derived from the hidden size and
+    the head count stays) and then every field but one: a value that stays only when `f`
+    stays is `f`'s."""
+    def doubled(skip=None):
+        probe = copy.deepcopy(base)
+        for name in names:
+            if name != skip:
+                _set_config_value(probe, name, 2 * _config_value(base, name))
+        return probe
+
+    ref = _computed_values(model, base)
+    try:
+        changed = {k for k, v in _computed_values(model, doubled()).items() if ref.get(k) != v}
+    except Exception:  # noqa: BLE001 - a combination the class refuses: nothing found
+        return {}
+    out = {}
+    for name in names if changed else ():
+        try:
+            values = _computed_values(model, doubled(skip=name))
+        except Exception:  # noqa: BLE001
+            continue
+        kept = sorted(k for k in changed if values.get(k) == ref.get(k))
+        if kept:
+            out[name] = kept
     return out
 
 
@@ -203,6 +245,12 @@ def config_ties(model: nn.Module):
                         f"several config fields ({', '.join(sorted(fields))}) state"
                     ctx.fix(atoms, f"{why} the width of {name}[dim {d}]: a pruned "
                                    f"{type(model).__name__} would not load from its config")
+                    continue
+                fname = next(iter(fields))
+                if fname in governed.sets_values:
+                    ctx.fix(atoms, f"{type(model).__name__} computes "
+                                   f"{', '.join(governed.sets_values[fname])} from {fname}: "
+                                   "pruned, it would compute otherwise once reloaded")
                     continue
                 lines.setdefault(next(iter(fields)), []).append((name, d, atoms))
         for fname, found in lines.items():
@@ -299,6 +347,11 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
             if k.startswith("_") or k == "training" or not isinstance(v, _SIMPLE):
                 continue
             old = vars(m).get(k, v)
+            if old != v and type(v) is float:  # (the analysis keeps such fields whole)
+                raise UserError(
+                    f"in-place pruning: {type(model).__name__} built from the pruned config "
+                    f"computes {path}.{k} = {v:g}, not {old:g}: reloaded, it would compute "
+                    "otherwise; use passes.slim's module")
             if old != v and isinstance(old, type(v)):
                 edits.attributes[f"{path}.{k}" if path else k] = (old, v)
     return edits
