@@ -85,6 +85,12 @@ def vit():
     return transformers.ViTForImageClassification(c), _images
 
 
+def swin():  # padded windows; a relative position-bias table per head, the attention's bias
+    c = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                num_heads=[2, 4], window_size=4, num_labels=5)
+    return transformers.SwinForImageClassification(c), _images
+
+
 def resnet():  # aten.batch_norm, an in-place residual add; bottlenecks a quarter as wide
     c = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                   num_labels=5)
@@ -98,7 +104,7 @@ def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a
 
 
 MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
-          "vit": vit, "resnet": resnet, "convnext": convnext}
+          "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
@@ -108,6 +114,7 @@ PRUNED_FIELDS = {
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "gemma": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "swin": {"embed_dim", "num_heads"},
     "resnet": {"embedding_size", "hidden_sizes"},
     "convnext": {"hidden_sizes"},
 }

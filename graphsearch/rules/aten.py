@@ -63,6 +63,7 @@ REDUCE = _same(pooling.reduce, *_overloads(aten.sum, aten.amax, aten.amin))
 SPATIAL = _same(pooling.channelwise_spatial, *_overloads(
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d,
     aten.upsample_nearest2d, aten.upsample_bilinear2d))
+PAD = _same(pooling.pad, *_overloads(aten.pad, aten.constant_pad_nd))
 CAT = _same(layout.cat, *_overloads(aten.cat))
 STACK = _same(layout.stack, *_overloads(aten.stack))
 FREE = _same(layout.FREE_LAYOUT, *_overloads(
@@ -103,6 +104,34 @@ def _rewrite_slice(rw, node, state):
 
 SLICE = Rule("layout", layout.layout, edge="permutation", slim=_rewrite_slice, flow="pass",
              pure=True, targets=tuple(_overloads(aten.slice)))
+
+
+def _index_items(node) -> tuple:
+    """aten.index(x, indices)'s indices as getitem's items (None: a whole dim)."""
+    return tuple(slice(None) if i is None else i for i in node.args[1])
+
+
+def _index(ctx, node):
+    """aten.index(x, indices) is x[indices]: getitem's rule for an index tensor (a relative
+    position-bias table's lookup keeps the table's heads)."""
+    out = layout.index_by_tensor(ctx, node, _index_items(node))
+    return out if out is not None else unsupported(ctx, node)
+
+
+def _rewrite_index(rw, node, state):
+    """The indices are tensors or None (a whole dim): unchanged, unless a tensor picks
+    positions of a pruned dim (then only the full layout knows them)."""
+    if state == FULL:
+        return None
+    sel = rw.selection(node.args[0])
+    if sel is None:
+        return False
+    tensors = [d for d, i in enumerate(node.args[1]) if i is not None]
+    return False if any(d < len(sel) and sel[d] is not None for d in tensors) else None
+
+
+INDEX = Rule("layout", _index, edge="permutation", slim=_rewrite_index, flow="pass", pure=True,
+             targets=(aten.index.Tensor,))
 
 
 def _averaged_channel_dim(ids, rank: int, dims) -> int | None:
@@ -210,6 +239,6 @@ COMPARE = _same(elementwise.multiply, *_overloads(
     aten.logical_or))
 
 RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
-         GROUP_NORM, BATCH_NORM, SDPA, REDUCE, SPATIAL, CAT, STACK, FREE, EXPAND, SPLIT,
-         CHUNK, UNBIND, SELECT, NARROW, VIEW, SLICE, channel_mean, aten_embedding, aten_addmm,
-         aten_size, aten_check, aten_factory, COMPARE)
+         GROUP_NORM, BATCH_NORM, SDPA, REDUCE, SPATIAL, PAD, CAT, STACK, FREE, EXPAND, SPLIT,
+         CHUNK, UNBIND, SELECT, NARROW, VIEW, SLICE, INDEX, channel_mean, aten_embedding,
+         aten_addmm, aten_size, aten_check, aten_factory, COMPARE)
