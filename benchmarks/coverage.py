@@ -310,8 +310,9 @@ def hf_table(rows: list[dict], command: str, load0: str, load1: str) -> list[str
         "## transformers",
         "",
         f"Command: `{command}` (transformers {transformers.__version__}, torch "
-        f"{torch.__version__}, 1 torch thread; load average {load0} at start, {load1} at end: "
-        "other sessions were running, times are noisy).",
+        f"{torch.__version__}, 1 torch thread). Date: "
+        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; load average {load0} at "
+        f"start, {load1} at end: other sessions were running, times are noisy.",
         "",
         "Every model is built from a tiny config (random weights) and analysed through the "
         "torch.export front end (batch 2, dynamic). 50% plan: the MACs left by a random plan "

@@ -155,6 +155,9 @@ def _plain_module(program, model: torch.nn.Module) -> fx.GraphModule:
     # a plain GraphModule (the exported one refuses train() and eval())
     plain = fx.GraphModule(gm, graph, type(model).__name__)
     plain.meta["graphsearch_model_class"] = type(model).__name__
+    # tensors the forward makes (`torch.tensor(head_dim)`), which the graph holds as buffers
+    plain.meta["graphsearch_constants"] = frozenset(
+        program.graph_signature.lifted_tensor_constants)
     return plain
 
 

@@ -145,6 +145,16 @@ def _shapes(model: nn.Module, config) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
 
+def _computed_values(model: nn.Module, config) -> dict[str, float]:
+    """The float attributes of the modules of `type(model)` built from `config` (meta
+    device): values its forward computes with that its config sets (Gemma's embedding scale,
+    sqrt(hidden_size), which `from_pretrained` recomputes: it is no saved tensor)."""
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    return {f"{path}.{k}" if path else k: v for path, m in skeleton.named_modules()
+            for k, v in vars(m).items() if type(v) is float}
+
+
 @dataclass
 class Governed:
     """Which config field sets each parameter dim's width: (name, dim) -> fields."""
@@ -152,6 +162,8 @@ class Governed:
     fields: dict[tuple[str, int], set] = field(default_factory=dict)
     values: dict[str, int] = field(default_factory=dict)  # the fields' values as analysed
     # fields keyed "name" or "name[i]" (see `width_fields`)
+    # field -> the computed values (`_computed_values`) it sets besides widths
+    sets_values: dict[str, list] = field(default_factory=dict)
 
 
 def governed_dims(model: nn.Module) -> Governed:
@@ -177,6 +189,36 @@ def governed_dims(model: nn.Module) -> Governed:
             for d, (a, b) in enumerate(zip(shape, other)):
                 if a != b:
                     out.fields.setdefault((key, d), set()).add(name)
+    out.sets_values = _fields_setting_values(model, base, list(out.values))
+    return out
+
+
+def _fields_setting_values(model: nn.Module, base, names: list[str]) -> dict[str, list]:
+    """The width fields whose value the model also computes with (`_computed_values`), found
+    by doubling every field at once (so that a head size derived from the hidden size and
+    the head count stays) and then every field but one: a value that stays only when `f`
+    stays is `f`'s."""
+    def doubled(skip=None):
+        probe = copy.deepcopy(base)
+        for name in names:
+            if name != skip:
+                _set_config_value(probe, name, 2 * _config_value(base, name))
+        return probe
+
+    ref = _computed_values(model, base)
+    try:
+        changed = {k for k, v in _computed_values(model, doubled()).items() if ref.get(k) != v}
+    except Exception:  # noqa: BLE001 - a combination the class refuses: nothing found
+        return {}
+    out = {}
+    for name in names if changed else ():
+        try:
+            values = _computed_values(model, doubled(skip=name))
+        except Exception:  # noqa: BLE001
+            continue
+        kept = sorted(k for k in changed if values.get(k) == ref.get(k))
+        if kept:
+            out[name] = kept
     return out
 
 
@@ -204,6 +246,12 @@ def config_ties(model: nn.Module):
                     ctx.fix(atoms, f"{why} the width of {name}[dim {d}]: a pruned "
                                    f"{type(model).__name__} would not load from its config")
                     continue
+                fname = next(iter(fields))
+                if fname in governed.sets_values:
+                    ctx.fix(atoms, f"{type(model).__name__} computes "
+                                   f"{', '.join(governed.sets_values[fname])} from {fname}: "
+                                   "pruned, it would compute otherwise once reloaded")
+                    continue
                 lines.setdefault(next(iter(fields)), []).append((name, d, atoms))
         for fname, found in lines.items():
             base = min(len(a) for _, _, a in found)
@@ -213,19 +261,23 @@ def config_ties(model: nn.Module):
                 if len(atoms) == base:
                     ctx.atoms.union(atoms, rep)
                     continue
+                classes = ctx.find(atoms)
+                if np.isin(classes, ctx.find(rep)).all():
+                    continue  # tied already (the bias of a weight done before)
                 # a fused projection (q, k and v of every head in one weight): its units
                 # (heads, tied by the attention) in order, each tied to its share of the
-                # field's width, whatever the layout: (3, heads, hd) or (heads, 3, hd)
-                classes = ctx.find(atoms)
+                # field's width, whatever the layout: (3, heads, hd) or (heads, 3, hd); a
+                # width that is a multiple of the field's (ConvNeXt's MLP: 4 x hidden, no
+                # field of its own): as many units to each of the field's channels
                 units = list(dict.fromkeys(classes.tolist()))
-                if len(atoms) % base or base % len(units):
+                if len(atoms) % base or (base % len(units) and len(units) % base):
                     ctx.fix(atoms, f"{name}[dim {d}] does not split into {fname}'s width")
                     continue
-                share = base // len(units)
+                share, per = max(1, base // len(units)), max(1, len(units) // base)
                 for k, unit in enumerate(units):
+                    at = (k // per) * share
                     ctx.atoms.union(atoms[classes == unit],
-                                    np.resize(rep[k * share:(k + 1) * share],
-                                              int((classes == unit).sum())))
+                                    np.resize(rep[at:at + share], int((classes == unit).sum())))
 
     constrain.governed = governed
     return constrain
@@ -295,6 +347,11 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
             if k.startswith("_") or k == "training" or not isinstance(v, _SIMPLE):
                 continue
             old = vars(m).get(k, v)
+            if old != v and type(v) is float:  # (the analysis keeps such fields whole)
+                raise UserError(
+                    f"in-place pruning: {type(model).__name__} built from the pruned config "
+                    f"computes {path}.{k} = {v:g}, not {old:g}: reloaded, it would compute "
+                    "otherwise; use passes.slim's module")
             if old != v and isinstance(old, type(v)):
                 edits.attributes[f"{path}.{k}" if path else k] = (old, v)
     return edits

@@ -197,7 +197,7 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
 def _check_same_model(model: nn.Module, gm: fx.GraphModule) -> None:
     """Every module and tensor the graph calls must exist in `model` under the same name."""
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
+        if node.op not in ("call_module", "get_attr") or _traced_constant(gm, node):
             continue
         try:
             mine, theirs = _get(model, node.target), _get(gm, node.target)
@@ -336,7 +336,8 @@ def _removed_modules(graph: ChannelGraph, plan, original: fx.GraphModule) -> dic
         out[path] = RemovedBranch(shape, value.dtype, batch,
                                   was=type(_get(original, path)).__name__)
     for node in original.graph.nodes:
-        if node.name not in plan.dead or node.op not in ("get_attr", "call_module"):
+        if node.name not in plan.dead or node.op not in ("get_attr", "call_module") or \
+                _traced_constant(original, node):
             continue
         where = node.target if node.op == "call_module" else node.target.rpartition(".")[0]
         if not any(where == t or where.startswith(t + ".") for t in out):
@@ -455,6 +456,12 @@ def _get(root: nn.Module, path: str):
     for part in path.split(".") if path else ():
         obj = getattr(obj, part)
     return obj
+
+
+def _traced_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A tensor the traced graph holds that is not the model's state: a constant its forward
+    makes (`torch.tensor(head_dim)`), which torch.export lifts into the graph."""
+    return node.op == "get_attr" and node.target in gm.meta.get("graphsearch_constants", ())
 
 
 def _count(model: nn.Module) -> int:

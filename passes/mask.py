@@ -36,11 +36,13 @@ class MaskedModel(nn.Module):
         # Ops whose rule runs them differently under a plan (LayerNorm statistics over kept
         # channels, attention without the dropped heads): node -> (runner, keep).
         self._runners: dict[str, tuple] = {}
+        batch = _analysed_batch(graph)
         for node in self.gm.graph.nodes:
             info = graph.info(node.name)
             if info is None or node.name in plan.dead:
                 continue
-            self._masks[node.name] = _masks_of(plan, info.ids)
+            self._masks[node.name] = _per_sample(_masks_of(plan, info.ids),
+                                                 graph.values.get(node.name), batch)
             if info.op is not None and info.op.mask is not None:
                 special = info.op.mask(graph, plan, node, info)
                 if special is not None:
@@ -77,10 +79,47 @@ def _masks_of(plan: ResolvedPlan, ids) -> Any:
     return None
 
 
+@dataclass(frozen=True)
+class _PerSample:
+    """The mask of a value whose dim 0 holds the batch and channels together (DeBERTa's
+    attention: `(batch * heads, ...)`): one sample's block, repeated for the batch it runs
+    at."""
+
+    block: torch.Tensor
+
+    def at(self, size: int) -> torch.Tensor:
+        return self.block.repeat(size // self.block.size(0), *(1,) * (self.block.dim() - 1))
+
+
+def _analysed_batch(graph: ChannelGraph) -> int | None:
+    """The batch the graph was analysed at (its first tensor input's dim 0)."""
+    for node in graph.module.graph.nodes:
+        v = graph.values.get(node.name) if node.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and v.dim():
+            return v.size(0)
+    return None
+
+
+def _per_sample(masks: Any, value: Any, batch: int | None) -> Any:
+    """A mask whose dim 0 varies over `batch` samples of `value` with one period per sample,
+    as a `_PerSample` (it then follows the batch); any other as it is."""
+    if isinstance(masks, tuple) and isinstance(value, (tuple, list)):
+        return tuple(_per_sample(m, v, batch) for m, v in zip(masks, value))
+    if not isinstance(masks, torch.Tensor) or not isinstance(value, torch.Tensor) or \
+            not batch or masks.dim() != value.dim() or masks.dim() == 0 or \
+            masks.size(0) == 1 or masks.size(0) != value.size(0) or masks.size(0) % batch:
+        return masks
+    block = masks[:masks.size(0) // batch]
+    return _PerSample(block) if torch.equal(_PerSample(block).at(masks.size(0)), masks) \
+        else masks
+
+
 def _apply_masks(out: Any, masks: Any) -> Any:
     if masks is None:
         return out
     if isinstance(out, torch.Tensor):
+        if isinstance(masks, _PerSample):
+            return out * masks.at(out.size(0)) if out.dim() else out
         return out * masks if isinstance(masks, torch.Tensor) else out
     if isinstance(out, (tuple, list)) and isinstance(masks, tuple):
         return type(out)(_apply_masks(o, m) for o, m in zip(out, masks))

@@ -39,11 +39,22 @@ def _tokens(batch: int, seed: int = 0) -> tuple:
     return (torch.randint(0, VOCAB, (batch, 8), generator=torch.Generator().manual_seed(seed)),)
 
 
+def _images(batch, seed=0):
+    return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
+
+
 def bert():
     c = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                 num_attention_heads=4, intermediate_size=64,
                                 max_position_embeddings=64, num_labels=3)
     return transformers.BertForSequenceClassification(c), _tokens
+
+
+def deberta_v2():  # heads folded into the batch dim; a constant made in forward (the scale)
+    c = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, num_labels=3)
+    return transformers.DebertaV2ForSequenceClassification(c), _tokens
 
 
 def gpt2():
@@ -60,23 +71,52 @@ def llama():  # grouped-query attention: 4 query heads share 2 key/value heads
     return transformers.LlamaForCausalLM(c), _tokens
 
 
+def gemma():  # its embedding scale, sqrt(hidden_size), is recomputed from the config on reload
+    c = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                 bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.GemmaForCausalLM(c), _tokens
+
+
 def vit():
     c = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=64, num_labels=5)
-
-    def images(batch, seed=0):
-        return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
-
-    return transformers.ViTForImageClassification(c), images
+    return transformers.ViTForImageClassification(c), _images
 
 
-MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit}
+def swin():  # padded windows; a relative position-bias table per head, the attention's bias
+    c = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                num_heads=[2, 4], window_size=4, num_labels=5)
+    return transformers.SwinForImageClassification(c), _images
+
+
+def resnet():  # aten.batch_norm, an in-place residual add; bottlenecks a quarter as wide
+    c = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                  num_labels=5)
+    return transformers.ResNetForImageClassification(c), _images
+
+
+def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a global mean
+    c = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                    num_labels=5)
+    return transformers.ConvNextForImageClassification(c), _images
+
+
+MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
+          "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "deberta-v2": {"hidden_size", "num_attention_heads", "intermediate_size",
+                   "pooler_hidden_size"},  # (its pooler reads the hidden states: as wide)
     "gpt2": {"hidden_size", "num_attention_heads", "n_inner"},
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
+    "gemma": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "swin": {"embed_dim", "num_heads"},
+    "resnet": {"embedding_size", "hidden_sizes"},
+    "convnext": {"hidden_sizes"},
 }
 
 
@@ -111,6 +151,9 @@ def test_pruned_by_half_in_place_with_a_truthful_config(name, tmp_path):
     cls, before = type(model), copy.deepcopy(model.config)
     g = graphsearch.analyze(model, inputs(2))
     assert g.front_end == "export" and g.static_batch == ""
+    if name == "gemma":  # the hidden size is kept whole, and says why
+        hidden, = [grp for grp in g.groups if "model.norm.weight" in grp.members]
+        assert not hidden.prunable and "scalar_embed_scale from hidden_size" in hidden.reason
     keep = _half(g)
     cost = g.cost(keep)
     assert cost.macs <= 0.6 * g.baseline.macs  # a random 50% plan leaves at most 0.6

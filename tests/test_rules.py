@@ -306,6 +306,37 @@ def test_scaled_dot_product_attention_heads():
     assert_cost(g, {1: 5, heads.id: 1}, _attention_macs(4, 5, 1, 4), SDPA(dim=5, heads=1))
 
 
+class BatchTimesHeads(nn.Module):
+    """DeBERTa's attention: the heads folded into the batch dim, `(batch * heads, t, hd)`."""
+
+    def __init__(self, dim=8, heads=2, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, t = x.shape[:2]
+        q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2).reshape(-1, t, self.head_dim)
+                   for f in (self.q, self.k, self.v))
+        a = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        return self.proj(a.view(b, self.heads, t, -1).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_heads_folded_into_the_batch_follow_the_batch_in_the_reference():
+    from graphsearch.passes.mask import mask, verify
+    from graphsearch.passes.slim import slim
+
+    torch.manual_seed(0)
+    g = run(BatchTimesHeads(), 2, 4, 6)  # analysed at batch 2, checked at batch 3
+    heads = group(g, "q.weight[out] x4")
+    keep = {heads.id: [1]}
+    v = verify(slim(g, keep), mask(g, keep), (torch.randn(3, 4, 6),))
+    assert v.ok, v.message
+
+
 # --------------------------------------------------------------------------- norms
 
 
@@ -330,6 +361,71 @@ def test_channel_norms(norm, unit, members):
     assert sorted(g.groups[1].members) == sorted(
         [f"conv1.weight[out]{x}", f"conv1.bias{x}", f"conv2.weight[in]{x}"] + members)
     assert_cost(g, {1: 3}, HW * (9 * 2 + 3) * 3 * unit, Net(3 * unit))
+
+
+class TensorBatchNorm(nn.Module):
+    """torch.batch_norm: the ATen signature, weight and bias before the running statistics."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.conv2 = conv(2, c, 3), conv(c, 3)
+        self.norm = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        n = self.norm
+        y = torch.batch_norm(self.conv1(x), n.weight, n.bias, n.running_mean, n.running_var,
+                             False, 0.1, 1e-5, False)
+        return self.conv2(y)
+
+
+def test_torch_batch_norm_binds_its_parameters_by_the_aten_signature():
+    g = run(TensorBatchNorm(), 1, 2, 8, 8)
+    assert table(g) == [(2, False, False), (8, True, False), (3, False, False)]
+    roles = {t.name: t.role for t in g.tied_parameters()[1]}
+    assert {k: v for k, v in roles.items() if k.startswith("norm.")} == {
+        "norm.weight": "gamma", "norm.bias": "beta", "norm.running_mean": "statistic",
+        "norm.running_var": "statistic"}
+
+
+class ResidualPool(nn.Module):
+    """What torch.export makes of a ResNet block: aten.batch_norm, an in-place residual add
+    (`y += x`), and a global mean before a LayerNorm."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.bn1 = conv(2, c, 3), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = conv(c, c, 3), nn.BatchNorm2d(c)
+        self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x)).relu()
+        y = self.bn2(self.conv2(x))
+        y += x
+        return self.fc(self.norm(y.relu().mean((-2, -1))))
+
+
+def test_aten_batch_norm_in_place_add_and_a_global_mean_before_a_layer_norm():
+    from graphsearch.export_trace import export_trace
+    from graphsearch.passes.mask import mask, verify
+    from graphsearch.passes.slim import slim
+
+    torch.manual_seed(0)
+    net = ResidualPool().eval()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = (torch.randn(2, 2, 8, 8),)
+    exported = export_trace(net, x).module  # ATen ops, analysed as they are
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    aten = torch.ops.aten
+    assert {aten.batch_norm.default, aten.add_.Tensor, aten.mean.dim} <= targets
+    g = analyze(exported, x)
+    assert table(g) == [(2, False, False), (8, True, False), (3, False, False)]
+    keep = {1: [0, 2, 5]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 2, 8, 8),))  # the mean's mask: no 0 / 0
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(ResidualPool(3))
 
 
 class TokenNorm(nn.Module):

@@ -38,17 +38,18 @@ def _overloads(*packets) -> list:
 
 UNARY = _same(elementwise.elementwise_unary, *_overloads(
     aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.neg, aten.rsqrt, aten.sqrt, aten.exp,
-    aten.abs, aten.pow, aten.clamp, aten.to, aten.clone, aten.dropout, aten.alias,
-    aten.detach, aten.contiguous, aten.type_as, aten.hardtanh, aten.elu, aten.leaky_relu,
-    aten.mish, aten.hardswish, aten.hardsigmoid, aten.softplus, aten.square, aten.erf,
-    aten.log, aten.reciprocal, aten.sin, aten.cos, aten.native_dropout, aten.lift_fresh_copy,
+    aten.abs, aten.pow, aten.clamp, aten.to, aten.clone, aten.dropout, aten.alias, aten.detach,
+    aten.detach_, aten.contiguous, aten.type_as, aten.hardtanh, aten.elu, aten.leaky_relu,
+    aten.mish, aten.hardswish, aten.hardsigmoid, aten.softplus, aten.square, aten.erf, aten.log,
+    aten.reciprocal, aten.sin, aten.cos, aten.native_dropout, aten.lift_fresh_copy,
     aten._to_copy, aten.feature_dropout))
-RELU = _same(elementwise.relu, *_overloads(aten.relu))
-ADD = _same(elementwise.add, *_overloads(aten.add))
-SUB = _same(elementwise.sub, *_overloads(aten.sub, aten.rsub))
+RELU = _same(elementwise.relu, *_overloads(aten.relu, aten.relu_))
+# the in-place forms (`x += residual` in a forward) as the fx front end's `add_` methods
+ADD = _same(elementwise.add, *_overloads(aten.add, aten.add_))
+SUB = _same(elementwise.sub, *_overloads(aten.sub, aten.rsub, aten.sub_))
 MULTIPLY = _same(elementwise.multiply, *_overloads(
     aten.mul, aten.div, aten.where, aten.maximum, aten.minimum, aten.masked_fill,
-    aten.expand_as))
+    aten.expand_as, aten.mul_, aten.div_))
 SOFTMAX = _same(elementwise.softmax, *_overloads(aten.softmax, aten._softmax, aten.log_softmax,
                                                  aten._log_softmax))
 LINEAR = _same(linear.functional_linear, *_overloads(aten.linear))
@@ -56,11 +57,13 @@ MATMUL = _same(linear.matmul, *_overloads(aten.matmul, aten.bmm, aten.mm))
 CONV = _same(conv.functional_conv, *_overloads(aten.conv1d, aten.conv2d, aten.conv3d))
 LAYER_NORM = _same(norm.layer_norm, *_overloads(aten.layer_norm))
 GROUP_NORM = _same(norm.group_norm, *_overloads(aten.group_norm))
+BATCH_NORM = _same(norm.tensor_batch_norm, *_overloads(aten.batch_norm, aten.instance_norm))
 SDPA = _same(attention.sdpa, *_overloads(aten.scaled_dot_product_attention))
 REDUCE = _same(pooling.reduce, *_overloads(aten.sum, aten.amax, aten.amin))
 SPATIAL = _same(pooling.channelwise_spatial, *_overloads(
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d,
     aten.upsample_nearest2d, aten.upsample_bilinear2d))
+PAD = _same(pooling.pad, *_overloads(aten.pad, aten.constant_pad_nd))
 CAT = _same(layout.cat, *_overloads(aten.cat))
 STACK = _same(layout.stack, *_overloads(aten.stack))
 FREE = _same(layout.FREE_LAYOUT, *_overloads(
@@ -103,17 +106,52 @@ SLICE = Rule("layout", layout.layout, edge="permutation", slim=_rewrite_slice, f
              pure=True, targets=tuple(_overloads(aten.slice)))
 
 
-def _mean_dims(ctx, node) -> list[int]:
-    rank = len(ctx.shape(node.args[0]))
-    dims = arg(node, 1, "dim")
+def _index_items(node) -> tuple:
+    """aten.index(x, indices)'s indices as getitem's items (None: a whole dim)."""
+    return tuple(slice(None) if i is None else i for i in node.args[1])
+
+
+def _index(ctx, node):
+    """aten.index(x, indices) is x[indices]: getitem's rule for an index tensor (a relative
+    position-bias table's lookup keeps the table's heads)."""
+    out = layout.index_by_tensor(ctx, node, _index_items(node))
+    return out if out is not None else unsupported(ctx, node)
+
+
+def _rewrite_index(rw, node, state):
+    """The indices are tensors or None (a whole dim): unchanged, unless a tensor picks
+    positions of a pruned dim (then only the full layout knows them)."""
+    if state == FULL:
+        return None
+    sel = rw.selection(node.args[0])
+    if sel is None:
+        return False
+    tensors = [d for d, i in enumerate(node.args[1]) if i is not None]
+    return False if any(d < len(sel) and sel[d] is not None for d in tensors) else None
+
+
+INDEX = Rule("layout", _index, edge="permutation", slim=_rewrite_index, flow="pass", pure=True,
+             targets=(aten.index.Tensor,))
+
+
+def _averaged_channel_dim(ids, rank: int, dims) -> int | None:
+    """The channel dim of `ids` (a dim along which they vary) that a mean over `dims`
+    averages alone; None for a mean over positions or over several dims."""
     dims = range(rank) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
-    return sorted({d % rank for d in dims})
+    dims = sorted({d % rank for d in dims})
+    ids = ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape))
+    if len(dims) != 1 or ids.size(dims[0]) == 1:
+        return None
+    return dims[0]
 
 
 def _mask_channel_mean(graph, plan, node, info):
     """The reference's mean over a pruned channel dim counts the kept channels only."""
     ids = graph.info(node.args[0].name).ids
-    if not isinstance(ids, torch.Tensor) or not plan.changes(ids):
+    x = graph.values.get(node.args[0].name)
+    if not isinstance(ids, torch.Tensor) or not isinstance(x, torch.Tensor) or \
+            arg(node, 1, "dim") is None or not plan.changes(ids) or \
+            _averaged_channel_dim(ids, x.dim(), arg(node, 1, "dim")) is None:
         return None
     return _run_channel_mean, plan.kept(ids).float()
 
@@ -132,23 +170,22 @@ def channel_mean(ctx, node):
     """A mean over the channel dim (an RMSNorm's statistic, which an export leaves as its
     ATen ops): the slim model averages its kept channels, the mask reference too (`mask`),
     so the channels stay prunable; over a head's dims (heads x head_dim) the head's dims are
-    tied into one unit. Over other dims, it is `pooling.reduce`."""
+    tied into one unit. Over other dims (a global average pool), it is `pooling.reduce`."""
     ids = ctx.ids(node.args[0])
     if ids is None or arg(node, 1, "dim") is None:
         return pooling.reduce.tie(ctx, node)
-    dims = _mean_dims(ctx, node)
     rank = len(ctx.shape(node.args[0]))
-    ids = ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape))
-    varying = [d for d in range(rank) if ids.size(d) > 1]
-    if len(dims) != 1 or dims[0] not in varying:
+    dim = _averaged_channel_dim(ids, rank, arg(node, 1, "dim"))
+    if dim is None:
         return pooling.reduce.tie(ctx, node)
-    if varying == dims:
+    ids = ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape))
+    if [d for d in range(rank) if ids.size(d) > 1] == [dim]:
         return ctx.no_channels(node)
     # a statistic per head (Qwen3's query norm over head_dim): the head's dims are one unit,
     # the output carries the head
-    ctx.tie_along(ids, dims[0])
-    out = ctx.find_ids(ids.narrow(dims[0], 0, 1).contiguous())
-    return out if arg(node, 2, "keepdim", False) else out.squeeze(dims[0])
+    ctx.tie_along(ids, dim)
+    out = ctx.find_ids(ids.narrow(dim, 0, 1).contiguous())
+    return out if arg(node, 2, "keepdim", False) else out.squeeze(dim)
 
 
 @rule(*_overloads(aten.embedding), edge="mix", gate="producer",
@@ -202,6 +239,6 @@ COMPARE = _same(elementwise.multiply, *_overloads(
     aten.logical_or))
 
 RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
-         GROUP_NORM, SDPA, REDUCE, SPATIAL, CAT, STACK, FREE, EXPAND, SPLIT, CHUNK, UNBIND,
-         SELECT, NARROW, VIEW, SLICE, channel_mean, aten_embedding, aten_addmm, aten_size, aten_check,
-         aten_factory, COMPARE)
+         GROUP_NORM, BATCH_NORM, SDPA, REDUCE, SPATIAL, PAD, CAT, STACK, FREE, EXPAND, SPLIT,
+         CHUNK, UNBIND, SELECT, NARROW, VIEW, SLICE, INDEX, channel_mean, aten_embedding,
+         aten_addmm, aten_size, aten_check, aten_factory, COMPARE)

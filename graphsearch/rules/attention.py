@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atoms import NO_ATOM
-from .registry import rule, unsupported
+from .registry import arg, rule, unsupported
 
 
 def multihead_attention(m: nn.Module, query, key, value, key_padding_mask=None,
@@ -134,6 +134,10 @@ def sdpa(ctx, node):
     heads = [ctx.line(ctx.ids(t), -3, t) for t in (q, k, v)]  # (B, H, L, E): dim -3 is H
     ctx.tie(heads[0], heads[1])
     ctx.tie(heads[0], heads[2])
+    bias = arg(node, 3, "attn_mask")  # a bias per head (Swin's relative positions) goes too
+    if bias is not None and ctx.ids(bias) is not None and len(ctx.shape(bias)) >= 3 and \
+            ctx.shape(bias)[-3] == ctx.shape(q)[-3] > 1:
+        ctx.tie(ctx.line(ctx.ids(bias), -3, bias), heads[0])
     line = ctx.find(heads[2])
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
     per_head = ctx.channel_ids(line, None, dim=-3, rank=len(sq))

@@ -110,12 +110,13 @@ def stack(ctx, node):
     return ctx.run_on_ids(node)
 
 
-def _index_by_tensor(ctx, node: fx.Node):
+def index_by_tensor(ctx, node: fx.Node, items: tuple | None = None):
     """`x[:, idx]` or `index_select(x, dim, idx)` with an integer index *tensor* (a relative
     position-bias lookup: `table[index]`): the index holds positions, whose values meta
     tensors do not have. Along each dim it indexes, x's entries are tied into one unit,
     so that whichever positions it picks carry the same channels; then the op reads
-    position 0. None if no tensor indexes x; a boolean mask is refused."""
+    position 0. None if no tensor indexes x; a boolean mask is refused. `items`: the
+    index of an op that is no getitem (ATen's index), as getitem's."""
     x = node.args[0]
     shape = ctx.shape(x)
     ids = ctx.ids(x)
@@ -132,8 +133,9 @@ def _index_by_tensor(ctx, node: fx.Node):
         v = ctx.value(a) if isinstance(a, fx.Node) else a
         return v if isinstance(v, torch.Tensor) else None
 
-    if node.target is operator.getitem:
-        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if items is not None or node.target is operator.getitem:
+        if items is None:
+            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if any(tensor_index(i) is not None and tensor_index(i).dtype == torch.bool
                for i in items):  # which positions it keeps depends on values
             raise NotImplementedError("a boolean mask index is not followed")
@@ -165,7 +167,7 @@ def _index_by_tensor(ctx, node: fx.Node):
     else:
         new = tuple(torch.zeros(tensor_index(i).shape, dtype=torch.long)
                     if tensor_index(i) is not None else plain(i) for i in items)
-        out = ids[new if isinstance(node.args[1], tuple) else new[0]]
+        out = ids[new]
     return ctx.compress(out.contiguous())
 
 
@@ -178,7 +180,7 @@ def layout(ctx, node):
     if node.target is operator.getitem and not isinstance(ctx.value(node.args[0]), torch.Tensor):
         return ctx.ids(node.args[0])[node.args[1]]  # picking from a tuple of outputs
     if node.target in (operator.getitem, torch.index_select, "index_select"):
-        out = _index_by_tensor(ctx, node)
+        out = index_by_tensor(ctx, node)
         if out is not None:
             return out
     return ctx.run_on_ids(node, _AS_RESHAPE.get(node.target) if node.op == "call_method"

@@ -36,23 +36,38 @@ def batch_norm(ctx, node):
 
 _F_BATCH_NORM_ARGS = (("running_mean", 1, "statistic"), ("running_var", 2, "statistic"),
                       ("weight", 3, "gamma"), ("bias", 4, "beta"))
+# torch.batch_norm and the ATen op (a torch.export graph's) put the affine parameters first
+_ATEN_BATCH_NORM_ARGS = (("weight", 1, "gamma"), ("bias", 2, "beta"),
+                         ("running_mean", 3, "statistic"), ("running_var", 4, "statistic"))
 
 
-@rule(F.batch_norm, F.instance_norm, torch.batch_norm, edge="identity", gate="norm",
-      roles=_NORM_ROLES)
-def functional_batch_norm(ctx, node):
-    """F.batch_norm on parameters the model owns (a norm + activation module that calls it):
-    the same per-channel statistics and affine parameters as nn.BatchNorm2d."""
+def _batch_norm_on(ctx, node, positions):
+    """The per-channel parameters found at `positions` (name, position, role), bound to the
+    input's channel line."""
     line = ctx.line(ctx.ids(node.args[0]), 1, node.args[0])
-    for key, pos, role in _F_BATCH_NORM_ARGS:
-        arg = node.args[pos] if len(node.args) > pos else node.kwargs.get(key)
-        if arg is None:
+    for key, pos, role in positions:
+        value = arg(node, pos, key)
+        if value is None:
             continue
-        name = ctx.param_name(arg)
+        name = ctx.param_name(value)
         if name is None:
             return unsupported(ctx, node, why=f"batch_norm with a computed {key}")
         ctx.bind(name, 0, line, role=role)
     return ctx.channel_ids(line, node)
+
+
+@rule(F.batch_norm, F.instance_norm, edge="identity", gate="norm", roles=_NORM_ROLES)
+def functional_batch_norm(ctx, node):
+    """F.batch_norm on parameters the model owns (a norm + activation module that calls it):
+    the same per-channel statistics and affine parameters as nn.BatchNorm2d."""
+    return _batch_norm_on(ctx, node, _F_BATCH_NORM_ARGS)
+
+
+@rule(torch.batch_norm, torch.instance_norm, edge="identity", gate="norm", roles=_NORM_ROLES)
+def tensor_batch_norm(ctx, node):
+    """torch.batch_norm / torch.instance_norm (the ATen signature: weight and bias before
+    the running statistics): F.batch_norm's rule."""
+    return _batch_norm_on(ctx, node, _ATEN_BATCH_NORM_ARGS)
 
 
 def _fix_group_norm(rw, node, m: nn.GroupNorm) -> None:
@@ -179,4 +194,4 @@ def layer_norm(ctx, node):
     return ctx.channel_ids(line, node, dim=-1)
 
 
-RULES = (batch_norm, functional_batch_norm, group_norm, layer_norm)
+RULES = (batch_norm, functional_batch_norm, tensor_batch_norm, group_norm, layer_norm)
