@@ -6,7 +6,8 @@ fine-tune? Kendall's tau and seconds per candidate, from one converged baseline.
         --plans 30 --truth-epochs 2 --out /work/runs/rank
 
 Plans, all landed at --flops of the baseline's FLOPs by the project's target step (widths in
-multiples of --round-to): magnitude (normalised per group and not), uniform, and random ones:
+multiples of --round-to): magnitude (normalised per group and not; one global cut and the
+iterative schedule, `magnitude`'s default since 2026-12-02), uniform, and random ones:
 each group's channel scores (its magnitude order, or a random order) multiplied by a random
 group factor (log-uniform in [1/4, 4]), so the plans differ in which groups keep width.
 
@@ -39,6 +40,7 @@ import torch
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
 from graphsearch.evaluator import EvalSettings, run_candidate
+from graphsearch.methods.magnitude import removal_order
 from graphsearch.optimize import OptimizeConfig
 from graphsearch.passes.slim import slim
 from graphsearch.target import land_on_target, parse_constraint, scores_from_widths
@@ -83,6 +85,8 @@ def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
     groups = [g.id for g in graph.prunable_groups if g.id in norms]
     normed = {g: norms[g] / max(norms[g].mean(), 1e-12) for g in groups}
     plans = {"magnitude": land_on_target(graph, normed, constraints, round_to),
+             "magnitude-iterative": land_on_target(
+                 graph, removal_order(graph, normed, round_to), constraints, round_to),
              "magnitude-raw": land_on_target(graph, norms, constraints, round_to),
              "uniform": land_on_target(graph, scores_from_widths(graph, {}), constraints,
                                        round_to)}
@@ -207,6 +211,9 @@ def main(argv=None) -> int:
             "widths": {str(k): v for k, v in plan.widths.items()},
             "flops": plan.achieved["flops"], "params": int(plan.achieved["params"]),
             "scores": {}}
+        if row["name"] != name:
+            sys.exit(f"{path} holds plan {row['name']!r}, this run's plan {i} is {name!r}: "
+                     "the plan list changed since that run; use another --out")
         for key, settings in scores.items():
             if key in row["scores"]:
                 continue
