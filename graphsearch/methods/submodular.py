@@ -6,7 +6,10 @@
   k - 1 is in. A removable group (a residual or concat branch) starts off and its first
   increment is the "branch on" element. The seed set: one increment per non-removable group
   (and per branch that may not go together with the others, e.g. the last branch of a
-  concat); when the seed exceeds the target, K doubles until it fits.
+  concat); when the seed exceeds the target, K doubles until it fits. Elements are ordered
+  by increment, then group: CELF gives equal keys to the earlier element, so where F cannot
+  tell elements apart the groups grow round robin (about uniform's widths), not the first
+  stage first (the 24k-parameter plan of cifar10_table.md, 2026-11-30).
 - F(S): validation top-1 after a short fine-tune of the baseline's weights sliced to S (the
   candidate evaluator: fixed seeds and data order, every evaluation cached by plan).
 - Cost-effective lazy greedy (CELF), three passes: pure gain, gain per parameter, gain per
