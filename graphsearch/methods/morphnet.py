@@ -61,7 +61,7 @@ schedule must take the alive cost from 3.0x to 1x the target within ~80 steps, a
 barely resists a group-wide shrink of gammas whose consumers are conv + BN, so the deaths
 follow baseline r over pull per channel: stage-1 and stage-2 branches go to 1 channel, the
 stage-1 trunk to 5, stage 3 stays full (189k parameters), and the expand step adds 2.7%. The
-widths are the problem (the same widths with magnitude's channels score the same 39.2%).
+widths are the problem: the 39.2% is of these widths with magnitude's channels in each group.
 """
 
 from __future__ import annotations
