@@ -122,3 +122,50 @@ def test_the_search_follows_F(tmp_path, monkeypatch):
     assert sum(f == 1.0 for f in frac.values()) < len(frac) / 2
     limit = ctx.constraints[0].limit
     assert 0.99 * limit <= p.plan.achieved["flops"] <= limit
+
+
+def test_where_F_is_flat_the_groups_grow_alike(tmp_path, monkeypatch):
+    """Bug (benchmarks/results/cifar10_table.md: 24,421 parameters kept at 1/3 FLOPs, 16 points
+    under uniform): candidates scored on the sliced weights all read chance, so every gain was
+    0 and CELF's ties decided the plan. They went to the earliest element, i.e. the graph's
+    order: the first stage (the costliest channels per parameter) grew to full width first
+    and the budget ran out before the last stage grew. Ties now go to the lowest increment
+    (round robin over the groups). Here F rewards only the width of one stage-3 branch
+    (group 11) and is flat in every other group: the plan must keep that branch whole (F
+    decides: uniform widths or a magnitude order fail here) and grow the rest alike (the
+    graph's order fails: stage 1 at full width, 31,158 parameters against uniform's 91,919)."""
+    from graphsearch import zoo
+    from graphsearch.methods.base import SearchContext as Ctx
+
+    torch.manual_seed(0)
+    model = zoo.MODELS["resnet20"].builder(num_classes=4)
+    x = (torch.zeros(1, 3, 32, 32),)
+    graph = analyze(model, x)
+    data = load_dataset("synthetic:48:4", image_size=32, cache_dir=False)
+    branch = graph.groups[11]
+
+    def flat_but_one(self, keeps, state_dict, teacher_state=None, labels=None):
+        out = []
+        for keep in keeps:
+            c = self.cost(keep)
+            w = len(keep.get(branch.id, range(branch.size)))
+            acc = 0.25 + 0.5 * np.sqrt(w / branch.size)
+            out.append(EvalResult("k", keep, float(acc), c["flops"], c["macs"], c["params"],
+                                  0.0))
+        return out
+
+    monkeypatch.setattr(CandidateEvaluator, "evaluate", flat_but_one)
+    ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x)
+    p = Submodular().search(ctx)
+    uniform = Ctx(graph=graph, model=model, data=None, constraints=ctx.constraints,
+                  round_to=1, settings={}, epochs=0.0, lr=0.0, batch_size=1, seed=0,
+                  state_dir=tmp_path, progress=False).land_widths({})
+    frac = {g.id: p.plan.widths[g.id] / g.size for g in graph.prunable_groups}
+    assert frac[branch.id] == 1.0
+    stage1 = [g.id for g in graph.prunable_groups if g.size == 16]
+    stage3 = [g.id for g in graph.prunable_groups if g.size == 64 and g.id != branch.id]
+    assert max(frac[g] for g in stage1) < 1.0
+    assert min(frac[g] for g in stage3) >= 0.5 * max(frac[g] for g in stage1)
+    assert p.plan.achieved["params"] >= 0.75 * uniform.achieved["params"]
+    limit = ctx.constraints[0].limit
+    assert 0.99 * limit <= p.plan.achieved["flops"] <= limit

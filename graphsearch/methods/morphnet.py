@@ -52,6 +52,16 @@ shrink phase earlier and scaling the alive widths down (`shrink_to` 1.6) did not
 The pipeline fine-tunes the plan from the baseline's weights (`refit`): MorphNet's output is an
 architecture (the paper retrains it), and the regulariser's pull on the surviving gammas is a
 bias that a short fine-tune cannot undo.
+
+Open defect (issue 18 item 4; measured 2026-12-02 on benchmarks/weights/resnet20_cifar10.pt, 1/3
+FLOPs, 126 shrink steps on 8,000 images, seed 0): the plan scores under uniform's (adaptive BN
+then 30 steps, 1,000 validation images: 39.2% against 50.3%; magnitude 52.3%). The pull per
+channel is its FLOPs (stage-1 trunk 2.0e6, stage-1 branches 5.9e5, stage 3 1.1e5-3.7e5), the
+schedule must take the alive cost from 3.0x to 1x the target within ~80 steps, and the loss
+barely resists a group-wide shrink of gammas whose consumers are conv + BN, so the deaths
+follow baseline r over pull per channel: stage-1 and stage-2 branches go to 1 channel, the
+stage-1 trunk to 5, stage 3 stays full (189k parameters), and the expand step adds 2.7%. The
+widths are the problem: the 39.2% is of these widths with magnitude's channels in each group.
 """
 
 from __future__ import annotations
