@@ -128,11 +128,11 @@ def removal_order(graph, scores: dict[int, np.ndarray], round_to: int,
             s = current(gid)[idx]
             weakest = float(s.min())
             if best is None or weakest < best[0]:
-                best = (weakest, gid, idx[np.argsort(s, kind="stable")[:n_left - target]], s)
+                best = (weakest, gid, idx[np.argsort(s, kind="stable")[:n_left - target]])
         if best is None:
             break
         t += 1
-        _, gid, block, _ = best
+        _, gid, block = best
         now = current(gid)
         removed_at[gid][block] = t
         frac[gid][block] = squash(now[block])
