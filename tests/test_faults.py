@@ -80,8 +80,11 @@ def test_no_local_worker_outlives_its_driver(sig, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A child inherits an ignored SIGINT (an earlier test in this process may leave it
+    # ignored: the full suite hung here twice); a user's driver starts with the default.
     proc = subprocess.Popen([sys.executable, str(script), str(TESTS)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers = []
     try:
         assert proc.stdout.readline().strip() == "busy", proc.stderr.read()
