@@ -1,6 +1,7 @@
 """`magnitude`'s normalisations: per group (default), by a channel's FLOPs, none."""
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from torch import nn
 from graphsearch.analysis import analyze
 from graphsearch.load import UserError
 from graphsearch.methods.base import SearchContext
-from graphsearch.methods.magnitude import Magnitude, channel_flops
-from graphsearch.target import Constraint
+from graphsearch.methods.magnitude import Magnitude, channel_flops, removal_order
+from graphsearch.target import Constraint, land_on_target
 
 X = (torch.zeros(1, 3, 16, 16),)
 
@@ -90,9 +91,6 @@ def test_iterative_prunes_the_group_whose_weakest_channel_is_weakest():
     and a strong half. One block of 8 has to go. One global cut keeps a (its dead channel
     alone does not empty a block) and takes b's weak half; the iterative schedule, like the
     peer's, takes the block of the group with the weakest channel: a."""
-    from graphsearch.methods.magnitude import removal_order
-    from graphsearch.target import land_on_target
-
     graph = analyze(Twins(), X)
     a, b = [g.id for g in graph.prunable_groups]
     norm_a = torch.ones(16).double()
@@ -112,10 +110,6 @@ def test_removal_order_renormalises_a_group_over_what_it_has_left():
     first, then b's; renormalised over its 16 channels left, a's next block scores
     1.0 / 1.4 = 0.71, under b's 0.95 / 1.25 = 0.76, so a goes again. Without the
     renormalisation b (0.95 < 1.0) would go third."""
-    from types import SimpleNamespace
-
-    from graphsearch.methods.magnitude import removal_order
-
     graph = SimpleNamespace(prunable_groups=[SimpleNamespace(id=i, size=24, min_width=0)
                                              for i in (0, 1)])
     a = np.repeat([0.2, 1.0, 1.8], 8)

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphsearch import Cost, PlanError, analyze
+from graphsearch.export_trace import export_trace
+from graphsearch.passes.mask import mask, verify
+from graphsearch.passes.slim import slim
 
 HW = 64  # positions of an 8x8 map
 
@@ -326,8 +329,6 @@ class BatchTimesHeads(nn.Module):
 
 
 def test_heads_folded_into_the_batch_follow_the_batch_in_the_reference():
-    from graphsearch.passes.mask import mask, verify
-    from graphsearch.passes.slim import slim
 
     torch.manual_seed(0)
     g = run(BatchTimesHeads(), 2, 4, 6)  # analysed at batch 2, checked at batch 3
@@ -405,9 +406,6 @@ class ResidualPool(nn.Module):
 
 
 def test_aten_batch_norm_in_place_add_and_a_global_mean_before_a_layer_norm():
-    from graphsearch.export_trace import export_trace
-    from graphsearch.passes.mask import mask, verify
-    from graphsearch.passes.slim import slim
 
     torch.manual_seed(0)
     net = ResidualPool().eval()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from graphsearch import zoo
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
 from graphsearch.evaluator import CandidateEvaluator, EvalResult
@@ -91,7 +92,6 @@ def test_the_search_follows_F(tmp_path, monkeypatch):
     """A known F on ResNet-20 that rewards only the width of one stage-3 residual branch
     (group 11, off in the seed): every pass turns the branch on and grows it to full width
     before anything else, and the landed plan keeps it whole. CELF choosing in random order, or by weight magnitude, does not."""
-    from graphsearch import zoo
 
     torch.manual_seed(0)
     model = zoo.MODELS["resnet20"].builder(num_classes=4)
@@ -134,8 +134,6 @@ def test_where_F_is_flat_the_groups_grow_alike(tmp_path, monkeypatch):
     (group 11) and is flat in every other group: the plan must keep that branch whole (F
     decides: uniform widths or a magnitude order fail here) and grow the rest alike (the
     graph's order fails: stage 1 at full width, 31,158 parameters against uniform's 91,919)."""
-    from graphsearch import zoo
-    from graphsearch.methods.base import SearchContext as Ctx
 
     torch.manual_seed(0)
     model = zoo.MODELS["resnet20"].builder(num_classes=4)
@@ -157,7 +155,7 @@ def test_where_F_is_flat_the_groups_grow_alike(tmp_path, monkeypatch):
     monkeypatch.setattr(CandidateEvaluator, "evaluate", flat_but_one)
     ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x)
     p = Submodular().search(ctx)
-    uniform = Ctx(graph=graph, model=model, data=None, constraints=ctx.constraints,
+    uniform = SearchContext(graph=graph, model=model, data=None, constraints=ctx.constraints,
                   round_to=1, settings={}, epochs=0.0, lr=0.0, batch_size=1, seed=0,
                   state_dir=tmp_path, progress=False).land_widths({})
     frac = {g.id: p.plan.widths[g.id] / g.size for g in graph.prunable_groups}
