@@ -49,16 +49,20 @@ from graphsearch.train import RECIPES, Distilled, evaluate, soft_target_loss, tr
 from graphsearch.zoo import build, example_inputs
 
 
-def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, state: Path):
+def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, state: Path,
+                     method: str = "magnitude", epochs: float = 0.0, log=None):
+    """The module `method` plans at the target (its search run on `data` for `epochs`), sliced
+    from the weights the pipeline would fine-tune (the search's, or the baseline's where the
+    method refits)."""
     graph = analyze(model, example_inputs("resnet20"))
-    method = get_method("magnitude")
+    m = get_method(method)
     ctx = SearchContext(
         graph=graph, model=copy.deepcopy(model), data=data.for_search() if data is not None else None,
         constraints=[parse_constraint("flops", str(flops), graph.baseline.flops)],
-        round_to=round_to, settings={**method.defaults, **settings}, epochs=0, lr=0.05,
-        batch_size=128, seed=0, state_dir=state, progress=False, log=lambda *_: None,
-        example_inputs=example_inputs("resnet20"))
-    proposal = method.search(ctx)
+        round_to=round_to, settings={**m.defaults, **settings}, epochs=epochs, lr=0.05,
+        batch_size=128, seed=0, state_dir=state, progress=False,
+        log=log or (lambda *_: None), example_inputs=example_inputs("resnet20"))
+    proposal = m.search(ctx)
     model.load_state_dict(proposal.state_dict)
     return slim(graph, proposal.plan.keep)
 

@@ -7,6 +7,11 @@ seeds, beside their fine-tuned validation accuracy from peer.py's cells.
         --plans graphsearch:schedule=one-shot graphsearch:schedule=iterative torch-pruning \
         --seeds 0 1 2 --peer-out /work/runs/peer
 
+A plan `method:NAME[:key=value,...]` is the plan method NAME's search makes from the weights
+(`--search-epochs` over `--search-images` training images, one seed: the plan is scored over
+several): do the searches' plans beat uniform widths and magnitude's, on the score that ranks
+plans as fine-tuning does?
+
 Scores (benchmarks/rank_correlation.py's names): `adaptive-bn-256@1k` (what the searches use by
 default: BatchNorm statistics re-estimated on 256 training images, top-1 on a fixed 1,000 of
 the validation folder) and `bn-256+steps-30` (that, then 30 SGD steps, top-1 on all of it).
@@ -19,6 +24,8 @@ import copy
 import json
 import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +42,32 @@ from graphsearch.zoo import build  # noqa: E402
 SCORES = ("adaptive-bn-256", "bn-256+steps-30")
 
 
-def pruned_module(baseline, plan: str, args):
+def _settings(text: str) -> dict:
+    out = {}
+    for kv in filter(None, text.split(",")):
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def pruned_module(baseline, plan: str, args, data=None):
     model = copy.deepcopy(baseline)
     if plan == "torch-pruning":
         return peer.torch_pruning_plan(model, args.flops, args.round_to, 0.01)
-    settings = dict(kv.split("=", 1) for kv in plan.split(":", 1)[1].split(",")) \
-        if ":" in plan else {}
-    return peer.graphsearch_plan(model, None, args.flops, args.round_to, settings,
-                                 Path("/tmp/plan_scores_state"))
+    state = Path(tempfile.mkdtemp(prefix="plan_scores_"))
+    if plan.startswith("method:"):
+        _, name, *rest = plan.split(":", 2)
+        search = copy.copy(data)
+        search.train = data.train.subset(np.linspace(0, len(data.train) - 1, args.search_images)
+                                         .round().astype(int).tolist())
+        return peer.graphsearch_plan(model, search, args.flops, args.round_to,
+                                     _settings(rest[0] if rest else ""), state, method=name,
+                                     epochs=args.search_epochs, log=lambda s: print("  " + s))
+    settings = _settings(plan.split(":", 1)[1]) if ":" in plan else {}
+    return peer.graphsearch_plan(model, None, args.flops, args.round_to, settings, state)
 
 
 def fine_tuned_val(peer_out: Path | None, plan: str) -> str:
@@ -68,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flops", type=float, default=1 / 3)
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--peer-out", type=Path)
+    ap.add_argument("--search-images", type=int, default=8000,
+                    help="training images a method:NAME plan's search sees (evenly spaced)")
+    ap.add_argument("--search-epochs", type=float, default=2.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     data = load_dataset(args.train, val_data=args.val, val_fraction=0.0, test_fraction=0.0)
@@ -76,11 +104,13 @@ def main(argv=None) -> int:
     part = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[:1000]
     part = part.sort().values.numpy()
     settings = cheap_scores(30, 100)
-    print("| plan | params | adaptive-bn-256@1k: mean (min-max) | bn-256+steps-30: mean "
-          "(min-max) | fine-tuned val top-1 (peer.py) |")
-    print("|---|---:|---:|---:|---|")
+    print("| plan | params | search s | adaptive-bn-256@1k: mean (min-max) | bn-256+steps-30: "
+          "mean (min-max) | fine-tuned val top-1 (peer.py) |")
+    print("|---|---:|---:|---:|---:|---|")
     for plan in args.plans:
-        pruned = pruned_module(baseline, plan, args)
+        start = time.time()
+        pruned = pruned_module(baseline, plan, args, data)
+        searched = time.time() - start
         params = sum(p.numel() for p in pruned.parameters())
         cols = []
         for key in SCORES:
@@ -91,7 +121,7 @@ def main(argv=None) -> int:
                 hits = correct(module, data.val)
                 acc.append(100 * float((hits[part] if key == "adaptive-bn-256" else hits).mean()))
             cols.append(f"{np.mean(acc):.2f} ({min(acc):.2f}-{max(acc):.2f})")
-        print(f"| {plan} | {params:,} | {cols[0]} | {cols[1]} | "
+        print(f"| {plan} | {params:,} | {searched:.0f} | {cols[0]} | {cols[1]} | "
               f"{fine_tuned_val(args.peer_out, plan)} |", flush=True)
     return 0
 

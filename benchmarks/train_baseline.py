@@ -53,6 +53,8 @@ def main(argv=None) -> int:
                                    "`graphsearch optimize` does, by --seed)")
     ap.add_argument("--test", help="test data (default: held out of --train likewise)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--init", type=Path, help="start from these weights (a second cycle: "
+                    "continue a shorter run, usually with a lower --lr)")
     args = ap.parse_args(argv)
 
     from graphsearch.optimize import OptimizeConfig
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
                         test_fraction=0.0 if args.test else cfg.test_fraction, seed=args.seed)
     torch.manual_seed(args.seed)
     model = build(args.model)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     wd = args.weight_decay
 
     def sgd(m):

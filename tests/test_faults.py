@@ -80,8 +80,9 @@ def test_no_local_worker_outlives_its_driver(sig, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A child inherits an ignored SIGINT (an earlier test in this process may leave it
-    # ignored: the full suite hung here twice); a user's driver starts with the default.
+    # A child inherits an ignored SIGINT, and a shell without job control starts a background
+    # command (`make test &`, `nohup pytest &`) with SIGINT ignored (POSIX): the full suite,
+    # run that way, hung here. A driver in a terminal starts with the default, as here.
     proc = subprocess.Popen([sys.executable, str(script), str(TESTS)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
