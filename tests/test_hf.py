@@ -79,6 +79,14 @@ def gemma():  # its embedding scale, sqrt(hidden_size), is recomputed from the c
     return transformers.GemmaForCausalLM(c), _tokens
 
 
+def phi3():  # fused qkv split by slicing; the rotary part is the whole head: an empty rest
+    c = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64,
+                                bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Phi3ForCausalLM(c), _tokens
+
+
 def vit():
     c = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=64, num_labels=5)
@@ -104,7 +112,7 @@ def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a
 
 
 MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
-          "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
+          "phi3": phi3, "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
@@ -113,6 +121,7 @@ PRUNED_FIELDS = {
     "gpt2": {"hidden_size", "num_attention_heads", "n_inner"},
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "gemma": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
+    "phi3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
     "swin": {"embed_dim", "num_heads"},
     "resnet": {"embedding_size", "hidden_sizes"},

@@ -747,6 +747,40 @@ def test_getitem_slices():
     assert g.cost() == Cost(HW * 2 * 8 + 36 * 4 * 3, nparams(Slice()))
 
 
+
+class PartialRotary(nn.Module):
+    """Attention whose queries and keys are split at a rotary dim into a rotated part and a
+    part passed through, which is empty where the rotary dim is the head's (Phi-3)."""
+
+    def __init__(self, heads=4, hd=4, rotary=4):
+        super().__init__()
+        self.heads, self.hd, self.rotary = heads, hd, rotary
+        self.qkv, self.out = nn.Linear(6, 3 * heads * hd), nn.Linear(heads * hd, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        q = torch.cat([q[..., :self.rotary] * 2, q[..., self.rotary:]], dim=-1)
+        k = torch.cat([k[..., :self.rotary] * 2, k[..., self.rotary:]], dim=-1)
+        a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_an_empty_slice_keeps_the_heads_of_its_other_dims(front_end):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 6),)
+    net = PartialRotary().eval()
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    assert g.front_end == "fx"
+    heads = group(g, "qkv.weight[out] x12")
+    assert heads.size == 4 and heads.prunable  # whole heads (q, k, v of each)
+    keep = {heads.id: [1, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(PartialRotary(heads=2))
+
 # --------------------------------------------------------------------------- layout ops
 
 
