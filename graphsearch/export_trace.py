@@ -27,7 +27,8 @@ import torch.fx as fx
 
 from . import hf
 from .errors import TraceFailure
-from .trace import Traced, propagate_shapes, trace
+from .rules import default_rules
+from .trace import Traced, fuse, propagate_shapes, trace
 
 
 def trace_model(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
@@ -95,6 +96,9 @@ def export_trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> T
     finally:
         model.train(was_training)
     gm = _plain_module(program, model)
+    rules = rules if rules is not None else default_rules()
+    if fuse(gm, rules):  # a rule's rewrite of its neighbourhood (`Rule.fuse`)
+        gm.recompile()
     if static_batch:
         warnings.warn(f"graphsearch: {type(model).__name__} is traced with its batch fixed at "
                       f"the example's ({static_batch}); its exports have a static batch.",

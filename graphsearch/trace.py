@@ -205,7 +205,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        fused = _fuse(gm, rules)
+        fused = fuse(gm, rules)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
         if fused or tracer.untraceable:
@@ -267,7 +267,7 @@ def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
     return graph, tracer
 
 
-def _fuse(gm: fx.GraphModule, rules) -> int:
+def fuse(gm: fx.GraphModule, rules) -> int:
     """Apply each node's rule's `fuse` rewrite (a weight-standardised convolution's chain
     becomes one node); returns how many nodes were rewritten."""
     fused = 0

@@ -87,6 +87,13 @@ def phi3():  # fused qkv split by slicing; the rotary part is the whole head: an
     return transformers.Phi3ForCausalLM(c), _tokens
 
 
+def falcon():  # linears as x @ W.T; one key/value head shared by all query heads (kept)
+    c = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, new_decoder_architecture=False,
+                                  multi_query=True, bos_token_id=0, eos_token_id=0)
+    return transformers.FalconForCausalLM(c), _tokens
+
+
 def vit():
     c = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=64, num_labels=5)
@@ -112,7 +119,8 @@ def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a
 
 
 MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
-          "phi3": phi3, "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
+          "phi3": phi3,
+          "falcon": falcon, "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
@@ -122,6 +130,7 @@ PRUNED_FIELDS = {
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "gemma": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "phi3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
+    "falcon": {"ffn_hidden_size"},  # (multi-query: the heads, and so the hidden size, kept)
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
     "swin": {"embed_dim", "num_heads"},
     "resnet": {"embedding_size", "hidden_sizes"},
@@ -165,7 +174,8 @@ def test_pruned_by_half_in_place_with_a_truthful_config(name, tmp_path):
         assert not hidden.prunable and "scalar_embed_scale from hidden_size" in hidden.reason
     keep = _half(g)
     cost = g.cost(keep)
-    assert cost.macs <= 0.6 * g.baseline.macs  # a random 50% plan leaves at most 0.6
+    # a random 50% plan leaves at most 0.6 (Falcon, its attention kept: 0.68)
+    assert cost.macs <= (0.7 if name == "falcon" else 0.6) * g.baseline.macs
     x = inputs(3, seed=1)  # another batch size than the analysed one: the batch is dynamic
     s = slim(g, keep).eval()
     v = verify(s, mask(g, keep), x, rtol=1e-4)
