@@ -145,14 +145,14 @@ def _shapes(model: nn.Module, config) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
 
-def _computed_values(model: nn.Module, config) -> dict[str, float]:
-    """The float attributes of the modules of `type(model)` built from `config` (meta
-    device): values its forward computes with that its config sets (Gemma's embedding scale,
-    sqrt(hidden_size), which `from_pretrained` recomputes: it is no saved tensor)."""
+def _computed_values(model: nn.Module, config, kinds: tuple = (float,)) -> dict[str, float]:
+    """The float attributes (`kinds`) of the modules of `type(model)` built from `config`
+    (meta device): values its forward computes with that its config sets (Gemma's embedding
+    scale, sqrt(hidden_size), which `from_pretrained` recomputes: it is no saved tensor)."""
     with torch.device("meta"):
         skeleton = type(model)(config)
     return {f"{path}.{k}" if path else k: v for path, m in skeleton.named_modules()
-            for k, v in vars(m).items() if type(v) is float}
+            for k, v in vars(m).items() if type(v) in kinds}
 
 
 @dataclass
@@ -164,6 +164,9 @@ class Governed:
     # fields keyed "name" or "name[i]" (see `width_fields`)
     # field -> the computed values (`_computed_values`) it sets besides widths
     sets_values: dict[str, list] = field(default_factory=dict)
+    # a head count that governs no dim -> the width field it follows (the head size, their
+    # quotient, stays: Segformer's num_attention_heads[i] and hidden_sizes[i])
+    follows: dict[str, str] = field(default_factory=dict)
 
 
 def governed_dims(model: nn.Module) -> Governed:
@@ -190,6 +193,46 @@ def governed_dims(model: nn.Module) -> Governed:
                 if a != b:
                     out.fields.setdefault((key, d), set()).add(name)
     out.sets_values = _fields_setting_values(model, base, list(out.values))
+    out.follows = _head_counts_followed(model, base, out)
+    return out
+
+
+def _head_counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, str]:
+    """For each head count (a width field named for heads) that governs no parameter dim of
+    its own, the width field it divides into heads: the one whose doubling alone changes
+    some size or value the modules compute (the head size), which doubling the head count
+    too puts back. A field of the same index ("name[i]") is tried first."""
+    governing = set().union(*governed.fields.values()) if governed.fields else set()
+    heads = [k for k in governed.values if "head" in k.partition("[")[0].lower() and
+             k not in governing]
+    if not heads:
+        return {}
+    numbers = (int, float)
+    ref = _computed_values(model, base, numbers)
+
+    def probe(*names):
+        config = copy.deepcopy(base)
+        for name in names:
+            _set_config_value(config, name, 2 * _config_value(base, name))
+        return _computed_values(model, config, numbers)
+
+    alone: dict[str, dict] = {}
+    out = {}
+    for h in heads:
+        index = h.partition("[")[2]
+        candidates = sorted((f for f in governed.values if f not in heads),
+                            key=lambda f: f.partition("[")[2] != index)
+        for f in candidates:
+            try:
+                if f not in alone:
+                    alone[f] = probe(f)
+                both = probe(f, h)
+            except Exception:  # noqa: BLE001 - a combination the class refuses
+                continue
+            changed = [k for k, v in alone[f].items() if k in ref and ref[k] != v]
+            if any(both.get(k) == ref[k] for k in changed):
+                out[h] = f
+                break
     return out
 
 
@@ -315,6 +358,11 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
     for fname, follows in ((alias.get(a, a), alias.get(b, b)) for a, b in (
             ("num_attention_heads", "hidden_size"), ("num_key_value_heads", "num_attention_heads"))):
         if fname in governed.values and fname not in scale and follows in new:
+            new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
+                                fname)
+    for fname, follows in governed.follows.items():  # (found by probing: list fields too)
+        if fname not in scale and new.get(fname) == governed.values[fname] and \
+                follows in scale:
             new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
                                 fname)
     edits = PretrainedEdits()

@@ -118,9 +118,18 @@ def convnext():  # an MLP 4 x as wide as hidden_sizes[i], no field of its own; a
     return transformers.ConvNextForImageClassification(c), _images
 
 
+def segformer():  # a head count per stage (a list field), which no parameter dim shows
+    c = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                     hidden_sizes=[8, 16], num_attention_heads=[2, 2],
+                                     patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
+                                     num_labels=5)
+    return transformers.SegformerForImageClassification(c), _images
+
+
 MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
           "phi3": phi3,
-          "falcon": falcon, "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext}
+          "falcon": falcon, "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext,
+          "segformer": segformer}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
     "bert": {"hidden_size", "num_attention_heads", "intermediate_size"},
@@ -135,6 +144,7 @@ PRUNED_FIELDS = {
     "swin": {"embed_dim", "num_heads"},
     "resnet": {"embedding_size", "hidden_sizes"},
     "convnext": {"hidden_sizes"},
+    "segformer": {"hidden_sizes", "num_attention_heads"},
 }
 
 
