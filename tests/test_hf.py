@@ -100,6 +100,16 @@ def vit():
     return transformers.ViTForImageClassification(c), _images
 
 
+def dinov2():  # a mask token used only with bool_masked_pos: not in the traced graph
+    c = transformers.Dinov2Config(image_size=32, patch_size=8, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                  num_labels=5)
+    m = transformers.Dinov2ForImageClassification(c)
+    with torch.no_grad():  # (made zeros): values that tell its channels apart
+        m.dinov2.embeddings.mask_token.normal_()
+    return m, _images
+
+
 def swin():  # padded windows; a relative position-bias table per head, the attention's bias
     c = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                 num_heads=[2, 4], window_size=4, num_labels=5)
@@ -128,7 +138,7 @@ def segformer():  # a head count per stage (a list field), which no parameter di
 
 MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
           "phi3": phi3,
-          "falcon": falcon, "vit": vit, "swin": swin, "resnet": resnet, "convnext": convnext,
+          "falcon": falcon, "vit": vit, "dinov2": dinov2, "swin": swin, "resnet": resnet, "convnext": convnext,
           "segformer": segformer}
 # what the analysis may prune: the config fields whose widths a plan changes
 PRUNED_FIELDS = {
@@ -141,6 +151,7 @@ PRUNED_FIELDS = {
     "phi3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "falcon": {"ffn_hidden_size"},  # (multi-query: the heads, and so the hidden size, kept)
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
+    "dinov2": {"hidden_size", "num_attention_heads"},  # (its MLP: mlp_ratio x hidden_size)
     "swin": {"embed_dim", "num_heads"},
     "resnet": {"embedding_size", "hidden_sizes"},
     "convnext": {"hidden_sizes"},
@@ -194,12 +205,17 @@ def test_pruned_by_half_in_place_with_a_truthful_config(name, tmp_path):
 
     fired = []
     model.register_forward_hook(lambda *a: fired.append(1))
+    if name == "dinov2":
+        before_tokens = [model.dinov2.embeddings.cls_token.detach().clone(),
+                         model.dinov2.embeddings.mask_token.detach().clone()]
     result = graphsearch.prune(model, g, keep)
     assert type(model) is cls and fired  # its class, and its hooks
     kwargs = hf.call_kwargs(model)
     v = verify(_Call(model, kwargs), s, x)
     assert v.ok, v.message
-    assert _nparams(model) == cost.params == result.params
+    # (DINOv2's mask token is no part of the traced graph, nor of its cost)
+    untraced = model.dinov2.embeddings.mask_token.numel() if name == "dinov2" else 0
+    assert _nparams(model) == cost.params + untraced == result.params
 
     # the config tells the truth: the class built from it has the pruned shapes
     fields = PRUNED_FIELDS[name]
@@ -218,6 +234,10 @@ def test_pruned_by_half_in_place_with_a_truthful_config(name, tmp_path):
         assert attn.k_proj.out_features == c.num_key_value_heads * c.head_dim
         assert model.model.layers[1].mlp.gate_proj.out_features == c.intermediate_size
 
+    if name == "dinov2":  # the untraced mask token keeps the hidden channels the plan keeps
+        cls_token = model.dinov2.embeddings.cls_token.detach().reshape(-1).tolist()
+        kept = [before_tokens[0].reshape(-1).tolist().index(v) for v in cls_token]
+        assert torch.equal(model.dinov2.embeddings.mask_token, before_tokens[1][..., kept])
     model.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
