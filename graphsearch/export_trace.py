@@ -149,6 +149,14 @@ def _plain_module(program, model: torch.nn.Module) -> fx.GraphModule:
         if node.op == "placeholder" and not node.users and \
                 not isinstance(node.meta.get("val"), torch.Tensor):
             graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.contiguous.default:
+            # the copy it stands for: the ONNX exporter's export of this graph dropped
+            # `contiguous` after an attention's output on a symbolic batch, and the reshape
+            # after it held the example's batch (Swin's window attention: its ONNX file
+            # failed at batch 3); a clone in contiguous format stays
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {**node.kwargs, "memory_format": torch.contiguous_format}
     graph.set_codegen(fx.graph.CodeGen())
     out = next(n for n in graph.nodes if n.op == "output")
     flat = out.args[0]
