@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import UserError
 
@@ -145,14 +146,14 @@ def _shapes(model: nn.Module, config) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
 
-def _computed_values(model: nn.Module, config, kinds: tuple = (float,)) -> dict[str, float]:
-    """The float attributes (`kinds`) of the modules of `type(model)` built from `config`
-    (meta device): values its forward computes with that its config sets (Gemma's embedding
-    scale, sqrt(hidden_size), which `from_pretrained` recomputes: it is no saved tensor)."""
+def _computed_values(model: nn.Module, config) -> dict[str, float]:
+    """The float attributes of the modules of `type(model)` built from `config` (meta
+    device): values its forward computes with that its config sets (Gemma's embedding scale,
+    sqrt(hidden_size), which `from_pretrained` recomputes: it is no saved tensor)."""
     with torch.device("meta"):
         skeleton = type(model)(config)
     return {f"{path}.{k}" if path else k: v for path, m in skeleton.named_modules()
-            for k, v in vars(m).items() if type(v) in kinds}
+            for k, v in vars(m).items() if type(v) is float}
 
 
 @dataclass
@@ -164,8 +165,9 @@ class Governed:
     # fields keyed "name" or "name[i]" (see `width_fields`)
     # field -> the computed values (`_computed_values`) it sets besides widths
     sets_values: dict[str, list] = field(default_factory=dict)
-    # a head count that governs no dim -> the width field it follows (the head size, their
-    # quotient, stays: Segformer's num_attention_heads[i] and hidden_sizes[i])
+    # a count that alone governs no dim -> the width field it divides (their quotient, a
+    # head's size or a group's width, stays: Segformer's num_attention_heads[i] and
+    # hidden_sizes[i], wav2vec2's num_conv_pos_embedding_groups and hidden_size)
     follows: dict[str, str] = field(default_factory=dict)
 
 
@@ -193,43 +195,59 @@ def governed_dims(model: nn.Module) -> Governed:
                 if a != b:
                     out.fields.setdefault((key, d), set()).add(name)
     out.sets_values = _fields_setting_values(model, base, list(out.values))
-    out.follows = _head_counts_followed(model, base, out)
+    out.follows = _counts_followed(model, base, out)
     return out
 
 
-def _head_counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, str]:
-    """For each head count (a width field named for heads) that governs no parameter dim of
-    its own, the width field it divides into heads: the one whose doubling alone changes
-    some size or value the modules compute (the head size), which doubling the head count
-    too puts back. A field of the same index ("name[i]") is tried first."""
-    governing = set().union(*governed.fields.values()) if governed.fields else set()
-    heads = [k for k in governed.values if "head" in k.partition("[")[0].lower() and
-             k not in governing]
-    if not heads:
+def _numbers(model: nn.Module, config) -> dict:
+    """The int and float attributes of the modules of `type(model)` built from `config`
+    (meta device), and the sizes of its tensors: what a config field sets."""
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    out = {f"{path}.{k}" if path else k: v for path, m in skeleton.named_modules()
+           for k, v in vars(m).items() if type(v) in (int, float)}
+    for k, t in skeleton.state_dict().items():
+        out.update({f"{k}[dim {d}]": n for d, n in enumerate(t.shape)})
+    return out
+
+
+def _counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, str]:
+    """For each width field that alone governs no parameter dim (a head count, a grouped
+    convolution's group count), the width field it divides: the one whose doubling alone
+    changes some size the model computes (a head's size, a group's width) that doubling the
+    count too puts back. A field of the same index ("name[i]") is tried first; a field whose
+    doubling changes nothing (unused by this class) follows none."""
+    alone = {next(iter(f)) for f in governed.fields.values() if len(f) == 1}
+    counts = [k for k in governed.values if k not in alone]
+    if not counts:
         return {}
-    numbers = (int, float)
-    ref = _computed_values(model, base, numbers)
+    ref = _numbers(model, base)
+    probes: dict[tuple, dict] = {}
 
     def probe(*names):
-        config = copy.deepcopy(base)
-        for name in names:
-            _set_config_value(config, name, 2 * _config_value(base, name))
-        return _computed_values(model, config, numbers)
+        if names not in probes:
+            config = copy.deepcopy(base)
+            for name in names:
+                _set_config_value(config, name, 2 * _config_value(base, name))
+            probes[names] = _numbers(model, config)
+        return probes[names]
 
-    alone: dict[str, dict] = {}
     out = {}
-    for h in heads:
+    for h in counts:
+        try:
+            if probe(h) == ref:
+                continue  # (a field this class does not use)
+        except Exception:  # noqa: BLE001 - a value the class refuses doubled
+            continue
         index = h.partition("[")[2]
-        candidates = sorted((f for f in governed.values if f not in heads),
+        candidates = sorted((f for f in governed.values if f in alone),
                             key=lambda f: f.partition("[")[2] != index)
         for f in candidates:
             try:
-                if f not in alone:
-                    alone[f] = probe(f)
+                changed = [k for k, v in probe(f).items() if k in ref and ref[k] != v]
                 both = probe(f, h)
             except Exception:  # noqa: BLE001 - a combination the class refuses
                 continue
-            changed = [k for k, v in alone[f].items() if k in ref and ref[k] != v]
             if any(both.get(k) == ref[k] for k in changed):
                 out[h] = f
                 break
@@ -389,7 +407,7 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
     mine = dict(model.named_modules())
     for path, sm in skeleton.named_modules():
         m = mine.get(path)
-        if m is None or type(m) is not type(sm):
+        if m is None or _module_class(m) is not _module_class(sm):
             continue
         for k, v in vars(sm).items():
             if k.startswith("_") or k == "training" or not isinstance(v, _SIMPLE):
@@ -403,6 +421,12 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
             if old != v and isinstance(old, type(v)):
                 edits.attributes[f"{path}.{k}" if path else k] = (old, v)
     return edits
+
+
+def _module_class(m: nn.Module) -> type:
+    """The class of `m`, the one it was made from where a parametrization (weight norm)
+    made it a class of its own (one per module: the rebuilt model's is another)."""
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
 
 
 def _exact(num: int, den: int, fname: str) -> int:

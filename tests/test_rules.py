@@ -241,6 +241,42 @@ def test_a_product_with_a_transposed_weight_is_a_linear_layer(front_end, how):
     assert v.ok, v.message
 
 
+class WeightNormed(nn.Module):
+    """A weight-normed convolution (`weight_norm`: v normalised over every dim but `dim`,
+    times g) on a residual stream: wav2vec2's positional convolution (grouped, dim 2)."""
+
+    def __init__(self, c=8, groups=2, dim=2):
+        super().__init__()
+        self.inp, self.out = nn.Conv1d(3, c, 1), nn.Conv1d(c, 2, 1)
+        self.conv = nn.utils.parametrizations.weight_norm(
+            nn.Conv1d(c, c, 3, padding=1, groups=groups), name="weight", dim=dim)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + F.gelu(self.conv(h)))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+@pytest.mark.parametrize("groups, dim", [(2, 2), (1, 0)])
+def test_a_weight_normed_convolution_is_pruned_on_its_parameters(front_end, groups, dim):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 10),)
+    net = WeightNormed(groups=groups, dim=dim).eval()
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    v = "conv.parametrizations.weight.original1"
+    hidden = group(g, f"{v}[std_out]" + (" x4" if groups > 1 else ""))
+    assert hidden.prunable and hidden.size == 8 // (4 if groups > 1 else 1)
+    if dim == 0:  # g scales the output rows: it goes with them
+        assert "conv.parametrizations.weight.original0[gamma]" in hidden.members
+    keep = {hidden.id: [1] if groups > 1 else [0, 2, 5, 6]}
+    s = slim(g, keep)
+    # the slim model normalises its kept weight, and so does the reference
+    check = verify(s, mask(g, keep), (torch.randn(3, 3, 10),))
+    assert check.ok, check.message
+    assert nparams(s) == g.cost(keep).params == nparams(WeightNormed(4, 1, dim))
+    assert g.cost(keep).macs == 10 * (3 * 4 + 4 * 4 * 3 + 4 * 2)  # 4 channels, one group
+
+
 # --------------------------------------------------------------------------- attention
 
 
