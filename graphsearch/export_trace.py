@@ -27,7 +27,8 @@ import torch.fx as fx
 
 from . import hf
 from .errors import TraceFailure
-from .trace import Traced, propagate_shapes, trace
+from .rules import default_rules
+from .trace import Traced, fuse, propagate_shapes, trace
 
 
 def trace_model(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
@@ -95,6 +96,9 @@ def export_trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> T
     finally:
         model.train(was_training)
     gm = _plain_module(program, model)
+    rules = rules if rules is not None else default_rules()
+    if fuse(gm, rules):  # a rule's rewrite of its neighbourhood (`Rule.fuse`)
+        gm.recompile()
     if static_batch:
         warnings.warn(f"graphsearch: {type(model).__name__} is traced with its batch fixed at "
                       f"the example's ({static_batch}); its exports have a static batch.",
@@ -145,6 +149,14 @@ def _plain_module(program, model: torch.nn.Module) -> fx.GraphModule:
         if node.op == "placeholder" and not node.users and \
                 not isinstance(node.meta.get("val"), torch.Tensor):
             graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.contiguous.default:
+            # the copy it stands for: the ONNX exporter's export of this graph dropped
+            # `contiguous` after an attention's output on a symbolic batch, and the reshape
+            # after it held the example's batch (Swin's window attention: its ONNX file
+            # failed at batch 3); a clone in contiguous format stays
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {**node.kwargs, "memory_format": torch.contiguous_format}
     graph.set_codegen(fx.graph.CodeGen())
     out = next(n for n in graph.nodes if n.op == "output")
     flat = out.args[0]

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import UserError
 
@@ -164,6 +165,10 @@ class Governed:
     # fields keyed "name" or "name[i]" (see `width_fields`)
     # field -> the computed values (`_computed_values`) it sets besides widths
     sets_values: dict[str, list] = field(default_factory=dict)
+    # a count that alone governs no dim -> the width field it divides (their quotient, a
+    # head's size or a group's width, stays: Segformer's num_attention_heads[i] and
+    # hidden_sizes[i], wav2vec2's num_conv_pos_embedding_groups and hidden_size)
+    follows: dict[str, str] = field(default_factory=dict)
 
 
 def governed_dims(model: nn.Module) -> Governed:
@@ -190,6 +195,62 @@ def governed_dims(model: nn.Module) -> Governed:
                 if a != b:
                     out.fields.setdefault((key, d), set()).add(name)
     out.sets_values = _fields_setting_values(model, base, list(out.values))
+    out.follows = _counts_followed(model, base, out)
+    return out
+
+
+def _numbers(model: nn.Module, config) -> dict:
+    """The int and float attributes of the modules of `type(model)` built from `config`
+    (meta device), and the sizes of its tensors: what a config field sets."""
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    out = {f"{path}.{k}" if path else k: v for path, m in skeleton.named_modules()
+           for k, v in vars(m).items() if type(v) in (int, float)}
+    for k, t in skeleton.state_dict().items():
+        out.update({f"{k}[dim {d}]": n for d, n in enumerate(t.shape)})
+    return out
+
+
+def _counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, str]:
+    """For each width field that alone governs no parameter dim (a head count, a grouped
+    convolution's group count), the width field it divides: the one whose doubling alone
+    changes some size the model computes (a head's size, a group's width) that doubling the
+    count too puts back. A field of the same index ("name[i]") is tried first; a field whose
+    doubling changes nothing (unused by this class) follows none."""
+    alone = {next(iter(f)) for f in governed.fields.values() if len(f) == 1}
+    counts = [k for k in governed.values if k not in alone]
+    if not counts:
+        return {}
+    ref = _numbers(model, base)
+    probes: dict[tuple, dict] = {}
+
+    def probe(*names):
+        if names not in probes:
+            config = copy.deepcopy(base)
+            for name in names:
+                _set_config_value(config, name, 2 * _config_value(base, name))
+            probes[names] = _numbers(model, config)
+        return probes[names]
+
+    out = {}
+    for h in counts:
+        try:
+            if probe(h) == ref:
+                continue  # (a field this class does not use)
+        except Exception:  # noqa: BLE001 - a value the class refuses doubled
+            continue
+        index = h.partition("[")[2]
+        candidates = sorted((f for f in governed.values if f in alone),
+                            key=lambda f: f.partition("[")[2] != index)
+        for f in candidates:
+            try:
+                changed = [k for k, v in probe(f).items() if k in ref and ref[k] != v]
+                both = probe(f, h)
+            except Exception:  # noqa: BLE001 - a combination the class refuses
+                continue
+            if any(both.get(k) == ref[k] for k in changed):
+                out[h] = f
+                break
     return out
 
 
@@ -317,6 +378,11 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
         if fname in governed.values and fname not in scale and follows in new:
             new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
                                 fname)
+    for fname, follows in governed.follows.items():  # (found by probing: list fields too)
+        if fname not in scale and new.get(fname) == governed.values[fname] and \
+                follows in scale:
+            new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
+                                fname)
     edits = PretrainedEdits()
     for fname, value in new.items():
         old = _config_value(config, fname)  # None where the model derives it: written out
@@ -341,7 +407,7 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
     mine = dict(model.named_modules())
     for path, sm in skeleton.named_modules():
         m = mine.get(path)
-        if m is None or type(m) is not type(sm):
+        if m is None or _module_class(m) is not _module_class(sm):
             continue
         for k, v in vars(sm).items():
             if k.startswith("_") or k == "training" or not isinstance(v, _SIMPLE):
@@ -355,6 +421,12 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
             if old != v and isinstance(old, type(v)):
                 edits.attributes[f"{path}.{k}" if path else k] = (old, v)
     return edits
+
+
+def _module_class(m: nn.Module) -> type:
+    """The class of `m`, the one it was made from where a parametrization (weight norm)
+    made it a class of its own (one per module: the rebuilt model's is another)."""
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
 
 
 def _exact(num: int, den: int, fname: str) -> int:

@@ -127,12 +127,16 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
     _check_same_model(model, original)
     slim_gm = slim(graph, keep)
     _refuse_rewrites(graph, plan, original, slim_gm)
-    pretrained = None
+    pretrained, untraced_slices = None, {}
     if hf.is_pretrained(model):  # its config states every width; the class has the attributes
         used = {n.target for n in slim_gm.graph.nodes if n.op == "get_attr"}
-        pretrained = hf.pretrained_edits(model, hf.governed_dims(model),
-                                         {name: _get(slim_gm, name) for name in used})
+        governed = hf.governed_dims(model)
+        untraced_slices = _untraced_slices(model, graph, plan, governed, original)
+        pretrained = hf.pretrained_edits(model, governed,
+                                         {**{name: _get(slim_gm, name) for name in used},
+                                          **untraced_slices})
         attributes = pretrained.attributes
+        untraced -= sum(_get(model, k).numel() - t.numel() for k, t in untraced_slices.items())
     else:
         attributes = _attribute_edits(graph, plan, model, original, slim_gm)
     removed = _removed_modules(graph, plan, original)
@@ -147,6 +151,9 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
     result = PruneResult(params=0)
     try:
         _apply_tensors_and_widths(model, original, slim_gm, undo, result)
+        for name, t in untraced_slices.items():
+            undo.set_data(_get(model, name), t)
+            result.resized.append(name.rpartition(".")[0])
         for path, (old, new) in attributes.items():
             owner, _, attr = path.rpartition(".")
             undo.set(_get(model, owner), attr, new)
@@ -351,6 +358,39 @@ def _removed_modules(graph: ChannelGraph, plan, original: fx.GraphModule) -> dic
 
 
 # --------------------------------------------------------------------------- edits
+
+
+def _untraced_slices(model: nn.Module, graph: ChannelGraph, plan, governed,
+                     original: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face model that the traced graph never reads (DINOv2's
+    `mask_token`, used only with `bool_masked_pos`) sliced where a config field states a dim
+    of theirs that the plan narrows: as a traced dim that field alone states (the config
+    ties keep all of them index for index), so that the model matches its pruned config
+    and `from_pretrained` loads it. Tensors shared with a traced name are left to it."""
+    traced = {n.target for n in original.graph.nodes if n.op == "get_attr"}
+    state = model.state_dict(keep_vars=True)
+    shared = {id(state[k]) for k in traced if k in state}
+    stated_by: dict[str, tuple] = {}  # field -> a traced (name, dim) it alone states
+    for (name, d), fields in governed.fields.items():
+        b = graph.bindings.get(name)
+        if len(fields) == 1 and b is not None and d in b.dims:
+            stated_by.setdefault(next(iter(fields)), b.dims[d])
+    out = {}
+    for name, t in state.items():
+        if name in traced or id(t) in shared or not isinstance(t, torch.Tensor):
+            continue
+        new = t.detach()
+        for d in range(t.dim()):
+            fields = governed.fields.get((name, d), set())
+            line = stated_by.get(next(iter(fields))) if len(fields) == 1 else None
+            if line is None or len(line) != t.shape[d]:
+                continue
+            kept = np.flatnonzero(plan.kept(torch.from_numpy(line)).numpy())
+            if len(kept) < t.shape[d]:
+                new = new.index_select(d, torch.as_tensor(kept, dtype=torch.long))
+        if new.shape != t.shape:
+            out[name] = new.clone()
+    return out
 
 
 def _apply_tensors_and_widths(model: nn.Module, original: fx.GraphModule,

@@ -27,11 +27,19 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from .errors import TraceFailure
 from .rules import default_rules
+
+
+def _parametrized(m: torch.nn.Module, qualname: str) -> bool:
+    """A module whose weight a parametrization computes (`weight_norm`), or a part of that
+    computation: traced through (a torch.nn module is a leaf by default), so that the
+    computation is seen (its class's rule would slice a parameter it no longer has)."""
+    return parametrize.is_parametrized(m) or ".parametrizations." in f".{qualname}."
 
 
 class _LeafFallbackTracer(fx.Tracer):
@@ -45,7 +53,7 @@ class _LeafFallbackTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.untraceable:
             return True
-        if self.rules.traced_as(m) is not None:
+        if self.rules.traced_as(m) is not None or _parametrized(m, qualname):
             return False
         # A module whose rule applies to it whole (a user's registered block, a subclass of a
         # known module that keeps its forward) stays one node, so that the rule sees it.
@@ -205,7 +213,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        fused = _fuse(gm, rules)
+        fused = fuse(gm, rules)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
         if fused or tracer.untraceable:
@@ -267,7 +275,7 @@ def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
     return graph, tracer
 
 
-def _fuse(gm: fx.GraphModule, rules) -> int:
+def fuse(gm: fx.GraphModule, rules) -> int:
     """Apply each node's rule's `fuse` rewrite (a weight-standardised convolution's chain
     becomes one node); returns how many nodes were rewritten."""
     fused = 0

@@ -174,6 +174,42 @@ def test_dynamic_batch_in_file(tmp_path):
         np.testing.assert_allclose(_ort_run(result.path, x)[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
+class WindowAttention(nn.Module):
+    """Swin's window attention as `torch.export` records it: windows folded into the batch,
+    attention with a per-head bias, its output made contiguous and reshaped by a size
+    computed from the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, 16) for _ in range(3))
+        self.out = nn.Linear(16, 3)
+        self.bias = nn.Parameter(torch.randn(4, 4, 2))
+
+    def forward(self, x):  # (batch, windows, tokens, 8)
+        b, w, t, _ = x.shape
+        x = x.view(-1, t, 8)
+        q, k, v = (f(x).view(b * w, t, -1, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        mask = self.bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.reshape(b * w, -1, t, 8).transpose(1, 2).contiguous().reshape(b * w, t, -1)
+        return self.out(y)
+
+
+def test_an_exported_graph_keeps_its_dynamic_batch_in_onnx(tmp_path):
+    from graphsearch.export_trace import export_trace
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, 4, 8),)
+    traced = export_trace(WindowAttention().eval(), x)
+    assert traced.static_batch == ""
+    res = export_onnx(traced.module, x, tmp_path / "windows.onnx", check_batch_size=3)
+    assert res.exporter == "dynamo"
+    sess = ort.InferenceSession(str(tmp_path / "windows.onnx"), providers=["CPUExecutionProvider"])
+    x5 = torch.randn(5, 4, 4, 8)
+    got = sess.run(None, {sess.get_inputs()[0].name: x5.numpy()})[0]
+    np.testing.assert_allclose(got, traced.module(x5)[0].detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_static_batch(tmp_path):
     result = export_onnx(TinyResBlock(), torch.randn(2, 3, 8, 8), tmp_path / "static.onnx", dynamic_batch=False)
     assert not result.dynamic_batch and result.checked_batch_sizes == (2,)

@@ -204,6 +204,79 @@ def test_functional_linear_and_parameter_matmul():
     assert_cost(g, {hidden.id: 2}, 4 * (6 * 2 + 2 * 3), ParamLinear(2))
 
 
+class TransposedLinear(nn.Module):
+    """Linear layers written as `x @ W.T` on weights of shape (out, in) (Falcon's
+    FalconLinear), in three spellings."""
+
+    def __init__(self, hidden=5, how="T"):
+        super().__init__()
+        self.how = how
+        self.w1, self.b1 = nn.Parameter(torch.randn(hidden, 6)), nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.randn(3, hidden))
+
+    def t(self, w):
+        return w.T if self.how == "T" else w.t() if self.how == "t" else w.transpose(0, 1)
+
+    def forward(self, x):
+        return F.relu(x @ self.t(self.w1) + self.b1) @ self.t(self.w2)
+
+
+@pytest.mark.parametrize("how", ["T", "t", "transpose"])
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_a_product_with_a_transposed_weight_is_a_linear_layer(front_end, how):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, 6),)
+    net = TransposedLinear(how=how).eval()
+    traced = net if front_end == "fx" else export_trace(net, x).module
+    g = analyze(traced, x)
+    targets = {n.target for n in g.module.graph.nodes if n.op == "call_function"}
+    assert targets & {F.linear, torch.ops.aten.linear.default}
+    hidden = group(g, "w1[out]")
+    assert hidden.size == 5 and hidden.prunable
+    assert hidden.members == ["w1[out]", "b1", "w2[in]"]
+    assert g.cost() == Cost(4 * (6 * 5 + 5 * 3), nparams(net))
+    assert_cost(g, {hidden.id: 2}, 4 * (6 * 2 + 2 * 3), TransposedLinear(2))
+    keep = {hidden.id: [0, 3]}
+    v = verify(slim(g, keep), mask(g, keep), (torch.randn(3, 4, 6),))
+    assert v.ok, v.message
+
+
+class WeightNormed(nn.Module):
+    """A weight-normed convolution (`weight_norm`: v normalised over every dim but `dim`,
+    times g) on a residual stream: wav2vec2's positional convolution (grouped, dim 2)."""
+
+    def __init__(self, c=8, groups=2, dim=2):
+        super().__init__()
+        self.inp, self.out = nn.Conv1d(3, c, 1), nn.Conv1d(c, 2, 1)
+        self.conv = nn.utils.parametrizations.weight_norm(
+            nn.Conv1d(c, c, 3, padding=1, groups=groups), name="weight", dim=dim)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + F.gelu(self.conv(h)))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+@pytest.mark.parametrize("groups, dim", [(2, 2), (1, 0)])
+def test_a_weight_normed_convolution_is_pruned_on_its_parameters(front_end, groups, dim):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 10),)
+    net = WeightNormed(groups=groups, dim=dim).eval()
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    v = "conv.parametrizations.weight.original1"
+    hidden = group(g, f"{v}[std_out]" + (" x4" if groups > 1 else ""))
+    assert hidden.prunable and hidden.size == 8 // (4 if groups > 1 else 1)
+    if dim == 0:  # g scales the output rows: it goes with them
+        assert "conv.parametrizations.weight.original0[gamma]" in hidden.members
+    keep = {hidden.id: [1] if groups > 1 else [0, 2, 5, 6]}
+    s = slim(g, keep)
+    # the slim model normalises its kept weight, and so does the reference
+    check = verify(s, mask(g, keep), (torch.randn(3, 3, 10),))
+    assert check.ok, check.message
+    assert nparams(s) == g.cost(keep).params == nparams(WeightNormed(4, 1, dim))
+    assert g.cost(keep).macs == 10 * (3 * 4 + 4 * 4 * 3 + 4 * 2)  # 4 channels, one group
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -307,6 +380,48 @@ def test_scaled_dot_product_attention_heads():
     assert g.cost() == Cost(_attention_macs(4, 8, 2, 4), nparams(SDPA()))
     assert_cost(g, {heads.id: 1}, _attention_macs(4, 8, 1, 4), SDPA(heads=1))
     assert_cost(g, {1: 5, heads.id: 1}, _attention_macs(4, 5, 1, 4), SDPA(dim=5, heads=1))
+
+
+class SharedKeyValue(nn.Module):
+    """Multi-query attention: one key/value head broadcast to every query head (Falcon)."""
+
+    def __init__(self, heads=4, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q, self.out = nn.Linear(6, heads * head_dim), nn.Linear(heads * head_dim, 3)
+        self.k, self.v = nn.Linear(6, head_dim), nn.Linear(6, head_dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (f(x).view(b, t, 1, self.head_dim).transpose(1, 2) for f in (self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_one_key_value_head_shared_by_every_query_head():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net, x = SharedKeyValue().eval(), (torch.randn(2, 5, 6),)
+    g = analyze(net, x)
+    heads = group(g, "q.weight[out] x4")
+    assert heads.size == 4 and heads.prunable  # the query heads, alone
+    for name in ("k", "v"):
+        shared = group(g, f"{name}.weight[out] x4")
+        assert not shared.prunable and "multi-query" in shared.reason
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(*x)
+    # attn @ v counts every query head, not the one value head
+    assert g.cost().macs == counter.get_total_flops() / 2 / 2
+    keep = {heads.id: [1, 2]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(SharedKeyValue(heads=2))
+    # per sample: q, k, v and out projections of 5 tokens, q k^T and attn @ v of 2 heads
+    assert g.cost(keep).macs == 5 * (6 * 8 + 6 * 4 + 6 * 4 + 8 * 3) + 2 * (2 * 5 * 5 * 4)
 
 
 class BatchTimesHeads(nn.Module):
@@ -746,6 +861,40 @@ def test_getitem_slices():
     assert_cost(g, {1: [0, 2, 3, 7]}, HW * 2 * 4 + 36 * 2 * 3, Slice(4, 2))
     assert g.cost() == Cost(HW * 2 * 8 + 36 * 4 * 3, nparams(Slice()))
 
+
+
+class PartialRotary(nn.Module):
+    """Attention whose queries and keys are split at a rotary dim into a rotated part and a
+    part passed through, which is empty where the rotary dim is the head's (Phi-3)."""
+
+    def __init__(self, heads=4, hd=4, rotary=4):
+        super().__init__()
+        self.heads, self.hd, self.rotary = heads, hd, rotary
+        self.qkv, self.out = nn.Linear(6, 3 * heads * hd), nn.Linear(heads * hd, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        q = torch.cat([q[..., :self.rotary] * 2, q[..., self.rotary:]], dim=-1)
+        k = torch.cat([k[..., :self.rotary] * 2, k[..., self.rotary:]], dim=-1)
+        a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_an_empty_slice_keeps_the_heads_of_its_other_dims(front_end):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 6),)
+    net = PartialRotary().eval()
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    assert g.front_end == "fx"
+    heads = group(g, "qkv.weight[out] x12")
+    assert heads.size == 4 and heads.prunable  # whole heads (q, k, v of each)
+    keep = {heads.id: [1, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(PartialRotary(heads=2))
 
 # --------------------------------------------------------------------------- layout ops
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from . import (aten, attention, conv, elementwise, embedding, layout, linear, norm, pooling,
                transformer)
 from .attention import PrunedMultiheadAttention, multihead_attention
-from .conv import standardised_conv
+from .conv import standardised_conv, weight_normed_conv
 from .elementwise import ADD, SUB
 from .layout import CAT
 from .registry import (BLOCK, FULL, PASS, DeadInput, Rule, RuleConflict, Rules, arg, methods,
@@ -45,4 +45,5 @@ def default_rules() -> Rules:
 
 __all__ = ["Rule", "Rules", "RuleConflict", "default_rules", "rule", "methods", "arg",
            "unsupported", "target_name", "FULL", "DeadInput", "PASS", "BLOCK", "ADD", "SUB", "CAT",
-           "FAMILIES", "PrunedMultiheadAttention", "multihead_attention", "standardised_conv"]
+           "FAMILIES", "PrunedMultiheadAttention", "multihead_attention", "standardised_conv",
+           "weight_normed_conv"]

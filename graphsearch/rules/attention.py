@@ -127,23 +127,31 @@ class PrunedMultiheadAttention(nn.Module):
 
 @rule(F.scaled_dot_product_attention, edge="heads")
 def sdpa(ctx, node):
-    """Heads are the unit: q, k and v of head h, and the output of head h, go together."""
+    """Heads are the unit: q, k and v of head h, and the output of head h, go together.
+    One key/value head broadcast to every query head (multi-query attention: Falcon) is
+    kept whole, and the query heads are pruned alone."""
     q, k, v = node.args[0], node.args[1], node.args[2]
     if len(ctx.shape(q)) < 3:
         return unsupported(ctx, node, why="attention without a head dimension")
     heads = [ctx.line(ctx.ids(t), -3, t) for t in (q, k, v)]  # (B, H, L, E): dim -3 is H
-    ctx.tie(heads[0], heads[1])
-    ctx.tie(heads[0], heads[2])
+    for t, line in zip((k, v), heads[1:]):
+        if len(ctx.shape(t)) >= 4 and ctx.shape(t)[-3] == 1 < ctx.shape(q)[-3]:
+            ctx.fix(line, "a key/value head shared by every query head (multi-query "
+                          "attention) is kept")
+        else:
+            ctx.tie(heads[0], line)
     bias = arg(node, 3, "attn_mask")  # a bias per head (Swin's relative positions) goes too
     if bias is not None and ctx.ids(bias) is not None and len(ctx.shape(bias)) >= 3 and \
             ctx.shape(bias)[-3] == ctx.shape(q)[-3] > 1:
         ctx.tie(ctx.line(ctx.ids(bias), -3, bias), heads[0])
-    line = ctx.find(heads[2])
+    line = ctx.find(heads[0])
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
     per_head = ctx.channel_ids(line, None, dim=-3, rank=len(sq))
     lead = sq[0] / ctx.batch  # dim 0 per sample (windows x batch: > 1)
     ctx.macs(sk[-2] * lead, (per_head, sq[1:]))  # q k^T: every q element meets every key
-    ctx.macs(sq[-2] * lead, (per_head, sv[1:]))  # attn @ v: every v element meets every query
+    # attn @ v: every v element meets every query of each query head (one key/value head
+    # broadcast to all of them: multi-query attention)
+    ctx.macs(sq[-2] * lead, (per_head, (*sq[1:-2], *sv[-2:])))
     return per_head
 
 

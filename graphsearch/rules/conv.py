@@ -128,13 +128,43 @@ def _conv_on_owned_weight(ctx, node, x, w, wname, bname, groups):
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
 
 
+def _fuse_computed_weight(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    """The tracer's rewrite at a functional conv (`Rule.fuse`) whose weight a known chain
+    computes from parameters: standardised (`_fuse_standardised_weight`) or weight-normed
+    (`_fuse_weight_norm`). True if it rewrote `conv`."""
+    return _fuse_standardised_weight(gm, conv) or _fuse_weight_norm(gm, conv)
+
+
+def _fuse_weight_norm(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    """`conv(x, _weight_norm(v, g, dim), ...)` on parameters v and g (weight-normed
+    convolutions, `nn.utils.parametrizations.weight_norm`: wav2vec2's and HuBERT's positional
+    convolution) becomes one `weight_normed_conv` node, whose rule knows v's channels."""
+    w = arg(conv, 1, "weight")
+    if not (isinstance(w, fx.Node) and w.op == "call_function" and len(w.users) == 1 and
+            w.target in (torch._weight_norm, torch.ops.aten._weight_norm.default) and
+            len(w.args) >= 2 and
+            all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w.args[:2])):
+        return False
+    v, g, dim = w.args[0], w.args[1], arg(w, 2, "dim", 0)
+    if not isinstance(dim, int):
+        return False
+    rest = [conv.args[i] if len(conv.args) > i else
+            conv.kwargs.get(("bias", "stride", "padding", "dilation", "groups")[i - 2],
+                            _CONV_DEFAULTS[i - 2]) for i in range(2, 7)]
+    with gm.graph.inserting_before(conv):
+        new = gm.graph.call_function(weight_normed_conv, (conv.args[0], v, g, dim, *rest))
+    new.meta.update(conv.meta)
+    conv.replace_all_uses_with(new)
+    gm.graph.erase_node(conv)
+    return True
+
+
 def _fuse_standardised_weight(gm: fx.GraphModule, conv: fx.Node) -> bool:
-    """The tracer's rewrite at a functional conv (`Rule.fuse`): weight-standardised
-    convolutions (BiT's StdConv2d, NF-Nets' ScaledStdConv2d) compute their weight in forward,
-    `F.batch_norm(w.reshape(1, out, -1), None, None, gain, training=True)` reshaped back,
-    into `F.conv2d`. Such a chain on a parameter becomes one `standardised_conv` node, whose
-    rule knows the parameter's channels (the chain alone is a computed weight: nothing
-    around it pruned). True if it rewrote `conv`."""
+    """Weight-standardised convolutions (BiT's StdConv2d, NF-Nets' ScaledStdConv2d) compute
+    their weight in forward, `F.batch_norm(w.reshape(1, out, -1), None, None, gain,
+    training=True)` reshaped back, into `F.conv2d`. Such a chain on a parameter becomes one
+    `standardised_conv` node, whose rule knows the parameter's channels (the chain alone is
+    a computed weight: nothing around it pruned). True if it rewrote `conv`."""
     found = _standardised_weight(gm, arg(conv, 1, "weight"))
     if found is None:
         return False
@@ -187,7 +217,7 @@ def _standardised_weight(gm, w):
 
 
 @rule(F.conv1d, F.conv2d, F.conv3d, edge="mix", gate="producer", fix=_fix_functional_conv,
-      fuse=_fuse_standardised_weight)
+      fuse=_fuse_computed_weight)
 def functional_conv(ctx, node):
     """F.conv2d on a weight the model owns (a conv subclass with its own forward): the rule
     of nn.Conv2d. A computed weight (standardised, re-parametrised) is not followed."""
@@ -289,4 +319,86 @@ def standardised_conv_rule(ctx, node):
     return ctx.channel_ids(out, node)
 
 
-RULES = (conv, conv_transpose, functional_conv, standardised_conv_rule)
+def weight_normed_conv(x, v, g, dim, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """A convolution whose weight is `v` normalised over every dim but `dim`, times `g`
+    (`torch._weight_norm`: `nn.utils.parametrizations.weight_norm`). The tracer puts it in
+    place of that pattern (`_fuse_weight_norm`) so that one rule sees the convolution and
+    the parameters it owns."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[v.dim() - 3]
+    return conv(x, torch._weight_norm(v, g, dim), bias, stride, padding, dilation, groups)
+
+
+_fix_weight_normed_conv = _fix_groups_at(8)  # weight_normed_conv(x, v, g, dim, bias, ...)
+
+
+def _mask_weight_normed_conv(graph, plan, node, info):
+    """Pruned channels of a weight-normed conv: the slim model normalises its kept weight
+    (it has no other), so the reference runs the conv on the kept channels alone (the
+    pruned model is defined so, as a standardised conv's is)."""
+    x = graph.info(node.args[0].name)
+    if x is None or not isinstance(x.ids, torch.Tensor) or x.ids.dim() < 2 or \
+            not isinstance(info.ids, torch.Tensor) or info.ids.dim() < 2:
+        return None
+    line_in = x.ids.movedim(1, 0).reshape(x.ids.size(1), -1)[:, 0]
+    line_out = info.ids.movedim(1, 0).reshape(info.ids.size(1), -1)[:, 0]
+    if not plan.changes(line_in) and not plan.changes(line_out):
+        return None
+    kept = [torch.from_numpy(np.flatnonzero(plan.kept(line).numpy())) for line in
+            (line_in, line_out)]
+    return _run_masked_weight_normed_conv, tuple(kept)
+
+
+def _run_masked_weight_normed_conv(interp, n, kept):
+    args, kwargs = interp.fetch_args_kwargs_from_env(n)
+    names = ("x", "v", "g", "dim", "bias", "stride", "padding", "dilation", "groups")
+    a = {**dict(zip(names, args)), **kwargs}
+    x, v, g, dim, groups = a["x"], a["v"], a["g"], a["dim"] % a["v"].dim(), a.get("groups", 1)
+    kept_in, kept_out = kept
+    out_full = v.shape[0]
+    if x.size(1) != v.size(1) * groups:
+        return weight_normed_conv(*args, **kwargs)  # (channels not laid out as analysed)
+    if len(kept_in) < x.size(1):
+        x = x.index_select(1, kept_in.to(x.device))
+    v = v.index_select(0, kept_out.to(v.device))
+    if groups == 1:
+        v = v.index_select(1, kept_in.to(v.device))
+    for d, idx in ((0, kept_out), (1, kept_in if groups == 1 else None)):
+        if d == dim and idx is not None and g.size(d) > 1:
+            g = g.index_select(d, idx.to(g.device))
+    bias = a.get("bias")
+    if bias is not None:
+        bias = bias.index_select(0, kept_out.to(bias.device))
+    groups = groups * len(kept_out) // out_full if groups > 1 else 1
+    out = weight_normed_conv(x, v, g, a["dim"], bias, a.get("stride", 1), a.get("padding", 0),
+                             a.get("dilation", 1), groups)
+    full = out.new_zeros((out.shape[0], out_full, *out.shape[2:]))
+    return full.index_copy(1, kept_out.to(out.device), out)
+
+
+@rule(weight_normed_conv, edge="mix", gate="producer", fix=_fix_weight_normed_conv,
+      mask=_mask_weight_normed_conv)
+def weight_normed_conv_rule(ctx, node):
+    """The conv rule on `v`; `g` follows the channels of the dim it scales (the output rows
+    for `dim` 0). Pruned channels change the norm of every slice that spans them: slim and
+    the mask reference both take it over the kept channels."""
+    x, v, g, dim = node.args[:4]
+    b, groups = arg(node, 4, "bias"), arg(node, 8, "groups", 1)
+    vname, gname, bname = ctx.param_name(v), ctx.param_name(g), ctx.param_name(b)
+    if vname is None or gname is None or (b is not None and bname is None) or \
+            not isinstance(groups, int) or not isinstance(dim, int):
+        return unsupported(ctx, node, why="a weight-normed convolution on a computed weight, "
+                                          "bias or groups")
+    out = _conv_on_owned_weight(ctx, node, x, v, vname, bname, groups)
+    # a row of v is scaled away by the norm where the norm is per row: no "out" slice that a
+    # gate folds into; g is then the layer's gamma
+    dim = dim % len(ctx.shape(v))
+    ctx.bind(vname, 0, out, role="std_out")
+    gshape = ctx.shape(g)
+    if dim == 0 and gshape[0] == len(out):
+        ctx.bind(gname, 0, out, role="gamma")
+    elif dim == 1 and groups == 1 and gshape[1] > 1:
+        ctx.bind(gname, 1, ctx.find(ctx.line(ctx.ids(x), 1, x)))
+    return ctx.channel_ids(out, node)
+
+
+RULES = (conv, conv_transpose, functional_conv, standardised_conv_rule, weight_normed_conv_rule)

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atoms import NO_ATOM
 from ..errors import PlanError
 from .registry import BLOCK, FULL, DeadInput, Rule, arg, methods, rule, unsupported
 
@@ -183,8 +184,45 @@ def layout(ctx, node):
         out = index_by_tensor(ctx, node)
         if out is not None:
             return out
+    emptied = _emptied_dims(ctx, node)
+    if emptied:
+        return _empty_slice(ctx, node.args[0], emptied)
     return ctx.run_on_ids(node, _AS_RESHAPE.get(node.target) if node.op == "call_method"
                           else None)
+
+
+def _emptied_dims(ctx, node) -> list[int]:
+    """The dims a slice (`x[..., 8:]` of 8, a narrow of length 0) leaves empty, where it
+    changes no other dim; [] for anything else."""
+    x = node.args[0] if node.args else None
+    v, vx = ctx.value(node), ctx.value(x) if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or not isinstance(vx, torch.Tensor) or \
+            v.numel() or not vx.numel() or v.dim() != vx.dim():
+        return []
+    if any(a != b and a != 0 for a, b in zip(v.shape, vx.shape)):
+        return []
+    return [d for d, (a, b) in enumerate(zip(v.shape, vx.shape)) if a != b]
+
+
+def _empty_slice(ctx, x, dims: list[int]) -> torch.Tensor:
+    """The ids of `x` sliced to nothing along `dims`. No entry is left, but the other dims
+    keep their sizes, which a plan still changes (the heads of the part a partial rotary
+    embedding passes through, empty where the rotary dim is the head's: Phi-3's
+    `q[..., rotary_dim:]`). Empty ids would say nothing of them: along `dims` the ids shrink
+    to one entry (size 1 broadcasts to 0), the entries along them tied into one unit where
+    the ids vary along other dims too (a head's dims: one unit already wherever attention
+    reads them); where they vary along `dims` only, no channel is left."""
+    rank = len(ctx.shape(x))
+    ids = ctx.ids(x)
+    ids = ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape))
+    for d in dims:
+        if ids.size(d) == 1:
+            continue
+        if all(ids.size(k) == 1 for k in range(rank) if k != d):
+            return torch.full((1,) * rank, NO_ATOM, dtype=torch.int64)
+        ctx.tie_along(ids, d)
+        ids = ctx.find_ids(ids.narrow(d, 0, 1).contiguous())
+    return ctx.compress(ids)
 
 
 def _layout_rule(slim_kind, *targets) -> Rule:

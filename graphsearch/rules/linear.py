@@ -10,6 +10,7 @@ import math
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -63,8 +64,63 @@ def _identity_outside(ctx, ids, dim):
     return ctx.find_ids(ids.narrow(dim, 0, 1))
 
 
+aten = torch.ops.aten
+# ops that transpose a matrix: x @ W.T (`W.T`, `W.t()`, `W.transpose(0, 1)`, their ATen
+# overloads) is a linear layer on W
+_TRANSPOSES = {torch.t, aten.t.default, aten.numpy_T.default, ("method", "t")}
+_SWAPS = {torch.transpose, aten.transpose.int, ("method", "transpose")}
+_PERMUTES = {torch.permute, aten.permute.default, ("method", "permute")}
+
+
+def _transposed_parameter(gm, w) -> fx.Node | None:
+    """The 2-d parameter (its get_attr node) that `w` is the transpose of, or None."""
+    if not isinstance(w, fx.Node) or w.op not in ("call_function", "call_method") or \
+            not w.args or not isinstance(w.args[0], fx.Node) or w.args[0].op != "get_attr":
+        return None
+    key = ("method", w.target) if w.op == "call_method" else w.target
+    rest = list(w.args[1:])
+    if w.target is getattr:  # `W.T` in an fx trace
+        ok = rest in (["T"], ["mT"])
+    elif key in _TRANSPOSES:
+        ok = not rest
+    elif key in _SWAPS:
+        ok = len(rest) == 2 and sorted(d % 2 for d in rest) == [0, 1]
+    elif key in _PERMUTES:
+        dims = rest[0] if len(rest) == 1 else rest
+        ok = [d % 2 for d in dims] == [1, 0]
+    else:
+        ok = False
+    if not ok or w.kwargs:
+        return None
+    try:
+        value = gm.get_parameter(w.args[0].target)
+    except AttributeError:
+        return None
+    return w.args[0] if value.dim() == 2 else None
+
+
+def _fuse_transposed_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """The tracer's rewrite at a matmul (`Rule.fuse`): `x @ W.T` with a parameter W (a
+    linear layer written as a product: Falcon's `FalconLinear`) becomes `linear(x, W)`
+    (`aten.linear` in an ATen graph), which the linear rule knows; True if it rewrote."""
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    x, w = node.args
+    param = _transposed_parameter(gm, w)
+    if param is None or not isinstance(x, fx.Node):
+        return False
+    target = aten.linear.default if isinstance(node.target, torch._ops.OpOverload) else \
+        F.linear
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, (x, param))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return True
+
+
 @rule(torch.matmul, operator.matmul, torch.bmm, *methods("matmul", "bmm"), edge="mix",
-      dead=BLOCK, gate="producer")
+      dead=BLOCK, gate="producer", fuse=_fuse_transposed_weight)
 def matmul(ctx, node):
     """a @ b between activations (attention scores, attention @ values).
 
