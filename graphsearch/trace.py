@@ -204,7 +204,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
             ) from exc
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = _graph_module(tracer.root, graph, type(model).__name__)
         fused = _fuse(gm, rules)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
@@ -247,6 +247,18 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
                 "in model.py") from exc
         mode = "real"
     return Traced(gm, values, untraceable, mode, reads)
+
+
+def _graph_module(root, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """The traced module, its Python code generated on first use (a call, `.code`, a
+    pickle), not here: the analysis reads only the graph, and generating and compiling the
+    code of a large model's forward is a tenth of its analysis (fx's own lazy module, as
+    torch's compilers use it)."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # an older or newer torch without it: compiled now
+        return fx.GraphModule(root, graph, name)
+    return _LazyGraphModule(root, graph, name)
 
 
 def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
