@@ -415,6 +415,8 @@ class _Recorder(fx.Interpreter):
         # Modules whose rule says they are pure (`Rule.pure`, for their own class): the memo
         # may reuse their output metadata; functions and methods as `Rules.pure_call` says.
         self.pure: set[str] = set()
+        # Modules whose rule computes their output on meta tensors (`Rule.meta`)
+        self.quick: dict[str, Any] = {}
         self.known = known = rules if rules is not None else default_rules()
         for n in gm.graph.nodes:
             if n.op == "call_module":
@@ -423,25 +425,53 @@ class _Recorder(fx.Interpreter):
                 if rules is not None and found is not None and found[0].same_shape and \
                         rules.keeps_whole(m):
                     self.same_shape.add(n.target)
+                if found is not None and found[0].meta is not None and \
+                        known.keeps_whole(m) and found[1] is type(m):
+                    self.quick[n.target] = found[0].meta
                 if known.pure_module(m):
                     self.pure.add(n.target)
+
+    def _quick(self, op: str, target, args, kwargs):
+        """The output from the rule's `meta` (None: run the kernel)."""
+        if self.memo is None or self.memo.off:
+            return None
+        if op == "call_module":
+            meta = self.quick.get(target)
+            if meta is None:
+                return None
+            m = self.submodules[target]
+            if any(getattr(m, name, None) for name in _HOOK_DICTS):  # a hook sees every call
+                return None
+            return meta(m, args, kwargs)
+        rule = self.known.call_rule(op, target)
+        return rule.meta(target, args, kwargs) if rule is not None and \
+            rule.meta is not None else None
 
     def call_module(self, target, args, kwargs):
         if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
                 args[0].is_meta:
             return args[0]
+        out = self._quick("call_module", target, args, kwargs)
+        if out is not None:
+            return out
         if self.memo is not None and target in self.pure:
             return self.memo.run(("call_module", self.submodules[target]),
                                  super().call_module, target, args, kwargs)
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
+        out = self._quick("call_function", target, args, kwargs)
+        if out is not None:
+            return out
         if self.memo is not None and self.known.pure_call("call_function", target):
             return self.memo.run(("call_function", target), super().call_function, target,
                                  args, kwargs)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
+        out = self._quick("call_method", target, args, kwargs)
+        if out is not None:
+            return out
         if self.memo is not None and args and type(args[0]) in _PLAIN_TENSORS and \
                 self.known.pure_call("call_method", target):
             return self.memo.run(("call_method", target), super().call_method, target, args,
