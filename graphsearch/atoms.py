@@ -92,3 +92,20 @@ class AtomTable:
                 if reason not in reasons:
                     reasons.append(reason)
         return out
+
+    def fixed_by(self, label: np.ndarray) -> dict[int, set[str]]:
+        """`label[root]` (a group id per class representative, say) -> the reasons its
+        classes cannot be pruned, resolved after all unions: one lookup for every fixed
+        atom, not one per class."""
+        if not self._fixed:
+            return {}
+        flat = np.concatenate([a for a, _ in self._fixed])
+        owner = np.repeat(np.arange(len(self._fixed), dtype=np.int64),
+                          [len(a) for a, _ in self._fixed])
+        labels = np.asarray(label, dtype=np.int64)[self.find(flat)]
+        span = int(labels.max()) + 1 if labels.size else 1
+        code = sorted_unique(owner * span + labels)
+        out: dict[int, set[str]] = {}
+        for k, lab in zip((code // span).tolist(), (code % span).tolist()):
+            out.setdefault(lab, set()).add(self._fixed[k][1])
+        return out

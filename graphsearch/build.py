@@ -80,18 +80,17 @@ def build_groups(atoms, spaces: list[Space], gates: set[str]) -> GroupIndex:
     starts = np.flatnonzero(np.r_[True, class_comp[1:] != class_comp[:-1]])
     bounds = list(zip(starts, np.r_[starts[1:], len(classes)]))
     bounds.sort(key=lambda se: classes[se[0]])
-    fixed = atoms.fixed_reasons()
-
     class_group = np.zeros(n, dtype=np.int64)
     class_index = np.zeros(n, dtype=np.int64)
-    groups: list[ChannelGroup] = []
     for gid, (s0, s1) in enumerate(bounds):
         cls = classes[s0:s1]
         class_group[cls] = gid
         class_index[cls] = np.arange(len(cls))
-        reasons: list[str] = []
-        for c in set(cls.tolist()) & fixed.keys():
-            reasons += [r for r in fixed[c] if r not in reasons]
+    fixed = atoms.fixed_by(class_group)  # group -> why it cannot be pruned
+    groups: list[ChannelGroup] = []
+    for gid, (s0, s1) in enumerate(bounds):
+        cls = classes[s0:s1]
+        reasons = fixed.get(gid, ())
         comp = class_comp[s0]
         names = list(dict.fromkeys(spaces[i].node for i in sorted(components[comp])))
         groups.append(ChannelGroup(
