@@ -42,15 +42,18 @@ class AtomTable:
         """Class representative (the oldest atom of the class) of every entry; NO_ATOM stays."""
         atoms = np.asarray(atoms, dtype=np.int64)
         valid = atoms >= 0
-        x = np.where(valid, atoms, 0)
+        whole = bool(valid.all())  # (the common case: no NO_ATOM, no masking)
+        x = atoms if whole else np.where(valid, atoms, 0)
         parent = self._parent
         while True:
             p = parent[x]
-            if np.array_equal(p, x):
+            if not (p != x).any():
                 break
             parent[x] = parent[p]  # path halving
             x = p
-        return np.where(valid, x, NO_ATOM)
+        if not whole:
+            return np.where(valid, x, NO_ATOM)
+        return x.copy() if x is atoms else np.asarray(x)  # (a fresh array, as np.where's)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Tie a[i] to b[i] for every i (arrays of equal shape); NO_ATOM entries are skipped."""
