@@ -42,15 +42,18 @@ class AtomTable:
         """Class representative (the oldest atom of the class) of every entry; NO_ATOM stays."""
         atoms = np.asarray(atoms, dtype=np.int64)
         valid = atoms >= 0
-        x = np.where(valid, atoms, 0)
+        whole = bool(valid.all())  # (the common case: no NO_ATOM, no masking)
+        x = atoms if whole else np.where(valid, atoms, 0)
         parent = self._parent
         while True:
             p = parent[x]
-            if np.array_equal(p, x):
+            if not (p != x).any():
                 break
             parent[x] = parent[p]  # path halving
             x = p
-        return np.where(valid, x, NO_ATOM)
+        if not whole:
+            return np.where(valid, x, NO_ATOM)
+        return x.copy() if x is atoms else np.asarray(x)  # (a fresh array, as np.where's)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Tie a[i] to b[i] for every i (arrays of equal shape); NO_ATOM entries are skipped."""
@@ -91,4 +94,21 @@ class AtomTable:
                 reasons = out.setdefault(root, [])
                 if reason not in reasons:
                     reasons.append(reason)
+        return out
+
+    def fixed_by(self, label: np.ndarray) -> dict[int, set[str]]:
+        """`label[root]` (a group id per class representative, say) -> the reasons its
+        classes cannot be pruned, resolved after all unions: one lookup for every fixed
+        atom, not one per class."""
+        if not self._fixed:
+            return {}
+        flat = np.concatenate([a for a, _ in self._fixed])
+        owner = np.repeat(np.arange(len(self._fixed), dtype=np.int64),
+                          [len(a) for a, _ in self._fixed])
+        labels = np.asarray(label, dtype=np.int64)[self.find(flat)]
+        span = int(labels.max()) + 1 if labels.size else 1
+        code = sorted_unique(owner * span + labels)
+        out: dict[int, set[str]] = {}
+        for k, lab in zip((code // span).tolist(), (code % span).tolist()):
+            out.setdefault(lab, set()).add(self._fixed[k][1])
         return out

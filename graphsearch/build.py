@@ -36,14 +36,17 @@ def build_graph(traced: Any, ctx: Any, infos: list[NodeInfo], rules=None) -> Cha
         spaces_by_node.setdefault(space.node, []).append(space)
     gates = gate_producers(infos, traced.values, spaces_by_node)
     index = build_groups(ctx.atoms, ctx.spaces, gates)
-    add_members(index, traced.module, ctx.bindings, ctx.spaces)
+    params = getattr(ctx, "params", None)  # every name of every parameter, as the module has
+    if params is None:
+        params = dict(traced.module.named_parameters(remove_duplicate=False))
+    add_members(index, traced.module, ctx.bindings, ctx.spaces, params)
     return ChannelGraph(
         module=traced.module, values=traced.values, untraceable=traced.untraceable,
         value_reads=traced.value_reads, shape_mode=traced.shape_mode,
         front_end=traced.front_end, static_batch=traced.static_batch, nodes=infos,
         rules=rules if rules is not None else ctx.rules, bindings=ctx.bindings,
         spaces_by_node=spaces_by_node, index=index,
-        costs=build_cost_tables(index, traced.module, ctx.bindings, ctx.macs_terms),
+        costs=build_cost_tables(index, traced.module, ctx.bindings, ctx.macs_terms, params),
         branches=build_branch_tables(index, infos, ctx.spaces))
 
 
@@ -77,18 +80,17 @@ def build_groups(atoms, spaces: list[Space], gates: set[str]) -> GroupIndex:
     starts = np.flatnonzero(np.r_[True, class_comp[1:] != class_comp[:-1]])
     bounds = list(zip(starts, np.r_[starts[1:], len(classes)]))
     bounds.sort(key=lambda se: classes[se[0]])
-    fixed = atoms.fixed_reasons()
-
     class_group = np.zeros(n, dtype=np.int64)
     class_index = np.zeros(n, dtype=np.int64)
-    groups: list[ChannelGroup] = []
     for gid, (s0, s1) in enumerate(bounds):
         cls = classes[s0:s1]
         class_group[cls] = gid
         class_index[cls] = np.arange(len(cls))
-        reasons: list[str] = []
-        for c in set(cls.tolist()) & fixed.keys():
-            reasons += [r for r in fixed[c] if r not in reasons]
+    fixed = atoms.fixed_by(class_group)  # group -> why it cannot be pruned
+    groups: list[ChannelGroup] = []
+    for gid, (s0, s1) in enumerate(bounds):
+        cls = classes[s0:s1]
+        reasons = fixed.get(gid, ())
         comp = class_comp[s0]
         names = list(dict.fromkeys(spaces[i].node for i in sorted(components[comp])))
         groups.append(ChannelGroup(
@@ -151,10 +153,12 @@ def gate_producers(nodes: list[NodeInfo], values: dict, producers: Iterable[str]
 
 
 def add_members(index: GroupIndex, module: torch.nn.Module, bindings: dict,
-                spaces: list[Space]) -> None:
+                spaces: list[Space], params: dict | None = None) -> None:
     """Each group's readable members: `layer1.0.conv1.weight[out]`, `fc.weight[in] x49`,
-    `<input x>`."""
-    ranks = {name: len(p.shape) for name, p in module.named_parameters(remove_duplicate=False)}
+    `<input x>`. `params`: `dict(module.named_parameters(remove_duplicate=False))`."""
+    if params is None:
+        params = dict(module.named_parameters(remove_duplicate=False))
+    ranks = {name: len(p.shape) for name, p in params.items()}
     lines: list[tuple[str, int | None, int, np.ndarray]] = []  # (name, dim, rank, line)
     for name, b in bindings.items():
         rank = (ranks[name] if name in ranks else
@@ -166,9 +170,8 @@ def add_members(index: GroupIndex, module: torch.nn.Module, bindings: dict,
     # One lookup for every line and space, split back by position.
     arrays = [np.asarray(x[3], dtype=np.int64).reshape(-1) for x in lines] + \
         [np.asarray(s.atoms, dtype=np.int64).reshape(-1) for s in named]
-    ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
-    located, _ = index.locate(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
-    pieces = np.split(located, ends[:-1]) if arrays else []
+    lens = np.array([len(a) for a in arrays], dtype=np.int64)
+    located = index.locate_group(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
     groups = index.groups
     labels = [set(g.members) for g in groups]
 
@@ -177,26 +180,37 @@ def add_members(index: GroupIndex, module: torch.nn.Module, bindings: dict,
             labels[gid].add(label)
             groups[gid].members.append(label)
 
-    for (name, d, rank, _), found in zip(lines, pieces):
-        counts = np.bincount(found[found >= 0])
-        for gid in np.flatnonzero(counts).tolist():
-            per_class = counts[gid] / groups[gid].size
-            label = name
-            if d is not None and rank > 1:
-                label += f"[{bindings[name].role(d)}]"
-            if per_class > 1 and per_class == int(per_class):
-                label += f" x{int(per_class)}"
-            add(gid, label)
-    for s, found in zip(named, pieces[len(lines):]):
-        for gid in sorted_unique(found[found >= 0]).tolist():
-            add(gid, f"<{s.kind} {s.node}>")
+    # (line, group) pairs with the number of the line's entries in that group, in order of
+    # line then group: one sort for all lines
+    n_groups = max(len(groups), 1)
+    owner = np.repeat(np.arange(len(arrays), dtype=np.int64), lens)
+    has = located >= 0
+    code = np.sort(owner[has] * n_groups + located[has])
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if code.size else \
+        np.zeros(0, np.int64)
+    counts = np.diff(np.r_[starts, code.size]).tolist()
+    pairs = code[starts]
+    for k, gid, count in zip((pairs // n_groups).tolist(), (pairs % n_groups).tolist(),
+                             counts):
+        if k >= len(lines):  # a named space
+            add(gid, f"<{named[k - len(lines)].kind} {named[k - len(lines)].node}>")
+            continue
+        name, d, rank, _ = lines[k]
+        per_class = count / groups[gid].size
+        label = name
+        if d is not None and rank > 1:
+            label += f"[{bindings[name].role(d)}]"
+        if per_class > 1 and per_class == int(per_class):
+            label += f" x{int(per_class)}"
+        add(gid, label)
 
 
 # ---------------------------------------------------------------------- cost tables
 
 def build_cost_tables(index: GroupIndex, module: torch.nn.Module, bindings: dict,
-                      macs_terms: list) -> CostTables:
-    """Every MAC term and every parameter as a cost term over at most two layouts."""
+                      macs_terms: list, params: dict | None = None) -> CostTables:
+    """Every MAC term and every parameter as a cost term over at most two layouts.
+    `params`: `dict(module.named_parameters(remove_duplicate=False))`."""
     layouts: list[tuple[np.ndarray, float]] = []
     terms: list[tuple[str, float, list[int], list[str]]] = []
     term_why: list[str] = []
@@ -209,10 +223,16 @@ def build_cost_tables(index: GroupIndex, module: torch.nn.Module, bindings: dict
         idx = [add_layout(a, m) for a, m in t.layouts]
         terms.append(("macs", t.coeff, idx, [t.node]))
         term_why.append(t.why)
+    if params is None:
+        params = dict(module.named_parameters(remove_duplicate=False))
     aliases: dict[int, list[str]] = {}  # a tied weight's names (a graph reads either)
-    for name, p in module.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    for name, p in module.named_parameters():
+    first: list = []  # each parameter once, under its first name (`named_parameters()`)
+    for name, p in params.items():
+        if id(p) not in aliases:
+            aliases[id(p)] = []
+            first.append((name, p))
+        aliases[id(p)].append(name)
+    for name, p in first:
         b = next((bindings[n] for n in aliases[id(p)] if n in bindings), None)
         if b is None:
             terms.append(("params", float(p.numel()), [], []))
@@ -265,7 +285,7 @@ def build_branch_tables(index: GroupIndex, nodes: list[NodeInfo],
     internal: dict[str, frozenset] = {}
     for s in spaces:
         if s.kind == "heads":
-            g, _ = index.locate(s.atoms)
+            g = index.locate_group(s.atoms)
             internal[s.node] = internal.get(s.node, frozenset()) | \
                 frozenset(sorted_unique(g[g >= 0]).tolist())
     users: dict[str, list[str]] = {}
@@ -286,7 +306,7 @@ def build_branch_tables(index: GroupIndex, nodes: list[NodeInfo],
     n_groups = len(index.groups)
     lens = np.array([len(a) for a in arrays], dtype=np.int64)
     node_of = np.repeat(np.array(owner, dtype=np.int64), lens)
-    g, _ = index.locate(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
+    g = index.locate_group(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
     has = g >= 0
     pairs = sorted_unique(node_of[has] * (n_groups + 1) + g[has])
     carried: dict[int, list[int]] = {}

@@ -188,13 +188,25 @@ class GroupIndex:
     pair_pos: np.ndarray
     pair_node: np.ndarray
 
+    def __post_init__(self) -> None:
+        # one entry more, -1, where NO_ATOM (-1) lands: a lookup is one gather, no mask
+        self._group_or_none = np.append(self.atom_group, -1)
+        self._index_or_none = np.append(self.atom_index, -1)
+
+    def _atoms(self, atoms) -> np.ndarray:
+        atoms = np.asarray(atoms, dtype=np.int64)
+        if atoms.size and atoms.min() < -1:  # (none expected: an atom or NO_ATOM)
+            atoms = np.maximum(atoms, -1)
+        return atoms
+
     def locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index in group) of each atom; group -1 where there is no atom."""
-        atoms = np.asarray(atoms, dtype=np.int64)
-        valid = atoms >= 0
-        safe = np.where(valid, atoms, 0)
-        return (np.where(valid, self.atom_group[safe], -1),
-                np.where(valid, self.atom_index[safe], -1))
+        atoms = self._atoms(atoms)
+        return self._group_or_none[atoms], self._index_or_none[atoms]
+
+    def locate_group(self, atoms: np.ndarray) -> np.ndarray:
+        """The group id of each atom (`locate`'s first half); -1 where there is no atom."""
+        return self._group_or_none[self._atoms(atoms)]
 
 
 @dataclass

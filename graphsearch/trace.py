@@ -212,7 +212,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
             ) from exc
         if any("control flow" in why for why in tracer.untraceable.values()):
             graph, tracer = _retrace_on_shapes(model, example_inputs, rules, graph, tracer)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = _graph_module(tracer.root, graph, type(model).__name__)
         fused = fuse(gm, rules)
         if tracer.untraceable:
             gm.graph.eliminate_dead_code()  # nodes left by the failed attempts
@@ -257,6 +257,18 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
     return Traced(gm, values, untraceable, mode, reads)
 
 
+def _graph_module(root, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """The traced module, its Python code generated on first use (a call, `.code`, a
+    pickle), not here: the analysis reads only the graph, and generating and compiling the
+    code of a large model's forward is a tenth of its analysis (fx's own lazy module, as
+    torch's compilers use it)."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # an older or newer torch without it: compiled now
+        return fx.GraphModule(root, graph, name)
+    return _LazyGraphModule(root, graph, name)
+
+
 def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
     """A submodule failed on Python control flow: trace again with the example inputs'
     values at hand, following conditions on sizes. Kept only if fewer modules stay leaves."""
@@ -279,10 +291,15 @@ def fuse(gm: fx.GraphModule, rules) -> int:
     """Apply each node's rule's `fuse` rewrite (a weight-standardised convolution's chain
     becomes one node); returns how many nodes were rewritten."""
     fused = 0
-    modules = dict(gm.named_modules())
+    # a module's rule with a rewrite (none of the project's: they are on functions), else
+    # no walk over the modules (one is a few ms on a large model)
+    on_modules = any(r.fuse is not None for t, r in rules.items() if isinstance(t, type))
+    modules = dict(gm.named_modules()) if on_modules else {}
     for node in list(gm.graph.nodes):
         if node._erased:
             continue  # erased by an earlier rewrite
+        if node.op == "call_module" and not on_modules:
+            continue
         rule = rules.rule_for(node, modules.get(node.target) if node.op == "call_module"
                               else None)
         if rule is not None and rule.fuse is not None and rule.fuse(gm, node):
@@ -411,6 +428,8 @@ class _Recorder(fx.Interpreter):
         # Modules whose rule says they are pure (`Rule.pure`, for their own class): the memo
         # may reuse their output metadata; functions and methods as `Rules.pure_call` says.
         self.pure: set[str] = set()
+        # Modules whose rule computes their output on meta tensors (`Rule.meta`)
+        self.quick: dict[str, Any] = {}
         self.known = known = rules if rules is not None else default_rules()
         for n in gm.graph.nodes:
             if n.op == "call_module":
@@ -419,25 +438,53 @@ class _Recorder(fx.Interpreter):
                 if rules is not None and found is not None and found[0].same_shape and \
                         rules.keeps_whole(m):
                     self.same_shape.add(n.target)
+                if found is not None and found[0].meta is not None and \
+                        known.keeps_whole(m) and found[1] is type(m):
+                    self.quick[n.target] = found[0].meta
                 if known.pure_module(m):
                     self.pure.add(n.target)
+
+    def _quick(self, op: str, target, args, kwargs):
+        """The output from the rule's `meta` (None: run the kernel)."""
+        if self.memo is None or self.memo.off:
+            return None
+        if op == "call_module":
+            meta = self.quick.get(target)
+            if meta is None:
+                return None
+            m = self.submodules[target]
+            if any(getattr(m, name, None) for name in _HOOK_DICTS):  # a hook sees every call
+                return None
+            return meta(m, args, kwargs)
+        rule = self.known.call_rule(op, target)
+        return rule.meta(target, args, kwargs) if rule is not None and \
+            rule.meta is not None else None
 
     def call_module(self, target, args, kwargs):
         if target in self.same_shape and args and isinstance(args[0], torch.Tensor) and \
                 args[0].is_meta:
             return args[0]
+        out = self._quick("call_module", target, args, kwargs)
+        if out is not None:
+            return out
         if self.memo is not None and target in self.pure:
             return self.memo.run(("call_module", self.submodules[target]),
                                  super().call_module, target, args, kwargs)
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
+        out = self._quick("call_function", target, args, kwargs)
+        if out is not None:
+            return out
         if self.memo is not None and self.known.pure_call("call_function", target):
             return self.memo.run(("call_function", target), super().call_function, target,
                                  args, kwargs)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
+        out = self._quick("call_method", target, args, kwargs)
+        if out is not None:
+            return out
         if self.memo is not None and args and type(args[0]) in _PLAIN_TENSORS and \
                 self.known.pure_call("call_method", target):
             return self.memo.run(("call_method", target), super().call_method, target, args,

@@ -15,7 +15,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PlanError
-from .registry import BLOCK, DeadInput, Rule, methods, rule
+from .registry import BLOCK, DeadInput, Rule, methods, plain_meta, rule
+
+# binary ops whose result has the operands' broadcast shape and dtype (not in place)
+_BROADCAST = frozenset({operator.mul, operator.add, operator.sub, operator.truediv, torch.mul,
+                        torch.add, torch.sub, torch.div, "mul", "add", "sub", "div",
+                        "__mul__", "__rmul__", "__add__", "__radd__", "__truediv__"})
+
+
+def _broadcast_meta(target, args, kwargs):
+    """`a * b` (+, -, /) of two row-major meta tensors of one dtype: a row-major tensor of
+    their broadcast shape, as torch's kernel gives; None for anything else (a scalar
+    operand, keywords such as `alpha`, mixed dtypes, any other layout)."""
+    try:
+        if target not in _BROADCAST:
+            return None
+    except TypeError:  # an unhashable target
+        return None
+    if kwargs or len(args) != 2:
+        return None
+    a, b = args
+    if not (plain_meta(a) and plain_meta(b)) or a.dtype != b.dtype:
+        return None
+    try:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:  # not broadcastable: the kernel raises its own error
+        return None
+    return torch.empty(shape, dtype=a.dtype, device="meta")
 
 
 @rule(
@@ -78,12 +104,13 @@ SUB = DeadInput("sub", drops=True, first_stays=True, rewrite=_keep_live_operand)
 
 
 @rule(operator.add, torch.add, *methods("add", "add_", "__add__", "__radd__"),
-      edge="identity", dead=ADD, flow="pass")
+      edge="identity", dead=ADD, flow="pass", meta=_broadcast_meta)
 def add(ctx, node):
     return ctx.elementwise(node)
 
 
-@rule(operator.sub, torch.sub, *methods("sub", "sub_"), edge="identity", dead=SUB, flow="pass")
+@rule(operator.sub, torch.sub, *methods("sub", "sub_"), edge="identity", dead=SUB, flow="pass",
+      meta=_broadcast_meta)
 def sub(ctx, node):
     return ctx.elementwise(node)
 
@@ -91,7 +118,7 @@ def sub(ctx, node):
 @rule(operator.mul, torch.mul, operator.truediv, torch.div, torch.where, torch.maximum,
       torch.minimum, *methods("mul", "mul_", "div", "div_", "__mul__", "__rmul__",
                                   "__truediv__", "masked_fill", "expand_as"),
-      edge="identity", dead=BLOCK, flow="scale")
+      edge="identity", dead=BLOCK, flow="scale", meta=_broadcast_meta)
 def multiply(ctx, node):
     """Broadcasting multiply: an SE gate (B, C, 1, 1) ties its C channels to the feature map."""
     return ctx.elementwise(node)

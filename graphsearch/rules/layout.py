@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..atoms import NO_ATOM
 from ..errors import PlanError
-from .registry import BLOCK, FULL, DeadInput, Rule, arg, methods, rule, unsupported
+from .registry import BLOCK, FULL, DeadInput, Rule, arg, methods, plain_meta, rule, unsupported
 
 
 class ZeroChannels(nn.Module):
@@ -88,7 +88,32 @@ def _cat_without_removed(gm, graph, plan, node: fx.Node, gone: set) -> None:
 CAT = DeadInput("cat", drops=True, rewrite=_cat_without_removed)
 
 
-@rule(torch.cat, torch.concat, torch.concatenate, edge="offset", dead=CAT, slim="free")
+def _cat_meta(target, args, kwargs):
+    """`torch.cat` of row-major meta tensors of one dtype and rank, equal but along `dim`:
+    a row-major tensor of the summed size, as torch's kernel gives (its Python meta kernel
+    is most of a DenseNet's shape pass); None for anything else."""
+    if len(args) not in (1, 2) or set(kwargs) - {"dim"} or (len(args) == 2 and kwargs):
+        return None
+    tensors = args[0]
+    dim = args[1] if len(args) == 2 else kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not tensors or type(dim) is not int:
+        return None
+    first = tensors[0]
+    if not all(plain_meta(t) for t in tensors) or first.dim() == 0 or \
+            not -first.dim() <= dim < first.dim():
+        return None
+    dim %= first.dim()
+    shape = list(first.shape)
+    for t in tensors[1:]:
+        if t.dtype != first.dtype or t.dim() != first.dim() or \
+                any(a != b for d, (a, b) in enumerate(zip(t.shape, shape)) if d != dim):
+            return None
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, edge="offset", dead=CAT, slim="free",
+      meta=_cat_meta)
 def cat(ctx, node):
     tensors = list(node.args[0] if node.args else node.kwargs["tensors"])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

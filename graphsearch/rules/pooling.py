@@ -10,7 +10,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import FULL, methods, rule, set_arg, target_name
+from .registry import FULL, methods, plain_meta, rule, set_arg, target_name
+
+_ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+                 F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+
+
+def _spatial_meta(target, args, kwargs):
+    """Adaptive average pooling of a row-major meta tensor with a batch dim: a row-major
+    (N, C, *output_size) of its dtype, as torch's kernel gives (its decomposition through
+    `mean` is most of a squeeze-excitation network's shape pass); None for anything else."""
+    k = _ADAPTIVE_AVG.get(type(target) if isinstance(target, nn.Module) else target)
+    if k is None or len(args) != (1 if isinstance(target, nn.Module) else 2) or kwargs:
+        return None
+    x = args[0]
+    size = target.output_size if isinstance(target, nn.Module) else args[1]
+    if not plain_meta(x) or x.dim() != k + 2 or not all(x.shape):
+        return None
+    if isinstance(size, int):
+        size = (size,) * k
+    if not isinstance(size, (tuple, list)) or len(size) != k or \
+            not all(s is None or (type(s) is int and s > 0) for s in size):
+        return None
+    out = tuple(x.shape[2 + i] if s is None else s for i, s in enumerate(size))
+    return torch.empty(tuple(x.shape[:2]) + out, dtype=x.dtype, device="meta")
 
 
 @rule(
@@ -24,7 +47,7 @@ from .registry import FULL, methods, rule, set_arg, target_name
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
     F.upsample, torch.max_pool2d,
-    edge="identity", pure=True,
+    edge="identity", pure=True, meta=_spatial_meta,
 )
 def channelwise_spatial(ctx, node):
     """Pooling, interpolation, spatial padding: each channel maps to itself (dim 1)."""

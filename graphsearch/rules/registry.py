@@ -114,6 +114,11 @@ class Rule:
     `metadata` `(target, args) -> bool`: the call returns only its tensor's metadata (sizes,
             rank, dtype, device), never a value computed from the data: the tracer may
             follow a Python condition on it (`if x.size(1) != c`).
+    `meta`  `(target, args, kwargs) -> output | None`: the op's output on meta tensors
+            without running its meta kernel (torch's, in Python, is the slow part of the
+            shape pass for a pooling or a broadcast product), with exactly the kernel's
+            shape, strides and dtype; None where the function is not sure: the kernel runs.
+            `target` is the module of a call_module node, else the node's target.
     `family` the op family: "conv", "linear", "norm", "attention"... (a project rule's
             defaults to its module in graphsearch.rules; "" for a user's that sets none). A
             method reads a layer's kind here (ESNAC: convolution or not), so a rule of
@@ -140,6 +145,7 @@ class Rule:
     trace_as: Callable | None = None
     fuse: Callable | None = None
     metadata: Callable | None = None
+    meta: Callable | None = None
     family: str = ""
     targets: tuple = field(default=(), compare=False)
 
@@ -163,6 +169,21 @@ def rule(*targets: Any, **fields: Any) -> Callable[[Callable], Rule]:
         return Rule(name or tie.__name__, tie, targets=targets, **fields)
 
     return make
+
+
+def plain_meta(t) -> bool:
+    """A plain tensor on meta, row-major contiguous with the standard strides (no view's
+    odd strides on size-1 dims), no autograd, floating point: what `Rule.meta` functions
+    accept, where torch's kernels give a fresh row-major tensor of the same dtype."""
+    if type(t) is not torch.Tensor or not t.is_meta or t.requires_grad or \
+            not t.is_floating_point() or t.layout != torch.strided:
+        return False
+    expected, stride = 1, t.stride()
+    for d in range(t.dim() - 1, -1, -1):
+        if stride[d] != expected:
+            return False
+        expected *= t.shape[d]
+    return True
 
 
 def methods(*names: str) -> tuple:
