@@ -6,8 +6,8 @@
 #   sh benchmarks/cifar10_runs.sh RUNS_DIR BASELINE_WEIGHTS TRAIN VAL TEST "SEEDS" "METHODS"
 #
 # e.g. with the folders of benchmarks/cut_cifar10.py and the converged baseline of
-# benchmarks/train_baseline.py (benchmarks/weights/resnet20_cifar10.pt):
-#   sh benchmarks/cifar10_runs.sh /work/runs/t benchmarks/weights/resnet20_cifar10.pt \
+# benchmarks/train_baseline.py (benchmarks/weights/resnet20_cifar10_116ep.pt):
+#   sh benchmarks/cifar10_runs.sh /work/runs/t benchmarks/weights/resnet20_cifar10_116ep.pt \
 #       /work/runs/cifar/train40k /work/runs/cifar/val5k /work/runs/cifar/test5k \
 #       "0 1 2" "uniform magnitude gensynth autoshrink"
 #

@@ -1,6 +1,6 @@
 """Torch-Pruning beside graphsearch from one converged baseline: plan x fine-tuning recipe.
 
-    python benchmarks/peer.py --weights benchmarks/weights/resnet20_cifar10.pt \
+    python benchmarks/peer.py --weights benchmarks/weights/resnet20_cifar10_116ep.pt \
         --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
         --test /work/runs/cifar/test5k --epochs 10 --seeds 0 1 --out /work/runs/peer
 

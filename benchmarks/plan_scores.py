@@ -2,7 +2,7 @@
 (benchmarks/peer.py) scored by the candidate evaluator's cheap scores, over several training
 seeds, beside their fine-tuned validation accuracy from peer.py's cells.
 
-    python benchmarks/plan_scores.py --weights benchmarks/weights/resnet20_cifar10.pt \
+    python benchmarks/plan_scores.py --weights benchmarks/weights/resnet20_cifar10_116ep.pt \
         --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
         --plans graphsearch:schedule=one-shot graphsearch:schedule=iterative torch-pruning \
         --seeds 0 1 2 --peer-out /work/runs/peer

@@ -1,7 +1,7 @@
 """How well does each cheap candidate score predict the accuracy a plan reaches after a real
 fine-tune? Kendall's tau and seconds per candidate, from one converged baseline.
 
-    python benchmarks/rank_correlation.py --weights benchmarks/weights/resnet20_cifar10.pt \
+    python benchmarks/rank_correlation.py --weights benchmarks/weights/resnet20_cifar10_116ep.pt \
         --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
         --plans 30 --truth-epochs 2 --out /work/runs/rank
 
