@@ -88,30 +88,40 @@ def test_end_to_end_meets_the_target_and_resumes_from_the_cache(trained, tmp_pat
     assert p2.plan.keep == p1.plan.keep
 
 
+def resnet20_problem():
+    """ResNet-20 (4 classes), its example input, its graph and a tiny synthetic data set."""
+    torch.manual_seed(0)
+    model = zoo.MODELS["resnet20"].builder(num_classes=4)
+    x = (torch.zeros(1, 3, 32, 32),)
+    return model, x, analyze(model, x), load_dataset("synthetic:48:4", image_size=32,
+                                                     cache_dir=False)
+
+
+def rewards_width_of(group, base: float, span: float):
+    """A known F for `CandidateEvaluator.evaluate`: `base + span * sqrt(kept share of
+    group)`, flat in every other group."""
+    def evaluate(self, keeps, state_dict, teacher_state=None, labels=None):
+        out = []
+        for keep in keeps:
+            c = self.cost(keep)
+            w = len(keep.get(group.id, range(group.size)))
+            acc = base + span * np.sqrt(w / group.size)
+            out.append(EvalResult("k", keep, float(acc), c["flops"], c["macs"], c["params"],
+                                  0.0))
+        return out
+    return evaluate
+
+
 def test_the_search_follows_F(tmp_path, monkeypatch):
     """A known F on ResNet-20 that rewards only the width of one stage-3 residual branch
     (group 11, off in the seed): every pass turns the branch on and grows it to full width
     before anything else, and the landed plan keeps it whole. CELF choosing in random order, or by weight magnitude, does not."""
 
-    torch.manual_seed(0)
-    model = zoo.MODELS["resnet20"].builder(num_classes=4)
-    x = (torch.zeros(1, 3, 32, 32),)
-    graph = analyze(model, x)
-    data = load_dataset("synthetic:48:4", image_size=32, cache_dir=False)
+    model, x, graph, data = resnet20_problem()
     target = graph.groups[11]
     assert target.removable
 
-    def fake(self, keeps, state_dict, teacher_state=None, labels=None):
-        out = []
-        for keep in keeps:
-            w = len(keep.get(target.id, range(target.size)))
-            c = self.cost(keep)
-            acc = 0.3 + 0.6 * np.sqrt(w / target.size)
-            out.append(EvalResult("k", keep, float(acc), c["flops"], c["macs"], c["params"],
-                                  0.0))
-        return out
-
-    monkeypatch.setattr(CandidateEvaluator, "evaluate", fake)
+    monkeypatch.setattr(CandidateEvaluator, "evaluate", rewards_width_of(target, 0.3, 0.6))
     ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x)
     ctx.example_inputs = x
     p = Submodular().search(ctx)
@@ -135,24 +145,10 @@ def test_where_F_is_flat_the_groups_grow_alike(tmp_path, monkeypatch):
     decides: uniform widths or a magnitude order fail here) and grow the rest alike (the
     graph's order fails: stage 1 at full width, 31,158 parameters against uniform's 91,919)."""
 
-    torch.manual_seed(0)
-    model = zoo.MODELS["resnet20"].builder(num_classes=4)
-    x = (torch.zeros(1, 3, 32, 32),)
-    graph = analyze(model, x)
-    data = load_dataset("synthetic:48:4", image_size=32, cache_dir=False)
+    model, x, graph, data = resnet20_problem()
     branch = graph.groups[11]
 
-    def flat_but_one(self, keeps, state_dict, teacher_state=None, labels=None):
-        out = []
-        for keep in keeps:
-            c = self.cost(keep)
-            w = len(keep.get(branch.id, range(branch.size)))
-            acc = 0.25 + 0.5 * np.sqrt(w / branch.size)
-            out.append(EvalResult("k", keep, float(acc), c["flops"], c["macs"], c["params"],
-                                  0.0))
-        return out
-
-    monkeypatch.setattr(CandidateEvaluator, "evaluate", flat_but_one)
+    monkeypatch.setattr(CandidateEvaluator, "evaluate", rewards_width_of(branch, 0.25, 0.5))
     ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x)
     p = Submodular().search(ctx)
     uniform = SearchContext(graph=graph, model=model, data=None, constraints=ctx.constraints,
