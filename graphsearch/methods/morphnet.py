@@ -55,17 +55,19 @@ bias that a short fine-tune cannot undo.
 
 Issue 18 item 4 (below uniform), measured 2026-12-02 on benchmarks/weights/resnet20_cifar10.pt
 (86.48%), 1/3 FLOPs, 126 shrink steps on 8,000 images, one search seed, each plan scored by
-adaptive BN then 30 steps on all 5,000 validation images over 3 seeds
-(`benchmarks/plan_scores.py`, method:morphnet): with today's `--round-to 8` the plan scores
-58.9% against uniform's 47.8% and magnitude's 64.1% (54.7% at `--round-to 1`). The shrink
-phase still thins stage 1 to 2-4 alive channels a group: the pull per channel is its FLOPs
-(stage-1 trunk 2.0e6, stage-1 branches 5.9e5, stage 3 1.1e5-3.7e5) and the loss barely
-resists a group-wide shrink of gammas whose consumers are conv + BN, so groups empty in the
-order of starting gamma over pull. Multiples of 8 round those groups back up to 8 and the
-expand step then adds 37% of the FLOPs (2.7% at `--round-to 1`; an earlier measurement of
-those widths with magnitude's channels in each group gave 39%). Tried and dropped: restoring each group's gamma norm after the
-proximal step (so the pull thins a group but cannot shrink its scale): it removed a whole
-stage-1 block and scored 52.8%.
+adaptive BN then 30 steps on all 5,000 validation images over 3 seeds (uniform's and
+magnitude's plans by `benchmarks/plan_scores.py`, MorphNet's by a scratch copy of its
+method:NAME plan): with today's `--round-to 8` MorphNet's plan scores 58.9% against uniform's
+47.8% and magnitude's 64.1% (54.7% at `--round-to 1`). The shrink phase still thins stage 1
+to 2-4 alive channels a group: the pull per channel is its FLOPs (stage-1 trunk 2.0e6,
+stage-1 branches 5.9e5, stage 3 1.1e5-3.7e5) and the loss barely resists a group-wide shrink
+of gammas whose consumers are conv + BN, so groups empty in the order of starting gamma over
+pull. Multiples of 8 round those groups back up to 8 and the expand step then adds 37% of
+the FLOPs (2.7% at `--round-to 1`; an earlier measurement of those widths with magnitude's
+channels in each group gave 39%). Tried and dropped: restoring each group's gamma norm after
+the proximal step (so the pull thins a group but cannot shrink its scale): it removed a
+whole stage-1 block and scored 52.8%. From the 116-epoch baseline (87.82%) the same plan
+scores 49.0% against uniform's 41.7% and magnitude's 53.9% (`rank_correlation.md`).
 """
 
 from __future__ import annotations
