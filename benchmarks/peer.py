@@ -34,9 +34,11 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from graphsearch.analysis import analyze
@@ -106,26 +108,51 @@ def peer_recipe(lr: float):
     return dict(optimizer=sgd, scheduler=one_cycle)
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def settings_of(text: str) -> dict:
+    """`key=value,...` as a settings dict (values read as JSON where they parse)."""
+    out = {}
+    for kv in filter(None, text.split(",")):
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def plan_module(baseline, plan: str, args, data=None):
+    """The pruned module a plan names: `torch-pruning`, `graphsearch[:k=v,...]` (magnitude
+    through the target step) or `method:NAME[:k=v,...]` (method NAME's search from the
+    baseline on `args.search_images` evenly spaced training images for `args.search_epochs`,
+    search seed 0; the module carries the weights the pipeline would fine-tune)."""
+    model = copy.deepcopy(baseline)
+    if plan == "torch-pruning":
+        return torch_pruning_plan(model, args.flops, args.round_to, args.tp_step)
+    state = Path(tempfile.mkdtemp(prefix="peer_state_"))
+    if plan.startswith("method:"):
+        _, name, *rest = plan.split(":", 2)
+        search = copy.copy(data)
+        search.train = data.train.subset(
+            np.linspace(0, len(data.train) - 1, args.search_images).round().astype(int).tolist())
+        return graphsearch_plan(model, search, args.flops, args.round_to,
+                                settings_of(rest[0] if rest else ""), state, method=name,
+                                epochs=args.search_epochs, log=lambda s: print("  " + s))
+    settings = settings_of(plan.split(":", 1)[1]) if ":" in plan else {}
+    return graphsearch_plan(model, None, args.flops, args.round_to, settings, state)
+
+
+def widths(module) -> list[int]:
+    """Every convolution's output channels, in module order: the plan, readable."""
+    return [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
     path = args.out / f"{plan}__{recipe}__s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    model = copy.deepcopy(baseline)
-    if plan == "torch-pruning":
-        pruned = torch_pruning_plan(model, args.flops, args.round_to, args.tp_step)
-    else:
-        settings = dict(kv.split("=", 1) for kv in plan.split(":", 1)[1].split(",")) \
-            if ":" in plan else {}
-        settings = {k: _value(v) for k, v in settings.items()}
-        pruned = graphsearch_plan(model, data, args.flops, args.round_to, settings,
-                                  args.out / "state")
+    t0 = time.time()
+    pruned = plan_module(baseline, plan, args, data)
+    searched = time.time() - t0
     cost = analyze(pruned, example_inputs("resnet20")).baseline
     base_cost = analyze(baseline, example_inputs("resnet20")).baseline
     before = evaluate(pruned.eval(), data.test)
@@ -148,7 +175,8 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
            "macs_ratio": cost.macs / base_cost.macs, "macs": cost.macs, "params": cost.params,
            "test_before": before, "val": evaluate(pruned.eval(), data.val),
            "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
-           "load": os.getloadavg()[0], "train_images": len(data.train)}
+           "load": os.getloadavg()[0], "train_images": len(data.train),
+           "search_seconds": searched, "widths": widths(pruned)}
     path.write_text(json.dumps(row, indent=1))
     return row
 
@@ -192,6 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--plans", nargs="+", default=["graphsearch", "torch-pruning"])
     ap.add_argument("--recipes", nargs="+", default=["project", "peer"])
+    ap.add_argument("--search-images", type=int, default=8000,
+                    help="training images a method:NAME plan's search sees (evenly spaced)")
+    ap.add_argument("--search-epochs", type=float, default=2.0)
     ap.add_argument("--table", action="store_true", help="print the finished cells and exit")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,34 +39,6 @@ from graphsearch.evaluator import run_candidate  # noqa: E402
 from graphsearch.zoo import build  # noqa: E402
 
 SCORES = ("adaptive-bn-256", "bn-256+steps-30")
-
-
-def _settings(text: str) -> dict:
-    out = {}
-    for kv in filter(None, text.split(",")):
-        k, v = kv.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except ValueError:
-            out[k] = v
-    return out
-
-
-def pruned_module(baseline, plan: str, args, data=None):
-    model = copy.deepcopy(baseline)
-    if plan == "torch-pruning":
-        return peer.torch_pruning_plan(model, args.flops, args.round_to, 0.01)
-    state = Path(tempfile.mkdtemp(prefix="plan_scores_"))
-    if plan.startswith("method:"):
-        _, name, *rest = plan.split(":", 2)
-        search = copy.copy(data)
-        search.train = data.train.subset(np.linspace(0, len(data.train) - 1, args.search_images)
-                                         .round().astype(int).tolist())
-        return peer.graphsearch_plan(model, search, args.flops, args.round_to,
-                                     _settings(rest[0] if rest else ""), state, method=name,
-                                     epochs=args.search_epochs, log=lambda s: print("  " + s))
-    settings = _settings(plan.split(":", 1)[1]) if ":" in plan else {}
-    return peer.graphsearch_plan(model, None, args.flops, args.round_to, settings, state)
 
 
 def fine_tuned_val(peer_out: Path | None, plan: str) -> str:
@@ -97,6 +68,7 @@ def main(argv=None) -> int:
                     help="training images a method:NAME plan's search sees (evenly spaced)")
     ap.add_argument("--search-epochs", type=float, default=2.0)
     args = ap.parse_args(argv)
+    args.tp_step = 0.01
     torch.set_num_threads(1)
     data = load_dataset(args.train, val_data=args.val, val_fraction=0.0, test_fraction=0.0)
     baseline = build("resnet20")
@@ -109,7 +81,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---|")
     for plan in args.plans:
         start = time.time()
-        pruned = pruned_module(baseline, plan, args, data)
+        pruned = peer.plan_module(baseline, plan, args, data)
         searched = time.time() - start
         params = sum(p.numel() for p in pruned.parameters())
         cols = []
