@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weights", help="trained weights (a state dict); without them the "
                                        "baseline is trained first")
     opt.add_argument("--data", help="training data: ImageFolder folder or .zip/.tar.gz, CIFAR "
-                                    "pickle batches, or 'synthetic[:N[:K]]' (default: the "
+                                    "pickle batches, or 'synthetic[:N[:K[:L]]]' (default: the "
                                     "built-in synthetic set)")
     opt.add_argument("--val-data", metavar="PATH",
                      help="validation data (same formats as --data), on which every decision "

@@ -19,7 +19,9 @@ plus the class names, the input shape, and a record of the preprocessing applied
   seed. Each class combines an oriented grating, a colour and a blob position, with noise,
   random phase, contrast and shifts on top, so a small CNN learns it within an epoch or two
   but cannot read the label off one pixel. No files are needed, which makes it the data of
-  tests and smoke runs.
+  tests and smoke runs. ``"synthetic:N:K:L"`` makes each class the union of L/K unrelated
+  looks (L > K): a harder task, on which a pruned network's loss of capacity shows (the
+  demo's data).
 - an ImageFolder layout (``root/<class>/<image>``), given as a folder, a ``.zip`` or a
   ``.tar[.gz]``. Class folders may sit under one top-level folder (``train/airplane/1.png``,
   as in the project's CIFAR-10 zip); when the top level holds split folders (``train/``,
@@ -596,13 +598,16 @@ def _load_role(spec, flag: str, train_raw: RawImages, seed: int, role_index: int
         if train_raw.format == "synthetic":
             k_train = len(train_raw.class_names)
             try:
-                _, k = _parse_synthetic(spec)
+                _, k, looks = _parse_synthetic(spec)
             except UserError as exc:
                 raise UserError(f"{flag}: {exc}") from None
             if k != k_train:
                 raise UserError(f"{flag} '{spec}' has {k} classes but the training data "
                                 f"'{train_raw.source}' has {k_train}; synthetic sets with "
                                 "other class counts are other tasks: give the same K")
+            if looks != _parse_synthetic(train_raw.source)[2]:
+                raise UserError(f"{flag} '{spec}' has other looks per class than the training "
+                                f"data '{train_raw.source}': another task; give the same L")
     else:
         role_seed = seed
     try:
@@ -654,14 +659,14 @@ def load_images(spec: str | os.PathLike | None, *, seed: int = 0,
         raise UserError("memory-mapped data is decoded into the cache folder: give one "
                         "(--shared-data DIR) instead of disabling the cache")
     if spec is None or (isinstance(spec, str) and spec.split(":", 1)[0] == "synthetic"):
-        n, k = _parse_synthetic(spec)
+        n, k, looks = _parse_synthetic(spec)
         hw = size or (32, 32)
         if mapped or (mapped is None and folder is not None
                       and n * 3 * hw[0] * hw[1] > MAP_ABOVE_BYTES):
-            return _mapped_synthetic(n, k, hw, seed, folder)
-        images, labels = synthetic_images(n, k, hw, seed=seed)
+            return _mapped_synthetic(n, k, hw, seed, folder, looks=looks)
+        images, labels = synthetic_images(n, k, hw, seed=seed, looks=looks)
         return RawImages(images, labels, [f"class_{i}" for i in range(k)],
-                         f"synthetic:{n}:{k}", "synthetic")
+                         _synthetic_name(n, k, looks), "synthetic")
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"data '{spec}' does not exist; pass an ImageFolder (folder, .zip or "
@@ -781,66 +786,81 @@ def channel_mean_std(images: torch.Tensor, rows: torch.Tensor | None = None,
 
 def synthetic_images(n: int = SYNTHETIC_DEFAULT_IMAGES,
                      num_classes: int = SYNTHETIC_DEFAULT_CLASSES,
-                     size: Sequence[int] = (32, 32), *,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     size: Sequence[int] = (32, 32), *, seed: int = 0,
+                     looks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` RGB uint8 images (n, 3, H, W) of `num_classes` classes, determined by `seed`.
 
-    A class is a fixed combination of three cues: the orientation and frequency of a grating,
+    A look is a fixed combination of three cues: the orientation and frequency of a grating,
     a colour, and the position of a blob. Each image draws a random phase, contrast, blob
-    shift (up to size/8 pixels), brightness and pixel noise. The class definitions are the
-    same for every seed (the task does not change); the seed picks the samples. Labels are
-    balanced and in random order.
+    shift (up to size/8 pixels), brightness and pixel noise. By default a class is one look;
+    with `looks` L > `num_classes`, look j belongs to class j mod K, so a class is the union
+    of about L/K unrelated looks whose cues sit closer together: a task where a network's
+    capacity shows (the demo's). The definitions are the same for every seed (the task does
+    not change); the seed picks the samples. Labels are balanced and in random order.
     """
     h, w = int(size[0]), int(size[1])
     k = int(num_classes)
-    proto = torch.Generator().manual_seed(1_000_003 + k)  # fixed class definitions
+    looks = k if looks is None else int(looks)
+    proto = torch.Generator().manual_seed(1_000_003 + k + (0 if looks == k else 7919 * looks))
     # Orientations spread over 180 degrees but visited in a scrambled order, so neighbouring
     # labels do not look alike; colours and blob positions are shuffled independently.
-    theta = math.pi * torch.randperm(k, generator=proto).float() / k
-    freq = 1.5 + 2.0 * torch.rand(k, generator=proto)  # cycles per image
-    hue = 2 * math.pi * torch.randperm(k, generator=proto).float() / k
-    colour = torch.stack([torch.cos(hue + o) for o in (0.0, 2.1, 4.2)], 1)  # (k, 3) in [-1, 1]
-    blob_pos = 0.2 + 0.6 * torch.rand(k, 2, generator=proto)  # (y, x) in [0.2, 0.8]
+    theta = math.pi * torch.randperm(looks, generator=proto).float() / looks
+    freq = 1.5 + 2.0 * torch.rand(looks, generator=proto)  # cycles per image
+    hue = 2 * math.pi * torch.randperm(looks, generator=proto).float() / looks
+    colour = torch.stack([torch.cos(hue + o) for o in (0.0, 2.1, 4.2)], 1)  # (L, 3) in [-1, 1]
+    blob_pos = 0.2 + 0.6 * torch.rand(looks, 2, generator=proto)  # (y, x) in [0.2, 0.8]
     blob_col = torch.stack([torch.cos(hue * 2 + 1 + o) for o in (0.0, 2.1, 4.2)], 1)
 
     g = torch.Generator().manual_seed(int(seed))
-    labels = torch.arange(n) % k
-    labels = labels[torch.randperm(n, generator=g)]
+    look = torch.arange(n) % looks
+    look = look[torch.randperm(n, generator=g)]
+    labels = look % k
     yy = torch.linspace(0, 1, h).view(1, h, 1)
     xx = torch.linspace(0, 1, w).view(1, 1, w)
-    th, fr = theta[labels].view(n, 1, 1), freq[labels].view(n, 1, 1)
+    th, fr = theta[look].view(n, 1, 1), freq[look].view(n, 1, 1)
     phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
     grating = torch.cos(2 * math.pi * fr * (xx * torch.cos(th) + yy * torch.sin(th)) + phase)
     contrast = 0.15 + 0.15 * torch.rand(n, 1, 1, 1, generator=g)
-    img = 0.5 + contrast * grating.unsqueeze(1) * (0.5 + 0.5 * colour[labels].view(n, 3, 1, 1))
+    img = 0.5 + contrast * grating.unsqueeze(1) * (0.5 + 0.5 * colour[look].view(n, 3, 1, 1))
     shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.25
-    centre = blob_pos[labels] + shift
+    centre = blob_pos[look] + shift
     r2 = (yy - centre[:, 0].view(n, 1, 1)) ** 2 + (xx - centre[:, 1].view(n, 1, 1)) ** 2
     blob = torch.exp(-r2 / (2 * 0.08 ** 2)).unsqueeze(1)
-    img = img + 0.3 * blob * blob_col[labels].view(n, 3, 1, 1)
+    img = img + 0.3 * blob * blob_col[look].view(n, 3, 1, 1)
     img = img + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)  # brightness
     img = img + 0.12 * torch.randn(n, 3, h, w, generator=g)  # pixel noise
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels
 
 
-def _parse_synthetic(spec: str | None) -> tuple[int, int]:
+def _parse_synthetic(spec: str | None) -> tuple[int, int, int]:
+    """(images, classes, looks) of a synthetic spec."""
     if spec is None or spec == "synthetic":
-        return SYNTHETIC_DEFAULT_IMAGES, SYNTHETIC_DEFAULT_CLASSES
+        return SYNTHETIC_DEFAULT_IMAGES, SYNTHETIC_DEFAULT_CLASSES, SYNTHETIC_DEFAULT_CLASSES
     parts = spec.split(":")[1:]
     try:
         values = [int(p) for p in parts]
     except ValueError:
         values = []
-    if not 1 <= len(values) <= 2 or len(values) != len(parts):
-        raise UserError(f"cannot read '{spec}': write 'synthetic', 'synthetic:N' (N images) or "
-                        "'synthetic:N:K' (N images of K classes)")
+    if not 1 <= len(values) <= 3 or len(values) != len(parts):
+        raise UserError(f"cannot read '{spec}': write 'synthetic', 'synthetic:N' (N images), "
+                        "'synthetic:N:K' (N images of K classes) or 'synthetic:N:K:L' (each "
+                        "class the union of L/K looks)")
     n = values[0]
-    k = values[1] if len(values) == 2 else SYNTHETIC_DEFAULT_CLASSES
+    k = values[1] if len(values) >= 2 else SYNTHETIC_DEFAULT_CLASSES
+    looks = values[2] if len(values) == 3 else k
     if k < 2 or n < 2 * k:
         raise UserError(f"'{spec}' needs at least 2 classes and 2 images per class "
                         f"(got {n} images of {k} classes)")
-    return n, k
+    if looks % k or n < looks:
+        raise UserError(f"'{spec}': the looks L must be a multiple of the classes K (so the "
+                        f"classes stay balanced) and at most the images N (got L={looks}, "
+                        f"K={k}, N={n})")
+    return n, k, looks
+
+
+def _synthetic_name(n: int, k: int, looks: int) -> str:
+    return f"synthetic:{n}:{k}" + (f":{looks}" if looks != k else "")
 
 
 def _parse_size(image_size) -> tuple[int, int] | None:
@@ -1424,9 +1444,11 @@ def _mapped_source(path: Path, size, folder: Path) -> RawImages:
 
 
 def _mapped_synthetic(n: int, k: int, hw, seed: int, folder: Path,
-                      chunk: int = 1000) -> RawImages:
-    """`synthetic:N:K` generated `chunk` images at a time into the cache, mapped."""
-    name = f"synthetic.mapped-{n}-{k}-{hw[0]}x{hw[1]}-seed{seed}-v{CACHE_VERSION}"
+                      chunk: int = 1000, looks: int | None = None) -> RawImages:
+    """`synthetic:N:K[:L]` generated `chunk` images at a time into the cache, mapped."""
+    looks = k if looks is None else looks
+    name = (f"synthetic.mapped-{n}-{k}" + (f"-{looks}looks" if looks != k else "") +
+            f"-{hw[0]}x{hw[1]}-seed{seed}-v{CACHE_VERSION}")
     raw_file, meta_file = folder / f"{name}.u8", folder / f"{name}.pt"
     raw = _read_mapped(raw_file, meta_file)
     if raw is not None:
@@ -1436,11 +1458,11 @@ def _mapped_synthetic(n: int, k: int, hw, seed: int, folder: Path,
         labels = []
         for i, start in enumerate(range(0, n, chunk)):
             images, lab = synthetic_images(min(chunk, n - start), k, hw,
-                                           seed=int(seed) * 1_000_003 + i)
+                                           seed=int(seed) * 1_000_003 + i, looks=looks)
             f.write(images.numpy().tobytes())
             labels.append(lab)
         raw = RawImages(None, torch.cat(labels), [f"class_{i}" for i in range(k)],
-                        f"synthetic:{n}:{k}", "synthetic",
+                        _synthetic_name(n, k, looks), "synthetic",
                         [f"synthetic images generated in chunks of {chunk}"])
         return raw, (n, 3, int(hw[0]), int(hw[1]))
 

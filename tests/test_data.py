@@ -319,8 +319,32 @@ def test_synthetic_is_deterministic_and_balanced():
     assert load_dataset("synthetic:100:5", image_size=(16, 24)).input_shape == (3, 16, 24)
 
 
+def test_synthetic_looks_make_each_class_a_union_of_unrelated_looks():
+    """`synthetic:N:K:L` (the demo's data): a class mixes L/K unrelated looks, so one template
+    a class (the nearest class-mean image) reads far fewer held-out labels than with one look
+    a class; the default (L = K) is the same data as before the option existed."""
+    one, l1 = synthetic_images(400, 4, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip((one, l1), synthetic_images(400, 4, seed=3,
+                                                                             looks=4)))
+    four, l4 = synthetic_images(400, 4, seed=3, looks=16)
+    assert torch.bincount(l4).tolist() == [100] * 4
+
+    def nearest_class_mean(looks):
+        train, lt = synthetic_images(800, 4, seed=3, looks=looks)
+        held, lh = synthetic_images(400, 4, seed=4, looks=looks)
+        feats = [torch.nn.functional.avg_pool2d(x.float(), 4).flatten(1) for x in (train, held)]
+        centres = torch.stack([feats[0][lt == c].mean(0) for c in range(4)])
+        return (torch.cdist(feats[1], centres).argmin(1) == lh).float().mean().item()
+    assert nearest_class_mean(16) < nearest_class_mean(4) - 0.15
+    bundle = load_dataset("synthetic:400:4:16", val_data="synthetic:80:4:16")
+    assert bundle.num_classes == 4 and len(bundle.val) == 80
+    with pytest.raises(UserError, match="looks"):
+        load_dataset("synthetic:400:4:16", val_data="synthetic:80:4")
+
+
 @pytest.mark.parametrize("spec", ["synthetic:abc", "synthetic:1:2:3", "synthetic:10:1",
-                                  "synthetic:3:4"])
+                                  "synthetic:3:4", "synthetic:100:10:15",
+                                  "synthetic:100:2:4:8"])
 def test_bad_synthetic_spec(spec):
     with pytest.raises(UserError, match="synthetic"):
         load_dataset(spec)
