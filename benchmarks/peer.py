@@ -189,18 +189,21 @@ def table(out: Path) -> str:
             r["recipe"].replace("project", f"project ({r['recipe_name']})", 1)
         cells.setdefault((r["plan"], recipe, r["epochs"]), []).append(r)
     lines = ["| plan | recipe | epochs | seeds | MACs ratio | params | test top-1 before "
-             "fine-tuning | test top-1 after: mean | min-max | val top-1 | s per run |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "fine-tuning | test top-1 after: mean | min-max | val top-1: mean | min-max | "
+             "search s | s per run |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (plan, recipe, epochs), rs in sorted(cells.items(),
                                              key=lambda kv: -statistics.mean(
                                                  r["test"] for r in kv[1])):
         t = [r["test"] * 100 for r in rs]
+        v = [r["val"] * 100 for r in rs]
         lines.append(
             f"| {plan} | {recipe} | {epochs} | {','.join(str(r['seed']) for r in rs)} | "
             f"{rs[0]['macs_ratio']:.4f} | {rs[0]['params']:,} | "
             f"{statistics.mean(r['test_before'] for r in rs) * 100:.2f} | "
             f"{statistics.mean(t):.2f} | {min(t):.2f}-{max(t):.2f} | "
-            f"{statistics.mean(r['val'] for r in rs) * 100:.2f} | "
+            f"{statistics.mean(v):.2f} | {min(v):.2f}-{max(v):.2f} | "
+            f"{statistics.mean(r.get('search_seconds', 0.0) for r in rs):.0f} | "
             f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     return "\n".join(lines)
 
