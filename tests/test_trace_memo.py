@@ -4,6 +4,8 @@ metadata (trace._MetaMemo): the shapes it records must be those of running every
 from __future__ import annotations
 
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ def _shapes(traced, inputs, memo: bool, monkeypatch, counter=None):
 def test_memo_records_the_kernels_shapes_on_the_zoo(name, monkeypatch):
     model, inputs = zoo.build(name), zoo.example_inputs(name)
     traced = T.trace(model, inputs)
+    # the memo alone: no rule's `meta` (a conv's would answer every call before the memo)
+    monkeypatch.setattr(T._Recorder, "_quick", lambda self, op, target, args, kwargs: None)
     counter = {"calls": 0, "new": 0}
     with_memo = _shapes(traced, inputs, True, monkeypatch, counter)
     assert with_memo == _shapes(traced, inputs, False, monkeypatch)
@@ -114,3 +118,88 @@ def test_memo_is_off_under_a_global_hook_or_a_mode():
     finally:
         handle.remove()
     assert not T._MetaMemo().off
+
+
+# ------------------------------------------------------------------ Rule.meta against kernels
+
+def _without_rule_metas(traced, inputs, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(T._Recorder, "_quick", lambda self, op, target, args, kwargs: None)
+        values = T.propagate_shapes(traced.module, inputs)
+    return {k: _sig(v) for k, v in values.items()}
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny", "shufflenet_v2", "inception_v3"])
+def test_rule_metas_record_the_kernels_shapes_on_the_zoo(name, monkeypatch):
+    model, inputs = zoo.build(name), zoo.example_inputs(name)
+    traced = T.trace(model, inputs)
+    with_metas = {k: _sig(v) for k, v in T.propagate_shapes(traced.module, inputs).items()}
+    assert with_metas == _without_rule_metas(traced, inputs, monkeypatch)
+
+
+def _plain_parameters(m: nn.Module) -> nn.Module:
+    """On meta, its parameters plain tensors, as the shape pass swaps them in."""
+    m = m.to("meta")
+    for name, p in list(m._parameters.items()):
+        if p is not None:
+            m._parameters[name] = torch.empty(p.shape, dtype=p.dtype, device="meta")
+    return m
+
+
+def _agrees_with_kernel(meta, m, x) -> bool:
+    """The rule's output is the kernel's (shape, strides, dtype, offset, grad), or None;
+    True if it gave one."""
+    try:
+        want = _sig(m(x)), m(x).storage_offset(), m(x).requires_grad
+    except Exception:  # noqa: BLE001 - the kernel refuses: so must the rule
+        want = None
+    got = meta(m, (x,), {})
+    if got is None:
+        return False
+    assert want == (_sig(got), got.storage_offset(), got.requires_grad), (m, x.shape, x.stride())
+    return True
+
+
+def _inputs(shape, dtype=torch.float32):
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    out = [x, torch.empty(shape, device="meta")]  # (float32: another dtype than a half model)
+    if x.dim() > 1:
+        out.append(x.transpose(-1, -2))
+    if x.dim() == 4:
+        out.append(x.contiguous(memory_format=torch.channels_last))
+    return out
+
+
+def test_conv_meta_is_the_kernels():
+    from graphsearch.rules.conv import _conv_meta
+
+    given = 0
+    for cls, k in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+        for cin, cout, groups in ((4, 6, 1), (4, 8, 2), (4, 4, 4), (1, 3, 1), (3, 1, 1)):
+            for size, stride, padding, dilation, bias, mode in itertools.product(
+                    (1, 3), (1, 2), (0, 1, "same", "valid"), (1, 2), (True, False),
+                    ("zeros", "reflect")):
+                if padding == "same" and stride != 1:
+                    continue
+                for dtype in (torch.float32, torch.float16):
+                    m = _plain_parameters(cls(cin, cout, size, stride, padding, dilation, groups,
+                                              bias, mode).to(dtype))
+                    for spatial in ((1,) * k, (5,) * k, tuple(range(2, 2 + k))):
+                        for batch in (1, 2):
+                            for x in _inputs((batch, cin) + spatial, dtype):
+                                given += _agrees_with_kernel(_conv_meta, m, x)
+    assert given > 1000
+
+
+def test_linear_meta_is_the_kernels():
+    from graphsearch.rules.linear import _linear_meta
+
+    given = 0
+    for fin, fout, bias in ((4, 6, True), (4, 6, False), (1, 5, True), (5, 1, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            m = _plain_parameters(nn.Linear(fin, fout, bias=bias).to(dtype))
+            for shape in ((fin,), (1, fin), (3, fin), (2, 1, fin), (2, 3, fin), (1, 1, fin),
+                          (2, 3, 4, fin), (3, 5)):
+                for x in _inputs(shape, dtype):
+                    given += _agrees_with_kernel(_linear_meta, m, x)
+    assert given > 50
