@@ -39,7 +39,12 @@ def _parametrized(m: torch.nn.Module, qualname: str) -> bool:
     """A module whose weight a parametrization computes (`weight_norm`), or a part of that
     computation: traced through (a torch.nn module is a leaf by default), so that the
     computation is seen (its class's rule would slice a parameter it no longer has)."""
-    return parametrize.is_parametrized(m) or ".parametrizations." in f".{qualname}."
+    # is_parametrized reads `m.parametrizations`, which most modules lack: while fx traces,
+    # each miss goes through fx's attribute wrapper and an AttributeError. Asked only of a
+    # module that can have one (a submodule of that name, or an attribute of the object).
+    owns = "parametrizations" in m._modules or "parametrizations" in vars(m) or \
+        hasattr(type(m), "parametrizations")
+    return (owns and parametrize.is_parametrized(m)) or ".parametrizations." in f".{qualname}."
 
 
 class _LeafFallbackTracer(fx.Tracer):
