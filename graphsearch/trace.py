@@ -508,7 +508,11 @@ class _Recorder(fx.Interpreter):
                     # another: `if x.mean() > 0: return x + self.conv(x)`)
         else:
             try:
-                out = super().run_node(n)
+                # fx's run_node without its bookkeeping for graphs built while a graph runs
+                # (a node-meta context and a debug line, two context managers a node): this
+                # run builds none
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                out = getattr(self, n.op)(n.target, args, kwargs)
             except Exception as exc:
                 if not hasattr(exc, "graphsearch_node"):  # the node the meta pass failed at
                     exc.graphsearch_node = n.name
