@@ -361,23 +361,30 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, rules=None, real
     if real:
         with torch.no_grad():
             return _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
-    state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
-    holder = _Holder(gm, rules)
+    rec = _Recorder(gm, record_as_meta=False, rules=rules)
+    state = {}
+    for name, value in gm.state_dict(keep_vars=True).items():
+        owner, _, attr = name.rpartition(".")
+        if owner in rec.deferred and isinstance(value, torch.Tensor):
+            rec.deferred[owner][attr] = value
+        else:
+            state[f"gm.{name}"] = _to_meta(value)
     meta_inputs = tuple(tree_map(_to_meta, tuple(example_inputs)))
-    state = {f"gm.{k}": v for k, v in state.items()}
-    return torch.func.functional_call(holder, state, meta_inputs, strict=False, tie_weights=False)
+    return torch.func.functional_call(_Holder(gm, rec), state, meta_inputs, strict=False,
+                                      tie_weights=False)
 
 
 class _Holder(torch.nn.Module):
     """Runs the recorder inside functional_call so that parameters are swapped for meta ones."""
 
-    def __init__(self, gm: fx.GraphModule, rules=None) -> None:
+    def __init__(self, gm: fx.GraphModule, recorder: "_Recorder") -> None:
         super().__init__()
         self.gm = gm
-        self.rules = rules
+        self.recorder = recorder
 
     def forward(self, *args):
-        return _propagate(self.gm, args, record_as_meta=False, rules=self.rules)
+        self.recorder.run(*args)
+        return self.recorder.recorded
 
 
 class _ValueReads(TorchDispatchMode):
@@ -448,6 +455,19 @@ class _Recorder(fx.Interpreter):
                     self.quick[n.target] = found[0].meta
                 if known.pure_module(m):
                     self.pure.add(n.target)
+        # Modules whose output their rule gives (`same_shape`, `Rule.meta`) read none of
+        # their own parameters and buffers: the meta pass leaves those out of its swap
+        # (`propagate_shapes`; a model's worth of meta tensors otherwise), here by name, and
+        # gives the module meta copies only if its kernel runs after all. Not a module that
+        # an attribute read names, nor one that another module's kernel may call.
+        self.deferred: dict[str, dict[str, Any]] = {}
+        if self.memo is not None and not self.memo.off:
+            answered = self.same_shape | self.quick.keys()
+            read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+            inside = {id(c) for n in gm.graph.nodes if n.op == "call_module" and
+                      n.target not in answered for c in self.submodules[n.target].modules()}
+            self.deferred = {t: {} for t in answered if id(self.submodules[t]) not in inside
+                             and not any(r.startswith(t + ".") for r in read)}
 
     def _quick(self, op: str, target, args, kwargs):
         """The output from the rule's `meta` (None: run the kernel)."""
@@ -472,6 +492,11 @@ class _Recorder(fx.Interpreter):
         out = self._quick("call_module", target, args, kwargs)
         if out is not None:
             return out
+        own = self.deferred.get(target)
+        if own:  # its kernel runs after all: on its own state, on meta
+            state = {k: _to_meta(v) for k, v in own.items()}
+            return torch.func.functional_call(self.submodules[target], state, args, kwargs,
+                                              strict=False, tie_weights=False)
         if self.memo is not None and target in self.pure:
             return self.memo.run(("call_module", self.submodules[target]),
                                  super().call_module, target, args, kwargs)

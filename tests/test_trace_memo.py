@@ -4,6 +4,7 @@ metadata (trace._MetaMemo): the shapes it records must be those of running every
 from __future__ import annotations
 
 
+import copy
 import itertools
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 from graphsearch import trace as T
 from graphsearch import zoo
+from graphsearch.rules import default_rules
 
 import coverage_models as cm
 
@@ -147,17 +149,25 @@ def _plain_parameters(m: nn.Module) -> nn.Module:
 
 
 def _agrees_with_kernel(meta, m, x) -> bool:
-    """The rule's output is the kernel's (shape, strides, dtype, offset, grad), or None;
-    True if it gave one."""
+    """The rule's output is the kernel's on meta copies of the parameters (shape, strides,
+    dtype, offset, grad), or None, whether it is given the module with its real parameters
+    (as the shape pass does) or with those copies; True if it gave one."""
+    copies = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+              for k, v in m.state_dict(keep_vars=True).items()}
     try:
-        want = _sig(m(x)), m(x).storage_offset(), m(x).requires_grad
+        out = torch.func.functional_call(m, copies, (x,))
+        want = _sig(out), out.storage_offset(), out.requires_grad
     except Exception:  # noqa: BLE001 - the kernel refuses: so must the rule
         want = None
-    got = meta(m, (x,), {})
-    if got is None:
-        return False
-    assert want == (_sig(got), got.storage_offset(), got.requires_grad), (m, x.shape, x.stride())
-    return True
+    given = 0
+    for module in (m, _plain_parameters(copy.deepcopy(m))):
+        got = meta(module, (x,), {})
+        if got is not None:
+            assert want == (_sig(got), got.storage_offset(), got.requires_grad), \
+                (m, x.shape, x.stride())
+            given += 1
+    assert given in (0, 2)  # (the same answer either way)
+    return bool(given)
 
 
 def _inputs(shape, dtype=torch.float32):
@@ -182,8 +192,8 @@ def test_conv_meta_is_the_kernels():
                 if padding == "same" and stride != 1:
                     continue
                 for dtype in (torch.float32, torch.float16):
-                    m = _plain_parameters(cls(cin, cout, size, stride, padding, dilation, groups,
-                                              bias, mode).to(dtype))
+                    m = cls(cin, cout, size, stride, padding, dilation, groups, bias,
+                            mode).to(dtype)
                     for spatial in ((1,) * k, (5,) * k, tuple(range(2, 2 + k))):
                         for batch in (1, 2):
                             for x in _inputs((batch, cin) + spatial, dtype):
@@ -197,9 +207,55 @@ def test_linear_meta_is_the_kernels():
     given = 0
     for fin, fout, bias in ((4, 6, True), (4, 6, False), (1, 5, True), (5, 1, True)):
         for dtype in (torch.float32, torch.bfloat16):
-            m = _plain_parameters(nn.Linear(fin, fout, bias=bias).to(dtype))
+            m = nn.Linear(fin, fout, bias=bias).to(dtype)
             for shape in ((fin,), (1, fin), (3, fin), (2, 1, fin), (2, 3, fin), (1, 1, fin),
                           (2, 3, 4, fin), (3, 5)):
                 for x in _inputs(shape, dtype):
                     given += _agrees_with_kernel(_linear_meta, m, x)
     assert given > 50
+
+
+class _SharedIntoALeaf(nn.Module):
+    """A conv called on its own and again inside a module kept whole (whose kernel runs on
+    the shape pass's meta parameters), a weight read as an attribute, a hooked linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.leaf = nn.Sequential(self.conv, nn.ReLU())
+        self.other = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 2)
+        self.fc.register_forward_hook(lambda m, i, o: None)
+
+    def forward(self, x):
+        y = self.conv(x) + self.leaf(x)
+        y = self.other(y) * self.other.weight.sum()
+        return self.fc(y.mean((2, 3))), y.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny", "shufflenet_v2", "shared_into_leaf",
+                                  "tiny_swin", "tiny_mobilevit", "text_classifier"])
+def test_the_shape_pass_records_what_every_kernel_gives(name, monkeypatch):
+    """Rules' metas, the memo and the parameters left off the meta swap (a module its rule
+    answers): the shapes of running every kernel on a whole meta copy of the state."""
+    torch.manual_seed(0)
+    rules = None
+    if name in zoo.MODELS:
+        model, inputs = zoo.build(name), zoo.example_inputs(name)
+    elif name == "shared_into_leaf":
+        model, inputs = _SharedIntoALeaf(), (torch.randn(2, 3, 5, 5),)
+        rules = default_rules().extend({nn.Sequential: lambda ctx, node: None})  # a leaf
+    else:
+        build, make = cm.MODELS[name]
+        model, inputs = build(), make()
+    traced = T.trace(model, inputs, rules)
+    if name == "shared_into_leaf":  # the conv inside the leaf and the one read as an
+        # attribute keep their state in the swap; the hooked linear leaves it (and its
+        # kernel runs on meta copies of it)
+        assert set(T._Recorder(traced.module, False, rules).deferred) == {"fc"}
+    fast = {k: _sig(v) for k, v in T.propagate_shapes(traced.module, inputs, rules).items()}
+    with monkeypatch.context() as m:  # memo off: every kernel runs, the whole state swapped
+        m.setattr(T, "_global_hooks", lambda: True)
+        assert T._Recorder(traced.module, False).deferred == {}
+        every = {k: _sig(v) for k, v in T.propagate_shapes(traced.module, inputs, rules).items()}
+    assert fast == every

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import arg, plain_meta, rule, set_arg, unsupported
+from .registry import arg, plain_meta, plain_parameter, rule, set_arg, unsupported
 
 
 def _conv_module_macs(ctx, node, line_in, line_out, transposed: bool):
@@ -78,19 +78,19 @@ def _fix_conv(rw, node, m: nn.modules.conv._ConvNd) -> None:
 
 
 def _conv_meta(m, args, kwargs):
-    """nn.ConvNd (zero padding) of a row-major meta tensor with a batch dim, on row-major
-    meta parameters of its dtype: a row-major (N, out, *spatial) of that dtype, as torch's
+    """nn.ConvNd (zero padding) of a row-major meta tensor with a batch dim, with parameters
+    of its dtype (`plain_parameter`): a row-major (N, out, *spatial) of that dtype, as torch's
     kernel gives (keying a conv for the shape memo, then its kernel, was most of the shape
     pass of a convolutional network); None for anything else (the kernel runs)."""
     if len(args) != 1 or kwargs or m.padding_mode != "zeros":
         return None
     x, w, b = args[0], m.weight, m.bias
     k = w.dim() - 2
-    if not (plain_meta(x) and plain_meta(w)) or x.dim() != k + 2 or not all(x.shape) or \
+    if not (plain_meta(x) and plain_parameter(w)) or x.dim() != k + 2 or not all(x.shape) or \
             not all(w.shape) or w.dtype != x.dtype or x.shape[1] != w.shape[1] * m.groups or \
             w.shape[0] % m.groups:
         return None
-    if b is not None and (not plain_meta(b) or b.dtype != x.dtype or
+    if b is not None and (not plain_parameter(b) or b.dtype != x.dtype or
                           tuple(b.shape) != (w.shape[0],)):
         return None
     stride, dilation, padding = tuple(m.stride), tuple(m.dilation), m.padding

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..atoms import NO_ATOM
-from .registry import BLOCK, methods, plain_meta, rule, unsupported
+from .registry import BLOCK, methods, plain_meta, plain_parameter, rule, unsupported
 
 
 def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
@@ -40,16 +40,16 @@ def _fix_linear(rw, node, m: nn.Linear) -> None:
 
 
 def _linear_meta(m, args, kwargs):
-    """nn.Linear of a row-major meta tensor on row-major meta parameters of its dtype: a
-    row-major (..., out_features) of that dtype, as torch's kernel gives; None for anything
+    """nn.Linear of a row-major meta tensor with parameters of its dtype (`plain_parameter`):
+    a row-major (..., out_features) of that dtype, as torch's kernel gives; None for anything
     else (the kernel runs)."""
     if len(args) != 1 or kwargs:
         return None
     x, w, b = args[0], m.weight, m.bias
-    if not (plain_meta(x) and plain_meta(w)) or x.dim() == 0 or not all(x.shape) or \
+    if not (plain_meta(x) and plain_parameter(w)) or x.dim() == 0 or not all(x.shape) or \
             w.dim() != 2 or not all(w.shape) or w.dtype != x.dtype or x.shape[-1] != w.shape[1]:
         return None
-    if b is not None and (not plain_meta(b) or b.dtype != x.dtype or
+    if b is not None and (not plain_parameter(b) or b.dtype != x.dtype or
                           tuple(b.shape) != (w.shape[0],)):
         return None
     return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
