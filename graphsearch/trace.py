@@ -263,15 +263,58 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
 
 
 def _graph_module(root, graph: fx.Graph, name: str) -> fx.GraphModule:
-    """The traced module, its Python code generated on first use (a call, `.code`, a
-    pickle), not here: the analysis reads only the graph, and generating and compiling the
-    code of a large model's forward is a tenth of its analysis (fx's own lazy module, as
-    torch's compilers use it)."""
+    """The traced module, as `fx.GraphModule(root, graph, name)` builds it, with two
+    differences in cost only: its Python code is generated on first use (a call, `.code`, a
+    pickle), not here (the analysis reads only the graph, and generating and compiling the
+    code of a large model's forward is a tenth of its analysis: fx's own lazy module, as
+    torch's compilers use it); and its submodules are copied by `_copy_targets`."""
     try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
+        from torch.fx._lazy_graph_module import _LazyGraphModule as module_class
     except ImportError:  # an older or newer torch without it: compiled now
-        return fx.GraphModule(root, graph, name)
-    return _LazyGraphModule(root, graph, name)
+        module_class = fx.GraphModule
+    gm = module_class(torch.nn.Module(), fx.Graph(), name)  # (nothing to copy yet)
+    gm.training = root.training
+    _copy_targets(root, gm, graph)
+    gm.graph = graph
+    # what fx's constructor takes from the graph besides (the tracer, for a pickle)
+    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
+        gm._tracer_cls = graph._tracer_cls
+    if graph._tracer_extras:
+        gm._tracer_extras = graph._tracer_extras
+    return gm
+
+
+def _copy_targets(root: torch.nn.Module, gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """fx's copy of every get_attr and call_module target of `graph` from `root` into `gm`
+    (`torch.fx.graph_module._copy_attr`, in node order): a fresh plain module for each
+    module on the way, the target itself at the end, nothing under a target already copied
+    whole. With one lookup per path: fx looks every prefix of every target up again, in
+    nn.Module's `__getattr__`, each first miss an AttributeError (a twentieth of a
+    convolutional network's analysis)."""
+    paths: dict[str, tuple] = {}  # a path walked so far -> (the original, its copy)
+    for node in graph.nodes:
+        if node.op != "get_attr" and node.op != "call_module":
+            continue
+        *prefix, field = node.target.split(".")
+        f, t, path = root, gm, ""
+        for item in prefix:
+            path += "." + item
+            if path not in paths:
+                original, here = getattr(f, item), getattr(t, item, None)
+                if here is None:
+                    here = torch.nn.Module()
+                    setattr(t, item, here)
+                paths[path] = (original, here)
+            f, t = paths[path]
+            if f is t:  # under a target copied whole
+                break
+        else:
+            orig = getattr(f, field)
+            if isinstance(orig, torch.Tensor) and not isinstance(orig, torch.nn.Parameter):
+                t.register_buffer(field, orig)
+            else:
+                setattr(t, field, orig)
+            paths[path + "." + field] = (orig, orig)
 
 
 def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
