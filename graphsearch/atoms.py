@@ -55,8 +55,10 @@ class AtomTable:
     def find(self, atoms: np.ndarray) -> np.ndarray:
         """Class representative (the oldest atom of the class) of every entry; NO_ATOM stays."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        valid = atoms >= 0
-        whole = bool(valid.all())  # (the common case: no NO_ATOM, no masking)
+        # (the common case: no NO_ATOM, no masking; a bare ufunc reduce, not ndarray.all's
+        # Python wrapper: this runs for every argument of every node)
+        whole = not atoms.size or np.minimum.reduce(atoms, axis=None) >= 0
+        valid = None if whole else atoms >= 0
         x = atoms if whole else np.where(valid, atoms, 0)
         parent = self._parent
         while True:
@@ -84,6 +86,8 @@ class AtomTable:
             lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
             # Several pairs may share a root: minimum.at keeps the smallest, the loop does the rest.
             np.minimum.at(self._parent, hi, lo)
+            if np.array_equal(self._parent[hi], lo):  # each root took its own pair's: done
+                return
             a, b = a[differ], b[differ]
 
     def union_all(self, atoms: np.ndarray) -> None:
