@@ -259,3 +259,41 @@ def test_the_shape_pass_records_what_every_kernel_gives(name, monkeypatch):
         assert T._Recorder(traced.module, False).deferred == {}
         every = {k: _sig(v) for k, v in T.propagate_shapes(traced.module, inputs, rules).items()}
     assert fast == every
+
+
+def test_layer_norm_meta_is_the_kernels():
+    from graphsearch.rules.norm import _layer_norm_meta
+
+    given = 0
+    for shape, dtype in itertools.product(((4,), (2, 3, 4), (1, 5, 5, 4), (2, 1, 3, 4)),
+                                          (torch.float32, torch.bfloat16)):
+        base = torch.empty(shape, dtype=dtype, device="meta")
+        inputs = [base, base.float(), base.transpose(0, -1),
+                  torch.empty(shape[-1], dtype=dtype, device="meta").expand(shape)]
+        if base.dim() > 1:
+            inputs.append(base.transpose(0, 1))
+        if base.dim() == 4:  # ConvNeXt's LayerNorm2d: channels last by a permute
+            inputs.append(torch.empty(shape[0], shape[3], *shape[1:3], dtype=dtype,
+                                      device="meta").permute(0, 2, 3, 1))
+        for x, k, affine, wrong in itertools.product(inputs, (1, 2), (True, False),
+                                                     (False, True)):
+            if x.dim() < k:
+                continue
+            norm = (7,) * k if wrong else tuple(x.shape[-k:])
+            w = torch.empty(norm, dtype=dtype, device="meta") if affine else None
+            for target, args, kwargs in (
+                    (F.layer_norm, (x, norm, w, w, 1e-5), {}),
+                    (F.layer_norm, (x, list(norm)), {"weight": w, "bias": None}),
+                    (torch.layer_norm, (x, norm, None, w, 1e-5, True), {}),
+                    (F.layer_norm, (x, norm), {"cudnn_enable": True})):
+                try:
+                    out = target(*args, **kwargs)
+                    want = _sig(out), out.storage_offset(), out.requires_grad
+                except Exception:  # noqa: BLE001 - the kernel refuses: so must the rule
+                    want = None
+                got = _layer_norm_meta(target, args, kwargs)
+                if got is not None:
+                    assert want == (_sig(got), got.storage_offset(), got.requires_grad), \
+                        (target, x.shape, x.stride(), norm)
+                    given += 1
+    assert given > 100
