@@ -506,11 +506,12 @@ class _Recorder(fx.Interpreter):
         self.deferred: dict[str, dict[str, Any]] = {}
         if self.memo is not None and not self.memo.off:
             answered = self.same_shape | self.quick.keys()
-            read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+            read = {n.target.rsplit(".", k)[0] for n in gm.graph.nodes if n.op == "get_attr"
+                    for k in range(1, n.target.count(".") + 1)}  # (the modules on the way)
             inside = {id(c) for n in gm.graph.nodes if n.op == "call_module" and
                       n.target not in answered for c in self.submodules[n.target].modules()}
             self.deferred = {t: {} for t in answered if id(self.submodules[t]) not in inside
-                             and not any(r.startswith(t + ".") for r in read)}
+                             and t not in read}
 
     def _quick(self, op: str, target, args, kwargs):
         """The output from the rule's `meta` (None: run the kernel)."""
