@@ -122,7 +122,9 @@ class Context:
 
     def tie(self, a, b) -> None:
         """Tie a and b elementwise, after broadcasting them against each other."""
-        ta, tb = np.broadcast_arrays(_np(a), _np(b))
+        ta, tb = _np(a), _np(b)
+        if ta.shape != tb.shape:
+            ta, tb = np.broadcast_arrays(ta, tb)
         self.atoms.union(ta, tb)
 
     def tie_along(self, ids: torch.Tensor, dim: int) -> None:

@@ -15,10 +15,24 @@ NO_ATOM = -1  # a position that carries no channel identity (a scalar, a constan
 
 
 def sorted_unique(x) -> np.ndarray:
-    """`np.unique(x)` by sorting (numpy's hash-based unique is several times slower on the
-    few-thousand-entry integer arrays of a graph)."""
-    s = np.sort(np.asarray(x).reshape(-1))
-    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+    """`np.unique(x)` by counting, or by sorting (numpy's hash-based unique is several times
+    slower on the few-thousand-entry integer arrays of a graph)."""
+    return sorted_counts(x)[0]
+
+
+def sorted_counts(x) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(x, return_counts=True)`. Non-negative integers below a few times their
+    number (atoms, group ids, the pair codes built from them) are counted, in linear time;
+    anything else is sorted."""
+    s = np.asarray(x).reshape(-1)
+    if s.size and s.dtype.kind == "i" and s.min() >= 0 and s.max() < 4 * s.size + 1024:
+        counts = np.bincount(s)
+        values = np.flatnonzero(counts)
+        return values.astype(s.dtype, copy=False), counts[values]
+    s = np.sort(s)
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1]))) if s.size else \
+        np.zeros(0, np.int64)
+    return s[starts], np.diff(np.append(starts, s.size))
 
 
 class AtomTable:
@@ -41,8 +55,10 @@ class AtomTable:
     def find(self, atoms: np.ndarray) -> np.ndarray:
         """Class representative (the oldest atom of the class) of every entry; NO_ATOM stays."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        valid = atoms >= 0
-        whole = bool(valid.all())  # (the common case: no NO_ATOM, no masking)
+        # (the common case: no NO_ATOM, no masking; a bare ufunc reduce, not ndarray.all's
+        # Python wrapper: this runs for every argument of every node)
+        whole = not atoms.size or np.minimum.reduce(atoms, axis=None) >= 0
+        valid = None if whole else atoms >= 0
         x = atoms if whole else np.where(valid, atoms, 0)
         parent = self._parent
         while True:
@@ -70,6 +86,8 @@ class AtomTable:
             lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
             # Several pairs may share a root: minimum.at keeps the smallest, the loop does the rest.
             np.minimum.at(self._parent, hi, lo)
+            if np.array_equal(self._parent[hi], lo):  # each root took its own pair's: done
+                return
             a, b = a[differ], b[differ]
 
     def union_all(self, atoms: np.ndarray) -> None:

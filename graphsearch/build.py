@@ -16,13 +16,14 @@ parameters, gate sites); it imports nothing of this module.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import networkx as nx
 import numpy as np
 import torch
 
-from .atoms import sorted_unique
+from .atoms import sorted_counts, sorted_unique
 from .graph import (BranchTables, ChannelGraph, ChannelGroup, CostTables, GroupIndex, NodeInfo,
                     Space)
 
@@ -181,17 +182,13 @@ def add_members(index: GroupIndex, module: torch.nn.Module, bindings: dict,
             groups[gid].members.append(label)
 
     # (line, group) pairs with the number of the line's entries in that group, in order of
-    # line then group: one sort for all lines
+    # line then group: one count for all lines
     n_groups = max(len(groups), 1)
     owner = np.repeat(np.arange(len(arrays), dtype=np.int64), lens)
     has = located >= 0
-    code = np.sort(owner[has] * n_groups + located[has])
-    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if code.size else \
-        np.zeros(0, np.int64)
-    counts = np.diff(np.r_[starts, code.size]).tolist()
-    pairs = code[starts]
+    pairs, counts = sorted_counts(owner[has] * n_groups + located[has])
     for k, gid, count in zip((pairs // n_groups).tolist(), (pairs % n_groups).tolist(),
-                             counts):
+                             counts.tolist()):
         if k >= len(lines):  # a named space
             add(gid, f"<{named[k - len(lines)].kind} {named[k - len(lines)].node}>")
             continue
@@ -241,7 +238,7 @@ def build_cost_tables(index: GroupIndex, module: torch.nn.Module, bindings: dict
             terms.append(("params", 1.0, [idx], b.nodes))
         else:
             lines = [b.dims[d] for d in sorted(b.dims)]
-            coeff = p.numel() / np.prod([len(x) for x in lines])
+            coeff = p.numel() / math.prod(len(x) for x in lines)
             terms.append(("params", float(coeff), [add_layout(x, 1.0) for x in lines],
                           b.nodes))
     if any(len(t[2]) > 2 for t in terms):

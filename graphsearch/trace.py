@@ -39,7 +39,12 @@ def _parametrized(m: torch.nn.Module, qualname: str) -> bool:
     """A module whose weight a parametrization computes (`weight_norm`), or a part of that
     computation: traced through (a torch.nn module is a leaf by default), so that the
     computation is seen (its class's rule would slice a parameter it no longer has)."""
-    return parametrize.is_parametrized(m) or ".parametrizations." in f".{qualname}."
+    # is_parametrized reads `m.parametrizations`, which most modules lack: while fx traces,
+    # each miss goes through fx's attribute wrapper and an AttributeError. Asked only of a
+    # module that can have one (a submodule of that name, or an attribute of the object).
+    owns = "parametrizations" in m._modules or "parametrizations" in vars(m) or \
+        hasattr(type(m), "parametrizations")
+    return (owns and parametrize.is_parametrized(m)) or ".parametrizations." in f".{qualname}."
 
 
 class _LeafFallbackTracer(fx.Tracer):
@@ -258,15 +263,58 @@ def trace(model: torch.nn.Module, example_inputs: tuple, rules=None) -> Traced:
 
 
 def _graph_module(root, graph: fx.Graph, name: str) -> fx.GraphModule:
-    """The traced module, its Python code generated on first use (a call, `.code`, a
-    pickle), not here: the analysis reads only the graph, and generating and compiling the
-    code of a large model's forward is a tenth of its analysis (fx's own lazy module, as
-    torch's compilers use it)."""
+    """The traced module, as `fx.GraphModule(root, graph, name)` builds it, with two
+    differences in cost only: its Python code is generated on first use (a call, `.code`, a
+    pickle), not here (the analysis reads only the graph, and generating and compiling the
+    code of a large model's forward is a tenth of its analysis: fx's own lazy module, as
+    torch's compilers use it); and its submodules are copied by `_copy_targets`."""
     try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
+        from torch.fx._lazy_graph_module import _LazyGraphModule as module_class
     except ImportError:  # an older or newer torch without it: compiled now
-        return fx.GraphModule(root, graph, name)
-    return _LazyGraphModule(root, graph, name)
+        module_class = fx.GraphModule
+    gm = module_class(torch.nn.Module(), fx.Graph(), name)  # (nothing to copy yet)
+    gm.training = root.training
+    _copy_targets(root, gm, graph)
+    gm.graph = graph
+    # what fx's constructor takes from the graph besides (the tracer, for a pickle)
+    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
+        gm._tracer_cls = graph._tracer_cls
+    if graph._tracer_extras:
+        gm._tracer_extras = graph._tracer_extras
+    return gm
+
+
+def _copy_targets(root: torch.nn.Module, gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """fx's copy of every get_attr and call_module target of `graph` from `root` into `gm`
+    (`torch.fx.graph_module._copy_attr`, in node order): a fresh plain module for each
+    module on the way, the target itself at the end, nothing under a target already copied
+    whole. With one lookup per path: fx looks every prefix of every target up again, in
+    nn.Module's `__getattr__`, each first miss an AttributeError (a twentieth of a
+    convolutional network's analysis)."""
+    paths: dict[str, tuple] = {}  # a path walked so far -> (the original, its copy)
+    for node in graph.nodes:
+        if node.op != "get_attr" and node.op != "call_module":
+            continue
+        *prefix, field = node.target.split(".")
+        f, t, path = root, gm, ""
+        for item in prefix:
+            path += "." + item
+            if path not in paths:
+                original, here = getattr(f, item), getattr(t, item, None)
+                if here is None:
+                    here = torch.nn.Module()
+                    setattr(t, item, here)
+                paths[path] = (original, here)
+            f, t = paths[path]
+            if f is t:  # under a target copied whole
+                break
+        else:
+            orig = getattr(f, field)
+            if isinstance(orig, torch.Tensor) and not isinstance(orig, torch.nn.Parameter):
+                t.register_buffer(field, orig)
+            else:
+                setattr(t, field, orig)
+            paths[path + "." + field] = (orig, orig)
 
 
 def _retrace_on_shapes(model, example_inputs, rules, graph, tracer):
@@ -356,23 +404,30 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, rules=None, real
     if real:
         with torch.no_grad():
             return _propagate(gm, tuple(example_inputs), record_as_meta=True, rules=rules)
-    state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
-    holder = _Holder(gm, rules)
+    rec = _Recorder(gm, record_as_meta=False, rules=rules)
+    state = {}
+    for name, value in gm.state_dict(keep_vars=True).items():
+        owner, _, attr = name.rpartition(".")
+        if owner in rec.deferred and isinstance(value, torch.Tensor):
+            rec.deferred[owner][attr] = value
+        else:
+            state[f"gm.{name}"] = _to_meta(value)
     meta_inputs = tuple(tree_map(_to_meta, tuple(example_inputs)))
-    state = {f"gm.{k}": v for k, v in state.items()}
-    return torch.func.functional_call(holder, state, meta_inputs, strict=False, tie_weights=False)
+    return torch.func.functional_call(_Holder(gm, rec), state, meta_inputs, strict=False,
+                                      tie_weights=False)
 
 
 class _Holder(torch.nn.Module):
     """Runs the recorder inside functional_call so that parameters are swapped for meta ones."""
 
-    def __init__(self, gm: fx.GraphModule, rules=None) -> None:
+    def __init__(self, gm: fx.GraphModule, recorder: "_Recorder") -> None:
         super().__init__()
         self.gm = gm
-        self.rules = rules
+        self.recorder = recorder
 
     def forward(self, *args):
-        return _propagate(self.gm, args, record_as_meta=False, rules=self.rules)
+        self.recorder.run(*args)
+        return self.recorder.recorded
 
 
 class _ValueReads(TorchDispatchMode):
@@ -443,6 +498,20 @@ class _Recorder(fx.Interpreter):
                     self.quick[n.target] = found[0].meta
                 if known.pure_module(m):
                     self.pure.add(n.target)
+        # Modules whose output their rule gives (`same_shape`, `Rule.meta`) read none of
+        # their own parameters and buffers: the meta pass leaves those out of its swap
+        # (`propagate_shapes`; a model's worth of meta tensors otherwise), here by name, and
+        # gives the module meta copies only if its kernel runs after all. Not a module that
+        # an attribute read names, nor one that another module's kernel may call.
+        self.deferred: dict[str, dict[str, Any]] = {}
+        if self.memo is not None and not self.memo.off:
+            answered = self.same_shape | self.quick.keys()
+            read = {n.target.rsplit(".", k)[0] for n in gm.graph.nodes if n.op == "get_attr"
+                    for k in range(1, n.target.count(".") + 1)}  # (the modules on the way)
+            inside = {id(c) for n in gm.graph.nodes if n.op == "call_module" and
+                      n.target not in answered for c in self.submodules[n.target].modules()}
+            self.deferred = {t: {} for t in answered if id(self.submodules[t]) not in inside
+                             and t not in read}
 
     def _quick(self, op: str, target, args, kwargs):
         """The output from the rule's `meta` (None: run the kernel)."""
@@ -467,6 +536,11 @@ class _Recorder(fx.Interpreter):
         out = self._quick("call_module", target, args, kwargs)
         if out is not None:
             return out
+        own = self.deferred.get(target)
+        if own:  # its kernel runs after all: on its own state, on meta
+            state = {k: _to_meta(v) for k, v in own.items()}
+            return torch.func.functional_call(self.submodules[target], state, args, kwargs,
+                                              strict=False, tie_weights=False)
         if self.memo is not None and target in self.pure:
             return self.memo.run(("call_module", self.submodules[target]),
                                  super().call_module, target, args, kwargs)
@@ -503,7 +577,11 @@ class _Recorder(fx.Interpreter):
                     # another: `if x.mean() > 0: return x + self.conv(x)`)
         else:
             try:
-                out = super().run_node(n)
+                # fx's run_node without its bookkeeping for graphs built while a graph runs
+                # (a node-meta context and a debug line, two context managers a node): this
+                # run builds none
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                out = getattr(self, n.op)(n.target, args, kwargs)
             except Exception as exc:
                 if not hasattr(exc, "graphsearch_node"):  # the node the meta pass failed at
                     exc.graphsearch_node = n.name

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from graphsearch import analyze, zoo
 from graphsearch.analysis import Context, _leaves
-from graphsearch.atoms import sorted_unique
+from graphsearch.atoms import sorted_counts, sorted_unique
 from graphsearch.trace import trace
 
 import coverage_models as cm
@@ -56,9 +56,14 @@ def test_leaves_are_pytrees_leaves_on_other_containers():
 def test_unique_is_numpys():
     rng = np.random.default_rng(0)
     for x in [np.zeros(0, np.int64), np.array([5]), rng.integers(-3, 40, 200),
-              rng.integers(0, 10**9, 5000), rng.integers(0, 4, (7, 9))]:
+              rng.integers(0, 10**9, 5000), rng.integers(0, 4, (7, 9)),
+              rng.integers(0, 3000, 500).astype(np.int32), np.array([0, 0, 7]),
+              rng.random(50)]:
         want, got = np.unique(x), sorted_unique(x)
         assert got.dtype == want.dtype and np.array_equal(got, want)
+        (want, want_counts), (got, counts) = np.unique(x, return_counts=True), sorted_counts(x)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert np.array_equal(counts, want_counts)
 
 
 class _SizesAndMatmul(nn.Module):

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import arg, rule, set_arg, unsupported
+from .registry import arg, plain_meta, plain_parameter, rule, set_arg, unsupported
 
 
 def _conv_module_macs(ctx, node, line_in, line_out, transposed: bool):
@@ -77,8 +77,41 @@ def _fix_conv(rw, node, m: nn.modules.conv._ConvNd) -> None:
         m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
 
 
+def _conv_meta(m, args, kwargs):
+    """nn.ConvNd (zero padding) of a row-major meta tensor with a batch dim, with parameters
+    of its dtype (`plain_parameter`): a row-major (N, out, *spatial) of that dtype, as torch's
+    kernel gives (keying a conv for the shape memo, then its kernel, was most of the shape
+    pass of a convolutional network); None for anything else (the kernel runs)."""
+    if len(args) != 1 or kwargs or m.padding_mode != "zeros":
+        return None
+    x, w, b = args[0], m.weight, m.bias
+    k = w.dim() - 2
+    if not (plain_meta(x) and plain_parameter(w)) or x.dim() != k + 2 or not all(x.shape) or \
+            not all(w.shape) or w.dtype != x.dtype or x.shape[1] != w.shape[1] * m.groups or \
+            w.shape[0] % m.groups:
+        return None
+    if b is not None and (not plain_parameter(b) or b.dtype != x.dtype or
+                          tuple(b.shape) != (w.shape[0],)):
+        return None
+    stride, dilation, padding = tuple(m.stride), tuple(m.dilation), m.padding
+    if padding == "valid":
+        padding = (0,) * k
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            return None
+        spatial = tuple(x.shape[2:])
+    else:
+        if not len(padding) == len(stride) == len(dilation) == k:
+            return None
+        spatial = tuple((n + 2 * p - d * (kw - 1) - 1) // s + 1 for n, kw, p, s, d in
+                        zip(x.shape[2:], w.shape[2:], padding, stride, dilation))
+    if not all(n > 0 for n in spatial):
+        return None  # (the kernel's error)
+    return torch.empty((x.shape[0], w.shape[0]) + spatial, dtype=x.dtype, device="meta")
+
+
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, edge="mix", gate="producer", fix=_fix_conv, pure=True,
-      latency="conv")
+      latency="conv", meta=_conv_meta)
 def conv(ctx, node):
     return _conv_module(ctx, node, transposed=False)
 

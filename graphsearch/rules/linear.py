@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..atoms import NO_ATOM
-from .registry import BLOCK, methods, rule, unsupported
+from .registry import BLOCK, methods, plain_meta, plain_parameter, rule, unsupported
 
 
 def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
@@ -39,7 +39,24 @@ def _fix_linear(rw, node, m: nn.Linear) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
-@rule(nn.Linear, edge="mix", gate="producer", fix=_fix_linear, pure=True, latency="linear")
+def _linear_meta(m, args, kwargs):
+    """nn.Linear of a row-major meta tensor with parameters of its dtype (`plain_parameter`):
+    a row-major (..., out_features) of that dtype, as torch's kernel gives; None for anything
+    else (the kernel runs)."""
+    if len(args) != 1 or kwargs:
+        return None
+    x, w, b = args[0], m.weight, m.bias
+    if not (plain_meta(x) and plain_parameter(w)) or x.dim() == 0 or not all(x.shape) or \
+            w.dim() != 2 or not all(w.shape) or w.dtype != x.dtype or x.shape[-1] != w.shape[1]:
+        return None
+    if b is not None and (not plain_parameter(b) or b.dtype != x.dtype or
+                          tuple(b.shape) != (w.shape[0],)):
+        return None
+    return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
+
+
+@rule(nn.Linear, edge="mix", gate="producer", fix=_fix_linear, pure=True, latency="linear",
+      meta=_linear_meta)
 def linear(ctx, node):
     m = ctx.module
     return _linear(ctx, node, node.args[0], m.out_features, f"{node.target}.weight",

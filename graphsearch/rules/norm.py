@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import arg, rule, set_arg, unsupported
+from .registry import arg, plain_meta, rule, set_arg, unsupported
 
 
 _NORM_ROLES = {"weight": "gamma", "bias": "beta", "running_mean": "statistic",
@@ -174,8 +174,40 @@ def _run_masked_layer_norm(interp, n, keep):
     return y
 
 
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")
+
+
+def _layer_norm_meta(target, args, kwargs):
+    """F.layer_norm / torch.layer_norm of a meta tensor, row-major or not contiguous at all,
+    with meta affine parameters of its dtype and shape: a row-major tensor of the input's
+    shape and dtype, as torch's kernel gives (its Python decomposition normalises a
+    contiguous copy: most of a ConvNeXt's shape pass); None for anything else. (nn.LayerNorm
+    passes its input on: `same_shape`.)"""
+    if isinstance(target, nn.Module):
+        return None
+    names = _LAYER_NORM_ARGS if target is torch.layer_norm else _LAYER_NORM_ARGS[:5]
+    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+        return None
+    call = dict(zip(names, args), **kwargs)
+    x, shape = call.get("input"), call.get("normalized_shape")
+    if type(x) is not torch.Tensor or not x.is_meta or x.requires_grad or \
+            x.layout != torch.strided or not x.is_floating_point() or \
+            not isinstance(shape, (tuple, list, torch.Size)) or \
+            not all(type(n) is int for n in shape) or not 0 < len(shape) <= x.dim() or \
+            tuple(x.shape[x.dim() - len(shape):]) != tuple(shape):
+        return None
+    if x.is_contiguous() and not plain_meta(x):  # (odd strides on a size-1 dim, kept)
+        return None
+    for p in (call.get("weight"), call.get("bias")):
+        if p is not None and not (plain_meta(p) and p.dtype == x.dtype and
+                                  tuple(p.shape) == tuple(shape)):
+            return None
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
 @rule(nn.LayerNorm, F.layer_norm, torch.layer_norm, edge="identity", fix=_fix_layer_norm_any,
-      gate="norm", roles=_NORM_ROLES, same_shape=True, mask=_mask_layer_norm)
+      gate="norm", roles=_NORM_ROLES, same_shape=True, mask=_mask_layer_norm,
+      meta=_layer_norm_meta)
 def layer_norm(ctx, node):
     """LayerNorm over the last dim: prunable, the statistics then cover the kept channels."""
     x = node.args[0]

@@ -118,7 +118,8 @@ class Rule:
             without running its meta kernel (torch's, in Python, is the slow part of the
             shape pass for a pooling or a broadcast product), with exactly the kernel's
             shape, strides and dtype; None where the function is not sure: the kernel runs.
-            `target` is the module of a call_module node, else the node's target.
+            `target` is the module of a call_module node, else the node's target; a
+            module's own parameters may still be real there (`plain_parameter`).
     `family` the op family: "conv", "linear", "norm", "attention"... (a project rule's
             defaults to its module in graphsearch.rules; "" for a user's that sets none). A
             method reads a layer's kind here (ESNAC: convolution or not), so a rule of
@@ -184,6 +185,18 @@ def plain_meta(t) -> bool:
             return False
         expected *= t.shape[d]
     return True
+
+
+def plain_parameter(t) -> bool:
+    """A module's parameter or buffer that its kernel sees as a plain meta tensor
+    (`plain_meta`) in the meta shape pass: one already on meta must be one; a real one is
+    swapped for a row-major meta copy when the kernel runs (`trace.propagate_shapes` leaves
+    the state of a module its rule answers as it is until then), so it needs only be a
+    floating-point tensor of torch's own types."""
+    if t.is_meta:
+        return plain_meta(t)
+    return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and \
+        t.is_floating_point()
 
 
 def methods(*names: str) -> tuple:
