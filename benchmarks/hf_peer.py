@@ -7,8 +7,9 @@ For every model of `benchmarks/hf_models.py` (tiny configs, random weights, the 
 as `coverage.py --hf`), Torch-Pruning is used the way its Hugging Face examples use it
 (`examples/transformers/prune_hf_bert.py`, `prune_hf_vit.py`, `prune_hf_swin.py`,
 `examples/LLMs/prune_llm.py`): `MetaPruner` with `GroupMagnitudeImportance(p=2)`,
-`pruning_ratio=0.5`, `global_pruning=False`, the output head (`lm_head` / `classifier` /
-`score`) in `ignored_layers`, `output_transform=lambda out: out.logits.sum()`, and `num_heads`
+`pruning_ratio=0.5`, `global_pruning=False`, the output layer (`lm_head` / `classifier` /
+`score`, or the last linear layer of a classifier of several, RoBERTa's `out_proj`) in
+`ignored_layers`, `output_transform=lambda out: out.logits.sum()`, and `num_heads`
 mapping every q/k/v linear (or fused qkv linear) to its head count, with either
 `prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5` (`--heads num`, the
 BERT and LLM examples) or `prune_head_dims=True, prune_num_heads=False` (`--heads dims`, the
@@ -29,10 +30,10 @@ Per model it records:
   attention module: the head count(s) to `pruner.num_heads`, head size and all-head size from
   the q linear's width, the stored `scaling` left as the examples leave it; in the config, as
   `prune_llm.py` does: `hidden_size`, `num_attention_heads`, `num_key_value_heads`, the MLP
-  width, and `embedding_size` / `head_dim` where the config has them, from the pruned
-  layers' widths). Per-stage list fields (Swin, Segformer, the CNNs) are not fixed up: no
-  example shows how;
-- MACs left: the pruned module's MACs (as pruned where that forward runs, else fixed up)
+  width, and `embedding_size` / `word_embed_proj_dim` / `pooler_hidden_size` / `head_dim`
+  where the config has them, from the pruned layers' widths). Per-stage list fields (Swin,
+  Segformer, the CNNs) are not fixed up: no example shows how;
+- MACs left: the pruned module's MACs (fixed up where that forward runs, else as pruned)
   over the unpruned's, both by graphsearch's cost model
   (`graphsearch.analyze(model, inputs).baseline.macs`), or, where the pruned module does not
   analyse, by torch's FLOP counter (which equals graphsearch's count on all 33 unpruned
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as _dt
 import os
 import shlex
@@ -155,7 +157,12 @@ def output_heads(model: nn.Module) -> list[nn.Module]:
         heads.append(out)
     for a in ("lm_head", "classifier", "score"):
         m = getattr(model, a, None)
-        if isinstance(m, nn.Module) and m not in heads:
+        if not isinstance(m, nn.Module):
+            continue
+        if not isinstance(m, nn.Linear):  # a head of several layers (RoBERTa's dense +
+            linears = [x for x in m.modules() if isinstance(x, nn.Linear)]  # out_proj):
+            m = linears[-1] if linears else m  # the layer that gives the logits, as the
+        if m not in heads:  # examples' `model.classifier`
             heads.append(m)
     return heads
 
@@ -277,8 +284,15 @@ def fix_up(model, attn, pruner) -> dict:
     if getattr(config, "head_dim", None) is not None:
         put("head_dim", first["new_head_size"])
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(emb, nn.Embedding) and getattr(config, "embedding_size", None) is not None:
-        put("embedding_size", emb.embedding_dim)
+    if isinstance(emb, nn.Embedding):
+        for field in ("embedding_size", "word_embed_proj_dim"):  # the input embedding width
+            if getattr(config, field, None) is not None:
+                put(field, emb.embedding_dim)
+    for name, m in model.named_modules():
+        if name.endswith("pooler.dense") and isinstance(m, nn.Linear):
+            if getattr(config, "pooler_hidden_size", None) is not None:
+                put("pooler_hidden_size", m.out_features)
+            break
     for name, m in model.named_modules():
         if any(name == u or name.endswith("." + u) for u in MLP_UP) and \
                 isinstance(m, nn.Linear):
@@ -370,7 +384,8 @@ def count_macs(model, inputs, base_gs, base_flops, row) -> None:
     except Exception as exc:  # noqa: BLE001
         try:
             row["macs"] = flop_macs(model, inputs) / base_flops
-            row["counter"] = "FLOP counter"
+            row["counter"] = "FLOP counter (graphsearch: " + (
+                "export failed" if "export" in str(exc) else type(exc).__name__) + ")"
             row["gs_fail"] = short(exc)
         except Timeout:
             raise
@@ -432,8 +447,7 @@ def _check(tp, name, heads_mode, row):
     row["forward"], why = forward_ok(model, inputs, shape)
     if not row["forward"]:
         row["note"] = f"forward: {why}"
-    else:  # counted as pruned: the fix-up changes attributes, not tensors
-        count_macs(model, inputs, base_gs, base_flops, row)
+    as_pruned = copy.deepcopy(model) if row["forward"] else None
     row["stage"] = "fix-up"
     try:
         row["config_set"] = fix_up(model, attn, pruner)
@@ -450,9 +464,10 @@ def _check(tp, name, heads_mode, row):
     if attn:
         lin = attn[0].get("fused", attn[0].get("q"))
         row["hidden1"] = getattr(lin, "in_features", None)
-    if row["fixed"] and not row["forward"]:
+    if row["fixed"] or row["forward"]:  # the fixed-up model where it runs, else as pruned
         row["stage"] = "pruned MACs"
-        count_macs(model, inputs, base_gs, base_flops, row)
+        count_macs(model if row["fixed"] else as_pruned, inputs, base_gs, base_flops, row)
+        del as_pruned
     if "macs" in row and row["macs"] > 0.6:
         row["note"] = row.get("note") or (
             "nothing pruned" if row["macs"] > 0.999 else "MACs left above 0.6")
