@@ -13,7 +13,9 @@ slim weights into it. The CLI's options are keyword arguments with the same defa
     result.model is model   # True: the same object, pruned and fine-tuned
     result.report["result"]["params"]
 
-The model's weights are trained in place by the pipeline (baseline, search, fine-tuning).
+The model is taken as the trained baseline, as the CLI takes `--weights`: its weights are
+used as they are (`baseline_epochs` defaults to 0 here); pass `baseline_epochs=N` to train an
+untrained model first. The search and the fine-tune then train it in place.
 Where the plan cannot be expressed by editing modules (`InPlaceError`: a size written in the
 forward code, a channel shuffle of unequal counts), the model keeps the original
 architecture, a warning says why, and `result.model` is the slim fx module.
@@ -108,6 +110,11 @@ def optimize(model: nn.Module, example_inputs, *, train=None, val=None, test=Non
     loaded = LoadedModel(model, inputs, source, loss_fn=loss_fn, evaluate=evaluate,
                          datasets=(lambda: {k: v for k, v in splits.items() if v is not None})
                          if train is not None else None)
+    # A model object is the user's trained model: its weights are the baseline's, as
+    # `--weights` makes them for the CLI (a model.py's build_model() is untrained instead).
+    options.setdefault("baseline_epochs", 0)
+    if options["baseline_epochs"] == 0:
+        loaded.weights = f"the weights of {source}"
 
     def text(v):
         return None if v is None else str(v)

@@ -168,3 +168,33 @@ def test_api_refuses_bad_arguments():
     with pytest.raises(UserError, match="not a map-style"):
         graphsearch.optimize(nn.Linear(3, 2), torch.zeros(1, 3), train=iter([]))
     assert issubclass(InPlaceError, UserError)
+
+
+def test_a_model_object_is_the_trained_baseline_as_with_weights():
+    """Bug: the API trained a model object's baseline for 6 more epochs by default (the CLI's
+    default for an untrained model.py), so a user's trained model was changed before the
+    search and the API's CIFAR run differed from the CLI's with `--weights`. A model object is
+    now used as it is unless `baseline_epochs` asks for training."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (96,), generator=g)
+    train, val = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def evaluate(m, ds):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return 0.5
+    r = graphsearch.optimize(model, torch.zeros(1, 3, 8, 8), train=train, val=val, flops=0.5,
+                             round_to=1, finetune_epochs=0, latency_batch=1, progress=False,
+                             evaluate=evaluate)
+    assert r.report["epochs"]["baseline"] == 0
+    assert all(torch.equal(seen[0][k], before[k]) for k in before)  # the baseline, untouched
+    trained = graphsearch.optimize(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)),
+        torch.zeros(1, 3, 8, 8), train=train, val=val, flops=0.5, round_to=1,
+        baseline_epochs=1, finetune_epochs=0, latency_batch=1, progress=False)
+    assert trained.report["epochs"]["baseline"] == 1
