@@ -75,6 +75,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import hf_models  # noqa: E402
+from graphsearch import analyze, hf  # noqa: E402
+from graphsearch.passes.mask import verify  # noqa: E402
 
 QKV = [("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"),
        ("query_proj", "key_proj", "value_proj")]
@@ -343,16 +345,12 @@ def forward_ok(model, inputs, shape) -> tuple[bool, str]:
 
 
 def gs_macs(model, inputs) -> float:
-    from graphsearch import analyze
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return analyze(model, inputs).baseline.macs
 
 
 def flop_macs(model, inputs) -> float:
-    from graphsearch import hf
-
     counter = FlopCounterMode(display=False)
     with counter, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         hf.Called(model)(*inputs)
@@ -393,6 +391,23 @@ def count_macs(model, inputs, base_gs, base_flops, row) -> None:
             row["note"] = row.get("note") or f"MACs: {short(exc2)}"
 
 
+def attempt(row: dict, key: str, fn):
+    """`fn()` with warnings silenced: row[key] says whether it ran, row["note"] why not
+    (a `Timeout` goes through); returns its result."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn()
+    except Timeout:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        row[key] = False
+        row["note"] = f"{key}: {short(exc)}{where(exc)}"
+        return None
+    row[key] = True
+    return out
+
+
 def _check(tp, name, heads_mode, row):
     row["stage"] = "build"
     torch.manual_seed(0)
@@ -416,28 +431,13 @@ def _check(tp, name, heads_mode, row):
     if use_cache is not None:  # a key/value cache in the traced forward: its torch.cat broke
         model.config.use_cache = False  # the graph of gpt2 and gpt_neox (index mapping)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner = make_pruner(tp, model, inputs, attn, heads_mode)
-        row["graph"] = True
-    except Timeout:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        row["graph"] = False
-        row["note"] = f"graph: {short(exc)}{where(exc)}"
-        return
-    row["stage"] = "step"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner.step()
-        row["step"] = True
-    except Timeout:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        row["step"] = False
-        row["note"] = f"step: {short(exc)}{where(exc)}"
-        return
+        pruner = attempt(row, "graph", lambda: make_pruner(tp, model, inputs, attn, heads_mode))
+        if not row["graph"]:
+            return
+        row["stage"] = "step"
+        attempt(row, "step", pruner.step)
+        if not row["step"]:
+            return
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
@@ -474,9 +474,6 @@ def _check(tp, name, heads_mode, row):
     if not row["fixed"]:
         return
     row["stage"] = "reload"
-    from graphsearch import hf
-    from graphsearch.passes.mask import verify
-
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -19,6 +19,7 @@ import graphsearch
 from graphsearch import passes
 from graphsearch.passes import (ExportError, ExportMismatch, Latency, export_onnx, load_portable, parse_latency,
                     save_portable)
+from graphsearch.export_trace import export_trace
 from graphsearch.passes.latency import latency
 from graphsearch.passes import export as export_mod
 
@@ -196,8 +197,6 @@ class WindowAttention(nn.Module):
 
 
 def test_an_exported_graph_keeps_its_dynamic_batch_in_onnx(tmp_path):
-    from graphsearch.export_trace import export_trace
-
     torch.manual_seed(0)
     x = (torch.randn(2, 4, 4, 8),)
     traced = export_trace(WindowAttention().eval(), x)

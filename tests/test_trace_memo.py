@@ -15,6 +15,9 @@ from torch import nn
 from graphsearch import trace as T
 from graphsearch import zoo
 from graphsearch.rules import default_rules
+from graphsearch.rules.conv import _conv_meta
+from graphsearch.rules.linear import _linear_meta
+from graphsearch.rules.norm import _layer_norm_meta
 
 import coverage_models as cm
 
@@ -181,8 +184,6 @@ def _inputs(shape, dtype=torch.float32):
 
 
 def test_conv_meta_is_the_kernels():
-    from graphsearch.rules.conv import _conv_meta
-
     given = 0
     for cls, k in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
         for cin, cout, groups in ((4, 6, 1), (4, 8, 2), (4, 4, 4), (1, 3, 1), (3, 1, 1)):
@@ -202,8 +203,6 @@ def test_conv_meta_is_the_kernels():
 
 
 def test_linear_meta_is_the_kernels():
-    from graphsearch.rules.linear import _linear_meta
-
     given = 0
     for fin, fout, bias in ((4, 6, True), (4, 6, False), (1, 5, True), (5, 1, True)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -262,8 +261,6 @@ def test_the_shape_pass_records_what_every_kernel_gives(name, monkeypatch):
 
 
 def test_layer_norm_meta_is_the_kernels():
-    from graphsearch.rules.norm import _layer_norm_meta
-
     given = 0
     for shape, dtype in itertools.product(((4,), (2, 3, 4), (1, 5, 5, 4), (2, 1, 3, 4)),
                                           (torch.float32, torch.bfloat16)):
