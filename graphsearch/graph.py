@@ -351,7 +351,9 @@ class ChannelGraph:
         empty = self._empty_nodes(~kept, ~kept) if kept is not None else frozenset()
         if not zero and not empty:
             return _NO_REMOVAL
-        asked = (zero, empty)
+        # the fixed point below depends on the kept positions, not only on the first
+        # (zero, empty): two plans emptying the same group can orphan different channels
+        asked = (zero, empty, None if kept is None else np.packbits(kept).tobytes())
         if asked not in self._removal_cache:
             while True:
                 ok, dead, why = self._simulate(zero, empty)

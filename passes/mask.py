@@ -145,8 +145,12 @@ class Verification:
 
 
 def verify(module: nn.Module, reference: nn.Module, inputs: Sequence[torch.Tensor],
-           rtol: float = 1e-5) -> Verification:
-    """Run both on `inputs` and compare every output, relative to the reference's scale."""
+           rtol: float = 1e-5, atol: float = 1e-10) -> Verification:
+    """Run both on `inputs` and compare every output, relative to the reference's scale;
+    an output also passes when its largest difference is under `atol`: a plan that keeps
+    almost nothing can leave outputs that cancel to ~1e-10 or less, where the float32
+    rounding of their O(1) terms is a large share of the result (random_plans.md read
+    2.5e-14 on an output of scale 6e-10 and called it a mismatch)."""
     with torch.no_grad():
         got, _ = tree_flatten(module(*inputs))
         want, _ = tree_flatten(reference(*inputs))
@@ -167,6 +171,8 @@ def verify(module: nn.Module, reference: nn.Module, inputs: Sequence[torch.Tenso
         rel = max_abs / scale if scale > 0 else max_abs
         if not math.isfinite(max_abs):
             rel = math.inf
+        if max_abs <= atol:
+            rel = 0.0
         if rel >= worst_rel:
             worst, worst_abs, worst_rel = i, max_abs, rel
     ok = worst_rel <= rtol
