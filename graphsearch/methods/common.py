@@ -101,6 +101,50 @@ def importance_of(order: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
     return out
 
 
+def channel_savings(graph: ChannelGraph, metric: str = "flops",
+                    meter: CostMeter | None = None) -> dict[int, float]:
+    """Per prunable group of more than one channel: how much of `metric` removing one of its
+    channels saves from the baseline (costs are bilinear in the widths, so this is the
+    baseline's marginal cost of one channel). `meter` measures latency where that is the
+    metric; FLOPs, MACs and params come from the graph's cost model."""
+    meter = meter or CostMeter(graph, [])
+    full = meter.measure({})[metric]
+    return {g.id: max(full - meter.measure({g.id: g.size - 1})[metric], 0.0)
+            for g in graph.prunable_groups if g.size > 1}
+
+
+def binding_metric(ctx) -> str:
+    """The metric of the constraint the baseline is furthest above (the one a plan must
+    move most)."""
+    meter = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)
+    full = meter.measure({})
+    return max(ctx.constraints, key=lambda c: full[c.metric] / max(c.limit, 1e-30)).metric \
+        if ctx.constraints else "flops"
+
+
+def cost_weights(ctx, power: float) -> dict[int, float]:
+    """Per prunable group: what one of its channels costs in the binding target's metric
+    relative to the mean over the groups, to the power `power` (0: 1.0 everywhere). A
+    penalty scaled by it asks an expensive channel to be worth more to survive, as
+    MorphNet's FLOP regulariser does; without it a penalty that treats every channel alike
+    gives a FLOPs target the cheap channels (a low-resolution stage's, rich in parameters)
+    as readily as the expensive ones (measured on CIFAR ResNet-20: group lasso and
+    variational dropout kept 83k and 52k parameters at 1/3 FLOPs where uniform widths keep
+    108k, and both ended below uniform after the same fine-tune; cifar10_table.md).
+    Groups whose channel saves nothing get the smallest positive weight."""
+    groups = [g.id for g in ctx.graph.prunable_groups]
+    if not power:
+        return {gid: 1.0 for gid in groups}
+    metric = binding_metric(ctx)
+    save = channel_savings(ctx.graph, metric,
+                           CostMeter(ctx.graph, ctx.constraints, ctx.latency_model))
+    positive = [v for v in save.values() if v > 0]
+    if not positive:
+        return {gid: 1.0 for gid in groups}
+    mean, low = float(np.mean(positive)), float(min(positive))
+    return {gid: (max(save.get(gid, 0.0), low) / mean) ** float(power) for gid in groups}
+
+
 def budget_steps(ctx: SearchContext, epochs: float) -> int:
     """Optimizer steps that `ctx.train(model, epochs, ...)` takes (its `max_steps`)."""
     return ctx.budget_steps(epochs)

@@ -29,6 +29,7 @@ import torch
 from ..load import UserError
 from ..target import allowed_widths
 from .base import Method, Proposal, SearchContext
+from .common import channel_savings
 
 NORMALISE = ("mean", "flops", "none")
 SCHEDULES = ("one-shot", "iterative")
@@ -36,12 +37,7 @@ SCHEDULES = ("one-shot", "iterative")
 
 def channel_flops(graph) -> dict[int, float]:
     """Per prunable group: the baseline FLOPs saved by removing one of its channels."""
-    full = graph.baseline.flops
-    out = {}
-    for g in graph.prunable_groups:
-        if g.size > 1:
-            out[g.id] = max(full - graph.cost({g.id: g.size - 1}).flops, 0.0)
-    return out
+    return channel_savings(graph, "flops")
 
 
 class Magnitude(Method):
