@@ -117,6 +117,8 @@ def main() -> int:
     ap.add_argument("--architectures", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-md", type=Path)
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="only the models whose name contains one of these (e.g. shufflenet)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import warnings
@@ -129,6 +131,8 @@ def main() -> int:
     started = time.time()
     built = {}
     for name, (build, x) in models().items():
+        if args.models and not any(m in name for m in args.models):
+            continue
         model = build().eval()
         built[name] = (model, analyze(model, x), x)
     counts = {n: {"plans": 0, "refused": 0, "failed": 0, "seconds": 0.0} for n in built}

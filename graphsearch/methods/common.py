@@ -309,7 +309,9 @@ def method_evidence(method: str, info: dict) -> str | None:
     try:
         if method == "group-lasso" and "zeros" in i:
             text = (f"The sparsity phase ({i['steps']} proximal steps, lambda "
-                    f"{i['lambda']:.3g} -> {i.get('lambda_final', i['lambda']):.3g}) left "
+                    f"{i['lambda']:.3g} -> {i.get('lambda_final', i['lambda']):.3g}"
+                    + (f", each channel's threshold weighted by its cost ^ {i['cost_weight']:g}"
+                       if i.get("cost_weight") else "") + ") left "
                     f"{i['zeros']} of {i['channels']} channels exactly zero, worth "
                     f"{human(i.get('zeros_flops', 0), 'FLOPs')}; without them the model costs "
                     f"{i.get('zeros_cost_ratio', float('nan')):.3f} of the target. Of the "
@@ -344,7 +346,9 @@ def method_evidence(method: str, info: dict) -> str | None:
         if method == "vardrop" and "dropped_total" in i:
             text = (f"{i['dropped_total']} of {i['channels_total']} channels crossed the drop "
                     f"threshold (log alpha >= 3) after {i['steps']} steps with per-sample "
-                    "noise; the target step ranks channels by log alpha.")
+                    "noise" + (f", each channel's KL weighted by its cost ^ {i['cost_weight']:g}"
+                               if i.get("cost_weight") else "")
+                    + "; the target step ranks channels by log alpha.")
             if i["dropped_total"] == 0:
                 text += (" WARNING: no channel crossed the threshold: the KL term did not "
                          "separate the channels within this budget.")

@@ -328,7 +328,7 @@ class GroupLasso(Method):
         info = {
             "lambda": lam0, "lambda_final": lam_end, "schedule": "fixed" if fixed else "growing",
             "shrink": None if fixed else float(s["shrink"]), "growth": growth,
-            "balance": bool(s["balance"]),
+            "balance": bool(s["balance"]), "cost_weight": float(s["cost_weight"]),
             "lr": lr, "momentum": momentum, "epochs": epochs, "steps": steps,
             "zeros_per_group": zeros, "zeros": int(sum(zeros.values())),
             "channels": int(final.numel()),

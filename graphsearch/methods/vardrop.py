@@ -253,7 +253,7 @@ class VariationalDropout(Method):
             "log_alpha_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
             "log_alpha_summary": _summary(everything),
             "final_kl": final_kl,
-            "steps": total, "gate_lr": gate_lr,
+            "steps": total, "gate_lr": gate_lr, "cost_weight": float(s["cost_weight"]),
             "train_history": result.history,
             "unfolded_gate_points": unfolded,
         }
