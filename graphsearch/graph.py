@@ -279,6 +279,7 @@ class ChannelGraph:
         self._sim_cache: dict[frozenset, tuple[bool, frozenset, str]] = {}
         self._removal_cache: dict[tuple, Removal] = {}
         self._positions: dict[str, np.ndarray] | None = None
+        self._parts: dict | None = None
         self._tied: dict[int, list[TiedSlice]] | None = None
         for g in self.groups:
             g.removable = (lambda gid=g.id: self._simulate(frozenset([gid]))[0]) \
@@ -394,6 +395,22 @@ class ChannelGraph:
                     if (g >= 0).all():
                         self._positions[info.name] = self._group_offset[g] + i
         return self._positions
+
+    def parts(self, gid: int) -> list[np.ndarray]:
+        """The channels (indices in group `gid`) of each node that carries a strict part of
+        the group and nothing else (the halves of a channel split, a concat's branches)."""
+        if getattr(self, "_parts", None) is None:  # (a graph cached before this field)
+            self._parts = {}
+            for pos in self._node_positions().values():
+                g = np.unique(self._position_group[pos])
+                if len(g) != 1:
+                    continue
+                g = int(g[0])
+                local = np.unique(pos - self._group_offset[g])
+                if 0 < len(local) < self.groups[g].size:
+                    self._parts.setdefault(g, {})[local.tobytes()] = local
+            self._parts = {g: list(v.values()) for g, v in self._parts.items()}
+        return self._parts.get(gid, [])
 
     def _empty_nodes(self, dropped: np.ndarray, changed: np.ndarray) -> frozenset:
         """Nodes whose every channel position is dropped (a conv whose channels all lie in

@@ -223,9 +223,39 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
             out[g.id] = w
         return legal_zeros(graph, out, allowed, best_score, keep_of)
 
+    balanced: dict[int, np.ndarray] = {}
+
+    def balanced_order(gid: int) -> np.ndarray:
+        """The group's score order dealt out over its parts (a channel split's halves), each
+        part's best first, in proportion to the parts' sizes."""
+        if gid not in balanced:
+            rank = np.empty(graph.groups[gid].size)
+            rank[order[gid]] = np.arange(graph.groups[gid].size) / graph.groups[gid].size
+            for part in graph.parts(gid):
+                inner = part[np.argsort(rank[part], kind="stable")]
+                rank[inner] = np.minimum(rank[inner], (np.arange(len(part)) + 0.5) / len(part))
+            balanced[gid] = np.argsort(rank, kind="stable")
+        return balanced[gid]
+
     def keep_of(widths: Mapping[int, int]) -> dict[int, list[int]]:
-        return {gid: sorted(order[gid][:w].tolist()) for gid, w in widths.items()
+        keep = {gid: sorted(order[gid][:w].tolist()) for gid, w in widths.items()
                 if w < graph.groups[gid].size}
+        try:
+            graph.removal(keep)
+            return keep
+        except PlanError:
+            pass
+        # The best channels of a group can all lie in one part of it (a ShuffleNet-V2 split
+        # whose other half the method scored low), and a plan that empties the part the model
+        # needs is no plan at any width below the part's size: take the score order dealt out
+        # over the parts instead where that is realisable.
+        fair = {gid: sorted(balanced_order(gid)[:widths[gid]].tolist()) if graph.parts(gid)
+                else kept for gid, kept in keep.items()}
+        try:
+            graph.removal(fair)
+            return fair
+        except PlanError:
+            return keep
 
     floor_values = floor_cost(graph, ev, allowed)
     if not ev.feasible(floor_values):

@@ -11,7 +11,7 @@ from graphsearch.analysis import analyze
 from graphsearch.load import UserError
 from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, zero_channels
 from graphsearch.target import legal_zeros
-from hand_models import X8, TwoConv, ctx_for, end_to_end, hidden_group, randomise
+from hand_models import X8, X16, TwoConv, ctx_for, end_to_end, hidden_group, randomise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,3 +142,24 @@ def test_the_penalty_weights_a_channel_by_its_cost_so_a_flops_target_kills_expen
         per_zero[power] = info["zeros_flops"] / info["zeros"]
     assert zeros[0.0] >= 8 and zeros[1.0] <= zeros[0.0] // 4
     assert per_zero[1.0] > 1.5 * per_zero[0.0]
+
+
+def test_a_strong_penalty_never_empties_what_the_model_needs(trained_tiny, tmp_path):
+    # A cost-weighted penalty on ShuffleNet-V2 killed the stem's channels and then a whole
+    # stage in one step: the signal was cut, the weights after them reached inf, and no plan
+    # could be landed on the zeros (CI: test_methods_zoo, shufflenet_v2-group-lasso). At any
+    # strength the survivors stay a plan the graph can realise, the weights stay finite and a
+    # plan lands on the target.
+    from graphsearch.methods.common import realisable
+    model, graph, data = trained_tiny
+    method = GroupLasso()
+    ctx = ctx_for(copy.deepcopy(model), graph, tmp_path, data, flops="0.4",
+                  settings={**method.defaults, "lambda": 1e4, "refit": False, "revive": False},
+                  epochs=1.0)
+    ctx.example_inputs = X16
+    proposal = method.search(ctx)
+    norms = ctx.channel_norms(ctx.model)
+    assert all(bool(torch.isfinite(n).all()) for n in norms.values())
+    alive = {g: (n > 0).numpy() for g, n in norms.items()}
+    assert proposal.info["zeros"] > 0 and realisable(graph, alive)
+    assert graph.cost(proposal.plan.keep).flops <= ctx.constraints[0].limit

@@ -154,3 +154,37 @@ def test_a_group_at_zero_stays_zero_and_is_reported_at_zero():
     assert g.removal(plan.keep).zero_groups >= {b.id}
     for gid in g.removal(plan.keep).zero_groups:
         assert plan.widths[gid] == 0
+
+
+class TwoHeads(torch.nn.Module):
+    """A stem whose channels are split in two halves, each the only input of an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.ca, self.cb = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.ha, self.hb = torch.nn.Linear(8, 2), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.stem(x)).chunk(2, dim=1)
+        return self.ha(self.ca(a).mean((2, 3))), self.hb(self.cb(b).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fraction", ["0.2", "0.3", "0.5"])
+def test_a_split_whose_best_channels_lie_in_one_half_still_lands(fraction):
+    # A method that scored one half of a channel split above the other (MorphNet's gammas,
+    # group lasso's zeros on ShuffleNet-V2) left the other half empty at every width under
+    # the half's size, and no plan met the target: the target step deals the order out over
+    # the parts where the plain order is not realisable.
+    g = gs.analyze(TwoHeads().eval(), (torch.randn(2, 3, 8, 8),))
+    (stem,) = [gr for gr in g.prunable_groups if gr.members[0].startswith("stem")]
+    assert [p.tolist() for p in g.parts(stem.id)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    scores = {gr.id: np.linspace(1, 0.5, gr.size) for gr in g.prunable_groups}
+    scores[stem.id] = np.array([0.1] * 4 + [1.0] * 4)
+    c = parse_constraint("flops", fraction, g.baseline.flops)
+    plan = land_on_target(g, scores, [c])
+    assert 0.95 * c.limit <= plan.achieved["flops"] <= c.limit
+    kept = np.asarray(plan.keep[stem.id])
+    assert (kept < 4).any() and (kept >= 4).any()
+    # within each half the scores decide
+    assert set(kept[kept >= 4].tolist()) == set(range(4, 4 + int((kept >= 4).sum())))

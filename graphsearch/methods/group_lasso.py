@@ -233,12 +233,26 @@ class GroupLasso(Method):
             f = step / max(steps, 1)
             wanted = r0 - (r0 - 1.0) * min(1.0, f / max(reach, 1e-9))
             deferred = 0
+            alive_before = {gid: ((n > 0) & ~dead[gid]).cpu().numpy()
+                            for gid, n in norms.items()}
+            dying = {gid: alive_before[gid] & (factors[gid] == 0).cpu().numpy()
+                     for gid in norms}
+            # Deaths that would leave a plan the graph cannot realise (a stem, a group under
+            # its minimum width, every branch of a stage) are spared this step, the strongest
+            # of the dying first (common.cap_deaths with no cost floor): emptied, what the
+            # model needs cuts its signal, and a BN after a near-dead channel turns its tiny
+            # inputs into huge gradients (measured on ShuffleNet-V2, cost-weighted: the stem
+            # and then a whole stage died in one step, the next weights reached inf, and no
+            # plan could be landed on the zeros).
+            if any(d.any() for d in dying.values()):
+                legal = cap_deaths(graph, ev, ratio, alive_before, dying, urgency, -np.inf)
+                for gid in norms:
+                    spare = dying[gid] & ~legal[gid]
+                    if spare.any():
+                        factors[gid][torch.as_tensor(spare).to(factors[gid].device)] = 1.0
+                        dying[gid] = dying[gid] & legal[gid]
             if not fixed and s["cap"]:
                 # deaths beyond the path wait (common.cap_deaths)
-                alive_before = {gid: ((n > 0) & ~dead[gid]).cpu().numpy()
-                                for gid, n in norms.items()}
-                dying = {gid: alive_before[gid] & (factors[gid] == 0).cpu().numpy()
-                         for gid in norms}
                 allowed = cap_deaths(graph, ev, ratio, alive_before, dying, urgency,
                                      max(1.0, wanted))
                 for gid in norms:
