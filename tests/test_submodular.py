@@ -15,7 +15,8 @@ from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
 from graphsearch.evaluator import CandidateEvaluator, EvalResult
 from graphsearch.methods.base import SearchContext
-from graphsearch.methods.submodular import Counted, Submodular, lazy_greedy, plain_greedy
+from graphsearch.methods.submodular import (Counted, Submodular, lazy_backward, lazy_greedy,
+                                            plain_backward, plain_greedy)
 from graphsearch.target import parse_constraint
 
 X = (torch.zeros(1, 3, 16, 16),)
@@ -163,3 +164,54 @@ def test_where_F_is_flat_the_groups_grow_alike(tmp_path, monkeypatch):
     assert p.plan.achieved["params"] >= 0.75 * uniform.achieved["params"]
     limit = ctx.constraints[0].limit
     assert 0.99 * limit <= p.plan.achieved["flops"] <= limit
+
+
+@pytest.mark.parametrize("seed,with_cost", list(itertools.product([0, 1, 2], [False, True])))
+def test_lazy_backward_removes_what_plain_backward_removes_with_fewer_evaluations(seed,
+                                                                                with_cost):
+    elements, value, costs = coverage_problem(seed)
+    budget = 9.0
+    fits = lambda S: sum(costs[e] for e in S) <= budget  # noqa: E731
+    saving = (lambda e, S: costs[e]) if with_cost else None
+    removable = lambda e, S: True  # noqa: E731
+    start = frozenset(elements)
+    lazy_F = Counted(lambda sets: [value(s) for s in sets])
+    plain_F = Counted(lambda sets: [value(s) for s in sets])
+    lazy = lazy_backward(elements, lazy_F, start, removable, fits, saving)
+    plain = plain_backward(elements, plain_F, start, removable, fits, saving)
+    assert lazy == plain and len(lazy) >= 3 and fits(start - frozenset(lazy))
+    assert lazy_F.calls < plain_F.calls
+    batched = lazy_backward(elements, Counted(lambda sets: [value(s) for s in sets]), start,
+                            removable, fits, saving, batch=4)
+    assert batched == plain
+
+
+def test_backward_keeps_what_F_rewards_and_shrinks_the_rest_alike(tmp_path, monkeypatch):
+    """Backward (from the full model, the increment that loses least F per FLOP saved goes
+    first): F rewards only the width of one stage-3 residual branch (group 11), so the branch
+    stays whole (uniform widths and a magnitude order cut it like the rest), and where F is
+    flat the groups shrink alike (the first stage is not emptied to pay for the others)."""
+    model, x, graph, data = resnet20_problem()
+    branch = graph.groups[11]
+    monkeypatch.setattr(CandidateEvaluator, "evaluate", rewards_width_of(branch, 0.25, 0.5))
+    ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x,
+                   settings={"direction": "backward"})
+    p = Submodular().search(ctx)
+    assert p.info["direction"] == "backward" and p.info["evaluations"] > 0
+    assert all(g != branch.id for g, _ in p.info["passes"][0]["removed"])
+    frac = {g.id: p.plan.widths[g.id] / g.size for g in graph.prunable_groups}
+    assert frac[branch.id] == 1.0
+    others = [f for gid, f in frac.items() if gid != branch.id]
+    assert min(others) > 0 and max(others) < 1.0
+    limit = ctx.constraints[0].limit
+    assert 0.99 * limit <= p.plan.achieved["flops"] <= limit
+
+
+def test_backward_end_to_end_on_real_scores(trained, tmp_path):
+    ctx = make_ctx(trained, tmp_path, settings={"direction": "backward"})
+    p = Submodular().search(ctx)
+    limit = ctx.constraints[0].limit
+    assert 0.99 * limit <= p.plan.achieved["flops"] <= limit
+    assert p.info["candidate_steps"] == 0 and p.info["evaluations_run"] > 0
+    with pytest.raises(Exception, match="direction"):
+        Submodular().search(make_ctx(trained, tmp_path / "x", settings={"direction": "up"}))
