@@ -199,3 +199,46 @@ def test_end_to_end_and_a_kill_mid_batch_resumes_without_repeats(trained, tmp_pa
     assert not set(again) & set(seen)
     assert len(seen) + len(again) == total
     assert p.plan.keep == ref.plan.keep
+
+
+def test_inherit_current_continues_from_the_chosen_candidates_weights(trained, tmp_path,
+                                                                       monkeypatch):
+    # Progressive shrinking (issue 18, item 2): step s's candidates start from the weights
+    # step s-1's chosen candidate was trained to (zeros at what it dropped), not from the
+    # baseline's; the search hands those weights on, with no kept channel left dead.
+    model, graph, data = trained
+    seen = []
+    real = CandidateEvaluator.evaluate
+
+    def spy(self, keeps, state_dict, *a, **kw):
+        seen.append({k: v.clone() for k, v in state_dict.items()})
+        return real(self, keeps, state_dict, *a, **kw)
+
+    monkeypatch.setattr(CandidateEvaluator, "evaluate", spy)
+    settings = {"candidate_steps": 2, "inherit": "current"}
+    p = AutoShrink().search(ctx_for(model, graph, data, tmp_path / "cur", X16,
+                                    settings=settings))
+    base = model.state_dict()
+    assert len(seen) >= 2 and all(torch.equal(seen[0][k], base[k]) for k in base)
+    first = p.info["steps"][0]
+    w1 = {int(g): v for g, v in first["widths"].items()}
+    keep1 = keep_of_widths(graph, channel_order(
+        ctx_for(model, graph, data, tmp_path / "o", X16)), w1)
+    second = seen[1]
+    assert any(not torch.equal(second[k], base[k]) for k in base)
+    # the second step's weights hold the first step's plan: its dropped channels are zeros
+    for gid, kept in keep1.items():
+        dropped = sorted(set(range(graph.groups[gid].size)) - set(kept))
+        for s_ in graph.tied_parameters()[gid]:
+            if s_.role == "out" and dropped:
+                pos = s_.positions[np.isin(s_.channels, dropped)]
+                t = second[s_.name].index_select(s_.dim, torch.as_tensor(pos))
+                assert float(t.abs().sum()) == 0.0
+    assert p.info["steps"] and any(not torch.equal(p.state_dict[k], base[k]) for k in base)
+    small = slim(graph, p.plan.keep, p.state_dict)
+    for m in small.modules():
+        if isinstance(m, nn.Conv2d):
+            assert bool((m.weight.flatten(1).abs().sum(1) > 0).all())
+    with pytest.raises(Exception, match="inherit"):
+        AutoShrink().search(ctx_for(model, graph, data, tmp_path / "bad", X16,
+                                    settings={"inherit": "parent"}))

@@ -18,6 +18,11 @@
   branches stay removed).
 - Budget: the candidate fine-tune is `ctx.epochs` split over the expected number of
   candidates (steps x k, the steps estimated by a cost-only dry run), at least one step.
+- `--set inherit=current` (the issue's progressive shrinking; the paper restarts every
+  candidate from the baseline's weights, `inherit=baseline`, the default): the candidates of
+  a step start from the weights the chosen candidate of the step before was trained to, so
+  the network trains on while it shrinks and the search hands those weights to the
+  fine-tuning.
 - Resume: snapshots go to `ctx.state_dir / "autoshrink.json"` after every step, evaluations
   to `evals-autoshrink/`; a rerun continues after the last snapshot, a step interrupted mid-
   batch reruns only the evaluations that had not finished.
@@ -30,11 +35,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checkpoint import write_json
 from ..evaluator import EvalSettings
 from ..graph import PlanError
 from ..load import UserError
+from ..passes.slim import slim, unslim_state
 from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
 from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
@@ -106,6 +113,7 @@ class AutoShrink(Method):
         "candidate_steps": None,  # fine-tune steps per candidate (None: from the budget)
         "max_steps": 200,  # shrink steps at most
         "optimizer": "sgd",
+        "inherit": "baseline",  # candidates start from: "baseline" or "current" (docstring)
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
@@ -118,6 +126,9 @@ class AutoShrink(Method):
             raise UserError("autoshrink: block must be a fraction in (0, 1]")
         if s["blocks"] not in ("auto", "yes", "no"):
             raise UserError("autoshrink: blocks must be 'auto', 'yes' or 'no'")
+        inherit = str(s["inherit"]).lower()
+        if inherit not in ("baseline", "current"):
+            raise UserError("autoshrink: inherit must be 'baseline' or 'current'")
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)
@@ -160,7 +171,7 @@ class AutoShrink(Method):
         path = Path(ctx.state_dir) / "autoshrink.json"
         fingerprint = {"k": k, "block": float(s["block"]), "blocks": str(s["blocks"]),
                        "mac_weight": float(s["mac_weight"]), "seed": int(ctx.seed),
-                       "steps": settings.steps,
+                       "steps": settings.steps, "inherit": inherit,
                        "constraints": [[c.metric, c.limit] for c in ctx.constraints]}
         log: list[dict] = []
         w = dict(start)
@@ -177,6 +188,12 @@ class AutoShrink(Method):
                 prev = {int(g): int(v) for g, v in log[-2]["widths"].items()}
                 ctx.log(f"autoshrink: resuming after step {len(log)}")
         base_state = {kk: v.detach().clone() for kk, v in ctx.model.state_dict().items()}
+        current_path = Path(ctx.state_dir) / "autoshrink-current.pt"
+        if inherit == "current" and log:
+            if not current_path.exists():
+                raise UserError(f"'{current_path}' is missing (the current network's weights "
+                                f"of an inherit=current search); delete '{path}' to restart")
+            base_state = torch.load(current_path, map_location="cpu")
         ctx.log(f"autoshrink: {n_branches} branch edges, channel blocks: {s['blocks']}"
                 + f"; about {est} steps of {k} candidates, {settings.steps} fine-tune steps "
                   "each")
@@ -189,7 +206,8 @@ class AutoShrink(Method):
                                     "met; raise the target")
                 trials = [settle(apply_edge(graph, w, e, block)) for e in cs]
                 res = ev.evaluate([keep_of(t) for t in trials], base_state,
-                                  labels=[f"s{step} {e[0]} {e[1]}" for e in cs])
+                                  labels=[f"s{step} {e[0]} {e[1]}" for e in cs],
+                                  return_state=inherit == "current")
                 scores = [shrink_score(r.accuracy, r.macs, float(s["mac_weight"])) for r in res]
                 if not any(math.isfinite(x) for x in scores):
                     raise UserError("autoshrink: no candidate removal of this step could be "
@@ -201,6 +219,12 @@ class AutoShrink(Method):
                                                "accuracy": r.accuracy,
                                                "label": f"autoshrink {r.label}"})
                 prev, w = w, trials[best]
+                if inherit == "current":
+                    # the next candidates start from the chosen one's trained weights, full
+                    # size with zeros at what it dropped (progressive shrinking)
+                    base_state = unslim_state(graph, keep_of(w), res[best].state,
+                                              like=base_state)
+                    torch.save(base_state, current_path)
                 log.append({"step": step + 1, "removed": list(cs[best]),
                             "accuracy": res[best].accuracy, "score": scores[best],
                             "flops": res[best].flops, "params": res[best].params,
@@ -218,6 +242,16 @@ class AutoShrink(Method):
             # the last removal overshot the target by more than 1% and the shared step keeps
             # removed edges at 0: land from the snapshot before it, scaled down to the target
             plan = ctx.land_widths(prev, importance_of(order))
+        if inherit == "current" and log:
+            # channels the landing keeps beyond the last snapshot are zeros in the current
+            # weights (and would stay dead through the fine-tuning): the baseline's values
+            kept = unslim_state(graph, keep_of(w),
+                                {kk: torch.ones_like(v) for kk, v in
+                                 slim(graph, keep_of(w)).state_dict().items()}, like=base_state)
+            original = ctx.model.state_dict()
+            base_state = {kk: torch.where(kept[kk] > 0, v, original[kk])
+                          if kk in kept and v.is_floating_point() else v
+                          for kk, v in base_state.items()}
         ctx.log(f"autoshrink: {len(log)} steps ({fresh} evaluations run now, {cached} from the "
                 f"cache); landed at {human(plan.achieved['flops'], 'FLOPs')}")
         info = {"steps": log, "candidate_steps": settings.steps, "evaluations_run": fresh,
