@@ -78,13 +78,14 @@ def make_ctx(trained, state_dir, flops="0.4", settings=None, **kw):
         **{"example_inputs": X, **kw})
 
 
-def test_end_to_end_meets_the_target_and_resumes_from_the_cache(trained, tmp_path):
-    ctx = make_ctx(trained, tmp_path)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_end_to_end_meets_the_target_and_resumes_from_the_cache(trained, tmp_path, direction):
+    ctx = make_ctx(trained, tmp_path, settings={"direction": direction})
     p1 = Submodular().search(ctx)
     limit = ctx.constraints[0].limit
     assert 0.99 * limit <= p1.plan.achieved["flops"] <= limit
     assert p1.info["evaluations_run"] > 0
-    p2 = Submodular().search(make_ctx(trained, tmp_path))
+    p2 = Submodular().search(make_ctx(trained, tmp_path, settings={"direction": direction}))
     assert p2.info["evaluations_run"] == 0 and p2.info["evaluations_cached"] > 0
     assert p2.plan.keep == p1.plan.keep
 
@@ -123,7 +124,8 @@ def test_the_search_follows_F(tmp_path, monkeypatch):
     assert target.removable
 
     monkeypatch.setattr(CandidateEvaluator, "evaluate", rewards_width_of(target, 0.3, 0.6))
-    ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x)
+    ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x,
+                   settings={"direction": "forward"})
     ctx.example_inputs = x
     p = Submodular().search(ctx)
     for entry in p.info["passes"]:
@@ -150,7 +152,8 @@ def test_where_F_is_flat_the_groups_grow_alike(tmp_path, monkeypatch):
     branch = graph.groups[11]
 
     monkeypatch.setattr(CandidateEvaluator, "evaluate", rewards_width_of(branch, 0.25, 0.5))
-    ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x)
+    ctx = make_ctx((model, graph, data), tmp_path, flops="0.33", example_inputs=x,
+                   settings={"direction": "forward"})
     p = Submodular().search(ctx)
     uniform = SearchContext(graph=graph, model=model, data=None, constraints=ctx.constraints,
                   round_to=1, settings={}, epochs=0.0, lr=0.0, batch_size=1, seed=0,
