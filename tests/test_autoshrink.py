@@ -242,3 +242,24 @@ def test_inherit_current_continues_from_the_chosen_candidates_weights(trained, t
     with pytest.raises(Exception, match="inherit"):
         AutoShrink().search(ctx_for(model, graph, data, tmp_path / "bad", X16,
                                     settings={"inherit": "parent"}))
+
+
+def test_inherit_current_resumes_after_a_kill_with_the_same_plan(trained, tmp_path):
+    model, graph, data = trained
+    settings = {"candidate_steps": 2, "inherit": "current"}
+    ref = AutoShrink().search(ctx_for(model, graph, data, tmp_path / "ref", X16,
+                                      settings=settings))
+    seen = []
+
+    def kill(r):  # dies in the second step, after its first evaluation
+        seen.append(r.key)
+        if len(seen) == len(ref.info["steps"][0]["candidates"]) + 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        AutoShrink().search(ctx_for(model, graph, data, tmp_path / "run", X16,
+                                    settings=settings, on_result=kill))
+    p = AutoShrink().search(ctx_for(model, graph, data, tmp_path / "run", X16,
+                                    settings=settings))
+    assert p.plan.keep == ref.plan.keep
+    assert all(torch.equal(p.state_dict[k], ref.state_dict[k]) for k in ref.state_dict)

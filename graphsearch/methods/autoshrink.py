@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_json
+from ..checkpoint import save_atomic, write_json
 from ..evaluator import EvalSettings
 from ..graph import PlanError
 from ..load import UserError
@@ -188,12 +188,16 @@ class AutoShrink(Method):
                 prev = {int(g): int(v) for g, v in log[-2]["widths"].items()}
                 ctx.log(f"autoshrink: resuming after step {len(log)}")
         base_state = {kk: v.detach().clone() for kk, v in ctx.model.state_dict().items()}
-        current_path = Path(ctx.state_dir) / "autoshrink-current.pt"
+
+        def current_path(n: int) -> Path:  # the weights after step n (the log's length)
+            return Path(ctx.state_dir) / f"autoshrink-current-{n}.pt"
+
         if inherit == "current" and log:
-            if not current_path.exists():
-                raise UserError(f"'{current_path}' is missing (the current network's weights "
-                                f"of an inherit=current search); delete '{path}' to restart")
-            base_state = torch.load(current_path, map_location="cpu")
+            if not current_path(len(log)).exists():
+                raise UserError(f"'{current_path(len(log))}' is missing (the current network's "
+                                f"weights of an inherit=current search); delete '{path}' to "
+                                "restart")
+            base_state = torch.load(current_path(len(log)), map_location="cpu")
         ctx.log(f"autoshrink: {n_branches} branch edges, channel blocks: {s['blocks']}"
                 + f"; about {est} steps of {k} candidates, {settings.steps} fine-tune steps "
                   "each")
@@ -207,7 +211,7 @@ class AutoShrink(Method):
                 trials = [settle(apply_edge(graph, w, e, block)) for e in cs]
                 res = ev.evaluate([keep_of(t) for t in trials], base_state,
                                   labels=[f"s{step} {e[0]} {e[1]}" for e in cs],
-                                  return_state=inherit == "current")
+                                  **({"return_state": True} if inherit == "current" else {}))
                 scores = [shrink_score(r.accuracy, r.macs, float(s["mac_weight"])) for r in res]
                 if not any(math.isfinite(x) for x in scores):
                     raise UserError("autoshrink: no candidate removal of this step could be "
@@ -224,7 +228,8 @@ class AutoShrink(Method):
                     # size with zeros at what it dropped (progressive shrinking)
                     base_state = unslim_state(graph, keep_of(w), res[best].state,
                                               like=base_state)
-                    torch.save(base_state, current_path)
+                    save_atomic(base_state, current_path(step + 1), every_rank=True)
+                    current_path(step - 1).unlink(missing_ok=True)  # keep this and the last
                 log.append({"step": step + 1, "removed": list(cs[best]),
                             "accuracy": res[best].accuracy, "score": scores[best],
                             "flops": res[best].flops, "params": res[best].params,
