@@ -132,3 +132,26 @@ def test_bad_schedule_is_refused(tmp_path):
     ctx.settings["schedule"] = "sometimes"
     with pytest.raises(UserError, match="schedule"):
         Magnitude().search(ctx)
+    ctx.settings["schedule"] = "iterative"
+    ctx.settings["max_ratio"] = 1.5
+    with pytest.raises(UserError, match="max_ratio"):
+        Magnitude().search(ctx)
+
+
+def test_max_ratio_stops_the_runaway_at_fine_multiples():
+    """At a multiple of 1 the renormalisation runs away: a group that starts losing channels
+    keeps losing them down to one (CIFAR ResNet-20 at --round-to 1: the first stage at 1-2
+    channels, 4 points under the default multiple). `max_ratio` (Torch-Pruning's
+    max_pruning_ratio) keeps at least (1 - max_ratio) of every group."""
+    graph = SimpleNamespace(prunable_groups=[SimpleNamespace(id=i, size=16, min_width=0)
+                                             for i in (0, 1)])
+    a = np.linspace(0.2, 1.8, 16)
+    b = np.linspace(0.6, 1.4, 16)
+
+    def never_removed(order, gid):  # a channel never removed scores above every step
+        return int((order[gid] >= order[gid].max() - 0.999).sum())
+
+    free = removal_order(graph, {0: a, 1: b}, 1)
+    assert never_removed(free, 0) == 1  # without a cap: down to a single channel
+    capped = removal_order(graph, {0: a, 1: b}, 1, max_ratio=0.5)
+    assert never_removed(capped, 0) == 8 and never_removed(capped, 1) == 8
