@@ -235,6 +235,45 @@ def plain_backward(elements: Sequence[Hashable], F: Counted, start: frozenset,
 # --------------------------------------------------------------------------- the method
 
 
+class Sets:
+    """What a set of elements (group, increment) stands for: the widths (a group's count of
+    increments times its increment), the plan keeping each group's strongest channels, its
+    cost (None where the graph cannot realise it, cached) and whether it meets the targets."""
+
+    def __init__(self, graph, order, inc: dict[int, int], meter: CostMeter) -> None:
+        self.graph, self.order, self.inc, self.meter = graph, order, inc, meter
+        self._counts: dict[frozenset, dict[int, int]] = {}
+        self._costs: dict[frozenset, dict | None] = {}
+
+    def counts(self, S: frozenset) -> dict[int, int]:
+        if S not in self._counts:
+            c = {gid: 0 for gid in self.inc}
+            for gid, k in S:
+                c[gid] = max(c[gid], k)
+            self._counts[S] = c
+        return self._counts[S]
+
+    def widths_of(self, S: frozenset) -> dict[int, int]:
+        return {gid: min(self.graph.groups[gid].size, c * self.inc[gid])
+                for gid, c in self.counts(S).items()}
+
+    def keep_of(self, S: frozenset) -> dict[int, list[int]]:
+        return keep_of_widths(self.graph, self.order, self.widths_of(S))
+
+    def measure(self, S: frozenset):
+        if S not in self._costs:
+            try:
+                self._costs[S] = self.meter.measure(self.keep_of(S))
+            except PlanError:
+                self._costs[S] = None
+        return self._costs[S]
+
+    def fits(self, S: frozenset) -> bool:
+        v = self.measure(S)
+        return v is not None and self.meter.feasible(v)
+
+
+
 class Submodular(Method):
     name = "submodular"
     summary = ("resource-constrained lazy greedy (CELF) over channel increments and branches, "
@@ -295,28 +334,8 @@ class Submodular(Method):
                           key=lambda e: (e[1], e[0]))
         seed = frozenset((g.id, 1) for g in groups if seed_w[g.id] > 0)
 
-        def widths_of(S: frozenset) -> dict[int, int]:
-            count = {g.id: 0 for g in groups}
-            for gid, k in S:
-                count[gid] = max(count[gid], k)
-            return {gid: min(graph.groups[gid].size, c * inc[gid]) for gid, c in count.items()}
-
-        def keep_of(S: frozenset) -> dict[int, list[int]]:
-            return keep_of_widths(graph, order, widths_of(S))
-
-        costs: dict[frozenset, dict | None] = {}
-
-        def measure(S: frozenset):
-            if S not in costs:
-                try:
-                    costs[S] = meter.measure(keep_of(S))
-                except PlanError:
-                    costs[S] = None
-            return costs[S]
-
-        def fits(S: frozenset) -> bool:
-            v = measure(S)
-            return v is not None and meter.feasible(v)
+        sets = Sets(graph, order, inc, meter)
+        widths_of, keep_of, measure, fits = sets.widths_of, sets.keep_of, sets.measure, sets.fits
 
         def eligible(e, S) -> bool:
             gid, k = e
@@ -381,36 +400,9 @@ class Submodular(Method):
                            for k in range(1 if g.removable else 2, steps_of[g.id] + 1)),
                           key=lambda e: (-e[1], e[0]))
         start = frozenset((g.id, k) for g in groups for k in range(1, steps_of[g.id] + 1))
-        top: dict[frozenset, dict[int, int]] = {}
-
-        def counts(S: frozenset) -> dict[int, int]:
-            if S not in top:
-                c = {g.id: 0 for g in groups}
-                for gid, k in S:
-                    c[gid] = max(c[gid], k)
-                top[S] = c
-            return top[S]
-
-        def widths_of(S: frozenset) -> dict[int, int]:
-            return {gid: min(graph.groups[gid].size, c * inc[gid])
-                    for gid, c in counts(S).items()}
-
-        def keep_of(S: frozenset) -> dict[int, list[int]]:
-            return keep_of_widths(graph, order, widths_of(S))
-
-        costs: dict[frozenset, dict | None] = {}
-
-        def measure(S: frozenset):
-            if S not in costs:
-                try:
-                    costs[S] = meter.measure(keep_of(S))
-                except PlanError:
-                    costs[S] = None
-            return costs[S]
-
-        def fits(S: frozenset) -> bool:
-            v = measure(S)
-            return v is not None and meter.feasible(v)
+        sets = Sets(graph, order, inc, meter)
+        counts, widths_of, keep_of = sets.counts, sets.widths_of, sets.keep_of
+        measure, fits = sets.measure, sets.fits
 
         def removable(e, S: frozenset) -> bool:
             gid, k = e
