@@ -68,7 +68,8 @@ class Magnitude(Method):
                                    renormalise=how in ("mean", "flops"),
                                    max_ratio=max_ratio)
         plan = ctx.land(scores)
-        return Proposal(plan, ctx.model.state_dict(), {"normalise": how, "schedule": schedule})
+        return Proposal(plan, ctx.model.state_dict(), {"normalise": how, "schedule": schedule,
+                                                       "max_ratio": max_ratio})
 
     def scores(self, ctx: SearchContext) -> tuple[dict[int, np.ndarray], str]:
         """Per prunable group, its channels' scores (higher: kept first), and the
