@@ -9,6 +9,7 @@ import torch
 
 from graphsearch.analysis import analyze
 from graphsearch.load import UserError
+from graphsearch.methods.common import realisable
 from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, zero_channels
 from graphsearch.target import legal_zeros
 from hand_models import X8, X16, TwoConv, ctx_for, end_to_end, hidden_group, randomise
@@ -150,7 +151,6 @@ def test_a_strong_penalty_never_empties_what_the_model_needs(trained_tiny, tmp_p
     # could be landed on the zeros (CI: test_methods_zoo, shufflenet_v2-group-lasso). At any
     # strength the survivors stay a plan the graph can realise, the weights stay finite and a
     # plan lands on the target.
-    from graphsearch.methods.common import realisable
     model, graph, data = trained_tiny
     method = GroupLasso()
     ctx = ctx_for(copy.deepcopy(model), graph, tmp_path, data, flops="0.4",

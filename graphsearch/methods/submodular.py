@@ -345,13 +345,8 @@ class Submodular(Method):
             raise UserError("submodular: the seed (one increment of every group, removable "
                             "branches off) already exceeds the target; raise the target or "
                             "increments")
-        settings = EvalSettings(
-            steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
-            else steps_for(ctx, 2 * max(len(elements), 1)),
-            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
-            **candidate_scoring(s))
-        state_path = Path(ctx.state_dir) / "submodular.json"
-        base_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        settings, state_path, base_state = self._setup(
+            ctx, s, steps_for(ctx, 2 * max(len(elements), 1)))
         with make_evaluator(ctx, settings, self.name) as ev:
             F = Counted(self._scorer(ctx, ev, keep_of, base_state))
             ctx.log(f"submodular: {len(elements)} elements over {len(groups)} groups, "
@@ -414,12 +409,7 @@ class Submodular(Method):
             a, b = measure(S), measure(S - {e})
             return max(a[metric] - b[metric], 1e-9) if a and b else 1e-9
 
-        settings = EvalSettings(
-            steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None else 0,
-            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
-            **candidate_scoring(s))
-        state_path = Path(ctx.state_dir) / "submodular.json"
-        base_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        settings, state_path, base_state = self._setup(ctx, s, 0)
         with make_evaluator(ctx, settings, self.name) as ev:
             F = Counted(self._scorer(ctx, ev, keep_of, base_state))
             ctx.log(f"submodular (backward): {len(elements)} elements over {len(groups)} "
@@ -447,6 +437,18 @@ class Submodular(Method):
                 "evaluations": F.calls, "evaluations_run": fresh, "evaluations_cached": cached,
                 "candidate_steps": settings.steps, "increments": K}
         return Proposal(plan, base_state, info)
+
+    @staticmethod
+    def _setup(ctx: SearchContext, s: dict, default_steps: int):
+        """The candidate settings (`candidate_steps`, else `default_steps`), the path of the
+        passes' record and the baseline's weights the candidates start from."""
+        settings = EvalSettings(
+            steps=int(s["candidate_steps"]) if s["candidate_steps"] is not None
+            else int(default_steps),
+            lr=ctx.lr, batch_size=ctx.batch_size, optimizer=str(s["optimizer"]), seed=ctx.seed,
+            **candidate_scoring(s))
+        base_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        return settings, Path(ctx.state_dir) / "submodular.json", base_state
 
     @staticmethod
     def _scorer(ctx: SearchContext, ev, keep_of, state):
