@@ -57,8 +57,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import UserError
 from .base import Method, Proposal, SearchContext
-from .common import cost_weights, fold_gates
+from .common import alive_cost, cost_weights, fold_gates, strength_path
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
@@ -131,6 +132,9 @@ class VDGates(nn.Module):
             {str(g): nn.Parameter(torch.full((n,), float(log_sigma2_init)))
              for g, n in sizes.items()})
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # the KL's strength multiplier (`schedule` "growing"; 1: the paper's), a buffer so
+        # that it resumes with the training checkpoint
+        self.register_buffer("strength", torch.ones((), dtype=torch.float64))
         self.weights: dict[int, float] = {}  # KL weight per group (`cost_weight`); absent: 1
 
     batch: int = 0  # samples in the current forward pass (set by `PerSample`); 0: one draw
@@ -188,6 +192,10 @@ class VariationalDropout(Method):
         "straight_through": True,
         "per_sample": True,  # noise drawn per sample (local reparameterisation)
         "cost_weight": 1.0,  # KL of a channel x its cost in the target's metric ^ this
+        "schedule": "growing",  # the KL's strength: "growing" to the target, or "fixed" (1)
+        "max_growth": 1e4,  # the strength may grow this much over the reach window
+        "growth": None,  # factor per step; None: max_growth spread over the reach window
+        "reach": None,  # the drops' cost meets the target by this fraction; None: warmup_end
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
@@ -203,13 +211,40 @@ class VariationalDropout(Method):
             net = PerSample(net, gates)
         n_train = len(ctx.data.train)
         total = ctx.budget_steps(ctx.epochs)
+        schedule = str(s["schedule"]).lower()
+        if schedule not in ("growing", "fixed"):
+            raise UserError(f"vardrop: schedule={s['schedule']!r}; use growing or fixed")
+        start = float(s["warmup_start"])
+        reach = float(s["reach"]) if s["reach"] is not None else float(s["warmup_end"])
+        ev, ratio, r0, _, growth = strength_path(
+            ctx, {"reach": reach - start, "growth": s["growth"],
+                  "max_growth": s["max_growth"]}, total)
+        trace: list = []
 
         def extra_loss(_model):
-            beta = kl_beta(int(gates.step), total, s["warmup_start"], s["warmup_end"])
-            return beta * gates.kl_sum() / n_train
+            beta = kl_beta(int(gates.step), total, start, s["warmup_end"])
+            return beta * float(gates.strength) * gates.kl_sum() / n_train
 
+        @torch.no_grad()
         def on_step(_model, _step):
             gates.step += 1
+            if schedule != "growing":
+                return
+            # The strength follows a straight path of the cost of the channels not dropped,
+            # from the baseline's (at the warm-up's start) to the target's (at `reach`):
+            # it grows while the drops lag the path and eases off while they are ahead, never
+            # under the paper's 1.
+            f = int(gates.step) / max(total, 1)
+            if f <= start:
+                return
+            alive = {g: ~dropped_mask(gates.log_alpha(g), s["drop_threshold"])
+                     for g in gates.sizes}
+            r = ratio(alive_cost(ctx.graph, alive, ev))
+            wanted = max(1.0, r0 - (r0 - 1.0) * min(1.0, (f - start) / max(reach - start, 1e-9)))
+            gates.strength.mul_(growth if r > wanted else 1.0 / growth).clamp_(min=1.0)
+            if int(gates.step) % max(1, total // 20) == 0:
+                trace.append({"step": int(gates.step), "strength": float(gates.strength),
+                              "kept_cost_ratio": r, "wanted": wanted})
 
         gate_lr = float(s["gate_lr"]) if s["gate_lr"] is not None else \
             max(1e-2, 12.0 / max(1.0, total * (1 - float(s["warmup_start"]))))
@@ -222,8 +257,11 @@ class VariationalDropout(Method):
                 {"params": list(gates.parameters()), "lr": gate_lr,
                  "weight_decay": 0.0}])
 
-        ctx.log(f"vardrop: {total} steps, gate lr {gate_lr:.3g}, KL weight 0 until step {int(s['warmup_start'] * total)}"
-                f", 1 from step {int(s['warmup_end'] * total)}; loss = CE + beta KL / {n_train}")
+        ctx.log(f"vardrop: {total} steps, gate lr {gate_lr:.3g}, KL weight 0 until step "
+                f"{int(start * total)}, 1 from step {int(s['warmup_end'] * total)}; loss = CE + "
+                f"beta KL / {n_train}" + (f" x a strength growing x{growth:.4g} per step while "
+                                          "the drops lag the path to the target"
+                                          if schedule == "growing" else ""))
         result = ctx.train(net, ctx.epochs, "vardrop", extra_loss=extra_loss, on_step=on_step,
                            optimizer=optimizer)
 
@@ -254,6 +292,8 @@ class VariationalDropout(Method):
             "log_alpha_summary": _summary(everything),
             "final_kl": final_kl,
             "steps": total, "gate_lr": gate_lr, "cost_weight": float(s["cost_weight"]),
+            "schedule": schedule, "strength_final": float(gates.strength), "growth": growth,
+            "strength_trace": trace,
             "train_history": result.history,
             "unfolded_gate_points": unfolded,
         }
