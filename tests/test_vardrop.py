@@ -11,7 +11,7 @@ from graphsearch.methods.vardrop import (K1, K2, K3, VariationalDropout, VDGates
                                          clip_log_alpha, dropped_mask, fold_gates, kl, kl_beta,
                                          log_alpha_of)
 from graphsearch.errors import UserError
-from graphsearch.methods.common import cost_weights
+from graphsearch.methods.common import cost_weights, method_evidence
 from graphsearch.passes.slim import slim
 from hand_models import check_plan, make_ctx
 
@@ -176,6 +176,7 @@ def test_the_growing_strength_makes_the_drops_meet_the_target(trained_tiny_hidde
         costs[schedule] = info["drop_rule_cost"]["flops"] / ctx.constraints[0].limit
         if schedule == "growing":
             assert info["strength_final"] > 1.0
+            assert "the KL's strength grown to x" in method_evidence("vardrop", info)
             assert info["strength_trace"][-1]["kept_cost_ratio"] == pytest.approx(costs[schedule])
             # the drops are under the target: the plan keeps every channel the rule keeps
             # (and fills the rest of the budget with the least dropped)

@@ -366,6 +366,13 @@ def method_evidence(method: str, info: dict) -> str | None:
                     f"threshold (log alpha >= 3) after {i['steps']} steps with per-sample "
                     "noise" + (f", each channel's KL weighted by its cost ^ {i['cost_weight']:g}"
                                if i.get("cost_weight") else "")
+                    + (f", the KL's strength grown to x{i['strength_final']:.3g} while the "
+                       "drops lagged the path to the target"
+                       if i.get("schedule") == "growing" and "strength_final" in i else "")
+                    + (f"; the channels left under it cost "
+                       f"{_pct(i['drop_rule_cost']['flops'] / i['target_flops'])} of the "
+                       "target's FLOPs" if isinstance(i.get("drop_rule_cost"), dict)
+                       and i.get("target_flops") else "")
                     + "; the target step ranks channels by log alpha.")
             if i["dropped_total"] == 0:
                 text += (" WARNING: no channel crossed the threshold: the KL term did not "

@@ -293,6 +293,8 @@ class VariationalDropout(Method):
             "final_kl": final_kl,
             "steps": total, "gate_lr": gate_lr, "cost_weight": float(s["cost_weight"]),
             "schedule": schedule, "strength_final": float(gates.strength), "growth": growth,
+            "target_flops": next((c.limit for c in ctx.constraints if c.metric == "flops"),
+                                 None),
             "strength_trace": trace,
             "train_history": result.history,
             "unfolded_gate_points": unfolded,
