@@ -381,3 +381,19 @@ def test_a_width_per_layer_is_pruned_per_layer_and_written_into_the_config_list(
     out = model.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
     again = loaded.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 11) and torch.equal(out, again)
+
+
+def test_bloom_keeps_its_heads_for_alibi_and_says_so():
+    """BLOOM's scores are `alibi.baddbmm(q, k^T)`, ALiBi's bias computed from `n_head`: the
+    heads stay whole (a reloaded class with fewer heads gives other slopes), and with them the
+    hidden size (whole heads) and the MLP (4 x hidden_size, no config field of its own)."""
+    c = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                 bos_token_id=0, eos_token_id=0)
+    model = transformers.BloomForCausalLM(c).eval()
+    g = graphsearch.analyze(model, _tokens(2))
+    heads, = [grp for grp in g.groups
+              if "transformer.h.0.self_attention.query_key_value.weight[out] x24" in grp.members]
+    assert heads.size == 4 and not heads.prunable
+    assert "a tensor computed in the forward" in heads.reason and "no rule" not in heads.reason
+    assert "transformer.h.1.mlp.dense_h_to_4h.weight[out] x32" in heads.members
+    assert g.prunable_groups == []
