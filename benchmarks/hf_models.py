@@ -59,6 +59,15 @@ MODELS = {
               "tokens"),
     "falcon": ("falcon", "FalconForCausalLM", dict(DECODER, new_decoder_architecture=False),
                "tokens"),
+    # Gemma 3n's text model: a list of MLP widths, one per layer (the first sparse, as
+    # Gemma 3n's first ten layers are: a cutoff from the std over the MLP's channels)
+    "gemma3n": ("gemma3n_text", "Gemma3nForCausalLM",
+                dict(DECODER, intermediate_size=[64, 48, 40], num_hidden_layers=3,
+                     num_key_value_heads=2, head_dim=8, vocab_size_per_layer_input=V,
+                     hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                     num_kv_shared_layers=0, sliding_window=4,
+                     layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                     activation_sparsity_pattern=[0.95, 0.0, 0.0]), "tokens"),
     # vision
     "vit": ("vit", "ViTForImageClassification", VISION, "image"),
     "deit": ("deit", "DeiTForImageClassification", VISION, "image"),

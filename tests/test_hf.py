@@ -321,3 +321,79 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     assert "in_place=True" in printed[0], printed
     assert printed[1:] == ["True 24 3 34", "True"]  # pruned in place; reloaded the same
     assert (tmp_path / "bert-pruned" / "config.json").exists()
+
+
+def gemma3n_text(sparsity=(0.95, 0.0, 0.0)):
+    """Gemma 3n's text model: `intermediate_size` is a list, one MLP width per layer; the
+    first layer's MLP keeps only its activations above a Gaussian cutoff (a std over the
+    MLP's channels), as Gemma 3n's first ten layers do."""
+    c = transformers.Gemma3nTextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=[64, 48, 40], num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, laurel_rank=4,
+        altup_num_inputs=2, num_kv_shared_layers=0, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        activation_sparsity_pattern=list(sparsity), bos_token_id=0, eos_token_id=0,
+        pad_token_id=0)
+    return transformers.Gemma3nForCausalLM(c), _tokens
+
+
+def test_a_width_per_layer_is_pruned_per_layer_and_written_into_the_config_list(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = gemma3n_text()
+    model.eval()
+    before = copy.deepcopy(model.config)
+    g = graphsearch.analyze(model, inputs(2))
+    mlp = [[grp for grp in g.groups if f"model.layers.{i}.mlp.up_proj.weight[out]" in grp.members]
+           for i in range(3)]
+    assert [len(m) for m in mlp] == [1, 1, 1]  # one group per layer: not tied across layers
+    first, second, third = (m[0] for m in mlp)
+    assert (first.size, second.size, third.size) == (64, 48, 40)
+    # the sparse layer's cutoff is a statistic of all its channels: it keeps them, and says so
+    assert not first.prunable and "aten.std" in first.reason
+    assert second.prunable and third.prunable
+    keep = {second.id: list(range(0, 48, 2)), third.id: list(range(1, 40, 4))}  # 24, 10
+    x = inputs(3, seed=1)
+    s = slim(g, keep).eval()
+    v = verify(s, mask(g, keep), x, rtol=1e-4)
+    assert v.ok, v.message
+    assert _nparams(s) == g.cost(keep).params
+
+    graphsearch.prune(model, g, keep)
+    kwargs = hf.call_kwargs(model)
+    v = verify(_Call(model, kwargs), s, x)
+    assert v.ok, v.message
+    assert model.config.intermediate_size == [64, 24, 10]  # the list, element by element
+    before.intermediate_size = [64, 24, 10]
+    assert before.to_dict() == model.config.to_dict()  # nothing else changed
+    assert [layer.mlp.intermediate_size for layer in model.model.layers] == [64, 24, 10]
+    with torch.device("meta"):
+        rebuilt = type(model)(copy.deepcopy(model.config))
+    assert _shapes(rebuilt) == _shapes(model)
+
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = type(model).from_pretrained(tmp_path).eval()
+    assert loaded.config.intermediate_size == [64, 24, 10]
+    v = verify(_Call(loaded, kwargs), _Call(model, kwargs), x, rtol=1e-6)
+    assert v.ok, v.message
+    out = model.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    again = loaded.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 11) and torch.equal(out, again)
+
+
+def test_bloom_keeps_its_heads_for_alibi_and_says_so():
+    """BLOOM's scores are `alibi.baddbmm(q, k^T)`, ALiBi's bias computed from `n_head`: the
+    heads stay whole (a reloaded class with fewer heads gives other slopes), and with them the
+    hidden size (whole heads) and the MLP (4 x hidden_size, no config field of its own)."""
+    c = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                 bos_token_id=0, eos_token_id=0)
+    model = transformers.BloomForCausalLM(c).eval()
+    g = graphsearch.analyze(model, _tokens(2))
+    heads, = [grp for grp in g.groups
+              if "transformer.h.0.self_attention.query_key_value.weight[out] x24" in grp.members]
+    assert heads.size == 4 and not heads.prunable
+    assert "a tensor computed in the forward" in heads.reason and "no rule" not in heads.reason
+    assert "transformer.h.1.mlp.dense_h_to_4h.weight[out] x32" in heads.members
+    assert g.prunable_groups == []

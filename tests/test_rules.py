@@ -1307,3 +1307,78 @@ def test_a_rule_may_have_the_tracer_follow_a_plain_forward():
         "value_gated", R.unsupported, trace_as=lambda m, x: m.b(torch.relu(m.a(x))))})
     g = analyze(model(), (x,), rules)
     assert g.untraceable == {} and [grp.size for grp in g.prunable_groups] == [4, 6, 4]
+
+
+# --------------------------------------------------------------------------- ATen: baddbmm, computed operands
+
+class AlibiAttention(nn.Module):
+    """BLOOM's attention in small: heads folded into the batch dim, the scores as
+    `bias.baddbmm(q, k^T, beta, alpha)`; `bias` "alibi": ALiBi's per-head slopes times
+    positions, computed from the head count and tiled over the batch (`repeat`); "causal":
+    a causal mask, the same for every head."""
+
+    def __init__(self, hidden=16, heads=4, mlp=32, bias="alibi"):
+        super().__init__()
+        self.heads, self.hd, self.bias = heads, hidden // heads, bias
+        self.qkv, self.out = nn.Linear(hidden, 3 * heads * 4), nn.Linear(heads * 4, hidden)
+        self.up, self.down = nn.Linear(hidden, mlp), nn.Linear(mlp, hidden)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        if self.bias == "alibi":
+            slopes = torch.pow(0.5, torch.arange(1, 1 + self.heads, dtype=x.dtype))
+            bias = (slopes[:, None, None] * torch.arange(s, dtype=x.dtype)).repeat(b, 1, 1)
+        else:
+            bias = torch.full((s, s), -1e4, dtype=x.dtype).triu(1)[None]
+        q, k, v = self.qkv(x).view(b, s, -1, 3, 4).unbind(3)
+        q, k, v = (t.transpose(1, 2).reshape(-1, s, 4) for t in (q, k, v))
+        scores = bias.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=0.5)
+        att = torch.bmm(scores.softmax(-1), v).view(b, -1, s, 4)
+        x = x + self.out(att.transpose(1, 2).reshape(b, s, -1))
+        return x + self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("bias", ["alibi", "causal"])
+def test_baddbmm_is_a_product_and_a_sum_and_a_computed_bias_keeps_the_heads(bias):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 16),)
+    net = AlibiAttention(bias=bias).eval()
+    g = analyze(export_trace(net, x).module, x)
+    heads, mlp = group(g, "qkv.weight[out] x12"), group(g, "up.weight[out]")
+    assert heads.size == 4 and mlp.size == 32 and mlp.prunable
+    with FlopCounterMode(display=False) as counter:
+        net(*x)
+    assert g.baseline.macs == counter.get_total_flops() / 2 / 2  # (per sample)
+    if bias == "alibi":  # ALiBi's bias is per head, computed: no plan can slice it
+        assert not heads.prunable
+        assert "a tensor computed in the forward ('repeat', no parameter) meets channels" \
+            in heads.reason
+        keep = {mlp.id: list(range(0, 32, 3))}
+    else:  # the same for every head: whole heads go
+        assert heads.prunable
+        keep = {heads.id: [0, 3], mlp.id: list(range(0, 32, 3))}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(2, 5, 16),))  # (the export fixed the batch)
+    assert v.ok, v.message
+    small = AlibiAttention(heads=2 if bias == "causal" else 4, mlp=11, bias=bias)
+    assert nparams(s) == g.cost(keep).params == nparams(small)
+
+
+def test_a_tensor_made_from_sizes_keeps_the_channels_it_meets():
+    class ArangeAdded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h + torch.arange(6, dtype=h.dtype) * 0.5)
+
+    x = (torch.randn(2, 4),)
+    g = analyze(export_trace(ArangeAdded(), x).module, x)  # (fx: arange has no rule)
+    hidden = group(g, "a.weight[out]")
+    assert not hidden.prunable
+    assert "a tensor computed in the forward ('mul', no parameter) meets channels along dim 1 " \
+           "at 'add'" in hidden.reason

@@ -7,7 +7,9 @@ is that family's rule, with every field the same (`dataclasses.replace(rule, tar
 one rule still owns what the op ties, costs, how slim rewrites it, its gate site and
 parameter roles). The few whose arguments differ (`aten.embedding` takes the table first,
 `aten.addmm` is a linear layer with its bias first, `aten.view` of expanded ids is a
-reshape, `aten.slice` names its dim) have a small rule of their own below.
+reshape, `aten.slice` names its dim) have a small rule of their own below. Arithmetic merges
+(add, sub, multiply) also keep what a tensor made in the forward from sizes alone meets
+(`_computed_operand`): an fx trace has no such tensor (its factories have no rule).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from . import attention, conv, elementwise, embedding, layout, linear, norm, pooling
+from ..atoms import NO_ATOM
 from .registry import FULL, Rule, arg, rule, unsupported
 
 aten = torch.ops.aten
@@ -45,9 +48,44 @@ UNARY = _same(elementwise.elementwise_unary, *_overloads(
     aten._to_copy, aten.feature_dropout))
 RELU = _same(elementwise.relu, *_overloads(aten.relu, aten.relu_))
 # the in-place forms (`x += residual` in a forward) as the fx front end's `add_` methods
-ADD = _same(elementwise.add, *_overloads(aten.add, aten.add_))
-SUB = _same(elementwise.sub, *_overloads(aten.sub, aten.rsub, aten.sub_))
-MULTIPLY = _same(elementwise.multiply, *_overloads(
+
+
+def _computed_operand(ctx, node) -> None:
+    """Keep the channels that an operand without channels (made in the forward from sizes:
+    ALiBi's per-head slopes times positions, `torch.arange(C)`) meets along a dim where it
+    has extent: the slim model cannot slice a computed tensor, nor a reloaded model compute
+    it for fewer channels. A dim where the other operand's channels are one unit (a head's
+    dims, which a plan keeps or drops whole) needs no slicing."""
+    rank = len(ctx.shape(node))
+    operands = [(a, ids) for a in ctx.tensor_args(node) if (ids := ctx.ids(a)) is not None]
+    for a, ids in operands:
+        if (ids != NO_ATOM).any():
+            continue
+        real = (1,) * (rank - len(ctx.shape(a))) + ctx.shape(a)
+        extent = [d for d in range(rank) if real[d] > 1]
+        for b, other in operands:
+            if b is a:
+                continue
+            other = other.reshape((1,) * (rank - other.dim()) + tuple(other.shape))
+            meets = [d for d in extent if other.size(d) > 1 and
+                     bool((other != other.narrow(d, 0, 1)).any())]
+            if meets:
+                ctx.fix(other, f"a tensor computed in the forward ('{a.name}', no parameter) "
+                               f"meets channels along dim {meets[0]} at '{node.name}'")
+
+
+def _merge(rule_: Rule, *targets) -> Rule:
+    """An arithmetic merge's rule for ATen overloads: `rule_`, after `_computed_operand`."""
+    def tie(ctx, node):
+        _computed_operand(ctx, node)
+        return rule_.tie(ctx, node)
+
+    return dataclasses.replace(rule_, tie=tie, targets=tuple(targets))
+
+
+ADD = _merge(elementwise.add, *_overloads(aten.add, aten.add_))
+SUB = _merge(elementwise.sub, *_overloads(aten.sub, aten.rsub, aten.sub_))
+MULTIPLY = _merge(elementwise.multiply, *_overloads(
     aten.mul, aten.div, aten.where, aten.maximum, aten.minimum, aten.masked_fill,
     aten.expand_as, aten.mul_, aten.div_))
 SOFTMAX = _same(elementwise.softmax, *_overloads(aten.softmax, aten._softmax, aten.log_softmax,
@@ -233,6 +271,43 @@ def aten_factory(ctx, node):
     return ctx.no_channels(node) if isinstance(v, torch.Tensor) else None
 
 
+def _decompose_baddbmm(gm, node) -> bool:
+    """The tracer's rewrite at a baddbmm (`Rule.fuse`): `beta * input + alpha * (b1 @ b2)`
+    (BLOOM's attention scores, ALiBi's bias as `input`) becomes those ATen ops, whose rules
+    tie, cost and slim it: the product is the attention's `matmul`, the sum an `add`."""
+    if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
+        return False
+    bias, b1, b2 = node.args
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        product = graph.call_function(aten.bmm.default, (b1, b2))
+        if alpha != 1:
+            product = graph.call_function(aten.mul.Tensor, (product, alpha))
+        if beta != 1:
+            bias = graph.call_function(aten.mul.Tensor, (bias, beta))
+        new = graph.call_function(aten.add.Tensor, (bias, product))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return True
+
+
+BADDBMM = Rule("baddbmm", unsupported, edge="mix", fuse=_decompose_baddbmm, family="linear",
+               targets=tuple(_overloads(aten.baddbmm)))
+
+
+@rule(*_overloads(aten.repeat), edge="none")
+def aten_repeat(ctx, node):
+    """x.repeat(sizes) of a tensor without channels (ALiBi's slopes x positions, tiled over
+    the batch): none; of one with channels, unsupported (its copies would be one channel
+    space each)."""
+    ids = ctx.ids(node.args[0])
+    if ids is not None and (ids == NO_ATOM).all():
+        return ctx.no_channels(node)
+    return unsupported(ctx, node, why="repeat of a tensor with channels")
+
+
 COMPARE = _same(elementwise.multiply, *_overloads(
     aten.eq, aten.ne, aten.le, aten.lt, aten.ge, aten.gt, aten.__and__, aten.__or__,
     aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.logical_not, aten.logical_and,
@@ -241,4 +316,4 @@ COMPARE = _same(elementwise.multiply, *_overloads(
 RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
          GROUP_NORM, BATCH_NORM, SDPA, REDUCE, SPATIAL, PAD, CAT, STACK, FREE, EXPAND, SPLIT,
          CHUNK, UNBIND, SELECT, NARROW, VIEW, SLICE, INDEX, channel_mean, aten_embedding,
-         aten_addmm, aten_size, aten_check, aten_factory, COMPARE)
+         aten_addmm, aten_size, aten_check, aten_factory, COMPARE, BADDBMM, aten_repeat)
