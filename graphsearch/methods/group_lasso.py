@@ -74,7 +74,7 @@ from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
 from .common import (ROLES, tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
-                     cap_deaths, cost_weights,
+                     cap_deaths, cost_weights, spare_under_floor,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
 
@@ -149,6 +149,7 @@ class GroupLasso(Method):
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
         "cap": True,  # deaths beyond the schedule's path are deferred (common.cap_deaths)
+        "floor": False,  # True: no stream under the plan's smallest width (common.spare_under_floor)
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "revive": True,  # (refit off) kept exact zeros get their rescaled initial weights
         "bn_batches": 20,  # batches to re-estimate BN statistics after the sparsity phase
@@ -183,6 +184,8 @@ class GroupLasso(Method):
                         if s["balance"] else 1.0) * pay.get(gid, 1.0)
                   for gid, n in norms0.items()}
         ev, ratio, r0, reach, growth = strength_path(ctx, s, steps)
+        # the zeros' cost counts widths as the plan will keep them (`floor`)
+        rt = int(ctx.round_to) if s["floor"] else 1
         ctx.log(f"group-lasso: lambda {lam0:.4g} at the start "
                 f"({'fixed' if fixed else f'x{growth:g} per step while the zeros lag'}; mean "
                 f"initial channel norm {mean0:.4g}, {steps} steps at lr {lr:g})")
@@ -244,6 +247,15 @@ class GroupLasso(Method):
             # inputs into huge gradients (measured on ShuffleNet-V2, cost-weighted: the stem
             # and then a whole stage died in one step, the next weights reached inf, and no
             # plan could be landed on the zeros).
+            if any(d.any() for d in dying.values()) and s["floor"]:
+                # a stream or stem under the smallest width the plan keeps buys nothing
+                # (common.spare_under_floor): those deaths are spared this step
+                kept = spare_under_floor(graph, alive_before, dying, urgency, rt)
+                for gid in norms:
+                    spare = dying[gid] & ~kept[gid]
+                    if spare.any():
+                        factors[gid][torch.as_tensor(spare).to(factors[gid].device)] = 1.0
+                        dying[gid] = kept[gid]
             if any(d.any() for d in dying.values()):
                 legal = cap_deaths(graph, ev, ratio, alive_before, dying, urgency, -np.inf)
                 for gid in norms:
@@ -254,7 +266,7 @@ class GroupLasso(Method):
             if not fixed and s["cap"]:
                 # deaths beyond the path wait (common.cap_deaths)
                 allowed = cap_deaths(graph, ev, ratio, alive_before, dying, urgency,
-                                     max(1.0, wanted))
+                                     max(1.0, wanted), rt)
                 for gid in norms:
                     wait = torch.as_tensor(dying[gid] & ~allowed[gid])
                     if wait.any():
@@ -276,7 +288,7 @@ class GroupLasso(Method):
             if fixed:
                 return
             alive = {gid: (f > 0).cpu().numpy() for gid, f in factors.items()}
-            r = ratio(alive_cost(graph, alive, ev))
+            r = ratio(alive_cost(graph, alive, ev, rt))
             if r <= 1.0:
                 pg["gl_hold"] = True
             elif deferred:
@@ -316,7 +328,7 @@ class GroupLasso(Method):
         plan = ctx.land(scores)
         zero_mask = {gid: (n == 0).cpu().numpy() for gid, n in norms.items()}
         zeros = {gid: int(z.sum()) for gid, z in zero_mask.items()}
-        zero_values = alive_cost(graph, {g: ~z for g, z in zero_mask.items()}, ev)
+        zero_values = alive_cost(graph, {g: ~z for g, z in zero_mask.items()}, ev, rt)
         dropped = dropped_channels(graph, plan.keep)
         n_dropped = int(sum(len(v) for v in dropped.values()))
         dropped_zero = int(sum(int(zero_mask[g][v].sum()) for g, v in dropped.items()))
@@ -355,7 +367,7 @@ class GroupLasso(Method):
             "trace": trace,
             "initial_mean_norm": mean0, "final_mean_norm": float(final.mean()),
             "normalise": mode, "revived": revived, "refit": refit,
-            "deaths_deferred": int(holder.get("deferred", 0)),
+            "deaths_deferred": int(holder.get("deferred", 0)), "floor": rt,
             "plan_accuracy_shrunk_weights": sparse_accuracy,
             "val_accuracy_after_sparsity": result.val_accuracy if result else None,
         }
