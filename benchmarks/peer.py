@@ -52,7 +52,7 @@ from graphsearch.zoo import build, example_inputs
 
 
 def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, state: Path,
-                     method: str = "magnitude", epochs: float = 0.0, log=None):
+                     method: str = "magnitude", epochs: float = 0.0, log=None, seed: int = 0):
     """The module `method` plans at the target (its search run on `data` for `epochs`), sliced
     from the weights the pipeline would fine-tune (the search's, or the baseline's where the
     method refits)."""
@@ -62,7 +62,7 @@ def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, s
         graph=graph, model=copy.deepcopy(model), data=data.for_search() if data is not None else None,
         constraints=[parse_constraint("flops", str(flops), graph.baseline.flops)],
         round_to=round_to, settings={**m.defaults, **settings}, epochs=epochs, lr=0.05,
-        batch_size=128, seed=0, state_dir=state, progress=False,
+        batch_size=128, seed=seed, state_dir=state, progress=False,
         log=log or (lambda *_: None), example_inputs=example_inputs("resnet20"))
     proposal = m.search(ctx)
     model.load_state_dict(proposal.state_dict)
@@ -136,7 +136,8 @@ def plan_module(baseline, plan: str, args, data=None):
             np.linspace(0, len(data.train) - 1, args.search_images).round().astype(int).tolist())
         return graphsearch_plan(model, search, args.flops, args.round_to,
                                 settings_of(rest[0] if rest else ""), state, method=name,
-                                epochs=args.search_epochs, log=lambda s: print("  " + s))
+                                epochs=args.search_epochs, log=lambda s: print("  " + s),
+                                seed=args.search_seed)
     settings = settings_of(plan.split(":", 1)[1]) if ":" in plan else {}
     return graphsearch_plan(model, None, args.flops, args.round_to, settings, state)
 
@@ -147,7 +148,9 @@ def widths(module) -> list[int]:
 
 
 def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
-    path = args.out / f"{plan}__{recipe}__s{seed}.json"
+    label = f"{plan}@search{args.search_seed}" if args.search_seed and \
+        plan.startswith("method:") else plan
+    path = args.out / f"{label}__{recipe}__s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.time()
@@ -170,7 +173,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
     t0 = time.time()
     train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
           progress=False, evaluate_every_epoch=False, **kw)
-    row = {"plan": plan, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
+    row = {"plan": label, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
            "recipe_name": cfg.finetune_recipe if name == "project" else name,
            "macs_ratio": cost.macs / base_cost.macs, "macs": cost.macs, "params": cost.params,
            "test_before": before, "val": evaluate(pruned.eval(), data.val),
@@ -226,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--search-images", type=int, default=8000,
                     help="training images a method:NAME plan's search sees (evenly spaced)")
     ap.add_argument("--search-epochs", type=float, default=2.0)
+    ap.add_argument("--search-seed", type=int, default=0,
+                    help="a method:NAME plan's search seed (nonzero: the plan is labelled "
+                         "NAME@searchK)")
     ap.add_argument("--table", action="store_true", help="print the finished cells and exit")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
