@@ -49,6 +49,14 @@ fine-tune (`common.cost_weights`). The lr is the run's search lr (`lr` None): th
 channel with lr * grad per step (times the momentum gain) against lr * lambda, and a higher
 lr needs a smaller lambda for the same shrinkage, so more of the ranking is the data's.
 `--set lambda=...` gives a fixed lambda instead.
+`--set floor=true` spares deaths that would leave a stream under the smallest width the plan
+keeps (8 at `--round-to 8`) and counts the zeros' cost at the widths the plan will keep
+(`common.spare_under_floor`). Off by default: measured on CIFAR ResNet-20 at 1/3 FLOPs it kept
+the stem's stream at 8 alive channels (15 of 16 died without it) but the plan scored 83.44%
+on validation after the fine-tune against the default's 83.68% (`cifar10_table.md`). At that
+budget the sparsity phase leaves the network at 10-28% top-1 whatever the variant (the
+schedule's strength shrinks every channel by about its whole initial norm in 126 steps), so
+the penalty's decisions rest on the ratio of each channel's norm to its threshold.
 
 Scores are the final joint norms divided by their group's mean final norm (`normalise`
 "final", the default), as `magnitude` does, with the exact zeros below every survivor, the
