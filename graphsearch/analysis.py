@@ -321,15 +321,14 @@ class Context:
     @staticmethod
     def _broadcast_reason(node: fx.Node, operand, own: set, across: set) -> str:
         """Why an operand broadcast across another's channels is kept; one with channels of
-        its own along other dims (a value per head) names the dim it would be cut along."""
+        its own along other dims (a value per head) names them and the dim it meets."""
         why = f"broadcast across channels at '{node.name}'"
         if not own:
             return why
         name = operand.name if isinstance(operand, fx.Node) else "an operand"
-        return (f"{why}: '{name}' holds one value per unit along dim "
-                f"{', '.join(map(str, sorted(own)))} and is broadcast along dim "
-                f"{min(across)}, where another operand has channels a plan may cut inside "
-                f"the unit")
+        return (f"{why}: '{name}' (channels along dim {', '.join(map(str, sorted(own)))}) "
+                f"is broadcast along dim {min(across)}, where another operand's channels are "
+                f"not one unit (a plan may cut them apart)")
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Output identity made of two operands' identities (tied where both have atoms)."""

@@ -1438,8 +1438,8 @@ def test_a_statistic_per_head_broadcast_across_dims_a_plan_may_cut_is_refused():
     k, q = group(g, "k.weight[out] x4"), group(g, "q.weight[out]")
     assert (k.size, k.prunable) == (4, False)
     assert "broadcast across channels at 'mul'" in k.reason
-    assert "holds one value per unit along dim 2 and is broadcast along dim 3, where another " \
-           "operand has channels a plan may cut inside the unit" in k.reason
+    assert "'pow_2' (channels along dim 2) is broadcast along dim 3, where another " \
+           "operand's channels are not one unit (a plan may cut them apart)" in k.reason
     assert (q.size, q.prunable) == (16, True) and "o.weight[in]" in q.members
     keep = {q.id: list(range(0, 16, 2))}  # dims 0 and 2 of every head (the view's layout)
     v = verify(slim(g, keep), mask(g, keep), (torch.randn(2, 5, 8),))
