@@ -277,6 +277,11 @@ class Context:
 
         An operand broadcast along a dim where another operand carries channels (a spatial
         attention map times a feature map) cannot follow those channels: it is not pruned.
+        Channels count as carried along a dim only where they differ along it as tied so far:
+        a per-head statistic (an RMSNorm over head_dim, whose mean tied each head's dims into
+        one unit) broadcast along head_dim meets one unit per head, which a plan keeps or
+        drops whole, and is accepted; broadcast across dims a plan may cut inside the unit,
+        it is refused, with the operand and the dim in the reason.
         """
         out_shape = self.shape(node)
         rank = len(out_shape)
@@ -287,16 +292,19 @@ class Context:
             if ids is None:
                 continue
             real = (1,) * (rank - ids.dim()) + self.shape(a)
-            items.append((ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape)), real))
+            # canonical (`compress`): a dim along which the current classes are constant
+            # carries no channel of its own
+            ids = compress(ids.reshape((1,) * (rank - ids.dim()) + tuple(ids.shape)))
+            items.append((ids, real, a))
         if not items:
             return self.no_channels(node)
-        varying = [{d for d in range(rank) if i.size(d) > 1} for i, _ in items]
+        varying = [{d for d in range(rank) if i.size(d) > 1} for i, _, _ in items]
         kept = []
-        for k, (ids, real) in enumerate(items):
+        for k, (ids, real, a) in enumerate(items):
             broadcast = {d for d in range(rank) if real[d] == 1 and out_shape[d] > 1}
             others = set().union(*(v for j, v in enumerate(varying) if j != k))
             if broadcast & others:
-                self.fix(ids, f"broadcast across channels at '{node.name}'")
+                self.fix(ids, self._broadcast_reason(node, a, varying[k], broadcast & others))
             else:
                 kept.append(ids)
         if not kept:
@@ -309,6 +317,18 @@ class Context:
             other = torch.broadcast_to(other, out.shape)
             out = torch.where(out >= 0, out, other)
         return compress(self.find_ids(out.contiguous()))
+
+    @staticmethod
+    def _broadcast_reason(node: fx.Node, operand, own: set, across: set) -> str:
+        """Why an operand broadcast across another's channels is kept; one with channels of
+        its own along other dims (a value per head) names them and the dim it meets."""
+        why = f"broadcast across channels at '{node.name}'"
+        if not own:
+            return why
+        name = operand.name if isinstance(operand, fx.Node) else "an operand"
+        return (f"{why}: '{name}' (channels along dim {', '.join(map(str, sorted(own)))}) "
+                f"is broadcast along dim {min(across)}, where another operand's channels are "
+                f"not one unit (a plan may cut them apart)")
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Output identity made of two operands' identities (tied where both have atoms)."""

@@ -114,13 +114,19 @@ def _per_sample(masks: Any, value: Any, batch: int | None) -> Any:
         else masks
 
 
+def _zeroed(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`out * mask` with the dropped positions exactly zero: a dropped head's statistic
+    (`pow(0 + eps, -0.5)`, large or infinite) times 0 would otherwise give NaN there."""
+    return (out * mask).masked_fill(mask == 0, 0)
+
+
 def _apply_masks(out: Any, masks: Any) -> Any:
     if masks is None:
         return out
     if isinstance(out, torch.Tensor):
         if isinstance(masks, _PerSample):
-            return out * masks.at(out.size(0)) if out.dim() else out
-        return out * masks if isinstance(masks, torch.Tensor) else out
+            return _zeroed(out, masks.at(out.size(0))) if out.dim() else out
+        return _zeroed(out, masks) if isinstance(masks, torch.Tensor) else out
     if isinstance(out, (tuple, list)) and isinstance(masks, tuple):
         return type(out)(_apply_masks(o, m) for o, m in zip(out, masks))
     return out

@@ -83,6 +83,14 @@ def gemma():  # its embedding scale, sqrt(hidden_size), is recomputed from the c
     return transformers.GemmaForCausalLM(c), _tokens
 
 
+def qwen3():  # q and k normalised per head (q_norm / k_norm over head_dim): heads prunable
+    c = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                 bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Qwen3ForCausalLM(c), _tokens
+
+
 def phi3():  # fused qkv split by slicing; the rotary part is the whole head: an empty rest
     c = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4,
@@ -150,7 +158,7 @@ def wav2vec2():  # a weight-normed, grouped positional convolution (its weight c
 
 
 MODELS = {"bert": bert, "deberta-v2": deberta_v2, "gpt2": gpt2, "llama": llama, "gemma": gemma,
-          "phi3": phi3,
+          "qwen3": qwen3, "phi3": phi3,
           "falcon": falcon, "vit": vit, "dinov2": dinov2, "swin": swin, "resnet": resnet, "convnext": convnext,
           "segformer": segformer, "wav2vec2": wav2vec2}
 # what the analysis may prune: the config fields whose widths a plan changes
@@ -162,6 +170,7 @@ PRUNED_FIELDS = {
     "llama": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "gemma": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "phi3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
+    "qwen3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "falcon": {"ffn_hidden_size"},  # (multi-query: the heads, and so the hidden size, kept)
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
     "dinov2": {"hidden_size", "num_attention_heads"},  # (its MLP: mlp_ratio x hidden_size)

@@ -1382,3 +1382,65 @@ def test_a_tensor_made_from_sizes_keeps_the_channels_it_meets():
     assert not hidden.prunable
     assert "a tensor computed in the forward ('mul', no parameter) meets channels along dim 1 " \
            "at 'add'" in hidden.reason
+
+
+# --------------------------------------------------------------------------- ATen: a statistic per head
+
+class HeadNormed(nn.Module):
+    """Gemma 3n's per-head RMSNorm in small: q (batch, positions, heads, head_dim) times
+    `pow(mean(q^2 over head_dim) + eps, -0.5)`, a statistic per head broadcast along
+    head_dim. `stat_of="other"`: the statistic of another projection `k`, broadcast across
+    q's head dims, which a plan may cut one by one."""
+
+    def __init__(self, hidden=8, heads=4, hd=4, stat_of="self"):
+        super().__init__()
+        self.heads, self.hd, self.stat_of = heads, hd, stat_of
+        self.q, self.o = nn.Linear(hidden, heads * hd), nn.Linear(heads * hd, hidden)
+        if stat_of == "other":
+            self.k = nn.Linear(hidden, heads * hd)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.hd)
+        src = q if self.stat_of == "self" else self.k(x).view(b, s, self.heads, self.hd)
+        q = q * torch.pow(src.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+        return x + self.o(q.reshape(b, s, -1))
+
+
+def test_a_statistic_per_head_broadcast_along_its_head_keeps_the_heads_prunable():
+    """The mean over head_dim ties each head's dims into one unit; its statistic, broadcast
+    back along head_dim, meets that unit only, so whole heads stay prunable (Gemma 3n's
+    q_norm / k_norm / v_norm; before, every broadcast across a dim of varying ids was
+    refused, even one whose ids were all one head's)."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 8),)
+    net = HeadNormed().eval()
+    g = analyze(export_trace(net, x).module, x)
+    heads = group(g, "q.weight[out] x4")
+    assert (heads.size, heads.prunable) == (4, True), heads.reason
+    assert "o.weight[in] x4" in heads.members
+    keep = {heads.id: [0, 2]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(2, 5, 8),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(HeadNormed(heads=2))
+
+
+def test_a_statistic_per_head_broadcast_across_dims_a_plan_may_cut_is_refused():
+    """The same statistic (of `k`'s heads) broadcast across q's head dims, each its own
+    channel: a plan that cuts inside a head leaves the statistic whole, but one that drops a
+    head of k would leave q's dims without their factor. k's heads stay, with the reason;
+    q's dims stay prunable one by one."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 8),)
+    net = HeadNormed(stat_of="other").eval()
+    g = analyze(export_trace(net, x).module, x)
+    k, q = group(g, "k.weight[out] x4"), group(g, "q.weight[out]")
+    assert (k.size, k.prunable) == (4, False)
+    assert "broadcast across channels at 'mul'" in k.reason
+    assert "'pow_2' (channels along dim 2) is broadcast along dim 3, where another " \
+           "operand's channels are not one unit (a plan may cut them apart)" in k.reason
+    assert (q.size, q.prunable) == (16, True) and "o.weight[in]" in q.members
+    keep = {q.id: list(range(0, 16, 2))}  # dims 0 and 2 of every head (the view's layout)
+    v = verify(slim(g, keep), mask(g, keep), (torch.randn(2, 5, 8),))
+    assert v.ok, v.message

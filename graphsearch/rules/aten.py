@@ -200,7 +200,10 @@ def _run_channel_mean(interp, n, keep):
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     dims = [d % x.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else (args[1],))]
     keep = keep.reshape((1,) * (x.dim() - keep.dim()) + tuple(keep.shape)).to(x.dtype)
-    return (x * keep).sum(dims, keepdim=keepdim) / keep.expand_as(x).sum(dims, keepdim=keepdim)
+    # a head the plan drops (a per-head statistic) keeps none of its dims: its mean is 0, not
+    # 0 / 0 (the statistic only ever multiplies that head's zeroed dims)
+    count = keep.expand_as(x).sum(dims, keepdim=keepdim).clamp(min=1)
+    return (x * keep).sum(dims, keepdim=keepdim) / count
 
 
 @rule(*_overloads(aten.mean), edge="identity", mask=_mask_channel_mean)
