@@ -54,8 +54,8 @@ keeps (8 at `--round-to 8`) and counts the zeros' cost at the widths the plan wi
 (`common.spare_under_floor`). Off by default: measured on CIFAR ResNet-20 at 1/3 FLOPs it kept
 the stem's stream at 8 alive channels (15 of 16 died without it) but the plan scored 83.44%
 on validation after the fine-tune against the default's 83.68% (`cifar10_table.md`). At that
-budget the sparsity phase leaves the network at 10-28% top-1 whatever the variant (the
-schedule's strength shrinks every channel by about its whole initial norm in 126 steps), so
+budget the sparsity phase leaves the network at 10-28% top-1 whatever the variant (at the
+defaults the mean channel norm ends at a quarter of its start after 126 steps), so
 the penalty's decisions rest on the ratio of each channel's norm to its threshold.
 
 Scores are the final joint norms divided by their group's mean final norm (`normalise`
