@@ -157,7 +157,7 @@ class GroupLasso(Method):
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
         "cap": True,  # deaths beyond the schedule's path are deferred (common.cap_deaths)
-        "floor": False,  # True: no stream under the plan's smallest width (common.spare_under_floor)
+        "floor": False,  # True: no stream under the plan's least width (spare_under_floor)
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "revive": True,  # (refit off) kept exact zeros get their rescaled initial weights
         "bn_batches": 20,  # batches to re-estimate BN statistics after the sparsity phase
