@@ -219,7 +219,7 @@ def test_backward_end_to_end_on_real_scores(trained, tmp_path):
     assert p.info["candidate_steps"] == 0 and p.info["evaluations_run"] > 0
     # backward candidates are near neighbours: scored on the whole validation split (on CIFAR
     # ResNet-20, a fixed draw of 1,000 images gave 84.47% after the fine-tune, the whole
-    # split 85.56%); forward keeps the cheap fixed draw
+    # split 85.53%); forward keeps the cheap fixed draw
     assert p.info["candidate_val_samples"] == 0
     forward = Submodular().search(make_ctx(trained, tmp_path / "f",
                                            settings={"direction": "forward"}))

@@ -28,8 +28,9 @@
   BN, no training step (`candidate_steps` 0 unless set), on the whole validation split
   (`candidate_val_samples` 0 unless set: neighbouring candidates differ by a fraction of a
   point, under the noise of a fixed draw of 1,000 images; measured on CIFAR ResNet-20 at 1/3
-  FLOPs with the same fine-tune: 85.56% validation top-1 against the draw's 84.47%, search
-  497 s against 108-165 s, still under one fine-tune's time; `cifar10_table.md`). Why: forward, every candidate is a
+  FLOPs with the same fine-tune: 85.53% validation top-1 against the draw's 84.47%, three
+  seeds each, search 496-677 s against 108-165 s, about one fine-tune's time;
+  `cifar10_table.md`). Why: forward, every candidate is a
   network at a quarter of its widths or less, whose score after about one fine-tuning step
   is near chance (measured on CIFAR ResNet-20 at 1/3 FLOPs: the three passes ended at F =
   19.4%, 16.4% and 11.8%, and the search chose among them on noise); backward, every
