@@ -447,6 +447,12 @@ def strength_path(ctx: SearchContext, settings: Mapping, steps: int):
     return ev, ratio, ratio(ev.measure({})), reach, growth
 
 
+def path_ratio(r0: float, goal: float, f: float, reach: float, start: float = 0.0) -> float:
+    """The strength schedules' straight path (group lasso, MorphNet, vardrop): the cost ratio
+    wanted at fraction `f` of the steps, from `r0` at `start` to `goal` at `reach`."""
+    return r0 - (r0 - goal) * min(1.0, max(0.0, f - start) / max(reach - start, 1e-9))
+
+
 def cap_deaths(graph: ChannelGraph, ev, ratio, alive: Mapping[int, np.ndarray],
                dying: Mapping[int, np.ndarray], urgency: Mapping[int, np.ndarray],
                floor: float, round_to: int = 1) -> dict[int, np.ndarray]:

@@ -82,7 +82,7 @@ from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
 from .common import (ROLES, tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
-                     cap_deaths, cost_weights, spare_under_floor,
+                     cap_deaths, cost_weights, path_ratio, spare_under_floor,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
 
@@ -242,7 +242,7 @@ class GroupLasso(Method):
                                            torch.zeros_like(n))
                 urgency[gid] = (n / max(thr, 1e-30)).cpu().numpy()
             f = step / max(steps, 1)
-            wanted = r0 - (r0 - 1.0) * min(1.0, f / max(reach, 1e-9))
+            wanted = path_ratio(r0, 1.0, f, reach)
             deferred = 0
             alive_before = {gid: ((n > 0) & ~dead[gid]).cpu().numpy()
                             for gid, n in norms.items()}

@@ -81,7 +81,7 @@ from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
 from .common import (added_share, alive_cost, budget_steps, cap_deaths, constant_schedule,
-                     dropped_channels, evaluate_plan, strength_path, zero_channels)
+                     dropped_channels, evaluate_plan, path_ratio, strength_path, zero_channels)
 
 
 class FlopRegulariser:
@@ -303,7 +303,7 @@ class MorphNet(Method):
                 g = torch.autograd.grad(reg.value(r), r)[0] if r.numel() else r
             thr = torch.zeros_like(g) if pg["mn_hold"] else lr * pg["mn_lambda"] * g
             f = (step - holder.get("round_start", 0)) / max(steps, 1)
-            wanted = r_full - (r_full - goal) * min(1.0, f / max(reach, 1e-9))
+            wanted = path_ratio(r_full, goal, f, reach)
             deferred = 0
             if not fixed and not pg["mn_hold"] and s["cap"]:
                 # deaths beyond the path wait (common.cap_deaths)

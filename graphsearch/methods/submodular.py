@@ -278,7 +278,6 @@ class Sets:
         return v is not None and self.meter.feasible(v)
 
 
-
 class Submodular(Method):
     name = "submodular"
     summary = ("resource-constrained lazy greedy (CELF) over channel increments and branches, "

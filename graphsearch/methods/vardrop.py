@@ -73,7 +73,7 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from .base import Method, Proposal, SearchContext
-from .common import alive_cost, cost_weights, fold_gates, strength_path
+from .common import alive_cost, cost_weights, fold_gates, path_ratio, strength_path
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
@@ -256,7 +256,7 @@ class VariationalDropout(Method):
             alive = {g: ~dropped_mask(gates.log_alpha(g), s["drop_threshold"])
                      for g in gates.sizes}
             r = ratio(alive_cost(ctx.graph, alive, ev))
-            wanted = max(1.0, r0 - (r0 - 1.0) * min(1.0, (f - start) / max(reach - start, 1e-9)))
+            wanted = max(1.0, path_ratio(r0, 1.0, f, reach, start))
             gates.strength.mul_(growth if r > wanted else 1.0 / growth).clamp_(min=1.0)
             if int(gates.step) % max(1, total // 20) == 0:
                 trace.append({"step": int(gates.step), "strength": float(gates.strength),
