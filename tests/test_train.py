@@ -285,7 +285,7 @@ def test_search_budget_in_epochs_counts_the_steps_train_takes(tmp_path):
 # ------------------------------------------------------------------------------------ DDP
 
 DDP_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, sys, torch
     from torch import nn
     import torch.distributed as dist
     from graphsearch.data import load_dataset
@@ -321,6 +321,13 @@ DDP_SCRIPT = textwrap.dedent("""
             # on a loaded machine.
             dist.barrier()
             dist.destroy_process_group()
+            # Seen once more in CI with the barrier in place (rank 1, SIGABRT, same message;
+            # not reproduced in 45 local runs under load). The likely place is the
+            # interpreter's teardown with gloo's threads alive (pytorch/pytorch#179291). The
+            # work is done and the files are closed: leave without that teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 """)
 
 
