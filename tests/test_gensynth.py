@@ -123,3 +123,12 @@ def test_gensynth_end_to_end_and_resume(trained_tiny_hidden, tmp_path):
     again = method.search(make_ctx(trained_tiny_hidden, tmp_path / "b", flops="0.5", round_to=4,
                                    settings=settings))
     assert again.info["new_cycles"] == 0 and again.plan.keep == a.plan.keep
+    # `refit`: the same loop (read back: refit is not part of the checkpoint's fingerprint),
+    # the same plan, and the baseline's weights instead of the children's trained ones
+    base = trained_tiny_hidden[0].state_dict()
+    refit = method.search(make_ctx(trained_tiny_hidden, tmp_path / "b", flops="0.5", round_to=4,
+                                   settings={**settings, "refit": True}))
+    assert refit.info["new_cycles"] == 0 and refit.info["refit"] is True
+    assert refit.plan.keep == a.plan.keep
+    assert all(torch.equal(v, base[k]) for k, v in refit.state_dict.items())
+    assert not all(torch.equal(v, base[k]) for k, v in a.state_dict.items())

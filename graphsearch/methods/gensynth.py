@@ -56,6 +56,10 @@ No public code exists; this is the project's design, faithful to the papers' loo
   share of FLOPs it added is reported, `shared_step_added_flops_share`). The returned state dict is the parent's, with its mask folded
   in (lost channels' norm gamma/beta, or producer rows, at zero), so the slim model computes
   exactly the parent restricted to the plan before the pipeline fine-tunes it.
+- Refit (`--set refit=true`; off by default, the papers' loop hands its weights on): the
+  proposal carries the baseline's weights on the final plan instead of the parent's, which
+  the children's few steps each (at the search lr) moved away from the converged network;
+  the loop and its checkpoint are the same either way.
 - Resume: every cycle is checkpointed atomically to `ctx.state_dir / "gensynth.pt"` (p, the
   parent's mask and weights, the log, the candidates) before it is logged; children's RNG is
   seeded by (seed, cycle) and their training by their plan and `ctx.seed`, so a rerun with
@@ -187,11 +191,13 @@ class GenerativeSynthesis(Method):
         "probe_classes": 16,
         "cost_draws": 16,  # Monte Carlo syntheses per F when bisecting F
         "land_final": True,  # final-cycle children are landed on the target (docstring)
+        "refit": False,  # True: the fine-tuning starts from the baseline's weights on the plan
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = {**self.defaults, **ctx.settings}
+        baseline = _clone(ctx.model.state_dict()) if s["refit"] else None
         cycles, K = int(s["cycles"]), int(s["children"])
         if cycles < 1 or K < 1:
             raise UserError("gensynth: cycles and children must be at least 1")
@@ -201,7 +207,7 @@ class GenerativeSynthesis(Method):
         path = Path(ctx.state_dir) / "gensynth.pt"
         fingerprint = {
             "version": CHECKPOINT_VERSION,
-            "settings": {k: s[k] for k in sorted(self.defaults)},
+            "settings": {k: s[k] for k in sorted(self.defaults) if k != "refit"},
             "epochs": float(ctx.epochs), "seed": int(ctx.seed), "lr": float(ctx.lr),
             "batch_size": int(ctx.batch_size), "round_to": int(ctx.round_to),
             "constraints": [[c.metric, float(c.limit)] for c in ctx.constraints],
@@ -385,6 +391,13 @@ class GenerativeSynthesis(Method):
         ctx.log(f"gensynth: {len(log)} cycles; parent top-1 {100 * parent_acc:.2f}% at cost "
                 f"ratio {ratio(parent_values):.3f}; landed at "
                 f"{human(plan.achieved['flops'], 'FLOPs')}")
+        info["refit"] = bool(s["refit"])
+        if s["refit"]:
+            # the loop chose the architecture; the fine-tuning starts from the baseline's
+            # weights on it (as group lasso's, MorphNet's and vardrop's refits do) instead of
+            # the weights the children's few steps each moved away from the converged ones
+            ctx.model.load_state_dict(baseline)
+            ctx.log("gensynth: the plan's channels restart from the baseline's weights (refit)")
         return Proposal(plan, _clone(ctx.model.state_dict()), info)
 
     # ---- helpers
