@@ -424,6 +424,44 @@ def test_one_key_value_head_shared_by_every_query_head():
     assert g.cost(keep).macs == 5 * (6 * 8 + 6 * 4 + 6 * 4 + 8 * 3) + 2 * (2 * 5 * 5 * 4)
 
 
+class FusedSharedKeyValue(nn.Module):
+    """Falcon-7B's multi-query attention: one fused projection makes every query head and
+    the one key/value head they share, picked by index lists (`x[..., [-2], :]`)."""
+
+    def __init__(self, heads=4, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(6, (heads + 2) * head_dim)
+        self.out = nn.Linear(heads * head_dim, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, self.heads + 2, self.head_dim)
+        q, k, v = fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]
+        a = F.scaled_dot_product_attention(*(y.transpose(1, 2) for y in (q, k, v)))
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_a_fused_projection_keeps_its_shared_key_value_head_apart(front_end):
+    """The key/value head is kept as a group of its own; the query heads that the same
+    projection makes stay prunable. Exported, the index lists are constants the graph holds:
+    they pick their positions (not any position of the dim: that tied every head)."""
+    torch.manual_seed(0)
+    net, x = FusedSharedKeyValue().eval(), (torch.randn(2, 5, 6),)
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    heads, shared = [grp for grp in g.groups if "qkv.weight[out] x4" in grp.members]
+    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
+    assert shared.size == 2 and not shared.prunable and "multi-query" in shared.reason
+    keep = {heads.id: [0, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(FusedSharedKeyValue(heads=2))
+    # no scatter back to the full layout: the index constants hold the slim positions
+    assert not [n for n in s.graph.nodes if n.op == "call_module" and "slim_" in n.target]
+
+
 class BatchTimesHeads(nn.Module):
     """DeBERTa's attention: the heads folded into the batch dim, `(batch * heads, t, hd)`."""
 
