@@ -1404,6 +1404,54 @@ def test_baddbmm_is_a_product_and_a_sum_and_a_computed_bias_keeps_the_heads(bias
     assert nparams(s) == g.cost(keep).params == nparams(small)
 
 
+class BaddbmmScores(nn.Module):
+    """Attention scores as `mask.baddbmm(q, k^T, beta, alpha)` (BLOOM's spelling, or
+    `torch.baddbmm`), the heads folded into the batch dim, the mask an input."""
+
+    def __init__(self, hidden=16, heads=4, hd=4, how="method"):
+        super().__init__()
+        self.hd, self.how = hd, how
+        self.qkv, self.out = nn.Linear(hidden, 3 * heads * hd), nn.Linear(heads * hd, hidden)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, -1, 3, self.hd).unbind(3)
+        q, k, v = (t.transpose(1, 2).reshape(-1, s, self.hd) for t in (q, k, v))
+        if self.how == "method":
+            scores = mask.baddbmm(q, k.transpose(1, 2), beta=0.5, alpha=0.25)
+        elif self.how == "function":
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=0.25)
+        else:  # beta 0: the input is ignored, nan and all
+            scores = torch.baddbmm(mask * float("nan"), q, k.transpose(1, 2), beta=0)
+        att = torch.bmm(scores.softmax(-1), v).view(b, -1, s, self.hd)
+        return self.out(att.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("how", ["method", "function", "beta 0"])
+def test_baddbmm_in_an_fx_graph_is_a_product_and_a_sum(how):
+    """The fx front end's baddbmm rule, as the ATen one: the tracer rewrites it (`fuse`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = BaddbmmScores(how=how).eval()
+    x = (torch.randn(2, 5, 16), torch.randn(1, 5, 5))
+    g = analyze(net, x)
+    assert g.front_end == "fx"
+    assert not any("baddbmm" in n.name for n in g.module.graph.nodes)
+    heads = group(g, "qkv.weight[out] x12")
+    assert heads.size == 4 and heads.prunable  # (unsupported before: "no rule for baddbmm")
+    with FlopCounterMode(display=False) as counter:
+        net(*x)
+    assert g.baseline.macs == counter.get_total_flops() / 2 / 2  # (per sample)
+    keep = {heads.id: [0, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 16), torch.randn(1, 5, 5)))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(BaddbmmScores(heads=2))
+    assert torch.allclose(g.module(*x), net(*x), atol=1e-6)  # the rewrite computes the same
+    assert not net(*x).isnan().any()
+
+
 def test_a_tensor_made_from_sizes_keeps_the_channels_it_meets():
     class ArangeAdded(nn.Module):
         def __init__(self):

@@ -167,7 +167,7 @@ def _constant(gm, index):
             index.target not in gm.meta.get("graphsearch_constants", ()):
         return None
     value = gm.get_buffer(index.target)
-    return (value, [*chain, index]) if layout._known(value) else None
+    return (value, [*chain, index]) if layout.known_index(value) else None
 
 
 def _index(ctx, node):
@@ -312,30 +312,7 @@ def aten_factory(ctx, node):
     return ctx.no_channels(node) if isinstance(v, torch.Tensor) else None
 
 
-def _decompose_baddbmm(gm, node) -> bool:
-    """The tracer's rewrite at a baddbmm (`Rule.fuse`): `beta * input + alpha * (b1 @ b2)`
-    (BLOOM's attention scores, ALiBi's bias as `input`) becomes those ATen ops, whose rules
-    tie, cost and slim it: the product is the attention's `matmul`, the sum an `add`."""
-    if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
-        return False
-    bias, b1, b2 = node.args
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    graph = gm.graph
-    with graph.inserting_before(node):
-        product = graph.call_function(aten.bmm.default, (b1, b2))
-        if alpha != 1:
-            product = graph.call_function(aten.mul.Tensor, (product, alpha))
-        if beta != 1:
-            bias = graph.call_function(aten.mul.Tensor, (bias, beta))
-        new = graph.call_function(aten.add.Tensor, (bias, product))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return True
-
-
-BADDBMM = Rule("baddbmm", unsupported, edge="mix", fuse=_decompose_baddbmm, family="linear",
-               targets=tuple(_overloads(aten.baddbmm)))
+BADDBMM = _same(linear.BADDBMM, *_overloads(aten.baddbmm))
 
 
 @rule(*_overloads(aten.repeat), edge="none")

@@ -185,7 +185,7 @@ def index_by_tensor(ctx, node: fx.Node, items: tuple | None = None):
         return None
     known = set() if items is None else \
         {d for d, i in zip(dims, (i for i in items if tensor_index(i) is not None))
-         if _known(i)}
+         if known_index(i)}
     for d in dims:
         if ids.size(d) > 1 and d not in known:  # every entry along d tied to one
             one = ids.amax(d, keepdim=True).expand_as(ids)  # (NO_ATOM, a constant, not)
@@ -196,13 +196,13 @@ def index_by_tensor(ctx, node: fx.Node, items: tuple | None = None):
         out = torch.index_select(ids, dims[0],
                                  torch.zeros(tensor_index(index).shape, dtype=torch.long))
     else:
-        new = tuple(i if _known(i) else torch.zeros(tensor_index(i).shape, dtype=torch.long)
+        new = tuple(i if known_index(i) else torch.zeros(tensor_index(i).shape, dtype=torch.long)
                     if tensor_index(i) is not None else plain(i) for i in items)
         out = ids[new]
     return ctx.compress(out.contiguous())
 
 
-def _known(index) -> bool:
+def known_index(index) -> bool:
     """An integer index whose values are at hand: a real tensor, not a node or meta."""
     return isinstance(index, torch.Tensor) and index.device.type != "meta" and \
         not index.dtype.is_floating_point and index.dtype != torch.bool
