@@ -120,6 +120,12 @@ class Context:
         if ids is not None:
             self.atoms.fix(_np(ids), reason)
 
+    def fix_apart(self, ids, reason: str) -> None:
+        """Fix these channels as a group of their own, apart from the rest of the spaces
+        that made them (`AtomTable.fix_apart`)."""
+        if ids is not None:
+            self.atoms.fix_apart(_np(ids), reason)
+
     def tie(self, a, b) -> None:
         """Tie a and b elementwise, after broadcasting them against each other."""
         ta, tb = _np(a), _np(b)

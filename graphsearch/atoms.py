@@ -40,6 +40,7 @@ class AtomTable:
         self._parent = np.zeros(1024, dtype=np.int64)
         self.count = 0
         self._fixed: list[tuple[np.ndarray, str]] = []
+        self._apart: list[np.ndarray] = []  # fixed atoms whose classes make a group alone
 
     def fresh(self, n: int) -> np.ndarray:
         """Allocate `n` new atoms, each its own class."""
@@ -103,6 +104,21 @@ class AtomTable:
         flat = flat[flat >= 0]
         if flat.size:
             self._fixed.append((flat, reason))
+
+    def fix_apart(self, atoms: np.ndarray, reason: str) -> None:
+        """Fix these atoms (`fix`), and give their classes a group of their own: the other
+        channels of the spaces that made them (the query heads of a fused projection whose
+        key/value head is kept: multi-query attention) stay prunable."""
+        self.fix(atoms, reason)
+        flat = np.asarray(atoms, dtype=np.int64).ravel()
+        if (flat >= 0).any():
+            self._apart.append(flat[flat >= 0])
+
+    def apart(self) -> np.ndarray:
+        """The class representatives that `fix_apart` set apart, resolved after all unions."""
+        if not self._apart:
+            return np.zeros(0, dtype=np.int64)
+        return sorted_unique(self.find(np.concatenate(self._apart)))
 
     def fixed_reasons(self) -> dict[int, list[str]]:
         """Class representative -> reasons it cannot be pruned, resolved after all unions."""

@@ -61,20 +61,28 @@ def build_groups(atoms, spaces: list[Space], gates: set[str]) -> GroupIndex:
     atom_space = np.zeros(n, dtype=np.int64)
     for i, sp in enumerate(spaces):
         atom_space[sp.atoms] = i
-    # Two spaces are in one group when some class has atoms in both.
-    a, b = atom_space, atom_space[root]
-    m = max(len(spaces), 1)  # pairs encoded as one integer: a 1-d unique is fast
+    # Two spaces are in one group when some class has atoms in both. The classes set apart
+    # (`AtomTable.fix_apart`: a key/value head that every query head shares) link only the
+    # kept parts of their spaces (space i's is node i + len(spaces)): the rest of a space
+    # groups without them.
+    link, nodes = atom_space, len(spaces)
+    apart = atoms.apart()
+    if apart.size:
+        link = np.where(np.isin(root, apart), atom_space + len(spaces), atom_space)
+        nodes = 2 * len(spaces)
+    a, b = link, link[root]
+    m = max(nodes, 1)  # pairs encoded as one integer: a 1-d unique is fast
     code = sorted_unique(a[a != b] * m + b[a != b])
     pairs = np.stack([code // m, code % m], axis=1)
     linked = nx.Graph()
-    linked.add_nodes_from(range(len(spaces)))
+    linked.add_nodes_from(range(nodes))
     linked.add_edges_from(map(tuple, pairs.tolist()))
-    comp_of_space = np.zeros(len(spaces), dtype=np.int64)
+    comp_of_space = np.zeros(nodes, dtype=np.int64)
     components = list(nx.connected_components(linked))
     for c, members in enumerate(components):
         comp_of_space[list(members)] = c
     classes = sorted_unique(root)  # sorted: a class is named by its oldest atom
-    class_comp = comp_of_space[atom_space[classes]]
+    class_comp = comp_of_space[link[classes]]
     # Groups in order of their oldest channel; classes in order within a group.
     order = np.lexsort((classes, class_comp))
     classes, class_comp = classes[order], class_comp[order]
@@ -93,7 +101,8 @@ def build_groups(atoms, spaces: list[Space], gates: set[str]) -> GroupIndex:
         cls = classes[s0:s1]
         reasons = fixed.get(gid, ())
         comp = class_comp[s0]
-        names = list(dict.fromkeys(spaces[i].node for i in sorted(components[comp])))
+        names = list(dict.fromkeys(spaces[i % len(spaces)].node
+                                   for i in sorted(components[comp])))
         groups.append(ChannelGroup(
             id=gid, size=len(cls), prunable=not reasons,
             reason=_summarise(sorted(reasons)), members=[], spaces=names, classes=cls))

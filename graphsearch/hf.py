@@ -13,7 +13,10 @@ field), hidden channels in whole heads where the head size is derived from the h
 field governs (or several do) is not pruned. Attention heads are units already (the
 attention rule ties each head's dims), and grouped-query attention's query heads are tied
 to their key/value head by the graph (`repeat_kv`), so `num_key_value_heads` and the query
-groups stay consistent; rotary embeddings and causal masks carry no channels.
+groups stay consistent; one key/value head that every query head shares (multi-query
+attention: Falcon's, made by the query heads' fused projection) is kept as a group of its
+own, so the query heads follow `num_attention_heads` alone; rotary embeddings and causal
+masks carry no channels.
 
 After slimming, `pretrained_edits` gives the new config values and the plain attributes
 (`split_size`, `num_heads`, `all_head_size`, ...) that the class built from that config has,

@@ -99,7 +99,8 @@ def phi3():  # fused qkv split by slicing; the rotary part is the whole head: an
     return transformers.Phi3ForCausalLM(c), _tokens
 
 
-def falcon():  # linears as x @ W.T; one key/value head shared by all query heads (kept)
+def falcon():  # linears as x @ W.T; one key/value head shared by all query heads (kept),
+    # made by the query heads' fused projection (`query_key_value`): the query heads pruned
     c = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, new_decoder_architecture=False,
                                   multi_query=True, bos_token_id=0, eos_token_id=0)
@@ -171,7 +172,7 @@ PRUNED_FIELDS = {
     "gemma": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "phi3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
     "qwen3": {"hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"},
-    "falcon": {"ffn_hidden_size"},  # (multi-query: the heads, and so the hidden size, kept)
+    "falcon": {"hidden_size", "num_attention_heads", "ffn_hidden_size"},
     "vit": {"hidden_size", "num_attention_heads", "intermediate_size"},
     "dinov2": {"hidden_size", "num_attention_heads"},  # (its MLP: mlp_ratio x hidden_size)
     "swin": {"embed_dim", "num_heads"},
@@ -227,8 +228,8 @@ def test_pruned_by_half_in_place_with_a_truthful_config(name, tmp_path):
         assert not hidden.prunable and "scalar_embed_scale from hidden_size" in hidden.reason
     keep = _half(g)
     cost = g.cost(keep)
-    # a random 50% plan leaves at most 0.6 (Falcon, its attention kept: 0.68)
-    assert cost.macs <= (0.7 if name == "falcon" else 0.6) * g.baseline.macs
+    # a random 50% plan leaves at most 0.6
+    assert cost.macs <= 0.6 * g.baseline.macs
     x = inputs(3, seed=1)  # another batch size than the analysed one: the batch is dynamic
     s = slim(g, keep).eval()
     v = verify(s, mask(g, keep), x, rtol=1e-4)
@@ -406,3 +407,55 @@ def test_bloom_keeps_its_heads_for_alibi_and_says_so():
     assert "a tensor computed in the forward" in heads.reason and "no rule" not in heads.reason
     assert "transformer.h.1.mlp.dense_h_to_4h.weight[out] x32" in heads.members
     assert g.prunable_groups == []
+
+
+def test_falcon_prunes_its_query_heads_and_keeps_the_shared_key_value_head(tmp_path):
+    """Multi-query attention (Falcon-7B's layout): one fused `query_key_value` makes every
+    query head and the one key/value head that all of them share. The key/value head is
+    kept, as a group of its own; the query heads (whole heads, the head size derived from
+    the hidden size) and the hidden size with them are pruned, and the config says so."""
+    torch.manual_seed(0)
+    model, inputs = falcon()
+    model.eval()
+    hd = model.config.hidden_size // model.config.num_attention_heads  # 8
+    qkv = "transformer.h.0.self_attention.query_key_value"
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = graphsearch.analyze(model, inputs(2))
+    heads, = [grp for grp in g.groups if f"{qkv}.weight[out] x{hd}" in grp.members and
+              grp.prunable]
+    shared, = [grp for grp in g.groups if f"{qkv}.weight[out]" in
+               " ".join(grp.members) and grp is not heads]
+    assert heads.size == 4  # the query heads, one unit each, with the hidden size's blocks
+    assert f"{qkv}.weight[in] x{hd}" in heads.members
+    assert not shared.prunable and "multi-query" in shared.reason
+    # (was 63.7% in the coverage run, and 0.68 left by a random 50% plan: only the MLP)
+    assert g.mac_share()["share"] > 0.95
+    assert g.cost(_half(g)).macs <= 0.6 * g.baseline.macs
+
+    keep = {heads.id: [1, 3]}  # query heads 1 and 3 (hidden channels 8-15 and 24-31)
+    x = inputs(3, seed=1)
+    s = slim(g, keep).eval()
+    v = verify(s, mask(g, keep), x, rtol=1e-4)
+    assert v.ok, v.message
+    assert _nparams(s) == g.cost(keep).params
+    graphsearch.prune(model, g, keep)
+    kwargs = hf.call_kwargs(model)
+    v = verify(_Call(model, kwargs), s, x)
+    assert v.ok, v.message
+    c = model.config
+    assert (c.num_attention_heads, c.hidden_size, c.head_dim) == (2, 16, hd)  # head size kept
+    w, w0 = model.state_dict()[f"{qkv}.weight"], before[f"{qkv}.weight"]
+    rows = [*range(hd, 2 * hd), *range(3 * hd, 4 * hd)]
+    cols = [*range(hd, 2 * hd), *range(3 * hd, 4 * hd)]
+    assert w.shape == ((2 + 2) * hd, 16)  # two query heads, the key head, the value head
+    assert torch.equal(w[:2 * hd], w0[rows][:, cols])
+    assert torch.equal(w[2 * hd:], w0[4 * hd:][:, cols])  # the shared key/value head, kept
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = type(model).from_pretrained(tmp_path).eval()
+    v = verify(_Call(loaded, kwargs), _Call(model, kwargs), x, rtol=1e-6)
+    assert v.ok, v.message
+    out = model.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    again = loaded.generate(x[0], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 11) and torch.equal(out, again)

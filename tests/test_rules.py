@@ -424,6 +424,44 @@ def test_one_key_value_head_shared_by_every_query_head():
     assert g.cost(keep).macs == 5 * (6 * 8 + 6 * 4 + 6 * 4 + 8 * 3) + 2 * (2 * 5 * 5 * 4)
 
 
+class FusedSharedKeyValue(nn.Module):
+    """Falcon-7B's multi-query attention: one fused projection makes every query head and
+    the one key/value head they share, picked by index lists (`x[..., [-2], :]`)."""
+
+    def __init__(self, heads=4, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(6, (heads + 2) * head_dim)
+        self.out = nn.Linear(heads * head_dim, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, self.heads + 2, self.head_dim)
+        q, k, v = fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]
+        a = F.scaled_dot_product_attention(*(y.transpose(1, 2) for y in (q, k, v)))
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_a_fused_projection_keeps_its_shared_key_value_head_apart(front_end):
+    """The key/value head is kept as a group of its own; the query heads that the same
+    projection makes stay prunable. Exported, the index lists are constants the graph holds:
+    they pick their positions (not any position of the dim: that tied every head)."""
+    torch.manual_seed(0)
+    net, x = FusedSharedKeyValue().eval(), (torch.randn(2, 5, 6),)
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    heads, shared = [grp for grp in g.groups if "qkv.weight[out] x4" in grp.members]
+    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
+    assert shared.size == 2 and not shared.prunable and "multi-query" in shared.reason
+    keep = {heads.id: [0, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(FusedSharedKeyValue(heads=2))
+    # no scatter back to the full layout: the index constants hold the slim positions
+    assert not [n for n in s.graph.nodes if n.op == "call_module" and "slim_" in n.target]
+
+
 class BatchTimesHeads(nn.Module):
     """DeBERTa's attention: the heads folded into the batch dim, `(batch * heads, t, hd)`."""
 
@@ -1364,6 +1402,54 @@ def test_baddbmm_is_a_product_and_a_sum_and_a_computed_bias_keeps_the_heads(bias
     assert v.ok, v.message
     small = AlibiAttention(heads=2 if bias == "causal" else 4, mlp=11, bias=bias)
     assert nparams(s) == g.cost(keep).params == nparams(small)
+
+
+class BaddbmmScores(nn.Module):
+    """Attention scores as `mask.baddbmm(q, k^T, beta, alpha)` (BLOOM's spelling, or
+    `torch.baddbmm`), the heads folded into the batch dim, the mask an input."""
+
+    def __init__(self, hidden=16, heads=4, hd=4, how="method"):
+        super().__init__()
+        self.hd, self.how = hd, how
+        self.qkv, self.out = nn.Linear(hidden, 3 * heads * hd), nn.Linear(heads * hd, hidden)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, -1, 3, self.hd).unbind(3)
+        q, k, v = (t.transpose(1, 2).reshape(-1, s, self.hd) for t in (q, k, v))
+        if self.how == "method":
+            scores = mask.baddbmm(q, k.transpose(1, 2), beta=0.5, alpha=0.25)
+        elif self.how == "function":
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=0.25)
+        else:  # beta 0: the input is ignored, nan and all
+            scores = torch.baddbmm(mask * float("nan"), q, k.transpose(1, 2), beta=0)
+        att = torch.bmm(scores.softmax(-1), v).view(b, -1, s, self.hd)
+        return self.out(att.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("how", ["method", "function", "beta 0"])
+def test_baddbmm_in_an_fx_graph_is_a_product_and_a_sum(how):
+    """The fx front end's baddbmm rule, as the ATen one: the tracer rewrites it (`fuse`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = BaddbmmScores(how=how).eval()
+    x = (torch.randn(2, 5, 16), torch.randn(1, 5, 5))
+    g = analyze(net, x)
+    assert g.front_end == "fx"
+    assert not any("baddbmm" in n.name for n in g.module.graph.nodes)
+    heads = group(g, "qkv.weight[out] x12")
+    assert heads.size == 4 and heads.prunable  # (unsupported before: "no rule for baddbmm")
+    with FlopCounterMode(display=False) as counter:
+        net(*x)
+    assert g.baseline.macs == counter.get_total_flops() / 2 / 2  # (per sample)
+    keep = {heads.id: [0, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 16), torch.randn(1, 5, 5)))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(BaddbmmScores(heads=2))
+    assert torch.allclose(g.module(*x), net(*x), atol=1e-6)  # the rewrite computes the same
+    assert not net(*x).isnan().any()
 
 
 def test_a_tensor_made_from_sizes_keeps_the_channels_it_meets():

@@ -149,23 +149,61 @@ def _index_items(node) -> tuple:
     return tuple(slice(None) if i is None else i for i in node.args[1])
 
 
+# copies of a tensor, through which a constant is read (`lift_fresh_copy` of a lifted one)
+_COPIES = frozenset(_overloads(aten.lift_fresh_copy, aten.clone, aten.alias, aten.detach))
+
+
+def _constant(gm, index):
+    """The values of an index that the exported graph `gm` holds as a constant its forward
+    made (`x[..., [-2], :]`: a lifted tensor, read through `lift_fresh_copy`), and the
+    nodes that read it (the copies, then the get_attr); None for any other index (a buffer
+    of the model, a computed one)."""
+    chain = []
+    while isinstance(index, torch.fx.Node) and index.op == "call_function" and \
+            index.target in _COPIES:
+        chain.append(index)
+        index = index.args[0]
+    if not isinstance(index, torch.fx.Node) or index.op != "get_attr" or \
+            index.target not in gm.meta.get("graphsearch_constants", ()):
+        return None
+    value = gm.get_buffer(index.target)
+    return (value, [*chain, index]) if layout.known_index(value) else None
+
+
 def _index(ctx, node):
     """aten.index(x, indices) is x[indices]: getitem's rule for an index tensor (a relative
-    position-bias table's lookup keeps the table's heads)."""
-    out = layout.index_by_tensor(ctx, node, _index_items(node))
+    position-bias table's lookup keeps the table's heads); a constant index (Falcon's
+    `fused_qkv[..., [-2], :]`, the key head) picks its positions, as a slice does."""
+    items = tuple(c[0] if (c := _constant(ctx.gm, i)) is not None else i
+                  for i in _index_items(node))
+    out = layout.index_by_tensor(ctx, node, items)
     return out if out is not None else unsupported(ctx, node)
 
 
 def _rewrite_index(rw, node, state):
     """The indices are tensors or None (a whole dim): unchanged, unless a tensor picks
-    positions of a pruned dim (then only the full layout knows them)."""
+    positions of a pruned dim. A constant index then holds the positions in the slim
+    layout (every one it picks must be kept); any other, only the full layout knows."""
     if state == FULL:
         return None
     sel = rw.selection(node.args[0])
     if sel is None:
         return False
-    tensors = [d for d, i in enumerate(node.args[1]) if i is not None]
-    return False if any(d < len(sel) and sel[d] is not None for d in tensors) else None
+    for d, i in enumerate(node.args[1]):
+        if i is None or d >= len(sel) or sel[d] is None:
+            continue
+        const = _constant(rw.graph.module, i)  # (its nodes: the slim pass's copy's)
+        if const is None or any(len(n.users) != 1 for n in const[1]):
+            return False  # (a constant read elsewhere too keeps its values)
+        value, reads = const
+        positions = value.numpy() % rw.shape(node.args[0])[d]
+        if not np.isin(positions, sel[d]).all():
+            return False  # a position the plan drops
+        owner, _, attr = reads[-1].target.rpartition(".")
+        # the copy that the slim pass rewrites holds the positions among the kept ones
+        rw.gm.get_submodule(owner)._buffers[attr] = torch.as_tensor(
+            np.searchsorted(sel[d], positions), dtype=value.dtype)
+    return None
 
 
 INDEX = Rule("layout", _index, edge="permutation", slim=_rewrite_index, flow="pass", pure=True,
@@ -274,30 +312,7 @@ def aten_factory(ctx, node):
     return ctx.no_channels(node) if isinstance(v, torch.Tensor) else None
 
 
-def _decompose_baddbmm(gm, node) -> bool:
-    """The tracer's rewrite at a baddbmm (`Rule.fuse`): `beta * input + alpha * (b1 @ b2)`
-    (BLOOM's attention scores, ALiBi's bias as `input`) becomes those ATen ops, whose rules
-    tie, cost and slim it: the product is the attention's `matmul`, the sum an `add`."""
-    if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
-        return False
-    bias, b1, b2 = node.args
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    graph = gm.graph
-    with graph.inserting_before(node):
-        product = graph.call_function(aten.bmm.default, (b1, b2))
-        if alpha != 1:
-            product = graph.call_function(aten.mul.Tensor, (product, alpha))
-        if beta != 1:
-            bias = graph.call_function(aten.mul.Tensor, (bias, beta))
-        new = graph.call_function(aten.add.Tensor, (bias, product))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return True
-
-
-BADDBMM = Rule("baddbmm", unsupported, edge="mix", fuse=_decompose_baddbmm, family="linear",
-               targets=tuple(_overloads(aten.baddbmm)))
+BADDBMM = _same(linear.BADDBMM, *_overloads(aten.baddbmm))
 
 
 @rule(*_overloads(aten.repeat), edge="none")

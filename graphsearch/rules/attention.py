@@ -129,15 +129,16 @@ class PrunedMultiheadAttention(nn.Module):
 def sdpa(ctx, node):
     """Heads are the unit: q, k and v of head h, and the output of head h, go together.
     One key/value head broadcast to every query head (multi-query attention: Falcon) is
-    kept whole, and the query heads are pruned alone."""
+    kept, as a group of its own: the query heads are pruned alone, even where one fused
+    projection makes q, k and v (Falcon's `query_key_value`)."""
     q, k, v = node.args[0], node.args[1], node.args[2]
     if len(ctx.shape(q)) < 3:
         return unsupported(ctx, node, why="attention without a head dimension")
     heads = [ctx.line(ctx.ids(t), -3, t) for t in (q, k, v)]  # (B, H, L, E): dim -3 is H
     for t, line in zip((k, v), heads[1:]):
         if len(ctx.shape(t)) >= 4 and ctx.shape(t)[-3] == 1 < ctx.shape(q)[-3]:
-            ctx.fix(line, "a key/value head shared by every query head (multi-query "
-                          "attention) is kept")
+            ctx.fix_apart(line, "a key/value head shared by every query head (multi-query "
+                                "attention) is kept")
         else:
             ctx.tie(heads[0], line)
     bias = arg(node, 3, "attn_mask")  # a bias per head (Swin's relative positions) goes too

@@ -141,7 +141,9 @@ def index_by_tensor(ctx, node: fx.Node, items: tuple | None = None):
     position-bias lookup: `table[index]`): the index holds positions, whose values meta
     tensors do not have. Along each dim it indexes, x's entries are tied into one unit,
     so that whichever positions it picks carry the same channels; then the op reads
-    position 0. None if no tensor indexes x; a boolean mask is refused. `items`: the
+    position 0. An index whose values are known (a real tensor among `items`: a constant
+    the graph holds, ATen's `x[..., [-2], :]`) picks its positions, as a slice does, and
+    ties nothing. None if no tensor indexes x; a boolean mask is refused. `items`: the
     index of an op that is no getitem (ATen's index), as getitem's."""
     x = node.args[0]
     shape = ctx.shape(x)
@@ -181,20 +183,29 @@ def index_by_tensor(ctx, node: fx.Node, items: tuple | None = None):
         index = node.args[2] if len(node.args) > 2 else node.kwargs["index"]
     if not dims:
         return None
+    known = set() if items is None else \
+        {d for d, i in zip(dims, (i for i in items if tensor_index(i) is not None))
+         if known_index(i)}
     for d in dims:
-        if ids.size(d) > 1:  # every entry along d tied to one (NO_ATOM, a constant, not)
-            one = ids.amax(d, keepdim=True).expand_as(ids)
+        if ids.size(d) > 1 and d not in known:  # every entry along d tied to one
+            one = ids.amax(d, keepdim=True).expand_as(ids)  # (NO_ATOM, a constant, not)
             ctx.tie(ids, one.contiguous())
             ids = ctx.find_ids(ids.contiguous()).amax(d, keepdim=True)
-    ids = ids.expand(*[1 if d in dims else s for d, s in enumerate(shape)])
+    ids = ids.expand(*[1 if d in dims and d not in known else s for d, s in enumerate(shape)])
     if items is None:
         out = torch.index_select(ids, dims[0],
                                  torch.zeros(tensor_index(index).shape, dtype=torch.long))
     else:
-        new = tuple(torch.zeros(tensor_index(i).shape, dtype=torch.long)
+        new = tuple(i if known_index(i) else torch.zeros(tensor_index(i).shape, dtype=torch.long)
                     if tensor_index(i) is not None else plain(i) for i in items)
         out = ids[new]
     return ctx.compress(out.contiguous())
+
+
+def known_index(index) -> bool:
+    """An integer index whose values are at hand: a real tensor, not a node or meta."""
+    return isinstance(index, torch.Tensor) and index.device.type != "meta" and \
+        not index.dtype.is_floating_point and index.dtype != torch.bool
 
 
 # a view of the ids (expanded: stride 0 where constant) may need a copy
@@ -434,6 +445,12 @@ def _rewrite_getitem(rw, node, state):
             if not len(hit):
                 return False
             item = int(hit[0])
+        elif isinstance(item, list) and s is not None and \
+                all(type(i) is int for i in item):  # x[..., [-2], :]: kept positions only
+            pos = np.asarray(item, dtype=np.int64) % shape[d]
+            if not np.isin(pos, s).all():
+                return False
+            item = np.searchsorted(s, pos).tolist()
         elif isinstance(item, fx.Node) and isinstance(rw.value(item), torch.Tensor):
             if s is not None or rw.value(item).dtype == torch.bool:
                 return False  # positions picked from a pruned dim: only the full layout knows

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..atoms import NO_ATOM
-from .registry import BLOCK, methods, plain_meta, plain_parameter, rule, unsupported
+from .registry import BLOCK, Rule, methods, plain_meta, plain_parameter, rule, unsupported
 
 
 def _linear(ctx, node, x, out_features, wname, bname, weight_dims=(0, 1)):
@@ -171,4 +171,36 @@ def matmul(ctx, node):
     return ctx.combine(a_rows, b_cols)
 
 
-RULES = (linear, functional_linear, matmul)
+def _decompose_baddbmm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """The tracer's rewrite at a baddbmm (`Rule.fuse`): `beta * input + alpha * (b1 @ b2)`
+    (BLOOM's attention scores, ALiBi's bias as `input`) becomes a bmm, a scalar multiply and
+    an add, whose rules tie, cost and slim it: the product is the attention's matmul, the
+    sum an add (ATen ops in an ATen graph, torch's in an fx one); True if it rewrote."""
+    if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
+        return False  # (an `out=` tensor)
+    bias, b1, b2 = node.args  # torch.baddbmm(input, b1, b2) and input.baddbmm(b1, b2) alike
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if isinstance(node.target, torch._ops.OpOverload):
+        bmm, mul, add = aten.bmm.default, aten.mul.Tensor, aten.add.Tensor
+    else:
+        bmm, mul, add = torch.bmm, operator.mul, operator.add
+    graph = gm.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(bmm, (b1, b2))
+        if alpha != 1:
+            new = graph.call_function(mul, (new, alpha))
+        if beta != 0:  # (beta 0: input is ignored, its nan and inf too)
+            if beta != 1:
+                bias = graph.call_function(mul, (bias, beta))
+            new = graph.call_function(add, (bias, new))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return True
+
+
+# no tie of its own: the tracer rewrites every baddbmm before the analysis (`fuse`)
+BADDBMM = Rule("baddbmm", unsupported, edge="mix", fuse=_decompose_baddbmm, family="linear",
+               targets=(torch.baddbmm, *methods("baddbmm")))
+
+RULES = (linear, functional_linear, matmul, BADDBMM)
