@@ -190,6 +190,20 @@ def _half(g, seed: int = 0) -> dict:
             for grp in g.prunable_groups}
 
 
+
+def _slim_then_prune(model, g, keep, x):
+    """slim == mask, parameters == cost, then the model pruned in place == slim; returns the
+    pruned model's call keywords."""
+    s = slim(g, keep).eval()
+    v = verify(s, mask(g, keep), x, rtol=1e-4)
+    assert v.ok, v.message
+    assert _nparams(s) == g.cost(keep).params
+    graphsearch.prune(model, g, keep)
+    kwargs = hf.call_kwargs(model)
+    v = verify(_Call(model, kwargs), s, x)
+    assert v.ok, v.message
+    return kwargs
+
 def _nparams(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -364,15 +378,7 @@ def test_a_width_per_layer_is_pruned_per_layer_and_written_into_the_config_list(
     assert second.prunable and third.prunable
     keep = {second.id: list(range(0, 48, 2)), third.id: list(range(1, 40, 4))}  # 24, 10
     x = inputs(3, seed=1)
-    s = slim(g, keep).eval()
-    v = verify(s, mask(g, keep), x, rtol=1e-4)
-    assert v.ok, v.message
-    assert _nparams(s) == g.cost(keep).params
-
-    graphsearch.prune(model, g, keep)
-    kwargs = hf.call_kwargs(model)
-    v = verify(_Call(model, kwargs), s, x)
-    assert v.ok, v.message
+    kwargs = _slim_then_prune(model, g, keep, x)
     assert model.config.intermediate_size == [64, 24, 10]  # the list, element by element
     before.intermediate_size = [64, 24, 10]
     assert before.to_dict() == model.config.to_dict()  # nothing else changed
@@ -434,14 +440,7 @@ def test_falcon_prunes_its_query_heads_and_keeps_the_shared_key_value_head(tmp_p
 
     keep = {heads.id: [1, 3]}  # query heads 1 and 3 (hidden channels 8-15 and 24-31)
     x = inputs(3, seed=1)
-    s = slim(g, keep).eval()
-    v = verify(s, mask(g, keep), x, rtol=1e-4)
-    assert v.ok, v.message
-    assert _nparams(s) == g.cost(keep).params
-    graphsearch.prune(model, g, keep)
-    kwargs = hf.call_kwargs(model)
-    v = verify(_Call(model, kwargs), s, x)
-    assert v.ok, v.message
+    kwargs = _slim_then_prune(model, g, keep, x)
     c = model.config
     assert (c.num_attention_heads, c.hidden_size, c.head_dim) == (2, 16, hd)  # head size kept
     w, w0 = model.state_dict()[f"{qkv}.weight"], before[f"{qkv}.weight"]
