@@ -722,6 +722,40 @@ def test_elementwise_merges_tie_channels():
     assert_cost(g, {1: 2}, HW * (4 * 2 * 2 + 2 * 3), Merge(2))
 
 
+ALIASES = {  # torch's other names of mul, sub and div: the same rules own them
+    "torch.multiply": torch.multiply, "Tensor.multiply": lambda a, b: a.multiply(b),
+    "torch.subtract": torch.subtract, "Tensor.subtract": lambda a, b: a.subtract(b),
+    "torch.divide": torch.divide, "torch.true_divide": torch.true_divide,
+    "Tensor.true_divide": lambda a, b: a.true_divide(b),
+}
+
+
+class AliasMerge(nn.Module):
+    """Gemma 3n's `torch.multiply(first_prediction, per_layer_input)`, and the other aliases."""
+
+    def __init__(self, op, c=4):
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.head = conv(2, c), conv(2, c), conv(c, 3)
+
+    def forward(self, x):
+        return self.head(self.op(self.a(x), torch.sigmoid(self.b(x)) + 1.0))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_aliases_of_mul_sub_and_div_tie_channels(alias, front_end):
+    net, x = AliasMerge(ALIASES[alias]).eval(), (torch.randn(1, 2, 8, 8),)
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    assert table(g) == [(2, False, False), (4, True, False), (3, False, False)]
+    assert {"a.weight[out]", "b.weight[out]", "head.weight[in]"} <= set(g.groups[1].members)
+    keep = {1: [0, 2]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(2, 2, 8, 8),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(AliasMerge(ALIASES[alias], 2))
+
+
 class SpatialGate(nn.Module):
     def __init__(self):
         super().__init__()

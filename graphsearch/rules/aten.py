@@ -84,10 +84,12 @@ def _merge(rule_: Rule, *targets) -> Rule:
 
 
 ADD = _merge(elementwise.add, *_overloads(aten.add, aten.add_))
-SUB = _merge(elementwise.sub, *_overloads(aten.sub, aten.rsub, aten.sub_))
+SUB = _merge(elementwise.sub, *_overloads(aten.sub, aten.rsub, aten.sub_, aten.subtract,
+                                          aten.subtract_))
 MULTIPLY = _merge(elementwise.multiply, *_overloads(
     aten.mul, aten.div, aten.where, aten.maximum, aten.minimum, aten.masked_fill,
-    aten.expand_as, aten.mul_, aten.div_))
+    aten.expand_as, aten.mul_, aten.div_, aten.multiply, aten.multiply_, aten.divide,
+    aten.divide_, aten.true_divide, aten.true_divide_))
 SOFTMAX = _same(elementwise.softmax, *_overloads(aten.softmax, aten._softmax, aten.log_softmax,
                                                  aten._log_softmax))
 LINEAR = _same(linear.functional_linear, *_overloads(aten.linear))

@@ -20,7 +20,9 @@ from .registry import BLOCK, DeadInput, Rule, methods, plain_meta, rule
 # binary ops whose result has the operands' broadcast shape and dtype (not in place)
 _BROADCAST = frozenset({operator.mul, operator.add, operator.sub, operator.truediv, torch.mul,
                         torch.add, torch.sub, torch.div, "mul", "add", "sub", "div",
-                        "__mul__", "__rmul__", "__add__", "__radd__", "__truediv__"})
+                        "__mul__", "__rmul__", "__add__", "__radd__", "__truediv__",
+                        torch.multiply, torch.subtract, torch.divide, torch.true_divide,
+                        "multiply", "subtract", "divide", "true_divide"})
 
 
 def _broadcast_meta(target, args, kwargs):
@@ -109,15 +111,19 @@ def add(ctx, node):
     return ctx.elementwise(node)
 
 
-@rule(operator.sub, torch.sub, *methods("sub", "sub_"), edge="identity", dead=SUB, flow="pass",
-      meta=_broadcast_meta)
+# torch.subtract, torch.multiply, torch.divide, torch.true_divide: torch's aliases of
+# sub, mul and div (`torch.multiply(a, b)` in Gemma 3n), the same rule
+@rule(operator.sub, torch.sub, torch.subtract, *methods("sub", "sub_", "subtract", "subtract_"),
+      edge="identity", dead=SUB, flow="pass", meta=_broadcast_meta)
 def sub(ctx, node):
     return ctx.elementwise(node)
 
 
-@rule(operator.mul, torch.mul, operator.truediv, torch.div, torch.where, torch.maximum,
-      torch.minimum, *methods("mul", "mul_", "div", "div_", "__mul__", "__rmul__",
-                                  "__truediv__", "masked_fill", "expand_as"),
+@rule(operator.mul, torch.mul, torch.multiply, operator.truediv, torch.div, torch.divide,
+      torch.true_divide, torch.where, torch.maximum, torch.minimum,
+      *methods("mul", "mul_", "multiply", "multiply_", "div", "div_", "divide", "divide_",
+               "true_divide", "true_divide_", "__mul__", "__rmul__", "__truediv__",
+               "masked_fill", "expand_as"),
       edge="identity", dead=BLOCK, flow="scale", meta=_broadcast_meta)
 def multiply(ctx, node):
     """Broadcasting multiply: an SE gate (B, C, 1, 1) ties its C channels to the feature map."""
