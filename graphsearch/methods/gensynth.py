@@ -57,9 +57,10 @@ No public code exists; this is the project's design, faithful to the papers' loo
   in (lost channels' norm gamma/beta, or producer rows, at zero), so the slim model computes
   exactly the parent restricted to the plan before the pipeline fine-tunes it.
 - Refit (`--set refit=true`; off by default, the papers' loop hands its weights on): the
-  proposal carries the baseline's weights on the final plan instead of the parent's, which
-  the children's few steps each (at the search lr) moved away from the converged network;
-  the loop and its checkpoint are the same either way.
+  proposal carries the baseline's weights on the final plan instead of the parent's; the
+  loop and its checkpoint are the same either way. Measured on CIFAR ResNet-20 at 1/3 FLOPs
+  (`cifar10_table.md`, one seed): 84.36% validation top-1 after the fine-tune against 84.60%
+  without: the children's trained weights are a head start, not a bias to undo.
 - Resume: every cycle is checkpointed atomically to `ctx.state_dir / "gensynth.pt"` (p, the
   parent's mask and weights, the log, the candidates) before it is logged; children's RNG is
   seeded by (seed, cycle) and their training by their plan and `ctx.seed`, so a rerun with
