@@ -396,7 +396,7 @@ class GenerativeSynthesis(Method):
         if s["refit"]:
             # the loop chose the architecture; the fine-tuning starts from the baseline's
             # weights on it (as group lasso's, MorphNet's and vardrop's refits do) instead of
-            # the weights the children's few steps each moved away from the converged ones
+            # the children's trained ones (measured worse: module docstring)
             ctx.model.load_state_dict(baseline)
             ctx.log("gensynth: the plan's channels restart from the baseline's weights (refit)")
         return Proposal(plan, _clone(ctx.model.state_dict()), info)

@@ -198,13 +198,14 @@ def _rewrite_index(rw, node, state):
         if const is None or any(len(n.users) != 1 for n in const[1]):
             return False  # (a constant read elsewhere too keeps its values)
         value, reads = const
-        positions = value.numpy() % rw.shape(node.args[0])[d]
-        if not np.isin(positions, sel[d]).all():
+        positions = layout.positions_among_kept(value.numpy(), rw.shape(node.args[0])[d],
+                                                sel[d])
+        if positions is None:
             return False  # a position the plan drops
         owner, _, attr = reads[-1].target.rpartition(".")
         # the copy that the slim pass rewrites holds the positions among the kept ones
-        rw.gm.get_submodule(owner)._buffers[attr] = torch.as_tensor(
-            np.searchsorted(sel[d], positions), dtype=value.dtype)
+        rw.gm.get_submodule(owner)._buffers[attr] = torch.as_tensor(positions,
+                                                                    dtype=value.dtype)
     return None
 
 

@@ -208,6 +208,13 @@ def known_index(index) -> bool:
         not index.dtype.is_floating_point and index.dtype != torch.bool
 
 
+def positions_among_kept(positions, size: int, kept) -> np.ndarray | None:
+    """Constant positions along a dim of `size` (negative ones from its end) rewritten as
+    positions among the `kept` ones (sorted) of a slimmed dim; None if the plan drops one."""
+    pos = np.asarray(positions, dtype=np.int64) % size
+    return np.searchsorted(kept, pos) if np.isin(pos, kept).all() else None
+
+
 # a view of the ids (expanded: stride 0 where constant) may need a copy
 _AS_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
 
@@ -447,10 +454,10 @@ def _rewrite_getitem(rw, node, state):
             item = int(hit[0])
         elif isinstance(item, list) and s is not None and \
                 all(type(i) is int for i in item):  # x[..., [-2], :]: kept positions only
-            pos = np.asarray(item, dtype=np.int64) % shape[d]
-            if not np.isin(pos, s).all():
+            pos = positions_among_kept(item, shape[d], s)
+            if pos is None:
                 return False
-            item = np.searchsorted(s, pos).tolist()
+            item = pos.tolist()
         elif isinstance(item, fx.Node) and isinstance(rw.value(item), torch.Tensor):
             if s is not None or rw.value(item).dtype == torch.bool:
                 return False  # positions picked from a pruned dim: only the full layout knows
