@@ -1,0 +1,30 @@
+"""The statistics the rank-correlation benchmarks report (benchmarks/rank_correlation.py,
+benchmarks/table_scores.py): Kendall's tau-b and the share of well-separated pairs ordered
+right."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from rank_correlation import kendall_tau  # noqa: E402
+from table_scores import concordant_apart  # noqa: E402
+
+
+def test_kendall_tau_known_values():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # one swapped pair of six: (5 - 1) / 6
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    # tau-b with a tie in one ranking: 5 concordant, 0 discordant, 1 tie in a
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / (5 * 6) ** 0.5)
+
+
+def test_concordant_apart_ignores_pairs_inside_the_spread():
+    truth = [85.0, 85.3, 80.0]
+    # the score swaps the first two plans (0.3 apart: inside the spread) and orders the far
+    # pairs right
+    assert concordant_apart([0.4, 0.3, 0.1], truth) == pytest.approx(1.0)
+    assert concordant_apart([0.1, 0.3, 0.4], truth) == pytest.approx(0.0)
+    assert kendall_tau([0.4, 0.3, 0.1], truth) == pytest.approx(1 / 3)
+    assert concordant_apart([1, 2], [85.0, 85.2]) != concordant_apart([1, 2], [85.0, 85.2])  # nan
