@@ -125,7 +125,9 @@ def table(truth: list[dict], out: Path) -> str:
     lines += ["", "| plan | round-to | truth: val top-1 (seeds) | params | search s | " +
               " | ".join(cols) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for e, r in sorted(rows, key=lambda er: -er[0]["val"]):
-        lines.append(f"| {label(e).rsplit(' r', 1)[0]} | {e['round_to']} | {e['val']:.2f} "
+        seed = e.get("search_seed", 0)
+        name = e["plan"] + (f" (search seed {seed})" if seed else "")
+        lines.append(f"| {name} | {e['round_to']} | {e['val']:.2f} "
                      f"({e['seeds']}) | {r['params']:,} | {r['search_seconds']:.0f} | " +
                      " | ".join(f"{r['scores'][k]['accuracy'] * 100:.2f}"
                                 if k in r["scores"] else "-" for k in cols) + " |")
