@@ -35,7 +35,7 @@ import peer  # noqa: E402
 from rank_correlation import cheap_scores, correct  # noqa: E402
 
 from graphsearch.data import load_dataset  # noqa: E402
-from graphsearch.evaluator import run_candidate  # noqa: E402
+from graphsearch.evaluator import run_candidate, validation_indices  # noqa: E402
 from graphsearch.zoo import build  # noqa: E402
 
 SCORES = ("adaptive-bn-256", "bn-256+steps-30")
@@ -73,8 +73,7 @@ def main(argv=None) -> int:
     data = load_dataset(args.train, val_data=args.val, val_fraction=0.0, test_fraction=0.0)
     baseline = build("resnet20")
     baseline.load_state_dict(torch.load(args.weights))
-    part = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[:1000]
-    part = part.sort().values.numpy()
+    part = validation_indices(len(data.val), 1000).numpy()
     settings = cheap_scores(30, 100)
     print("| plan | params | search s | adaptive-bn-256@1k: mean (min-max) | bn-256+steps-30: "
           "mean (min-max) | fine-tuned val top-1 (peer.py) |")

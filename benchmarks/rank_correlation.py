@@ -39,7 +39,7 @@ import torch
 
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
-from graphsearch.evaluator import EvalSettings, run_candidate
+from graphsearch.evaluator import EvalSettings, run_candidate, validation_indices
 from graphsearch.methods.magnitude import removal_order
 from graphsearch.optimize import OptimizeConfig
 from graphsearch.passes.slim import slim
@@ -200,8 +200,7 @@ def main(argv=None) -> int:
         if unknown:
             sys.exit(f"unknown --scores {unknown}; choose from {sorted(scores)}")
         scores = {k: v for k, v in scores.items() if k in args.scores}
-    part = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[:1000]
-    part = part.sort().values.numpy()  # the evaluator's fixed part (validation_part)
+    part = validation_indices(len(data.val), 1000).numpy()  # the evaluator's fixed part
     cfg = OptimizeConfig(model="resnet20")
     recipe = RECIPES[cfg.finetune_recipe]
     for i, (name, plan) in enumerate(plans.items()):

@@ -3,7 +3,8 @@
     python benchmarks/table_scores.py --weights benchmarks/weights/resnet20_cifar10_116ep.pt \
         --train /work/runs/cifar/train40k --val /work/runs/cifar/val5k \
         --truth benchmarks/table_truth.json --out /work/runs/tscores [--only 0 3 5]
-    python benchmarks/table_scores.py --truth benchmarks/table_truth.json --out /work/runs/tscores --table
+    python benchmarks/table_scores.py --truth benchmarks/table_truth.json \
+        --out /work/runs/tscores --table
 
 `rank_correlation.py` measures the scores against a short fine-tune of random and magnitude
 plans. Here the truth is the table's: every plan of `benchmarks/table_truth.json` was
@@ -38,7 +39,7 @@ import peer  # noqa: E402
 from rank_correlation import cheap_scores, kendall_tau  # noqa: E402
 
 from graphsearch.data import load_dataset  # noqa: E402
-from graphsearch.evaluator import run_candidate  # noqa: E402
+from graphsearch.evaluator import run_candidate, validation_indices  # noqa: E402
 from graphsearch.zoo import build  # noqa: E402
 
 
@@ -165,8 +166,7 @@ def main(argv=None) -> int:
     baseline = build("resnet20")
     baseline.load_state_dict(torch.load(args.weights))
     teacher = copy.deepcopy(baseline).eval()
-    part = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[:1000]
-    part = part.sort().values.numpy()  # the evaluator's fixed part (validation_part)
+    part = validation_indices(len(data.val), 1000).numpy()  # the evaluator's fixed part
     scores = cheap_scores(*args.steps)
     args.tp_step = 0.01
     for i, entry in enumerate(truth):

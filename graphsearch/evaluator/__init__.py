@@ -55,8 +55,8 @@ from .backends import (Backend, Batch, InProcess, LocalWorkers, RayCluster, Task
                        default_workers)
 from .cache import STATS_FILE, EvalCache
 from .candidate import (EvalResult, EvalSettings, canonical_keep, dumps, plan_key, plan_seed,
-                        run_candidate, teacher_module, unpack_result, validation_part,
-                        weights_digest)
+                        run_candidate, teacher_module, unpack_result, validation_indices,
+                        validation_part, weights_digest)
 from .probes import GateResponses, Probe
 
 
@@ -256,5 +256,5 @@ class _BatchState:
 
 __all__ = ["CandidateEvaluator", "EvalSettings", "EvalResult", "EvalCache", "STATS_FILE",
            "plan_key", "plan_seed", "canonical_keep", "weights_digest", "run_candidate",
-           "validation_part", "default_workers", "Probe", "GateResponses", "Backend",
-           "InProcess", "LocalWorkers", "RayCluster"]
+           "validation_part", "validation_indices", "default_workers", "Probe", "GateResponses",
+           "Backend", "InProcess", "LocalWorkers", "RayCluster"]

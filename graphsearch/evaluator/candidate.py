@@ -137,13 +137,19 @@ def teacher_module(graph: ChannelGraph, teacher_state) -> nn.Module:
     return t.eval()
 
 
+def validation_indices(size: int, samples: int) -> torch.Tensor:
+    """The positions (sorted) of the `samples` of a validation split of `size` that every
+    candidate is scored on: a draw by a fixed seed (benchmarks read the same part)."""
+    pick = torch.randperm(size, generator=torch.Generator().manual_seed(0))[:samples]
+    return pick.sort().values
+
+
 def validation_part(val, samples: int):
     """`samples` of the validation split, the same ones for every candidate (a draw by a fixed
     seed), or the whole split when `samples` is 0 or not smaller than it."""
     if not samples or val is None or samples >= len(val):
         return val
-    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:samples]
-    pick = pick.sort().values
+    pick = validation_indices(len(val), samples)
     if callable(getattr(val, "subset", None)):
         return val.subset(pick.tolist())
     return torch.utils.data.Subset(val, pick.tolist())
