@@ -63,15 +63,41 @@ def cheap_scores(k_small: int, k_large: int) -> dict[str, EvalSettings]:
             f"bn-256+steps-{k_large}": es(steps=k_large, bn_images=256)}
 
 
-def correct(model, val) -> np.ndarray:
-    """Per validation sample: 1 if the model's top-1 is right."""
+def hits_and_logp(model, val) -> tuple[np.ndarray, np.ndarray]:
+    """Per validation sample: 1 if the model's top-1 is right, and the log-probability of the
+    right class."""
     model.eval()
-    out = []
+    hits, logp = [], []
     with torch.no_grad():
         for idx in torch.arange(len(val)).split(500):
             x, y = val.get_batch(idx, augment=False)
-            out.append((model(x).argmax(1) == y).numpy())
-    return np.concatenate(out).astype(float)
+            out = model(x)
+            hits.append((out.argmax(1) == y).numpy())
+            logp.append(torch.log_softmax(out, 1).gather(1, y[:, None])[:, 0].numpy())
+    return np.concatenate(hits).astype(float), np.concatenate(logp).astype(float)
+
+
+def correct(model, val) -> np.ndarray:
+    """Per validation sample: 1 if the model's top-1 is right."""
+    return hits_and_logp(model, val)[0]
+
+
+def score_entries(module, data, settings: EvalSettings, key: str, part, seed: int,
+                  teacher=None, nll: bool = False) -> dict[str, dict]:
+    """One cheap score of `module` (trained in place by the evaluator's `run_candidate`, its
+    own score one sample): top-1 on the whole validation split (`key`) and on its fixed
+    `part` (`key@1k`), with the seconds each costs; with `nll`, also the log-likelihood
+    (`key~nll`, `key~nll@1k`: minus the mean cross entropy) from the same pass."""
+    r = run_candidate(module, data.for_search(), settings, seed=seed, teacher=teacher)
+    t0 = time.time()
+    hits, logp = hits_and_logp(module, data.val)
+    evals = time.time() - t0
+    out = {}
+    for suffix, per in (("", hits), ("~nll", logp)) if nll else (("", hits),):
+        out[key + suffix] = {"accuracy": float(per.mean()), "seconds": r["seconds"] + evals}
+        out[key + suffix + "@1k"] = {"accuracy": float(per[part].mean()),
+                                     "seconds": r["seconds"] + evals * len(part) / len(per)}
+    return out
 
 
 def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
@@ -216,19 +242,8 @@ def main(argv=None) -> int:
         for key, settings in scores.items():
             if key in row["scores"]:
                 continue
-            module = slim(graph, plan.keep)
-            # run_candidate trains the module in place (its own score: one sample); then
-            # one pass over the validation folder gives the whole-split and the part's score
-            r = run_candidate(module, data.for_search(), settings, seed=args.seed,
-                              teacher=teacher)
-            t0 = time.time()
-            hits = correct(module, data.val)
-            evals = time.time() - t0
-            row["scores"][key] = {"accuracy": float(hits.mean()),
-                                  "seconds": r["seconds"] + evals}
-            row["scores"][key + "@1k"] = {"accuracy": float(hits[part].mean()),
-                                          "seconds": r["seconds"] + evals * len(part) /
-                                          len(hits)}
+            row["scores"].update(score_entries(slim(graph, plan.keep), data, settings, key,
+                                               part, args.seed, teacher))
             path.write_text(json.dumps(row))
         if "truth" not in row:
             module = slim(graph, plan.keep)

@@ -36,30 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402
-from rank_correlation import cheap_scores, kendall_tau  # noqa: E402
+from rank_correlation import cheap_scores, kendall_tau, score_entries  # noqa: E402
 
 from graphsearch.data import load_dataset  # noqa: E402
-from graphsearch.evaluator import run_candidate, validation_indices  # noqa: E402
+from graphsearch.evaluator import validation_indices  # noqa: E402
 from graphsearch.zoo import build  # noqa: E402
 
 
 # scores also read as the validation log-likelihood (the "~nll" rows: minus the mean cross
 # entropy, higher is better), smoother than top-1 where most candidates are near chance
 NLL_SCORES = ("sliced", "adaptive-bn-256", "adaptive-bn-1024", "bn-256+steps-30")
-
-
-def hits_and_logp(model, val) -> tuple[np.ndarray, np.ndarray]:
-    """Per validation sample: 1 if the model's top-1 is right, and the log-probability of the
-    right class."""
-    model.eval()
-    hits, logp = [], []
-    with torch.no_grad():
-        for idx in torch.arange(len(val)).split(500):
-            x, y = val.get_batch(idx, augment=False)
-            out = model(x)
-            hits.append((out.argmax(1) == y).numpy())
-            logp.append(torch.log_softmax(out, 1).gather(1, y[:, None])[:, 0].numpy())
-    return np.concatenate(hits).astype(float), np.concatenate(logp).astype(float)
 
 
 def concordant_apart(score, truth, gap: float = 0.5) -> float:
@@ -197,18 +183,8 @@ def main(argv=None) -> int:
             nll = key in NLL_SCORES
             if key in row["scores"] and (not nll or key + "~nll" in row["scores"]):
                 continue
-            module = copy.deepcopy(pruned)
-            r = run_candidate(module, data.for_search(), settings, seed=args.seed,
-                              teacher=teacher)
-            t0 = time.time()
-            hits, logp = hits_and_logp(module, data.val)
-            evals = time.time() - t0
-            for suffix, per in (("", hits), ("~nll", logp)) if nll else (("", hits),):
-                row["scores"][key + suffix] = {"accuracy": float(per.mean()),
-                                               "seconds": r["seconds"] + evals}
-                row["scores"][key + suffix + "@1k"] = {
-                    "accuracy": float(per[part].mean()),
-                    "seconds": r["seconds"] + evals * len(part) / len(per)}
+            row["scores"].update(score_entries(copy.deepcopy(pruned), data, settings, key,
+                                               part, args.seed, teacher, nll))
             path.write_text(json.dumps(row, indent=1))
         print(f"{i:3d} {label(entry)}: truth {entry['val']:.2f}  " + "  ".join(
             f"{k} {row['scores'][k]['accuracy']:.2%}" for k in scores), flush=True)
