@@ -11,7 +11,11 @@ Plans (all at 1/3 of the baseline's MACs, widths in multiples of --round-to):
 - `torch-pruning`: Torch-Pruning's `MetaPruner` with `GroupMagnitudeImportance(p=2)` (its
   defaults: mean over the group, mean normalisation), global pruning, `round_to`, the final
   linear layer ignored, iterative steps of --tp-step of the channels until the MACs are at or
-  under the target.
+  under the target;
+- `method:NAME[:key=value,...]`: method NAME's search (its proposal sliced, as the pipeline
+  would fine-tune it);
+- `random-order:SEED`, `random-groups:SEED`: a random plan (`rank_correlation.random_plan`),
+  for the cheap scores' truth.
 
 Recipes (same epochs, same peak learning rate, same training images, batch 128):
 - `project`: what `graphsearch optimize` fine-tunes with by default (`OptimizeConfig`), or
@@ -122,12 +126,22 @@ def settings_of(text: str) -> dict:
 
 def plan_module(baseline, plan: str, args, data=None):
     """The pruned module a plan names: `torch-pruning`, `graphsearch[:k=v,...]` (magnitude
-    through the target step) or `method:NAME[:k=v,...]` (method NAME's search from the
+    through the target step), `method:NAME[:k=v,...]` (method NAME's search from the
     baseline on `args.search_images` evenly spaced training images for `args.search_epochs`,
-    search seed 0; the module carries the weights the pipeline would fine-tune)."""
+    search seed 0; the module carries the weights the pipeline would fine-tune), or
+    `random-order:SEED` / `random-groups:SEED` (`rank_correlation.random_plan`: random channel
+    order or magnitude order, times random group factors, landed on the target)."""
     model = copy.deepcopy(baseline)
     if plan == "torch-pruning":
         return torch_pruning_plan(model, args.flops, args.round_to, args.tp_step)
+    if plan.split(":")[0] in ("random-order", "random-groups"):
+        from rank_correlation import random_plan
+
+        kind, seed = plan.split(":")
+        graph = analyze(model, example_inputs("resnet20"))
+        constraints = [parse_constraint("flops", str(args.flops), graph.baseline.flops)]
+        return slim(graph, random_plan(graph, model, constraints, args.round_to, int(seed),
+                                       random_order=kind == "random-order").keep)
     state = Path(tempfile.mkdtemp(prefix="peer_state_"))
     if plan.startswith("method:"):
         _, name, *rest = plan.split(":", 2)

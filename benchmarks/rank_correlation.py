@@ -100,7 +100,9 @@ def score_entries(module, data, settings: EvalSettings, key: str, part, seed: in
     return out
 
 
-def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
+def normed_norms(graph, model, constraints, round_to: int) -> tuple[dict, dict]:
+    """Each prunable group's channel norms (the methods' own `channel_norms`), raw and divided
+    by their group's mean."""
     from graphsearch.methods.base import SearchContext  # the method's own channel norms
 
     ctx = SearchContext(graph=graph, model=model, data=None, constraints=constraints,
@@ -109,7 +111,35 @@ def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
     with torch.no_grad():
         norms = {g: v.double().numpy() for g, v in ctx.channel_norms().items()}
     groups = [g.id for g in graph.prunable_groups if g.id in norms]
-    normed = {g: norms[g] / max(norms[g].mean(), 1e-12) for g in groups}
+    return norms, {g: norms[g] / max(norms[g].mean(), 1e-12) for g in groups}
+
+
+def random_scores(rng, normed: dict, random_order: bool) -> dict:
+    """One random plan's channel scores: per group its magnitude order or a random order,
+    times a random group factor (log-uniform in [1/4, 4])."""
+    scores = {}
+    for g in normed:
+        base = rng.random(len(normed[g])) if random_order else normed[g]
+        scores[g] = base * float(np.exp(rng.uniform(np.log(0.25), np.log(4))))
+    return scores
+
+
+def random_plan(graph, model, constraints, round_to: int, seed: int, random_order: bool):
+    """The random plan `seed` draws (random channel order or magnitude order, random group
+    factors), landed on the target; a draw the target step cannot land is drawn again."""
+    _, normed = normed_norms(graph, model, constraints, round_to)
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        try:
+            return land_on_target(graph, random_scores(rng, normed, random_order),
+                                  constraints, round_to)
+        except Exception:  # a draw the target step cannot land: draw again
+            continue
+    raise RuntimeError(f"no random plan landed on the target in 100 draws (seed {seed})")
+
+
+def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
+    norms, normed = normed_norms(graph, model, constraints, round_to)
     plans = {"magnitude": land_on_target(graph, normed, constraints, round_to),
              "magnitude-iterative": land_on_target(
                  graph, removal_order(graph, normed, round_to), constraints, round_to),
@@ -121,10 +151,7 @@ def make_plans(graph, model, constraints, round_to: int, n: int, seed: int):
     while len(plans) < n and tries < 20 * n:
         tries += 1
         random_order = tries % 2 == 0
-        scores = {}
-        for g in groups:
-            base = rng.random(len(normed[g])) if random_order else normed[g]
-            scores[g] = base * float(np.exp(rng.uniform(np.log(0.25), np.log(4))))
+        scores = random_scores(rng, normed, random_order)
         try:
             plan = land_on_target(graph, scores, constraints, round_to)
         except Exception:  # a draw the target step cannot land: draw again

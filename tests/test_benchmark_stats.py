@@ -28,3 +28,28 @@ def test_concordant_apart_ignores_pairs_inside_the_spread():
     assert concordant_apart([0.1, 0.3, 0.4], truth) == pytest.approx(0.0)
     assert kendall_tau([0.4, 0.3, 0.1], truth) == pytest.approx(1 / 3)
     assert concordant_apart([1, 2], [85.0, 85.2]) != concordant_apart([1, 2], [85.0, 85.2])  # nan
+
+
+def test_random_plan_lands_on_the_target_and_its_seed_names_it():
+    """`peer.py`'s random plans (the cheap scores' truth) are rebuilt from their seed by
+    `table_scores.py`: the same seed must give the same plan, another seed another plan, and
+    every plan must be at the target."""
+    import torch
+
+    from graphsearch.analysis import analyze
+    from graphsearch.target import parse_constraint
+    from graphsearch.zoo import build, example_inputs
+    from rank_correlation import random_plan
+
+    torch.manual_seed(0)
+    model = build("resnet20")
+    g = analyze(model, example_inputs("resnet20"))
+    cons = [parse_constraint("flops", str(1 / 3), g.baseline.flops)]
+    plans = [random_plan(g, model, cons, 8, seed, random_order=order)
+             for seed in (1, 2) for order in (True, False)]
+    again = random_plan(g, model, cons, 8, 1, random_order=True)
+    assert again.keep == plans[0].keep
+    assert len({str(sorted((k, tuple(v)) for k, v in p.keep.items())) for p in plans}) == 4
+    for p in plans:
+        assert g.cost(p.keep).flops <= g.baseline.flops / 3 * 1.001
+        assert all(len(v) % 8 == 0 for v in p.keep.values())
