@@ -15,8 +15,9 @@ attention rule ties each head's dims), and grouped-query attention's query heads
 to their key/value head by the graph (`repeat_kv`), so `num_key_value_heads` and the query
 groups stay consistent; one key/value head that every query head shares (multi-query
 attention: Falcon's, made by the query heads' fused projection) is kept as a group of its
-own, so the query heads follow `num_attention_heads` alone; rotary embeddings and causal
-masks carry no channels.
+own, so the query heads follow `num_attention_heads` alone (a count the class does not
+read, Falcon's derived `num_key_value_heads`, stays); rotary embeddings and causal masks
+carry no channels.
 
 After slimming, `pretrained_edits` gives the new config values and the plain attributes
 (`split_size`, `num_heads`, `all_head_size`, ...) that the class built from that config has,
@@ -172,6 +173,10 @@ class Governed:
     # head's size or a group's width, stays: Segformer's num_attention_heads[i] and
     # hidden_sizes[i], wav2vec2's num_conv_pos_embedding_groups and hidden_size)
     follows: dict[str, str] = field(default_factory=dict)
+    # counts whose doubling changes nothing the class builds (Falcon's num_key_value_heads
+    # since transformers 5.25: derived in its config, one for multi-query attention, whose
+    # attention counts its own): a plan cannot change them, and they follow nothing
+    unused: set = field(default_factory=set)
 
 
 def governed_dims(model: nn.Module) -> Governed:
@@ -198,7 +203,7 @@ def governed_dims(model: nn.Module) -> Governed:
                 if a != b:
                     out.fields.setdefault((key, d), set()).add(name)
     out.sets_values = _fields_setting_values(model, base, list(out.values))
-    out.follows = _counts_followed(model, base, out)
+    out.follows, out.unused = _counts_followed(model, base, out)
     return out
 
 
@@ -214,16 +219,16 @@ def _numbers(model: nn.Module, config) -> dict:
     return out
 
 
-def _counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, str]:
+def _counts_followed(model: nn.Module, base, governed: Governed) -> tuple[dict[str, str], set]:
     """For each width field that alone governs no parameter dim (a head count, a grouped
     convolution's group count), the width field it divides: the one whose doubling alone
     changes some size the model computes (a head's size, a group's width) that doubling the
     count too puts back. A field of the same index ("name[i]") is tried first; a field whose
-    doubling changes nothing (unused by this class) follows none."""
+    doubling changes nothing (unused by this class) follows none, and is returned apart."""
     alone = {next(iter(f)) for f in governed.fields.values() if len(f) == 1}
     counts = [k for k in governed.values if k not in alone]
     if not counts:
-        return {}
+        return {}, set()
     ref = _numbers(model, base)
     probes: dict[tuple, dict] = {}
 
@@ -235,11 +240,12 @@ def _counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, st
             probes[names] = _numbers(model, config)
         return probes[names]
 
-    out = {}
+    out, unused = {}, set()
     for h in counts:
         try:
             if probe(h) == ref:
-                continue  # (a field this class does not use)
+                unused.add(h)  # (a field this class does not use)
+                continue
         except Exception:  # noqa: BLE001 - a value the class refuses doubled
             continue
         index = h.partition("[")[2]
@@ -254,7 +260,7 @@ def _counts_followed(model: nn.Module, base, governed: Governed) -> dict[str, st
             if any(both.get(k) == ref[k] for k in changed):
                 out[h] = f
                 break
-    return out
+    return out, unused
 
 
 def _fields_setting_values(model: nn.Module, base, names: list[str]) -> dict[str, list]:
@@ -378,7 +384,8 @@ def pretrained_edits(model: nn.Module, governed: Governed, slim_state: dict) -> 
     alias = getattr(config, "attribute_map", {})  # the standard names of this config's fields
     for fname, follows in ((alias.get(a, a), alias.get(b, b)) for a, b in (
             ("num_attention_heads", "hidden_size"), ("num_key_value_heads", "num_attention_heads"))):
-        if fname in governed.values and fname not in scale and follows in new:
+        if fname in governed.values and fname not in scale and \
+                fname not in governed.unused and follows in new:
             new[fname] = _exact(governed.values[fname] * new[follows], governed.values[follows],
                                 fname)
     for fname, follows in governed.follows.items():  # (found by probing: list fields too)

@@ -399,6 +399,27 @@ def test_a_width_per_layer_is_pruned_per_layer_and_written_into_the_config_list(
     assert out.shape == (3, 11) and torch.equal(out, again)
 
 
+def test_a_head_count_the_class_does_not_read_stays_when_the_query_heads_go():
+    """A width-named config field that the class never reads follows no pruned width: Falcon's
+    `num_key_value_heads`, which transformers 5.25 derives in the config (1 with multi-query
+    attention, whose attention counts its own key/value heads), stays 1 when the query heads
+    are halved (scaled with them, it was 0.5, and in-place pruning refused the plan). Set by
+    hand here, so that every version of transformers runs the case."""
+    torch.manual_seed(0)
+    model, inputs = falcon()
+    model.eval()
+    model.config.num_key_value_heads = 1
+    g = graphsearch.analyze(model, inputs(2))
+    heads, = [grp for grp in g.groups if grp.prunable and
+              "transformer.h.0.self_attention.query_key_value.weight[out] x8" in grp.members]
+    graphsearch.prune(model, g, {heads.id: [1, 3]})
+    c = model.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.hidden_size) == (2, 1, 16)
+    with torch.device("meta"):
+        rebuilt = type(model)(copy.deepcopy(c))
+    assert _shapes(rebuilt) == _shapes(model)
+
+
 def test_bloom_keeps_its_heads_for_alibi_and_says_so():
     """BLOOM's scores are `alibi.baddbmm(q, k^T)`, ALiBi's bias computed from `n_head`: the
     heads stay whole (a reloaded class with fewer heads gives other slopes), and with them the

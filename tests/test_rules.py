@@ -462,6 +462,85 @@ def test_a_fused_projection_keeps_its_shared_key_value_head_apart(front_end):
     assert not [n for n in s.graph.nodes if n.op == "call_module" and "slim_" in n.target]
 
 
+class RepeatedSharedKeyValue(nn.Module):
+    """Falcon-7B's multi-query attention as transformers 5.25 writes it: the fused
+    projection split by sizes, and the one key/value head repeated to every query head
+    before the attention (`repeat_kv`: a new dim, expanded, merged into the head dim)."""
+
+    def __init__(self, heads=4, head_dim=4, merge="reshape"):
+        super().__init__()
+        self.heads, self.head_dim, self.merge = heads, head_dim, merge
+        self.qkv = nn.Linear(6, (heads + 2) * head_dim)
+        self.out = nn.Linear(heads * head_dim, 3)
+
+    def repeat(self, y):
+        b, _, t, e = y.shape
+        y = y[:, :, None].expand(b, 1, self.heads, t, e)
+        return y.reshape(b, self.heads, t, e) if self.merge == "reshape" else y.flatten(1, 2)
+
+    def forward(self, x):
+        fused = self.qkv(x).view(*x.shape[:-1], -1, self.head_dim)
+        q, k, v = (y.transpose(1, 2) for y in fused.split([self.heads, 1, 1], dim=-2))
+        a = F.scaled_dot_product_attention(q, self.repeat(k), self.repeat(v))
+        return self.out(a.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+@pytest.mark.parametrize("merge", ["reshape", "flatten"])
+def test_a_key_value_head_repeated_to_every_query_head_is_kept_apart(merge):
+    """Exported, the repeated key/value head reaches the attention as the one head that it
+    broadcasts (its repeat count, the query heads', is no channel of the key): it is kept,
+    the query heads stay prunable, and the slim model repeats nothing (followed through the
+    repeat, every query head was tied to the key/value head: one unit, all or nothing)."""
+    torch.manual_seed(0)
+    net, x = RepeatedSharedKeyValue(merge=merge).eval(), (torch.randn(2, 5, 6),)
+    g = analyze(export_trace(net, x).module, x)
+    heads, shared = [grp for grp in g.groups if "qkv.weight[out] x4" in grp.members]
+    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
+    assert shared.size == 2 and not shared.prunable and "multi-query" in shared.reason
+    keep = {heads.id: [0, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(RepeatedSharedKeyValue(heads=2))
+    assert not [n for n in s.graph.nodes if n.target is torch.ops.aten.expand.default]
+
+
+class InterleavedQKV(nn.Module):
+    """Falcon's attention without multi-query as transformers 5.25 writes it: q, k and v
+    of each head side by side in one projection, `unflatten(-2, (heads, 3)).unbind(-2)`."""
+
+    def __init__(self, heads=4, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(6, 3 * heads * head_dim)
+        self.out = nn.Linear(heads * head_dim, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, -1, self.head_dim)
+        q, k, v = fused.unflatten(-2, (self.heads, 3)).unbind(-2)
+        a = F.scaled_dot_product_attention(*(y.transpose(1, 2) for y in (q, k, v)))
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_an_unflattened_projection_prunes_whole_heads(front_end):
+    """`unflatten` splits a dim on both front ends (exported, `aten.unflatten` had no rule:
+    nothing it touched was prunable); its literal head count follows the plan."""
+    torch.manual_seed(0)
+    net, x = InterleavedQKV().eval(), (torch.randn(2, 5, 6),)
+    g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
+    aten_unflatten = [n for n in g.module.graph.nodes if n.target is torch.ops.aten.unflatten.int]
+    assert bool(aten_unflatten) == (front_end == "export")  # (fx: the method)
+    heads = group(g, "qkv.weight[out] x12")
+    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
+    keep = {heads.id: [1, 2]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(InterleavedQKV(heads=2))
+
+
 class BatchTimesHeads(nn.Module):
     """DeBERTa's attention: the heads folded into the batch dim, `(batch * heads, t, hd)`."""
 

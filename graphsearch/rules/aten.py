@@ -7,9 +7,11 @@ is that family's rule, with every field the same (`dataclasses.replace(rule, tar
 one rule still owns what the op ties, costs, how slim rewrites it, its gate site and
 parameter roles). The few whose arguments differ (`aten.embedding` takes the table first,
 `aten.addmm` is a linear layer with its bias first, `aten.view` of expanded ids is a
-reshape, `aten.slice` names its dim) have a small rule of their own below. Arithmetic merges
-(add, sub, multiply) also keep what a tensor made in the forward from sizes alone meets
-(`_computed_operand`): an fx trace has no such tensor (its factories have no rule).
+reshape, `aten.slice` names its dim) have a small rule of their own below; the attention
+looks through one key/value head repeated to every query head (`repeat_kv`: `Rule.fuse`).
+Arithmetic merges (add, sub, multiply) also keep what a tensor made in the forward from
+sizes alone meets (`_computed_operand`): an fx trace has no such tensor (its factories have
+no rule).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import attention, conv, elementwise, embedding, layout, linear, norm, pooling
 from ..atoms import NO_ATOM
@@ -98,7 +101,66 @@ CONV = _same(conv.functional_conv, *_overloads(aten.conv1d, aten.conv2d, aten.co
 LAYER_NORM = _same(norm.layer_norm, *_overloads(aten.layer_norm))
 GROUP_NORM = _same(norm.group_norm, *_overloads(aten.group_norm))
 BATCH_NORM = _same(norm.tensor_batch_norm, *_overloads(aten.batch_norm, aten.instance_norm))
-SDPA = _same(attention.sdpa, *_overloads(aten.scaled_dot_product_attention))
+# ops that merge dims (the sizes in and out say which)
+_RESHAPES = frozenset(_overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten))
+
+
+def _same_sizes(a, b) -> bool:
+    """Equal sizes, symbolic ones (the exported batch) included, without adding a guard."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _one_head_repeated(node) -> torch.fx.Node | None:
+    """The tensor of one key/value head that `node` repeats across the head dim (-3), if it
+    is one: `x[:, :, None].expand(B, 1, n, L, E).reshape(B, n, L, E)` (or a flatten) with x
+    of one head, (B, 1, 1, L, E), transformers' `repeat_kv` for multi-query attention; else
+    None. Read from the exported values (`meta["val"]`): an fx trace has none yet here."""
+    expand = node.args[0] if node.op == "call_function" and node.target in _RESHAPES else None
+    if not (isinstance(expand, torch.fx.Node) and expand.op == "call_function" and
+            expand.target is aten.expand.default and isinstance(expand.args[0], torch.fx.Node)):
+        return None
+    x = expand.args[0]
+    vx, ve, vo = (n.meta.get("val") for n in (x, expand, node))
+    if not all(isinstance(v, torch.Tensor) for v in (vx, ve, vo)) or vo.dim() < 3 or \
+            vx.dim() != vo.dim() + 1 or ve.dim() != vx.dim():
+        return None
+    sx, se, so = tuple(vx.shape), tuple(ve.shape), tuple(vo.shape)
+    # one head (dim -4) and a unit dim (-3), broadcast along that dim alone, merged with it
+    if not (_same_sizes(sx[-4:-2], (1, 1)) and _same_sizes(se[-4:-3], (1,)) and
+            _same_sizes(sx[:-4] + sx[-2:], se[:-4] + se[-2:]) and
+            _same_sizes(so, se[:-4] + se[-3:])):
+        return None
+    return x
+
+
+def _broadcast_one_kv_head(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """The tracer's rewrite at an attention (`Rule.fuse`): a key or value of one head that
+    the forward repeats to every query head (`repeat_kv` in multi-query attention, Falcon's
+    since transformers 5.25) reaches the attention as that one head, which the attention
+    broadcasts itself (as Falcon's forward did before). The repeat's count is the number of
+    query heads, a literal in the graph that no channel of the key names; broadcast, the key
+    is the attention rule's multi-query case: its head is kept, the query heads are pruned
+    alone. True if it rewrote."""
+    q = node.args[0] if node.args else None
+    vq = q.meta.get("val") if isinstance(q, torch.fx.Node) else None
+    if not isinstance(vq, torch.Tensor) or vq.dim() < 3 or \
+            not statically_known_true(vq.shape[-3] > 1):
+        return False
+    rewrote = False
+    for kv in node.args[1:3]:
+        x = _one_head_repeated(kv) if isinstance(kv, torch.fx.Node) else None
+        if x is None:
+            continue
+        with gm.graph.inserting_before(node):
+            one = gm.graph.call_function(aten.squeeze.dim, (x, -3))
+        one.meta["val"] = x.meta["val"].squeeze(-3)
+        node.replace_input_with(kv, one)
+        rewrote = True
+    return rewrote
+
+
+SDPA = dataclasses.replace(attention.sdpa, fuse=_broadcast_one_kv_head,
+                           targets=tuple(_overloads(aten.scaled_dot_product_attention)))
 REDUCE = _same(pooling.reduce, *_overloads(aten.sum, aten.amax, aten.amin))
 SPATIAL = _same(pooling.channelwise_spatial, *_overloads(
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d,
@@ -113,6 +175,7 @@ EXPAND = _same(layout.EXPAND, *_overloads(aten.expand))
 SPLIT = _same(layout.SPLIT, *_overloads(aten.split, aten.split_with_sizes))
 CHUNK = _same(layout.CHUNK, *_overloads(aten.chunk))
 UNBIND = _same(layout.UNBIND, *_overloads(aten.unbind))
+UNFLATTEN = _same(layout.UNFLATTEN, *_overloads(aten.unflatten))
 SELECT = _same(layout.SELECT, *_overloads(aten.select))
 NARROW = _same(layout.NARROW, *_overloads(aten.narrow))
 
@@ -336,5 +399,5 @@ COMPARE = _same(elementwise.multiply, *_overloads(
 
 RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
          GROUP_NORM, BATCH_NORM, SDPA, REDUCE, SPATIAL, PAD, CAT, STACK, FREE, EXPAND, SPLIT,
-         CHUNK, UNBIND, SELECT, NARROW, VIEW, SLICE, INDEX, channel_mean, aten_embedding,
-         aten_addmm, aten_size, aten_check, aten_factory, COMPARE, BADDBMM, aten_repeat)
+         CHUNK, UNBIND, UNFLATTEN, SELECT, NARROW, VIEW, SLICE, INDEX, channel_mean,
+         aten_embedding, aten_addmm, aten_size, aten_check, aten_factory, COMPARE, BADDBMM, aten_repeat)
