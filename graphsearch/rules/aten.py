@@ -400,4 +400,5 @@ COMPARE = _same(elementwise.multiply, *_overloads(
 RULES = (UNARY, RELU, ADD, SUB, MULTIPLY, SOFTMAX, LINEAR, MATMUL, CONV, LAYER_NORM,
          GROUP_NORM, BATCH_NORM, SDPA, REDUCE, SPATIAL, PAD, CAT, STACK, FREE, EXPAND, SPLIT,
          CHUNK, UNBIND, UNFLATTEN, SELECT, NARROW, VIEW, SLICE, INDEX, channel_mean,
-         aten_embedding, aten_addmm, aten_size, aten_check, aten_factory, COMPARE, BADDBMM, aten_repeat)
+         aten_embedding, aten_addmm, aten_size, aten_check, aten_factory, COMPARE, BADDBMM,
+         aten_repeat)
