@@ -18,7 +18,8 @@ score on the whole validation folder and on the evaluator's fixed 1,000 of it. K
 over the plans, for every score and for the parameter count (the score that costs nothing).
 
 Each plan's result is saved under --out as it finishes (`--only` splits the list between
-processes writing to one folder; the run resumes). Only the training and validation folders
+processes writing to one folder; the run resumes; `--build-only` rebuilds the plans without
+scoring them, so that the seconds per candidate can be timed later on a quieter machine). Only the training and validation folders
 are read.
 """
 from __future__ import annotations
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--search-epochs", type=float, default=2.0)
     ap.add_argument("--steps", type=int, nargs=2, default=[30, 100], metavar=("K1", "K2"))
     ap.add_argument("--seed", type=int, default=0, help="the scores' training seed")
+    ap.add_argument("--build-only", action="store_true",
+                    help="rebuild and save the plans, score none (the searches need no quiet "
+                         "machine; the scores' seconds do)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
     truth = json.loads(args.truth.read_text())["plans"]
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
                       f"{entry['params']:,}: not the table's plan, not scored", flush=True)
                 continue
         elif row["params"] != entry["params"]:
+            continue
+        if args.build_only:
             continue
         pruned = torch.load(args.out / f"plan-{i:03d}.pt", weights_only=False)
         for key, settings in scores.items():
