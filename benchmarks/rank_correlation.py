@@ -56,6 +56,7 @@ def cheap_scores(k_small: int, k_large: int) -> dict[str, EvalSettings]:
     def es(**kw):
         return EvalSettings(lr=0.02, batch_size=BATCH, val_samples=1, **kw)
     return {"sliced": es(steps=0), "adaptive-bn-256": es(steps=0, bn_images=256),
+            "adaptive-bn-512": es(steps=0, bn_images=512),
             "adaptive-bn-1024": es(steps=0, bn_images=1024),
             f"steps-{k_small}": es(steps=k_small),
             f"bn-256+steps-{k_small}": es(steps=k_small, bn_images=256),

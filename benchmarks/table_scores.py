@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--search-epochs", type=float, default=2.0)
     ap.add_argument("--steps", type=int, nargs=2, default=[30, 100], metavar=("K1", "K2"))
     ap.add_argument("--seed", type=int, default=0, help="the scores' training seed")
+    ap.add_argument("--scores", nargs="+", help="only these cheap scores (names as in the "
+                    "table, without @1k or ~nll)")
     ap.add_argument("--build-only", action="store_true",
                     help="rebuild and save the plans, score none (the searches need no quiet "
                          "machine; the scores' seconds do)")
@@ -158,6 +160,12 @@ def main(argv=None) -> int:
     teacher = copy.deepcopy(baseline).eval()
     part = validation_indices(len(data.val), 1000).numpy()  # the evaluator's fixed part
     scores = cheap_scores(*args.steps)
+    if args.scores:
+        unknown = sorted(set(args.scores) - set(scores))
+        if unknown:
+            sys.exit(f"--scores {' '.join(unknown)}: not a cheap score; choose from "
+                     f"{', '.join(scores)}")
+        scores = {k: v for k, v in scores.items() if k in args.scores}
     args.tp_step = 0.01
     for i, entry in enumerate(truth):
         if args.only is not None and i not in args.only:

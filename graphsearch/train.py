@@ -276,7 +276,7 @@ def recalibrate_bn(model: nn.Module, dataset, images: int, batch_size: int = 128
             m.reset_running_stats()
             m.momentum = None  # cumulative average
         model.train()
-        with torch.no_grad():
+        with torch.no_grad(), _channels_last(model, dataset, device):
             for chunk in idx.split(batch_size):
                 if len(chunk) < 2:
                     continue
@@ -407,6 +407,83 @@ def _show_progress(progress: bool, d: _Dist) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory layout
+
+# Convolutions on the CPU (oneDNN) run faster on channels-last tensors than on the default
+# layout (benchmarks/results/channels_last.md), in training and in evaluation; the results
+# differ only by float rounding. GRAPHSEARCH_CHANNELS_LAST=1 turns it on (off by default:
+# rounding alone tips a short search's trajectory, as in tests/test_vardrop.py's growing
+# strength at 3 epochs, so the default keeps the numbers every result so far was made with).
+# A forward that cannot run channels-last (a `.view` of a feature map, say) is found by one
+# probe per architecture on a hook-free copy, and that architecture keeps the default layout.
+CHANNELS_LAST = os.environ.get("GRAPHSEARCH_CHANNELS_LAST", "0") == "1"
+_channels_last_ok: dict[int, bool] = {}  # architecture's hash -> whether its forward ran
+
+
+def _probe_batch(dataset, device: torch.device):
+    """Two samples of `dataset` as a batch (None when its inputs are not one image tensor)."""
+    try:
+        idx = torch.arange(min(2, len(dataset)))
+        if callable(getattr(dataset, "get_batch", None)):
+            x = dataset.get_batch(idx, augment=False, device=device)[0]
+        else:
+            x = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
+    except Exception:  # inputs that do not stack into one tensor: leave the layout alone
+        return None
+    return x if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+
+
+def _runs_channels_last(model: nn.Module, dataset, device: torch.device) -> bool:
+    if not CHANNELS_LAST or device.type != "cpu" or dataset is None \
+            or not any(p.dim() == 4 for p in model.parameters()):
+        return False
+    arch = hash((type(model).__qualname__, tuple((n, tuple(p.shape)) for n, p in
+                                                 model.named_parameters())))
+    if arch not in _channels_last_ok:
+        x = _probe_batch(dataset, device)
+        ok = False
+        if x is not None:
+            import copy
+
+            probe = copy.deepcopy(model).eval()
+            for m in probe.modules():  # the user's hooks must not see the probe
+                m._forward_hooks.clear()
+                m._forward_pre_hooks.clear()
+            probe.to(memory_format=torch.channels_last)
+            try:
+                with torch.no_grad():
+                    probe(x)
+                ok = True
+            except Exception:
+                ok = False
+        _channels_last_ok[arch] = ok
+    return _channels_last_ok[arch]
+
+
+class _channels_last:
+    """Within the block, `model`'s 4-D parameters and buffers are channels-last where that is
+    faster and the forward runs (see CHANNELS_LAST); the default layout is restored after."""
+
+    held: set[int] = set()  # models an outer block holds (training's own evaluations)
+
+    def __init__(self, model: nn.Module, dataset, device: torch.device):
+        self.model = model
+        self.on = id(model) not in self.held and _runs_channels_last(model, dataset, device)
+
+    def __enter__(self):
+        if self.on:
+            self.held.add(id(self.model))
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.held.discard(id(self.model))
+            self.model.to(memory_format=torch.contiguous_format)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -466,11 +543,12 @@ def evaluate_metrics(model: nn.Module, dataset: Dataset | None, batch_size: int 
     model.eval()
     correct = loss_sum = count = 0.0
     try:
-        for x, y in _Loader(dataset, device, num_workers)(batches, augment=False):
-            out = model(x)
-            loss_sum += float(loss_fn(out, y)) * len(y)
-            correct += _correct(out, y)
-            count += len(y)
+        with _channels_last(model, dataset, device):
+            for x, y in _Loader(dataset, device, num_workers)(batches, augment=False):
+                out = model(x)
+                loss_sum += float(loss_fn(out, y)) * len(y)
+                correct += _correct(out, y)
+                count += len(y)
     finally:
         model.train(was_training)
     correct, loss_sum, count = _all_sum([correct, loss_sum, count], d, device)
@@ -614,6 +692,8 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
         if d.active:
             dist.barrier()  # nobody runs ahead of (or resumes from) a file still being written
 
+    # before DDP wraps the model: its gradient buckets take the parameters' layout
+    layout = _channels_last(model, train_set, device).__enter__()
     net: nn.Module = model
     if d.active:
         net = nn.parallel.DistributedDataParallel(
@@ -697,6 +777,7 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
             done = epoch >= epochs or global_step >= total_steps
             save(done)
     finally:
+        layout.__exit__(None, None, None)
         if bar is not None:
             bar.close()
         model.train(was_training)

@@ -386,3 +386,63 @@ def test_evaluation_builds_no_autograd_graph():
     with torch.enable_grad():
         evaluate_metrics(model, data.val or data.train, loss_fn=loss_fn, distributed=False)
     assert seen and not any(seen)
+
+
+# ------------------------------------------------------------------------- memory layout
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def test_training_runs_channels_last_and_restores_the_layout(small, monkeypatch):
+    # CPU convolutions run faster channels-last (benchmarks/results/channels_last.md): turned
+    # on, the model is channels-last while it trains, back in the default layout after, and the
+    # weights differ from a default-layout run by float rounding only.
+    import graphsearch.train as train_mod
+
+    monkeypatch.setattr(train_mod, "CHANNELS_LAST", True)  # GRAPHSEARCH_CHANNELS_LAST=1
+    model, plain = tiny_cnn(), tiny_cnn()
+    during = []
+    train(model, small, epochs=2, lr=0.05, batch_size=32, progress=False,
+          on_step=lambda m, s: during.append(_is_channels_last(m[0].weight)))
+    assert during and all(during)
+    assert all(p.is_contiguous() for p in model.parameters())
+    monkeypatch.setattr(train_mod, "CHANNELS_LAST", False)
+    off = []
+    train(plain, small, epochs=2, lr=0.05, batch_size=32, progress=False,
+          on_step=lambda m, s: off.append(_is_channels_last(m[0].weight)))
+    assert off and not any(off)
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(model.state_dict()[k], v, rtol=1e-4, atol=1e-5), k
+
+
+class _ViewNet(nn.Module):
+    """Flattens a feature map with `.view`, which a channels-last tensor cannot do."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * size * size, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_a_forward_that_cannot_run_channels_last_keeps_the_layout(small, monkeypatch):
+    import graphsearch.train as train_mod
+
+    monkeypatch.setattr(train_mod, "CHANNELS_LAST", True)  # GRAPHSEARCH_CHANNELS_LAST=1
+    size = small.train[0][0].shape[-1]
+    model = _ViewNet(size)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    acc = evaluate(model, small.val, batch_size=16)
+    # the probe ran on a copy without the user's hook: only the real batches called it
+    assert len(calls) == -(-len(small.val) // 16)
+    train(model, small, epochs=1, lr=0.05, batch_size=32, progress=False)
+    monkeypatch.setattr(train_mod, "CHANNELS_LAST", False)
+    again = _ViewNet(size)
+    assert evaluate(again, small.val, batch_size=16) == acc
