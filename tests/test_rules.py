@@ -442,6 +442,21 @@ class FusedSharedKeyValue(nn.Module):
         return self.out(a.transpose(1, 2).reshape(b, t, -1))
 
 
+def _query_heads_pruned_around_the_kept_key_value_head(g, two_heads: nn.Module):
+    """The 4 query heads of a fused projection are one prunable group, its shared key/value
+    head another that is kept (multi-query); 2 of the query heads kept slim to the mask
+    reference and to the parameters of the same module built with 2 heads. The slim model."""
+    heads, shared = [grp for grp in g.groups if "qkv.weight[out] x4" in grp.members]
+    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
+    assert shared.size == 2 and not shared.prunable and "multi-query" in shared.reason
+    keep = {heads.id: [0, 3]}
+    s = slim(g, keep)
+    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
+    assert v.ok, v.message
+    assert nparams(s) == g.cost(keep).params == nparams(two_heads)
+    return s
+
+
 @pytest.mark.parametrize("front_end", ["fx", "export"])
 def test_a_fused_projection_keeps_its_shared_key_value_head_apart(front_end):
     """The key/value head is kept as a group of its own; the query heads that the same
@@ -450,14 +465,7 @@ def test_a_fused_projection_keeps_its_shared_key_value_head_apart(front_end):
     torch.manual_seed(0)
     net, x = FusedSharedKeyValue().eval(), (torch.randn(2, 5, 6),)
     g = analyze(net if front_end == "fx" else export_trace(net, x).module, x)
-    heads, shared = [grp for grp in g.groups if "qkv.weight[out] x4" in grp.members]
-    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
-    assert shared.size == 2 and not shared.prunable and "multi-query" in shared.reason
-    keep = {heads.id: [0, 3]}
-    s = slim(g, keep)
-    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
-    assert v.ok, v.message
-    assert nparams(s) == g.cost(keep).params == nparams(FusedSharedKeyValue(heads=2))
+    s = _query_heads_pruned_around_the_kept_key_value_head(g, FusedSharedKeyValue(heads=2))
     # no scatter back to the full layout: the index constants hold the slim positions
     assert not [n for n in s.graph.nodes if n.op == "call_module" and "slim_" in n.target]
 
@@ -494,14 +502,7 @@ def test_a_key_value_head_repeated_to_every_query_head_is_kept_apart(merge):
     torch.manual_seed(0)
     net, x = RepeatedSharedKeyValue(merge=merge).eval(), (torch.randn(2, 5, 6),)
     g = analyze(export_trace(net, x).module, x)
-    heads, shared = [grp for grp in g.groups if "qkv.weight[out] x4" in grp.members]
-    assert heads.size == 4 and heads.prunable and "out.weight[in] x4" in heads.members
-    assert shared.size == 2 and not shared.prunable and "multi-query" in shared.reason
-    keep = {heads.id: [0, 3]}
-    s = slim(g, keep)
-    v = verify(s, mask(g, keep), (torch.randn(3, 5, 6),))
-    assert v.ok, v.message
-    assert nparams(s) == g.cost(keep).params == nparams(RepeatedSharedKeyValue(heads=2))
+    s = _query_heads_pruned_around_the_kept_key_value_head(g, RepeatedSharedKeyValue(heads=2))
     assert not [n for n in s.graph.nodes if n.target is torch.ops.aten.expand.default]
 
 
