@@ -39,11 +39,10 @@ from graphsearch.passes.slim import slim  # noqa: E402
 from graphsearch.target import land_on_target, parse_constraint, scores_from_widths  # noqa: E402
 from graphsearch.train import Distilled, RECIPES, soft_target_loss, train  # noqa: E402
 from graphsearch.zoo import build, example_inputs  # noqa: E402
+from rank_correlation import normed_norms  # noqa: E402
 
 
 def models(weights: Path) -> dict:
-    from rank_correlation import normed_norms
-
     base = build("resnet20")
     base.load_state_dict(torch.load(weights))
     g = analyze(base, example_inputs("resnet20"))

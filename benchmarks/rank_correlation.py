@@ -40,6 +40,7 @@ import torch
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
 from graphsearch.evaluator import EvalSettings, run_candidate, validation_indices
+from graphsearch.methods.base import SearchContext  # the methods' own channel norms
 from graphsearch.methods.magnitude import removal_order
 from graphsearch.optimize import OptimizeConfig
 from graphsearch.passes.slim import slim
@@ -104,8 +105,6 @@ def score_entries(module, data, settings: EvalSettings, key: str, part, seed: in
 def normed_norms(graph, model, constraints, round_to: int) -> tuple[dict, dict]:
     """Each prunable group's channel norms (the methods' own `channel_norms`), raw and divided
     by their group's mean."""
-    from graphsearch.methods.base import SearchContext  # the method's own channel norms
-
     ctx = SearchContext(graph=graph, model=model, data=None, constraints=constraints,
                         round_to=round_to, settings={}, epochs=0, lr=0.0, batch_size=BATCH,
                         seed=0, state_dir=Path("."), progress=False)

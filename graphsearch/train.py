@@ -27,6 +27,7 @@ per-rank batch statistics (plain DDP behaviour): convert the model with
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -443,8 +444,6 @@ def _runs_channels_last(model: nn.Module, dataset, device: torch.device) -> bool
         x = _probe_batch(dataset, device)
         ok = False
         if x is not None:
-            import copy
-
             probe = copy.deepcopy(model).eval()
             for m in probe.modules():  # the user's hooks must not see the probe
                 m._forward_hooks.clear()

@@ -5,9 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from graphsearch.analysis import analyze
+from graphsearch.target import parse_constraint
+from graphsearch.zoo import build, example_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from rank_correlation import kendall_tau  # noqa: E402
+from rank_correlation import random_plan  # noqa: E402
 from table_scores import concordant_apart  # noqa: E402
 
 
@@ -34,13 +40,6 @@ def test_random_plan_lands_on_the_target_and_its_seed_names_it():
     """`peer.py`'s random plans (the cheap scores' truth) are rebuilt from their seed by
     `table_scores.py`: the same seed must give the same plan, another seed another plan, and
     every plan must be at the target."""
-    import torch
-
-    from graphsearch.analysis import analyze
-    from graphsearch.target import parse_constraint
-    from graphsearch.zoo import build, example_inputs
-    from rank_correlation import random_plan
-
     torch.manual_seed(0)
     model = build("resnet20")
     g = analyze(model, example_inputs("resnet20"))

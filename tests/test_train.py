@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import graphsearch.train as train_mod
 from graphsearch import checkpoint
 from graphsearch.data import DataBundle, load_dataset
 from graphsearch.load import UserError
@@ -399,8 +400,6 @@ def test_training_runs_channels_last_and_restores_the_layout(small, monkeypatch)
     # CPU convolutions run faster channels-last (benchmarks/results/channels_last.md): turned
     # on, the model is channels-last while it trains, back in the default layout after, and the
     # weights differ from a default-layout run by float rounding only.
-    import graphsearch.train as train_mod
-
     monkeypatch.setattr(train_mod, "CHANNELS_LAST", True)  # GRAPHSEARCH_CHANNELS_LAST=1
     model, plain = tiny_cnn(), tiny_cnn()
     during = []
@@ -432,8 +431,6 @@ class _ViewNet(nn.Module):
 
 
 def test_a_forward_that_cannot_run_channels_last_keeps_the_layout(small, monkeypatch):
-    import graphsearch.train as train_mod
-
     monkeypatch.setattr(train_mod, "CHANNELS_LAST", True)  # GRAPHSEARCH_CHANNELS_LAST=1
     size = small.train[0][0].shape[-1]
     model = _ViewNet(size)
