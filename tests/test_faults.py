@@ -356,8 +356,10 @@ def test_a_second_run_on_the_same_out_is_refused_and_sigterm_frees_it(model_py, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("mine")
+    # a search long enough to be running when the signal comes (20 epochs finished first once,
+    # under load, with channels-last training); it is killed, so its length costs nothing
     args = ["optimize", model_py, "--method", "autoshrink", "--workers", "2", "--out", out,
-            *FAST, "--search-epochs", "20"]
+            *FAST, "--search-epochs", "200"]
     first = _cli(*args, env={"GRAPHSEARCH_CACHE": str(tmp_path / "cache")})
     try:
         assert _wait_for(lambda: (out / ".lock").exists() and
