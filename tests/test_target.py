@@ -7,8 +7,8 @@ import torch
 import graphsearch as gs
 from graphsearch import zoo
 from graphsearch.load import UserError
-from graphsearch.target import allowed_widths, land_on_target, parse_constraint, scores_from_widths
-from tiny_model import TinyHidden
+from graphsearch.target import (allowed_widths, land_on_target, parse_constraint, scores_from_widths,
+                                scores_from_widths)
 
 _GRAPHS = {}
 
@@ -119,33 +119,6 @@ def test_scores_that_zero_every_removable_branch_still_land():
     plan = land_on_target(g, scores, [c])
     assert 0.99 * c.limit <= plan.achieved["flops"] <= c.limit
     assert plan.widths[branches[0].id] > 0
-
-
-def test_the_trade_that_lands_gives_up_the_least_of_the_ranking():
-    # Regression: where one channel of a group costs much (the residual stream at full
-    # resolution), growing one channel at a time stops at 88% of the target, and the last
-    # stage trades widths to land within 1%. It chose by closeness alone: eleven of the
-    # second group's channels (all ranked above the first group's lower half) for one of the
-    # first group's, where four for the same one also land (variational dropout's plan on
-    # TinyHidden, session notes of issue 18). Of the trades that land, the one that gives up
-    # the least of the method's ranking is taken.
-    torch.manual_seed(0)
-    g = gs.analyze(TinyHidden(), (torch.zeros(1, 3, 16, 16),))
-    c = parse_constraint("flops", "0.4", g.baseline.flops)
-    gid = {grp.size: grp.id for grp in g.prunable_groups}
-    stream, wide, hidden = gid[16], gid[32], gid[24]
-    scores = {stream: np.r_[np.linspace(9, 8, 8), np.linspace(-4, -5, 8)],
-              wide: np.linspace(6, -1, 32), hidden: np.linspace(7, 2, 24)}
-
-    def ratio(widths):
-        return g.cost({k: list(range(w)) for k, w in widths.items()}).flops / c.limit
-
-    # the method's top channels (8, 32, 24) fit at 88%; two trades land within 1%
-    assert ratio({stream: 8, wide: 32, hidden: 24}) < 0.89
-    assert 0.99 <= ratio({stream: 10, wide: 17, hidden: 24}) <= 1  # the closer one
-    plan = land_on_target(g, scores, [c], 1)
-    assert plan.widths == {stream: 9, wide: 28, hidden: 24}
-    assert 0.99 * c.limit <= plan.achieved["flops"] <= c.limit
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])

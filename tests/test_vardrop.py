@@ -184,8 +184,9 @@ def test_the_growing_strength_makes_the_drops_meet_the_target(trained_tiny_hidde
     # With the paper's strength the channels the drop rule keeps cost twice the target or more
     # (2.0-2.5 over 3-8 epochs); the growing strength takes them to about the target or below
     # (here 0.96; 1.16 with channels-last weights, whose rounding tips this 3-epoch
-    # trajectory; 0.14-1.16 over 3-8 epochs in either layout: it can overshoot). Whether the plan then keeps every channel the rule keeps
-    # is the target step's to decide where landing within 1% needs a trade (tests/test_target.py).
+    # trajectory; 0.14-1.16 over 3-8 epochs in either layout: it can overshoot). Whether the
+    # plan then keeps every channel the rule keeps is the target step's to decide where
+    # landing within 1% needs a trade (graphsearch/target.py, its third stage).
     assert costs["fixed"] > 1.5
     assert costs["growing"] <= 1.2
 
