@@ -35,9 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The table's plans were made with the default memory layout; a search's trajectory can tip
-# on channels-last rounding, so they are rebuilt in that layout (graphsearch/train.py).
-os.environ.setdefault("GRAPHSEARCH_CHANNELS_LAST", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402
 from rank_correlation import cheap_scores, kendall_tau, score_entries  # noqa: E402

@@ -324,8 +324,8 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     # 3. Coarse steps (--round-to) can stop the growth short of the target: trade one step
     #    of a group for a step of another while that brings the binding figure closer. By
     #    closeness, not by the method's scores: trades that never give up a channel ranked
-    #    above one they add leave plans well under the target (0.88 on the tests' tiny
-    #    models), and "of the trades that land within 1%, the one that gives up the least of
+    #    above one they add leave plans well under the target (0.88 on the vardrop
+    #    tests' TinyHidden), and "of the trades that land within 1%, the one that gives up the least of
     #    the ranking" moved CIFAR ResNet-20's widths from the second stage to the third and
     #    cost MorphNet 0.4 validation points, magnitude nothing (cifar10_table.md, 12th session).
     def closeness(values) -> float:
