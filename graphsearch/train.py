@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -413,14 +414,14 @@ def _show_progress(progress: bool, d: _Dist) -> bool:
 # Convolutions on the CPU (oneDNN) run faster on channels-last tensors than on the default
 # layout (benchmarks/results/channels_last.md: 1.3-1.55x on a CIFAR ResNet-20), in training
 # and in evaluation; the results differ only by float rounding. GRAPHSEARCH_CHANNELS_LAST=1
-# turns it on. Off by default: with it on, in random test order, an evaluation in a worker
-# and the same one in-process (or from the cache) differed by rounding (tests/test_evaluator,
-# test_gensynth_parallel, test_ray), so the per-process probe cache below does not yet give
-# every process the same layout for the same model.
+# turns it on (set it alike for every worker and Ray node: a search's candidates must all run
+# in one layout for its plan not to depend on where they ran).
 # A forward that cannot run channels-last (a `.view` of a feature map, say) is found by one
-# probe per architecture on a hook-free copy, and that architecture keeps the default layout.
+# probe per architecture and input shape on a hook-free copy, and that architecture keeps the
+# default layout. The decision is a function of the model and its input alone, whatever ran
+# before in the process: the same in a worker, in-process and in a rerun.
 CHANNELS_LAST = os.environ.get("GRAPHSEARCH_CHANNELS_LAST", "0") == "1"
-_channels_last_ok: dict[int, bool] = {}  # architecture's hash -> whether its forward ran
+_channels_last_ok: dict[int, bool] = {}  # (architecture, input shape)'s hash -> forward ran
 
 
 def _probe_batch(dataset, device: torch.device):
@@ -440,23 +441,31 @@ def _runs_channels_last(model: nn.Module, dataset, device: torch.device) -> bool
     if not CHANNELS_LAST or device.type != "cpu" or dataset is None \
             or not any(p.dim() == 4 for p in model.parameters()):
         return False
-    arch = hash((type(model).__qualname__, tuple((n, tuple(p.shape)) for n, p in
-                                                 model.named_parameters())))
-    if arch not in _channels_last_ok:
+    images = getattr(dataset, "images", None)  # the project's image tensors: no read needed
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        x, shape = None, tuple(images.shape[1:])
+    else:
         x = _probe_batch(dataset, device)
-        ok = False
-        if x is not None:
-            probe = copy.deepcopy(model).eval()
-            for m in probe.modules():  # the user's hooks must not see the probe
-                m._forward_hooks.clear()
-                m._forward_pre_hooks.clear()
-            probe.to(memory_format=torch.channels_last)
-            try:
-                with torch.no_grad():
-                    probe(x)
-                ok = True
-            except Exception:
-                ok = False
+        shape = None if x is None else tuple(x.shape[1:])
+    if shape is None:  # this data's inputs are not image batches: no answer to keep
+        return False
+    arch = hash((type(model).__qualname__, shape,
+                 tuple((n, tuple(p.shape)) for n, p in model.named_parameters())))
+    if arch not in _channels_last_ok:
+        x = x if x is not None else _probe_batch(dataset, device)
+        if x is None:
+            return False
+        probe = copy.deepcopy(model).eval()
+        for m in probe.modules():  # the user's hooks must not see the probe
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        probe.to(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad():
+                probe(x)
+            ok = True
+        except Exception:
+            ok = False
         _channels_last_ok[arch] = ok
     return _channels_last_ok[arch]
 
@@ -465,21 +474,24 @@ class _channels_last:
     """Within the block, `model`'s 4-D parameters and buffers are channels-last where that is
     faster and the forward runs (see CHANNELS_LAST); the default layout is restored after."""
 
-    held: set[int] = set()  # models an outer block holds (training's own evaluations)
+    # models an outer block holds (training's own evaluations). Weak: a model dropped inside a
+    # block that never exited leaves no entry behind, where a set of ids would hand its
+    # address, and so a stale "held", to the next model allocated there.
+    held: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
     def __init__(self, model: nn.Module, dataset, device: torch.device):
         self.model = model
-        self.on = id(model) not in self.held and _runs_channels_last(model, dataset, device)
+        self.on = model not in self.held and _runs_channels_last(model, dataset, device)
 
     def __enter__(self):
         if self.on:
-            self.held.add(id(self.model))
+            self.held.add(self.model)
             self.model.to(memory_format=torch.channels_last)
         return self
 
     def __exit__(self, *exc):
         if self.on:
-            self.held.discard(id(self.model))
+            self.held.discard(self.model)
             self.model.to(memory_format=torch.contiguous_format)
         return False
 
@@ -693,25 +705,23 @@ def train(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int = 1
         if d.active:
             dist.barrier()  # nobody runs ahead of (or resumes from) a file still being written
 
-    # before DDP wraps the model: its gradient buckets take the parameters' layout
-    layout = _channels_last(model, train_set, device).__enter__()
-    net: nn.Module = model
-    if d.active:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    loader = _Loader(train_set, device, num_workers)
-    show = _show_progress(progress, d)
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=min(global_step, total_steps), desc=desc,
-                   unit="step", dynamic_ncols=True, leave=True)
-
     was_training = model.training
     stopped = False
     last_eval = (None, None)
+    bar = None
+    # before DDP wraps the model: its gradient buckets take the parameters' layout; whatever
+    # fails from here on, the `finally` gives the model its layout back
+    layout = _channels_last(model, train_set, device).__enter__()
     try:
+        net: nn.Module = model
+        if d.active:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        loader = _Loader(train_set, device, num_workers)
+        if _show_progress(progress, d):
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total_steps, initial=min(global_step, total_steps), desc=desc,
+                       unit="step", dynamic_ncols=True, leave=True)
         while not done and epoch < epochs and global_step < total_steps:
             epoch_start = time.time()
             batches = _batches_for_epoch(len(train_set), batch_size, seed, epoch, d)

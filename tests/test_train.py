@@ -416,6 +416,62 @@ def test_training_runs_channels_last_and_restores_the_layout(small, monkeypatch)
         assert torch.allclose(model.state_dict()[k], v, rtol=1e-4, atol=1e-5), k
 
 
+def test_a_training_that_fails_before_its_loop_gives_the_layout_back(small, monkeypatch):
+    # Bug (session 13): the layout was switched before the training's `try`, so an error in
+    # between (the loader, the progress bar) left the model channels-last and its id in the
+    # "held" set, where the next model allocated at that address was never switched: one
+    # process trained a model channels-last and another, after other work, did not.
+    monkeypatch.setattr(train_mod, "CHANNELS_LAST", True)  # GRAPHSEARCH_CHANNELS_LAST=1
+
+    def broken_loader(*a, **k):
+        raise RuntimeError("loader broke")
+
+    model = tiny_cnn()
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_Loader", broken_loader)
+        with pytest.raises(RuntimeError, match="loader broke"):
+            train(model, small, epochs=1, lr=0.05, batch_size=32, progress=False)
+    assert all(p.is_contiguous() for p in model.parameters())  # the layout given back
+    assert len(train_mod._channels_last.held) == 0
+    during = []
+    train(model, small, epochs=1, lr=0.05, batch_size=32, progress=False,
+          on_step=lambda m, s: during.append(_is_channels_last(m[0].weight)))
+    assert during and all(during)
+
+
+class _FlatOrImage(nn.Module):
+    """Takes flat vectors or images: the same architecture fed by two kinds of data."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x.reshape(-1, 3, 8, 8)
+        self.seen.append(_is_channels_last(self.conv.weight))
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_the_layout_decision_does_not_depend_on_what_ran_before(monkeypatch):
+    # Bug (session 13): a probe that found no image batch (flat inputs) was cached as "this
+    # architecture cannot run channels-last", so the same model later ran on images in the
+    # default layout in that process and channels-last in a fresh one (a worker).
+    monkeypatch.setattr(train_mod, "CHANNELS_LAST", True)  # GRAPHSEARCH_CHANNELS_LAST=1
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 8, 8, generator=g)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    model = _FlatOrImage()
+    evaluate(model, TensorDataset(images.flatten(1), labels), batch_size=8)
+    assert model.seen and not any(model.seen)  # flat inputs: nothing to switch
+    model.seen.clear()
+    evaluate(model, TensorDataset(images, labels), batch_size=8)
+    assert model.seen and all(model.seen)
+
+
 class _ViewNet(nn.Module):
     """Flattens a feature map with `.view`, which a channels-last tensor cannot do."""
 
