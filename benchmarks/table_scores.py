@@ -35,6 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# The table's plans were made in the default memory layout; a search's trajectory can tip on
+# channels-last rounding (MorphNet's did: cifar10_table.md, twelfth session), so they are
+# rebuilt in that layout unless the environment says otherwise (graphsearch/train.py).
+os.environ.setdefault("GRAPHSEARCH_CHANNELS_LAST", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402
 from rank_correlation import cheap_scores, kendall_tau, score_entries  # noqa: E402
