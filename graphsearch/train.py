@@ -413,14 +413,16 @@ def _show_progress(progress: bool, d: _Dist) -> bool:
 
 # Convolutions on the CPU (oneDNN) run faster on channels-last tensors than on the default
 # layout (benchmarks/results/channels_last.md: 1.3-1.55x on a CIFAR ResNet-20), in training
-# and in evaluation; the results differ only by float rounding. On by default;
-# GRAPHSEARCH_CHANNELS_LAST=0 turns it off (set it alike for every worker and Ray node: a
-# search's candidates must all run in one layout for its plan not to depend on where they ran).
+# and in evaluation; the results differ only by float rounding. GRAPHSEARCH_CHANNELS_LAST=1
+# turns it on (set it alike for every worker and Ray node). Off by default: with it on, the
+# full suite on a fresh clone (file order, under load) twice found an evaluation in a worker
+# differing by rounding from the same one in-process (tests/test_evaluator,
+# test_gensynth_parallel, test_ray); not reproduced with those files alone (results/channels_last.md).
 # A forward that cannot run channels-last (a `.view` of a feature map, say) is found by one
 # probe per architecture and input shape on a hook-free copy, and that architecture keeps the
 # default layout. The decision is a function of the model and its input alone, whatever ran
 # before in the process: the same in a worker, in-process and in a rerun.
-CHANNELS_LAST = os.environ.get("GRAPHSEARCH_CHANNELS_LAST", "1") != "0"
+CHANNELS_LAST = os.environ.get("GRAPHSEARCH_CHANNELS_LAST", "0") == "1"
 _channels_last_ok: dict[int, bool] = {}  # (architecture, input shape)'s hash -> forward ran
 
 

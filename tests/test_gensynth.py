@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from graphsearch.load import UserError
 from graphsearch.methods.gensynth import (GenerativeSynthesis, generator_update, netscore,
-                                          normalise, synthesize_group)
+                                          netscore_terms, normalise, synthesize_group)
 from graphsearch.target import allowed_widths
 from hand_models import check_plan, make_ctx
 
@@ -132,3 +133,19 @@ def test_gensynth_end_to_end_and_resume(trained_tiny_hidden, tmp_path):
     assert refit.plan.keep == a.plan.keep
     assert all(torch.equal(v, base[k]) for k, v in refit.state_dict.items())
     assert not all(torch.equal(v, base[k]) for k, v in a.state_dict.items())
+
+
+def test_netscore_costs_targets_drops_the_cost_without_a_target():
+    # the final cycle's children sit at the FLOPs target: the paper's NetScore prefers the
+    # child with fewer parameters (CIFAR: 67.6% at 1x params over 71.1% at 1.32x), NetScore
+    # over the target's cost alone prefers the more accurate one
+    lean, rich = (67.6, 80_000, 13.6e6), (71.1, 105_600, 13.6e6)
+    paper = netscore_terms("all", ["flops"])
+    assert set(paper) == {"macs", "params"}
+    assert netscore(*lean, paper) > netscore(*rich, paper)
+    only = netscore_terms("targets", ["flops"])
+    assert only == ("macs",)
+    assert netscore(*rich, only) > netscore(*lean, only)
+    assert set(netscore_terms("targets", ["params", "latency"])) == {"macs", "params"}
+    with pytest.raises(UserError, match="netscore_costs"):
+        netscore_terms("both", ["flops"])

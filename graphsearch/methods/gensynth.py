@@ -56,6 +56,12 @@ No public code exists; this is the project's design, faithful to the papers' loo
   share of FLOPs it added is reported, `shared_step_added_flops_share`). The returned state dict is the parent's, with its mask folded
   in (lost channels' norm gamma/beta, or producer rows, at zero), so the slim model computes
   exactly the parent restricted to the plan before the pipeline fine-tunes it.
+- `--set netscore_costs=targets` (off by default: the paper's NetScore): NetScore keeps only the
+  cost terms the run has a target for (MACs under a FLOPs target), so that a cost the user did
+  not constrain is not rewarded; under a FLOPs target the final cycle's children all sit at
+  the target, and the paper's params term then trades accuracy for fewer parameters (on CIFAR
+  ResNet-20 with a 5x search budget it chose a child 3.5 points under its sibling for 24% fewer
+  parameters; `cifar10_table.md`, thirteenth session).
 - Refit (`--set refit=true`; off by default, the papers' loop hands its weights on): the
   proposal carries the baseline's weights on the final plan instead of the parent's; the
   loop and its checkpoint are the same either way. Measured on CIFAR ResNet-20 at 1/3 FLOPs
@@ -98,13 +104,26 @@ CHECKPOINT_VERSION = 2  # 2: children trained as slim models by the candidate ev
 # --------------------------------------------------------------------------- the mathematics
 
 
-def netscore(accuracy_pct: float, params: float, macs: float) -> float:
+def netscore(accuracy_pct: float, params: float, macs: float,
+             terms: tuple[str, ...] = ("params", "macs")) -> float:
     """NetScore = 20 log10(a^2 / (sqrt(p) sqrt(m))): a = top-1 in %, p = params in millions,
-    m = MACs in millions (`params` and `macs` are raw counts)."""
-    p, m = params / 1e6, macs / 1e6
+    m = MACs in millions (`params` and `macs` are raw counts). `terms` names the cost terms
+    kept (the paper's: both; `netscore_terms`)."""
+    p = params / 1e6 if "params" in terms else 1.0
+    m = macs / 1e6 if "macs" in terms else 1.0
     if accuracy_pct <= 0:
         return float("-inf")
     return 20.0 * math.log10(accuracy_pct ** 2 / (math.sqrt(p) * math.sqrt(m)))
+
+
+def netscore_terms(setting: str, metrics: list[str]) -> tuple[str, ...]:
+    """The cost terms NetScore keeps: "all" (the paper's: params and MACs) or "targets" (only
+    the costs the run has a target for: params for a params target, MACs for any other)."""
+    if setting == "all":
+        return ("params", "macs")
+    if setting == "targets":
+        return tuple(sorted({"params" if m == "params" else "macs" for m in metrics}))
+    raise UserError(f"gensynth: netscore_costs must be 'all' or 'targets', not {setting!r}")
 
 
 def generator_update(p: np.ndarray, s: np.ndarray, alive: np.ndarray, eta: float = 0.5
@@ -193,6 +212,7 @@ class GenerativeSynthesis(Method):
         "cost_draws": 16,  # Monte Carlo syntheses per F when bisecting F
         "land_final": True,  # final-cycle children are landed on the target (docstring)
         "refit": False,  # True: the fine-tuning starts from the baseline's weights on the plan
+        "netscore_costs": "all",  # or "targets": only the costs with a target (netscore_terms)
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
 
@@ -205,10 +225,12 @@ class GenerativeSynthesis(Method):
         eta = float(s["eta"])
         groups = ctx.graph.prunable_groups
         ev = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)
+        terms = netscore_terms(str(s["netscore_costs"]), [c.metric for c in ctx.constraints])
         path = Path(ctx.state_dir) / "gensynth.pt"
         fingerprint = {
             "version": CHECKPOINT_VERSION,
-            "settings": {k: s[k] for k in sorted(self.defaults) if k != "refit"},
+            "settings": {k: s[k] for k in sorted(self.defaults) if k != "refit"
+                         and not (k == "netscore_costs" and s[k] == "all")},  # old runs resume
             "epochs": float(ctx.epochs), "seed": int(ctx.seed), "lr": float(ctx.lr),
             "batch_size": int(ctx.batch_size), "round_to": int(ctx.round_to),
             "constraints": [[c.metric, float(c.limit)] for c in ctx.constraints],
@@ -299,7 +321,7 @@ class GenerativeSynthesis(Method):
                         ctx.log(f"gensynth: {label}: not evaluated ({r.error}), skipped")
                         continue
                     acc = float(r.accuracy)
-                    score = netscore(100.0 * acc, values["params"], values["macs"])
+                    score = netscore(100.0 * acc, values["params"], values["macs"], terms)
                     children.append({
                         "label": label, "kept": kept, "values": values, "ratio": ratio(values),
                         "accuracy": acc, "netscore": score, "responses": r.probe,
@@ -573,5 +595,5 @@ def _load(path: Path, fingerprint: dict):
     return state
 
 
-__all__ = ["GenerativeSynthesis", "netscore", "generator_update", "normalise", "select_parent",
+__all__ = ["GenerativeSynthesis", "netscore", "netscore_terms", "generator_update", "normalise", "select_parent",
            "synthesize_group"]
