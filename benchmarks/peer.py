@@ -51,8 +51,8 @@ from graphsearch.methods import get_method
 from graphsearch.methods.base import SearchContext
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
-import graphsearch.train as train_mod
-from graphsearch.train import RECIPES, Distilled, evaluate, soft_target_loss, train
+from graphsearch.train import (CHANNELS_LAST, RECIPES, Distilled, evaluate, soft_target_loss,
+                               train)
 from graphsearch.zoo import build, example_inputs
 from rank_correlation import random_plan  # noqa: E402 - a benchmark beside this one
 
@@ -194,7 +194,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
            "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
            "load": os.getloadavg()[0], "train_images": len(data.train),
            "search_seconds": searched, "widths": widths(pruned),
-           "channels_last": train_mod.CHANNELS_LAST}  # the layout it ran in (README)
+           "channels_last": CHANNELS_LAST}  # the layout it ran in (README)
     path.write_text(json.dumps(row, indent=1))
     return row
 

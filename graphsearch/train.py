@@ -417,7 +417,8 @@ def _show_progress(progress: bool, d: _Dist) -> bool:
 # turns it on (set it alike for every worker and Ray node). Off by default: with it on, the
 # full suite on a fresh clone (file order, under load) twice found an evaluation in a worker
 # differing by rounding from the same one in-process (tests/test_evaluator,
-# test_gensynth_parallel, test_ray); not reproduced with those files alone (results/channels_last.md).
+# test_gensynth_parallel, test_ray); not reproduced by test_gensynth_parallel.py alone
+# (results/channels_last.md).
 # A forward that cannot run channels-last (a `.view` of a feature map, say) is found by one
 # probe per architecture and input shape on a hook-free copy, and that architecture keeps the
 # default layout. The decision is a function of the model and its input alone, whatever ran

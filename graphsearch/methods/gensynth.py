@@ -595,5 +595,5 @@ def _load(path: Path, fingerprint: dict):
     return state
 
 
-__all__ = ["GenerativeSynthesis", "netscore", "netscore_terms", "generator_update", "normalise", "select_parent",
-           "synthesize_group"]
+__all__ = ["GenerativeSynthesis", "netscore", "netscore_terms", "generator_update", "normalise",
+           "select_parent", "synthesize_group"]
