@@ -149,3 +149,17 @@ def test_netscore_costs_targets_drops_the_cost_without_a_target():
     assert set(netscore_terms("targets", ["params", "latency"])) == {"macs", "params"}
     with pytest.raises(UserError, match="netscore_costs"):
         netscore_terms("both", ["flops"])
+
+
+def test_netscore_costs_reaches_the_search_loop(trained_tiny_hidden, tmp_path):
+    # the setting must change the score the loop ranks children by, not just the pure function
+    method = GenerativeSynthesis()
+    settings = {**method.defaults, "cycles": 2, "children": 2, "cost_draws": 4,
+                "netscore_costs": "targets"}
+    ctx = make_ctx(trained_tiny_hidden, tmp_path, flops="0.5", round_to=4, settings=settings)
+    children = [c for cycle in method.search(ctx).info["cycles"] for c in cycle["children"]]
+    assert children
+    for c in children:
+        acc = 100.0 * c["accuracy"]
+        assert c["netscore"] == pytest.approx(netscore(acc, c["params"], c["macs"], ("macs",)))
+        assert c["netscore"] != pytest.approx(netscore(acc, c["params"], c["macs"]))
