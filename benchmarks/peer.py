@@ -58,30 +58,31 @@ from rank_correlation import random_plan  # noqa: E402 - a benchmark beside this
 
 
 def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, state: Path,
-                     method: str = "magnitude", epochs: float = 0.0, log=None, seed: int = 0):
+                     method: str = "magnitude", epochs: float = 0.0, log=None, seed: int = 0,
+                     arch: str = "resnet20"):
     """The module `method` plans at the target (its search run on `data` for `epochs`), sliced
     from the weights the pipeline would fine-tune (the search's, or the baseline's where the
     method refits)."""
-    graph = analyze(model, example_inputs("resnet20"))
+    graph = analyze(model, example_inputs(arch))
     m = get_method(method)
     ctx = SearchContext(
         graph=graph, model=copy.deepcopy(model), data=data.for_search() if data is not None else None,
         constraints=[parse_constraint("flops", str(flops), graph.baseline.flops)],
         round_to=round_to, settings={**m.defaults, **settings}, epochs=epochs, lr=0.05,
         batch_size=128, seed=seed, state_dir=state, progress=False,
-        log=log or (lambda *_: None), example_inputs=example_inputs("resnet20"))
+        log=log or (lambda *_: None), example_inputs=example_inputs(arch))
     proposal = m.search(ctx)
     model.load_state_dict(proposal.state_dict)
     return slim(graph, proposal.plan.keep)
 
 
-def torch_pruning_plan(model, flops: float, round_to: int, step: float):
+def torch_pruning_plan(model, flops: float, round_to: int, step: float, arch: str = "resnet20"):
     """Torch-Pruning's iterative global pruning, stopped at the first step at or under the
     target; with widths in multiples of `round_to` one step can jump past it, so the steps
     are refined (halved, up to 4 times) while that leaves the result more than 1% under."""
     import torch_pruning as tp
 
-    x = example_inputs("resnet20")[0]
+    x = example_inputs(arch)[0]
     base, _ = tp.utils.count_ops_and_params(model.eval(), x)
     best = None
     for _ in range(5):
@@ -134,11 +135,12 @@ def plan_module(baseline, plan: str, args, data=None):
     `random-order:SEED` / `random-groups:SEED` (`rank_correlation.random_plan`: random channel
     order or magnitude order, times random group factors, landed on the target)."""
     model = copy.deepcopy(baseline)
+    arch = getattr(args, "model", "resnet20")
     if plan == "torch-pruning":
-        return torch_pruning_plan(model, args.flops, args.round_to, args.tp_step)
+        return torch_pruning_plan(model, args.flops, args.round_to, args.tp_step, arch)
     if plan.split(":")[0] in ("random-order", "random-groups"):
         kind, seed = plan.split(":")
-        graph = analyze(model, example_inputs("resnet20"))
+        graph = analyze(model, example_inputs(arch))
         constraints = [parse_constraint("flops", str(args.flops), graph.baseline.flops)]
         return slim(graph, random_plan(graph, model, constraints, args.round_to, int(seed),
                                        random_order=kind == "random-order").keep)
@@ -151,9 +153,9 @@ def plan_module(baseline, plan: str, args, data=None):
         return graphsearch_plan(model, search, args.flops, args.round_to,
                                 settings_of(rest[0] if rest else ""), state, method=name,
                                 epochs=args.search_epochs, log=lambda s: print("  " + s),
-                                seed=args.search_seed)
+                                seed=args.search_seed, arch=arch)
     settings = settings_of(plan.split(":", 1)[1]) if ":" in plan else {}
-    return graphsearch_plan(model, None, args.flops, args.round_to, settings, state)
+    return graphsearch_plan(model, None, args.flops, args.round_to, settings, state, arch=arch)
 
 
 def widths(module) -> list[int]:
@@ -166,16 +168,20 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
         plan.startswith("method:") else plan
     path = args.out / f"{label}__{recipe}__s{seed}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        row = json.loads(path.read_text())
+        if row.get("model", "resnet20") != args.model:
+            sys.exit(f"{path} is a {row.get('model', 'resnet20')} cell, not {args.model}: "
+                     "give each model its own --out")
+        return row
     t0 = time.time()
     pruned = plan_module(baseline, plan, args, data)
     searched = time.time() - t0
-    cost = analyze(pruned, example_inputs("resnet20")).baseline
-    base_cost = analyze(baseline, example_inputs("resnet20")).baseline
+    cost = analyze(pruned, example_inputs(args.model)).baseline
+    base_cost = analyze(baseline, example_inputs(args.model)).baseline
     before = evaluate(pruned.eval(), data.test)
     from graphsearch.optimize import OptimizeConfig
 
-    cfg = OptimizeConfig(model="resnet20")
+    cfg = OptimizeConfig(model=args.model)
     lr = args.lr
     name, _, extra = recipe.partition("+")
     kw = (peer_recipe(lr) if name == "peer" else
@@ -187,7 +193,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
     t0 = time.time()
     train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
           progress=False, evaluate_every_epoch=False, **kw)
-    row = {"plan": label, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
+    row = {"plan": label, "model": args.model, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
            "recipe_name": cfg.finetune_recipe if name == "project" else name,
            "macs_ratio": cost.macs / base_cost.macs, "macs": cost.macs, "params": cost.params,
            "test_before": before, "val": evaluate(pruned.eval(), data.val),
@@ -247,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--search-seed", type=int, default=0,
                     help="a method:NAME plan's search seed (nonzero: the plan is labelled "
                          "NAME@searchK)")
+    ap.add_argument("--model", default="resnet20",
+                    help="the zoo architecture --weights belong to (resnet20, resnet32, ...)")
     ap.add_argument("--table", action="store_true", help="print the finished cells and exit")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +264,7 @@ def main(argv=None) -> int:
     if not (args.weights and args.train and args.val and args.test):
         sys.exit("--weights, --train, --val and --test are needed to run cells")
     data = load_dataset(args.train, val_data=args.val, test_data=args.test, val_fraction=0.0)
-    baseline = build("resnet20")
+    baseline = build(args.model)
     baseline.load_state_dict(torch.load(args.weights))
     print(f"baseline: test {evaluate(baseline.eval(), data.test):.2%}, "
           f"val {evaluate(baseline.eval(), data.val):.2%}", flush=True)
