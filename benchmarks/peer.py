@@ -193,7 +193,8 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
     t0 = time.time()
     train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
           progress=False, evaluate_every_epoch=False, **kw)
-    row = {"plan": label, "model": args.model, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": lr,
+    row = {"plan": label, "model": args.model, "recipe": recipe, "seed": seed,
+           "epochs": args.epochs, "lr": lr,
            "recipe_name": cfg.finetune_recipe if name == "project" else name,
            "macs_ratio": cost.macs / base_cost.macs, "macs": cost.macs, "params": cost.params,
            "test_before": before, "val": evaluate(pruned.eval(), data.val),
