@@ -20,7 +20,15 @@ Cheap scores: what a candidate evaluator can afford, each timed on one thread th
 evaluator's own `run_candidate`: the sliced weights as they are; after adaptive BN (BatchNorm
 statistics re-estimated on N training images, EagleEye); after k fine-tuning steps without
 and with that recalibration; after k distilled steps (logit MSE to the baseline, as ESNAC's
-candidates); each scored on the whole validation folder and on a fixed 1,000 of it.
+candidates, SGD); after k of ESNAC's own candidate steps (Adam at 1e-3, logit distillation,
+after adaptive BN: `bn-256+adam-distill-k`; its default at the table's budget is one step);
+each scored on the whole validation folder and on a fixed 1,000 of it.
+
+Plans can also be given (`--plan-keep NAME=FILE`, repeated): a JSON file with a "keep"
+mapping (group id -> kept channel indices), such as a candidate in a search's evaluator cache
+(`STATE/evals-esnac/*.json`). `--truth-epochs 0` scores the plans without fine-tuning them
+(their truth measured elsewhere, e.g. by peer.py's cells). `--model` picks the zoo network
+(resnet20, the default, or resnet32).
 Each plan's results are saved under --out as they finish (the run resumes); --table prints
 the table of what is finished.
 """
@@ -62,7 +70,10 @@ def cheap_scores(k_small: int, k_large: int) -> dict[str, EvalSettings]:
             f"steps-{k_small}": es(steps=k_small),
             f"bn-256+steps-{k_small}": es(steps=k_small, bn_images=256),
             f"bn-256+distill-{k_small}": es(steps=k_small, bn_images=256, distill=True),
-            f"bn-256+steps-{k_large}": es(steps=k_large, bn_images=256)}
+            f"bn-256+steps-{k_large}": es(steps=k_large, bn_images=256),
+            **{f"bn-256+adam-distill-{k}": EvalSettings(
+                steps=k, lr=1e-3, batch_size=BATCH, optimizer="adam", weight_decay=0.0,
+                distill=True, bn_images=256, val_samples=1) for k in (1, k_small)}}
 
 
 def hits_and_logp(model, val) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +222,18 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def read_keep(spec: str) -> tuple[str, dict[int, list[int]]]:
+    """`NAME=FILE` -> (NAME, the plan in FILE's "keep" mapping); exits with the reason if FILE
+    is not such a file."""
+    name, _, file = spec.partition("=")
+    try:
+        keep = json.loads(Path(file).read_text())["keep"]
+        return name, {int(g): [int(i) for i in v] for g, v in keep.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"--plan-keep {spec}: give NAME=FILE, FILE a JSON file with a 'keep' "
+                 f"mapping of group id to kept channels ({type(e).__name__}: {e})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path)
@@ -220,7 +243,11 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", type=int, default=30)
     ap.add_argument("--flops", type=float, default=1 / 3)
     ap.add_argument("--round-to", type=int, default=8)
-    ap.add_argument("--truth-epochs", type=int, default=2)
+    ap.add_argument("--truth-epochs", type=int, default=2,
+                    help="0: score the plans only (no truth)")
+    ap.add_argument("--model", default="resnet20", help="zoo network: resnet20 or resnet32")
+    ap.add_argument("--plan-keep", action="append", default=[], metavar="NAME=FILE",
+                    help="also this plan: a JSON file with a 'keep' mapping (repeatable)")
     ap.add_argument("--truth-images", type=int, default=0, help="0: the whole training folder")
     ap.add_argument("--steps", type=int, nargs=2, default=[30, 100], metavar=("K1", "K2"))
     ap.add_argument("--seed", type=int, default=0)
@@ -228,6 +255,7 @@ def main(argv=None) -> int:
                     help="only these cheap scores (names as in the table; default: all)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
+    given = dict(read_keep(spec) for spec in args.plan_keep)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(args.out))
@@ -241,12 +269,14 @@ def main(argv=None) -> int:
         truth_data.train = data.train.subset(pick.sort().values.tolist())
     else:
         truth_data = data
-    model = build("resnet20")
+    model = build(args.model)
     model.load_state_dict(torch.load(args.weights))
     teacher = copy.deepcopy(model).eval()
-    graph = analyze(model, example_inputs("resnet20"))
+    graph = analyze(model, example_inputs(args.model))
     constraints = [parse_constraint("flops", str(args.flops), graph.baseline.flops)]
-    plans = make_plans(graph, model, constraints, args.round_to, args.plans, args.seed)
+    plans = {k: p.keep for k, p in make_plans(graph, model, constraints, args.round_to,
+                                              args.plans, args.seed).items()}
+    plans.update(given)
     scores = cheap_scores(*args.steps)
     if args.scores:
         unknown = sorted(set(args.scores) - set(scores))
@@ -254,26 +284,28 @@ def main(argv=None) -> int:
             sys.exit(f"unknown --scores {unknown}; choose from {sorted(scores)}")
         scores = {k: v for k, v in scores.items() if k in args.scores}
     part = validation_indices(len(data.val), 1000).numpy()  # the evaluator's fixed part
-    cfg = OptimizeConfig(model="resnet20")
+    cfg = OptimizeConfig(model=args.model)
     recipe = RECIPES[cfg.finetune_recipe]
     for i, (name, plan) in enumerate(plans.items()):
         path = args.out / f"plan-{i:03d}.json"
-        row = json.loads(path.read_text()) if path.exists() else {
-            "name": name, "keep": {str(k): v for k, v in plan.keep.items()},
-            "widths": {str(k): v for k, v in plan.widths.items()},
-            "flops": plan.achieved["flops"], "params": int(plan.achieved["params"]),
-            "scores": {}}
+        if path.exists():
+            row = json.loads(path.read_text())
+        else:
+            cost = analyze(slim(graph, plan), example_inputs(args.model)).baseline
+            row = {"name": name, "model": args.model,
+                   "keep": {str(k): list(v) for k, v in plan.items()},
+                   "flops": float(cost.flops), "params": int(cost.params), "scores": {}}
         if row["name"] != name:
             sys.exit(f"{path} holds plan {row['name']!r}, this run's plan {i} is {name!r}: "
                      "the plan list changed since that run; use another --out")
         for key, settings in scores.items():
             if key in row["scores"]:
                 continue
-            row["scores"].update(score_entries(slim(graph, plan.keep), data, settings, key,
+            row["scores"].update(score_entries(slim(graph, plan), data, settings, key,
                                                part, args.seed, teacher))
             path.write_text(json.dumps(row))
-        if "truth" not in row:
-            module = slim(graph, plan.keep)
+        if "truth" not in row and args.truth_epochs:
+            module = slim(graph, plan)
             t0 = time.time()
             train(module, truth_data.for_search(), epochs=args.truth_epochs,
                   lr=cfg.finetune_lr, batch_size=BATCH, seed=args.seed, progress=False,
@@ -283,7 +315,8 @@ def main(argv=None) -> int:
                        truth_images=len(truth_data.train), recipe=recipe.name,
                        load=os.getloadavg()[0])
             path.write_text(json.dumps(row))
-        print(f"{i:3d} {name:>28}: truth {row['truth']:.2%}  " + "  ".join(
+        truth = f"{row['truth']:.2%}" if "truth" in row else "-"
+        print(f"{i:3d} {name:>28}: {row['params']:,} params, truth {truth}  " + "  ".join(
             f"{k} {row['scores'][k]['accuracy']:.2%}" for k in scores), flush=True)
     print(table(args.out))
     return 0

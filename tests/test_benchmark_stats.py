@@ -52,3 +52,20 @@ def test_random_plan_lands_on_the_target_and_its_seed_names_it():
     for p in plans:
         assert g.cost(p.keep).flops <= g.baseline.flops / 3 * 1.001
         assert all(len(v) % 8 == 0 for v in p.keep.values())
+
+
+def test_plan_keep_reads_a_cache_entry_and_names_a_bad_file(tmp_path):
+    """`rank_correlation.py --plan-keep NAME=FILE` takes a plan from a search's evaluator
+    cache entry (group ids as strings) and refuses anything else with the reason, before
+    any data is read."""
+    from rank_correlation import main, read_keep
+    entry = tmp_path / "cand.json"
+    entry.write_text('{"key": "k", "keep": {"2": [], "7": [1, 4]}, "accuracy": 0.3}')
+    assert read_keep(f"esnac={entry}") == ("esnac", {2: [], 7: [1, 4]})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"accuracy": 0.3}')
+    for spec in (f"x={bad}", f"x={tmp_path / 'missing.json'}", "no-file"):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "out"), "--train", "/nonexistent",
+                  "--plan-keep", spec])
+        assert "--plan-keep" in str(e.value) and "'keep' mapping" in str(e.value)
