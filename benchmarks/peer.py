@@ -73,7 +73,9 @@ def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, s
         log=log or (lambda *_: None), example_inputs=example_inputs(arch))
     proposal = m.search(ctx)
     model.load_state_dict(proposal.state_dict)
-    return slim(graph, proposal.plan.keep)
+    pruned = slim(graph, proposal.plan.keep)
+    pruned.graphsearch_keep = proposal.plan.keep  # the cell records it (rank_correlation.py)
+    return pruned
 
 
 def torch_pruning_plan(model, flops: float, round_to: int, step: float, arch: str = "resnet20"):
@@ -142,8 +144,11 @@ def plan_module(baseline, plan: str, args, data=None):
         kind, seed = plan.split(":")
         graph = analyze(model, example_inputs(arch))
         constraints = [parse_constraint("flops", str(args.flops), graph.baseline.flops)]
-        return slim(graph, random_plan(graph, model, constraints, args.round_to, int(seed),
-                                       random_order=kind == "random-order").keep)
+        keep = random_plan(graph, model, constraints, args.round_to, int(seed),
+                           random_order=kind == "random-order").keep
+        pruned = slim(graph, keep)
+        pruned.graphsearch_keep = keep
+        return pruned
     state = Path(tempfile.mkdtemp(prefix="peer_state_"))
     if plan.startswith("method:"):
         _, name, *rest = plan.split(":", 2)
@@ -161,6 +166,14 @@ def plan_module(baseline, plan: str, args, data=None):
 def widths(module) -> list[int]:
     """Every convolution's output channels, in module order: the plan, readable."""
     return [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def keep_record(module) -> dict | None:
+    """The plan a pruned module was sliced by, as a cell records it (group id -> kept
+    channels; None for Torch-Pruning's, which is not a graphsearch plan): a cell can be
+    rescored by `rank_correlation.py --plan-keep NAME=CELL.json`."""
+    keep = getattr(module, "graphsearch_keep", None)
+    return {str(g): [int(i) for i in v] for g, v in keep.items()} if keep else None
 
 
 def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
@@ -201,6 +214,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
            "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
            "load": os.getloadavg()[0], "train_images": len(data.train),
            "search_seconds": searched, "widths": widths(pruned),
+           "keep": keep_record(pruned),
            "channels_last": CHANNELS_LAST}  # the layout it ran in (README)
     path.write_text(json.dumps(row, indent=1))
     return row

@@ -69,3 +69,24 @@ def test_plan_keep_reads_a_cache_entry_and_names_a_bad_file(tmp_path):
             main(["--out", str(tmp_path / "out"), "--train", "/nonexistent",
                   "--plan-keep", spec])
         assert "--plan-keep" in str(e.value) and "'keep' mapping" in str(e.value)
+
+
+def test_a_peer_cell_records_its_plan_for_rescoring(tmp_path):
+    """A `peer.py` cell stores the plan its module was sliced by, and `rank_correlation.py
+    --plan-keep` rebuilds the same module from the stored cell."""
+    import json
+    from types import SimpleNamespace
+
+    from graphsearch.passes.slim import slim
+    from peer import keep_record, plan_module, widths
+    from rank_correlation import read_keep
+    torch.manual_seed(0)
+    model = build("resnet20")
+    args = SimpleNamespace(model="resnet20", flops=1 / 3, round_to=8)
+    pruned = plan_module(model, "random-order:1", args)
+    cell = tmp_path / "cell.json"
+    cell.write_text(json.dumps({"widths": widths(pruned), "keep": keep_record(pruned)}))
+    name, keep = read_keep(f"r={cell}")
+    rebuilt = slim(analyze(model, example_inputs("resnet20")), keep)
+    assert widths(rebuilt) == widths(pruned) != widths(model)
+    assert keep_record(model) is None
