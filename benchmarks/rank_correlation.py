@@ -256,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
     given = dict(read_keep(spec) for spec in args.plan_keep)
+    if len(given) < len(args.plan_keep):
+        sys.exit("--plan-keep: each plan needs its own NAME")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(args.out))
@@ -295,9 +297,10 @@ def main(argv=None) -> int:
             row = {"name": name, "model": args.model,
                    "keep": {str(k): list(v) for k, v in plan.items()},
                    "flops": float(cost.flops), "params": int(cost.params), "scores": {}}
-        if row["name"] != name:
-            sys.exit(f"{path} holds plan {row['name']!r}, this run's plan {i} is {name!r}: "
-                     "the plan list changed since that run; use another --out")
+        if row["name"] != name or row.get("model", "resnet20") != args.model:
+            sys.exit(f"{path} holds {row.get('model', 'resnet20')} plan {row['name']!r}, this "
+                     f"run's plan {i} is {args.model} {name!r}: the plan list changed since "
+                     "that run; use another --out")
         for key, settings in scores.items():
             if key in row["scores"]:
                 continue
