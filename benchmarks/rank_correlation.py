@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         if path.exists():
             row = json.loads(path.read_text())
         else:
-            cost = analyze(slim(graph, plan), example_inputs(args.model)).baseline
+            cost = graph.cost(plan)
             row = {"name": name, "model": args.model,
                    "keep": {str(k): list(v) for k, v in plan.items()},
                    "flops": float(cost.flops), "params": int(cost.params), "scores": {}}

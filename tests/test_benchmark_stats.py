@@ -1,19 +1,24 @@
 """The statistics the rank-correlation benchmarks report (benchmarks/rank_correlation.py,
 benchmarks/table_scores.py): Kendall's tau-b and the share of well-separated pairs ordered
 right."""
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from graphsearch.analysis import analyze
+from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
 from graphsearch.zoo import build, example_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from rank_correlation import kendall_tau  # noqa: E402
 from rank_correlation import random_plan  # noqa: E402
+from rank_correlation import main, read_keep  # noqa: E402
+from peer import keep_record, plan_module, widths  # noqa: E402
 from table_scores import concordant_apart  # noqa: E402
 
 
@@ -58,7 +63,6 @@ def test_plan_keep_reads_a_cache_entry_and_names_a_bad_file(tmp_path):
     """`rank_correlation.py --plan-keep NAME=FILE` takes a plan from a search's evaluator
     cache entry (group ids as strings) and refuses anything else with the reason, before
     any data is read."""
-    from rank_correlation import main, read_keep
     entry = tmp_path / "cand.json"
     entry.write_text('{"key": "k", "keep": {"2": [], "7": [1, 4]}, "accuracy": 0.3}')
     assert read_keep(f"esnac={entry}") == ("esnac", {2: [], 7: [1, 4]})
@@ -74,12 +78,6 @@ def test_plan_keep_reads_a_cache_entry_and_names_a_bad_file(tmp_path):
 def test_a_peer_cell_records_its_plan_for_rescoring(tmp_path):
     """A `peer.py` cell stores the plan its module was sliced by, and `rank_correlation.py
     --plan-keep` rebuilds the same module from the stored cell."""
-    import json
-    from types import SimpleNamespace
-
-    from graphsearch.passes.slim import slim
-    from peer import keep_record, plan_module, widths
-    from rank_correlation import read_keep
     torch.manual_seed(0)
     model = build("resnet20")
     args = SimpleNamespace(model="resnet20", flops=1 / 3, round_to=8)
