@@ -5,7 +5,9 @@
         --test /work/runs/cifar/test5k --out benchmarks/weights/resnet20_cifar10.pt
 
 Recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, a one-cycle schedule
-(linear warm-up over the first 15% of steps to --lr, then cosine to 0), random crop and flip.
+(linear warm-up over the first 15% of steps to --lr, then cosine to 0), random crop and flip;
+`--cutout N` adds a random N x N square zeroed in every augmented training image (DeVries and
+Taylor 2017; the GPU baselines, `benchmarks/device_baselines.sh`).
 The validation folder is evaluated after every epoch (it only watches; nothing is chosen on
 it, the last epoch's weights are saved); the test folder once, at the end. The run checkpoints
 every epoch next to --out and resumes. Prints a line a epoch and a summary to paste into
@@ -40,6 +42,38 @@ def one_cycle(warmup: float = 0.15):
     return factory
 
 
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return platform.processor() or platform.machine()
+
+
+def with_cutout(dataset, size: int):
+    """Make `dataset`'s augmented batches also zero one size x size square per image (its
+    centre uniform over the image, clipped at the border), drawn from (aug_seed, index) like
+    the crops, so a resumed run sees the same squares."""
+    plain = dataset.get_batch
+
+    def get_batch(indices, *, augment=None, aug_seed=None, device=None):
+        x, y = plain(indices, augment=augment, aug_seed=aug_seed, device=device)
+        if not (dataset.augment if augment is None else augment):
+            return x, y
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        h, w = x.shape[-2:]
+        if aug_seed is None:
+            cy, cx = torch.randint(0, h, (len(idx),)), torch.randint(0, w, (len(idx),))
+        else:
+            g = torch.Generator().manual_seed(int(aug_seed) * 2 + 1)
+            cy = torch.randint(0, h, (len(dataset),), generator=g)[idx]
+            cx = torch.randint(0, w, (len(dataset),), generator=g)[idx]
+        ys = torch.arange(h).view(1, h, 1) - cy.view(-1, 1, 1) + size // 2
+        xs = torch.arange(w).view(1, 1, w) - cx.view(-1, 1, 1) + size // 2
+        hole = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
+        return x.masked_fill(hole.unsqueeze(1).to(x.device), 0.0), y
+    dataset.get_batch = get_batch
+    return dataset
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -53,6 +87,8 @@ def main(argv=None) -> int:
                                    "`graphsearch optimize` does, by --seed)")
     ap.add_argument("--test", help="test data (default: held out of --train likewise)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cutout", type=int, default=0,
+                    help="zero a random N x N square of every augmented training image (0: off)")
     ap.add_argument("--init", type=Path, help="start from these weights (a second cycle: "
                     "continue a shorter run, usually with a lower --lr)")
     args = ap.parse_args(argv)
@@ -63,6 +99,10 @@ def main(argv=None) -> int:
     data = load_dataset(args.train, val_data=args.val, test_data=args.test,
                         val_fraction=0.0 if args.val else cfg.val_fraction,
                         test_fraction=0.0 if args.test else cfg.test_fraction, seed=args.seed)
+    if args.cutout:
+        with_cutout(data.train, args.cutout)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(args.seed)
     model = build(args.model)
     if args.init:
@@ -83,14 +123,14 @@ def main(argv=None) -> int:
                 checkpoint=args.out.with_suffix(".ckpt"), desc=args.model)
     for h in res.history:
         print(f"epoch {h['epoch']:3d}  loss {h['train_loss']:.3f}  train {h['train_accuracy']:.4f}"
-              f"  val {h.get('val_accuracy', float('nan')):.4f}  {h['seconds']:.0f}s", flush=True)
+              f"  val {h.get('val_accuracy', float('nan')):.4f}  {h['seconds']:.1f}s", flush=True)
     test = evaluate(model, data.test)
     val = evaluate(model, data.val)
     torch.save(model.state_dict(), args.out)
     print(f"\n{args.model}: {args.epochs} epochs on {len(data.train)} images, "
           f"val {val:.2%}, test {test:.2%}, {sum(h['seconds'] for h in res.history) / 60:.1f} "
           f"min of training ({time.time() - start:.0f} s this call), torch threads "
-          f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()}, {device_name()}, "
           f"load {os.getloadavg()[0]:.1f} at the end; weights {args.out}")
     return 0
 
