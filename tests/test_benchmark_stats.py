@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from graphsearch.analysis import analyze
+from graphsearch.data import ImageTensorDataset
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
 from graphsearch.zoo import build, example_inputs
@@ -20,6 +21,7 @@ from rank_correlation import random_plan  # noqa: E402
 from rank_correlation import main, read_keep  # noqa: E402
 from peer import keep_record, plan_module, widths  # noqa: E402
 from table_scores import concordant_apart  # noqa: E402
+from train_baseline import with_cutout  # noqa: E402
 
 
 def test_kendall_tau_known_values():
@@ -88,3 +90,22 @@ def test_a_peer_cell_records_its_plan_for_rescoring(tmp_path):
     rebuilt = slim(analyze(model, example_inputs("resnet20")), keep)
     assert widths(rebuilt) == widths(pruned) != widths(model)
     assert keep_record(model) is None
+
+
+def test_cutout_zeroes_one_square_per_augmented_image_the_same_for_a_seed():
+    """train_baseline.py --cutout: each augmented image loses one size x size square (fewer at
+    the border), the same squares for the same aug_seed (a resumed run), none unaugmented."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ds = ImageTensorDataset(images, torch.zeros(64, dtype=torch.long), [0.0] * 3, [1.0] * 3,
+                            augment=True, pad=0, flip=False)
+    with_cutout(ds, 16)
+    x, _ = ds.get_batch(list(range(64)), aug_seed=5)
+    zeros = (x == 0).all(1).sum((1, 2))
+    assert zeros.max() == 256 and zeros.min() >= 64  # a quarter of a square at worst
+    assert (zeros == 256).sum() > 10  # most squares lie inside the image
+    again, _ = ds.get_batch(list(range(32, 64)), aug_seed=5)
+    assert torch.equal(again, x[32:])
+    assert not torch.equal(ds.get_batch(list(range(64)), aug_seed=6)[0], x)
+    plain, _ = ds.get_batch(list(range(64)), augment=False)
+    assert (plain == 0).all(1).sum() == 0
