@@ -53,6 +53,7 @@ def with_cutout(dataset, size: int):
     centre uniform over the image, clipped at the border), drawn from (aug_seed, index) like
     the crops, so a resumed run sees the same squares."""
     plain = dataset.get_batch
+    centres: dict[int, tuple] = {}  # aug_seed -> every image's (cy, cx), drawn once an epoch
 
     def get_batch(indices, *, augment=None, aug_seed=None, device=None):
         x, y = plain(indices, augment=augment, aug_seed=aug_seed, device=device)
@@ -63,9 +64,12 @@ def with_cutout(dataset, size: int):
         if aug_seed is None:
             cy, cx = torch.randint(0, h, (len(idx),)), torch.randint(0, w, (len(idx),))
         else:
-            g = torch.Generator().manual_seed(int(aug_seed) * 2 + 1)
-            cy = torch.randint(0, h, (len(dataset),), generator=g)[idx]
-            cx = torch.randint(0, w, (len(dataset),), generator=g)[idx]
+            if aug_seed not in centres:
+                g = torch.Generator().manual_seed(int(aug_seed) * 2 + 1)
+                centres.clear()
+                centres[aug_seed] = (torch.randint(0, h, (len(dataset),), generator=g),
+                                     torch.randint(0, w, (len(dataset),), generator=g))
+            cy, cx = (t[idx] for t in centres[aug_seed])
         ys = torch.arange(h).view(1, h, 1) - cy.view(-1, 1, 1) + size // 2
         xs = torch.arange(w).view(1, 1, w) - cx.view(-1, 1, 1) + size // 2
         hole = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
