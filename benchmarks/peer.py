@@ -176,7 +176,12 @@ def keep_record(module) -> dict | None:
     return {str(g): [int(i) for i in v] for g, v in keep.items()} if keep else None
 
 
-def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
+def cell(args, data, baseline, plan: str, recipe: str, seed: int,
+         plans: dict | None = None) -> dict:
+    """One plan x recipe x fine-tuning seed, saved as JSON under --out. `plans` (label ->
+    (pristine pruned module, search seconds)) lets the cells of one run share a plan: a
+    method's search runs once for all its seeds and recipes (the searches are seeded, so a
+    second search would find the same plan), and the cell says `plan_reused`."""
     label = f"{plan}@search{args.search_seed}" if args.search_seed and \
         plan.startswith("method:") else plan
     path = args.out / f"{label}__{recipe}__s{seed}.json"
@@ -186,9 +191,15 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
             sys.exit(f"{path} is a {row.get('model', 'resnet20')} cell, not {args.model}: "
                      "give each model its own --out")
         return row
-    t0 = time.time()
-    pruned = plan_module(baseline, plan, args, data)
-    searched = time.time() - t0
+    reused = plans is not None and label in plans
+    if reused:
+        pruned, searched = copy.deepcopy(plans[label][0]), plans[label][1]
+    else:
+        t0 = time.time()
+        pruned = plan_module(baseline, plan, args, data)
+        searched = time.time() - t0
+        if plans is not None:
+            plans[label] = (copy.deepcopy(pruned), searched)
     cost = analyze(pruned, example_inputs(args.model)).baseline
     base_cost = analyze(baseline, example_inputs(args.model)).baseline
     before = evaluate(pruned.eval(), data.test)
@@ -213,7 +224,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int) -> dict:
            "test_before": before, "val": evaluate(pruned.eval(), data.val),
            "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
            "load": os.getloadavg()[0], "train_images": len(data.train),
-           "search_seconds": searched, "widths": widths(pruned),
+           "search_seconds": searched, "plan_reused": reused, "widths": widths(pruned),
            "keep": keep_record(pruned),
            "channels_last": CHANNELS_LAST}  # the layout it ran in (README)
     path.write_text(json.dumps(row, indent=1))
@@ -283,10 +294,11 @@ def main(argv=None) -> int:
     baseline.load_state_dict(torch.load(args.weights))
     print(f"baseline: test {evaluate(baseline.eval(), data.test):.2%}, "
           f"val {evaluate(baseline.eval(), data.val):.2%}", flush=True)
+    plans: dict = {}  # one search per plan for every seed and recipe of this run
     for seed in args.seeds:
         for plan in args.plans:
             for recipe in args.recipes:
-                r = cell(args, data, baseline, plan, recipe, seed)
+                r = cell(args, data, baseline, plan, recipe, seed, plans)
                 print(f"{plan:>28} {recipe:>8} s{seed}: MACs {r['macs_ratio']:.4f} params "
                       f"{r['params']:,} test {r['test_before']:.2%} -> {r['test']:.2%} "
                       f"({r['seconds']:.0f} s)", flush=True)

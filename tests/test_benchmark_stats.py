@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from graphsearch.analysis import analyze
-from graphsearch.data import ImageTensorDataset
+from graphsearch.data import ImageTensorDataset, load_dataset
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
 from graphsearch.zoo import build, example_inputs
@@ -90,6 +90,37 @@ def test_a_peer_cell_records_its_plan_for_rescoring(tmp_path):
     rebuilt = slim(analyze(model, example_inputs("resnet20")), keep)
     assert widths(rebuilt) == widths(pruned) != widths(model)
     assert keep_record(model) is None
+
+
+def test_peer_cells_of_one_run_share_a_plan_search(tmp_path, monkeypatch):
+    """`peer.py`'s cells of one run (seeds x recipes) slice one plan: the method's search runs
+    once, each cell fine-tunes its own copy, and a cell says whether it reused the plan."""
+    import peer
+
+    torch.manual_seed(0)
+    model = build("resnet20", num_classes=4)
+    searches = []
+
+    def fake_plan(baseline, plan, args, data=None):
+        searches.append(plan)
+        return plan_module(baseline, "random-order:1", args)
+
+    monkeypatch.setattr(peer, "plan_module", fake_plan)
+    data = load_dataset("synthetic:64:4", val_fraction=0.25, test_fraction=0.25)
+    args = SimpleNamespace(model="resnet20", flops=1 / 3, round_to=8, out=tmp_path,
+                           search_seed=0, epochs=1, lr=0.05)
+    plans: dict = {}
+    rows = [peer.cell(args, data, model, "method:x", recipe, seed, plans)
+            for seed in (0, 1) for recipe in ("project", "project+distill")]
+    assert searches == ["method:x"]
+    assert [r["plan_reused"] for r in rows] == [False, True, True, True]
+    assert len({tuple(r["widths"]) for r in rows}) == 1 and rows[0]["widths"] != widths(model)
+    assert len({r["search_seconds"] for r in rows}) == 1
+    # the shared plan is a pristine copy: the cells' fine-tuning did not train it
+    fresh = plan_module(model, "random-order:1", args).state_dict()
+    kept = plans["method:x"][0].state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in fresh.items())
+    assert len(list(tmp_path.glob("*.json"))) == 4
 
 
 def test_cutout_zeroes_one_square_per_augmented_image_the_same_for_a_seed():
