@@ -28,7 +28,8 @@ Recipes (same epochs, same peak learning rate, same training images, batch 128):
 Every plan is counted by graphsearch's cost model (the pruned module analysed afresh), so
 both sides are measured with one ruler. Top-1 on the test folder is reported; nothing is
 chosen on it. Each finished cell is saved as JSON under --out, so an interrupted run
-continues; `--table` prints the markdown table of every finished cell.
+continues; `--table` prints the markdown table of every finished cell. The cells of one run
+share each plan (a method's search runs once for all of the run's seeds and recipes).
 """
 from __future__ import annotations
 
