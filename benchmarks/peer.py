@@ -177,6 +177,15 @@ def keep_record(module) -> dict | None:
     return {str(g): [int(i) for i in v] for g, v in keep.items()} if keep else None
 
 
+def copy_plan(module):
+    """A deep copy of a pruned module with the plan it was sliced by (a GraphModule's deep
+    copy keeps its graph and weights, not other attributes)."""
+    out = copy.deepcopy(module)
+    if getattr(module, "graphsearch_keep", None) is not None:
+        out.graphsearch_keep = module.graphsearch_keep
+    return out
+
+
 def cell(args, data, baseline, plan: str, recipe: str, seed: int,
          plans: dict | None = None) -> dict:
     """One plan x recipe x fine-tuning seed, saved as JSON under --out. `plans` (label ->
@@ -194,13 +203,13 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
         return row
     reused = plans is not None and label in plans
     if reused:
-        pruned, searched = copy.deepcopy(plans[label][0]), plans[label][1]
+        pruned, searched = copy_plan(plans[label][0]), plans[label][1]
     else:
         t0 = time.time()
         pruned = plan_module(baseline, plan, args, data)
         searched = time.time() - t0
         if plans is not None:
-            plans[label] = (copy.deepcopy(pruned), searched)
+            plans[label] = (copy_plan(pruned), searched)
     cost = analyze(pruned, example_inputs(args.model)).baseline
     base_cost = analyze(baseline, example_inputs(args.model)).baseline
     before = evaluate(pruned.eval(), data.test)

@@ -115,6 +115,7 @@ def test_peer_cells_of_one_run_share_a_plan_search(tmp_path, monkeypatch):
     assert searches == ["method:x"]
     assert [r["plan_reused"] for r in rows] == [False, True, True, True]
     assert len({tuple(r["widths"]) for r in rows}) == 1 and rows[0]["widths"] != widths(model)
+    assert rows[0]["keep"] and all(r["keep"] == rows[0]["keep"] for r in rows)  # rescorable
     assert len({r["search_seconds"] for r in rows}) == 1
     # the shared plan is a pristine copy: the cells' fine-tuning did not train it
     fresh = plan_module(model, "random-order:1", args).state_dict()
