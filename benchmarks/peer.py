@@ -190,8 +190,8 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
          plans: dict | None = None) -> dict:
     """One plan x recipe x fine-tuning seed, saved as JSON under --out. `plans` (label ->
     (pristine pruned module, search seconds)) lets the cells of one run share a plan: a
-    method's search runs once for all its seeds and recipes (the searches are seeded, so a
-    second search would find the same plan), and the cell says `plan_reused`."""
+    method's search runs once for all its seeds and recipes (the searches are seeded: the
+    fifteenth session's three AutoShrink runs found one plan), and the cell says `plan_reused`."""
     label = f"{plan}@search{args.search_seed}" if args.search_seed and \
         plan.startswith("method:") else plan
     path = args.out / f"{label}__{recipe}__s{seed}.json"
