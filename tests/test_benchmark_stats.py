@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from rank_correlation import kendall_tau  # noqa: E402
 from rank_correlation import random_plan  # noqa: E402
 from rank_correlation import main, read_keep  # noqa: E402
+import peer  # noqa: E402
 from peer import keep_record, plan_module, widths  # noqa: E402
 from table_scores import concordant_apart  # noqa: E402
 from train_baseline import with_cutout  # noqa: E402
@@ -95,8 +96,6 @@ def test_a_peer_cell_records_its_plan_for_rescoring(tmp_path):
 def test_peer_cells_of_one_run_share_a_plan_search(tmp_path, monkeypatch):
     """`peer.py`'s cells of one run (seeds x recipes) slice one plan: the method's search runs
     once, each cell fine-tunes its own copy, and a cell says whether it reused the plan."""
-    import peer
-
     torch.manual_seed(0)
     model = build("resnet20", num_classes=4)
     searches = []
