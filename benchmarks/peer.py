@@ -29,7 +29,11 @@ Every plan is counted by graphsearch's cost model (the pruned module analysed af
 both sides are measured with one ruler. Top-1 on the test folder is reported; nothing is
 chosen on it. Each finished cell is saved as JSON under --out, so an interrupted run
 continues; `--table` prints the markdown table of every finished cell. The cells of one run
-share each plan (a method's search runs once for all of the run's seeds and recipes).
+share each plan (a method's search runs once for all of the run's seeds and recipes), and
+`--plan-from LABEL=CELL.json` takes a plan a finished cell recorded instead of searching again
+(more seeds of a method whose search ran in another run; checked: the rebuilt module must
+score the cell's test top-1 before fine-tuning, which holds where the method hands on the
+baseline's weights - magnitude, uniform, AutoShrink, submodular, ESNAC, the refitting ones).
 """
 from __future__ import annotations
 
@@ -186,6 +190,21 @@ def copy_plan(module):
     return out
 
 
+def recorded_plan(baseline, source: str, arch: str):
+    """The pruned module a finished cell recorded (its `keep`), sliced from the baseline's
+    weights, and that cell's JSON; exits naming the file if it has no plan."""
+    try:
+        row = json.loads(Path(source).read_text())
+        keep = {int(g): [int(i) for i in v] for g, v in row["keep"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"--plan-from {source}: not a finished cell with a recorded plan ('keep'): "
+                 f"{type(e).__name__}: {e}")
+    model = copy.deepcopy(baseline)
+    pruned = slim(analyze(model, example_inputs(arch)), keep)
+    pruned.graphsearch_keep = keep
+    return pruned, row
+
+
 def cell(args, data, baseline, plan: str, recipe: str, seed: int,
          plans: dict | None = None) -> dict:
     """One plan x recipe x fine-tuning seed, saved as JSON under --out. `plans` (label ->
@@ -202,8 +221,19 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
                      "give each model its own --out")
         return row
     reused = plans is not None and label in plans
+    source = (getattr(args, "plan_from", None) or {}).get(label)
+    expect = None  # a recorded plan's test top-1 before fine-tuning
     if reused:
         pruned, searched = copy_plan(plans[label][0]), plans[label][1]
+    elif source:
+        pruned, recorded = recorded_plan(baseline, source, args.model)
+        reused, searched = True, recorded.get("search_seconds", 0.0)
+        expect = recorded.get("test_before")
+        if recorded.get("widths") not in (None, widths(pruned)):
+            sys.exit(f"--plan-from {label}={source}: the rebuilt plan's widths differ from "
+                     "the cell's (another model or baseline?)")
+        if plans is not None:
+            plans[label] = (copy_plan(pruned), searched)
     else:
         t0 = time.time()
         pruned = plan_module(baseline, plan, args, data)
@@ -213,6 +243,11 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
     cost = analyze(pruned, example_inputs(args.model)).baseline
     base_cost = analyze(baseline, example_inputs(args.model)).baseline
     before = evaluate(pruned.eval(), data.test)
+    if expect is not None and abs(before - expect) > 1e-9:
+        sys.exit(f"--plan-from {label}={source}: the rebuilt plan scores {before:.2%} before "
+                 f"fine-tuning, the cell {expect:.2%}: its method does not "
+                 "fine-tune the baseline's weights (or another baseline or test folder); "
+                 "run its search instead")
     from graphsearch.optimize import OptimizeConfig
 
     cfg = OptimizeConfig(model=args.model)
@@ -235,7 +270,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
            "test": evaluate(pruned.eval(), data.test), "seconds": time.time() - t0,
            "load": os.getloadavg()[0], "train_images": len(data.train),
            "search_seconds": searched, "plan_reused": reused, "widths": widths(pruned),
-           "keep": keep_record(pruned),
+           "keep": keep_record(pruned), "plan_from": source,
            "channels_last": CHANNELS_LAST}  # the layout it ran in (README)
     path.write_text(json.dumps(row, indent=1))
     return row
@@ -291,8 +326,15 @@ def main(argv=None) -> int:
                          "NAME@searchK)")
     ap.add_argument("--model", default="resnet20",
                     help="the zoo architecture --weights belong to (resnet20, resnet32, ...)")
+    ap.add_argument("--plan-from", action="append", default=[], metavar="LABEL=CELL.json",
+                    help="the plan LABEL (as --plans names it) is the one a finished cell "
+                         "recorded, instead of a new search (repeatable)")
     ap.add_argument("--table", action="store_true", help="print the finished cells and exit")
     args = ap.parse_args(argv)
+    bad = [s for s in args.plan_from if "=" not in s]
+    if bad:
+        sys.exit(f"--plan-from {bad[0]}: give LABEL=CELL.json")
+    args.plan_from = dict(s.split("=", 1) for s in args.plan_from)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(args.out))

@@ -123,6 +123,40 @@ def test_peer_cells_of_one_run_share_a_plan_search(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.json"))) == 4
 
 
+def test_peer_plan_from_a_finished_cell_runs_no_search(tmp_path, monkeypatch):
+    """`peer.py --plan-from LABEL=CELL.json`: more seeds of a plan another run searched, rebuilt
+    from the cell's recorded channels on the baseline's weights (no new search); a cell whose
+    weights were not the baseline's (its test top-1 before fine-tuning differs) is refused."""
+    torch.manual_seed(0)
+    model = build("resnet20", num_classes=4)
+    data = load_dataset("synthetic:64:4", val_fraction=0.25, test_fraction=0.25)
+    args = SimpleNamespace(model="resnet20", flops=1 / 3, round_to=8, out=tmp_path / "a",
+                           search_seed=0, epochs=1, lr=0.05)
+    args.out.mkdir()
+    first = peer.cell(args, data, model, "random-order:1", "project", 0, {})
+    source = args.out / "random-order:1__project__s0.json"
+
+    def no_search(*a, **k):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(peer, "plan_module", no_search)
+    args.out, args.plan_from = tmp_path / "b", {"random-order:1": str(source)}
+    args.out.mkdir()
+    plans: dict = {}
+    rows = [peer.cell(args, data, model, "random-order:1", "project", s, plans) for s in (1, 2)]
+    for r in rows:
+        assert r["keep"] == first["keep"] and r["widths"] == first["widths"]
+        assert r["test_before"] == first["test_before"] and r["plan_reused"]
+        assert r["plan_from"] == str(source) and r["seed"] != first["seed"]
+    tampered = json.loads(source.read_text())
+    tampered["test_before"] += 0.01
+    source.write_text(json.dumps(tampered))
+    args.out = tmp_path / "c"
+    args.out.mkdir()
+    with pytest.raises(SystemExit, match="before fine-tuning"):
+        peer.cell(args, data, model, "random-order:1", "project", 1, {})
+
+
 def test_cutout_zeroes_one_square_per_augmented_image_the_same_for_a_seed():
     """train_baseline.py --cutout: each augmented image loses one size x size square (fewer at
     the border), the same squares for the same aug_seed (a resumed run), none unaugmented."""
