@@ -52,6 +52,7 @@ import torch
 
 from graphsearch.analysis import analyze
 from graphsearch.data import load_dataset
+from graphsearch.errors import UserError
 from graphsearch.methods import get_method
 from graphsearch.methods.base import SearchContext
 from graphsearch.passes.slim import slim
@@ -59,7 +60,7 @@ from graphsearch.target import parse_constraint
 from graphsearch.train import (CHANNELS_LAST, RECIPES, Distilled, evaluate, soft_target_loss,
                                train)
 from graphsearch.zoo import build, example_inputs
-from rank_correlation import random_plan  # noqa: E402 - a benchmark beside this one
+from rank_correlation import PLAN_FILE_ERRORS, plan_file, random_plan  # noqa: E402 - beside
 
 
 def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, state: Path,
@@ -194,9 +195,8 @@ def recorded_plan(baseline, source: str, arch: str):
     """The pruned module a finished cell recorded (its `keep`), sliced from the baseline's
     weights, and that cell's JSON; exits naming the file if it has no plan."""
     try:
-        row = json.loads(Path(source).read_text())
-        keep = {int(g): [int(i) for i in v] for g, v in row["keep"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        row, keep = plan_file(source)
+    except PLAN_FILE_ERRORS as e:
         sys.exit(f"--plan-from {source}: not a finished cell with a recorded plan ('keep'): "
                  f"{type(e).__name__}: {e}")
     model = copy.deepcopy(baseline)
@@ -341,7 +341,11 @@ def main(argv=None) -> int:
         return 0
     if not (args.weights and args.train and args.val and args.test):
         sys.exit("--weights, --train, --val and --test are needed to run cells")
-    data = load_dataset(args.train, val_data=args.val, test_data=args.test, val_fraction=0.0)
+    try:
+        data = load_dataset(args.train, val_data=args.val, test_data=args.test,
+                            val_fraction=0.0)
+    except UserError as e:
+        sys.exit(f"peer.py: {e}")
     baseline = build(args.model)
     baseline.load_state_dict(torch.load(args.weights))
     print(f"baseline: test {evaluate(baseline.eval(), data.test):.2%}, "

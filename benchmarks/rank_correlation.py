@@ -222,14 +222,23 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+PLAN_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def plan_file(file) -> tuple[dict, dict[int, list[int]]]:
+    """A JSON file with a "keep" mapping (a `peer.py` cell, an evaluator cache entry) -> (its
+    whole record, the plan: group id -> kept channels); raises one of `PLAN_FILE_ERRORS`."""
+    row = json.loads(Path(file).read_text())
+    return row, {int(g): [int(i) for i in v] for g, v in row["keep"].items()}
+
+
 def read_keep(spec: str) -> tuple[str, dict[int, list[int]]]:
     """`NAME=FILE` -> (NAME, the plan in FILE's "keep" mapping); exits with the reason if FILE
     is not such a file."""
     name, _, file = spec.partition("=")
     try:
-        keep = json.loads(Path(file).read_text())["keep"]
-        return name, {int(g): [int(i) for i in v] for g, v in keep.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return name, plan_file(file)[1]
+    except PLAN_FILE_ERRORS as e:
         sys.exit(f"--plan-keep {spec}: give NAME=FILE, FILE a JSON file with a 'keep' "
                  f"mapping of group id to kept channels ({type(e).__name__}: {e})")
 
