@@ -32,8 +32,9 @@ continues; `--table` prints the markdown table of every finished cell. The cells
 share each plan (a method's search runs once for all of the run's seeds and recipes), and
 `--plan-from LABEL=CELL.json` takes a plan a finished cell recorded instead of searching again
 (more seeds of a method whose search ran in another run; checked: the rebuilt module must
-score the cell's test top-1 before fine-tuning, which holds where the method hands on the
-baseline's weights - magnitude, uniform, AutoShrink, submodular, ESNAC, the refitting ones).
+score the cell's test top-1 before fine-tuning, which holds where the method's proposal
+carries the baseline's weights - magnitude, uniform, AutoShrink, submodular, ESNAC and the
+refitting ones - and not for gensynth's default, which hands on its trained weights).
 """
 from __future__ import annotations
 
