@@ -173,12 +173,16 @@ def legal_zeros(graph: ChannelGraph, widths: Mapping[int, int],
 
 def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                    constraints: list[Constraint], round_to: int = 1,
-                   latency_model: Callable | None = None, max_evaluations: int = 20000) -> Plan:
-    """Keep the best-scoring channels until every constraint holds, widths rounded."""
+                   latency_model: Callable | None = None, max_evaluations: int = 20000,
+                   least: Mapping[int, int] | None = None) -> Plan:
+    """Keep the best-scoring channels until every constraint holds, widths rounded. `least`
+    (group -> width): no plan keeps fewer channels of that group (a method's cap on the share
+    of a group it may remove, `--set max_ratio`); groups the scores empty (every channel
+    -inf) are not held to it."""
     if getattr(latency_model, "measure_plan", None) is not None and \
             any(c.metric == "latency" for c in constraints):
         return land_on_measured_latency(graph, scores, constraints, round_to, latency_model,
-                                        max_evaluations)
+                                        max_evaluations, least=least)
     ev = CostMeter(graph, constraints, latency_model)
     groups = [g for g in graph.prunable_groups if g.id in scores]
     order = {g.id: np.argsort(-np.asarray(scores[g.id], dtype=float), kind="stable")
@@ -193,6 +197,10 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     # tied scores are broken deterministically (constant scores give about one multiplier)
     # and every prefix of the order is a candidate, whatever the ties.
     finite = {g.id: int(np.count_nonzero(sorted_scores[g.id] > -np.inf)) for g in groups}
+    for gid, w in (least or {}).items():
+        if gid in allowed and finite[gid] > 0:
+            a = allowed[gid]
+            allowed[gid] = a[a >= min(int(w), int(a[-1]))]
     keys_s, keys_f, keys_g = [], [], []
     for g in groups:
         n = finite[g.id]
@@ -263,7 +271,12 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
         raise UserError("unreachable target: " + "; ".join(
             f"{c.metric} {_human(c.limit, c.metric)} is below what the unprunable part of the "
             f"model costs ({_human(floor_values[c.metric], c.metric)} with every group at its "
-            "minimum width)" for c in bad))
+            "minimum width)" for c in bad) if not least else
+            "unreachable target: " + "; ".join(
+            f"{c.metric} {_human(c.limit, c.metric)} is below what the model costs with every "
+            f"group at the least width the method's max_ratio allows "
+            f"({_human(floor_values[c.metric], c.metric)}); raise --set max_ratio or relax "
+            "the target" for c in bad))
 
     def ok(widths) -> tuple[bool, dict | None]:
         try:
@@ -375,8 +388,8 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
 def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
                              constraints: list[Constraint], round_to: int, latency_model,
                              max_evaluations: int = 20000, rounds: int = 5,
-                             window: float = 0.03, margin: float = 0.01, noise: float = 0.02
-                             ) -> Plan:
+                             window: float = 0.03, margin: float = 0.01, noise: float = 0.02,
+                             least: Mapping[int, int] | None = None) -> Plan:
     """The target step for a latency target: land with the latency model, measure the slim
     model (`latency_model.measure_plan(keep) -> ms`), correct the model's aim by the measured
     error and land again (`_next_aim`), until the measurement is between `window` and
@@ -402,7 +415,8 @@ def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarra
     for _ in range(rounds + 1):
         cons = others + [Constraint("latency", aim, lat.requested)]
         try:
-            plan = land_on_target(graph, scores, cons, round_to, predictor, max_evaluations)
+            plan = land_on_target(graph, scores, cons, round_to, predictor, max_evaluations,
+                                  least=least)
         except UserError:
             # the model's floor is above the aim: aim at its floor once, measure, correct from
             # there (the model can be off; the measurement decides)

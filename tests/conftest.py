@@ -72,3 +72,11 @@ def trained_tiny_hidden(one_thread):
     from tiny_model import TinyHidden
 
     return _train_tiny(TinyHidden)
+
+
+@pytest.fixture(scope="module")
+def trained_two_stage(one_thread):
+    """`trained_tiny` for `hand_models.TwoStage` (two residual stages): the caps' tests."""
+    from hand_models import TwoStage
+
+    return _train_tiny(TwoStage)

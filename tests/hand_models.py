@@ -44,6 +44,31 @@ class Residual(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class TwoStage(nn.Module):
+    """Two residual stages (16 channels, then 32 at half the resolution), a block each: the
+    stream of the first stage is tied to the stem, both convolutions of its block and the
+    downsampling conv, so a FLOP-weighted pull finds its channels the costliest per unit of
+    signal (CIFAR ResNet-32: MorphNet, vardrop and group lasso thinned a stream to a quarter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a1, self.ba1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a2, self.ba2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.bd = nn.BatchNorm2d(32)
+        self.b1, self.bb1 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.b2, self.bb2 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bs(self.stem(x)))
+        x = torch.relu(x + self.ba2(self.a2(torch.relu(self.ba1(self.a1(x))))))
+        x = torch.relu(self.bd(self.down(x)))
+        x = torch.relu(x + self.bb2(self.b2(torch.relu(self.bb1(self.b1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
 X8 = (torch.zeros(1, 3, 8, 8),)
 
 

@@ -65,25 +65,27 @@ class SearchContext:
         return self._model_graph
 
     # ---- the shared target step
-    def land(self, scores: dict[int, np.ndarray]) -> Plan:
+    def land(self, scores: dict[int, np.ndarray], least: dict[int, int] | None = None) -> Plan:
+        """The shared target step on `scores`; `least`: no group under that width
+        (`target.land_on_target`)."""
         return land_on_target(self.graph, scores, self.constraints, self.round_to,
-                              self.latency_model)
+                              self.latency_model, least=least)
 
     def land_widths(self, widths: dict[int, int],
                     importance: dict[int, np.ndarray] | None = None,
-                    revive: bool = False) -> Plan:
+                    revive: bool = False, least: dict[int, int] | None = None) -> Plan:
         """One bisected multiplier on `widths`; groups at 0 stay at 0 unless `revive`, or
         unless no plan meets the targets with them at 0 (then they come back, last, and the
-        log says so)."""
+        log says so). `least`: as `land`."""
 
         try:
-            return self.land(scores_from_widths(self.graph, widths, importance, revive))
+            return self.land(scores_from_widths(self.graph, widths, importance, revive), least)
         except UserError:
             if revive or not any(w == 0 for w in widths.values()):
                 raise
         self.log("target step: no plan meets the targets with every group at width 0 kept at "
                  "0; those groups may come back (after every other channel)")
-        return self.land(scores_from_widths(self.graph, widths, importance, True))
+        return self.land(scores_from_widths(self.graph, widths, importance, True), least)
 
     # ---- parameters by channel
     def tied(self) -> dict[int, list[TiedSlice]]:

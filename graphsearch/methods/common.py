@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import PlanError, UserError
 from ..evaluator import CandidateEvaluator, EvalSettings
 from ..graph import ChannelGraph
 from ..target import CostMeter, allowed_widths
@@ -299,22 +299,56 @@ def min_plan_width(group, round_to: int) -> int:
     return int(a[a > 0][0])
 
 
+def share_floor(group, max_ratio: float, round_to: int) -> int:
+    """The least width a group keeps when a method may remove at most the share `max_ratio`
+    of it (`--set max_ratio=...`, as magnitude's Torch-Pruning cap): the smallest width in
+    multiples of `round_to` at or above `(1 - max_ratio) * size`; 0 without a cap (1.0)."""
+    if max_ratio >= 1.0:
+        return 0
+    need = int(np.ceil((1.0 - max_ratio) * group.size - 1e-9))
+    a = allowed_widths(group.size, group.min_width, max(1, int(round_to)))
+    return int(a[a >= need][0])
+
+
+def check_max_ratio(method: str, settings: Mapping) -> float:
+    """The `max_ratio` setting of a method, checked: the largest share of a group the method
+    may remove, in (0, 1] (1: no cap)."""
+    value = float(settings.get("max_ratio", 1.0))
+    if not 0.0 < value <= 1.0:
+        raise UserError(f"{method}: max_ratio={value:g}: the largest share of a group the "
+                        "method may remove, in (0, 1] (1: no cap)")
+    return value
+
+
+def share_floors(graph: ChannelGraph, max_ratio: float, round_to: int) -> dict[int, int] | None:
+    """Per prunable group, its `share_floor` (the target step's `least`); None without a cap
+    (`max_ratio` 1)."""
+    if max_ratio >= 1.0:
+        return None
+    return {g.id: share_floor(g, max_ratio, round_to) for g in graph.prunable_groups}
+
+
 def spare_under_floor(graph: ChannelGraph, alive: Mapping[int, np.ndarray],
                       dying: Mapping[int, np.ndarray], urgency: Mapping[int, np.ndarray],
-                      round_to: int) -> dict[int, np.ndarray]:
+                      round_to: int, max_ratio: float = 1.0) -> dict[int, np.ndarray]:
     """The deaths that leave no group the graph cannot remove (a stream, a stem) with fewer
     alive channels than the smallest width a plan in multiples of `round_to` keeps: the
     least urgent of a group's dying are spared down to that floor. With widths in multiples
     of 8 such a death buys nothing (the landing keeps 8 channels whatever died) and it cuts
     the signal the rest of the network is still training on (measured on CIFAR ResNet-20
     with a cost-weighted group lasso: 15 of the stem's 16 channels died and the network's
-    validation top-1 fell to 18% while the penalty was still choosing)."""
+    validation top-1 fell to 18% while the penalty was still choosing). With `max_ratio`
+    below 1, no group (removable ones included) goes under its `share_floor` either."""
     out = {g: np.asarray(d, dtype=bool).copy() for g, d in dying.items()}
     for g in graph.prunable_groups:
-        if g.id not in out or g.min_width == 0:
+        if g.id not in out:
+            continue
+        least = min_plan_width(g, round_to) if g.min_width > 0 else 0
+        least = max(least, share_floor(g, max_ratio, round_to))
+        if least <= 0:
             continue
         left = int(np.count_nonzero(alive[g.id])) - int(np.count_nonzero(out[g.id]))
-        short = min_plan_width(g, round_to) - left
+        short = least - left
         if short <= 0:
             continue
         idx = np.flatnonzero(out[g.id])

@@ -82,7 +82,8 @@ from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
 from .common import (ROLES, tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
-                     cap_deaths, cost_weights, path_ratio, spare_under_floor,
+                     cap_deaths, check_max_ratio, cost_weights, path_ratio, share_floors,
+                     spare_under_floor,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
 
@@ -158,6 +159,7 @@ class GroupLasso(Method):
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
         "cap": True,  # deaths beyond the schedule's path are deferred (common.cap_deaths)
         "floor": False,  # True: no stream under the plan's least width (spare_under_floor)
+        "max_ratio": 1.0,  # the largest share of a group the penalty may remove (docstring)
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "revive": True,  # (refit off) kept exact zeros get their rescaled initial weights
         "bn_batches": 20,  # batches to re-estimate BN statistics after the sparsity phase
@@ -166,6 +168,7 @@ class GroupLasso(Method):
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = {**self.defaults, **ctx.settings}
+        max_ratio = check_max_ratio(self.name, s)
         mode = str(s["normalise"]).lower()
         if mode not in ("initial", "final", "none", "true", "false"):
 
@@ -255,10 +258,11 @@ class GroupLasso(Method):
             # inputs into huge gradients (measured on ShuffleNet-V2, cost-weighted: the stem
             # and then a whole stage died in one step, the next weights reached inf, and no
             # plan could be landed on the zeros).
-            if any(d.any() for d in dying.values()) and s["floor"]:
-                # a stream or stem under the smallest width the plan keeps buys nothing
-                # (common.spare_under_floor): those deaths are spared this step
-                kept = spare_under_floor(graph, alive_before, dying, urgency, rt)
+            if any(d.any() for d in dying.values()) and (s["floor"] or max_ratio < 1.0):
+                # a stream or stem under the smallest width the plan keeps buys nothing, and
+                # no group loses more than `max_ratio` of itself (common.spare_under_floor):
+                # those deaths are spared this step
+                kept = spare_under_floor(graph, alive_before, dying, urgency, rt, max_ratio)
                 for gid in norms:
                     spare = dying[gid] & ~kept[gid]
                     if spare.any():
@@ -333,7 +337,7 @@ class GroupLasso(Method):
             zero = sc == 0
             sc[zero] = -1.0 + np.clip(when[zero], 0.0, None) / (steps + 2.0)
             scores[gid] = sc
-        plan = ctx.land(scores)
+        plan = ctx.land(scores, share_floors(graph, max_ratio, ctx.round_to))
         zero_mask = {gid: (n == 0).cpu().numpy() for gid, n in norms.items()}
         zeros = {gid: int(z.sum()) for gid, z in zero_mask.items()}
         zero_values = alive_cost(graph, {g: ~z for g, z in zero_mask.items()}, ev, rt)

@@ -80,8 +80,9 @@ from ..graph import ChannelGraph
 from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
-from .common import (added_share, alive_cost, budget_steps, cap_deaths, constant_schedule,
-                     dropped_channels, evaluate_plan, path_ratio, strength_path, zero_channels)
+from .common import (added_share, alive_cost, budget_steps, cap_deaths, check_max_ratio,
+                     constant_schedule, dropped_channels, evaluate_plan, path_ratio,
+                     share_floors, spare_under_floor, strength_path, zero_channels)
 
 
 class FlopRegulariser:
@@ -225,13 +226,16 @@ class MorphNet(Method):
         "weight_decay": 5e-4,  # on everything but the gammas
         "repeats": 1,
         "cap": True,  # deaths beyond the schedule's path are deferred (common.cap_deaths)
+        "max_ratio": 1.0,  # the largest share of a group the shrink may remove (docstring)
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "evaluate": True,  # record the plan's accuracy (dropped channels zeroed) as a candidate
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = {**self.defaults, **ctx.settings}
+        max_ratio = check_max_ratio(self.name, s)
         graph, model = ctx.graph, ctx.model
+        least = share_floors(graph, max_ratio, ctx.round_to)
         reg = FlopRegulariser(graph, model, float(s["threshold"]), str(s["combine"]))
         lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
         momentum, wd = float(s["momentum"]), float(s["weight_decay"])
@@ -313,6 +317,28 @@ class MorphNet(Method):
                 dying = alive_now & has & (rd - thr <= reg.threshold)
                 if dead is not None:
                     dying &= ~dead.to(rd.device)
+                if max_ratio < 1.0:
+                    # no group loses more than `max_ratio` of itself (spare_under_floor): of
+                    # the channels the pull would bring within twice the threshold, the least
+                    # urgent are spared down to the group's floor. A spared channel is not
+                    # pulled, and is held at twice the threshold at least (a margin against
+                    # the task gradient's drift, which goes on after the pull stops); it is
+                    # not counted as deferred (the strength need not ease off for it).
+                    # (a dead channel the task gradient moved off zero is zeroed again below:
+                    # it counts as neither alive nor near)
+                    living = alive_now if dead is None else alive_now & ~dead.to(rd.device)
+                    near = living & has & (rd - thr <= 2 * reg.threshold)
+                    urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))
+                    kept = spare_under_floor(graph, reg.per_group(living),
+                                             reg.per_group(near), reg.per_group(urg),
+                                             ctx.round_to, max_ratio)
+                    spared = torch.zeros_like(near)
+                    for gid, k in kept.items():
+                        o = int(reg.offsets[gid])
+                        spared[o:o + len(k)] = near[o:o + len(k)] & ~torch.as_tensor(
+                            k, device=near.device)
+                    dying &= ~spared
+                    thr = torch.where(spared, (rd - 2 * reg.threshold).clamp(max=0.0), thr)
                 if dying.any():
                     urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))
                     allowed = cap_deaths(graph, ev, ratio, reg.per_group(alive_now),
@@ -380,14 +406,14 @@ class MorphNet(Method):
                                  priority={g: float(v.max(initial=0.0)) for g, v in r_g.items()})
             # expand from the alive widths (channels kept by r; groups at 0 stay at 0)
             try:
-                plan = ctx.land_widths(widths, importance=r_g)
+                plan = ctx.land_widths(widths, importance=r_g, least=least)
             except UserError as exc:
                 # the graph cannot realise the alive channels (seen on ShuffleNetV2: a split
                 # part left empty); expand from the full widths, ranked by r, and say so
                 ctx.log(f"morphnet: WARNING the alive widths give no plan ({exc}); one "
                         "multiplier on the full widths instead")
                 fallbacks.append(str(exc))
-                plan = ctx.land_widths({}, importance=r_g)
+                plan = ctx.land_widths({}, importance=r_g, least=least)
             own = {g.id: np.flatnonzero(alive_g[g.id] > 0) for g in graph.prunable_groups}
             rounds.append({"alive_widths": widths, "alive_counts": alive_widths,
                            "widths": dict(plan.widths),

@@ -73,7 +73,8 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from .base import Method, Proposal, SearchContext
-from .common import alive_cost, cost_weights, fold_gates, path_ratio, strength_path
+from .common import (alive_cost, check_max_ratio, cost_weights, fold_gates, path_ratio,
+                     share_floors, strength_path)
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
@@ -211,10 +212,12 @@ class VariationalDropout(Method):
         "growth": None,  # factor per step; None: max_growth spread over the reach window
         "reach": None,  # the drops' cost meets the target by this fraction; None: warmup_end
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
+        "max_ratio": 1.0,  # the largest share of a group the plan may remove (docstring)
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = {**self.defaults, **ctx.settings}
+        max_ratio = check_max_ratio(self.name, s)
         groups = ctx.graph.prunable_groups
         baseline = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         gates = VDGates({g.id: g.size for g in groups}, s["theta_init"], s["log_sigma2_init"],
@@ -292,7 +295,7 @@ class VariationalDropout(Method):
             ctx.log(f"vardrop: no parameter to fold the gate means into at {unfolded}; the "
                     "slim model starts from the weights without them")
         scores = {gid: (-v).numpy() for gid, v in raw.items()}
-        plan = ctx.land(scores)
+        plan = ctx.land(scores, share_floors(ctx.graph, max_ratio, ctx.round_to))
 
         drops = {gid: int(dropped_mask(v, s["drop_threshold"]).sum()) for gid, v in la.items()}
         rule_keep = {gid: np.flatnonzero(~dropped_mask(v, s["drop_threshold"])).tolist()
