@@ -68,6 +68,17 @@ channels in each group gave 39%). Tried and dropped: restoring each group's gamm
 the proximal step (so the pull thins a group but cannot shrink its scale): it removed a
 whole stage-1 block and scored 52.8%. From the 116-epoch baseline (87.82%) the same plan
 scores 49.0% against uniform's 41.7% and magnitude's 53.9% (`rank_correlation.md`).
+
+`max_ratio` (1.0: no cap): the largest share of a group the method may remove, as magnitude's
+(Torch-Pruning's `max_pruning_ratio`). In the shrink phase, of the channels the pull would
+bring within twice the threshold, the least urgent are spared down to the group's floor
+(`common.share_floor`: `(1 - max_ratio) x` its size, rounded up to `--round-to`): not pulled,
+held at twice the threshold at least, not counted as deferred; the expand step's target step
+keeps every group at its floor at least (`least`). Why: on CIFAR ResNet-32 from the 90%
+baseline (eighteenth session, `cifar10_table.md`) the pull thinned the second stage's residual
+stream to 8 of 32 channels (a stream channel is tied to a dozen convolutions, so it is the
+costliest per unit of gamma) and the plan scored 84.94% validation top-1, just above uniform
+widths' three seeds (84.28-84.80).
 """
 
 from __future__ import annotations
