@@ -304,6 +304,21 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def plan_sources(given: list[str], plans: list[str]) -> dict[str, str]:
+    """`--plan-from LABEL=CELL.json` values as {label: cell}. A label may hold '=' itself
+    (`method:morphnet:max_ratio=0.7`) and so may a cell's file name, so the split is at the
+    '=' whose left side is one of the `--plans`; a value that names none of them is an error
+    (ignored, it would quietly run the search again)."""
+    out = {}
+    for value in given:
+        cuts = [i for i, ch in enumerate(value) if ch == "=" and value[:i] in plans]
+        if not cuts:
+            sys.exit(f"--plan-from {value}: give LABEL=CELL.json, LABEL one of --plans "
+                     f"({', '.join(plans)})")
+        out[value[:cuts[-1]]] = value[cuts[-1] + 1:]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path)
@@ -332,10 +347,7 @@ def main(argv=None) -> int:
                          "recorded, instead of a new search (repeatable)")
     ap.add_argument("--table", action="store_true", help="print the finished cells and exit")
     args = ap.parse_args(argv)
-    bad = [s for s in args.plan_from if "=" not in s]
-    if bad:
-        sys.exit(f"--plan-from {bad[0]}: give LABEL=CELL.json")
-    args.plan_from = dict(s.split("=", 1) for s in args.plan_from)
+    args.plan_from = plan_sources(args.plan_from, args.plans)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(args.out))

@@ -174,3 +174,16 @@ def test_cutout_zeroes_one_square_per_augmented_image_the_same_for_a_seed():
     assert not torch.equal(ds.get_batch(list(range(64)), aug_seed=6)[0], x)
     plain, _ = ds.get_batch(list(range(64)), augment=False)
     assert (plain == 0).all(1).sum() == 0
+
+
+def test_peer_plan_from_splits_at_the_label_that_names_a_plan():
+    """A plan label and a cell's file name may both hold '=' (`method:morphnet:max_ratio=0.7`,
+    whose cell is `method:morphnet:max_ratio=0.7__...json`): splitting at the first '=' gave the
+    label `method:morphnet:max_ratio`, which no plan has, and the search silently ran again."""
+    label = "method:morphnet:max_ratio=0.7"
+    cell = f"/runs/{label}__project+distill__s0.json"
+    assert peer.plan_sources([f"{label}={cell}"], ["graphsearch", label]) == {label: cell}
+    assert peer.plan_sources(["graphsearch=/a=b.json"], ["graphsearch"]) == \
+        {"graphsearch": "/a=b.json"}
+    with pytest.raises(SystemExit, match="one of --plans"):
+        peer.plan_sources([f"method:morphnet={cell}"], [label])
