@@ -80,8 +80,8 @@ stream to 8 of 32 channels (a stream channel is tied to a dozen convolutions, so
 costliest per unit of gamma) and the plan scored 84.94% validation top-1, just above uniform
 widths' three seeds (84.28-84.80). With `max_ratio=0.7` (nineteenth session) that stream stays
 at 16, the pull thins the third stage's stream instead (48 to 32 of 64), and the plan scores
-85.12% (test 85.04% against 85.38%; one seed, inside the fine-tuning seeds' spread), so the
-default stays without a cap.
+85.00% (84.88-85.12, two fine-tuning seeds; test 85.13% against 85.38%): level with the
+uncapped plan, so the default stays without a cap.
 """
 
 from __future__ import annotations
