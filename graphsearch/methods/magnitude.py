@@ -34,7 +34,7 @@ import torch
 from ..load import UserError
 from ..target import allowed_widths
 from .base import Method, Proposal, SearchContext
-from .common import channel_savings
+from .common import channel_savings, check_max_ratio
 
 NORMALISE = ("mean", "flops", "none")
 SCHEDULES = ("one-shot", "iterative")
@@ -59,10 +59,7 @@ class Magnitude(Method):
         if schedule not in SCHEDULES:
             raise UserError(f"magnitude: schedule={schedule!r}: choose one of "
                             f"{', '.join(SCHEDULES)}")
-        max_ratio = float(ctx.settings.get("max_ratio", 1.0))
-        if not 0.0 < max_ratio <= 1.0:
-            raise UserError(f"magnitude: max_ratio={max_ratio:g}: the largest share of a "
-                            "group the iterative schedule may remove, in (0, 1]")
+        max_ratio = check_max_ratio(self.name, ctx.settings)
         if schedule == "iterative":
             scores = removal_order(ctx.graph, scores, ctx.round_to,
                                    renormalise=how in ("mean", "flops"),

@@ -331,6 +331,7 @@ class MorphNet(Method):
                 dying = alive_now & has & (rd - thr <= reg.threshold)
                 if dead is not None:
                     dying &= ~dead.to(rd.device)
+                urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))  # smaller: dies first
                 if max_ratio < 1.0:
                     # no group loses more than `max_ratio` of itself (spare_under_floor): of
                     # the channels the pull would bring within twice the threshold, the least
@@ -342,7 +343,6 @@ class MorphNet(Method):
                     # it counts as neither alive nor near)
                     living = alive_now if dead is None else alive_now & ~dead.to(rd.device)
                     near = living & has & (rd - thr <= 2 * reg.threshold)
-                    urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))
                     kept = spare_under_floor(graph, reg.per_group(living),
                                              reg.per_group(near), reg.per_group(urg),
                                              ctx.round_to, max_ratio)
@@ -354,7 +354,6 @@ class MorphNet(Method):
                     dying &= ~spared
                     thr = torch.where(spared, (rd - 2 * reg.threshold).clamp(max=0.0), thr)
                 if dying.any():
-                    urg = ((rd - reg.threshold) / thr.clamp_min(1e-30))
                     allowed = cap_deaths(graph, ev, ratio, reg.per_group(alive_now),
                                          reg.per_group(dying), reg.per_group(urg),
                                          max(goal, wanted))
