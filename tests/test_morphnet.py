@@ -87,3 +87,50 @@ def test_end_to_end_on_a_tiny_model(trained_tiny, tmp_path):
     # reaches the 0.01 threshold in 24 steps: the widths come from the expansion)
     # (measured before the refit puts the baseline's weights back)
     assert proposal.info["rounds"][0]["regulariser"] < 0.8 * reg_before
+
+
+def test_cost_weight_rescales_the_pull_by_a_power_of_each_channels_flops():
+    model = randomise(TwoConv(), seed=1)
+    graph = analyze(model, X8)
+    paper = FlopRegulariser(graph, model, threshold=0.01)
+    r = paper.r(model).detach()
+    r_ = r.clone().requires_grad_(True)
+    grad = torch.autograd.grad(paper.value(r_), r_)[0]
+    assert torch.equal(paper.pull(r), grad)  # 1: the paper's pull, dR/dr
+    has = paper.has_gamma
+    # the two groups' channels cost different FLOPs per unit of r
+    assert len(set(np.round(grad[has].numpy(), 6))) == 2
+    flat = FlopRegulariser(graph, model, threshold=0.01, cost_weight=0.0).pull(r)
+    assert torch.allclose(flat[has], grad[has].mean().expand(int(has.sum())))
+    half = FlopRegulariser(graph, model, threshold=0.01, cost_weight=0.5).pull(r)
+    assert half[has].mean().item() == pytest.approx(grad[has].mean().item())
+    assert torch.allclose(half[has] / half[has].mean(),
+                          grad[has].sqrt() / grad[has].sqrt().mean())
+    assert float(flat[~has].abs().sum()) == 0.0
+    with pytest.raises(UserError, match="cost_weight=-1"):
+        FlopRegulariser(graph, model, cost_weight=-1.0)
+
+
+def test_cost_weight_0_keeps_the_costliest_stream(trained_two_stage, tmp_path):
+    # the first stage's stream is tied to four convolutions: at the paper's FLOP pull MorphNet
+    # thins it to a channel or two (CIFAR ResNet-32: a stream went to a quarter); an equal pull
+    # on every channel leaves it most of its channels
+    import copy
+
+    from hand_models import X16, ctx_for
+
+    model, graph, data = trained_two_stage
+    stream = min((g for g in graph.prunable_groups if g.min_width > 0), key=lambda g: g.size)
+
+    def plan(cost_weight):
+        ctx = ctx_for(copy.deepcopy(model), graph, tmp_path / str(cost_weight), data,
+                      flops="0.33", settings={**MorphNet.defaults, "cost_weight": cost_weight},
+                      epochs=3.0)
+        ctx.example_inputs = X16
+        proposal = MorphNet().search(ctx)
+        assert proposal.info["cost_weight"] == cost_weight
+        assert graph.cost(proposal.plan.keep).flops <= ctx.constraints[0].limit
+        return proposal.plan.widths.get(stream.id, stream.size)
+
+    assert plan(1.0) < 4
+    assert plan(0.0) >= 8

@@ -82,6 +82,15 @@ widths' three seeds (84.28-84.80). With `max_ratio=0.7` (nineteenth session) tha
 at 16, the pull thins the third stage's stream instead (48 to 32 of 64), and the plan scores
 85.00% (84.88-85.12, two fine-tuning seeds; test 85.13% against 85.38%): level with the
 uncapped plan, so the default stays without a cap.
+
+`cost_weight` (1.0: the paper's pull): the proximal step pulls a channel's r by its FLOPs per
+unit of r (dR/dr) raised to this power, rescaled so that the mean pull over the channels with
+a gamma is unchanged (so the strength schedule needs no new calibration); 0 pulls every such
+channel alike, as group lasso and vardrop do at their `cost_weight=0`. The cap above showed
+that the FLOP pull moves from one stream to the next rather than losing its bias against
+stream channels (each tied to a dozen convolutions); a power under 1 weakens that bias without
+giving up the cost signal. On `hand_models.TwoStage` at 1/3 FLOPs the first stage's stream
+keeps 1 of 16 channels at 1, 10 at 0.5 and at 0.
 """
 
 from __future__ import annotations
@@ -103,10 +112,14 @@ class FlopRegulariser:
     """MorphNet's FLOP regulariser on a model's gammas, built from the channel graph."""
 
     def __init__(self, graph: ChannelGraph, model: nn.Module, threshold: float = 0.01,
-                 combine: str = "max"):
+                 combine: str = "max", cost_weight: float = 1.0):
         if combine not in ("max", "l2"):
             raise UserError(f"morphnet: combine={combine!r}; use max or l2")
+        if not (np.isfinite(cost_weight) and cost_weight >= 0):
+            raise UserError(f"morphnet: cost_weight={cost_weight!r}; use a power >= 0 (1: the "
+                            "paper's FLOP pull, 0: the same pull on every channel)")
         self.graph = graph
+        self.cost_weight = float(cost_weight)
         self.threshold = float(threshold)
         self.combine = combine
         self.offsets = np.concatenate([[0], np.cumsum([g.size for g in graph.groups])]
@@ -204,6 +217,20 @@ class FlopRegulariser:
     def __call__(self, model: nn.Module) -> torch.Tensor:
         return self.value(self.r(model))
 
+    def pull(self, r: torch.Tensor) -> torch.Tensor:
+        """The pull on each channel's r: dR/dr (a channel's FLOPs per unit of r at the alive
+        counts), raised to `cost_weight` and rescaled so that the mean pull over the channels
+        with a gamma is unchanged (1: the paper's; 0: every such channel pulled alike)."""
+        r = r.detach().requires_grad_(True)
+        g = torch.autograd.grad(self.value(r), r)[0] if r.numel() else r.detach()
+        if self.cost_weight == 1.0 or not r.numel():
+            return g
+        has = self.has_gamma.to(g.device)
+        w = torch.where(has & (g > 0), g.clamp_min(1e-300) ** self.cost_weight,
+                        torch.zeros_like(g))
+        mean_w = float(w[has].mean()) if has.any() else 0.0
+        return w * (float(g[has].mean()) / mean_w) if mean_w > 0 else g
+
     def flops(self, alive: torch.Tensor) -> float:
         """FLOPs of the alive counts (cost = coeff * A_in * A_out; depthwise coeff * A)."""
         A = self.layout_sums(alive.to(torch.float64), const=True)
@@ -235,6 +262,7 @@ class MorphNet(Method):
         "shrink_to": 1.0,  # the shrink phase stops at this alive cost (times the target)
         "threshold": 0.01,  # alive: |gamma| > threshold
         "combine": "l2",  # a coupled channel's r: the norm of its gammas, or "max" (docstring)
+        "cost_weight": 1.0,  # a channel's pull: its FLOPs ^ this (rescaled; docstring)
         "lr": None,  # None: the run's search lr (ctx.lr), constant
         "momentum": 0.9,
         "weight_decay": 5e-4,  # on everything but the gammas
@@ -250,7 +278,8 @@ class MorphNet(Method):
         max_ratio = check_max_ratio(self.name, s)
         graph, model = ctx.graph, ctx.model
         least = share_floors(graph, max_ratio, ctx.round_to)
-        reg = FlopRegulariser(graph, model, float(s["threshold"]), str(s["combine"]))
+        reg = FlopRegulariser(graph, model, float(s["threshold"]), str(s["combine"]),
+                              float(s["cost_weight"]))
         lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
         momentum, wd = float(s["momentum"]), float(s["weight_decay"])
         repeats = max(1, int(s["repeats"]))
@@ -266,8 +295,8 @@ class MorphNet(Method):
                             "(1: the shrink phase stops at the target)")
 
         # lambda
-        r0 = reg.r(model).detach().requires_grad_(True)
-        grad = torch.autograd.grad(reg.value(r0), r0)[0] if r0.numel() else r0
+        r0 = reg.r(model).detach()
+        grad = reg.pull(r0)
         mask = reg.has_gamma
         mean_r = float(r0.detach()[mask].mean()) if mask.any() else 0.0
         mean_g = float(grad[mask].mean()) if mask.any() else 0.0
@@ -316,9 +345,9 @@ class MorphNet(Method):
                 zero_channels(graph, m, dropped, opt)
             params = dict(m.named_parameters())
             dead = holder.get("dead")
+            r = reg.r(m)
             with torch.enable_grad():
-                r = reg.r(m).detach().requires_grad_(True)
-                g = torch.autograd.grad(reg.value(r), r)[0] if r.numel() else r
+                g = reg.pull(r)
             thr = torch.zeros_like(g) if pg["mn_hold"] else lr * pg["mn_lambda"] * g
             f = (step - holder.get("round_start", 0)) / max(steps, 1)
             wanted = path_ratio(r_full, goal, f, reach)
@@ -451,7 +480,8 @@ class MorphNet(Method):
             "lambda_final": float(holder["lambda"]),
             "schedule": "fixed" if fixed else "growing", "growth": growth,
             "strength": None if fixed else float(s["strength"]),
-            "threshold": float(s["threshold"]), "lr": lr, "momentum": momentum,
+            "threshold": float(s["threshold"]), "cost_weight": reg.cost_weight,
+            "lr": lr, "momentum": momentum,
             "epochs": float(ctx.epochs), "steps_per_round": steps, "repeats": repeats,
             "alive_widths": rounds[-1]["alive_widths"], "widths": rounds[-1]["widths"],
             "channels_died": died, "channels_with_gamma": int(sum(g.size for g in prunable)),
