@@ -138,6 +138,18 @@ def allowed_widths(size: int, min_width: int, round_to: int) -> np.ndarray:
     return np.array(sorted(w for w in ws if w >= min_width), dtype=np.int64)
 
 
+def _allowed_at_least(groups, scores: Mapping[int, np.ndarray], round_to: int,
+                      least: Mapping[int, int] | None) -> dict[int, np.ndarray]:
+    """`allowed_widths` per group, none under `least` (group -> width) but in groups whose
+    scores are all -inf (emptied by the method: not held to it)."""
+    allowed = {g.id: allowed_widths(g.size, g.min_width, round_to) for g in groups}
+    for gid, w in (least or {}).items():
+        if gid in allowed and bool(np.any(np.asarray(scores[gid], dtype=float) > -np.inf)):
+            a = allowed[gid]
+            allowed[gid] = a[a >= min(int(w), int(a[-1]))]
+    return allowed
+
+
 def legal_zeros(graph: ChannelGraph, widths: Mapping[int, int],
                 allowed: Mapping[int, np.ndarray] | None = None,
                 priority: Mapping[int, float] | None = None,
@@ -188,7 +200,7 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     order = {g.id: np.argsort(-np.asarray(scores[g.id], dtype=float), kind="stable")
              for g in groups}
     sorted_scores = {g.id: np.asarray(scores[g.id], dtype=float)[order[g.id]] for g in groups}
-    allowed = {g.id: allowed_widths(g.size, g.min_width, round_to) for g in groups}
+    allowed = _allowed_at_least(groups, scores, round_to, least)
 
     best_score = {g.id: float(sorted_scores[g.id][0]) if g.size else 0.0 for g in groups}
     # Channels scored -inf are never kept (a group at 0 stays at 0 unless the graph forbids
@@ -197,10 +209,6 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
     # tied scores are broken deterministically (constant scores give about one multiplier)
     # and every prefix of the order is a candidate, whatever the ties.
     finite = {g.id: int(np.count_nonzero(sorted_scores[g.id] > -np.inf)) for g in groups}
-    for gid, w in (least or {}).items():
-        if gid in allowed and finite[gid] > 0:
-            a = allowed[gid]
-            allowed[gid] = a[a >= min(int(w), int(a[-1]))]
     keys_s, keys_f, keys_g = [], [], []
     for g in groups:
         n = finite[g.id]
@@ -420,8 +428,8 @@ def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarra
         except UserError:
             # the model's floor is above the aim: aim at its floor once, measure, correct from
             # there (the model can be off; the measurement decides)
-            allowed = {g.id: allowed_widths(g.size, g.min_width, round_to)
-                       for g in graph.prunable_groups if g.id in scores}
+            allowed = _allowed_at_least([g for g in graph.prunable_groups if g.id in scores],
+                                        scores, round_to, least)
             floor = floor_cost(graph, CostMeter(graph, [], predictor), allowed)["latency"]
             if aim >= floor * (1 + 1e-3) or at_floor:
                 if best is not None or fastest is not None:

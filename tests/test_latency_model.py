@@ -330,3 +330,20 @@ def test_round_to_auto_takes_a_finer_multiple_when_the_target_lands_far_below(tm
         run.round_to_choice["reason"]
     plan = land_on_target(run.graph, scores_from_widths(run.graph, {}), run.constraints, 8)
     assert plan.achieved["flops"] >= 0.99 * run.constraints[0].limit
+
+
+def test_latency_target_just_above_the_max_ratio_floor_lands_on_it(graph):
+    # The bug: with a method's cap (`least`, --set max_ratio) the measured landing aims 2%
+    # under the target; when that aim is under the cap's floor it fell back to the floor of
+    # the uncapped widths, found the aim above it and refused a target the capped floor meets.
+    from graphsearch.methods.common import share_floors
+
+    model = tiny_model_with_runtime(graph, error=1.0)
+    least = share_floors(graph, 0.5, 1)
+    at_least = {gid: list(range(w)) for gid, w in least.items()}
+    floor = model.predict(at_least)
+    lat = Constraint("latency", floor / 0.99, "capped floor")  # aim 0.98 x limit < floor
+    plan = land_on_target(graph, scores_from_widths(graph, {}), [lat], 1, model, least=least)
+    assert plan.achieved["latency_met"], plan.achieved["latency_rounds"]
+    assert all(plan.widths.get(gid, 0) >= w for gid, w in least.items())
+    assert plan.achieved["latency"] <= lat.limit
