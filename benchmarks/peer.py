@@ -70,8 +70,9 @@ def graphsearch_plan(model, data, flops: float, round_to: int, settings: dict, s
     """The module `method` plans at the target (its search run on `data` for `epochs`), sliced
     from the weights the pipeline would fine-tune (the search's, or the baseline's where the
     method refits)."""
-    graph = analyze(model, example_inputs(arch))
     m = get_method(method)
+    m.check_settings(settings)  # a misspelt variant fails here, not after a default run
+    graph = analyze(model, example_inputs(arch))
     ctx = SearchContext(
         graph=graph, model=copy.deepcopy(model), data=data.for_search() if data is not None else None,
         constraints=[parse_constraint("flops", str(flops), graph.baseline.flops)],

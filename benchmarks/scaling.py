@@ -50,17 +50,13 @@ def main(argv=None) -> int:
     from graphsearch.analysis import analyze
     from graphsearch.cli import _parse_settings
     from graphsearch.data import load_dataset
-    from graphsearch.load import load_model
+    from graphsearch.load import UserError, load_model
     from graphsearch.methods import METHODS
     from graphsearch.methods.base import SearchContext
     from graphsearch.optimize import _limit_training
     from graphsearch.target import parse_constraint
 
     torch.manual_seed(0)
-    loaded = load_model(args.model, args.weights)
-    data = load_dataset(args.data, val_fraction=args.val_fraction, seed=0)
-    data = _limit_training(data, args.max_train, 0)
-    graph = analyze(loaded.model, loaded.example_inputs)
     method = METHODS[args.method]
     settings = {**method.defaults,
                 **({} if args.method == "gensynth" else {"candidate_steps": args.candidate_steps}),
@@ -69,6 +65,14 @@ def main(argv=None) -> int:
                 **({"max_evaluations": 12} if args.method == "submodular" else {}),
                 **({"cycles": 2, "children": 4} if args.method == "gensynth" else {}),
                 **_parse_settings(args.set)}
+    try:
+        method().check_settings(settings)
+    except UserError as exc:
+        raise SystemExit(f"scaling.py: {exc}") from None
+    loaded = load_model(args.model, args.weights)
+    data = load_dataset(args.data, val_fraction=args.val_fraction, seed=0)
+    data = _limit_training(data, args.max_train, 0)
+    graph = analyze(loaded.model, loaded.example_inputs)
     rows = []
     for n in args.workers:
         with tempfile.TemporaryDirectory() as state:

@@ -116,15 +116,7 @@ def _parse_settings(items: list[str]) -> dict:
 
 
 def _optimize(args) -> int:
-    from .methods import METHODS
-
-    settings = _parse_settings(args.set)
-    method = METHODS.get(args.method)
-    if method is not None:
-        unknown = sorted(set(settings) - set(method.defaults))
-        if unknown:
-            raise UserError(f"--set {', '.join(unknown)}: not a setting of {args.method} "
-                            f"(its settings: {', '.join(method.defaults) or 'none'})")
+    settings = _parse_settings(args.set)  # checked against the method's in `prepare`
     for flag, value in (("--val-fraction", args.val_fraction),
                         ("--test-fraction", args.test_fraction)):
         if not 0.0 <= value < 1.0:

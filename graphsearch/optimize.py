@@ -193,7 +193,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
     from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
 
-    get_method(config.method)  # an unknown method fails before any work
+    # an unknown method or setting fails before any work
+    get_method(config.method).check_settings(config.settings)
     if config.round_to != "auto" and (not isinstance(config.round_to, int)
                                       or config.round_to < 1):
         raise UserError(f"--round-to {config.round_to}: give a positive channel multiple, "

@@ -170,6 +170,24 @@ def test_api_refuses_bad_arguments():
     assert issubclass(InPlaceError, UserError)
 
 
+@pytest.mark.parametrize("settings,words", [
+    ({"foo": 1}, "foo: not a setting of morphnet"),
+    ({"cost_weight": "abc"}, "morphnet's cost_weight takes a number"),
+    ({"cap": "False"}, "morphnet's cap takes true or false"),
+    ({"repeats": 2.5}, "morphnet's repeats takes a whole number"),
+])
+def test_api_refuses_a_setting_the_method_lacks_or_of_the_wrong_kind(settings, words):
+    # The bug: the API ran a misspelt setting silently with the default (only the CLI checked
+    # names), and a value of the wrong kind ended in a traceback from float() or, for a
+    # switch, in bool("False") = True.
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    train = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    with pytest.raises(UserError, match=words):
+        graphsearch.optimize(model, torch.zeros(1, 3), train=train, method="morphnet",
+                             settings=settings, baseline_epochs=0, finetune_epochs=0,
+                             progress=False)
+
+
 def test_a_model_object_is_the_trained_baseline_as_with_weights():
     """Bug: the API trained a model object's baseline for 6 more epochs by default (the CLI's
     default for an untrained model.py), so a user's trained model was changed before the

@@ -143,6 +143,7 @@ def test_broken_model_py(kind, tmp_path):
     (["--data", "/nonexistent/data.zip"], "does not exist"),
     (["--round-to", "0"], "round-to"),
     (["--set", "foo=1"], "not a setting"),
+    (["--method", "morphnet", "--set", "cost_weight=abc"], "cost_weight takes a number"),
     (["--test-data", "/nonexistent/test.zip"], "--test-data: data '/nonexistent/test.zip' "
                                                "does not exist"),
     (["--val-data", "synthetic:40:3"], "--val-data 'synthetic:40:3' has 3 classes"),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+import json
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -150,6 +151,29 @@ class Method:
     cost = ""  # what it costs, one line
     trains = True  # spends the search budget (--search-epochs) training
     defaults: dict = {}
+
+    def check_settings(self, settings: Mapping) -> None:
+        """Refuse, before any work, a setting the method does not have and a value of the
+        wrong kind for a setting whose default is a number or a switch (a setting whose
+        default is None or text is checked by the method)."""
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise UserError(f"--set {', '.join(unknown)}: not a setting of {self.name} "
+                            f"(its settings: {', '.join(self.defaults) or 'none'})")
+        for key, value in settings.items():
+            default = self.defaults[key]
+            if isinstance(default, bool):
+                ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+                kind = "true or false"
+            elif isinstance(default, (int, float)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    not isinstance(default, int) or float(value).is_integer())
+                kind = "a whole number" if isinstance(default, int) else "a number"
+            else:
+                continue
+            if not ok:
+                raise UserError(f"--set {key}={value!r}: {self.name}'s {key} takes {kind} "
+                                f"(default {json.dumps(default)})")
 
     def search(self, ctx: SearchContext) -> Proposal:
         raise NotImplementedError
