@@ -80,9 +80,9 @@ plan scores 84.24% (test 84.36% against 85.26%; one seed, nineteenth session), s
 under uniform's lowest seed: the default stays without a cap. A lower cost weight does not
 help either: at `cost_weight=0.5` (twentieth session, one seed) the second stage's stream
 keeps 24 of 32 but the third stage's goes to 16 of 64, 136,626 parameters, 82.42% validation
-(83.04% test), 1.36 points under the default's plan. With `balance` every group shrinks at
-the same relative rate, so which stream empties is set by the cost weight's ranking of the
-groups, not by how much the loss defends them.
+(83.04% test), 1.36 points under the default's plan. A likely reason (not measured): with
+`balance` every group shrinks at the same relative rate, so the cost weight alone ranks the
+groups, and whatever its power one residual stream is the group it ranks first.
 """
 
 from __future__ import annotations
