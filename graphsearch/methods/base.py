@@ -7,9 +7,9 @@ through the shared target step (`ctx.land`), and the weights the slim model inhe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-import json
 from typing import Any, Callable, Mapping
 
 import numpy as np
