@@ -11,6 +11,7 @@ import torch
 
 from graphsearch.analysis import analyze
 from graphsearch.data import ImageTensorDataset, load_dataset
+from graphsearch.load import UserError
 from graphsearch.passes.slim import slim
 from graphsearch.target import parse_constraint
 from graphsearch.zoo import build, example_inputs
@@ -191,8 +192,6 @@ def test_peer_plan_from_splits_at_the_label_that_names_a_plan():
 
 def test_a_peer_plan_label_with_a_misspelt_setting_fails_before_the_search(tmp_path):
     # `method:morphnet:cost_weigth=0.5` ran MorphNet with its defaults under that label
-    from graphsearch.load import UserError
-
     model = build("resnet20")
     with pytest.raises(UserError, match="cost_weigth: not a setting of morphnet"):
         peer.graphsearch_plan(model, None, 0.33, 8, peer.settings_of("cost_weigth=0.5"),

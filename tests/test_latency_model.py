@@ -15,6 +15,7 @@ import torch
 import graphsearch.latency_model as lm  # noqa: E402
 from graphsearch.analysis import analyze  # noqa: E402
 from graphsearch.load import UserError  # noqa: E402
+from graphsearch.methods.common import share_floors  # noqa: E402
 from graphsearch.target import (Constraint, land_on_target, parse_constraint,  # noqa: E402
                                 scores_from_widths)
 from tiny_model import Tiny
@@ -336,8 +337,6 @@ def test_latency_target_just_above_the_max_ratio_floor_lands_on_it(graph):
     # The bug: with a method's cap (`least`, --set max_ratio) the measured landing aims 2%
     # under the target; when that aim is under the cap's floor it fell back to the floor of
     # the uncapped widths, found the aim above it and refused a target the capped floor meets.
-    from graphsearch.methods.common import share_floors
-
     model = tiny_model_with_runtime(graph, error=1.0)
     least = share_floors(graph, 0.5, 1)
     at_least = {gid: list(range(w)) for gid, w in least.items()}

@@ -1,6 +1,8 @@
 """MorphNet: the FLOP regulariser of a two-conv net computed by hand, the max (or L2) over a
 residual group, and the method end to end on a tiny model."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from graphsearch.analysis import analyze
 from graphsearch.load import UserError
 from graphsearch.methods.morphnet import FlopRegulariser, MorphNet
-from hand_models import X8, Residual, TwoConv, end_to_end, hidden_group, randomise
+from hand_models import X8, X16, Residual, TwoConv, ctx_for, end_to_end, hidden_group, randomise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,10 +117,6 @@ def test_cost_weight_0_keeps_the_costliest_stream(trained_two_stage, tmp_path):
     # the first stage's stream is tied to four convolutions: at the paper's FLOP pull MorphNet
     # thins it to a channel or two (CIFAR ResNet-32: a stream went to a quarter); an equal pull
     # on every channel leaves it most of its channels
-    import copy
-
-    from hand_models import X16, ctx_for
-
     model, graph, data = trained_two_stage
     stream = min((g for g in graph.prunable_groups if g.min_width > 0), key=lambda g: g.size)
 
