@@ -9,10 +9,11 @@ import torch
 
 from graphsearch.analysis import analyze
 from graphsearch.load import UserError
-from graphsearch.methods.common import realisable, spare_under_floor
+from graphsearch.methods.common import cost_weights, realisable, spare_under_floor, weight_ties
 from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, zero_channels
 from graphsearch.target import legal_zeros
-from hand_models import X8, X16, TwoConv, ctx_for, end_to_end, hidden_group, randomise
+from hand_models import (X8, X16, TwoConv, TwoStage, ctx_for, end_to_end, hidden_group,
+                         randomise)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,6 +144,40 @@ def test_the_penalty_weights_a_channel_by_its_cost_so_a_flops_target_kills_expen
         per_zero[power] = info["zeros_flops"] / info["zeros"]
     assert zeros[0.0] >= 8 and zeros[1.0] <= zeros[0.0] // 4
     assert per_zero[1.0] > 1.5 * per_zero[0.0]
+
+
+def test_cost_per_slice_charges_a_stream_channel_per_tied_convolution(tmp_path):
+    # A residual stream's channel is a row or column of every convolution on the stream, so
+    # per channel it is the costliest: the cost-weighted penalty emptied a ResNet-32 stream
+    # (8 of 32 channels kept). Per tied weight tensor it pays what one convolution's channel
+    # costs. TwoStage at 16x16: the first stream is in stem, a1, a2 and down (4 tensors),
+    # its block's inner channels in a1 and a2 (2); the second stream in down, b1, b2 and fc.
+    model = TwoStage()
+    graph = analyze(model, X16)
+    ctx = ctx_for(model, graph, tmp_path, flops="0.33")
+    ctx.example_inputs = X16
+    stream1, inner1, stream2, inner2 = sorted(
+        graph.prunable_groups, key=lambda g: (g.size, -len(g.members)))
+    assert weight_ties(graph, model) == {stream1.id: 4, inner1.id: 2, stream2.id: 4,
+                                         inner2.id: 2}
+    # MACs per channel by hand: the first stream's 256 * 9 * (3 + 16 + 16) + 64 * 9 * 32, its
+    # block's inner 2 * 256 * 9 * 16; the second stream's 64 * 9 * (16 + 32 + 32) + 4, its
+    # block's inner 2 * 64 * 9 * 32
+    macs = {stream1.id: 99072, inner1.id: 73728, stream2.id: 46084, inner2.id: 36864}
+    per_channel, per_slice = cost_weights(ctx, 1.0), cost_weights(ctx, 1.0, "slice")
+    ties = {stream1.id: 4, inner1.id: 2, stream2.id: 4, inner2.id: 2}
+    for gid, m in macs.items():
+        assert per_channel[gid] / per_channel[inner2.id] == pytest.approx(m / 36864, rel=0.02)
+        assert per_slice[gid] / per_slice[inner2.id] == pytest.approx(
+            m / ties[gid] / 18432, rel=0.02)
+    # per channel the first stream pays more than its block's inner channels, per slice less
+    assert per_channel[stream1.id] > per_channel[inner1.id]
+    assert per_slice[stream1.id] < per_slice[inner1.id]
+    half = cost_weights(ctx, 0.5, "slice")
+    assert half[stream1.id] / half[inner2.id] == pytest.approx(
+        (per_slice[stream1.id] / per_slice[inner2.id]) ** 0.5)
+    with pytest.raises(UserError, match="group-lasso: cost_per='slices'"):
+        cost_weights(ctx, 1.0, "slices", "group-lasso")
 
 
 def test_a_strong_penalty_never_empties_what_the_model_needs(trained_tiny, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from graphsearch.analysis import analyze
 from graphsearch.load import UserError
-from graphsearch.methods.common import share_floor, share_floors, spare_under_floor
+from graphsearch.methods.common import cost_weights, share_floor, share_floors, spare_under_floor
 from graphsearch.methods.group_lasso import GroupLasso
 from graphsearch.methods.morphnet import MorphNet
 from graphsearch.methods.vardrop import VariationalDropout
@@ -110,3 +110,26 @@ def test_spare_under_floor_holds_a_removable_group_at_its_share():
     for g in groups:  # the most urgent die, the rest are spared down to half the group
         assert int(np.count_nonzero(~kept[g.id])) == share_floor(g, 0.5, 1)
         assert np.flatnonzero(kept[g.id]).tolist() == list(range(g.size - share_floor(g, 0.5, 1)))
+
+
+@pytest.mark.parametrize("name", ["group-lasso", "vardrop"])
+def test_cost_per_slice_sets_the_weights_the_penalty_uses(name, trained_two_stage, tmp_path):
+    # `--set cost_per=slice` (test_group_lasso: the weights by hand): the method's penalty
+    # weights each group by its cost per tied weight tensor, not per channel
+    model, graph, data = trained_two_stage
+    method = METHODS[name]()
+    pays = {}
+    for per in ("channel", "slice"):
+        ctx = ctx_for(copy.deepcopy(model), graph, tmp_path / per, data, flops="0.33",
+                      settings={**method.defaults, "cost_per": per}, epochs=1.0)
+        ctx.example_inputs = X16
+        info = method.search(ctx).info
+        assert info["cost_per"] == per
+        expected = cost_weights(ctx, 1.0, per)
+        assert info["cost_pay"] == {str(g): pytest.approx(v) for g, v in expected.items()}
+        pays[per] = info["cost_pay"]
+    assert pays["channel"] != pays["slice"]
+    ctx = ctx_for(copy.deepcopy(model), graph, tmp_path / "bad", data, flops="0.33",
+                  settings={**method.defaults, "cost_per": "tensor"}, epochs=1.0)
+    with pytest.raises(UserError, match=f"{name}: cost_per='tensor'"):
+        method.search(ctx)

@@ -122,7 +122,7 @@ def binding_metric(ctx) -> str:
         if ctx.constraints else "flops"
 
 
-def cost_weights(ctx, power: float) -> dict[int, float]:
+def cost_weights(ctx, power: float, per: str = "channel", name: str = "") -> dict[int, float]:
     """Per prunable group: what one of its channels costs in the binding target's metric
     relative to the mean over the groups, to the power `power` (0: 1.0 everywhere). A
     penalty scaled by it asks an expensive channel to be worth more to survive, as
@@ -131,18 +131,39 @@ def cost_weights(ctx, power: float) -> dict[int, float]:
     as readily as the expensive ones (measured on CIFAR ResNet-20: group lasso and
     variational dropout kept 83k and 52k parameters at 1/3 FLOPs where uniform widths keep
     108k, and both ended below uniform after the same fine-tune; cifar10_table.md).
-    Groups whose channel saves nothing get the smallest positive weight."""
+    Groups whose channel saves nothing get the smallest positive weight. `per` "slice" (the
+    methods' `cost_per` setting) divides a channel's cost by the weight tensors it is tied to
+    (`weight_ties`): a residual stream's channel, in a dozen convolutions, then pays what one
+    of its convolutions' channels costs, not the dozen's sum; "channel" (the default) does not."""
+    per = str(per).lower()
+    if per not in ("channel", "slice"):
+        raise UserError(f"{name + ': ' if name else ''}cost_per={per!r}; use channel (a "
+                        "channel's cost) or slice (its cost per tied weight tensor)")
     groups = [g.id for g in ctx.graph.prunable_groups]
     if not power:
         return {gid: 1.0 for gid in groups}
     metric = binding_metric(ctx)
     save = channel_savings(ctx.graph, metric,
                            CostMeter(ctx.graph, ctx.constraints, ctx.latency_model))
+    if per == "slice":
+        ties = weight_ties(ctx.graph, ctx.model)
+        save = {g: v / ties.get(g, 1) for g, v in save.items()}
     positive = [v for v in save.values() if v > 0]
     if not positive:
         return {gid: 1.0 for gid in groups}
     mean, low = float(np.mean(positive)), float(min(positive))
     return {gid: (max(save.get(gid, 0.0), low) / mean) ** float(power) for gid in groups}
+
+
+def weight_ties(graph: ChannelGraph, model: nn.Module) -> dict[int, int]:
+    """Per prunable group, how many weight tensors (a conv's or linear's, two dimensions or
+    more) one of its channels is a row or a column of."""
+    params = dict(model.named_parameters())
+    tied = graph.tied_parameters()
+    return {g.id: max(1, len({s.name for s in tied[g.id]
+                             if s.role in ("out", "in") and s.name in params
+                             and params[s.name].dim() >= 2}))
+            for g in graph.prunable_groups}
 
 
 def budget_steps(ctx: SearchContext, epochs: float) -> int:

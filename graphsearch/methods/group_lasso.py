@@ -169,6 +169,7 @@ class GroupLasso(Method):
         "reach": 0.6,  # the zeros' cost should reach the target by this fraction of the phase
         "balance": True,  # per-group threshold scaled by the group's mean initial norm
         "cost_weight": 1.0,  # and by its channels' cost in the target's metric ^ this
+        "cost_per": "channel",  # that cost per channel, or per tied weight slice ("slice")
         "lr": None,  # None: the run's search lr (ctx.lr), constant (module docstring)
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
@@ -205,7 +206,7 @@ class GroupLasso(Method):
             lam0 = float(s["lambda"])
         else:
             lam0 = float(s["shrink"]) * mean0 / max(lr * steps, 1e-12)  # sum_t lr_t = lr * steps
-        pay = cost_weights(ctx, float(s["cost_weight"]))
+        pay = cost_weights(ctx, float(s["cost_weight"]), s["cost_per"], self.name)
         weight = {gid: (float(n.double().mean()) / max(mean0, 1e-12)
                         if s["balance"] else 1.0) * pay.get(gid, 1.0)
                   for gid, n in norms0.items()}
@@ -382,6 +383,8 @@ class GroupLasso(Method):
             "lambda": lam0, "lambda_final": lam_end, "schedule": "fixed" if fixed else "growing",
             "shrink": None if fixed else float(s["shrink"]), "growth": growth,
             "balance": bool(s["balance"]), "cost_weight": float(s["cost_weight"]),
+            "cost_per": str(s["cost_per"]).lower(),
+            "cost_pay": {str(g): float(v) for g, v in pay.items()},  # each group's weight
             "lr": lr, "momentum": momentum, "epochs": epochs, "steps": steps,
             "zeros_per_group": zeros, "zeros": int(sum(zeros.values())),
             "channels": int(final.numel()),

@@ -215,6 +215,7 @@ class VariationalDropout(Method):
         "straight_through": True,
         "per_sample": True,  # noise drawn per sample (local reparameterisation)
         "cost_weight": 1.0,  # KL of a channel x its cost in the target's metric ^ this
+        "cost_per": "channel",  # that cost per channel, or per tied weight tensor ("slice")
         "schedule": "growing",  # the KL's strength: "growing" to the target, or "fixed" (1)
         "max_growth": 1e4,  # the strength may grow this much over the reach window
         "growth": None,  # factor per step; None: max_growth spread over the reach window
@@ -232,7 +233,7 @@ class VariationalDropout(Method):
                         bool(s["straight_through"]))
         device = next(ctx.model.parameters()).device
         gates.to(device)
-        gates.weights = cost_weights(ctx, float(s["cost_weight"]))
+        gates.weights = cost_weights(ctx, float(s["cost_weight"]), s["cost_per"], self.name)
         net = ctx.gated(gates.gates(), gates)
         if s["per_sample"]:
             net = PerSample(net, gates)
@@ -319,6 +320,8 @@ class VariationalDropout(Method):
             "log_alpha_summary": _summary(everything),
             "final_kl": final_kl,
             "steps": total, "gate_lr": gate_lr, "cost_weight": float(s["cost_weight"]),
+            "cost_per": str(s["cost_per"]).lower(),
+            "cost_pay": {str(g): float(v) for g, v in gates.weights.items()},
             "schedule": schedule, "strength_final": float(gates.strength), "growth": growth,
             "target_flops": next((c.limit for c in ctx.constraints if c.metric == "flops"),
                                  None),
