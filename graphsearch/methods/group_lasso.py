@@ -39,8 +39,8 @@ the relaxed lasso's debiasing): the penalty chose the support, but its shrinkage
 survivors is a bias, not information, and a short fine-tune cannot undo it.
 The per-group threshold is scaled by the group's mean initial norm (`balance`), so that a
 group whose channels gather many tied slices (a residual stage) shrinks at the same relative
-rate as the others, and by what one of its channels costs in the target's metric relative
-to the mean channel (`cost_weight`, the power of that ratio; 1 by default, 0 for the paper's
+rate as the others, and by what one of its channels costs in the target's metric (per tied
+weight tensor: `cost_per`, below) relative to the mean channel (`cost_weight`, the power of that ratio; 1 by default, 0 for the paper's
 plain penalty): resource-weighted group lasso, the penalty MorphNet's FLOP regulariser
 generalises. Unweighted, a FLOPs target took the cheap channels of the low-resolution stage
 (rich in parameters) as readily as the expensive ones: 83k parameters kept at 1/3 FLOPs on
@@ -80,9 +80,23 @@ plan scores 84.24% (test 84.36% against 85.26%; one seed, nineteenth session), s
 under uniform's lowest seed: the default stays without a cap. A lower cost weight does not
 help either: at `cost_weight=0.5` (twentieth session, one seed) the second stage's stream
 keeps 24 of 32 but the third stage's goes to 16 of 64, 136,626 parameters, 82.42% validation
-(83.04% test), 1.36 points under the default's plan. A likely reason (not measured): with
-`balance` every group shrinks at the same relative rate, so the cost weight alone ranks the
-groups, and whatever its power one residual stream is the group it ranks first.
+(83.04% test), 1.36 points under the per-channel plan.
+
+`cost_per` ("slice", the default since the twenty-first session; "channel" before): what a
+channel's cost is counted per. With `balance` every group shrinks at the same relative rate,
+so the cost weight alone ranks the groups; per channel, a residual stream's channel, a row or
+column of every convolution on the stream (11-13 weight tensors in ResNet-32 against 2 for a
+block's inner channel), paid 4.5-5.4 times what its stage's inner channels paid, and the penalty emptied
+streams while it kept the third stage's inner convolutions whole (search only, ResNet-32:
+streams at 8, 8 and 32 of 16, 32 and 64; `balance=false` left a stream at 8 of 32 at cost
+weight 1 and at 16 of 64 at 0.5; `cost_weight=0.25` kept streams at 8, 24 and 40 with 151,826
+parameters (those three plans were not fine-tuned). Per tied weight tensor (`common.cost_weights`, `weight_ties`) a
+stream's channel pays what one of its convolutions' channels costs, 0.8 times its stage's
+inner channels: the plan keeps the streams at 8, 24 and 64, thins the inner convolutions
+(8 in the second stage, 32-56 in the third) and removes two of the first stage's blocks,
+244,466 parameters, and scores 86.42% validation top-1 (86.76% test) against 83.78% (85.26%)
+per channel: above uniform widths' three seeds (84.28-84.80) by 1.6 points and magnitude's
+(85.48-85.86) by 0.6 (one search and fine-tuning seed, twenty-first session, `cifar10_table.md`).
 """
 
 from __future__ import annotations
@@ -169,7 +183,7 @@ class GroupLasso(Method):
         "reach": 0.6,  # the zeros' cost should reach the target by this fraction of the phase
         "balance": True,  # per-group threshold scaled by the group's mean initial norm
         "cost_weight": 1.0,  # and by its channels' cost in the target's metric ^ this
-        "cost_per": "channel",  # that cost per channel, or per tied weight slice ("slice")
+        "cost_per": "slice",  # that cost per tied weight tensor, or per channel (docstring)
         "lr": None,  # None: the run's search lr (ctx.lr), constant (module docstring)
         "momentum": 0.9,
         "normalise": "final",  # "final", "initial" or "none" (module docstring)
