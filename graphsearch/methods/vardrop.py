@@ -41,6 +41,16 @@ Choices, and why:
   With the paper's uniform KL a FLOPs target took the cheap, parameter-rich channels of the
   low-resolution stage first: 52k parameters kept at 1/3 FLOPs on CIFAR ResNet-20 (uniform
   widths keep 108k) and 2.4 points under uniform after the same fine-tune.
+- That cost per tied weight tensor (`cost_per` "slice", the default since the twenty-first
+  session; "channel" before; `common.cost_weights`): per channel, a residual stream's channel,
+  a row or column of every convolution on the stream, paid 4.5-5.4 times its stage's inner
+  channels on CIFAR ResNet-32, and the gates dropped the first and second stages' streams to
+  8 of 16 and 8 of 32 (84.70% validation top-1 after the fine-tune; 84.82% at
+  `cost_weight=0.5`, 84.96% capped at `max_ratio=0.7`; uniform widths 84.28-84.80). Per tied
+  weight tensor the plan keeps the streams at 16, 24 and 56, thins the inner convolutions
+  (8 in the first two stages, 16-40 in the third), removes one block, 163,834 parameters, and
+  scores 85.52% validation (86.04% test; one search and fine-tuning seed): 0.7 above uniform's
+  highest seed, level with magnitude (85.48-85.86) (`cifar10_table.md`, twenty-first session).
 - KL strength (`schedule` "growing", the default; "fixed": the paper's 1): even with the
   budget-scaled gate lr, the paper's sum KL / N moved no gate past the drop threshold in the
   pipeline's budget (CIFAR ResNet-20, 126 steps: 0 of 448, log alpha median -8), so the plan
@@ -215,7 +225,7 @@ class VariationalDropout(Method):
         "straight_through": True,
         "per_sample": True,  # noise drawn per sample (local reparameterisation)
         "cost_weight": 1.0,  # KL of a channel x its cost in the target's metric ^ this
-        "cost_per": "channel",  # that cost per channel, or per tied weight tensor ("slice")
+        "cost_per": "slice",  # that cost per tied weight tensor, or per channel (docstring)
         "schedule": "growing",  # the KL's strength: "growing" to the target, or "fixed" (1)
         "max_growth": 1e4,  # the strength may grow this much over the reach window
         "growth": None,  # factor per step; None: max_growth spread over the reach window
