@@ -37,17 +37,18 @@ in line for the next step, and while deaths wait the strength eases off (divided
 factor). After the phase the plan's channels restart from the baseline's weights (`refit`,
 the relaxed lasso's debiasing): the penalty chose the support, but its shrinkage of the
 survivors is a bias, not information, and a short fine-tune cannot undo it.
-The per-group threshold is scaled by the group's mean initial norm (`balance`), so that a
-group whose channels gather many tied slices (a residual stage) shrinks at the same relative
-rate as the others, and by what one of its channels costs in the target's metric (per tied
-weight tensor: `cost_per`, below) relative to the mean channel (`cost_weight`, the power of that ratio; 1 by default, 0 for the paper's
-plain penalty): resource-weighted group lasso, the penalty MorphNet's FLOP regulariser
-generalises. Unweighted, a FLOPs target took the cheap channels of the low-resolution stage
-(rich in parameters) as readily as the expensive ones: 83k parameters kept at 1/3 FLOPs on
-CIFAR ResNet-20 where uniform widths keep 108k, and 1.3 points under uniform after the same
-fine-tune (`common.cost_weights`). The lr is the run's search lr (`lr` None): the task gradient defends a
-channel with lr * grad per step (times the momentum gain) against lr * lambda, and a higher
-lr needs a smaller lambda for the same shrinkage, so more of the ranking is the data's.
+The per-group threshold is scaled by the group's mean initial norm (`balance`), so that a group
+whose channels gather many tied slices (a residual stage) shrinks at the same relative rate as
+the others, and by what one of its channels costs in the target's metric (per tied weight
+tensor: `cost_per`, below) relative to the mean channel (`cost_weight`, the power of that
+ratio; 1 by default, 0 for the paper's plain penalty): resource-weighted group lasso, the
+penalty MorphNet's FLOP regulariser generalises. Unweighted, a FLOPs target took the cheap
+channels of the low-resolution stage (rich in parameters) as readily as the expensive ones: 83k
+parameters kept at 1/3 FLOPs on CIFAR ResNet-20 where uniform widths keep 108k, and 1.3 points
+under uniform after the same fine-tune (`common.cost_weights`). The lr is the run's search lr
+(`lr` None): the task gradient defends a channel with lr * grad per step (times the momentum
+gain) against lr * lambda, and a higher lr needs a smaller lambda for the same shrinkage, so
+more of the ranking is the data's.
 `--set lambda=...` gives a fixed lambda instead.
 `--set floor=true` spares deaths that would leave a stream under the smallest width the plan
 keeps (8 at `--round-to 8`) and counts the zeros' cost at the widths the plan will keep
@@ -83,25 +84,25 @@ keeps 24 of 32 but the third stage's goes to 16 of 64, 136,626 parameters, 82.42
 (83.04% test), 1.36 points under the per-channel plan.
 
 `cost_per` ("slice", the default since the twenty-first session; "channel" before): what a
-channel's cost is counted per. With `balance` every group shrinks at the same relative rate,
-so the cost weight alone ranks the groups; per channel, a residual stream's channel, a row or
+channel's cost is counted per. With `balance` every group shrinks at the same relative rate, so
+the cost weight alone ranks the groups; per channel, a residual stream's channel, a row or
 column of every convolution on the stream (11-13 weight tensors in ResNet-32 against 2 for a
-block's inner channel), paid 4.5-5.4 times what its stage's inner channels paid, and the penalty emptied
-streams while it kept the third stage's inner convolutions whole (search only, ResNet-32:
-streams at 8, 8 and 32 of 16, 32 and 64; `balance=false` left a stream at 8 of 32 at cost
-weight 1 and at 16 of 64 at 0.5; `cost_weight=0.25` kept streams at 8, 24 and 40 with 151,826
-parameters (those three plans were not fine-tuned). Per tied weight tensor (`common.cost_weights`, `weight_ties`) a
-stream's channel pays what one of its convolutions' channels costs, 0.8 times its stage's
-inner channels: the plan keeps the streams at 8, 24 and 64, thins the inner convolutions
-(8 in the second stage, 32-56 in the third) and removes two of the first stage's blocks,
-244,466 parameters, and scores 86.42% validation top-1 (86.76% test) against 83.78% (85.26%)
-per channel: above uniform widths' three seeds (84.28-84.80) by 1.6 points and magnitude's
-(85.48-85.86) by 0.6 (one fine-tuning seed, twenty-first session, `cifar10_table.md`); a second
-search seed removes the whole first stage's blocks and scores 85.50% (86.30%). On CIFAR
-ResNet-20 (116-epoch baseline, one seed) it does not help: 83.90% against 84.46% per channel,
-both under uniform (84.66-85.16); the second stage's stream goes to 8 of 32 either way,
-although per slice it is charged 0.7 times its stage's inner channels there too. The default
-follows ResNet-32; what empties that stream on ResNet-20 is not found.
+block's inner channel), paid 4.5-5.4 times what its stage's inner channels paid, and the
+penalty emptied streams while it kept the third stage's inner convolutions whole (search only,
+ResNet-32: streams at 8, 8 and 32 of 16, 32 and 64; `balance=false` left a stream at 8 of 32 at
+cost weight 1 and at 16 of 64 at 0.5; `cost_weight=0.25` kept streams at 8, 24 and 40 with
+151,826 parameters; those three plans were not fine-tuned). Per tied weight tensor
+(`common.cost_weights`, `weight_ties`) a stream's channel pays what one of its convolutions'
+channels costs, 0.8 times its stage's inner channels: the plan keeps the streams at 8, 24 and
+64, thins the inner convolutions (8 in the second stage, 32-56 in the third) and removes two of
+the first stage's blocks, 244,466 parameters, and scores 86.42% validation top-1 (86.76% test)
+against 83.78% (85.26%) per channel: above uniform widths' three seeds (84.28-84.80) by 1.6
+points and magnitude's (85.48-85.86) by 0.6 (one fine-tuning seed, twenty-first session,
+`cifar10_table.md`); a second search seed removes the whole first stage's blocks and scores
+85.50% (86.30%). On CIFAR ResNet-20 (116-epoch baseline, one seed) it does not help: 83.90%
+against 84.46% per channel, both under uniform (84.66-85.16); the second stage's stream goes to
+8 of 32 either way, although per slice it is charged 0.7 times its stage's inner channels there
+too. The default follows ResNet-32; what empties that stream on ResNet-20 is not found.
 """
 
 from __future__ import annotations

@@ -83,24 +83,25 @@ at 16, the pull thins the third stage's stream instead (48 to 32 of 64), and the
 85.00% (84.88-85.12, two fine-tuning seeds; test 85.13% against 85.38%): level with the
 uncapped plan, so the default stays without a cap.
 
-`cost_weight` (0.5 by default since the twenty-first session; 1.0: the paper's pull): the proximal
-step pulls a channel's r by its FLOPs per unit of r (dR/dr) raised to this power, rescaled so that the mean pull over the channels with
-a gamma is unchanged (so the strength schedule needs no new calibration); 0 pulls every such
-channel alike, as group lasso and vardrop do at their `cost_weight=0`. The cap above showed
-that the FLOP pull moves from one stream to the next rather than losing its bias against
-stream channels (each tied to a dozen convolutions); a power under 1 weakens that bias without
-giving up the cost signal. On `hand_models.TwoStage` at 1/3 FLOPs the first stage's stream
-keeps 1 of 16 channels at 1, 10 at 0.5 and at 0. On CIFAR ResNet-32 from the 90% baseline
-(twentieth session, `cifar10_table.md`, search seed 0, one fine-tuning seed) 0.5 keeps the
-second stage's stream whole (32; at 1: 8) and the third's at 56 (48), and the plan scores
-85.96% validation top-1 (86.40% test) against 84.94% (85.38%) at 1: a point, above uniform's
-three seeds beyond their spread, 0.10 above magnitude's highest; a second search seed scores
-86.34% (11 of 15 blocks). On CIFAR ResNet-20 from the 116-epoch baseline (87.80% validation;
-twenty-first session, same budgets, two search seeds each, one fine-tuning seed) 0.5 scores
-85.18% and 85.00% validation top-1 (85.16% and 84.32% test) against 84.86% and 83.26% (84.64%
-and 83.62%) at 1: a point higher on the mean over search seeds on both models, so 0.5 is the
-default (decided on validation). On ResNet-20 it is level with magnitude (84.58-85.10 over
-three fine-tuning seeds), not ahead; on ResNet-32 0.10 and 0.48 above magnitude's highest.
+`cost_weight` (0.5 by default since the twenty-first session; 1.0: the paper's pull): the
+proximal step pulls a channel's r by its FLOPs per unit of r (dR/dr) raised to this power,
+rescaled so that the mean pull over the channels with a gamma is unchanged (so the strength
+schedule needs no new calibration); 0 pulls every such channel alike, as group lasso and
+vardrop do at their `cost_weight=0`. The cap above showed that the FLOP pull moves from one
+stream to the next rather than losing its bias against stream channels (each tied to a dozen
+convolutions); a power under 1 weakens that bias without giving up the cost signal. On
+`hand_models.TwoStage` at 1/3 FLOPs the first stage's stream keeps 1 of 16 channels at 1, 10 at
+0.5 and at 0. On CIFAR ResNet-32 from the 90% baseline (twentieth session, `cifar10_table.md`,
+search seed 0, one fine-tuning seed) 0.5 keeps the second stage's stream whole (32; at 1: 8)
+and the third's at 56 (48), and the plan scores 85.96% validation top-1 (86.40% test) against
+84.94% (85.38%) at 1: a point, above uniform's three seeds beyond their spread, 0.10 above
+magnitude's highest; a second search seed scores 86.34% (11 of 15 blocks). On CIFAR ResNet-20
+from the 116-epoch baseline (87.80% validation; twenty-first session, same budgets, two search
+seeds each, one fine-tuning seed) 0.5 scores 85.18% and 85.00% validation top-1 (85.16% and
+84.32% test) against 84.86% and 83.26% (84.64% and 83.62%) at 1: a point higher on the mean
+over search seeds on both models, so 0.5 is the default (decided on validation). On ResNet-20
+it is level with magnitude (84.58-85.10 over three fine-tuning seeds), not ahead; on ResNet-32
+0.10 and 0.48 above magnitude's highest.
 """
 
 from __future__ import annotations
