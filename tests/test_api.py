@@ -175,6 +175,9 @@ def test_api_refuses_bad_arguments():
     ({"cost_weight": "abc"}, "morphnet's cost_weight takes a number"),
     ({"cap": "False"}, "morphnet's cap takes true or false"),
     ({"repeats": 2.5}, "morphnet's repeats takes a whole number"),
+    # a text setting's bad value was refused only when the search began, after the
+    # baseline's training (`--set cost_per=bogus` after 6 epochs on the CLI)
+    ({"combine": "mean"}, "morphnet's combine takes one of l2, max"),
 ])
 def test_api_refuses_a_setting_the_method_lacks_or_of_the_wrong_kind(settings, words):
     # The bug: the API ran a misspelt setting silently with the default (only the CLI checked

@@ -151,11 +151,12 @@ class Method:
     cost = ""  # what it costs, one line
     trains = True  # spends the search budget (--search-epochs) training
     defaults: dict = {}
+    choices: dict = {}  # a text setting's allowed values (check_settings refuses others)
 
     def check_settings(self, settings: Mapping) -> None:
         """Refuse, before any work, a setting the method does not have and a value of the
         wrong kind for a setting whose default is a number or a switch (a setting whose
-        default is None or text is checked by the method)."""
+        default is None is checked by the method; a text setting takes one of its `choices`)."""
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
             raise UserError(f"--set {', '.join(unknown)}: not a setting of {self.name} "
@@ -169,6 +170,9 @@ class Method:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
                     not isinstance(default, int) or float(value).is_integer())
                 kind = "a whole number" if isinstance(default, int) else "a number"
+            elif key in self.choices:
+                ok = str(value).lower() in self.choices[key]
+                kind = "one of " + ", ".join(self.choices[key])
             else:
                 continue
             if not ok:

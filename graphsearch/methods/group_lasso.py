@@ -181,6 +181,8 @@ class GroupLasso(Method):
                "with a strength that grows until the exactly-zero channels' cost reaches the "
                "target; the zeros decide the plan")
     cost = "one sparsity phase of --search-epochs (proximal SGD), then the fine-tuning"
+    choices = {"cost_per": ("slice", "channel"),
+               "normalise": ("final", "initial", "none", "true", "false")}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "shrink": 0.3,  # the schedule's starting strength (total shrink over the budget)

@@ -264,6 +264,7 @@ class MorphNet(Method):
                "strength grown until the alive cost reaches the target, then expand the alive "
                "widths by one multiplier")
     cost = "one shrinking phase of --search-epochs (split over repeats), then the fine-tuning"
+    choices = {"combine": ("l2", "max")}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "strength": 1.0,  # the schedule's starting strength

@@ -214,6 +214,7 @@ class VariationalDropout(Method):
                "regularised; channels ranked by log alpha (dropped at log alpha >= 3)")
     cost = ("one training run of the search budget with gates (on CIFAR ResNet-20: 93 s for "
             "2 epochs, about plain training)")
+    choices = {"cost_per": ("slice", "channel"), "schedule": ("growing", "fixed")}
     defaults = {
         "lr": 1e-3,  # Adam, network weights (the paper's optimiser)
         "gate_lr": None,  # Adam, theta and log sigma^2; None: scaled to the budget (docstring)
