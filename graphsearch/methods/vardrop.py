@@ -49,8 +49,9 @@ Choices, and why:
   `cost_weight=0.5`, 84.96% capped at `max_ratio=0.7`; uniform widths 84.28-84.80). Per tied
   weight tensor the plan keeps the streams at 16, 24 and 56, thins the inner convolutions
   (8 in the first two stages, 16-40 in the third), removes one block, 163,834 parameters, and
-  scores 85.52% validation (86.04% test; one search and fine-tuning seed): 0.7 above uniform's
-  highest seed, level with magnitude (85.48-85.86) (`cifar10_table.md`, twenty-first session).
+  scores 85.52% validation (86.04% test; one fine-tuning seed): 0.7 above uniform's highest
+  seed, level with magnitude (85.48-85.86) (`cifar10_table.md`, twenty-first session); a
+  second search seed keeps all 15 blocks (streams 8, 24, 56) and scores 86.34% (86.78%).
   On CIFAR ResNet-20 (116-epoch baseline) 85.24% validation (85.26% test) against 84.49%
   (84.38-84.64, older code) per channel: at the top of uniform's and magnitude's ranges.
 - KL strength (`schedule` "growing", the default; "fixed": the paper's 1): even with the
