@@ -52,8 +52,8 @@ Choices, and why:
   scores 85.52% validation (86.04% test; one fine-tuning seed): 0.7 above uniform's highest
   seed, level with magnitude (85.48-85.86) (`cifar10_table.md`, twenty-first session); a
   second search seed keeps all 15 blocks (streams 8, 24, 56) and scores 86.34% (86.78%).
-  On CIFAR ResNet-20 (116-epoch baseline) 85.24% validation (85.26% test) against 84.49%
-  (84.38-84.64, older code) per channel: at the top of uniform's and magnitude's ranges.
+  On CIFAR ResNet-20 (116-epoch baseline) 85.24% validation (85.26% test) against 83.46%
+  (84.32%) per channel: at the top of uniform's and magnitude's ranges.
 - KL strength (`schedule` "growing", the default; "fixed": the paper's 1): even with the
   budget-scaled gate lr, the paper's sum KL / N moved no gate past the drop threshold in the
   pipeline's budget (CIFAR ResNet-20, 126 steps: 0 of 448, log alpha median -8), so the plan
