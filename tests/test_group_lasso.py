@@ -158,14 +158,13 @@ def test_cost_per_slice_charges_a_stream_channel_per_tied_convolution(tmp_path):
     ctx.example_inputs = X16
     stream1, inner1, stream2, inner2 = sorted(
         graph.prunable_groups, key=lambda g: (g.size, -len(g.members)))
-    assert weight_ties(graph, model) == {stream1.id: 4, inner1.id: 2, stream2.id: 4,
-                                         inner2.id: 2}
+    ties = {stream1.id: 4, inner1.id: 2, stream2.id: 4, inner2.id: 2}
+    assert weight_ties(graph, model) == ties
     # MACs per channel by hand: the first stream's 256 * 9 * (3 + 16 + 16) + 64 * 9 * 32, its
     # block's inner 2 * 256 * 9 * 16; the second stream's 64 * 9 * (16 + 32 + 32) + 4, its
     # block's inner 2 * 64 * 9 * 32
     macs = {stream1.id: 99072, inner1.id: 73728, stream2.id: 46084, inner2.id: 36864}
     per_channel, per_slice = cost_weights(ctx, 1.0), cost_weights(ctx, 1.0, "slice")
-    ties = {stream1.id: 4, inner1.id: 2, stream2.id: 4, inner2.id: 2}
     for gid, m in macs.items():
         assert per_channel[gid] / per_channel[inner2.id] == pytest.approx(m / 36864, rel=0.02)
         assert per_slice[gid] / per_slice[inner2.id] == pytest.approx(

@@ -30,6 +30,7 @@ from .base import SearchContext
 from ..units import human
 
 ROLES = ("out", "in", "gamma", "beta")
+COST_PER = ("slice", "channel")  # what a penalty's cost weight counts per (`cost_weights`)
 
 
 def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
@@ -136,7 +137,7 @@ def cost_weights(ctx, power: float, per: str = "channel", name: str = "") -> dic
     (`weight_ties`): a residual stream's channel, in a dozen convolutions, then pays what one
     of its convolutions' channels costs, not the dozen's sum; "channel" (the default) does not."""
     per = str(per).lower()
-    if per not in ("channel", "slice"):
+    if per not in COST_PER:
         raise UserError(f"{name + ': ' if name else ''}cost_per={per!r}; use channel (a "
                         "channel's cost) or slice (its cost per tied weight tensor)")
     groups = [g.id for g in ctx.graph.prunable_groups]

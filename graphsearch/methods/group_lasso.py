@@ -116,8 +116,8 @@ from torch import nn
 from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
-from .common import (ROLES, tied_by_param, added_share, alive_cost, budget_steps,  # noqa: F401
-                     cap_deaths, check_max_ratio, cost_weights, path_ratio, share_floors,
+from .common import (COST_PER, ROLES, tied_by_param, added_share, alive_cost,  # noqa: F401
+                     budget_steps, cap_deaths, check_max_ratio, cost_weights, path_ratio, share_floors,
                      spare_under_floor,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
@@ -181,7 +181,7 @@ class GroupLasso(Method):
                "with a strength that grows until the exactly-zero channels' cost reaches the "
                "target; the zeros decide the plan")
     cost = "one sparsity phase of --search-epochs (proximal SGD), then the fine-tuning"
-    choices = {"cost_per": ("slice", "channel"),
+    choices = {"cost_per": COST_PER,
                "normalise": ("final", "initial", "none", "true", "false")}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
@@ -208,7 +208,7 @@ class GroupLasso(Method):
         s = {**self.defaults, **ctx.settings}
         max_ratio = check_max_ratio(self.name, s)
         mode = str(s["normalise"]).lower()
-        if mode not in ("initial", "final", "none", "true", "false"):
+        if mode not in self.choices["normalise"]:
 
             raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
                             "or none")

@@ -94,8 +94,8 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from .base import Method, Proposal, SearchContext
-from .common import (alive_cost, check_max_ratio, cost_weights, fold_gates, path_ratio,
-                     share_floors, strength_path)
+from .common import (COST_PER, alive_cost, check_max_ratio, cost_weights, fold_gates,
+                     path_ratio, share_floors, strength_path)
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
@@ -217,7 +217,7 @@ class VariationalDropout(Method):
                "regularised; channels ranked by log alpha (dropped at log alpha >= 3)")
     cost = ("one training run of the search budget with gates (on CIFAR ResNet-20: 93 s for "
             "2 epochs, about plain training)")
-    choices = {"cost_per": ("slice", "channel"), "schedule": ("growing", "fixed")}
+    choices = {"cost_per": COST_PER, "schedule": ("growing", "fixed")}
     defaults = {
         "lr": 1e-3,  # Adam, network weights (the paper's optimiser)
         "gate_lr": None,  # Adam, theta and log sigma^2; None: scaled to the budget (docstring)
@@ -254,7 +254,7 @@ class VariationalDropout(Method):
         n_train = len(ctx.data.train)
         total = ctx.budget_steps(ctx.epochs)
         schedule = str(s["schedule"]).lower()
-        if schedule not in ("growing", "fixed"):
+        if schedule not in self.choices["schedule"]:
             raise UserError(f"vardrop: schedule={s['schedule']!r}; use growing or fixed")
         start = float(s["warmup_start"])
         reach = float(s["reach"]) if s["reach"] is not None else float(s["warmup_end"])
