@@ -9,9 +9,10 @@ import torch
 
 from graphsearch.analysis import analyze
 from graphsearch.load import UserError
-from graphsearch.methods.common import cost_weights, realisable, spare_under_floor, weight_ties
+from graphsearch.methods.common import (alive_cost, cost_weights, realisable, spare_under_floor,
+                                        weight_ties)
 from graphsearch.methods.group_lasso import GroupLasso, proximal_step, revive, zero_channels
-from graphsearch.target import legal_zeros
+from graphsearch.target import CostMeter, legal_zeros
 from hand_models import (X8, X16, TwoConv, TwoStage, ctx_for, end_to_end, hidden_group,
                          randomise)
 
@@ -222,6 +223,33 @@ def test_a_stream_keeps_the_smallest_width_the_plan_can_keep(trained_tiny, tmp_p
         assert proposal.info["floor"] == (8 if floor else 1)
         assert graph.cost(proposal.plan.keep).flops <= ctx.constraints[0].limit
     assert alive[False] < 8 <= alive[True]
+
+
+def test_alive_cost_counts_each_group_at_the_width_the_landing_keeps():
+    # The zeros' cost is what the penalty chases: with widths in multiples of 8 the landing
+    # keeps 11 alive channels of a 32-channel group as 16 and 3 of a 16-channel stream as 8.
+    # Counted at 11 and 3 (CIFAR ResNet-20, `floor=true`) the zeros met the target while the
+    # plan did not, and the landing took the rest from the survivors: 8 of a residual
+    # stream's 64 channels, and, counted without the floor, 24 of 32.
+    graph = analyze(TwoStage(), X16)
+    ev = CostMeter(graph, [])
+    alive = {g.id: np.arange(g.size) % 3 == 0 for g in graph.prunable_groups}  # 6 of 16, 11 of 32
+    counts = {g.id: int(alive[g.id].sum()) for g in graph.prunable_groups}
+    assert sorted(counts.values()) == [6, 6, 11, 11]
+
+    def cost_at(widths):
+        return graph.cost({gid: list(range(w)) for gid, w in widths.items()}).flops
+
+    assert alive_cost(graph, alive, ev)["flops"] == cost_at(counts)
+    assert alive_cost(graph, alive, ev, 8)["flops"] == cost_at(
+        {gid: 8 if n == 6 else 16 for gid, n in counts.items()})
+    assert alive_cost(graph, alive, ev, 4)["flops"] == cost_at(
+        {gid: 8 if n == 6 else 12 for gid, n in counts.items()})
+    # a group whose alive channels round up to its whole size costs what the whole group does
+    assert graph.groups[min(alive)].size == 16
+    whole = {**alive, min(alive): np.arange(16) < 9}
+    assert alive_cost(graph, whole, ev, 8)["flops"] == cost_at(
+        {gid: 16 if gid == min(alive) else (8 if n == 6 else 16) for gid, n in counts.items()})
 
 
 def test_spare_under_floor_spares_the_least_urgent_down_to_the_floor():

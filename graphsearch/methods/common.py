@@ -383,8 +383,12 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev,
                round_to: int = 1) -> dict:
     """The cost of keeping only the `alive` channels (a group left empty that the graph
     cannot remove, or under its minimum width, is counted at its smallest allowed width;
-    with `round_to`, a group with fewer alive channels than the smallest nonzero multiple the
-    plan can keep is counted at that multiple, as the landing will keep it)."""
+    with `round_to`, a group is counted at the width the landing will keep: its alive count
+    rounded up to the next multiple (or its whole size), never under the smallest nonzero
+    multiple. Counting the alive channels alone, group lasso's zeros reached the target 3%
+    short of it and more (CIFAR ResNet-20: 11 alive of a 32-channel group are 16 in the plan),
+    and the landing then took what was missing from the survivors by score, down to 8 of a
+    residual stream's 32 channels)."""
 
     keep = {}
     for g in graph.prunable_groups:
@@ -395,6 +399,12 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev,
             idx = np.arange(int(a[0]))
         if 0 < len(idx) < least:
             idx = np.arange(least)
+        elif round_to > 1 and 0 < len(idx) < g.size:
+            # the landing's filler is counted too (which channels does not change the cost)
+            w = allowed_widths(g.size, g.min_width, int(round_to))
+            w = int(w[np.searchsorted(w, len(idx))])
+            dead = np.flatnonzero(~np.asarray(alive[g.id], dtype=bool))
+            idx = np.sort(np.concatenate([idx, dead[:w - len(idx)]]))
         if len(idx) < g.size:
             keep[g.id] = idx.tolist()
     counts = {gid: len(v) for gid, v in keep.items()}
