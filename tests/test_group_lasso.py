@@ -212,17 +212,17 @@ def test_a_stream_keeps_the_smallest_width_the_plan_can_keep(trained_tiny, tmp_p
     sid = stream[0].id
     method = GroupLasso()
     alive = {}
-    for floor in (True, False):
+    for floor in (True, False, None):  # None: the default (on since the twenty-second session)
         ctx = ctx_for(copy.deepcopy(model), graph, tmp_path / str(floor), data, flops="0.4",
-                      settings={**method.defaults, "lambda": 1e4, "refit": False,
-                                "revive": False, "floor": floor}, epochs=1.0)
+                      settings={"lambda": 1e4, "refit": False, "revive": False,
+                                **({} if floor is None else {"floor": floor})}, epochs=1.0)
         ctx.round_to = 8
         ctx.example_inputs = X16
         proposal = method.search(ctx)
         alive[floor] = 16 - proposal.info["zeros_per_group"][sid]
-        assert proposal.info["floor"] == (8 if floor else 1)
+        assert proposal.info["floor"] == (1 if floor is False else 8)
         assert graph.cost(proposal.plan.keep).flops <= ctx.constraints[0].limit
-    assert alive[False] < 8 <= alive[True]
+    assert alive[False] < 8 <= alive[True] == alive[None]
 
 
 def test_alive_cost_counts_each_group_at_the_width_the_landing_keeps():
