@@ -385,10 +385,10 @@ def alive_cost(graph: ChannelGraph, alive: Mapping[int, np.ndarray], ev,
     cannot remove, or under its minimum width, is counted at its smallest allowed width;
     with `round_to`, a group is counted at the width the landing will keep: its alive count
     rounded up to the next multiple (or its whole size), never under the smallest nonzero
-    multiple. Counting the alive channels alone, group lasso's zeros reached the target 3%
-    short of it and more (CIFAR ResNet-20: 11 alive of a 32-channel group are 16 in the plan),
-    and the landing then took what was missing from the survivors by score, down to 8 of a
-    residual stream's 32 channels)."""
+    multiple. Counted at the alive channels alone (CIFAR ResNet-20, group lasso: 11 alive
+    channels of a 32-channel group are 16 in the plan), the zeros met the target while the
+    plan did not, and the landing took the difference from the survivors by score: a
+    third-stage convolution that had lost no channel went from 64 to 40)."""
 
     keep = {}
     for g in graph.prunable_groups:

@@ -57,9 +57,9 @@ stream under the smallest width the plan keeps (8 at `--round-to 8`,
 landing rounds it). Without it the zeros chase the cost of the alive channels alone, and the
 plan is dearer than the zeros: on CIFAR ResNet-20 (116-epoch baseline, 1/3 FLOPs, per slice)
 the first stage kept 1-3 alive channels a group, which the plan keeps at 8, so the landing had
-to take a fifth of the target back from the survivors, by their normalised norms: the second
-stage's residual stream went from 20 alive channels to 8 of 32 and the third stage's inner
-convolutions from 57 to 32 of 64, and the plan scored 83.90% validation top-1 after the
+to take the difference from the survivors, by their normalised norms: the second stage's
+residual stream went from 20 alive channels to 8 of 32 and a third-stage inner convolution
+from 57 to 32 of 64, and the plan scored 83.90% validation top-1 after the
 fine-tune, under uniform widths (84.66-85.16). With `floor` (and the rounded count) the stream
 keeps 16 and the plan scores 85.42% and 84.58% over two search seeds (85.50%, 85.00% test),
 level with uniform; on ResNet-32 85.56% (86.24% test) against 86.42% and 85.50% without it, inside
@@ -113,8 +113,8 @@ points and magnitude's (85.48-85.86) by 0.6 (one fine-tuning seed, twenty-first 
 85.50% (86.30%). On CIFAR ResNet-20 (116-epoch baseline, one seed) it does not help: 83.90%
 against 84.46% per channel, both under uniform (84.66-85.16); the second stage's stream goes to
 8 of 32 either way, although per slice it is charged 0.7 times its stage's inner channels there
-too (both without `floor`). The penalty had left it 20 alive channels: the landing emptied
-it, making up the cost of the alive channels rounded up to multiples of 8 (`floor`, above).
+too (both without `floor`). The penalty had left it 20 alive channels: the landing thinned
+it to 8, making up the cost of the alive channels rounded up to multiples of 8 (`floor`, above).
 """
 
 from __future__ import annotations
