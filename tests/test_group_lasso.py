@@ -228,9 +228,10 @@ def test_a_stream_keeps_the_smallest_width_the_plan_can_keep(trained_tiny, tmp_p
 def test_alive_cost_counts_each_group_at_the_width_the_landing_keeps():
     # The zeros' cost is what the penalty chases: with widths in multiples of 8 the landing
     # keeps 11 alive channels of a 32-channel group as 16 and 3 of a 16-channel stream as 8.
-    # Counted at 11 and 3 (CIFAR ResNet-20, `floor=true`) the zeros met the target while the
-    # plan did not, and the landing took the rest from the survivors: 8 of a residual
-    # stream's 64 channels, and, counted without the floor, 24 of 32.
+    # Counted at 11 (CIFAR ResNet-20, `floor=true`) the zeros met the target while the plan
+    # did not, and the landing took the difference from the survivors: a convolution that
+    # had lost no channel went from 64 to 40 and, counted at the alive channels alone (no
+    # floor), a residual stream with 20 alive channels to 8 of 32.
     graph = analyze(TwoStage(), X16)
     ev = CostMeter(graph, [])
     alive = {g.id: np.arange(g.size) % 3 == 0 for g in graph.prunable_groups}  # 6 of 16, 11 of 32
