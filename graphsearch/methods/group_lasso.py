@@ -59,13 +59,13 @@ plan is dearer than the zeros: on CIFAR ResNet-20 (116-epoch baseline, 1/3 FLOPs
 the first stage kept 1-3 alive channels a group, which the plan keeps at 8, so the landing had
 to take the difference from the survivors, by their normalised norms: the second stage's
 residual stream went from 20 alive channels to 8 of 32 and a third-stage inner convolution
-from 57 to 32 of 64, and the plan scored 83.90% validation top-1 after the
-fine-tune, under uniform widths (84.66-85.16). With `floor` (and the rounded count) the stream
-keeps 16 and the plan scores 85.42% and 84.58% over two search seeds (85.50%, 85.00% test),
-level with uniform; on ResNet-32 85.56% and 85.64% (86.24%, 86.42% test) against 86.42% and
-85.50% without it, inside that spread (`cifar10_table.md`, twenty-second session). The eighth session had measured it
-off (83.44% against 83.68%, one seed each, per-channel costs and a count without the rounding).
-At that
+from 57 to 32 of 64, and the plan scored 83.90% validation top-1 after the fine-tune, under
+uniform widths (84.66-85.16). With `floor` (and the rounded count) the stream keeps 16 and the
+plan scores 85.42% and 84.58% over two search seeds (85.50%, 85.00% test), level with uniform;
+on ResNet-32 85.56% and 85.64% (86.24%, 86.42% test) against 86.42% and 85.50% without it,
+inside that spread (`cifar10_table.md`, twenty-second session). The eighth session had
+measured it off (83.44% against 83.68%, one seed each, per-channel costs and a count without
+the rounding). At that
 budget the sparsity phase leaves the network at 10-28% top-1 whatever the variant (at the
 defaults the mean channel norm ends at a quarter of its start after 126 steps), so
 the penalty's decisions rest on the ratio of each channel's norm to its threshold.
