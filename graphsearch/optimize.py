@@ -36,7 +36,8 @@ from .passes.latency import latency_pair
 from .passes.mask import mask, verify
 from .passes.save import save_portable
 from .passes.slim import slim
-from .target import Constraint, Plan, land_on_target, parse_constraint, scores_from_widths
+from .target import (Constraint, Plan, land_on_target, latency_text, parse_constraint,
+                     scores_from_widths)
 from .train import (RECIPES, Distilled, distributed_context, evaluate, logits_of,
                     soft_target_loss, train)
 from .units import human
@@ -275,6 +276,8 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
         constraints.append(parse_constraint("flops", config.flops, base.flops))
     if config.params:
         constraints.append(parse_constraint("params", config.params, base.params))
+    if config.latency:
+        latency_text(config.latency)  # its spelling, before the latency model is measured
     if not constraints and not config.latency:
         constraints.append(parse_constraint("flops", "0.3333", base.flops))
         log("no target given: using --flops 0.3333 (a third of the baseline's FLOPs)")

@@ -62,27 +62,35 @@ class Plan:
 _SUFFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
+def latency_text(text: str) -> tuple[float, str | None]:
+    """`--latency`'s number and unit ('4ms' -> (4.0, 'ms'), '0.5' -> (0.5, None)); a
+    UserError for anything else. Checked before the latency model is measured (seconds)."""
+    raw = str(text).strip()
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*(ms|s|us)?", raw)
+    try:
+        return float(m.group(1)), m.group(2)
+    except (AttributeError, ValueError):  # no match, or '1..2ms'
+        raise UserError(f"--latency {raw!r}: give milliseconds like '4ms' or a fraction "
+                        "of the baseline like '0.5'") from None
+
+
 def parse_constraint(metric: str, text: str, baseline: float) -> Constraint:
     """`--flops 0.33` (fraction of the baseline) or `--flops 46M` / `46e6` (absolute);
     `--latency 4ms` (milliseconds, or a fraction of the baseline's measured latency)."""
     raw = str(text).strip()
     if metric == "latency":
-        m = re.fullmatch(r"([0-9.eE+-]+)\s*(ms|s|us)?", raw)
-        if not m:
-            raise UserError(f"--latency {raw!r}: give milliseconds like '4ms' or a fraction "
-                            "of the baseline like '0.5'")
-        value = float(m.group(1))
-        unit = m.group(2)
+        value, unit = latency_text(raw)
         if unit is None and value <= 1:
             limit = value * baseline
         else:
             limit = value * {"ms": 1.0, "s": 1e3, "us": 1e-3, None: 1.0}[unit]
     else:
         m = re.fullmatch(r"([0-9.eE+-]+)\s*([kKMG]?)", raw)
-        if not m:
+        try:
+            value = float(m.group(1))
+        except (AttributeError, ValueError):  # no match, or '1..2'
             raise UserError(f"--{metric} {raw!r}: give a fraction of the baseline like 0.33 or "
-                            "an absolute count like 46M")
-        value = float(m.group(1))
+                            "an absolute count like 46M") from None
         if m.group(2) == "" and 1 < value < 1000:
             raise UserError(f"--{metric} {raw}: as a fraction that is more than the baseline; "
                             "give a fraction up to 1 (0.33) or a count with a unit (46M)")
@@ -546,5 +554,5 @@ def scores_from_widths(graph: ChannelGraph, widths: Mapping[int, int],
 REVIVE_OFFSET = 1e9
 
 
-__all__ = ["Constraint", "Plan", "parse_constraint", "land_on_target", "scores_from_widths",
+__all__ = ["Constraint", "Plan", "latency_text", "parse_constraint", "land_on_target", "scores_from_widths",
            "allowed_widths", "CostMeter", "METRICS", "land_on_measured_latency"]

@@ -138,6 +138,9 @@ def test_broken_model_py(kind, tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--flops", "1.5"], "more than the baseline"),
     (["--flops", "abc"], "fraction"),
+    (["--flops", "1..2"], "--flops '1..2': give a fraction"),  # was a ValueError traceback
+    (["--params", "e"], "--params 'e': give a fraction"),
+    (["--latency", "4xs"], "--latency '4xs': give milliseconds"),
     (["--flops", "1k"], "unreachable target"),
     (["--method", "nonsense"], "unknown method"),
     (["--data", "/nonexistent/data.zip"], "does not exist"),
@@ -163,6 +166,7 @@ def test_bad_input_one_line_and_outputs_intact(model_py, tmp_path, args, words):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("graphsearch: error")]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert words in lines[0]
+    assert "latency model" not in r.stdout + r.stderr  # refused before seconds of timing
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
 

@@ -7,7 +7,7 @@ import torch
 import graphsearch as gs
 from graphsearch import zoo
 from graphsearch.load import UserError
-from graphsearch.target import (allowed_widths, land_on_target, parse_constraint, scores_from_widths,
+from graphsearch.target import (allowed_widths, land_on_target, latency_text, parse_constraint,
                                 scores_from_widths)
 
 _GRAPHS = {}
@@ -72,10 +72,18 @@ def test_parse_suffixes_and_latency():
     assert parse_constraint("latency", "800us", 10.0).limit == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "0", "1.5", "1.5e12", "5G"])
+@pytest.mark.parametrize("bad", ["abc", "-1", "0", "1.5", "1.5e12", "5G", "1..2", "e", "+-3M"])
 def test_parse_rejects_bad_targets(bad):
     with pytest.raises(UserError):
         parse_constraint("flops", bad, 1e9)
+
+
+@pytest.mark.parametrize("bad", ["4xs", "1..2ms", "ms", "e"])
+def test_latency_spelling_is_checked_without_a_baseline(bad):
+    with pytest.raises(UserError, match="give milliseconds like '4ms'"):
+        latency_text(bad)
+    with pytest.raises(UserError, match="give milliseconds like '4ms'"):
+        parse_constraint("latency", bad, 10.0)
 
 
 def test_scores_order_channels_within_groups():
