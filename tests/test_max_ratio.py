@@ -131,5 +131,6 @@ def test_cost_per_slice_sets_the_weights_the_penalty_uses(name, trained_two_stag
     assert pays["channel"] != pays["slice"]
     ctx = ctx_for(copy.deepcopy(model), graph, tmp_path / "bad", data, flops="0.33",
                   settings={**method.defaults, "cost_per": "tensor"}, epochs=1.0)
-    with pytest.raises(UserError, match=f"{name}: cost_per='tensor'"):
+    with pytest.raises(UserError,
+                       match=f"cost_per='tensor': {name}'s cost_per takes one of slice"):
         method.search(ctx)

@@ -147,6 +147,9 @@ def test_broken_model_py(kind, tmp_path):
     (["--round-to", "0"], "round-to"),
     (["--set", "foo=1"], "not a setting"),
     (["--method", "morphnet", "--set", "cost_weight=abc"], "cost_weight takes a number"),
+    # these two were refused only after the baseline's training (repeats=0 ran as 1)
+    (["--method", "autoshrink", "--set", "k=0"], "autoshrink's k takes a whole number in [1, "),
+    (["--method", "morphnet", "--set", "repeats=0"], "morphnet's repeats takes a whole number"),
     (["--test-data", "/nonexistent/test.zip"], "--test-data: data '/nonexistent/test.zip' "
                                                "does not exist"),
     (["--val-data", "synthetic:40:3"], "--val-data 'synthetic:40:3' has 3 classes"),
@@ -167,6 +170,7 @@ def test_bad_input_one_line_and_outputs_intact(model_py, tmp_path, args, words):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert words in lines[0]
     assert "latency model" not in r.stdout + r.stderr  # refused before seconds of timing
+    assert "baseline:" not in r.stdout + r.stderr  # and before the baseline is trained
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
 

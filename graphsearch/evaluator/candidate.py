@@ -31,6 +31,8 @@ from ..train import Distilled, evaluate, recalibrate_bn, steps_per_epoch, train
 KEY_VERSION = 1  # part of every key: a change of what an evaluation means bumps it
 
 
+OPTIMIZERS = ("sgd", "adam")  # a candidate's optimizer (EvalSettings.optimizer)
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How one candidate is trained and scored."""
@@ -38,7 +40,7 @@ class EvalSettings:
     steps: int  # optimizer steps of the short fine-tune (0: score the sliced weights as they are)
     lr: float
     batch_size: int
-    optimizer: str = "sgd"  # "sgd" (momentum, weight decay, cosine) or "adam"
+    optimizer: str = "sgd"  # one of OPTIMIZERS: "sgd" (momentum, weight decay, cosine), "adam"
     weight_decay: float = 5e-4
     momentum: float = 0.9
     distill: bool = False  # logit-MSE distillation from the teacher instead of cross-entropy
@@ -54,7 +56,7 @@ class EvalSettings:
             raise UserError(f"candidate training steps must be non-negative, got {self.steps}")
         if self.bn_images < 0 or self.val_samples < 0:
             raise UserError("candidate bn_images and val_samples must be non-negative")
-        if self.optimizer not in ("sgd", "adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise UserError(f"candidate optimizer {self.optimizer!r}: choose 'sgd' or 'adam'")
 
 

@@ -39,13 +39,14 @@ import torch
 
 from ..checkpoint import save_atomic, write_json
 from ..evaluator import EvalSettings
+from ..evaluator.candidate import OPTIMIZERS
 from ..graph import PlanError
 from ..load import UserError
 from ..passes.slim import slim, unslim_state
 from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
-from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
-                     keep_of_widths, make_evaluator, steps_for)
+from .common import (CANDIDATE_BOUNDS, CANDIDATE_SCORING, candidate_scoring, channel_order,
+                     importance_of, keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 
@@ -116,19 +117,14 @@ class AutoShrink(Method):
         "inherit": "baseline",  # candidates start from: "baseline" or "current" (docstring)
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
+    choices = {"blocks": ("auto", "yes", "no"), "optimizer": OPTIMIZERS,
+               "inherit": ("baseline", "current")}
+    bounds = {"k": "[1, inf)", "block": "(0, 1]", "max_steps": "[1, inf)",
+              "candidate_steps": "[0, inf)", **CANDIDATE_BOUNDS}
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
-        k = int(s["k"])
-        if k < 1:
-            raise UserError("autoshrink: k must be at least 1")
-        if not 0 < float(s["block"]) <= 1:
-            raise UserError("autoshrink: block must be a fraction in (0, 1]")
-        if s["blocks"] not in ("auto", "yes", "no"):
-            raise UserError("autoshrink: blocks must be 'auto', 'yes' or 'no'")
-        inherit = str(s["inherit"]).lower()
-        if inherit not in ("baseline", "current"):
-            raise UserError("autoshrink: inherit must be 'baseline' or 'current'")
+        s = self.settings_of(ctx)
+        k, inherit = int(s["k"]), str(s["inherit"]).lower()
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)

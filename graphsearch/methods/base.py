@@ -143,6 +143,15 @@ class Proposal:
     info: dict = field(default_factory=dict)  # the method's own figures for the report
 
 
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written "[1, inf)" or "(0, 1]"."""
+    lo, hi = (part.strip() for part in interval.split(","))
+    low, high = float(lo[1:]), float(hi[:-1])
+    return not np.isnan(value) and \
+        (value >= low if lo[0] == "[" else value > low) and \
+        (value <= high if hi[-1] == "]" else value < high)
+
+
 class Method:
     """A search method: `search(ctx) -> Proposal`."""
 
@@ -152,32 +161,45 @@ class Method:
     trains = True  # spends the search budget (--search-epochs) training
     defaults: dict = {}
     choices: dict = {}  # a text setting's allowed values (check_settings refuses others)
+    # a number setting's allowed range, as an interval: "[1, inf)", "(0, 1]" (a setting whose
+    # default is None is checked here too when it is given a number)
+    bounds: dict = {}
 
     def check_settings(self, settings: Mapping) -> None:
-        """Refuse, before any work, a setting the method does not have and a value of the
-        wrong kind for a setting whose default is a number or a switch (a setting whose
-        default is None is checked by the method; a text setting takes one of its `choices`)."""
+        """Refuse, before any work, a setting the method does not have, a value of the wrong
+        kind for a setting whose default is a number or a switch, a number outside its
+        `bounds` and a text setting's value not among its `choices`. `optimize` calls it
+        before the baseline is trained, each method's search again on what it is given: the
+        method's rules on its settings are these, kept once."""
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
             raise UserError(f"--set {', '.join(unknown)}: not a setting of {self.name} "
                             f"(its settings: {', '.join(self.defaults) or 'none'})")
         for key, value in settings.items():
             default = self.defaults[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if isinstance(default, bool):
                 ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
                 kind = "true or false"
             elif isinstance(default, (int, float)):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                    not isinstance(default, int) or float(value).is_integer())
+                ok = number and (not isinstance(default, int) or float(value).is_integer())
                 kind = "a whole number" if isinstance(default, int) else "a number"
             elif key in self.choices:
                 ok = str(value).lower() in self.choices[key]
                 kind = "one of " + ", ".join(self.choices[key])
             else:
-                continue
+                ok, kind = True, ""
+            if ok and key in self.bounds and number:
+                ok = in_interval(float(value), self.bounds[key])
+                kind = f"{kind or 'a number'} in {self.bounds[key]}"
             if not ok:
                 raise UserError(f"--set {key}={value!r}: {self.name}'s {key} takes {kind} "
                                 f"(default {json.dumps(default)})")
+
+    def settings_of(self, ctx: "SearchContext") -> dict:
+        """The search's settings, checked (`check_settings`), over the defaults."""
+        self.check_settings(ctx.settings)
+        return {**self.defaults, **ctx.settings}
 
     def search(self, ctx: SearchContext) -> Proposal:
         raise NotImplementedError

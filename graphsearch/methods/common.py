@@ -46,6 +46,8 @@ def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
 # samples it is scored on (a fixed draw; 0: the whole split). The defaults are the cheap score
 # that ranked plans best for its cost in benchmarks/results/rank_correlation.md.
 CANDIDATE_SCORING = {"candidate_bn_images": 256, "candidate_val_samples": 1000}
+# the bounds of the candidate settings the four candidate searches share
+CANDIDATE_BOUNDS = {"candidate_bn_images": "[0, inf)", "candidate_val_samples": "[0, inf)"}
 
 
 def candidate_scoring(settings: Mapping) -> dict:
@@ -332,14 +334,8 @@ def share_floor(group, max_ratio: float, round_to: int) -> int:
     return int(a[a >= need][0])
 
 
-def check_max_ratio(method: str, settings: Mapping) -> float:
-    """The `max_ratio` setting of a method, checked: the largest share of a group the method
-    may remove, in (0, 1] (1: no cap)."""
-    value = float(settings.get("max_ratio", 1.0))
-    if not 0.0 < value <= 1.0:
-        raise UserError(f"{method}: max_ratio={value:g}: the largest share of a group the "
-                        "method may remove, in (0, 1] (1: no cap)")
-    return value
+# `max_ratio`, the largest share of a group a method may remove (1: no cap): its bounds
+MAX_RATIO = "(0, 1]"
 
 
 def share_floors(graph: ChannelGraph, max_ratio: float, round_to: int) -> dict[int, int] | None:

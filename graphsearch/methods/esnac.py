@@ -60,8 +60,8 @@ from ..graph import PlanError
 from ..load import UserError
 from ..target import CostMeter
 from .base import Method, Proposal, SearchContext
-from .common import (CANDIDATE_SCORING, candidate_scoring, channel_order, importance_of,
-                     keep_of_widths, make_evaluator, steps_for)
+from .common import (CANDIDATE_BOUNDS, CANDIDATE_SCORING, candidate_scoring, channel_order,
+                     importance_of, keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 LENGTH2 = 0.01  # the kernel's squared length scale: exp(-d^2 / (2 * 0.01))
@@ -252,14 +252,14 @@ class ESNAC(Method):
         "at_target": True,  # each candidate scaled to the target before it is scored
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
+    bounds = {"init": "[1, inf)", "steps": "[0, inf)", "kernels": "[1, inf)",
+              "actions": "[1, inf)", "fit_steps": "[0, inf)", "candidate_lr": "(0, inf)",
+              "candidate_steps": "[0, inf)", **CANDIDATE_BOUNDS}
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
+        s = self.settings_of(ctx)
         n_init, n_steps, n_kernels = int(s["init"]), int(s["steps"]), int(s["kernels"])
         n_actions, fit_steps = int(s["actions"]), int(s["fit_steps"])
-        if min(n_init, n_kernels, n_actions) < 1 or n_steps < 0:
-            raise UserError("esnac: init, kernels and actions must be at least 1, steps at "
-                            "least 0")
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)

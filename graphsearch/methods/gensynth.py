@@ -93,8 +93,8 @@ from ..passes.slim import unslim_state
 from ..target import CostMeter, allowed_widths
 from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
-from .common import (CANDIDATE_SCORING, added_share, candidate_scoring, fold_gates,
-                     make_evaluator)
+from .common import (CANDIDATE_BOUNDS, CANDIDATE_SCORING, added_share, candidate_scoring,
+                     fold_gates, make_evaluator)
 from ..units import human
 
 CHECKPOINT_FORMAT = "graphsearch-gensynth"
@@ -215,13 +215,16 @@ class GenerativeSynthesis(Method):
         "netscore_costs": "all",  # or "targets": only the costs with a target (netscore_terms)
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
     }
+    choices = {"init": ("magnitude", "ones"), "netscore_costs": ("all", "targets")}
+    bounds = {"cycles": "[1, inf)", "children": "[1, inf)", "eta": "[0, 1]", "step": "[0, 1)",
+              "final_aim": "(0, 1]", "cost_slack": "[0, inf)", "accuracy_tolerance": "[0, 1]",
+              "probe_per_class": "[1, inf)", "probe_classes": "[1, inf)",
+              "cost_draws": "[1, inf)", **CANDIDATE_BOUNDS}
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
+        s = self.settings_of(ctx)
         baseline = _clone(ctx.model.state_dict()) if s["refit"] else None
         cycles, K = int(s["cycles"]), int(s["children"])
-        if cycles < 1 or K < 1:
-            raise UserError("gensynth: cycles and children must be at least 1")
         eta = float(s["eta"])
         groups = ctx.graph.prunable_groups
         ev = CostMeter(ctx.graph, ctx.constraints, ctx.latency_model)

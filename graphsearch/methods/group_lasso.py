@@ -125,11 +125,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
 from .common import (COST_PER, ROLES, tied_by_param, added_share, alive_cost,  # noqa: F401
-                     budget_steps, cap_deaths, check_max_ratio, cost_weights, path_ratio, share_floors,
+                     budget_steps, cap_deaths, MAX_RATIO, cost_weights, path_ratio, share_floors,
                      spare_under_floor,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
@@ -195,6 +194,7 @@ class GroupLasso(Method):
     cost = "one sparsity phase of --search-epochs (proximal SGD), then the fine-tuning"
     choices = {"cost_per": COST_PER,
                "normalise": ("final", "initial", "none", "true", "false")}
+    bounds = {"max_ratio": MAX_RATIO}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "shrink": 0.3,  # the schedule's starting strength (total shrink over the budget)
@@ -217,13 +217,9 @@ class GroupLasso(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
-        max_ratio = check_max_ratio(self.name, s)
+        s = self.settings_of(ctx)
+        max_ratio = float(s["max_ratio"])
         mode = str(s["normalise"]).lower()
-        if mode not in self.choices["normalise"]:
-
-            raise UserError(f"group-lasso: normalise={s['normalise']!r}; use initial, final "
-                            "or none")
         model, graph = ctx.model, ctx.graph
         lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
         momentum = float(s["momentum"])

@@ -31,10 +31,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..load import UserError
 from ..target import allowed_widths
 from .base import Method, Proposal, SearchContext
-from .common import channel_savings, check_max_ratio
+from .common import MAX_RATIO, channel_savings
 
 NORMALISE = ("mean", "flops", "none")
 SCHEDULES = ("one-shot", "iterative")
@@ -52,14 +51,13 @@ class Magnitude(Method):
     cost = "no search: one pass over the weights, then the fine-tuning"
     trains = False
     defaults = {"normalise": "mean", "schedule": "iterative", "max_ratio": 1.0}
+    choices = {"normalise": NORMALISE + ("true", "false"), "schedule": SCHEDULES}
+    bounds = {"max_ratio": MAX_RATIO}
 
     def search(self, ctx: SearchContext) -> Proposal:
+        s = self.settings_of(ctx)
         scores, how = self.scores(ctx)
-        schedule = ctx.settings.get("schedule", "iterative")
-        if schedule not in SCHEDULES:
-            raise UserError(f"magnitude: schedule={schedule!r}: choose one of "
-                            f"{', '.join(SCHEDULES)}")
-        max_ratio = check_max_ratio(self.name, ctx.settings)
+        schedule, max_ratio = str(s["schedule"]).lower(), float(s["max_ratio"])
         if schedule == "iterative":
             scores = removal_order(ctx.graph, scores, ctx.round_to,
                                    renormalise=how in ("mean", "flops"),
@@ -71,11 +69,8 @@ class Magnitude(Method):
     def scores(self, ctx: SearchContext) -> tuple[dict[int, np.ndarray], str]:
         """Per prunable group, its channels' scores (higher: kept first), and the
         normalisation used."""
-        how = ctx.settings.get("normalise", "mean")
-        how = {True: "mean", False: "none"}.get(how, how)
-        if how not in NORMALISE:
-            raise UserError(f"magnitude: normalise={how!r}: choose one of "
-                            f"{', '.join(NORMALISE)}")
+        how = str(self.settings_of(ctx)["normalise"]).lower()
+        how = {"true": "mean", "false": "none"}.get(how, how)
         with torch.no_grad():
             norms = ctx.channel_norms()
         cost = channel_flops(ctx.graph) if how == "flops" else {}

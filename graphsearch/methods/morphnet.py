@@ -114,7 +114,7 @@ from ..graph import ChannelGraph
 from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
-from .common import (added_share, alive_cost, budget_steps, cap_deaths, check_max_ratio,
+from .common import (added_share, alive_cost, budget_steps, cap_deaths, MAX_RATIO,
                      constant_schedule, dropped_channels, evaluate_plan, path_ratio,
                      share_floors, spare_under_floor, strength_path, zero_channels)
 
@@ -265,6 +265,8 @@ class MorphNet(Method):
                "widths by one multiplier")
     cost = "one shrinking phase of --search-epochs (split over repeats), then the fine-tuning"
     choices = {"combine": ("l2", "max")}
+    bounds = {"max_ratio": MAX_RATIO, "repeats": "[1, inf)", "cost_weight": "[0, inf)",
+              "shrink_to": "(0, inf)"}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "strength": 1.0,  # the schedule's starting strength
@@ -286,15 +288,15 @@ class MorphNet(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
-        max_ratio = check_max_ratio(self.name, s)
+        s = self.settings_of(ctx)
+        max_ratio = float(s["max_ratio"])
         graph, model = ctx.graph, ctx.model
         least = share_floors(graph, max_ratio, ctx.round_to)
         reg = FlopRegulariser(graph, model, float(s["threshold"]), str(s["combine"]),
                               float(s["cost_weight"]))
         lr = float(s["lr"]) if s["lr"] is not None else float(ctx.lr)
         momentum, wd = float(s["momentum"]), float(s["weight_decay"])
-        repeats = max(1, int(s["repeats"]))
+        repeats = int(s["repeats"])
         epochs = float(ctx.epochs) / repeats
         steps = budget_steps(ctx, epochs) if epochs > 0 else 0
         flops0 = float(graph.baseline.flops)
@@ -302,9 +304,6 @@ class MorphNet(Method):
         ev, ratio, r_full, reach, growth = strength_path(ctx, s, steps)
         fixed = s["lambda"] is not None
         goal = float(s["shrink_to"])
-        if not goal > 0:
-            raise UserError(f"morphnet: shrink_to={goal:g}; use a positive ratio of the target "
-                            "(1: the shrink phase stops at the target)")
 
         # lambda
         r0 = reg.r(model).detach()

@@ -54,12 +54,13 @@ import numpy as np
 
 from ..checkpoint import write_json
 from ..evaluator import EvalSettings
+from ..evaluator.candidate import OPTIMIZERS
 from ..graph import PlanError
 from ..load import UserError
 from ..target import CostMeter, legal_zeros
 from .base import Method, Proposal, SearchContext
-from .common import (CANDIDATE_SCORING, binding_metric, candidate_scoring, channel_order,
-                     importance_of, keep_of_widths, make_evaluator, steps_for)
+from .common import (CANDIDATE_BOUNDS, CANDIDATE_SCORING, binding_metric, candidate_scoring,
+                     channel_order, importance_of, keep_of_widths, make_evaluator, steps_for)
 from ..units import human
 
 
@@ -295,20 +296,18 @@ class Submodular(Method):
         # neighbouring candidates differ by little), CANDIDATE_SCORING's fixed draw forward
         "candidate_val_samples": None,
     }
+    choices = {"optimizer": OPTIMIZERS, "direction": ("backward", "forward")}
+    bounds = {"increments": "[1, inf)", "max_evaluations": "[1, inf)",
+              "candidate_steps": "[0, inf)", **CANDIDATE_BOUNDS}
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
+        s = self.settings_of(ctx)
         K = int(s["increments"])
-        if K < 1:
-            raise UserError("submodular: increments must be at least 1")
         graph = ctx.graph
         groups = graph.prunable_groups
         order = channel_order(ctx)
         meter = CostMeter(graph, ctx.constraints, ctx.latency_model)
         direction = str(s["direction"]).lower()
-        if direction not in ("forward", "backward"):
-            raise UserError(f"submodular: direction={s['direction']!r}; use forward or "
-                            "backward")
         if direction == "backward":
             return self._backward(ctx, s, K, order, meter)
         # the seed (one increment per group) must fit: finer increments until it does

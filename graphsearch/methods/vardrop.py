@@ -92,9 +92,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UserError
 from .base import Method, Proposal, SearchContext
-from .common import (COST_PER, alive_cost, check_max_ratio, cost_weights, fold_gates,
+from .common import (COST_PER, MAX_RATIO, alive_cost, cost_weights, fold_gates,
                      path_ratio, share_floors, strength_path)
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -218,6 +217,7 @@ class VariationalDropout(Method):
     cost = ("one training run of the search budget with gates (on CIFAR ResNet-20: 93 s for "
             "2 epochs, about plain training)")
     choices = {"cost_per": COST_PER, "schedule": ("growing", "fixed")}
+    bounds = {"max_ratio": MAX_RATIO}
     defaults = {
         "lr": 1e-3,  # Adam, network weights (the paper's optimiser)
         "gate_lr": None,  # Adam, theta and log sigma^2; None: scaled to the budget (docstring)
@@ -239,8 +239,8 @@ class VariationalDropout(Method):
     }
 
     def search(self, ctx: SearchContext) -> Proposal:
-        s = {**self.defaults, **ctx.settings}
-        max_ratio = check_max_ratio(self.name, s)
+        s = self.settings_of(ctx)
+        max_ratio = float(s["max_ratio"])
         groups = ctx.graph.prunable_groups
         baseline = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         gates = VDGates({g.id: g.size for g in groups}, s["theta_init"], s["log_sigma2_init"],
@@ -254,8 +254,6 @@ class VariationalDropout(Method):
         n_train = len(ctx.data.train)
         total = ctx.budget_steps(ctx.epochs)
         schedule = str(s["schedule"]).lower()
-        if schedule not in self.choices["schedule"]:
-            raise UserError(f"vardrop: schedule={s['schedule']!r}; use growing or fixed")
         start = float(s["warmup_start"])
         reach = float(s["reach"]) if s["reach"] is not None else float(s["warmup_end"])
         ev, ratio, r0, _, growth = strength_path(
