@@ -40,7 +40,7 @@ from .target import (Constraint, Plan, land_on_target, latency_text, parse_const
                      scores_from_widths)
 from .train import (RECIPES, Distilled, distributed_context, evaluate, logits_of,
                     soft_target_loss, train)
-from .units import human
+from .units import human, in_interval
 
 STATE = ".state"
 
@@ -84,6 +84,32 @@ class OptimizeConfig:
     shared_data: str | None = None
     # the analysis' rules (graphsearch.rules.Rules); None: model.py's `rules()`, else defaults
     rules: Any = None
+
+    # the number options' ranges (None, where a default is None, is always allowed)
+    BOUNDS = {"baseline_epochs": "[0, inf)", "search_epochs": "[0, inf)",
+              "finetune_epochs": "[0, inf)", "lr": "(0, inf)", "finetune_lr": "(0, inf)",
+              "distill_temperature": "(0, inf)", "distill_weight": "[0, 1]",
+              "batch_size": "[1, inf)", "max_train": "[1, inf)", "threads": "[1, inf)",
+              "latency_batch": "[1, inf)", "workers": "[1, inf)"}
+    WHOLE = ("baseline_epochs", "batch_size", "max_train", "threads", "latency_batch",
+             "workers", "seed")
+
+    def check(self) -> None:
+        """Refuse a number option out of its range or not a whole number where it must be,
+        before any work (a negative --finetune-epochs ran as none, a negative
+        --search-epochs searched for 20 minutes)."""
+        for name in sorted(set(self.BOUNDS) | set(self.WHOLE)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            whole = name in self.WHOLE
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                not whole or float(value).is_integer())
+            interval = self.BOUNDS.get(name, "(-inf, inf)")
+            if not ok or not in_interval(float(value), interval):
+                kind = "a whole number" if whole else "a number"
+                where = f" in {interval}" if name in self.BOUNDS else ""
+                raise UserError(f"--{name.replace('_', '-')} {value!r}: give {kind}{where}")
 
     def identity(self) -> dict:
         """What must match for a resume to be the same run."""
@@ -194,8 +220,9 @@ def prepare(config: OptimizeConfig, resume: bool, log: Callable,
     from .data import attach_hooks, load_dataset, user_datasets
     from .methods import get_method
 
-    # an unknown method or setting fails before any work
+    # an unknown method or setting, or an option out of its range, fails before any work
     get_method(config.method).check_settings(config.settings)
+    config.check()
     if config.round_to != "auto" and (not isinstance(config.round_to, int)
                                       or config.round_to < 1):
         raise UserError(f"--round-to {config.round_to}: give a positive channel multiple, "

@@ -1,8 +1,20 @@
-"""The one number formatter of graphsearch's messages and reports."""
+"""The one number formatter of graphsearch's messages and reports, and the one reader of
+the intervals its settings are bounded by."""
 
 from __future__ import annotations
 
-__all__ = ["human"]
+import math
+
+__all__ = ["human", "in_interval"]
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written "[1, inf)" or "(0, 1]"."""
+    lo, hi = (part.strip() for part in interval.split(","))
+    low, high = float(lo[1:]), float(hi[:-1])
+    return not math.isnan(value) and \
+        (value >= low if lo[0] == "[" else value > low) and \
+        (value <= high if hi[-1] == "]" else value < high)
 
 
 def human(v: float, unit: str = "", digits: int = 3) -> str:

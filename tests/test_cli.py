@@ -1,6 +1,7 @@
 """`graphsearch inspect`: zoo models, a user's model.py, and one-line errors (exit status 2)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -160,6 +161,20 @@ def test_bad_arguments_are_one_line_errors(argv, expected, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     _one_line_error(code, err, expected)
+
+
+@pytest.mark.parametrize("content,why", [(b"", "the file is empty"), (b"not a tensor", "")])
+def test_unreadable_weights_say_why(tmp_path, capsys, content, why):
+    """The bug: an empty weights file gave "could not read weights 'w.pt': " and nothing
+    after the colon."""
+    bad = tmp_path / "w.pt"
+    bad.write_bytes(content)
+    code = main(["inspect", "zoo:resnet20", "--weights", str(bad)])
+    _, err = capsys.readouterr()
+    _one_line_error(code, err, f"could not read weights '{bad}' ({why}")
+    reason = re.search(r"could not read weights '.*?' \((.*?)\); pass a file written by "
+                       r"torch\.save\(model\.state_dict\(\), path\)", err)
+    assert reason and reason.group(1).strip(), err
 
 
 def test_errors_from_a_real_process_have_no_traceback(write_model):

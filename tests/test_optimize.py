@@ -150,6 +150,10 @@ def test_broken_model_py(kind, tmp_path):
     # these two were refused only after the baseline's training (repeats=0 ran as 1)
     (["--method", "autoshrink", "--set", "k=0"], "autoshrink's k takes a whole number in [1, "),
     (["--method", "morphnet", "--set", "repeats=0"], "morphnet's repeats takes a whole number"),
+    # a negative fine-tune ran as none, a negative search ran on; both were accepted
+    (["--finetune-epochs", "-2"], "--finetune-epochs -2: give a number in [0, inf)"),
+    (["--search-epochs", "-1"], "--search-epochs -1.0: give a number in [0, inf)"),
+    (["--workers", "0"], "--workers 0: give a whole number in [1, inf)"),
     (["--test-data", "/nonexistent/test.zip"], "--test-data: data '/nonexistent/test.zip' "
                                                "does not exist"),
     (["--val-data", "synthetic:40:3"], "--val-data 'synthetic:40:3' has 3 classes"),

@@ -8,7 +8,7 @@ import pytest
 
 from graphsearch.load import UserError
 from graphsearch.methods import METHODS
-from graphsearch.methods.base import in_interval
+from graphsearch.units import in_interval
 
 BOUNDED = [(name, key) for name, m in sorted(METHODS.items()) for key in sorted(m.bounds)]
 CHOSEN = [(name, key) for name, m in sorted(METHODS.items()) for key in sorted(m.choices)]

@@ -22,6 +22,7 @@ from ..graph import ChannelGraph, TiedSlice
 from ..passes.gates import gated
 from ..target import Constraint, Plan, land_on_target, scores_from_widths
 from ..train import evaluate, steps_per_epoch, train
+from ..units import in_interval
 
 
 @dataclass
@@ -141,15 +142,6 @@ class Proposal:
     plan: Plan
     state_dict: dict  # weights the slim model inherits
     info: dict = field(default_factory=dict)  # the method's own figures for the report
-
-
-def in_interval(value: float, interval: str) -> bool:
-    """Whether `value` lies in `interval`, written "[1, inf)" or "(0, 1]"."""
-    lo, hi = (part.strip() for part in interval.split(","))
-    low, high = float(lo[1:]), float(hi[:-1])
-    return not np.isnan(value) and \
-        (value >= low if lo[0] == "[" else value > low) and \
-        (value <= high if hi[-1] == "]" else value < high)
 
 
 class Method:
