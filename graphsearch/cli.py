@@ -247,6 +247,14 @@ def _default(name: str):
     return OptimizeConfig.__dataclass_fields__[name].default
 
 
+def _setting(method, key: str) -> str:
+    """A method's setting in --help: its default, and its choices or its range."""
+    text = f"{key}={method.defaults[key]}"
+    if key in method.choices:
+        return f"{text} ({'|'.join(method.choices[key])})"
+    return f"{text} {method.bounds[key]}" if key in method.bounds else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="graphsearch",
@@ -270,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     method_help = "\n".join(
         textwrap.fill(f"{n}: {m.summary}. Costs: {m.cost}. Settings: "
-                      + (", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "none") + ".",
+                      + (", ".join(_setting(m, k) for k in m.defaults) or "none") + ".",
                       width=78, initial_indent="  ", subsequent_indent="      ")
         for n, m in METHODS.items())
     opt = sub.add_parser(

@@ -119,7 +119,7 @@ class AutoShrink(Method):
     }
     choices = {"blocks": ("auto", "yes", "no"), "optimizer": OPTIMIZERS,
                "inherit": ("baseline", "current")}
-    bounds = {"k": "[1, inf)", "block": "(0, 1]", "max_steps": "[1, inf)",
+    bounds = {"k": "[1, inf)", "block": "(0, 1]", "max_steps": "[1, inf)", "mac_weight": "[0, inf)",
               "candidate_steps": "[0, inf)", **CANDIDATE_BOUNDS}
 
     def search(self, ctx: SearchContext) -> Proposal:

@@ -46,8 +46,19 @@ def steps_for(ctx, evaluations: float, at_least: int = 1) -> int:
 # samples it is scored on (a fixed draw; 0: the whole split). The defaults are the cheap score
 # that ranked plans best for its cost in benchmarks/results/rank_correlation.md.
 CANDIDATE_SCORING = {"candidate_bn_images": 256, "candidate_val_samples": 1000}
+# `max_ratio`, the largest share of a group a method may remove (1: no cap): its bounds
+MAX_RATIO = "(0, 1]"
 # the bounds of the candidate settings the four candidate searches share
 CANDIDATE_BOUNDS = {"candidate_bn_images": "[0, inf)", "candidate_val_samples": "[0, inf)"}
+# the bounds of the strength-schedule and optimiser settings the penalty methods share
+PENALTY_BOUNDS = {"lambda": "[0, inf)", "growth": "[1, inf)", "max_growth": "[1, inf)",
+                  "reach": "(0, 1]", "cost_weight": "[0, inf)", "lr": "(0, inf)",
+                  "momentum": "[0, 1)", "max_ratio": MAX_RATIO}
+
+
+def shared_bounds(defaults: Mapping, table: Mapping) -> dict:
+    """The bounds of `table` (PENALTY_BOUNDS) for the settings a method has (`defaults`)."""
+    return {k: v for k, v in table.items() if k in defaults}
 
 
 def candidate_scoring(settings: Mapping) -> dict:
@@ -334,8 +345,6 @@ def share_floor(group, max_ratio: float, round_to: int) -> int:
     return int(a[a >= need][0])
 
 
-# `max_ratio`, the largest share of a group a method may remove (1: no cap): its bounds
-MAX_RATIO = "(0, 1]"
 
 
 def share_floors(graph: ChannelGraph, max_ratio: float, round_to: int) -> dict[int, int] | None:

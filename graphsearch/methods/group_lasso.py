@@ -128,8 +128,8 @@ from torch import nn
 from ..graph import ChannelGraph
 from .base import Method, Proposal, SearchContext
 from .common import (COST_PER, ROLES, tied_by_param, added_share, alive_cost,  # noqa: F401
-                     budget_steps, cap_deaths, MAX_RATIO, cost_weights, path_ratio, share_floors,
-                     spare_under_floor,
+                     budget_steps, cap_deaths, PENALTY_BOUNDS, cost_weights, path_ratio,
+                     share_floors, shared_bounds, spare_under_floor,
                      constant_schedule, dropped_channels, evaluate_plan, recalibrate_bn,
                      scale_channels, strength_path, zero_channels)
 
@@ -194,7 +194,6 @@ class GroupLasso(Method):
     cost = "one sparsity phase of --search-epochs (proximal SGD), then the fine-tuning"
     choices = {"cost_per": COST_PER,
                "normalise": ("final", "initial", "none", "true", "false")}
-    bounds = {"max_ratio": MAX_RATIO}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "shrink": 0.3,  # the schedule's starting strength (total shrink over the budget)
@@ -215,6 +214,8 @@ class GroupLasso(Method):
         "bn_batches": 20,  # batches to re-estimate BN statistics after the sparsity phase
         "evaluate": True,  # record the plan's accuracy (dropped channels zeroed) as a candidate
     }
+    bounds = {**shared_bounds(defaults, PENALTY_BOUNDS), "shrink": "(0, inf)",
+              "bn_batches": "[0, inf)"}
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = self.settings_of(ctx)

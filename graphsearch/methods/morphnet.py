@@ -114,8 +114,8 @@ from ..graph import ChannelGraph
 from ..load import UserError
 from ..target import legal_zeros
 from .base import Method, Proposal, SearchContext
-from .common import (added_share, alive_cost, budget_steps, cap_deaths, MAX_RATIO,
-                     constant_schedule, dropped_channels, evaluate_plan, path_ratio,
+from .common import (PENALTY_BOUNDS, added_share, alive_cost, budget_steps, cap_deaths,
+                     shared_bounds, constant_schedule, dropped_channels, evaluate_plan, path_ratio,
                      share_floors, spare_under_floor, strength_path, zero_channels)
 
 
@@ -265,8 +265,6 @@ class MorphNet(Method):
                "widths by one multiplier")
     cost = "one shrinking phase of --search-epochs (split over repeats), then the fine-tuning"
     choices = {"combine": ("l2", "max")}
-    bounds = {"max_ratio": MAX_RATIO, "repeats": "[1, inf)", "cost_weight": "[0, inf)",
-              "shrink_to": "(0, inf)"}
     defaults = {
         "lambda": None,  # None: the growing schedule (module docstring); a number: fixed
         "strength": 1.0,  # the schedule's starting strength
@@ -286,6 +284,9 @@ class MorphNet(Method):
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "evaluate": True,  # record the plan's accuracy (dropped channels zeroed) as a candidate
     }
+    bounds = {**shared_bounds(defaults, PENALTY_BOUNDS), "repeats": "[1, inf)",
+              "shrink_to": "(0, inf)", "strength": "(0, inf)", "threshold": "[0, inf)",
+              "weight_decay": "[0, inf)"}
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = self.settings_of(ctx)

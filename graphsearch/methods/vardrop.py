@@ -93,7 +93,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Method, Proposal, SearchContext
-from .common import (COST_PER, MAX_RATIO, alive_cost, cost_weights, fold_gates,
+from .common import (COST_PER, PENALTY_BOUNDS, alive_cost, cost_weights, fold_gates, shared_bounds,
                      path_ratio, share_floors, strength_path)
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -217,7 +217,6 @@ class VariationalDropout(Method):
     cost = ("one training run of the search budget with gates (on CIFAR ResNet-20: 93 s for "
             "2 epochs, about plain training)")
     choices = {"cost_per": COST_PER, "schedule": ("growing", "fixed")}
-    bounds = {"max_ratio": MAX_RATIO}
     defaults = {
         "lr": 1e-3,  # Adam, network weights (the paper's optimiser)
         "gate_lr": None,  # Adam, theta and log sigma^2; None: scaled to the budget (docstring)
@@ -237,6 +236,8 @@ class VariationalDropout(Method):
         "refit": True,  # the fine-tuning starts from the baseline's weights on the plan
         "max_ratio": 1.0,  # the largest share of a group the plan may remove (docstring)
     }
+    bounds = {**shared_bounds(defaults, PENALTY_BOUNDS), "gate_lr": "(0, inf)",
+              "warmup_start": "[0, 1]", "warmup_end": "[0, 1]"}
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = self.settings_of(ctx)
