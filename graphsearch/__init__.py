@@ -1,13 +1,14 @@
 """graphsearch: compact architecture search on a traced channel-group IR."""
 
 from .analysis import analyze
+from .errors import UserError
 from .graph import ChannelGraph, ChannelGroup, Cost, PlanError
 from .api import OptimizeResult
 from .inplace import InPlaceError, PruneResult, prune
 from .trace import TraceFailure
 
 __all__ = ["analyze", "ChannelGraph", "ChannelGroup", "Cost", "PlanError", "TraceFailure",
-           "prune", "PruneResult", "InPlaceError", "optimize", "OptimizeResult"]
+           "prune", "PruneResult", "InPlaceError", "optimize", "OptimizeResult", "UserError"]
 __version__ = "0.1.0"
 
 

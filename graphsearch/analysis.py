@@ -21,6 +21,7 @@ from . import rules as R
 from .atoms import NO_ATOM, AtomTable
 from .build import build_graph
 from .graph import Binding, ChannelGraph, MacTerm, NodeInfo, Space
+from .errors import UserError
 from .export_trace import trace_model
 from .trace import REAL_MACS, Traced
 
@@ -466,6 +467,9 @@ def analyze(model: torch.nn.Module, example_inputs, rules: R.Rules | None = None
 
     `rules` (default: `graphsearch.rules.default_rules()`) says what each op ties, costs and
     how the passes rewrite it; extend a copy with rules for your own modules."""
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"analyze: the model is a {type(model).__name__}, not a "
+                        "torch.nn.Module (a model.py: graphsearch.load.load_model(path).model)")
     with _collector_paused():
         return _analyze(model, example_inputs, rules)
 

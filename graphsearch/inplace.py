@@ -120,6 +120,10 @@ def prune(model: nn.Module, graph: ChannelGraph, keep, inputs: tuple | None = No
     Returns what changed. `inputs`: the inputs the edited model is checked on against the
     slim module (default: random ones of the analysed shapes)."""
     keep = getattr(keep, "keep", keep)  # a Plan: its kept channels
+    for gid, kept in dict(keep).items():
+        if isinstance(kept, (int, np.integer)) or not hasattr(kept, "__iter__"):
+            raise UserError(f"prune: group {gid} is given {kept!r}; give the kept channel "
+                            f"indices (list(range({kept!r})) keeps the first channels)")
     plan = resolve(graph, keep)
     base_params = _count(model)
     untraced = base_params - graph.baseline.params

@@ -168,6 +168,24 @@ def test_api_refuses_bad_arguments():
     with pytest.raises(UserError, match="not a map-style"):
         graphsearch.optimize(nn.Linear(3, 2), torch.zeros(1, 3), train=iter([]))
     assert issubclass(InPlaceError, UserError)
+    assert graphsearch.UserError is UserError  # catchable from the package itself
+
+
+def test_analyze_and_prune_refuse_what_they_cannot_take():
+    """The bugs: `analyze("model.py", ...)` died in an AttributeError ('str' object has no
+    attribute 'training'), `prune(model, graph, {gid: 3})` (a width, not indices) in a
+    TypeError deep in the slim pass."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(UserError, match="analyze: the model is a str, not a torch.nn.Module"):
+        graphsearch.analyze("model.py", (torch.zeros(1, 3, 4, 4),))
+    graph = graphsearch.analyze(model, (torch.zeros(1, 3, 4, 4),))
+    gid = graph.prunable_groups[0].id
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UserError, match=rf"prune: group {gid} is given 3; give the kept "
+                                        r"channel indices \(list\(range\(3\)\)"):
+        graphsearch.prune(model, graph, {gid: 3})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert graphsearch.prune(model, graph, {gid: [0, 2]}).params < sum(p.numel() for p in before)
 
 
 @pytest.mark.parametrize("settings,words", [
