@@ -137,8 +137,8 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001
         why = ("the file is empty" if path.stat().st_size == 0 else
                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise UserError(f"could not read weights '{path}' ({why}); pass a file written by "
-                        "torch.save(model.state_dict(), path)") from exc
+        raise UserError(f"could not read weights '{path}' ({why}); pass a state dict "
+                        "saved with torch.save") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:

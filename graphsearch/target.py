@@ -20,6 +20,7 @@ import numpy as np
 
 from .graph import ChannelGraph, PlanError
 from .load import UserError
+from .passes.latency import parse_latency
 from .units import human
 
 METRICS = ("flops", "params", "latency")
@@ -62,16 +63,18 @@ class Plan:
 _SUFFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
-def latency_text(text: str) -> tuple[float, str | None]:
-    """`--latency`'s number and unit ('4ms' -> (4.0, 'ms'), '0.5' -> (0.5, None)); a
-    UserError for anything else. Checked before the latency model is measured (seconds)."""
+def latency_text(text: str) -> tuple[float, bool]:
+    """`--latency` read: (milliseconds, False) for a figure with a unit ('4ms', '800us';
+    `passes.latency.parse_latency` reads them), (the number, True) for a bare one (a fraction
+    of the baseline when at most 1, else milliseconds); a UserError for anything else.
+    Checked before the latency model is measured (seconds)."""
     raw = str(text).strip()
-    m = re.fullmatch(r"([0-9.eE+-]+)\s*(ms|s|us)?", raw)
     try:
-        return float(m.group(1)), m.group(2)
-    except (AttributeError, ValueError):  # no match, or '1..2ms'
-        raise UserError(f"--latency {raw!r}: give milliseconds like '4ms' or a fraction "
-                        "of the baseline like '0.5'") from None
+        value = parse_latency(raw)
+    except ValueError:
+        raise UserError(f"--latency {raw!r}: give a positive latency like '4ms' (ms, s or us) "
+                        "or a fraction of the baseline like '0.5'") from None
+    return value, re.fullmatch(r"[0-9.eE+-]+", raw) is not None
 
 
 def parse_constraint(metric: str, text: str, baseline: float) -> Constraint:
@@ -79,11 +82,8 @@ def parse_constraint(metric: str, text: str, baseline: float) -> Constraint:
     `--latency 4ms` (milliseconds, or a fraction of the baseline's measured latency)."""
     raw = str(text).strip()
     if metric == "latency":
-        value, unit = latency_text(raw)
-        if unit is None and value <= 1:
-            limit = value * baseline
-        else:
-            limit = value * {"ms": 1.0, "s": 1e3, "us": 1e-3, None: 1.0}[unit]
+        value, bare = latency_text(raw)
+        limit = value * baseline if bare and value <= 1 else value
     else:
         m = re.fullmatch(r"([0-9.eE+-]+)\s*([kKMG]?)", raw)
         try:

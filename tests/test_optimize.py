@@ -140,7 +140,7 @@ def test_broken_model_py(kind, tmp_path):
     (["--flops", "abc"], "fraction"),
     (["--flops", "1..2"], "--flops '1..2': give a fraction"),  # was a ValueError traceback
     (["--params", "e"], "--params 'e': give a fraction"),
-    (["--latency", "4xs"], "--latency '4xs': give milliseconds"),
+    (["--latency", "4xs"], "--latency '4xs': give a positive latency"),
     (["--flops", "1k"], "unreachable target"),
     (["--method", "nonsense"], "unknown method"),
     (["--data", "/nonexistent/data.zip"], "does not exist"),
