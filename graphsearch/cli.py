@@ -198,6 +198,16 @@ def _export(args) -> int:
             graph, _ = analyze_cached(loaded.model, loaded.example_inputs, rules=loaded.rules)
         except TraceFailure as exc:
             raise UserError(str(exc)) from exc
+        made_for = plan_json.get("baseline", {}) if isinstance(plan_json, dict) else {}
+        if isinstance(made_for, dict) and {"macs", "params"} <= set(made_for) and (
+                made_for["macs"], made_for["params"]) != (graph.baseline.macs,
+                                                          graph.baseline.params):
+            # a report.json of another model: its group ids mean other channels here
+            raise UserError(
+                f"plan '{args.keep}' was made for {plan_json.get('model', 'another model')} "
+                f"({made_for['macs']:,} MACs, {made_for['params']:,} params); {args.model} has "
+                f"{graph.baseline.macs:,} MACs and {graph.baseline.params:,} params: export "
+                "it with the model (and example inputs) the run used")
         try:
             module = slim(graph, keep)
         except PlanError as exc:

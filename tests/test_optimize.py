@@ -83,6 +83,16 @@ def test_export_command_applies_a_plan(magnitude_run, model_py, tmp_path):
     assert "| after |" in (tmp_path / "exp" / "report.md").read_text()
 
 
+def test_export_refuses_a_report_of_another_model(magnitude_run, tmp_path):
+    """The bug: the report of a model.py's run applied to the zoo's ResNet-20 failed in
+    "group 6: kept indices must be distinct, in 0..15", which said nothing of the cause."""
+    out, _ = magnitude_run
+    r = run_cli("export", "zoo:resnet20", "--keep", out / "report.json", "--out", tmp_path / "e")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "was made for" in r.stderr and "zoo:resnet20 has 40,813,184 MACs" in r.stderr
+    assert not (tmp_path / "e").exists()
+
+
 def test_resume_after_kill_reaches_the_same_result(model_py, tmp_path):
     whole = tmp_path / "whole"
     r = run_cli("optimize", model_py, "--method", "uniform", "--out", whole, *FAST)
