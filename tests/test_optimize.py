@@ -84,8 +84,9 @@ def test_export_command_applies_a_plan(magnitude_run, model_py, tmp_path):
 
 
 def test_export_refuses_a_report_of_another_model(magnitude_run, tmp_path):
-    """The bug: the report of a model.py's run applied to the zoo's ResNet-20 failed in
-    "group 6: kept indices must be distinct, in 0..15", which said nothing of the cause."""
+    """The bug: a report.json applied to another model was exported without a word where its
+    group ids fit (this case: other channels kept, exit 0), and otherwise failed in "group 6:
+    kept indices must be distinct, in 0..15" (ResNet-20's report on ResNet-32)."""
     out, _ = magnitude_run
     r = run_cli("export", "zoo:resnet20", "--keep", out / "report.json", "--out", tmp_path / "e")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
