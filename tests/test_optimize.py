@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+
+from graphsearch.cli import main
 
 TINY = (Path(__file__).parent / "tiny_model.py").read_text()  # a user's model.py
 
@@ -171,7 +175,8 @@ def test_broken_model_py(kind, tmp_path):
     (["--test-fraction", "1"], "--test-fraction 1.0: give a fraction in [0, 1)"),
     (["--val-fraction", "0.6", "--test-fraction", "0.5"], "leave no training data"),
 ])
-def test_bad_input_one_line_and_outputs_intact(model_py, tmp_path, args, words):
+def test_bad_input_one_line_and_outputs_intact(model_py, tmp_path, args, words, capsys,
+                                               monkeypatch, one_thread):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -179,7 +184,15 @@ def test_bad_input_one_line_and_outputs_intact(model_py, tmp_path, args, words):
     if "--data" in args:
         i = base.index("--data")
         base = base[:i] + base[i + 2:]
-    r = run_cli("optimize", model_py, "--out", out, *base, *args)
+    # in this process (a fresh interpreter per case cost 5 s of the suite's 10 minutes);
+    # test_errors_from_a_real_process_have_no_traceback (test_cli.py) checks a real one
+    monkeypatch.setenv("GRAPHSEARCH_CACHE", "/tmp/graphsearch-test")
+    try:
+        code = main([str(a) for a in ("optimize", model_py, "--out", out, *base, *args)])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    stdout, stderr = capsys.readouterr()
+    r = SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("graphsearch: error")]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
