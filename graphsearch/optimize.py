@@ -97,7 +97,7 @@ class OptimizeConfig:
     def check(self) -> None:
         """Refuse a number option out of its range or not a whole number where it must be,
         before any work (a negative --finetune-epochs ran as none, a negative
-        --search-epochs searched for 20 minutes)."""
+        --search-epochs was taken and the search began)."""
         for name in sorted(set(self.BOUNDS) | set(self.WHOLE)):
             value = getattr(self, name)
             if value is None:

@@ -554,5 +554,6 @@ def scores_from_widths(graph: ChannelGraph, widths: Mapping[int, int],
 REVIVE_OFFSET = 1e9
 
 
-__all__ = ["Constraint", "Plan", "latency_text", "parse_constraint", "land_on_target", "scores_from_widths",
-           "allowed_widths", "CostMeter", "METRICS", "land_on_measured_latency"]
+__all__ = ["Constraint", "Plan", "latency_text", "parse_constraint", "land_on_target",
+           "scores_from_widths", "allowed_widths", "CostMeter", "METRICS",
+           "land_on_measured_latency"]

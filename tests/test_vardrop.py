@@ -195,7 +195,8 @@ def test_a_schedule_it_does_not_know_is_a_clear_error(trained_tiny_hidden, tmp_p
     ctx = make_ctx(trained_tiny_hidden, tmp_path, epochs=1.0)
     method = VariationalDropout()
     ctx.settings = {**method.defaults, "schedule": "steady"}
-    with pytest.raises(UserError, match="schedule='steady': vardrop's schedule takes one of growing"):
+    with pytest.raises(UserError,
+                       match="schedule='steady': vardrop's schedule takes one of growing"):
         method.search(ctx)
 
 

@@ -30,8 +30,8 @@ from ..train import Distilled, evaluate, recalibrate_bn, steps_per_epoch, train
 
 KEY_VERSION = 1  # part of every key: a change of what an evaluation means bumps it
 
-
 OPTIMIZERS = ("sgd", "adam")  # a candidate's optimizer (EvalSettings.optimizer)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -57,7 +57,8 @@ class EvalSettings:
         if self.bn_images < 0 or self.val_samples < 0:
             raise UserError("candidate bn_images and val_samples must be non-negative")
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"candidate optimizer {self.optimizer!r}: choose 'sgd' or 'adam'")
+            raise UserError(f"candidate optimizer {self.optimizer!r}: choose one of "
+                            f"{', '.join(OPTIMIZERS)}")
 
 
 @dataclass

@@ -119,8 +119,8 @@ class AutoShrink(Method):
     }
     choices = {"blocks": ("auto", "yes", "no"), "optimizer": OPTIMIZERS,
                "inherit": ("baseline", "current")}
-    bounds = {"k": "[1, inf)", "block": "(0, 1]", "max_steps": "[1, inf)", "mac_weight": "[0, inf)",
-              "candidate_steps": "[0, inf)", **CANDIDATE_BOUNDS}
+    bounds = {"k": "[1, inf)", "block": "(0, 1]", "max_steps": "[1, inf)",
+              "mac_weight": "[0, inf)", "candidate_steps": "[0, inf)", **CANDIDATE_BOUNDS}
 
     def search(self, ctx: SearchContext) -> Proposal:
         s = self.settings_of(ctx)

@@ -345,8 +345,6 @@ def share_floor(group, max_ratio: float, round_to: int) -> int:
     return int(a[a >= need][0])
 
 
-
-
 def share_floors(graph: ChannelGraph, max_ratio: float, round_to: int) -> dict[int, int] | None:
     """Per prunable group, its `share_floor` (the target step's `least`); None without a cap
     (`max_ratio` 1)."""
