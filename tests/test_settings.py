@@ -83,3 +83,19 @@ def test_the_bounded_settings_are_those_a_search_cannot_run_without():
     assert {"direction", "optimizer"} <= set(METHODS["submodular"].choices)
     assert {"init", "netscore_costs"} <= set(METHODS["gensynth"].choices)
     assert {"normalise", "schedule"} <= set(METHODS["magnitude"].choices)
+
+
+def test_the_run_options_defaults_lie_in_their_bounds_and_outside_values_are_refused():
+    from dataclasses import replace
+
+    from graphsearch.optimize import OptimizeConfig
+
+    config = OptimizeConfig()
+    config.check()
+    for name, interval in OptimizeConfig.BOUNDS.items():
+        whole = name in OptimizeConfig.WHOLE
+        for value in _outside(interval, whole):
+            with pytest.raises(UserError, match=re.escape(f"--{name.replace('_', '-')} ")):
+                replace(config, **{name: value}).check()
+    with pytest.raises(UserError, match=re.escape("--batch-size 2.5: give a whole number")):
+        replace(config, batch_size=2.5).check()
