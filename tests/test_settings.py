@@ -90,7 +90,7 @@ def test_the_run_options_defaults_lie_in_their_bounds_and_outside_values_are_ref
 
     from graphsearch.optimize import OptimizeConfig
 
-    config = OptimizeConfig()
+    config = OptimizeConfig(model="zoo:resnet20")
     config.check()
     for name, interval in OptimizeConfig.BOUNDS.items():
         whole = name in OptimizeConfig.WHOLE
