@@ -3,11 +3,13 @@
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
 from graphsearch.load import UserError
 from graphsearch.methods import METHODS
+from graphsearch.optimize import OptimizeConfig
 from graphsearch.units import in_interval
 
 BOUNDED = [(name, key) for name, m in sorted(METHODS.items()) for key in sorted(m.bounds)]
@@ -86,10 +88,6 @@ def test_the_bounded_settings_are_those_a_search_cannot_run_without():
 
 
 def test_the_run_options_defaults_lie_in_their_bounds_and_outside_values_are_refused():
-    from dataclasses import replace
-
-    from graphsearch.optimize import OptimizeConfig
-
     config = OptimizeConfig(model="zoo:resnet20")
     config.check()
     for name, interval in OptimizeConfig.BOUNDS.items():
