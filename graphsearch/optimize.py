@@ -36,7 +36,7 @@ from .passes.latency import latency_pair
 from .passes.mask import mask, verify
 from .passes.save import save_portable
 from .passes.slim import slim
-from .target import (Constraint, Plan, land_on_target, latency_text, parse_constraint,
+from .target import (LANDED, Constraint, Plan, land_on_target, latency_text, parse_constraint,
                      scores_from_widths)
 from .train import (RECIPES, Distilled, distributed_context, evaluate, logits_of,
                     soft_target_loss, train)
@@ -405,7 +405,7 @@ def fit_round_to(graph, constraints: list, round_to: int, choice: dict | None,
             why = "out of reach"
         else:
             closeness = max(probe.achieved[c.metric] / c.limit for c in constraints)
-            if choice is None or round_to == 1 or closeness >= 0.99:
+            if choice is None or round_to == 1 or closeness >= LANDED:
                 break
             why = f"{1 - closeness:.1%} below the binding target (more than 1%)"
         round_to = max(1, round_to // 2)

@@ -25,6 +25,9 @@ from .units import human
 
 METRICS = ("flops", "params", "latency")
 UNITS = {"ms": "ms", "flops": "FLOPs", "params": "params"}
+# a plan has landed when its binding figure is at least this share of its limit ("within 1%
+# below the target"); under it the target step grows the plan, or a finer multiple is tried
+LANDED = 0.99
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,7 @@ def land_on_target(graph: ChannelGraph, scores: Mapping[int, np.ndarray],
 
     current = closeness(ev.measure(keep_of(best)))
     for _ in range(50):
-        if current >= 0.99:
+        if current >= LANDED:
             break
         move, move_value = None, current
         for up in groups:
@@ -450,7 +453,7 @@ def land_on_measured_latency(graph: ChannelGraph, scores: Mapping[int, np.ndarra
         repeated = key in tried
         measured = tried[key] if repeated else float(measure(plan.keep))
         row = {"aim_ms": aim, "predicted_ms": predicted, "measured_ms": measured}
-        other_binds = any(plan.achieved[c.metric] >= 0.99 * c.limit for c in others)
+        other_binds = any(plan.achieved[c.metric] >= LANDED * c.limit for c in others)
 
         def accepted(ms: float) -> bool:
             return ms <= (1 - margin) * lat.limit and (ms >= (1 - window) * lat.limit

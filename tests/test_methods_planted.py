@@ -378,6 +378,22 @@ def test_gensynth_final_plan_is_the_last_parent(planted, gensynth_run):
     assert "NetScore" in text and "of the final FLOPs" in text
 
 
+def test_gensynth_lands_a_child_drawn_under_the_target_before_the_final_cycle(planted,
+                                                                           tmp_path):
+    """The bug (twenty-fourth session): only the final cycle's children were landed on the
+    target. With 16 children a cycle, one drew 9 of the 16 channels in an earlier cycle, 10%
+    under the target, won on NetScore (fewer MACs), and the shared step then had to revive a
+    channel the parent had lost (10% of the final FLOPs). Landed, the child meets the target
+    within 1% and the final plan is the last parent."""
+    model, graph, data, g1, target = planted
+    proposal = GenerativeSynthesis().search(
+        make_ctx(planted, tmp_path, settings={"children": 16}, epochs=8.0))
+    info = proposal.info
+    assert info["targets_met_by_parent"]
+    assert info["shared_step_added_flops_share"] <= 0.02
+    assert 0.99 * target <= proposal.plan.achieved["flops"] <= target
+
+
 def test_gensynth_selects_by_netscore_among_the_accurate():
     """Catches: the NetScore selection replaced by the first child (or by accuracy alone)."""
     from graphsearch.methods.gensynth import select_parent

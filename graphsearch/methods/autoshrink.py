@@ -43,7 +43,7 @@ from ..evaluator.candidate import OPTIMIZERS
 from ..graph import PlanError
 from ..load import UserError
 from ..passes.slim import slim, unslim_state
-from ..target import CostMeter
+from ..target import LANDED, CostMeter
 from .base import Method, Proposal, SearchContext
 from .common import (CANDIDATE_BOUNDS, CANDIDATE_SCORING, candidate_scoring, channel_order,
                      importance_of, keep_of_widths, make_evaluator, steps_for)
@@ -262,7 +262,7 @@ class AutoShrink(Method):
     @staticmethod
     def _lands(plan, ctx) -> bool:
         """The plan is within 1% below a binding target."""
-        return any(plan.achieved.get(c.metric, 0.0) >= 0.99 * c.limit for c in ctx.constraints)
+        return any(plan.achieved.get(c.metric, 0.0) >= LANDED * c.limit for c in ctx.constraints)
 
     @staticmethod
     def choose(scores: list[float]) -> int:

@@ -47,10 +47,15 @@ No public code exists; this is the project's design, faithful to the papers' loo
   logged): no child within the accuracy tolerance -> rank the cost-eligible ones; no child
   within the cost step -> the cheapest child. The loop stops when the parent meets every
   target or after `cycles` cycles.
-- Landing: every child of the cycle that reaches the target is itself landed by the shared
-  step (`land_final`): its sampled channels first, then the parent's other live channels, by
-  p, never a channel the parent lost; so the syntheses meet the target within 1% below and
-  the final plan is the generator's last parent. `ctx.land(scores)` then runs with scores =
+- Landing: every child that reaches the target is itself landed by the shared step
+  (`land_final`): every child of the cycle whose goal is the target, and a child of an
+  earlier cycle drawn more than 1% under the target; its sampled channels first, then the
+  parent's other live channels, by p, never a channel the parent lost; so the syntheses meet
+  the target within 1% below and the final plan is the generator's last parent. (Before the
+  twenty-fourth session only the final cycle's children were landed: with 16 children a
+  cycle, one on the planted test model drew 9 of 16 channels, 10% under the target, in the
+  first cycle, won on NetScore, and the final step then revived a channel the parent had
+  lost, with zero weights.) `ctx.land(scores)` then runs with scores =
   p, channels the final parent lost at p - 1 (< every live channel): it reproduces the
   parent, and revives a lost channel only when the loop stopped short of the target (the
   share of FLOPs it added is reported, `shared_step_added_flops_share`). The returned state dict is the parent's, with its mask folded
@@ -90,7 +95,7 @@ from ..evaluator import EvalSettings, GateResponses, weights_digest
 from ..graph import PlanError
 from ..load import UserError
 from ..passes.slim import unslim_state
-from ..target import CostMeter, allowed_widths
+from ..target import LANDED, CostMeter, allowed_widths
 from ..train import steps_per_epoch
 from .base import Method, Proposal, SearchContext
 from .common import (CANDIDATE_BOUNDS, CANDIDATE_SCORING, added_share, candidate_scoring,
@@ -210,7 +215,7 @@ class GenerativeSynthesis(Method):
         "probe_per_class": 8,
         "probe_classes": 16,
         "cost_draws": 16,  # Monte Carlo syntheses per F when bisecting F
-        "land_final": True,  # final-cycle children are landed on the target (docstring)
+        "land_final": True,  # children that reach the target are landed on it (docstring)
         "refit": False,  # True: the fine-tuning starts from the baseline's weights on the plan
         "netscore_costs": "all",  # or "targets": only the costs with a target (netscore_terms)
         **CANDIDATE_SCORING,  # the candidate score (methods/common.py)
@@ -311,6 +316,13 @@ class GenerativeSynthesis(Method):
                     if values is None:
                         ctx.log(f"gensynth: cycle {cycle} child {j}: no valid plan, skipped")
                         continue
+                    if not final and s["land_final"] and ratio(values) < LANDED:
+                        # drawn under the target before the final cycle: it has reached the
+                        # target, so it is landed as the final cycle's children are
+                        landed, lv = self._valid(self._land_child(ctx, kept, alive, p, groups),
+                                                 alive, p, groups, ctx.round_to, measure)
+                        if lv is not None:
+                            kept, values = landed, lv
                     synthesised.append((f"gensynth c{cycle}.{j}", kept, values))
                 # ---- the cycle's children: trained, scored and probed as one batch
                 results = evaluator.evaluate(
