@@ -357,9 +357,10 @@ def test_a_second_run_on_the_same_out_is_refused_and_sigterm_frees_it(model_py, 
     out.mkdir()
     (out / "mine.txt").write_text("mine")
     # a search long enough to be running when the signal comes (20 epochs finished first once,
-    # under load, with channels-last training); it is killed, so its length costs nothing
+    # under load, with channels-last training; 200 once in a fresh-clone CI at load 5, while
+    # the two refused runs below analysed the model); it is killed, so its length costs nothing
     args = ["optimize", model_py, "--method", "autoshrink", "--workers", "2", "--out", out,
-            *FAST, "--search-epochs", "200"]
+            *FAST, "--search-epochs", "20000"]
     first = _cli(*args, env={"GRAPHSEARCH_CACHE": str(tmp_path / "cache")})
     try:
         assert _wait_for(lambda: (out / ".lock").exists() and
