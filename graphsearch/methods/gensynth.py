@@ -43,11 +43,11 @@ No public code exists; this is the project's design, faithful to the papers' loo
   since the twenty-fourth session; the papers' 4-8, and this default until then, is
   `--set children=4`: the same search budget split over a quarter of the draws. On CIFAR at
   1/3 FLOPs the four children of a cycle all fell outside the accuracy tolerance, so the
-  parent was the best NetScore of four draws. After
-  the same 5-epoch distilled fine-tune: ResNet-32 86.14% and 86.12% validation top-1 over
-  two search seeds against 85.46%, ResNet-20 85.72% against 84.12% (under uniform widths
-  there, 84.66-85.16); the search took 1.3-2 times as long, the candidates' scoring and probes being per
-  child; `cifar10_table.md`, twenty-third and twenty-fourth sessions). Hard
+  parent was the best NetScore of four draws. After the same 5-epoch distilled fine-tune:
+  ResNet-32 86.14% and 86.12% validation top-1 over two search seeds against 85.46%,
+  ResNet-20 85.72% against 84.12% (under uniform widths there, 84.66-85.16); the search took
+  1.3-2 times as long, the candidates' scoring and probes being per child;
+  `cifar10_table.md`, twenty-third and twenty-fourth sessions). Hard
   requirements: cost ratio <= goal * (1 + `cost_slack`) (<= 1, every constraint, in the
   final step) and top-1 >= the baseline's minus `accuracy_tolerance`. The eligible children
   are ranked by NetScore, `20 log10(a^2 / (sqrt(p) sqrt(m)))` with a = top-1 in %, p =
