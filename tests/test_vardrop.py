@@ -11,7 +11,8 @@ from graphsearch.methods.vardrop import (K1, K2, K3, VariationalDropout, VDGates
                                          clip_log_alpha, dropped_mask, fold_gates, kl, kl_beta,
                                          log_alpha_of)
 from graphsearch.errors import UserError
-from graphsearch.methods.common import cost_weights, method_evidence
+from graphsearch.methods import vardrop as vardrop_module
+from graphsearch.methods.common import alive_cost, cost_weights, method_evidence
 from graphsearch.passes.slim import slim
 from hand_models import check_plan, make_ctx
 
@@ -219,3 +220,27 @@ def test_refit_restarts_the_plan_from_the_baseline_weights(trained_tiny_hidden, 
         torch.testing.assert_close(states[True][k], v)
     assert any(not torch.equal(states[False][k], v) for k, v in base.items()
                if v.is_floating_point())
+
+
+def test_plan_widths_makes_the_path_count_the_kept_channels_at_the_plans_multiple(
+        trained_tiny_hidden, tmp_path, monkeypatch):
+    # The path's cost decides how the strength moves. With widths in multiples of 8, 11 kept
+    # channels of a group are 16 in the plan: `plan_widths` counts them so (the rounding
+    # itself: test_group_lasso's test of `alive_cost`), off counts 11.
+    seen = []
+
+    def recording(graph, alive, ev, round_to=1):
+        seen.append(round_to)
+        return alive_cost(graph, alive, ev, round_to)
+
+    monkeypatch.setattr(vardrop_module, "alive_cost", recording)
+    for on in (False, True):
+        seen.clear()
+        ctx = make_ctx(trained_tiny_hidden, tmp_path / str(on), round_to=8, epochs=1.0)
+        method = VariationalDropout()
+        ctx.settings = {**method.defaults, "plan_widths": on}
+        proposal = method.search(ctx)
+        # (multiples of 8 are too coarse here to land within 1% of the target)
+        assert ctx.graph.cost(proposal.plan.keep).flops <= ctx.constraints[0].limit
+        assert seen and set(seen) == {8 if on else 1}
+        assert proposal.info["path_round_to"] == (8 if on else 1)
