@@ -87,7 +87,9 @@ Choices, and why:
   as the plan will keep them (a group's kept count rounded up to the plan's multiple,
   `common.alive_cost`, as group lasso's `floor` counts its zeros). Counted at the kept
   channels alone, the drops can meet the path while the rounded plan does not, and the
-  landing takes the difference from channels the gates kept. Measured: `cifar10_table.md`.
+  landing takes the difference from channels the gates kept. On CIFAR ResNet-20 (one seed,
+  twenty-fifth session) it moved two groups' widths and scored 84.72% validation top-1 against
+  the default's 85.24%, inside the fine-tuning spread: off by default (`cifar10_table.md`).
 """
 
 from __future__ import annotations
