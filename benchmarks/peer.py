@@ -28,7 +28,9 @@ Recipes (same epochs, same peak learning rate, same training images, batch 128):
 Every plan is counted by graphsearch's cost model (the pruned module analysed afresh), so
 both sides are measured with one ruler. Top-1 on the test folder is reported; nothing is
 chosen on it. Each finished cell is saved as JSON under --out, so an interrupted run
-continues; `--table` prints the markdown table of every finished cell. The cells of one run
+continues, and a cell's fine-tune checkpoints every epoch (`LABEL__RECIPE__sN.ckpt`, deleted
+when the cell is written): run the same command again and it resumes from the last finished
+epoch (the cell's `seconds` then count the resumed part, `resumed_from` says where); `--table` prints the markdown table of every finished cell. The cells of one run
 share each plan (a method's search runs once for all of the run's seeds and recipes), and
 `--plan-from LABEL=CELL.json` takes a plan a finished cell recorded instead of searching again
 (more seeds of a method whose search ran in another run; checked: the rebuilt module must
@@ -262,8 +264,11 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
         net = Distilled(pruned, copy.deepcopy(baseline))
         kw["loss_fn"] = soft_target_loss(cfg.distill_temperature, cfg.distill_weight)
     t0 = time.time()
-    train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128, seed=seed,
-          progress=False, evaluate_every_epoch=False, **kw)
+    # an interrupted fine-tune resumes from its last finished epoch (a 15-epoch ResNet-32 cell
+    # takes longer on one core than a session lasts); deleted once the cell is written
+    ckpt = path.with_name(path.name[:-len(".json")] + ".ckpt")
+    result = train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128,
+                   seed=seed, progress=False, evaluate_every_epoch=False, checkpoint=ckpt, **kw)
     row = {"plan": label, "model": args.model, "recipe": recipe, "seed": seed,
            "epochs": args.epochs, "lr": lr,
            "recipe_name": cfg.finetune_recipe if name == "project" else name,
@@ -273,8 +278,10 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
            "load": os.getloadavg()[0], "train_images": len(data.train),
            "search_seconds": searched, "plan_reused": reused, "widths": widths(pruned),
            "keep": keep_record(pruned), "plan_from": source,
-           "channels_last": CHANNELS_LAST}  # the layout it ran in (README)
+           "channels_last": CHANNELS_LAST,  # the layout it ran in (README)
+           "resumed_from": result.resumed_from}  # set: `seconds` count the resumed part
     path.write_text(json.dumps(row, indent=1))
+    ckpt.unlink(missing_ok=True)
     return row
 
 

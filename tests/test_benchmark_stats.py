@@ -196,3 +196,32 @@ def test_a_peer_plan_label_with_a_misspelt_setting_fails_before_the_search(tmp_p
     with pytest.raises(UserError, match="cost_weigth: not a setting of morphnet"):
         peer.graphsearch_plan(model, None, 0.33, 8, peer.settings_of("cost_weigth=0.5"),
                               tmp_path, method="morphnet", epochs=1.0)
+
+
+def test_a_peer_cell_resumes_its_interrupted_fine_tune(tmp_path, monkeypatch):
+    """A `peer.py` cell's fine-tune checkpoints every epoch: a run stopped after its first
+    epoch resumes there (the cell says so) and the checkpoint is gone once the cell is written."""
+    torch.manual_seed(0)
+    model = build("resnet20", num_classes=4)
+    monkeypatch.setattr(peer, "plan_module",
+                        lambda baseline, plan, args, data=None:
+                        plan_module(baseline, "random-order:1", args))
+    data = load_dataset("synthetic:64:4", val_fraction=0.25, test_fraction=0.25)
+    args = SimpleNamespace(model="resnet20", flops=1 / 3, round_to=8, out=tmp_path,
+                           search_seed=0, epochs=2, lr=0.05)
+    real_train = peer.train
+
+    def stopped_after_one_epoch(*a, **kw):
+        def stop(_model, step):  # one step an epoch here (32 training images, batch 128)
+            if step == 2:
+                raise KeyboardInterrupt
+        return real_train(*a, **kw, on_step=stop)
+
+    monkeypatch.setattr(peer, "train", stopped_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        peer.cell(args, data, model, "method:x", "project", 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["method:x__project__s0.ckpt"]
+    monkeypatch.setattr(peer, "train", real_train)
+    row = peer.cell(args, data, model, "method:x", "project", 0)
+    assert row["resumed_from"] and row["resumed_from"]["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["method:x__project__s0.json"]
