@@ -30,7 +30,8 @@ both sides are measured with one ruler. Top-1 on the test folder is reported; no
 chosen on it. Each finished cell is saved as JSON under --out, so an interrupted run
 continues, and a cell's fine-tune checkpoints every epoch (`LABEL__RECIPE__sN.ckpt`, deleted
 when the cell is written): run the same command again and it resumes from the last finished
-epoch (the cell's `seconds` then count the resumed part, `resumed_from` says where); `--table` prints the markdown table of every finished cell. The cells of one run
+epoch (the cell's `seconds` then count the resumed part, `resumed_from` says where);
+`--table` prints the markdown table of every finished cell. The cells of one run
 share each plan (a method's search runs once for all of the run's seeds and recipes), and
 `--plan-from LABEL=CELL.json` takes a plan a finished cell recorded instead of searching again
 (more seeds of a method whose search ran in another run; checked: the rebuilt module must
