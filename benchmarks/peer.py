@@ -267,7 +267,7 @@ def cell(args, data, baseline, plan: str, recipe: str, seed: int,
     t0 = time.time()
     # an interrupted fine-tune resumes from its last finished epoch (a 15-epoch ResNet-32 cell
     # takes longer on one core than a session lasts); deleted once the cell is written
-    ckpt = path.with_name(path.name[:-len(".json")] + ".ckpt")
+    ckpt = path.with_suffix(".ckpt")
     result = train(net, data.for_search(), epochs=args.epochs, lr=lr, batch_size=128,
                    seed=seed, progress=False, evaluate_every_epoch=False, checkpoint=ckpt, **kw)
     row = {"plan": label, "model": args.model, "recipe": recipe, "seed": seed,
