@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     batches = [int(b) for b in args.batches.split(",")]
+    if not Path(args.weights).is_file():
+        sys.exit(f"--weights {args.weights}: no such file (a state dict of --model "
+                 f"{args.model}, as peer.py takes)")
+    plans = [read_keep(spec) for spec in args.plans]  # a bad NAME=CELL.json exits here
     baseline = build(args.model).eval()
     baseline.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     x = example_inputs(args.model)
@@ -64,10 +68,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base_onnx = Path(tmp) / "baseline.onnx"
         export_onnx(baseline, x, base_onnx)
-        for spec in args.plans:
-            name, keep = read_keep(spec)
+        for i, (name, keep) in enumerate(plans):
             small = slim(graph, keep).eval()
-            path = Path(tmp) / f"plan{len(os.listdir(tmp))}.onnx"
+            path = Path(tmp) / f"plan{i}.onnx"
             export_onnx(small, x, path)
             cost = graph.cost(keep)
             row = (f"| {name} | {cost.macs / graph.baseline.macs:.4f} | "
