@@ -171,10 +171,11 @@ def test_vardrop_finds_the_distractors_magnitude_keeps(distractor, tmp_path):
 
 
 def test_gensynth_finds_most_distractors_magnitude_keeps(distractor, tmp_path):
-    """Catches: the probe responses or the generator update ignored (p stays at its
-    magnitude initialisation, which puts the distractors first: 6 kept at every seed), the
-    parent chosen at random among the cost-eligible children instead of by NetScore (3-5 a
-    seed, 15 in all), or a random order (15 expected in all; 11 or fewer 4% of the time).
+    """Catches, over four search seeds (measured: 8 of 24 kept in all, 1-3 a seed): the
+    generator update ignored (p stays at its magnitude initialisation, which puts the
+    distractors first: 6 at every seed, 24), the probe responses ignored (every live channel
+    responding alike: 12), the parent chosen at random among the cost-eligible children
+    instead of by NetScore (15), or a random order (15 expected; 10 or fewer 1% of the time).
 
     Over four search seeds, since one seed's count moves with the machine's arithmetic (one
     seed gave 2-3 where this test was written and 4 on another machine). The search steps
@@ -185,7 +186,7 @@ def test_gensynth_finds_most_distractors_magnitude_keeps(distractor, tmp_path):
     kept = [kept_useless(GenerativeSynthesis().search(make_ctx(
         distractor, tmp_path / str(seed), {"step": 0.1, "cycles": 6}, epochs=8.0,
         seed=seed)).plan, distractor[3]) for seed in range(4)]
-    assert sum(kept) <= 11 and max(kept) <= 4, kept
+    assert sum(kept) <= 10 and max(kept) <= 4, kept
 
 
 def test_the_planted_answer_defeats_magnitude_and_uniform(planted, tmp_path):
