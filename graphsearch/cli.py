@@ -7,6 +7,8 @@ a traceback means a bug in graphsearch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import signal
 import sys
@@ -396,28 +398,60 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+REDELIVER_S = 0.05  # how soon a swallowed SIGTERM or Ctrl-C is sent again
+
+
+def _redeliver_swallowed(unraisable, previous_hook) -> None:
+    """An exception raised where Python cannot pass it on (a `__del__`, a weakref callback,
+    the garbage collector) is printed and dropped. A signal handler runs wherever the main
+    thread happens to be, so Terminated (or Ctrl-C's KeyboardInterrupt) can land in a
+    finaliser and be lost, and the run goes on as if no signal came (seen: tqdm's `__del__`,
+    the search then ran until killed). Such a signal is sent again to the main thread, a
+    moment later, when it is out of the finaliser."""
+    exc = unraisable.exc_value
+    if isinstance(exc, (Terminated, KeyboardInterrupt)):
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        again = threading.Timer(REDELIVER_S, signal.pthread_kill,
+                                (threading.main_thread().ident, signum))
+        again.daemon = True
+        again.start()
+        return
+    previous_hook(unraisable)
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """SIGTERM raises Terminated in the main thread (Ctrl-C raises KeyboardInterrupt there
+    already), and neither is lost in a finaliser; both restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_redeliver_swallowed, previous_hook=previous_hook)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        code = args.run(args)
-    except UserError as exc:
-
-        if is_main():  # under torchrun every rank raises the same error: say it once
-            print(f"graphsearch: error: {exc}", file=sys.stderr)
-        code = 2
-    except (KeyboardInterrupt, Terminated) as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        hint = ("; finished stages are kept: continue with --resume"
-                if args.command == "optimize" else "")
-        print(f"graphsearch: {what}{hint}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with _signals_unwind():
+        try:
+            code = args.run(args)
+        except UserError as exc:
+            if is_main():  # under torchrun every rank raises the same error: say it once
+                print(f"graphsearch: error: {exc}", file=sys.stderr)
+            code = 2
+        except (KeyboardInterrupt, Terminated) as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            hint = ("; finished stages are kept: continue with --resume"
+                    if args.command == "optimize" else "")
+            print(f"graphsearch: {what}{hint}", file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
     _leave_process_group()
     return code
 

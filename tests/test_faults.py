@@ -385,6 +385,45 @@ def test_a_second_run_on_the_same_out_is_refused_and_sigterm_frees_it(model_py, 
             first.kill()
 
 
+SIGNAL_IN_A_FINALISER = textwrap.dedent("""
+    import signal, sys, threading, time
+    import graphsearch.cli as cli
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    SIG = getattr(signal, sys.argv[1])
+
+    class Finalised:
+        def __del__(self):
+            signal.pthread_kill(threading.main_thread().ident, SIG)
+            for _ in range(100000):  # the handler runs here, inside the finaliser
+                pass
+
+    def run(args):
+        Finalised()  # dropped at once: its __del__ runs and the signal lands in it
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            time.sleep(0.01)
+        print("ran on", flush=True)
+        return 0
+
+    cli._optimize = run
+    sys.exit(cli.main(["optimize", "model.py"]))
+""")
+
+
+@pytest.mark.parametrize("sig,code,said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                           ("SIGINT", 130, "interrupted")])
+def test_a_signal_that_lands_in_a_finaliser_still_ends_the_run(sig, code, said):
+    """A handler's exception raised inside a `__del__` is dropped by Python; it once landed in
+    tqdm's, and a SIGTERM'd search ran on until killed (CI, test above). It is sent again."""
+    run = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_FINALISER, sig],
+                         capture_output=True, text=True, timeout=120)
+    assert "ran on" not in run.stdout, "the signal was lost in the finaliser"
+    assert run.returncode == code, run.stderr
+    assert said in run.stderr and "Traceback" not in run.stderr
+    assert "Exception ignored" not in run.stderr
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from graphsearch.checkpoint import hold_folder
