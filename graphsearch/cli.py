@@ -409,7 +409,7 @@ def _redeliver_swallowed(unraisable, previous_hook) -> None:
     the search then ran until killed). Such a signal is sent again to the main thread, a
     moment later, when it is out of the finaliser."""
     exc = unraisable.exc_value
-    if isinstance(exc, (Terminated, KeyboardInterrupt)):
+    if isinstance(exc, (Terminated, KeyboardInterrupt)) and hasattr(signal, "pthread_kill"):
         signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         again = threading.Timer(REDELIVER_S, signal.pthread_kill,
                                 (threading.main_thread().ident, signum))

@@ -411,6 +411,7 @@ SIGNAL_IN_A_FINALISER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
 @pytest.mark.parametrize("sig,code,said", [("SIGTERM", 143, "terminated (SIGTERM)"),
                                            ("SIGINT", 130, "interrupted")])
 def test_a_signal_that_lands_in_a_finaliser_still_ends_the_run(sig, code, said):
